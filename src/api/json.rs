@@ -1,0 +1,197 @@
+//! `/api/v1`: the token methods as JSON over HTTP, with HTTP Basic auth.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::ApiState;
+use crate::inventory::Credential;
+use crate::service::{MintRequest, ServiceError};
+
+const OPENAPI: &str = include_str!("openapi.json");
+
+/// The optional body of a mint request.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MintBody {
+    ttl: Option<i64>,
+    single_use: Option<bool>,
+}
+
+/// A JSON error: status, a stable machine code, a human message.
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn unauthorized() -> ApiError {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "valid HTTP Basic credentials are required",
+        )
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> ApiError {
+        let (status, code) = match &e {
+            ServiceError::Authentication => return ApiError::unauthorized(),
+            ServiceError::Authorization { .. } => (StatusCode::FORBIDDEN, "forbidden"),
+            ServiceError::NoSuchVm(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ServiceError::NoConsole { .. } => (StatusCode::NOT_FOUND, "no_console"),
+            ServiceError::NotAvailable { .. } => (StatusCode::CONFLICT, "console_unavailable"),
+            ServiceError::BadParameter(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ServiceError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ServiceError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        ApiError::new(status, code, super::client_message(&e))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Json(json!({"error": {"code": self.code, "message": self.message}}));
+        let mut resp = (self.status, body).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"vncbroker\", charset=\"UTF-8\""),
+            );
+        }
+        resp
+    }
+}
+
+/// Reads HTTP Basic credentials.
+fn credential(headers: &HeaderMap) -> Result<Credential, ApiError> {
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(ApiError::unauthorized)?;
+    let (scheme, b64) = value.split_once(' ').ok_or_else(ApiError::unauthorized)?;
+    if !scheme.eq_ignore_ascii_case("basic") || b64.len() > 8192 {
+        return Err(ApiError::unauthorized());
+    }
+    let raw = STANDARD
+        .decode(b64.trim())
+        .map_err(|_| ApiError::unauthorized())?;
+    let text = String::from_utf8(raw).map_err(|_| ApiError::unauthorized())?;
+    Credential::from_session(&text).ok_or_else(ApiError::unauthorized)
+}
+
+fn vm_id(raw: &str) -> Result<i64, ApiError> {
+    raw.parse::<i64>().map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "the VM id must be an integer",
+        )
+    })
+}
+
+pub async fn mint(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let vm_id = vm_id(&id)?;
+    let body = body.map_err(|e| {
+        let status = e.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "payload_too_large"
+        } else {
+            "bad_request"
+        };
+        ApiError::new(status, code, e.body_text())
+    })?;
+    let body: MintBody = if body.iter().all(u8::is_ascii_whitespace) {
+        MintBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("invalid JSON body: {e}"),
+            )
+        })?
+    };
+    let cred = credential(&headers)?;
+    let minted = state
+        .service
+        .mint(
+            &cred,
+            vm_id,
+            MintRequest {
+                ttl: body.ttl,
+                single_use: body.single_use,
+            },
+        )
+        .await?;
+    Ok((StatusCode::CREATED, Json(minted)).into_response())
+}
+
+pub async fn revoke(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let vm_id = vm_id(&id)?;
+    let cred = credential(&headers)?;
+    let n = state.service.revoke(&cred, vm_id).await?;
+    Ok(Json(json!({"revoked": n})).into_response())
+}
+
+pub async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn basic_credentials() {
+        let mut h = HeaderMap::new();
+        assert!(credential(&h).is_err());
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Basic YWxpY2U6cHc6eA=="),
+        );
+        let c = credential(&h).ok().unwrap();
+        assert_eq!((c.user.as_str(), c.secret.as_str()), ("alice", "pw:x"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer YWxpY2U6cHc="),
+        );
+        assert!(credential(&h).is_err());
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic !!!"));
+        assert!(credential(&h).is_err());
+    }
+
+    #[test]
+    fn openapi_document_is_valid_json_with_our_paths() {
+        let v: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        assert!(v["openapi"].as_str().unwrap().starts_with("3."));
+        assert!(v["paths"]["/api/v1/vms/{id}/console-tokens"]["post"].is_object());
+        assert!(v["paths"]["/api/v1/vms/{id}/console-tokens"]["delete"].is_object());
+    }
+}

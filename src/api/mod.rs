@@ -1,0 +1,51 @@
+//! The HTTP surface of the token service.
+//!
+//! - [`xmlrpc`]: `POST /RPC2`, in oned's wire conventions.
+//! - [`json`]: `/api/v1`, with HTTP Basic auth.
+
+pub mod json;
+pub mod xmlrpc;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+
+use crate::service::{ServiceError, TokenService};
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct ApiState {
+    pub service: Arc<TokenService>,
+}
+
+/// The API routes. Bodies above `max_body` are refused with 413 before a
+/// handler runs.
+pub fn router(state: ApiState, max_body: usize) -> Router {
+    Router::new()
+        .route("/RPC2", post(xmlrpc::handle))
+        .route(
+            "/api/v1/vms/{id}/console-tokens",
+            post(json::mint).delete(json::revoke),
+        )
+        .route("/api/v1/openapi.json", get(json::openapi))
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(state)
+}
+
+/// Logs the detail of errors whose text is not for clients, and returns the
+/// message a client may see.
+pub(crate) fn client_message(err: &ServiceError) -> String {
+    match err {
+        ServiceError::Unavailable(detail) => {
+            tracing::error!(%detail, "store or inventory unavailable");
+            "Service unavailable: the token database cannot be reached, try again".into()
+        }
+        ServiceError::Internal(detail) => {
+            tracing::error!(%detail, "internal error");
+            "Internal error".into()
+        }
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,208 @@
+//! `POST /RPC2`: the token methods in OpenNebula's XML-RPC conventions.
+//!
+//! Every method takes the session string first and answers
+//! `[success, result-or-message, code]`, as oned does, so OpenNebula's
+//! bindings (pyone, the Ruby OCA) work unchanged.
+
+pub mod wire;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+
+use self::wire::Value;
+use super::ApiState;
+use crate::inventory::Credential;
+use crate::service::{MintRequest, Minted, ServiceError};
+
+/// OpenNebula's error codes.
+pub mod code {
+    pub const SUCCESS: i64 = 0x0000;
+    pub const AUTHENTICATION: i64 = 0x0100;
+    pub const AUTHORIZATION: i64 = 0x0200;
+    pub const NO_EXISTS: i64 = 0x0400;
+    pub const ACTION: i64 = 0x0800;
+    pub const XML_RPC_API: i64 = 0x1000;
+    pub const INTERNAL: i64 = 0x2000;
+}
+
+/// Fault codes for calls that are not calls at all (the common
+/// specification for XML-RPC fault codes).
+const FAULT_PARSE: i64 = -32700;
+const FAULT_NO_METHOD: i64 = -32601;
+
+pub const METHOD_TOKEN: &str = "one.vm.novnctoken";
+pub const METHOD_TOKEN_ALIAS: &str = "one.vm.token";
+pub const METHOD_REVOKE: &str = "one.vm.novnctokenrevoke";
+
+/// Session strings longer than this are refused without a lookup.
+const MAX_SESSION: usize = 4096;
+
+pub async fn handle(State(state): State<ApiState>, body: Bytes) -> Response {
+    let xml = match wire::parse_call(&body) {
+        Ok(call) => dispatch(&state, call).await,
+        Err(e) => {
+            tracing::debug!(error = %e, "malformed XML-RPC request");
+            wire::fault(FAULT_PARSE, &format!("parse error: {e}"))
+        }
+    };
+    ([(header::CONTENT_TYPE, "text/xml")], xml).into_response()
+}
+
+async fn dispatch(state: &ApiState, call: wire::MethodCall) -> String {
+    let method = call.method.as_str();
+    let result = match method {
+        METHOD_TOKEN | METHOD_TOKEN_ALIAS => novnctoken(state, &call.params).await,
+        METHOD_REVOKE => revoke(state, &call.params).await,
+        "system.listMethods" => Ok(Value::Array(
+            [METHOD_TOKEN, METHOD_TOKEN_ALIAS, METHOD_REVOKE]
+                .iter()
+                .map(|m| Value::Str((*m).into()))
+                .collect(),
+        )),
+        _ => {
+            let shown: String = method.chars().take(64).collect();
+            return wire::fault(FAULT_NO_METHOD, &format!("method {shown:?} not found"));
+        }
+    };
+    let v = match result {
+        Ok(v) => Value::Array(vec![Value::Bool(true), v, Value::Int(code::SUCCESS)]),
+        Err(failure) => {
+            let mut items = vec![
+                Value::Bool(false),
+                Value::Str(format!("[{method}] {}", failure.message)),
+                Value::Int(failure.code),
+            ];
+            if let Some(id) = failure.object {
+                items.push(Value::Int(id));
+            }
+            Value::Array(items)
+        }
+    };
+    wire::response(&v)
+}
+
+/// A failed call: oned's message, code and (where known) object id.
+struct Failure {
+    message: String,
+    code: i64,
+    object: Option<i64>,
+}
+
+fn bad_param(message: impl Into<String>) -> Failure {
+    Failure {
+        message: message.into(),
+        code: code::XML_RPC_API,
+        object: None,
+    }
+}
+
+impl Failure {
+    fn from_service(err: ServiceError, vm_id: i64) -> Failure {
+        let code = match &err {
+            ServiceError::Authentication => code::AUTHENTICATION,
+            ServiceError::Authorization { .. } => code::AUTHORIZATION,
+            ServiceError::NoSuchVm(_) | ServiceError::NoConsole { .. } => code::NO_EXISTS,
+            ServiceError::NotAvailable { .. } => code::ACTION,
+            ServiceError::BadParameter(_) => code::XML_RPC_API,
+            ServiceError::Unavailable(_) | ServiceError::Internal(_) => code::INTERNAL,
+        };
+        Failure {
+            message: super::client_message(&err),
+            code,
+            object: Some(vm_id),
+        }
+    }
+}
+
+/// Checks arity and the leading (session, vm_id) pair every method has.
+fn session_and_vm(params: &[Value], max: usize) -> Result<(Credential, i64), Failure> {
+    if params.len() < 2 || params.len() > max {
+        return Err(bad_param(format!(
+            "Wrong number of parameters: expected 2 to {max}, got {}",
+            params.len()
+        )));
+    }
+    let session = match &params[0] {
+        Value::Str(s) => s,
+        other => {
+            return Err(bad_param(format!(
+                "Parameter 1 (session) must be a string, got {}",
+                other.type_name()
+            )));
+        }
+    };
+    let vm_id = match &params[1] {
+        Value::Int(i) => *i,
+        other => {
+            return Err(bad_param(format!(
+                "Parameter 2 (vm_id) must be an int, got {}",
+                other.type_name()
+            )));
+        }
+    };
+    let cred = if session.len() > MAX_SESSION {
+        None
+    } else {
+        Credential::from_session(session)
+    };
+    let cred = cred.ok_or(Failure {
+        message: ServiceError::Authentication.to_string(),
+        code: code::AUTHENTICATION,
+        object: None,
+    })?;
+    Ok((cred, vm_id))
+}
+
+async fn novnctoken(state: &ApiState, params: &[Value]) -> Result<Value, Failure> {
+    let (cred, vm_id) = session_and_vm(params, 4)?;
+    let ttl = match params.get(2) {
+        None => None,
+        Some(Value::Int(t)) => Some(*t),
+        Some(other) => {
+            return Err(bad_param(format!(
+                "Parameter 3 (ttl) must be an int, got {}",
+                other.type_name()
+            )));
+        }
+    };
+    let single_use = match params.get(3) {
+        None => None,
+        Some(Value::Bool(b)) => Some(*b),
+        Some(other) => {
+            return Err(bad_param(format!(
+                "Parameter 4 (single_use) must be a boolean, got {}",
+                other.type_name()
+            )));
+        }
+    };
+    let minted = state
+        .service
+        .mint(&cred, vm_id, MintRequest { ttl, single_use })
+        .await
+        .map_err(|e| Failure::from_service(e, vm_id))?;
+    Ok(minted_value(minted))
+}
+
+async fn revoke(state: &ApiState, params: &[Value]) -> Result<Value, Failure> {
+    let (cred, vm_id) = session_and_vm(params, 2)?;
+    let n = state
+        .service
+        .revoke(&cred, vm_id)
+        .await
+        .map_err(|e| Failure::from_service(e, vm_id))?;
+    Ok(Value::Int(n as i64))
+}
+
+fn minted_value(m: Minted) -> Value {
+    Value::Struct(vec![
+        ("token".into(), Value::Str(m.token)),
+        ("url".into(), Value::Str(m.url)),
+        ("path".into(), Value::Str(m.path)),
+        ("expires_at".into(), Value::Int(m.expires_at)),
+        ("ttl".into(), Value::Int(m.ttl)),
+        ("vm_id".into(), Value::Int(m.vm_id)),
+        ("single_use".into(), Value::Bool(m.single_use)),
+    ])
+}

@@ -1,0 +1,353 @@
+//! The `vncbroker` command line.
+//!
+//! `serve` runs the broker; `user`, `vm` and `token` are local admin tools
+//! that work directly on the database the config names.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::Config;
+use crate::inventory::{Console, LocalInventory};
+use crate::service::{MintRequest, TokenService};
+use crate::store::{self, Vm};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "vncbroker",
+    version,
+    about = "Console-access broker: console tokens for VMs, and the proxy that redeems them"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct Global {
+    /// Configuration file (TOML).
+    #[arg(long, global = true, env = "VNCBROKER_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Database URL, e.g. sqlite:///var/lib/vncbroker/vncbroker.db.
+    #[arg(long, global = true, value_name = "URL")]
+    pub database: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the broker: XML-RPC at /RPC2 and JSON at /api/v1.
+    Serve {
+        /// Address to listen on, e.g. 0.0.0.0:8640 (port 0 picks a free one).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<String>,
+    },
+    /// Manage local users.
+    #[command(subcommand)]
+    User(UserCmd),
+    /// Manage the local VM registry.
+    #[command(subcommand)]
+    Vm(VmCmd),
+    /// Console tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserCmd {
+    /// Add a user; the password is read from standard input.
+    Add {
+        name: String,
+        /// May mint tokens for any VM.
+        #[arg(long)]
+        admin: bool,
+        /// Read the password from standard input (one line).
+        #[arg(long, required = true)]
+        password_stdin: bool,
+    },
+    /// List users.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmCmd {
+    /// Register a VM and where its VNC console listens.
+    Add {
+        id: i64,
+        /// VNC server host.
+        #[arg(long)]
+        host: String,
+        /// VNC server port.
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        port: u16,
+        /// The owning user (must exist).
+        #[arg(long)]
+        owner: String,
+        /// A display name (defaults to vm-ID).
+        #[arg(long)]
+        name: Option<String>,
+        /// Read the VNC password from standard input (one line); the proxy
+        /// answers the VNC server with it and the browser never sees it.
+        #[arg(long)]
+        password_stdin: bool,
+        /// Other users who may open the console.
+        #[arg(long, value_delimiter = ',', value_name = "USER,...")]
+        allow: Vec<String>,
+    },
+    /// List VMs.
+    List,
+    /// Remove a VM and its tokens.
+    Rm { id: i64 },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCmd {
+    /// Mint a console token as the local administrator; prints the API's JSON.
+    Mint {
+        vm_id: i64,
+        /// Lifetime in seconds (default from the config).
+        #[arg(long)]
+        ttl: Option<i64>,
+        /// The token opens one session only.
+        #[arg(long)]
+        single_use: bool,
+    },
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vncbroker: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The effective configuration: file, then environment, then flags.
+pub fn load_config(global: &Global) -> anyhow::Result<Config> {
+    let mut cfg = Config::load(global.config.as_deref())?;
+    cfg.apply_env(|k| std::env::var(k).ok())?;
+    if let Some(db) = &global.database {
+        cfg.database = db.clone();
+    }
+    Ok(cfg)
+}
+
+fn init_logging(cfg: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&cfg.log.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    let _ = if cfg.log.format == "json" {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut cfg = load_config(&cli.global)?;
+    if let Command::Serve { listen: Some(l) } = &cli.command {
+        cfg.listen = l.clone();
+    }
+    cfg.validate()?;
+    init_logging(&cfg);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        match cli.command {
+            Command::Serve { .. } => crate::server::serve(cfg).await,
+            Command::User(cmd) => user(&cfg, cmd).await,
+            Command::Vm(cmd) => vm(&cfg, cmd).await,
+            Command::Token(cmd) => token(&cfg, cmd).await,
+        }
+    })
+}
+
+/// Reads one line from standard input, without its line ending.
+fn read_secret(what: &str) -> anyhow::Result<String> {
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .with_context(|| format!("reading the {what} from standard input"))?;
+    let secret = line.trim_end_matches(['\r', '\n']).to_owned();
+    if secret.is_empty() {
+        bail!("the {what} read from standard input is empty");
+    }
+    Ok(secret)
+}
+
+async fn user(cfg: &Config, cmd: UserCmd) -> anyhow::Result<()> {
+    let store = store::open(&cfg.database).await?;
+    match cmd {
+        UserCmd::Add { name, admin, .. } => {
+            check_name(&name)?;
+            let password = read_secret("password")?;
+            let hash = tokio::task::spawn_blocking(move || crate::auth::hash_password(&password))
+                .await?
+                .map_err(|e| anyhow::anyhow!("hashing the password: {e}"))?;
+            store.add_user(&name, &hash, admin).await?;
+            println!("user {name} added{}", if admin { " (admin)" } else { "" });
+        }
+        UserCmd::List => {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{:<24} ADMIN", "NAME")?;
+            for u in store.users().await? {
+                writeln!(out, "{:<24} {}", u.name, if u.admin { "yes" } else { "no" })?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// User names end up in session strings ("user:password"), so no colon.
+fn check_name(name: &str) -> anyhow::Result<()> {
+    if name.is_empty()
+        || name.len() > 128
+        || name.contains(':')
+        || name.chars().any(char::is_control)
+    {
+        bail!("a user name is 1 to 128 characters, without ':' or control characters");
+    }
+    Ok(())
+}
+
+async fn vm(cfg: &Config, cmd: VmCmd) -> anyhow::Result<()> {
+    let store = store::open(&cfg.database).await?;
+    match cmd {
+        VmCmd::Add {
+            id,
+            host,
+            port,
+            owner,
+            name,
+            password_stdin,
+            allow,
+        } => {
+            if host.trim().is_empty() {
+                bail!("--host must not be empty");
+            }
+            let vnc_password = if password_stdin {
+                Some(read_secret("VNC password")?)
+            } else {
+                None
+            };
+            let vm = Vm {
+                id,
+                name: name.unwrap_or_else(|| format!("vm-{id}")),
+                vnc_host: host,
+                vnc_port: port,
+                vnc_password,
+                owner,
+                allowed: allow.into_iter().filter(|a| !a.is_empty()).collect(),
+            };
+            store.add_vm(&vm).await?;
+            println!("vm {id} added");
+        }
+        VmCmd::List => {
+            let mut out = std::io::stdout().lock();
+            writeln!(
+                out,
+                "{:<8} {:<20} {:<28} {:<16} {:<8} ALLOWED",
+                "ID", "NAME", "VNC", "OWNER", "PASSWORD"
+            )?;
+            for v in store.vms().await? {
+                writeln!(
+                    out,
+                    "{:<8} {:<20} {:<28} {:<16} {:<8} {}",
+                    v.id,
+                    v.name,
+                    format!("{}:{}", v.vnc_host, v.vnc_port),
+                    v.owner,
+                    if v.vnc_password.is_some() {
+                        "yes"
+                    } else {
+                        "no"
+                    },
+                    v.allowed.join(",")
+                )?;
+            }
+        }
+        VmCmd::Rm { id } => {
+            if !store.remove_vm(id).await? {
+                bail!("no VM with id {id}");
+            }
+            println!("vm {id} removed");
+        }
+    }
+    Ok(())
+}
+
+async fn token(cfg: &Config, cmd: TokenCmd) -> anyhow::Result<()> {
+    let TokenCmd::Mint {
+        vm_id,
+        ttl,
+        single_use,
+    } = cmd;
+    let store = store::open(&cfg.database).await?;
+    let vm = store
+        .vm(vm_id)
+        .await?
+        .with_context(|| format!("no VM with id {vm_id}"))?;
+    let console = Console {
+        user: vm.owner.clone(),
+        vm_id,
+        host: vm.vnc_host,
+        port: vm.vnc_port,
+        vnc_password: vm.vnc_password,
+    };
+    let public_url = cfg
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{}", cfg.listen));
+    let inventory = std::sync::Arc::new(LocalInventory::new(
+        std::sync::Arc::clone(&store),
+        cfg.auth_cache_ttl(),
+        cfg.api.auth_cache_size,
+    ));
+    let service = TokenService::new(store, inventory, cfg.policy(), &public_url);
+    let minted = service
+        .mint_for_console(
+            console,
+            MintRequest {
+                ttl,
+                single_use: single_use.then_some(true),
+            },
+        )
+        .await?;
+    println!("{}", serde_json::to_string_pretty(&minted)?);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn user_names() {
+        assert!(check_name("alice").is_ok());
+        assert!(check_name("a:b").is_err());
+        assert!(check_name("").is_err());
+        assert!(check_name("a\nb").is_err());
+    }
+}

@@ -1,0 +1,293 @@
+//! Configuration: a TOML file, then `VNCBROKER_*` environment variables,
+//! then command-line flags, each overriding the one before.
+//!
+//! Every key is documented in `vncbroker.example.toml` at the repository root.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::token::Policy;
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the HTTP listener binds (API, and later the proxy).
+    pub listen: String,
+    /// Base URL that clients reach this node at; console URLs are built from
+    /// it. Defaults to `http://<bound address>`.
+    pub public_url: Option<String>,
+    /// `sqlite://PATH`.
+    pub database: String,
+    /// This node's name in session records; defaults to host name and port.
+    pub node_name: Option<String>,
+    pub tokens: TokensConfig,
+    pub api: ApiConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TokensConfig {
+    /// Lifetime of a token whose request names none, in seconds.
+    pub default_ttl: i64,
+    /// Longest lifetime a request may ask for, in seconds.
+    pub max_ttl: i64,
+    /// Whether tokens are single-use unless the request says otherwise.
+    pub single_use: bool,
+    /// How often expired tokens are deleted, in seconds.
+    pub purge_interval: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Largest request body accepted; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// How long a successful password check is remembered, in seconds
+    /// (0 turns the cache off).
+    pub auth_cache_ttl: u64,
+    /// How many successful password checks are remembered at most.
+    pub auth_cache_size: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: String,
+    /// A tracing filter, e.g. `info` or `vncbroker=debug`. `RUST_LOG` wins.
+    pub level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:8640".into(),
+            public_url: None,
+            database: "sqlite://vncbroker.db".into(),
+            node_name: None,
+            tokens: TokensConfig::default(),
+            api: ApiConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for TokensConfig {
+    fn default() -> Self {
+        TokensConfig {
+            default_ttl: 600,
+            max_ttl: 3600,
+            single_use: false,
+            purge_interval: 60,
+        }
+    }
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            max_body_bytes: 1 << 20,
+            auth_cache_ttl: 60,
+            auth_cache_size: 10_000,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+/// A configuration problem, reported before anything starts.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("environment variable {name}: {message}")]
+    Env { name: String, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads a config file; a missing `path` gives the defaults.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let Some(path) = path else {
+            return Ok(Config::default());
+        };
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: shown,
+            message: e.to_string(),
+        })
+    }
+
+    /// Applies `VNCBROKER_*` overrides, read through `var` so tests need not
+    /// touch the process environment.
+    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        fn parsed<T: std::str::FromStr>(name: &str, v: String) -> Result<T, ConfigError>
+        where
+            T::Err: std::fmt::Display,
+        {
+            v.trim().parse().map_err(|e: T::Err| ConfigError::Env {
+                name: name.into(),
+                message: e.to_string(),
+            })
+        }
+        if let Some(v) = var("VNCBROKER_LISTEN") {
+            self.listen = v;
+        }
+        if let Some(v) = var("VNCBROKER_PUBLIC_URL") {
+            self.public_url = Some(v);
+        }
+        if let Some(v) = var("VNCBROKER_DATABASE") {
+            self.database = v;
+        }
+        if let Some(v) = var("VNCBROKER_NODE_NAME") {
+            self.node_name = Some(v);
+        }
+        if let Some(v) = var("VNCBROKER_DEFAULT_TTL") {
+            self.tokens.default_ttl = parsed("VNCBROKER_DEFAULT_TTL", v)?;
+        }
+        if let Some(v) = var("VNCBROKER_MAX_TTL") {
+            self.tokens.max_ttl = parsed("VNCBROKER_MAX_TTL", v)?;
+        }
+        if let Some(v) = var("VNCBROKER_SINGLE_USE") {
+            self.tokens.single_use = parsed("VNCBROKER_SINGLE_USE", v)?;
+        }
+        if let Some(v) = var("VNCBROKER_LOG_FORMAT") {
+            self.log.format = v;
+        }
+        if let Some(v) = var("VNCBROKER_LOG_LEVEL") {
+            self.log.level = v;
+        }
+        Ok(())
+    }
+
+    /// Checks values that parse but make no sense together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let t = &self.tokens;
+        if t.default_ttl <= 0 || t.max_ttl <= 0 {
+            return Err(ConfigError::Invalid(
+                "tokens.default_ttl and tokens.max_ttl must be positive".into(),
+            ));
+        }
+        if t.default_ttl > t.max_ttl {
+            return Err(ConfigError::Invalid(format!(
+                "tokens.default_ttl ({}) exceeds tokens.max_ttl ({})",
+                t.default_ttl, t.max_ttl
+            )));
+        }
+        if t.purge_interval == 0 {
+            return Err(ConfigError::Invalid(
+                "tokens.purge_interval must be at least 1".into(),
+            ));
+        }
+        if self.api.max_body_bytes < 1024 {
+            return Err(ConfigError::Invalid(
+                "api.max_body_bytes must be at least 1024".into(),
+            ));
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(ConfigError::Invalid(format!(
+                "log.format must be \"text\" or \"json\", not {:?}",
+                self.log.format
+            )));
+        }
+        if let Some(url) = &self.public_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(ConfigError::Invalid(format!(
+                    "public_url must start with http:// or https://, not {url:?}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn policy(&self) -> Policy {
+        Policy {
+            default_ttl: self.tokens.default_ttl,
+            max_ttl: self.tokens.max_ttl,
+            single_use: self.tokens.single_use,
+        }
+    }
+
+    pub fn auth_cache_ttl(&self) -> Duration {
+        Duration::from_secs(self.api.auth_cache_ttl)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn the_example_file_parses_and_matches_the_defaults() {
+        let text = include_str!("../vncbroker.example.toml");
+        let cfg: Config = toml::from_str(text).unwrap();
+        let mut expected = Config::default();
+        expected.public_url = cfg.public_url.clone();
+        expected.node_name = cfg.node_name.clone();
+        assert_eq!(cfg, expected);
+        cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let err = toml::from_str::<Config>("listn = \"x\"").unwrap_err();
+        assert!(err.to_string().contains("listn"), "{err}");
+        assert!(toml::from_str::<Config>("[tokens]\ndefault_ttl = \"long\"").is_err());
+    }
+
+    #[test]
+    fn env_overrides_and_bad_env_values() {
+        let env: HashMap<&str, &str> = [
+            ("VNCBROKER_LISTEN", "0.0.0.0:1"),
+            ("VNCBROKER_DEFAULT_TTL", "30"),
+            ("VNCBROKER_SINGLE_USE", "true"),
+        ]
+        .into();
+        let mut cfg = Config::default();
+        cfg.apply_env(|k| env.get(k).map(|v| v.to_string()))
+            .unwrap();
+        assert_eq!(cfg.listen, "0.0.0.0:1");
+        assert_eq!(cfg.tokens.default_ttl, 30);
+        assert!(cfg.tokens.single_use);
+        let err = cfg
+            .apply_env(|k| (k == "VNCBROKER_MAX_TTL").then(|| "ten".to_string()))
+            .unwrap_err();
+        assert!(err.to_string().contains("VNCBROKER_MAX_TTL"));
+    }
+
+    #[test]
+    fn validation() {
+        let mut cfg = Config::default();
+        cfg.tokens.default_ttl = 7200;
+        assert!(cfg.validate().is_err());
+        let mut cfg = Config::default();
+        cfg.log.format = "xml".into();
+        assert!(cfg.validate().is_err());
+        let mut cfg = Config::default();
+        cfg.public_url = Some("ftp://x".into());
+        assert!(cfg.validate().is_err());
+        let cfg = Config::load(Some(Path::new("/nonexistent/vncbroker.toml")));
+        assert!(matches!(cfg, Err(ConfigError::Read { .. })));
+    }
+}

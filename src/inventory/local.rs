@@ -1,0 +1,82 @@
+//! The local registry: users and VMs kept in the broker's own database.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::{Console, Credential, Inventory, InventoryError};
+use crate::auth::{VerifyCache, verify_password};
+use crate::store::{Store, StoreError, User};
+
+pub struct LocalInventory {
+    store: Arc<dyn Store>,
+    cache: VerifyCache,
+}
+
+impl LocalInventory {
+    pub fn new(store: Arc<dyn Store>, cache_ttl: Duration, cache_size: usize) -> LocalInventory {
+        LocalInventory {
+            store,
+            cache: VerifyCache::new(cache_ttl, cache_size),
+        }
+    }
+
+    /// Checks a credential; the argon2 run happens off the async threads and
+    /// is skipped when the cache vouches for it.
+    pub async fn authenticate(&self, cred: &Credential) -> Result<User, InventoryError> {
+        let user = self
+            .store
+            .user(&cred.user)
+            .await
+            .map_err(unavailable)?
+            .ok_or(InventoryError::Authentication)?;
+        if self
+            .cache
+            .hit(&cred.user, &cred.secret, &user.password_hash)
+        {
+            return Ok(user);
+        }
+        let (secret, phc) = (cred.secret.clone(), user.password_hash.clone());
+        let ok = tokio::task::spawn_blocking(move || verify_password(&secret, &phc))
+            .await
+            .map_err(|e| InventoryError::Unavailable(e.to_string()))?;
+        if !ok {
+            return Err(InventoryError::Authentication);
+        }
+        self.cache
+            .remember(&cred.user, &cred.secret, &user.password_hash);
+        Ok(user)
+    }
+}
+
+fn unavailable(e: StoreError) -> InventoryError {
+    InventoryError::Unavailable(e.to_string())
+}
+
+#[async_trait]
+impl Inventory for LocalInventory {
+    async fn console(&self, cred: &Credential, vm_id: i64) -> Result<Console, InventoryError> {
+        let user = self.authenticate(cred).await?;
+        let vm = self
+            .store
+            .vm(vm_id)
+            .await
+            .map_err(unavailable)?
+            .ok_or(InventoryError::NoSuchVm(vm_id))?;
+        let allowed = user.admin || vm.owner == user.name || vm.allowed.contains(&user.name);
+        if !allowed {
+            return Err(InventoryError::Authorization {
+                user: user.name,
+                vm_id,
+            });
+        }
+        Ok(Console {
+            user: user.name,
+            vm_id,
+            host: vm.vnc_host,
+            port: vm.vnc_port,
+            vnc_password: vm.vnc_password,
+        })
+    }
+}

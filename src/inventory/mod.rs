@@ -1,0 +1,103 @@
+//! Where VMs and permissions come from.
+//!
+//! The broker asks one question of an inventory: may this caller open this
+//! VM's console, and where is it? The local registry answers from the
+//! broker's own database; an OpenNebula-backed inventory can answer the same
+//! question by asking oned with the caller's session.
+
+mod local;
+
+use async_trait::async_trait;
+
+pub use local::LocalInventory;
+
+/// A caller's credentials, "user:password" in OpenNebula's session form.
+/// `Debug` never shows the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credential {
+    pub user: String,
+    pub secret: String,
+}
+
+impl Credential {
+    /// Splits an OpenNebula session string at its first colon.
+    pub fn from_session(session: &str) -> Option<Credential> {
+        let (user, secret) = session.split_once(':')?;
+        if user.is_empty() {
+            return None;
+        }
+        Some(Credential {
+            user: user.to_owned(),
+            secret: secret.to_owned(),
+        })
+    }
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Credential({}:<redacted>)", self.user)
+    }
+}
+
+/// Where a VM's console is, and the VNC password the proxy answers it with.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Console {
+    /// The authenticated user the console is granted to.
+    pub user: String,
+    pub vm_id: i64,
+    pub host: String,
+    pub port: u16,
+    pub vnc_password: Option<String>,
+}
+
+impl std::fmt::Debug for Console {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Console")
+            .field("user", &self.user)
+            .field("vm_id", &self.vm_id)
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("vnc_password", &self.vnc_password.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
+/// Why an inventory refused. Each maps to one OpenNebula error code.
+#[derive(Debug, thiserror::Error)]
+pub enum InventoryError {
+    #[error("user couldn't be authenticated")]
+    Authentication,
+    #[error("user [{user}] is not authorized to use VM [{vm_id}]")]
+    Authorization { user: String, vm_id: i64 },
+    #[error("VM [{0}] does not exist")]
+    NoSuchVm(i64),
+    #[error("VM [{vm_id}] has no VNC console: {why}")]
+    NoConsole { vm_id: i64, why: String },
+    #[error("VM [{vm_id}] console is not available now: {why}")]
+    NotAvailable { vm_id: i64, why: String },
+    #[error("inventory unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// The one question the token service asks.
+#[async_trait]
+pub trait Inventory: Send + Sync {
+    /// Authenticates `cred` and returns the console of `vm_id` if the caller
+    /// may open it.
+    async fn console(&self, cred: &Credential, vm_id: i64) -> Result<Console, InventoryError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_strings() {
+        let c = Credential::from_session("alice:se:cret").unwrap();
+        assert_eq!(c.user, "alice");
+        assert_eq!(c.secret, "se:cret");
+        assert!(Credential::from_session("nocolon").is_none());
+        assert!(Credential::from_session(":pw").is_none());
+        assert!(!format!("{c:?}").contains("cret"));
+    }
+}

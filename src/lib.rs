@@ -1,0 +1,42 @@
+//! vncbroker: a console-access broker for VMs.
+//!
+//! It hands out short-lived console tokens over an OpenNebula-style XML-RPC
+//! API and a JSON API, keeps them (hashed) in a database that any number of
+//! nodes can share, and redeems them in a noVNC-compatible WebSocket proxy.
+//!
+//! # Layout
+//!
+//! - [`config`]: the TOML configuration, with `VNCBROKER_*` environment and
+//!   flag overrides.
+//! - [`cli`]: the `vncbroker` command line (serve, user, vm, token).
+//! - [`token`]: what a console token is: generation, hashing, lifetime rules.
+//! - [`store`]: where tokens, sessions, users and VMs live; the [`store::Store`]
+//!   interface and its SQLite backend.
+//! - [`inventory`]: who may open which VM's console, and where that console
+//!   is; the [`inventory::Inventory`] interface and the local registry.
+//! - [`auth`]: password hashing and the short-lived verification cache.
+//! - [`service`]: the token service that both APIs and the CLI call: mint and
+//!   revoke, with their error kinds.
+//! - [`api`]: the HTTP surface: XML-RPC at `/RPC2` ([`api::xmlrpc`]) and JSON
+//!   at `/api/v1` ([`api::json`]).
+//! - [`server`]: binds the listener, wires the parts together and runs the
+//!   background jobs (expired-token purge) until shutdown.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod inventory;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod token;
+
+/// Current time as Unix seconds. Every timestamp the broker stores uses it.
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,235 @@
+//! The token service: minting and revoking console tokens.
+//!
+//! Both APIs and the CLI go through here, so the rules (who may mint, how
+//! long a token lives, what it is bound to) exist once.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::inventory::{Console, Credential, Inventory, InventoryError};
+use crate::store::{NewToken, Store, StoreError};
+use crate::token::{self, Policy, Token};
+
+/// How many times minting retries on the (astronomically unlikely) event of
+/// a duplicate token hash.
+const MINT_ATTEMPTS: usize = 3;
+
+/// What a caller may choose about a new token.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MintRequest {
+    pub ttl: Option<i64>,
+    pub single_use: Option<bool>,
+}
+
+/// A minted token as both APIs return it.
+#[derive(Serialize, Clone, PartialEq, Eq)]
+pub struct Minted {
+    pub token: String,
+    pub url: String,
+    pub path: String,
+    pub expires_at: i64,
+    pub ttl: i64,
+    pub vm_id: i64,
+    pub single_use: bool,
+}
+
+impl std::fmt::Debug for Minted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Minted")
+            .field(
+                "token",
+                &format_args!("{}", token::fingerprint(&token::hash_token(&self.token))),
+            )
+            .field("expires_at", &self.expires_at)
+            .field("vm_id", &self.vm_id)
+            .finish()
+    }
+}
+
+/// Why a request failed; each kind maps to one OpenNebula code and one HTTP
+/// status.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("User couldn't be authenticated, aborting call.")]
+    Authentication,
+    #[error("User [{user}] : Not authorized to perform USE VM [{vm_id}].")]
+    Authorization { user: String, vm_id: i64 },
+    #[error("Error getting virtual machine [{0}].")]
+    NoSuchVm(i64),
+    #[error("VM [{vm_id}] has no VNC console: {why}")]
+    NoConsole { vm_id: i64, why: String },
+    #[error("VM [{vm_id}] console is not available now: {why}")]
+    NotAvailable { vm_id: i64, why: String },
+    #[error("{0}")]
+    BadParameter(String),
+    #[error("Service unavailable: {0}")]
+    Unavailable(String),
+    #[error("Internal error: {0}")]
+    Internal(String),
+}
+
+impl From<InventoryError> for ServiceError {
+    fn from(e: InventoryError) -> Self {
+        match e {
+            InventoryError::Authentication => ServiceError::Authentication,
+            InventoryError::Authorization { user, vm_id } => {
+                ServiceError::Authorization { user, vm_id }
+            }
+            InventoryError::NoSuchVm(id) => ServiceError::NoSuchVm(id),
+            InventoryError::NoConsole { vm_id, why } => ServiceError::NoConsole { vm_id, why },
+            InventoryError::NotAvailable { vm_id, why } => {
+                ServiceError::NotAvailable { vm_id, why }
+            }
+            InventoryError::Unavailable(why) => ServiceError::Unavailable(why),
+        }
+    }
+}
+
+impl From<StoreError> for ServiceError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(why) => ServiceError::Unavailable(why),
+            other => ServiceError::Internal(other.to_string()),
+        }
+    }
+}
+
+pub struct TokenService {
+    store: Arc<dyn Store>,
+    inventory: Arc<dyn Inventory>,
+    policy: Policy,
+    public_url: String,
+}
+
+impl TokenService {
+    pub fn new(
+        store: Arc<dyn Store>,
+        inventory: Arc<dyn Inventory>,
+        policy: Policy,
+        public_url: &str,
+    ) -> TokenService {
+        TokenService {
+            store,
+            inventory,
+            policy,
+            public_url: public_url.trim_end_matches('/').to_owned(),
+        }
+    }
+
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
+    /// Mints a token for `vm_id` if `cred` may open its console.
+    pub async fn mint(
+        &self,
+        cred: &Credential,
+        vm_id: i64,
+        req: MintRequest,
+    ) -> Result<Minted, ServiceError> {
+        // Parameters are checked before anything costly happens.
+        let ttl = self
+            .policy
+            .ttl(req.ttl)
+            .map_err(|e| ServiceError::BadParameter(e.to_string()))?;
+        let console = self.inventory.console(cred, vm_id).await?;
+        self.mint_for(console, ttl, self.policy.single_use(req.single_use))
+            .await
+    }
+
+    /// Mints a token for a console the caller already resolved (the local
+    /// admin CLI does this without a credential).
+    pub async fn mint_for_console(
+        &self,
+        console: Console,
+        req: MintRequest,
+    ) -> Result<Minted, ServiceError> {
+        let ttl = self
+            .policy
+            .ttl(req.ttl)
+            .map_err(|e| ServiceError::BadParameter(e.to_string()))?;
+        self.mint_for(console, ttl, self.policy.single_use(req.single_use))
+            .await
+    }
+
+    async fn mint_for(
+        &self,
+        console: Console,
+        ttl: i64,
+        single_use: bool,
+    ) -> Result<Minted, ServiceError> {
+        let now = crate::now_unix();
+        let expires_at = now.saturating_add(ttl);
+        for _ in 0..MINT_ATTEMPTS {
+            let token = Token::generate()
+                .map_err(|e| ServiceError::Internal(format!("no OS randomness: {e}")))?;
+            let row = NewToken {
+                hash: token.hash(),
+                vm_id: console.vm_id,
+                target_host: console.host.clone(),
+                target_port: console.port,
+                vnc_password: console.vnc_password.clone(),
+                user_name: console.user.clone(),
+                created_at: now,
+                expires_at,
+                single_use,
+            };
+            match self.store.insert_token(&row).await {
+                Ok(id) => {
+                    tracing::info!(
+                        token_id = id,
+                        token = %token::fingerprint(&row.hash),
+                        vm_id = console.vm_id,
+                        user = %console.user,
+                        ttl,
+                        single_use,
+                        "console token minted"
+                    );
+                    return Ok(self.minted(token, expires_at, ttl, console.vm_id, single_use));
+                }
+                Err(StoreError::Conflict(_)) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ServiceError::Internal(
+            "could not store a unique token".into(),
+        ))
+    }
+
+    fn minted(
+        &self,
+        token: Token,
+        expires_at: i64,
+        ttl: i64,
+        vm_id: i64,
+        single_use: bool,
+    ) -> Minted {
+        let text = token.into_string();
+        Minted {
+            url: format!("{}/console#token={}", self.public_url, text),
+            path: format!("websockify?token={text}"),
+            token: text,
+            expires_at,
+            ttl,
+            vm_id,
+            single_use,
+        }
+    }
+
+    /// Revokes every live token of `vm_id` if `cred` may open its console.
+    pub async fn revoke(&self, cred: &Credential, vm_id: i64) -> Result<u64, ServiceError> {
+        let console = self.inventory.console(cred, vm_id).await?;
+        let n = self
+            .store
+            .revoke_vm_tokens(vm_id, crate::now_unix())
+            .await?;
+        tracing::info!(vm_id, user = %console.user, revoked = n, "console tokens revoked");
+        Ok(n)
+    }
+
+    /// Deletes expired tokens; the server calls it periodically.
+    pub async fn purge_expired(&self) -> Result<u64, ServiceError> {
+        Ok(self.store.purge_expired(crate::now_unix()).await?)
+    }
+}

@@ -1,0 +1,127 @@
+//! Where tokens, sessions, users and VMs live.
+//!
+//! Callers see only the [`Store`] trait, so a backend can be swapped by the
+//! `database` URL alone. SQLite (`sqlite://PATH`) is the embedded default.
+
+mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+pub use sqlite::SqliteStore;
+
+use crate::token::TokenHash;
+
+/// Errors callers branch on: a duplicate is retried or reported, an
+/// unavailable store fails the request fast.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A unique key already exists (a token hash, a user name, a VM id).
+    #[error("already exists: {0}")]
+    Conflict(String),
+    /// A referenced row is missing (e.g. a VM's owner).
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The database is locked, unreachable or cannot be opened.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// Anything else the backend reported.
+    #[error("database error: {0}")]
+    Internal(String),
+}
+
+/// A token row as minted. The target is fixed here, once.
+#[derive(Clone)]
+pub struct NewToken {
+    pub hash: TokenHash,
+    pub vm_id: i64,
+    pub target_host: String,
+    pub target_port: u16,
+    pub vnc_password: Option<String>,
+    pub user_name: String,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub single_use: bool,
+}
+
+/// A user of the local registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    pub id: i64,
+    pub name: String,
+    pub password_hash: String,
+    pub admin: bool,
+}
+
+/// A VM of the local registry.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Vm {
+    pub id: i64,
+    pub name: String,
+    pub vnc_host: String,
+    pub vnc_port: u16,
+    pub vnc_password: Option<String>,
+    pub owner: String,
+    /// Users other than the owner who may open the console.
+    pub allowed: Vec<String>,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("vnc_host", &self.vnc_host)
+            .field("vnc_port", &self.vnc_port)
+            .field("vnc_password", &self.vnc_password.as_ref().map(|_| "<set>"))
+            .field("owner", &self.owner)
+            .field("allowed", &self.allowed)
+            .finish()
+    }
+}
+
+/// The persistence interface. Each method is one thing a caller needs, done
+/// atomically by the backend.
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// Stores a minted token; [`StoreError::Conflict`] if its hash exists.
+    async fn insert_token(&self, token: &NewToken) -> Result<i64, StoreError>;
+    /// Revokes every live token of a VM and returns how many.
+    async fn revoke_vm_tokens(&self, vm_id: i64, now: i64) -> Result<u64, StoreError>;
+    /// Deletes tokens that expired at or before `before`; returns how many.
+    async fn purge_expired(&self, before: i64) -> Result<u64, StoreError>;
+
+    async fn add_user(
+        &self,
+        name: &str,
+        password_hash: &str,
+        admin: bool,
+    ) -> Result<i64, StoreError>;
+    async fn user(&self, name: &str) -> Result<Option<User>, StoreError>;
+    async fn users(&self) -> Result<Vec<User>, StoreError>;
+
+    /// Adds a VM; the owner and allowed users must exist.
+    async fn add_vm(&self, vm: &Vm) -> Result<(), StoreError>;
+    async fn vm(&self, id: i64) -> Result<Option<Vm>, StoreError>;
+    async fn vms(&self) -> Result<Vec<Vm>, StoreError>;
+    /// Removes a VM together with its tokens; false if there was none.
+    async fn remove_vm(&self, id: i64) -> Result<bool, StoreError>;
+}
+
+/// Opens the store a `database` URL names, creating and migrating it.
+pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        if path.is_empty() {
+            return Err(StoreError::Unavailable(
+                "sqlite:// needs a file path, e.g. sqlite:///var/lib/vncbroker/db.sqlite".into(),
+            ));
+        }
+        let store = SqliteStore::open(path.to_owned()).await?;
+        return Ok(Arc::new(store));
+    }
+    let scheme = url.split("://").next().unwrap_or(url);
+    Err(StoreError::Unavailable(format!(
+        "unsupported database URL scheme {scheme:?}: use sqlite://PATH"
+    )))
+}

@@ -1,0 +1,446 @@
+//! The embedded SQLite backend: one file, WAL mode, migrated on open.
+//!
+//! SQLite calls block, so each runs on tokio's blocking pool behind one
+//! connection mutex. A busy timeout bounds how long a locked file can stall a
+//! call before it fails as [`StoreError::Unavailable`].
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
+
+use super::{NewToken, Store, StoreError, User, Vm};
+
+/// Versioned migrations, applied in order; `PRAGMA user_version` records the
+/// last one applied.
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/sqlite/0001_init.sql"))];
+
+const BUSY_TIMEOUT: Duration = Duration::from_millis(1500);
+
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) and migrates the database file at `path`.
+    pub async fn open(path: String) -> Result<SqliteStore, StoreError> {
+        let conn = tokio::task::spawn_blocking(move || -> Result<Connection, StoreError> {
+            let mut conn = Connection::open(&path)
+                .map_err(|e| StoreError::Unavailable(format!("cannot open {path}: {e}")))?;
+            conn.busy_timeout(BUSY_TIMEOUT).map_err(map_err)?;
+            // journal_mode answers with a row, so it is read rather than executed.
+            let mode: String = conn
+                .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+                .map_err(map_err)?;
+            if !mode.eq_ignore_ascii_case("wal") {
+                return Err(StoreError::Unavailable(format!(
+                    "{path}: could not switch to WAL mode (got {mode})"
+                )));
+            }
+            conn.execute_batch("PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;")
+                .map_err(map_err)?;
+            migrate(&mut conn)?;
+            Ok(conn)
+        })
+        .await
+        .map_err(|e| StoreError::Internal(e.to_string()))??;
+        Ok(SqliteStore {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// Runs `f` with the connection on the blocking pool.
+    async fn with<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let conn = Arc::clone(&self.conn);
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn
+                .lock()
+                .map_err(|_| StoreError::Internal("connection mutex poisoned".into()))?;
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| StoreError::Internal(e.to_string()))?
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let current: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(map_err)?;
+    let newest = MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
+    if current > newest {
+        return Err(StoreError::Unavailable(format!(
+            "database schema version {current} is newer than this vncbroker knows ({newest})"
+        )));
+    }
+    for (version, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+        let tx = conn.transaction().map_err(map_err)?;
+        tx.execute_batch(sql).map_err(map_err)?;
+        tx.pragma_update(None, "user_version", version)
+            .map_err(map_err)?;
+        tx.commit().map_err(map_err)?;
+    }
+    Ok(())
+}
+
+fn map_err(e: rusqlite::Error) -> StoreError {
+    if let rusqlite::Error::SqliteFailure(f, _) = &e {
+        match f.code {
+            ErrorCode::ConstraintViolation => {
+                // 787 is SQLITE_CONSTRAINT_FOREIGNKEY; the rest we map are keys.
+                return if f.extended_code == 787 {
+                    StoreError::NotFound(e.to_string())
+                } else {
+                    StoreError::Conflict(e.to_string())
+                };
+            }
+            ErrorCode::DatabaseBusy
+            | ErrorCode::DatabaseLocked
+            | ErrorCode::CannotOpen
+            | ErrorCode::ReadOnly
+            | ErrorCode::SystemIoFailure
+            | ErrorCode::DiskFull
+            | ErrorCode::NotADatabase => return StoreError::Unavailable(e.to_string()),
+            _ => {}
+        }
+    }
+    StoreError::Internal(e.to_string())
+}
+
+fn user_id(conn: &Connection, name: &str) -> Result<i64, StoreError> {
+    conn.query_row("SELECT id FROM users WHERE name = ?1", [name], |r| r.get(0))
+        .optional()
+        .map_err(map_err)?
+        .ok_or_else(|| StoreError::NotFound(format!("user {name:?}")))
+}
+
+fn load_vm(conn: &Connection, id: i64) -> Result<Option<Vm>, StoreError> {
+    let row = conn
+        .query_row(
+            "SELECT v.name, v.vnc_host, v.vnc_port, v.vnc_password, u.name
+             FROM vms v JOIN users u ON u.id = v.owner_id WHERE v.id = ?1",
+            [id],
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, Option<String>>(3)?,
+                    r.get::<_, String>(4)?,
+                ))
+            },
+        )
+        .optional()
+        .map_err(map_err)?;
+    let Some((name, vnc_host, vnc_port, vnc_password, owner)) = row else {
+        return Ok(None);
+    };
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT u.name FROM vm_users a JOIN users u ON u.id = a.user_id
+             WHERE a.vm_id = ?1 ORDER BY u.name",
+        )
+        .map_err(map_err)?;
+    let allowed = stmt
+        .query_map([id], |r| r.get::<_, String>(0))
+        .map_err(map_err)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(map_err)?;
+    Ok(Some(Vm {
+        id,
+        name,
+        vnc_host,
+        vnc_port: u16::try_from(vnc_port)
+            .map_err(|_| StoreError::Internal(format!("vm {id}: bad port {vnc_port}")))?,
+        vnc_password,
+        owner,
+        allowed,
+    }))
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn insert_token(&self, t: &NewToken) -> Result<i64, StoreError> {
+        let t = t.clone();
+        self.with(move |c| {
+            c.prepare_cached(
+                "INSERT INTO tokens (token_hash, vm_id, target_host, target_port, vnc_password,
+                                     user_name, created_at, expires_at, single_use)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    &t.hash[..],
+                    t.vm_id,
+                    t.target_host,
+                    t.target_port,
+                    t.vnc_password,
+                    t.user_name,
+                    t.created_at,
+                    t.expires_at,
+                    t.single_use,
+                ])
+            })
+            .map_err(map_err)?;
+            Ok(c.last_insert_rowid())
+        })
+        .await
+    }
+
+    async fn revoke_vm_tokens(&self, vm_id: i64, now: i64) -> Result<u64, StoreError> {
+        self.with(move |c| {
+            let n = c
+                .execute(
+                    "UPDATE tokens SET revoked_at = ?2
+                     WHERE vm_id = ?1 AND revoked_at IS NULL AND expires_at > ?2
+                       AND NOT (single_use = 1 AND used_at IS NOT NULL)",
+                    params![vm_id, now],
+                )
+                .map_err(map_err)?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    async fn purge_expired(&self, before: i64) -> Result<u64, StoreError> {
+        self.with(move |c| {
+            let n = c
+                .execute("DELETE FROM tokens WHERE expires_at <= ?1", [before])
+                .map_err(map_err)?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    async fn add_user(&self, name: &str, hash: &str, admin: bool) -> Result<i64, StoreError> {
+        let (name, hash) = (name.to_owned(), hash.to_owned());
+        let now = crate::now_unix();
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO users (name, password_hash, admin, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![name, hash, admin, now],
+            )
+            .map_err(|e| match map_err(e) {
+                StoreError::Conflict(_) => StoreError::Conflict(format!("user {name:?}")),
+                other => other,
+            })?;
+            Ok(c.last_insert_rowid())
+        })
+        .await
+    }
+
+    async fn user(&self, name: &str) -> Result<Option<User>, StoreError> {
+        let name = name.to_owned();
+        self.with(move |c| {
+            c.prepare_cached("SELECT id, name, password_hash, admin FROM users WHERE name = ?1")
+                .and_then(|mut s| {
+                    s.query_row([name], |r| {
+                        Ok(User {
+                            id: r.get(0)?,
+                            name: r.get(1)?,
+                            password_hash: r.get(2)?,
+                            admin: r.get(3)?,
+                        })
+                    })
+                    .optional()
+                })
+                .map_err(map_err)
+        })
+        .await
+    }
+
+    async fn users(&self) -> Result<Vec<User>, StoreError> {
+        self.with(|c| {
+            let mut s = c
+                .prepare("SELECT id, name, password_hash, admin FROM users ORDER BY name")
+                .map_err(map_err)?;
+            let rows = s
+                .query_map([], |r| {
+                    Ok(User {
+                        id: r.get(0)?,
+                        name: r.get(1)?,
+                        password_hash: r.get(2)?,
+                        admin: r.get(3)?,
+                    })
+                })
+                .map_err(map_err)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(map_err)
+        })
+        .await
+    }
+
+    async fn add_vm(&self, vm: &Vm) -> Result<(), StoreError> {
+        let vm = vm.clone();
+        let now = crate::now_unix();
+        self.with(move |c| {
+            let tx = c.transaction().map_err(map_err)?;
+            let owner = user_id(&tx, &vm.owner)?;
+            tx.execute(
+                "INSERT INTO vms (id, name, vnc_host, vnc_port, vnc_password, owner_id, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    vm.id,
+                    vm.name,
+                    vm.vnc_host,
+                    vm.vnc_port,
+                    vm.vnc_password,
+                    owner,
+                    now
+                ],
+            )
+            .map_err(|e| match map_err(e) {
+                StoreError::Conflict(_) => StoreError::Conflict(format!("vm {}", vm.id)),
+                other => other,
+            })?;
+            for name in &vm.allowed {
+                let uid = user_id(&tx, name)?;
+                tx.execute(
+                    "INSERT OR IGNORE INTO vm_users (vm_id, user_id) VALUES (?1, ?2)",
+                    params![vm.id, uid],
+                )
+                .map_err(map_err)?;
+            }
+            tx.commit().map_err(map_err)
+        })
+        .await
+    }
+
+    async fn vm(&self, id: i64) -> Result<Option<Vm>, StoreError> {
+        self.with(move |c| load_vm(c, id)).await
+    }
+
+    async fn vms(&self) -> Result<Vec<Vm>, StoreError> {
+        self.with(|c| {
+            let ids = c
+                .prepare("SELECT id FROM vms ORDER BY id")
+                .and_then(|mut s| {
+                    s.query_map([], |r| r.get::<_, i64>(0))?
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .map_err(map_err)?;
+            let mut out = Vec::with_capacity(ids.len());
+            for id in ids {
+                if let Some(vm) = load_vm(c, id)? {
+                    out.push(vm);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn remove_vm(&self, id: i64) -> Result<bool, StoreError> {
+        self.with(move |c| {
+            let tx = c.transaction().map_err(map_err)?;
+            tx.execute("DELETE FROM tokens WHERE vm_id = ?1", [id])
+                .map_err(map_err)?;
+            let n = tx
+                .execute("DELETE FROM vms WHERE id = ?1", [id])
+                .map_err(map_err)?;
+            tx.commit().map_err(map_err)?;
+            Ok(n > 0)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::token::hash_token;
+
+    async fn store() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db").to_string_lossy().into_owned();
+        (dir, SqliteStore::open(path).await.unwrap())
+    }
+
+    fn token(text: &str, vm: i64, expires_at: i64) -> NewToken {
+        NewToken {
+            hash: hash_token(text),
+            vm_id: vm,
+            target_host: "127.0.0.1".into(),
+            target_port: 5900,
+            vnc_password: None,
+            user_name: "alice".into(),
+            created_at: 0,
+            expires_at,
+            single_use: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn reopening_keeps_data_and_does_not_remigrate() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db").to_string_lossy().into_owned();
+        {
+            let s = SqliteStore::open(path.clone()).await.unwrap();
+            s.add_user("alice", "h", false).await.unwrap();
+        }
+        let s = SqliteStore::open(path).await.unwrap();
+        assert_eq!(s.users().await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn duplicate_token_hash_is_a_conflict() {
+        let (_d, s) = store().await;
+        s.insert_token(&token("a", 1, 100)).await.unwrap();
+        let err = s.insert_token(&token("a", 1, 100)).await.unwrap_err();
+        assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn revoke_counts_only_live_tokens_and_purge_removes_expired() {
+        let (_d, s) = store().await;
+        let now = 1000;
+        s.insert_token(&token("live1", 7, now + 10)).await.unwrap();
+        s.insert_token(&token("live2", 7, now + 10)).await.unwrap();
+        s.insert_token(&token("expired", 7, now)).await.unwrap();
+        s.insert_token(&token("other", 8, now + 10)).await.unwrap();
+        assert_eq!(s.revoke_vm_tokens(7, now).await.unwrap(), 2);
+        assert_eq!(s.revoke_vm_tokens(7, now).await.unwrap(), 0);
+        assert_eq!(s.purge_expired(now).await.unwrap(), 1);
+        assert_eq!(s.purge_expired(now).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn vms_need_existing_users_and_removal_drops_tokens() {
+        let (_d, s) = store().await;
+        let vm = Vm {
+            id: 7,
+            name: "web".into(),
+            vnc_host: "10.0.0.1".into(),
+            vnc_port: 5907,
+            vnc_password: Some("pw".into()),
+            owner: "alice".into(),
+            allowed: vec!["bob".into()],
+        };
+        assert!(matches!(s.add_vm(&vm).await, Err(StoreError::NotFound(_))));
+        s.add_user("alice", "h", false).await.unwrap();
+        s.add_user("bob", "h", false).await.unwrap();
+        s.add_vm(&vm).await.unwrap();
+        assert!(matches!(s.add_vm(&vm).await, Err(StoreError::Conflict(_))));
+        assert_eq!(s.vm(7).await.unwrap().unwrap(), vm);
+        assert!(matches!(
+            s.add_user("bob", "h", true).await,
+            Err(StoreError::Conflict(_))
+        ));
+        s.insert_token(&token("t", 7, 10)).await.unwrap();
+        assert!(s.remove_vm(7).await.unwrap());
+        assert!(!s.remove_vm(7).await.unwrap());
+        assert_eq!(s.purge_expired(i64::MAX).await.unwrap(), 0);
+        assert!(s.vm(7).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn unsupported_urls_are_clear_errors() {
+        let err = crate::store::open("mysql://x").await.err().unwrap();
+        assert!(err.to_string().contains("unsupported"), "{err}");
+        assert!(crate::store::open("sqlite://").await.is_err());
+    }
+}

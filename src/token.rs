@@ -1,0 +1,182 @@
+//! Console tokens: what they are and the rules they live by.
+//!
+//! A token is 32 bytes from the operating system's CSPRNG, given to the
+//! caller once as base64url without padding. Only its SHA-256 is ever stored,
+//! so a copy of the database does not open any console.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use sha2::{Digest, Sha256};
+
+/// Length of a token's text form: 32 bytes in unpadded base64url.
+pub const TOKEN_LEN: usize = 43;
+
+/// The SHA-256 of a token, the only form the store keeps.
+pub type TokenHash = [u8; 32];
+
+/// A freshly minted token. Its text leaves the process exactly once, in the
+/// mint response; `Debug` never shows it.
+pub struct Token(String);
+
+impl Token {
+    /// Draws a new token from the OS CSPRNG.
+    pub fn generate() -> Result<Token, getrandom::Error> {
+        let mut raw = [0u8; 32];
+        getrandom::fill(&mut raw)?;
+        Ok(Token(URL_SAFE_NO_PAD.encode(raw)))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn hash(&self) -> TokenHash {
+        hash_token(&self.0)
+    }
+
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Token({})", fingerprint(&self.hash()))
+    }
+}
+
+/// Hashes a token as presented by a client.
+pub fn hash_token(text: &str) -> TokenHash {
+    Sha256::digest(text.as_bytes()).into()
+}
+
+/// Whether `text` has the shape of a token. Lets callers refuse junk without
+/// touching the store.
+pub fn looks_like_token(text: &str) -> bool {
+    text.len() == TOKEN_LEN
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// A short, non-secret label for logs: the first 8 hex digits of the hash.
+pub fn fingerprint(hash: &TokenHash) -> String {
+    hex::encode(&hash[..4])
+}
+
+/// Lifetime rules for minted tokens, from the `[tokens]` config section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    pub default_ttl: i64,
+    pub max_ttl: i64,
+    pub single_use: bool,
+}
+
+/// Why a mint request's lifetime was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TtlError {
+    #[error("ttl {requested} exceeds the maximum of {max} seconds")]
+    TooLong { requested: i64, max: i64 },
+}
+
+impl Policy {
+    /// The ttl a request gets: none, zero or negative means the default; more
+    /// than the maximum is refused rather than silently clamped.
+    pub fn ttl(&self, requested: Option<i64>) -> Result<i64, TtlError> {
+        match requested {
+            None => Ok(self.default_ttl),
+            Some(t) if t <= 0 => Ok(self.default_ttl),
+            Some(t) if t > self.max_ttl => Err(TtlError::TooLong {
+                requested: t,
+                max: self.max_ttl,
+            }),
+            Some(t) => Ok(t),
+        }
+    }
+
+    pub fn single_use(&self, requested: Option<bool>) -> bool {
+        requested.unwrap_or(self.single_use)
+    }
+}
+
+/// A token is valid strictly before its expiry second.
+pub fn is_live(expires_at: i64, now: i64) -> bool {
+    expires_at > now
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_tokens_are_43_chars_of_base64url_and_distinct() {
+        let a = Token::generate().unwrap();
+        let b = Token::generate().unwrap();
+        assert_eq!(a.as_str().len(), TOKEN_LEN);
+        assert!(looks_like_token(a.as_str()));
+        assert_ne!(a.as_str(), b.as_str());
+        let raw = URL_SAFE_NO_PAD.decode(a.as_str()).unwrap();
+        assert_eq!(raw.len(), 32);
+    }
+
+    #[test]
+    fn debug_never_shows_the_token() {
+        let t = Token::generate().unwrap();
+        let shown = format!("{t:?}");
+        assert!(!shown.contains(t.as_str()));
+        assert!(shown.contains(&fingerprint(&t.hash())));
+    }
+
+    #[test]
+    fn hash_is_sha256_of_the_text() {
+        assert_eq!(
+            hex::encode(hash_token("abc")),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn shape_check_rejects_junk() {
+        assert!(!looks_like_token(""));
+        assert!(!looks_like_token(&"a".repeat(42)));
+        assert!(!looks_like_token(&"a".repeat(44)));
+        assert!(!looks_like_token(&format!("{}=", "a".repeat(42))));
+        assert!(looks_like_token(
+            &"a-_"
+                .repeat(14)
+                .chars()
+                .chain("Z".chars())
+                .collect::<String>()
+        ));
+    }
+
+    #[test]
+    fn ttl_rules() {
+        let p = Policy {
+            default_ttl: 600,
+            max_ttl: 3600,
+            single_use: false,
+        };
+        assert_eq!(p.ttl(None), Ok(600));
+        assert_eq!(p.ttl(Some(0)), Ok(600));
+        assert_eq!(p.ttl(Some(-5)), Ok(600));
+        assert_eq!(p.ttl(Some(60)), Ok(60));
+        assert_eq!(p.ttl(Some(3600)), Ok(3600));
+        assert_eq!(
+            p.ttl(Some(3601)),
+            Err(TtlError::TooLong {
+                requested: 3601,
+                max: 3600
+            })
+        );
+        assert!(!p.single_use(None));
+        assert!(p.single_use(Some(true)));
+    }
+
+    #[test]
+    fn expiry_second_itself_is_not_live() {
+        assert!(is_live(100, 99));
+        assert!(!is_live(100, 100));
+        assert!(!is_live(100, 101));
+    }
+}
