@@ -44,6 +44,7 @@ CREATE TABLE tokens (
 );
 CREATE INDEX tokens_vm ON tokens(vm_id);
 CREATE INDEX tokens_expires ON tokens(expires_at);
+CREATE INDEX tokens_revoked ON tokens(revoked_at) WHERE revoked_at IS NOT NULL;
 
 -- One row per proxied console session; kept after its token is purged.
 CREATE TABLE sessions (

@@ -81,6 +81,54 @@ impl std::fmt::Debug for Vm {
     }
 }
 
+/// What a redeemed token opens: the target fixed at mint time.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Redemption {
+    pub token_id: i64,
+    pub vm_id: i64,
+    pub target_host: String,
+    pub target_port: u16,
+    pub vnc_password: Option<String>,
+    pub user_name: String,
+    pub expires_at: i64,
+}
+
+impl std::fmt::Debug for Redemption {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Redemption")
+            .field("token_id", &self.token_id)
+            .field("vm_id", &self.vm_id)
+            .field(
+                "target",
+                &format_args!("{}:{}", self.target_host, self.target_port),
+            )
+            .field("vnc_password", &self.vnc_password.as_ref().map(|_| "<set>"))
+            .field("user_name", &self.user_name)
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
+}
+
+/// A proxied session as it starts.
+#[derive(Debug, Clone)]
+pub struct NewSession {
+    pub token_id: i64,
+    pub vm_id: i64,
+    pub user_name: String,
+    pub client_addr: String,
+    pub node: String,
+    pub started_at: i64,
+}
+
+/// How a proxied session ended.
+#[derive(Debug, Clone)]
+pub struct SessionEnd {
+    pub ended_at: i64,
+    pub bytes_to_client: u64,
+    pub bytes_to_server: u64,
+    pub reason: String,
+}
+
 /// The persistence interface. Each method is one thing a caller needs, done
 /// atomically by the backend.
 #[async_trait]
@@ -89,8 +137,22 @@ pub trait Store: Send + Sync {
     async fn insert_token(&self, token: &NewToken) -> Result<i64, StoreError>;
     /// Revokes every live token of a VM and returns how many.
     async fn revoke_vm_tokens(&self, vm_id: i64, now: i64) -> Result<u64, StoreError>;
-    /// Deletes tokens that expired at or before `before`; returns how many.
+    /// Deletes tokens that expired at or before `before`, or were revoked
+    /// more than a grace period before it; returns how many.
     async fn purge_expired(&self, before: i64) -> Result<u64, StoreError>;
+    /// Redeems a token for a new session, atomically: `None` if it is
+    /// unknown, expired, revoked, or single-use and already used. Of several
+    /// concurrent redemptions of a single-use token, exactly one wins.
+    async fn redeem(&self, hash: &TokenHash, now: i64) -> Result<Option<Redemption>, StoreError>;
+    /// Ids of tokens revoked at or after `since` (by an API call, or because
+    /// their VM was removed). Proxies poll it to end live sessions; revocations
+    /// are rare, so the answer is small.
+    async fn revoked_since(&self, since: i64) -> Result<Vec<i64>, StoreError>;
+
+    /// Records the start of a proxied session; returns its id.
+    async fn open_session(&self, session: &NewSession) -> Result<i64, StoreError>;
+    /// Records the end of a proxied session.
+    async fn close_session(&self, id: i64, end: &SessionEnd) -> Result<(), StoreError>;
 
     async fn add_user(
         &self,
@@ -105,7 +167,8 @@ pub trait Store: Send + Sync {
     async fn add_vm(&self, vm: &Vm) -> Result<(), StoreError>;
     async fn vm(&self, id: i64) -> Result<Option<Vm>, StoreError>;
     async fn vms(&self) -> Result<Vec<Vm>, StoreError>;
-    /// Removes a VM together with its tokens; false if there was none.
+    /// Removes a VM and revokes its tokens (the purge deletes them soon
+    /// after); false if there was none.
     async fn remove_vm(&self, id: i64) -> Result<bool, StoreError>;
 }
 

@@ -10,13 +10,18 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 
-use super::{NewToken, Store, StoreError, User, Vm};
+use super::{NewSession, NewToken, Redemption, SessionEnd, Store, StoreError, User, Vm};
+use crate::token::TokenHash;
 
 /// Versioned migrations, applied in order; `PRAGMA user_version` records the
 /// last one applied.
 const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/sqlite/0001_init.sql"))];
 
 const BUSY_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// Revoked tokens stay this long so every node's periodic re-check sees the
+/// revocation before the row goes.
+pub(crate) const REVOKED_GRACE_SECS: i64 = 300;
 
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
@@ -210,9 +215,98 @@ impl Store for SqliteStore {
     async fn purge_expired(&self, before: i64) -> Result<u64, StoreError> {
         self.with(move |c| {
             let n = c
-                .execute("DELETE FROM tokens WHERE expires_at <= ?1", [before])
+                .execute(
+                    "DELETE FROM tokens WHERE expires_at <= ?1 OR revoked_at <= ?2",
+                    params![before, before.saturating_sub(REVOKED_GRACE_SECS)],
+                )
                 .map_err(map_err)?;
             Ok(n as u64)
+        })
+        .await
+    }
+
+    async fn redeem(&self, hash: &TokenHash, now: i64) -> Result<Option<Redemption>, StoreError> {
+        let hash = *hash;
+        self.with(move |c| {
+            c.prepare_cached(
+                "UPDATE tokens SET used_at = COALESCE(used_at, ?2)
+                 WHERE token_hash = ?1 AND revoked_at IS NULL AND expires_at > ?2
+                   AND (single_use = 0 OR used_at IS NULL)
+                 RETURNING id, vm_id, target_host, target_port, vnc_password, user_name, expires_at",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![&hash[..], now], |r| {
+                    Ok(Redemption {
+                        token_id: r.get(0)?,
+                        vm_id: r.get(1)?,
+                        target_host: r.get(2)?,
+                        target_port: r.get(3)?,
+                        vnc_password: r.get(4)?,
+                        user_name: r.get(5)?,
+                        expires_at: r.get(6)?,
+                    })
+                })
+                .optional()
+            })
+            .map_err(map_err)
+        })
+        .await
+    }
+
+    async fn revoked_since(&self, since: i64) -> Result<Vec<i64>, StoreError> {
+        self.with(move |c| {
+            c.prepare_cached("SELECT id FROM tokens WHERE revoked_at >= ?1")
+                .and_then(|mut s| {
+                    s.query_map([since], |r| r.get::<_, i64>(0))?
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .map_err(map_err)
+        })
+        .await
+    }
+
+    async fn open_session(&self, s: &NewSession) -> Result<i64, StoreError> {
+        let s = s.clone();
+        self.with(move |c| {
+            c.prepare_cached(
+                "INSERT INTO sessions (token_id, vm_id, user_name, client_addr, node, started_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )
+            .and_then(|mut st| {
+                st.execute(params![
+                    s.token_id,
+                    s.vm_id,
+                    s.user_name,
+                    s.client_addr,
+                    s.node,
+                    s.started_at
+                ])
+            })
+            .map_err(map_err)?;
+            Ok(c.last_insert_rowid())
+        })
+        .await
+    }
+
+    async fn close_session(&self, id: i64, end: &SessionEnd) -> Result<(), StoreError> {
+        let end = end.clone();
+        self.with(move |c| {
+            c.prepare_cached(
+                "UPDATE sessions SET ended_at = ?2, bytes_to_client = ?3, bytes_to_server = ?4,
+                                     close_reason = ?5
+                 WHERE id = ?1",
+            )
+            .and_then(|mut st| {
+                st.execute(params![
+                    id,
+                    end.ended_at,
+                    end.bytes_to_client as i64,
+                    end.bytes_to_server as i64,
+                    end.reason
+                ])
+            })
+            .map_err(map_err)?;
+            Ok(())
         })
         .await
     }
@@ -337,8 +431,11 @@ impl Store for SqliteStore {
     async fn remove_vm(&self, id: i64) -> Result<bool, StoreError> {
         self.with(move |c| {
             let tx = c.transaction().map_err(map_err)?;
-            tx.execute("DELETE FROM tokens WHERE vm_id = ?1", [id])
-                .map_err(map_err)?;
+            tx.execute(
+                "UPDATE tokens SET revoked_at = ?2 WHERE vm_id = ?1 AND revoked_at IS NULL",
+                params![id, crate::now_unix()],
+            )
+            .map_err(map_err)?;
             let n = tx
                 .execute("DELETE FROM vms WHERE id = ?1", [id])
                 .map_err(map_err)?;
@@ -430,11 +527,131 @@ mod tests {
             s.add_user("bob", "h", true).await,
             Err(StoreError::Conflict(_))
         ));
-        s.insert_token(&token("t", 7, 10)).await.unwrap();
+        let live = crate::now_unix() + 600;
+        let id = s.insert_token(&token("t", 7, live)).await.unwrap();
         assert!(s.remove_vm(7).await.unwrap());
         assert!(!s.remove_vm(7).await.unwrap());
-        assert_eq!(s.purge_expired(i64::MAX).await.unwrap(), 0);
+        assert_eq!(s.revoked_since(0).await.unwrap(), vec![id]);
+        assert!(s.revoked_since(i64::MAX).await.unwrap().is_empty());
+        assert!(
+            s.redeem(&hash_token("t"), crate::now_unix())
+                .await
+                .unwrap()
+                .is_none()
+        );
         assert!(s.vm(7).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn redemption_rules() {
+        let (_d, s) = store().await;
+        let now = 1000;
+        s.insert_token(&token("reusable", 7, now + 10))
+            .await
+            .unwrap();
+        let mut once = token("once", 7, now + 10);
+        once.single_use = true;
+        s.insert_token(&once).await.unwrap();
+        s.insert_token(&token("expired", 7, now)).await.unwrap();
+
+        let r = s
+            .redeem(&hash_token("reusable"), now)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (r.vm_id, r.target_port, r.user_name.as_str()),
+            (7, 5900, "alice")
+        );
+        assert!(
+            s.redeem(&hash_token("reusable"), now)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert!(s.redeem(&hash_token("once"), now).await.unwrap().is_some());
+        assert!(s.redeem(&hash_token("once"), now).await.unwrap().is_none());
+        assert!(
+            s.redeem(&hash_token("expired"), now)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            s.redeem(&hash_token("unknown"), now)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            s.redeem(&hash_token("reusable"), now + 10)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        s.revoke_vm_tokens(7, now).await.unwrap();
+        assert!(
+            s.redeem(&hash_token("reusable"), now)
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn single_use_race_has_one_winner() {
+        let (_d, s) = store().await;
+        let s = std::sync::Arc::new(s);
+        let mut once = token("race", 7, i64::MAX);
+        once.single_use = true;
+        s.insert_token(&once).await.unwrap();
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let s = s.clone();
+                tokio::spawn(
+                    async move { s.redeem(&hash_token("race"), 1).await.unwrap().is_some() },
+                )
+            })
+            .collect();
+        let mut wins = 0;
+        for t in tasks {
+            wins += t.await.unwrap() as usize;
+        }
+        assert_eq!(wins, 1);
+    }
+
+    #[tokio::test]
+    async fn sessions_are_recorded() {
+        let (_d, s) = store().await;
+        let id = s
+            .open_session(&NewSession {
+                token_id: 1,
+                vm_id: 7,
+                user_name: "alice".into(),
+                client_addr: "127.0.0.1:5".into(),
+                node: "n1".into(),
+                started_at: 10,
+            })
+            .await
+            .unwrap();
+        s.close_session(
+            id,
+            &SessionEnd {
+                ended_at: 20,
+                bytes_to_client: 5,
+                bytes_to_server: 6,
+                reason: "client closed".into(),
+            },
+        )
+        .await
+        .unwrap();
+        let conn = s.conn.lock().unwrap();
+        let row: (i64, i64, i64, String) = conn
+            .query_row("SELECT ended_at, bytes_to_client, bytes_to_server, close_reason FROM sessions WHERE id = ?1", [id], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
+            .unwrap();
+        assert_eq!(row, (20, 5, 6, "client closed".to_string()));
     }
 
     #[tokio::test]

@@ -255,6 +255,9 @@ def test_tokens_persist_across_restart_hashed_only(broker_factory):
         first.proc.wait(timeout=10)
     except Exception:
         pytest.fail("server did not exit within 10 s of SIGTERM")
+    # `serve` prints exactly one line on stdout (logs go to stderr).
+    time.sleep(0.1)
+    assert "".join(first.stdout_lines).strip() == "", f"extra stdout from serve: {first.stdout_lines!r}"
 
     second = broker_factory.start(env, log_name="second.log")
     second.assert_alive()
