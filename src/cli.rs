@@ -45,6 +45,22 @@ pub enum Command {
         /// Address to listen on, e.g. 0.0.0.0:8640 (port 0 picks a free one).
         #[arg(long, value_name = "ADDR")]
         listen: Option<String>,
+        /// What this node serves.
+        #[arg(long, value_enum)]
+        role: Option<crate::config::Role>,
+        /// This node's name in session records.
+        #[arg(long, value_name = "NAME")]
+        node_name: Option<String>,
+    },
+    /// Start everything on this machine: the broker, a demo VNC server as
+    /// VM 0 and a demo user; prints a console URL.
+    Demo {
+        /// Address to listen on.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8640")]
+        listen: String,
+        /// Keep the demo database here instead of a temporary directory.
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
     },
     /// Manage local users.
     #[command(subcommand)]
@@ -158,8 +174,21 @@ fn init_logging(cfg: &Config) {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     let mut cfg = load_config(&cli.global)?;
-    if let Command::Serve { listen: Some(l) } = &cli.command {
-        cfg.listen = l.clone();
+    if let Command::Serve {
+        listen,
+        role,
+        node_name,
+    } = &cli.command
+    {
+        if let Some(l) = listen {
+            cfg.listen = l.clone();
+        }
+        if let Some(r) = role {
+            cfg.role = *r;
+        }
+        if let Some(n) = node_name {
+            cfg.node_name = Some(n.clone());
+        }
     }
     cfg.validate()?;
     init_logging(&cfg);
@@ -167,9 +196,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    let mut cfg = cfg;
     rt.block_on(async move {
         match cli.command {
             Command::Serve { .. } => crate::server::serve(cfg).await,
+            Command::Demo { listen, data_dir } => {
+                cfg.listen = listen;
+                crate::demo::run(cfg, data_dir).await
+            }
             Command::User(cmd) => user(&cfg, cmd).await,
             Command::Vm(cmd) => vm(&cfg, cmd).await,
             Command::Token(cmd) => token(&cfg, cmd).await,

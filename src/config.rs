@@ -22,9 +22,79 @@ pub struct Config {
     pub database: String,
     /// This node's name in session records; defaults to host name and port.
     pub node_name: Option<String>,
+    /// What this node serves: the API, the proxy, or both.
+    pub role: Role,
     pub tokens: TokensConfig,
     pub api: ApiConfig,
+    pub proxy: ProxyConfig,
     pub log: LogConfig,
+}
+
+/// What a node serves on its listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The APIs, the proxy and the console page.
+    All,
+    /// The XML-RPC and JSON APIs only.
+    Api,
+    /// The proxy and the console page only.
+    Proxy,
+}
+
+impl Role {
+    pub fn serves_api(self) -> bool {
+        matches!(self, Role::All | Role::Api)
+    }
+
+    pub fn serves_proxy(self) -> bool {
+        matches!(self, Role::All | Role::Proxy)
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Role, String> {
+        match s {
+            "all" => Ok(Role::All),
+            "api" => Ok(Role::Api),
+            "proxy" => Ok(Role::Proxy),
+            other => Err(format!("unknown role {other:?}: use all, api or proxy")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// How long connecting to a VNC server may take, in milliseconds.
+    pub connect_timeout_ms: u64,
+    /// How long the RFB security handshake may take, in milliseconds.
+    pub handshake_timeout_ms: u64,
+    /// Largest WebSocket message (and frame) accepted from a browser.
+    pub max_message_bytes: usize,
+    /// How often the store is checked for revoked tokens of live sessions,
+    /// in milliseconds.
+    pub revocation_check_ms: u64,
+    /// Directory holding the console page and noVNC's modules; unset, the
+    /// `web` directory of the source tree the binary was built from.
+    pub web_root: Option<String>,
+    /// Directory of the @novnc/novnc npm package; unset, `node_modules/@novnc/novnc`
+    /// of the source tree the binary was built from.
+    pub novnc_root: Option<String>,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            connect_timeout_ms: 5000,
+            handshake_timeout_ms: 10_000,
+            max_message_bytes: 4 << 20,
+            revocation_check_ms: 1000,
+            web_root: None,
+            novnc_root: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -68,8 +138,10 @@ impl Default for Config {
             public_url: None,
             database: "sqlite://vncbroker.db".into(),
             node_name: None,
+            role: Role::All,
             tokens: TokensConfig::default(),
             api: ApiConfig::default(),
+            proxy: ProxyConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -162,6 +234,12 @@ impl Config {
         if let Some(v) = var("VNCBROKER_NODE_NAME") {
             self.node_name = Some(v);
         }
+        if let Some(v) = var("VNCBROKER_ROLE") {
+            self.role = parsed("VNCBROKER_ROLE", v)?;
+        }
+        if let Some(v) = var("VNCBROKER_WEB_ROOT") {
+            self.proxy.web_root = Some(v);
+        }
         if let Some(v) = var("VNCBROKER_DEFAULT_TTL") {
             self.tokens.default_ttl = parsed("VNCBROKER_DEFAULT_TTL", v)?;
         }
@@ -204,6 +282,17 @@ impl Config {
                 "api.max_body_bytes must be at least 1024".into(),
             ));
         }
+        let p = &self.proxy;
+        if p.connect_timeout_ms == 0 || p.handshake_timeout_ms == 0 || p.revocation_check_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "proxy timeouts and revocation_check_ms must be positive".into(),
+            ));
+        }
+        if p.max_message_bytes < 4096 {
+            return Err(ConfigError::Invalid(
+                "proxy.max_message_bytes must be at least 4096".into(),
+            ));
+        }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(ConfigError::Invalid(format!(
                 "log.format must be \"text\" or \"json\", not {:?}",
@@ -228,6 +317,19 @@ impl Config {
         }
     }
 
+    pub fn web_root(&self) -> String {
+        self.proxy
+            .web_root
+            .clone()
+            .unwrap_or_else(|| concat!(env!("CARGO_MANIFEST_DIR"), "/web").to_owned())
+    }
+
+    pub fn novnc_root(&self) -> String {
+        self.proxy.novnc_root.clone().unwrap_or_else(|| {
+            concat!(env!("CARGO_MANIFEST_DIR"), "/node_modules/@novnc/novnc").to_owned()
+        })
+    }
+
     pub fn auth_cache_ttl(&self) -> Duration {
         Duration::from_secs(self.api.auth_cache_ttl)
     }
@@ -245,6 +347,8 @@ mod tests {
         let mut expected = Config::default();
         expected.public_url = cfg.public_url.clone();
         expected.node_name = cfg.node_name.clone();
+        expected.proxy.web_root = cfg.proxy.web_root.clone();
+        expected.proxy.novnc_root = cfg.proxy.novnc_root.clone();
         assert_eq!(cfg, expected);
         cfg.validate().unwrap();
     }

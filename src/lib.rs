@@ -19,15 +19,25 @@
 //!   revoke, with their error kinds.
 //! - [`api`]: the HTTP surface: XML-RPC at `/RPC2` ([`api::xmlrpc`]) and JSON
 //!   at `/api/v1` ([`api::json`]).
-//! - [`server`]: binds the listener, wires the parts together and runs the
-//!   background jobs (expired-token purge) until shutdown.
+//! - [`proxy`]: the noVNC-compatible WebSocket-to-TCP relay that redeems
+//!   tokens, with the session registry that ends revoked sessions.
+//! - [`rfb`]: the RFB security-proxy handshake as a sans-IO state machine,
+//!   and VNC authentication.
+//! - [`console`]: the console page built on noVNC's RFB module.
+//! - [`demo`]: a small built-in VNC server and the one-command quickstart.
+//! - [`server`]: binds the listener, wires the parts together by the node's
+//!   role and runs the background jobs until shutdown.
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod console;
+pub mod demo;
 pub mod inventory;
+pub mod proxy;
+pub mod rfb;
 pub mod server;
 pub mod service;
 pub mod store;

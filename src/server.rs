@@ -1,62 +1,145 @@
-//! `vncbroker serve`: binds the listener, wires store, inventory, service
-//! and routes together, and runs until SIGTERM or Ctrl-C.
+//! `vncbroker serve`: binds the listener, wires store, inventory, service,
+//! proxy and routes together by the node's role, and runs until SIGTERM or
+//! Ctrl-C.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Router;
+use axum::routing::any;
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 
 use crate::api::{self, ApiState};
 use crate::config::Config;
 use crate::inventory::LocalInventory;
+use crate::proxy::{self, Proxy, sessions::Sessions};
 use crate::service::TokenService;
 use crate::store;
+
+/// A node that is bound and wired, not yet serving.
+pub struct Node {
+    listener: TcpListener,
+    pub addr: SocketAddr,
+    pub public_url: String,
+    pub service: Arc<TokenService>,
+    pub sessions: Arc<Sessions>,
+    app: Router,
+    background: Vec<JoinHandle<()>>,
+}
+
+impl Node {
+    /// Opens the store, binds the listener and builds the routes.
+    pub async fn bind(cfg: &Config) -> anyhow::Result<Node> {
+        let store = store::open(&cfg.database).await?;
+        let listener = TcpListener::bind(&cfg.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
+        let addr = listener.local_addr()?;
+        let public_url = cfg
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{addr}"));
+        let node_name = cfg
+            .node_name
+            .clone()
+            .unwrap_or_else(|| format!("{}:{}", hostname(), addr.port()));
+
+        let inventory = Arc::new(LocalInventory::new(
+            Arc::clone(&store),
+            cfg.auth_cache_ttl(),
+            cfg.api.auth_cache_size,
+        ));
+        let service = Arc::new(TokenService::new(
+            Arc::clone(&store),
+            inventory,
+            cfg.policy(),
+            &public_url,
+        ));
+        let sessions = Arc::new(Sessions::default());
+        let mut background = vec![tokio::spawn(purge_loop(
+            Arc::clone(&service),
+            Duration::from_secs(cfg.tokens.purge_interval),
+        ))];
+
+        let mut app = Router::new();
+        if cfg.role.serves_api() {
+            app = app.merge(api::router(
+                ApiState {
+                    service: Arc::clone(&service),
+                },
+                cfg.api.max_body_bytes,
+            ));
+        }
+        if cfg.role.serves_proxy() {
+            let proxy = Arc::new(Proxy::new(
+                Arc::clone(&store),
+                Arc::clone(&sessions),
+                proxy::Settings {
+                    node: node_name.clone(),
+                    connect_timeout: Duration::from_millis(cfg.proxy.connect_timeout_ms),
+                    handshake_timeout: Duration::from_millis(cfg.proxy.handshake_timeout_ms),
+                    max_message_bytes: cfg.proxy.max_message_bytes,
+                },
+            ));
+            background.push(tokio::spawn(proxy::sessions::watch_revocations(
+                Arc::clone(&sessions),
+                Arc::clone(&store),
+                Duration::from_millis(cfg.proxy.revocation_check_ms),
+            )));
+            app = app
+                .merge(proxy::router(Arc::clone(&proxy)))
+                .merge(crate::console::router(&cfg.web_root(), &cfg.novnc_root()))
+                .fallback(any(proxy::upgrade_any_path).with_state(proxy));
+        }
+        tracing::info!(
+            %addr, %public_url, node = %node_name, role = ?cfg.role,
+            database = %redact_url(&cfg.database), "vncbroker ready"
+        );
+        Ok(Node {
+            listener,
+            addr,
+            public_url,
+            service,
+            sessions,
+            app,
+            background,
+        })
+    }
+
+    /// Serves until `shutdown` completes.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let listener = self.listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        axum::serve(
+            listener,
+            self.app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await?;
+        for task in self.background {
+            task.abort();
+        }
+        tracing::info!("vncbroker stopped");
+        Ok(())
+    }
+}
 
 /// Runs the server. Prints `listening on ADDR` on standard output once the
 /// socket is bound, so scripts can use `--listen 127.0.0.1:0`.
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
-    let store = store::open(&cfg.database).await?;
-    let listener = TcpListener::bind(&cfg.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
-    let addr = listener.local_addr()?;
-    let public_url = cfg
-        .public_url
-        .clone()
-        .unwrap_or_else(|| format!("http://{addr}"));
-
-    let inventory = Arc::new(LocalInventory::new(
-        Arc::clone(&store),
-        cfg.auth_cache_ttl(),
-        cfg.api.auth_cache_size,
-    ));
-    let service = Arc::new(TokenService::new(
-        store,
-        inventory,
-        cfg.policy(),
-        &public_url,
-    ));
-    let purge = tokio::spawn(purge_loop(
-        Arc::clone(&service),
-        Duration::from_secs(cfg.tokens.purge_interval),
-    ));
-
-    let app = api::router(ApiState { service }, cfg.api.max_body_bytes);
-    tracing::info!(%addr, %public_url, database = %redact_url(&cfg.database), "vncbroker serving");
-    println!("listening on {addr}");
+    let node = Node::bind(&cfg).await?;
+    println!("listening on {}", node.addr);
     use std::io::Write;
     let _ = std::io::stdout().flush();
-
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown_signal())
-    .await?;
-    purge.abort();
-    tracing::info!("vncbroker stopped");
-    Ok(())
+    node.run(shutdown_signal()).await
 }
 
 async fn purge_loop(service: Arc<TokenService>, every: Duration) {
@@ -72,7 +155,8 @@ async fn purge_loop(service: Arc<TokenService>, every: Duration) {
     }
 }
 
-async fn shutdown_signal() {
+/// Completes on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -89,6 +173,14 @@ async fn shutdown_signal() {
         _ = term => {},
     }
     tracing::info!("shutting down");
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 /// A database URL fit for logs: any password in it is replaced.

@@ -1,0 +1,372 @@
+//! The console proxy: a noVNC-compatible WebSocket-to-TCP relay that
+//! redeems console tokens.
+//!
+//! - [`request`]: where a request carries its token (query or cookie).
+//! - [`handshake`]: the RFB security proxy over live connections, so the VNC
+//!   password stays with the broker.
+//! - [`relay`]: the byte loop between WebSocket and TCP.
+//! - [`sessions`]: this node's live sessions, and ending them on revocation.
+//!
+//! Every refusal happens after the WebSocket upgrade, as a close frame with a
+//! specific code and a human reason, because a browser hides the HTTP status
+//! of a failed upgrade from the page. No reason tells whether an unknown
+//! token ever existed.
+
+pub mod handshake;
+pub mod relay;
+pub mod request;
+pub mod sessions;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use self::relay::{Counts, End};
+use self::sessions::{Sessions, Stop};
+use crate::store::{NewSession, Redemption, SessionEnd, Store, StoreError};
+use crate::token;
+
+/// Close codes the console page tells apart. 4000-4999 is the range RFC 6455
+/// leaves to applications.
+pub mod close {
+    pub const NORMAL: u16 = 1000;
+    pub const UNSUPPORTED_DATA: u16 = 1003;
+    pub const PROTOCOL: u16 = 1002;
+    pub const NO_TOKEN: u16 = 4400;
+    pub const TOKEN: u16 = 4401;
+    pub const REVOKED: u16 = 4410;
+    pub const VNC_HANDSHAKE: u16 = 4500;
+    pub const UNREACHABLE: u16 = 4502;
+    pub const UNAVAILABLE: u16 = 4503;
+    pub const TIMEOUT: u16 = 4504;
+}
+
+/// Proxy settings, from the `[proxy]` config section.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub node: String,
+    pub connect_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub max_message_bytes: usize,
+}
+
+pub struct Proxy {
+    store: Arc<dyn Store>,
+    sessions: Arc<Sessions>,
+    settings: Settings,
+}
+
+impl Proxy {
+    pub fn new(store: Arc<dyn Store>, sessions: Arc<Sessions>, settings: Settings) -> Proxy {
+        Proxy {
+            store,
+            sessions,
+            settings,
+        }
+    }
+}
+
+/// Why a connection was refused before relaying began.
+#[derive(Debug)]
+enum Refusal {
+    NoToken,
+    BadToken,
+    StoreDown(String),
+    Unreachable(String),
+    Handshake(handshake::HandshakeError),
+    HandshakeTimeout,
+}
+
+impl Refusal {
+    /// Operator-facing detail for the log; never sent to the client.
+    fn detail(&self) -> String {
+        match self {
+            Refusal::StoreDown(e) | Refusal::Unreachable(e) => e.clone(),
+            Refusal::Handshake(e) => e.to_string(),
+            other => format!("{other:?}"),
+        }
+    }
+
+    fn close(&self) -> (u16, String) {
+        use handshake::HandshakeError as H;
+        match self {
+            Refusal::NoToken => (close::NO_TOKEN, "no console token given".into()),
+            Refusal::BadToken => (close::TOKEN, "token invalid or expired".into()),
+            Refusal::StoreDown(_) => (
+                close::UNAVAILABLE,
+                "console service unavailable, try again shortly".into(),
+            ),
+            Refusal::Unreachable(_) => (
+                close::UNREACHABLE,
+                "console unavailable: VM not reachable".into(),
+            ),
+            Refusal::Handshake(H::TextFrame) => (
+                close::UNSUPPORTED_DATA,
+                "text frames are not accepted".into(),
+            ),
+            Refusal::Handshake(H::Rfb(crate::rfb::RfbError::AuthFailed { .. })) => (
+                close::VNC_HANDSHAKE,
+                "console unavailable: the VNC server refused the stored password".into(),
+            ),
+            Refusal::Handshake(e) => (
+                close::VNC_HANDSHAKE,
+                trim_reason(&format!("console unavailable: {e}")),
+            ),
+            Refusal::HandshakeTimeout => (
+                close::TIMEOUT,
+                "console unavailable: the VNC handshake timed out".into(),
+            ),
+        }
+    }
+}
+
+impl End {
+    fn close(&self) -> (u16, String) {
+        match self {
+            End::ClientClosed => (close::NORMAL, "client closed".into()),
+            End::ServerClosed => (close::NORMAL, "the VNC server closed the connection".into()),
+            End::TextFrame => (
+                close::UNSUPPORTED_DATA,
+                "text frames are not accepted".into(),
+            ),
+            End::ClientProtocol(_) => (close::PROTOCOL, "WebSocket protocol error".into()),
+            End::ServerError(_) => (close::UNREACHABLE, "console connection lost".into()),
+            End::Stopped(Stop::Revoked) => (
+                close::REVOKED,
+                "session ended: console access revoked".into(),
+            ),
+        }
+    }
+
+    /// The reason recorded in the sessions table.
+    fn record(&self) -> String {
+        match self {
+            End::ClientClosed => "client closed".into(),
+            End::ServerClosed => "server closed".into(),
+            End::TextFrame => "client sent a text frame".into(),
+            End::ClientProtocol(e) => format!("client protocol error: {e}"),
+            End::ServerError(e) => format!("server error: {e}"),
+            End::Stopped(Stop::Revoked) => "revoked".into(),
+        }
+    }
+}
+
+/// Close reasons must fit a control frame: at most 123 bytes of UTF-8.
+fn trim_reason(s: &str) -> String {
+    let mut end = s.len().min(123);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
+
+/// The proxy's routes: `/websockify`, and (through [`upgrade_any_path`]) any
+/// other path that asks for a WebSocket.
+pub fn router(proxy: Arc<Proxy>) -> Router {
+    Router::new()
+        .route("/websockify", any(upgrade))
+        .with_state(proxy)
+}
+
+/// `/websockify`: a request that is not an upgrade gets the upgrade
+/// rejection (400/426).
+pub async fn upgrade(
+    State(proxy): State<Arc<Proxy>>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    uri: Uri,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    match ws {
+        Ok(ws) => accept(proxy, client, &uri, &headers, ws),
+        Err(rejection) => rejection.into_response(),
+    }
+}
+
+/// Any other path: a WebSocket request is proxied, anything else is 404.
+pub async fn upgrade_any_path(
+    State(proxy): State<Arc<Proxy>>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    uri: Uri,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    match ws {
+        Ok(ws) => accept(proxy, client, &uri, &headers, ws),
+        Err(_) => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+fn accept(
+    proxy: Arc<Proxy>,
+    client: SocketAddr,
+    uri: &Uri,
+    headers: &HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let token = request::token(
+        uri.query(),
+        headers.get_all(header::COOKIE).iter().map(|v| v.as_bytes()),
+    );
+    let max = proxy.settings.max_message_bytes;
+    ws.protocols(["binary"])
+        .max_message_size(max)
+        .max_frame_size(max)
+        .max_write_buffer_size(4 * relay::READ_CHUNK + max)
+        .on_upgrade(move |socket| session(proxy, socket, token, client))
+}
+
+async fn session(proxy: Arc<Proxy>, mut ws: WebSocket, token: Option<String>, client: SocketAddr) {
+    let (redemption, tcp) = match open(&proxy, &mut ws, token.as_deref(), client).await {
+        Ok(v) => v,
+        Err(refusal) => {
+            let (code, reason) = refusal.close();
+            tracing::info!(%client, code, detail = %refusal.detail(), "console connection refused");
+            let _ = ws
+                .send(Message::Close(Some(CloseFrame {
+                    code,
+                    reason: reason.into(),
+                })))
+                .await;
+            return;
+        }
+    };
+    relay_session(&proxy, ws, tcp, redemption, client).await;
+}
+
+/// Redeems the token, connects to its target and runs the RFB security
+/// handshake if a password is stored.
+async fn open(
+    proxy: &Proxy,
+    ws: &mut WebSocket,
+    token: Option<&str>,
+    client: SocketAddr,
+) -> Result<(Redemption, TcpStream), Refusal> {
+    let token = token.ok_or(Refusal::NoToken)?;
+    // Junk is refused without touching the store.
+    if !token::looks_like_token(token) {
+        return Err(Refusal::BadToken);
+    }
+    let hash = token::hash_token(token);
+    let r = match proxy.store.redeem(&hash, crate::now_unix()).await {
+        Ok(Some(r)) => r,
+        Ok(None) => return Err(Refusal::BadToken),
+        Err(StoreError::Unavailable(e)) | Err(StoreError::Internal(e)) => {
+            return Err(Refusal::StoreDown(e));
+        }
+        Err(e) => return Err(Refusal::StoreDown(e.to_string())),
+    };
+    tracing::debug!(%client, token = %token::fingerprint(&hash), token_id = r.token_id, "token redeemed");
+    let target = (r.target_host.as_str(), r.target_port);
+    let mut tcp = match tokio::time::timeout(
+        proxy.settings.connect_timeout,
+        TcpStream::connect(target),
+    )
+    .await
+    {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) => return Err(Refusal::Unreachable(e.to_string())),
+        Err(_) => return Err(Refusal::Unreachable("connect timed out".into())),
+    };
+    let _ = tcp.set_nodelay(true);
+    if let Some(password) = &r.vnc_password {
+        match tokio::time::timeout(
+            proxy.settings.handshake_timeout,
+            handshake::secure(ws, &mut tcp, password),
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(Refusal::Handshake(e)),
+            Err(_) => return Err(Refusal::HandshakeTimeout),
+        }
+    }
+    Ok((r, tcp))
+}
+
+async fn relay_session(
+    proxy: &Proxy,
+    ws: WebSocket,
+    tcp: TcpStream,
+    r: Redemption,
+    client: SocketAddr,
+) {
+    let started_at = crate::now_unix();
+    let started = std::time::Instant::now();
+    let mut registration = proxy.sessions.register(r.token_id);
+    let record = NewSession {
+        token_id: r.token_id,
+        vm_id: r.vm_id,
+        user_name: r.user_name.clone(),
+        client_addr: client.to_string(),
+        node: proxy.settings.node.clone(),
+        started_at,
+    };
+    let session_id = match proxy.store.open_session(&record).await {
+        Ok(id) => Some(id),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not record the session start");
+            None
+        }
+    };
+    tracing::info!(
+        session = ?session_id, vm_id = r.vm_id, user = %r.user_name, %client,
+        node = %proxy.settings.node, "console session started"
+    );
+
+    let (mut ws_tx, mut ws_rx) = ws.split();
+    let (mut tcp_rx, mut tcp_tx) = tcp.into_split();
+    let mut counts = Counts::default();
+    let end = relay::run(
+        &mut ws_tx,
+        &mut ws_rx,
+        &mut tcp_rx,
+        &mut tcp_tx,
+        &mut registration.stop,
+        &mut counts,
+    )
+    .await;
+
+    let (code, reason) = end.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = ws_tx
+            .send(Message::Close(Some(CloseFrame {
+                code,
+                reason: reason.into(),
+            })))
+            .await;
+        let _ = ws_tx.close().await;
+    })
+    .await;
+    let _ = tcp_tx.shutdown().await;
+    drop(registration);
+
+    let end_record = SessionEnd {
+        ended_at: crate::now_unix(),
+        bytes_to_client: counts.to_client,
+        bytes_to_server: counts.to_server,
+        reason: end.record(),
+    };
+    if let Some(id) = session_id {
+        if let Err(e) = proxy.store.close_session(id, &end_record).await {
+            tracing::warn!(error = %e, session = id, "could not record the session end");
+        }
+    }
+    tracing::info!(
+        session = ?session_id, vm_id = r.vm_id, user = %r.user_name, %client,
+        node = %proxy.settings.node, duration_ms = started.elapsed().as_millis() as u64,
+        bytes_to_client = counts.to_client, bytes_to_server = counts.to_server,
+        reason = %end_record.reason, "console session ended"
+    );
+}

@@ -1,0 +1,103 @@
+// The console page: opens the VM console for the token in the URL through
+// the broker's WebSocket proxy, with noVNC's RFB module.
+import RFB from '/novnc/core/rfb.js';
+
+const statusEl = document.getElementById('status');
+const cadButton = document.getElementById('cad');
+const fullscreenButton = document.getElementById('fullscreen');
+const screen = document.getElementById('screen');
+
+// What each close code from the proxy means to a person.
+const CLOSE_MESSAGES = {
+  4400: 'No console token in this link.',
+  4401: 'This console link is invalid or has expired. Ask for a new one.',
+  4410: 'Console access was revoked.',
+  4500: 'The VM console refused the connection.',
+  4502: 'The VM console is not reachable right now.',
+  4503: 'The console service is temporarily unavailable. Try again shortly.',
+  4504: 'The VM console did not answer in time.',
+  1003: 'The connection was closed: unsupported data.',
+};
+
+function setState(state, text) {
+  document.body.dataset.state = state;
+  statusEl.textContent = text;
+}
+
+function tokenFromUrl() {
+  const fromHash = new URLSearchParams(window.location.hash.slice(1)).get('token');
+  if (fromHash) return fromHash;
+  return new URLSearchParams(window.location.search).get('token');
+}
+
+function describeClose(ev) {
+  const known = CLOSE_MESSAGES[ev.code];
+  if (known) return known;
+  if (ev.reason) return 'Disconnected: ' + ev.reason;
+  return ev.code === 1000 ? 'Disconnected.' : 'Disconnected (code ' + ev.code + ').';
+}
+
+function start() {
+  const token = tokenFromUrl();
+  if (!token) {
+    setState('failed', CLOSE_MESSAGES[4400]);
+    return;
+  }
+  // Keep the token out of the address bar once read.
+  history.replaceState(null, '', window.location.pathname);
+
+  const scheme = window.location.protocol === 'https:' ? 'wss' : 'ws';
+  const url = scheme + '://' + window.location.host + '/websockify?token=' +
+              encodeURIComponent(token);
+  // Our own socket, so the page sees the proxy's close code and reason.
+  const ws = new WebSocket(url, ['binary']);
+  ws.binaryType = 'arraybuffer';
+  let closeEvent = null;
+  ws.addEventListener('close', (ev) => { closeEvent = ev; });
+
+  const rfb = new RFB(screen, ws);
+  rfb.scaleViewport = true;
+  rfb.resizeSession = false;
+  rfb.focusOnClick = true;
+  window.vncbrokerRfb = rfb;
+
+  let desktopName = '';
+  rfb.addEventListener('connect', () => {
+    setState('connected', desktopName ? 'Connected: ' + desktopName : 'Connected');
+    cadButton.disabled = false;
+    rfb.focus();
+  });
+  rfb.addEventListener('desktopname', (ev) => {
+    desktopName = ev.detail.name;
+    if (document.body.dataset.state === 'connected') {
+      statusEl.textContent = 'Connected: ' + ev.detail.name;
+    }
+    document.title = ev.detail.name + ' - Console';
+  });
+  rfb.addEventListener('securityfailure', (ev) => {
+    setState('failed', 'Authentication failed: ' + (ev.detail.reason || 'refused by the VM console'));
+  });
+  rfb.addEventListener('disconnect', (ev) => {
+    cadButton.disabled = true;
+    // The close event may land just after noVNC's own handling.
+    setTimeout(() => {
+      if (document.body.dataset.state === 'failed' && !closeEvent) return;
+      const text = closeEvent ? describeClose(closeEvent)
+                              : (ev.detail.clean ? 'Disconnected.' : 'Connection lost.');
+      const failed = !closeEvent || closeEvent.code !== 1000;
+      setState(failed ? 'failed' : 'disconnected', text);
+    }, 50);
+  });
+
+  cadButton.addEventListener('click', () => rfb.sendCtrlAltDel());
+}
+
+fullscreenButton.addEventListener('click', () => {
+  if (document.fullscreenElement) {
+    document.exitFullscreen();
+  } else {
+    document.documentElement.requestFullscreen().catch(() => {});
+  }
+});
+
+start();
