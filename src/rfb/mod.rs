@@ -609,7 +609,7 @@ fn peek_reason(buf: &[u8], at: usize) -> Reason {
     let start = at + 4;
     // len <= MAX_REASON_LEN, so this cannot overflow.
     match buf.get(start..start + len as usize) {
-        Some(text) if text.is_empty() => Reason::Text("(no reason given)".to_owned()),
+        Some([]) => Reason::Text("(no reason given)".to_owned()),
         Some(text) => Reason::Text(printable(text)),
         None => Reason::Incomplete,
     }
@@ -1330,10 +1330,8 @@ mod tests {
         );
         assert_eq!(o.result, Err(RfbError::Protocol(SERVER_FLOOD)));
         // The client is told the server side failed.
-        assert!(
-            o.to_client
-                .ends_with(&string(CLIENT_REASON_SERVER.as_bytes()))
-        );
+        let tail = string(CLIENT_REASON_SERVER.as_bytes());
+        assert!(o.to_client.ends_with(&tail));
     }
 
     #[test]

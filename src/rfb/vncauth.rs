@@ -14,7 +14,6 @@
 //! opposite bit order). VNC Authentication is weak by modern standards; it is
 //! implemented here because that is what VNC servers speak.
 
-use des::Des;
 use des::cipher::generic_array::GenericArray;
 use des::cipher::{BlockEncrypt, KeyInit};
 
@@ -34,7 +33,7 @@ pub fn response(password: &[u8], challenge: &[u8; CHALLENGE_LEN]) -> [u8; CHALLE
     for (k, p) in key.iter_mut().zip(password) {
         *k = p.reverse_bits();
     }
-    let cipher = Des::new(&GenericArray::from(key));
+    let cipher = des::Des::new(&GenericArray::from(key));
     key.fill(0);
 
     let mut out = [0u8; CHALLENGE_LEN];
