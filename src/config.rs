@@ -27,7 +27,35 @@ pub struct Config {
     pub tokens: TokensConfig,
     pub api: ApiConfig,
     pub proxy: ProxyConfig,
+    pub http: HttpConfig,
+    pub tls: TlsConfig,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// How long a client has to send its request headers (and, with TLS, to
+    /// finish the TLS handshake), in milliseconds.
+    pub header_timeout_ms: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            header_timeout_ms: 5000,
+        }
+    }
+}
+
+/// HTTPS/WSS on the listener: both files or neither.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: Option<String>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<String>,
 }
 
 /// What a node serves on its listener.
@@ -142,6 +170,8 @@ impl Default for Config {
             tokens: TokensConfig::default(),
             api: ApiConfig::default(),
             proxy: ProxyConfig::default(),
+            http: HttpConfig::default(),
+            tls: TlsConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -249,6 +279,12 @@ impl Config {
         if let Some(v) = var("VNCBROKER_SINGLE_USE") {
             self.tokens.single_use = parsed("VNCBROKER_SINGLE_USE", v)?;
         }
+        if let Some(v) = var("VNCBROKER_TLS_CERT") {
+            self.tls.cert = Some(v);
+        }
+        if let Some(v) = var("VNCBROKER_TLS_KEY") {
+            self.tls.key = Some(v);
+        }
         if let Some(v) = var("VNCBROKER_LOG_FORMAT") {
             self.log.format = v;
         }
@@ -280,6 +316,16 @@ impl Config {
         if self.api.max_body_bytes < 1024 {
             return Err(ConfigError::Invalid(
                 "api.max_body_bytes must be at least 1024".into(),
+            ));
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return Err(ConfigError::Invalid(
+                "tls.cert and tls.key must be set together".into(),
+            ));
+        }
+        if self.http.header_timeout_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "http.header_timeout_ms must be positive".into(),
             ));
         }
         let p = &self.proxy;

@@ -25,6 +25,7 @@
 //!   and VNC authentication.
 //! - [`console`]: the console page built on noVNC's RFB module.
 //! - [`demo`]: a small built-in VNC server and the one-command quickstart.
+//! - [`tls`]: HTTPS/WSS on the listener with rustls.
 //! - [`server`]: binds the listener, wires the parts together by the node's
 //!   role and runs the background jobs until shutdown.
 #![forbid(unsafe_code)]
@@ -41,6 +42,7 @@ pub mod rfb;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod tls;
 pub mod token;
 
 /// Current time as Unix seconds. Every timestamp the broker stores uses it.

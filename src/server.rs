@@ -8,10 +8,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::ConnectInfo;
 use axum::routing::any;
-use axum::serve::ListenerExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt;
 
 use crate::api::{self, ApiState};
 use crate::config::Config;
@@ -28,21 +33,28 @@ pub struct Node {
     pub service: Arc<TokenService>,
     pub sessions: Arc<Sessions>,
     app: Router,
+    tls: Option<TlsAcceptor>,
+    header_timeout: Duration,
     background: Vec<JoinHandle<()>>,
 }
 
 impl Node {
     /// Opens the store, binds the listener and builds the routes.
     pub async fn bind(cfg: &Config) -> anyhow::Result<Node> {
+        let tls = match (&cfg.tls.cert, &cfg.tls.key) {
+            (Some(cert), Some(key)) => Some(crate::tls::acceptor(cert, key)?),
+            _ => None,
+        };
         let store = store::open(&cfg.database).await?;
         let listener = TcpListener::bind(&cfg.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
         let addr = listener.local_addr()?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let public_url = cfg
             .public_url
             .clone()
-            .unwrap_or_else(|| format!("http://{addr}"));
+            .unwrap_or_else(|| format!("{scheme}://{addr}"));
         let node_name = cfg
             .node_name
             .clone()
@@ -106,29 +118,115 @@ impl Node {
             service,
             sessions,
             app,
+            tls,
+            header_timeout: Duration::from_millis(cfg.http.header_timeout_ms),
             background,
         })
     }
 
-    /// Serves until `shutdown` completes.
+    /// Serves until `shutdown` completes, then gives open HTTP requests a
+    /// few seconds to finish.
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let listener = self.listener.tap_io(|tcp| {
+        // Every connection holds a receiver; at shutdown each finishes its
+        // current request, and `closed()` completes when the last one is gone.
+        let (drain, draining) = tokio::sync::watch::channel(false);
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            let (tcp, peer) = tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        // Typically out of file descriptors: back off, keep serving.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = &mut shutdown => break,
+            };
             let _ = tcp.set_nodelay(true);
-        });
-        axum::serve(
-            listener,
-            self.app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown)
-        .await?;
+            let conn = Connection {
+                app: self.app.clone(),
+                peer,
+                header_timeout: self.header_timeout,
+                draining: draining.clone(),
+            };
+            match self.tls.clone() {
+                None => {
+                    tokio::spawn(conn.serve(tcp));
+                }
+                Some(acceptor) => {
+                    tokio::spawn(async move {
+                        // The TLS handshake shares the header deadline.
+                        match tokio::time::timeout(conn.header_timeout, acceptor.accept(tcp)).await
+                        {
+                            Ok(Ok(tls)) => conn.serve(tls).await,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed")
+                            }
+                            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                        }
+                    });
+                }
+            }
+        }
+        drop(self.listener);
+        drop(draining);
+        let _ = drain.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(5), drain.closed()).await;
         for task in self.background {
             task.abort();
         }
         tracing::info!("vncbroker stopped");
         Ok(())
+    }
+}
+
+/// One accepted HTTP connection.
+struct Connection {
+    app: Router,
+    peer: SocketAddr,
+    header_timeout: Duration,
+    draining: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Connection {
+    /// Serves HTTP/1.1 (with upgrades, for WebSockets) on `io`. A client
+    /// that does not finish its request headers within the deadline is
+    /// dropped, so slow handshakes cannot pile up.
+    async fn serve<I>(self, io: I)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Connection {
+            app,
+            peer,
+            header_timeout,
+            mut draining,
+        } = self;
+        let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            app.clone().oneshot(req)
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades();
+        let mut conn = std::pin::pin!(conn);
+        let result = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = async { drop(draining.wait_for(|d| *d).await) } => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+        }
     }
 }
 
