@@ -102,10 +102,10 @@ impl VerifyCache {
         if seen.len() >= self.capacity && !seen.contains_key(&k) {
             let ttl = self.ttl;
             seen.retain(|_, at| at.elapsed() < ttl);
-            if seen.len() >= self.capacity {
-                if let Some(oldest) = seen.iter().min_by_key(|(_, at)| **at).map(|(k, _)| *k) {
-                    seen.remove(&oldest);
-                }
+            if seen.len() >= self.capacity
+                && let Some(oldest) = seen.iter().min_by_key(|(_, at)| **at).map(|(k, _)| *k)
+            {
+                seen.remove(&oldest);
             }
         }
         seen.insert(k, Instant::now());

@@ -196,7 +196,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let mut cfg = cfg;
     rt.block_on(async move {
         match cli.command {
             Command::Serve { .. } => crate::server::serve(cfg).await,

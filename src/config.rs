@@ -345,12 +345,12 @@ impl Config {
                 self.log.format
             )));
         }
-        if let Some(url) = &self.public_url {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(ConfigError::Invalid(format!(
-                    "public_url must start with http:// or https://, not {url:?}"
-                )));
-            }
+        if let Some(url) = &self.public_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "public_url must start with http:// or https://, not {url:?}"
+            )));
         }
         Ok(())
     }
@@ -390,9 +390,11 @@ mod tests {
     fn the_example_file_parses_and_matches_the_defaults() {
         let text = include_str!("../vncbroker.example.toml");
         let cfg: Config = toml::from_str(text).unwrap();
-        let mut expected = Config::default();
-        expected.public_url = cfg.public_url.clone();
-        expected.node_name = cfg.node_name.clone();
+        let mut expected = Config {
+            public_url: cfg.public_url.clone(),
+            node_name: cfg.node_name.clone(),
+            ..Config::default()
+        };
         expected.proxy.web_root = cfg.proxy.web_root.clone();
         expected.proxy.novnc_root = cfg.proxy.novnc_root.clone();
         assert_eq!(cfg, expected);
@@ -434,8 +436,10 @@ mod tests {
         let mut cfg = Config::default();
         cfg.log.format = "xml".into();
         assert!(cfg.validate().is_err());
-        let mut cfg = Config::default();
-        cfg.public_url = Some("ftp://x".into());
+        let cfg = Config {
+            public_url: Some("ftp://x".into()),
+            ..Config::default()
+        };
         assert!(cfg.validate().is_err());
         let cfg = Config::load(Some(Path::new("/nonexistent/vncbroker.toml")));
         assert!(matches!(cfg, Err(ConfigError::Read { .. })));

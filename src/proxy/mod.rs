@@ -358,10 +358,10 @@ async fn relay_session(
         bytes_to_server: counts.to_server,
         reason: end.record(),
     };
-    if let Some(id) = session_id {
-        if let Err(e) = proxy.store.close_session(id, &end_record).await {
-            tracing::warn!(error = %e, session = id, "could not record the session end");
-        }
+    if let Some(id) = session_id
+        && let Err(e) = proxy.store.close_session(id, &end_record).await
+    {
+        tracing::warn!(error = %e, session = id, "could not record the session end");
     }
     tracing::info!(
         session = ?session_id, vm_id = r.vm_id, user = %r.user_name, %client,
