@@ -21,6 +21,8 @@
 //!   at `/api/v1` ([`api::json`]).
 //! - [`proxy`]: the noVNC-compatible WebSocket-to-TCP relay that redeems
 //!   tokens, with the session registry that ends revoked sessions.
+//! - [`websocket`]: the server side of RFC 6455 for the relay: upgrade
+//!   checks and a streaming, zero-copy frame codec.
 //! - [`rfb`]: the RFB security-proxy handshake as a sans-IO state machine,
 //!   and VNC authentication.
 //! - [`console`]: the console page built on noVNC's RFB module.
@@ -44,6 +46,7 @@ pub mod service;
 pub mod store;
 pub mod tls;
 pub mod token;
+pub mod websocket;
 
 /// Current time as Unix seconds. Every timestamp the broker stores uses it.
 pub fn now_unix() -> i64 {

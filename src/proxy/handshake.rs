@@ -2,11 +2,12 @@
 //! two live connections until the VNC server has accepted the stored
 //! password and the browser has been told "no authentication needed".
 
-use axum::extract::ws::{Message, WebSocket};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::rfb::{RfbError, SecurityProxy};
+use crate::websocket::frame::OpCode;
+use crate::websocket::stream::{Event, ReadError, Reader, Writer};
 
 /// Why the handshake did not complete.
 #[derive(Debug, thiserror::Error)]
@@ -27,22 +28,27 @@ pub enum HandshakeError {
 
 /// Runs the handshake; on success every byte that arrived past its end has
 /// already been forwarded, so the caller starts relaying at once.
-pub async fn secure(
-    ws: &mut WebSocket,
+pub async fn secure<R, W>(
+    reader: &mut Reader<R>,
+    writer: &mut Writer<W>,
     tcp: &mut TcpStream,
     password: &str,
-) -> Result<(), HandshakeError> {
+) -> Result<(), HandshakeError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut sp = SecurityProxy::new(password.as_bytes().to_vec());
     let mut buf = [0u8; 4096];
     loop {
         if sp.is_done() {
             let (to_server, to_client) = sp.take_leftovers();
             write_server(tcp, &to_server).await?;
-            send_client(ws, to_client).await?;
+            send_client(writer, &to_client).await?;
             return Ok(());
         }
         write_server(tcp, &sp.take_to_server()).await?;
-        send_client(ws, sp.take_to_client()).await?;
+        send_client(writer, &sp.take_to_client()).await?;
         let (want_server, want_client) = (sp.wants_server(), sp.wants_client());
         if !want_server && !want_client {
             return Err(RfbError::Protocol("handshake stalled").into());
@@ -53,18 +59,27 @@ pub async fn secure(
                 Ok(n) => sp.feed_server(&buf[..n]),
                 Err(e) => return Err(HandshakeError::ServerIo(e.to_string())),
             },
-            m = ws.recv(), if want_client => match m {
-                None | Some(Ok(Message::Close(_))) => return Err(HandshakeError::ClientGone),
-                Some(Ok(Message::Binary(data))) => sp.feed_client(&data),
-                Some(Ok(Message::Text(_))) => return Err(HandshakeError::TextFrame),
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(()),
-                Some(Err(e)) => return Err(HandshakeError::ClientProtocol(e.to_string())),
+            ev = reader.next(), if want_client => match ev {
+                Ok(Event::Data(data)) => sp.feed_client(data),
+                Ok(Event::Ping(p)) => {
+                    let mut pong = [0u8; 125];
+                    let n = p.len();
+                    pong[..n].copy_from_slice(p);
+                    writer.send(OpCode::Pong, &pong[..n]).await.map_err(|_| HandshakeError::ClientGone)?;
+                    Ok(())
+                }
+                Ok(Event::Pong) => Ok(()),
+                Ok(Event::Close(_)) | Err(ReadError::Eof) | Err(ReadError::Io(_)) => {
+                    return Err(HandshakeError::ClientGone)
+                }
+                Ok(Event::Text) => return Err(HandshakeError::TextFrame),
+                Err(e) => return Err(HandshakeError::ClientProtocol(e.to_string())),
             },
         };
         if let Err(e) = fed {
             // The state machine queued a failure message for the browser;
             // deliver it if we can, the close frame follows anyway.
-            let _ = send_client(ws, sp.take_to_client()).await;
+            let _ = send_client(writer, &sp.take_to_client()).await;
             return Err(e.into());
         }
     }
@@ -79,11 +94,15 @@ async fn write_server(tcp: &mut TcpStream, data: &[u8]) -> Result<(), HandshakeE
         .map_err(|e| HandshakeError::ServerIo(e.to_string()))
 }
 
-async fn send_client(ws: &mut WebSocket, data: Vec<u8>) -> Result<(), HandshakeError> {
+async fn send_client<W: AsyncWrite + Unpin>(
+    writer: &mut Writer<W>,
+    data: &[u8],
+) -> Result<(), HandshakeError> {
     if data.is_empty() {
         return Ok(());
     }
-    ws.send(Message::Binary(data.into()))
+    writer
+        .send_binary(data)
         .await
         .map_err(|_| HandshakeError::ClientGone)
 }

@@ -22,20 +22,26 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, State};
-use axum::http::{HeaderMap, StatusCode, Uri, header};
-use axum::response::{IntoResponse, Response};
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderValue, Response, StatusCode, header};
+use axum::response::IntoResponse;
 use axum::routing::any;
-use futures_util::{SinkExt, StreamExt};
-use tokio::io::AsyncWriteExt;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
 use self::relay::{Counts, End};
 use self::sessions::{Sessions, Stop};
 use crate::store::{NewSession, Redemption, SessionEnd, Store, StoreError};
 use crate::token;
+use crate::websocket::stream::{Reader, Writer};
+use crate::websocket::upgrade;
+
+/// The upgraded connection to the browser.
+type Io = TokioIo<hyper::upgrade::Upgraded>;
+type WsReader = Reader<ReadHalf<Io>>;
+type WsWriter = Writer<WriteHalf<Io>>;
 
 /// Close codes the console page tells apart. 4000-4999 is the range RFC 6455
 /// leaves to applications.
@@ -140,7 +146,7 @@ impl End {
                 close::UNSUPPORTED_DATA,
                 "text frames are not accepted".into(),
             ),
-            End::ClientProtocol(_) => (close::PROTOCOL, "WebSocket protocol error".into()),
+            End::ClientProtocol { code, .. } => (*code, "WebSocket protocol error".into()),
             End::ServerError(_) => (close::UNREACHABLE, "console connection lost".into()),
             End::Stopped(Stop::Revoked) => (
                 close::REVOKED,
@@ -155,7 +161,7 @@ impl End {
             End::ClientClosed => "client closed".into(),
             End::ServerClosed => "server closed".into(),
             End::TextFrame => "client sent a text frame".into(),
-            End::ClientProtocol(e) => format!("client protocol error: {e}"),
+            End::ClientProtocol { detail, .. } => format!("client protocol error: {detail}"),
             End::ServerError(e) => format!("server error: {e}"),
             End::Stopped(Stop::Revoked) => "revoked".into(),
         }
@@ -179,77 +185,99 @@ pub fn router(proxy: Arc<Proxy>) -> Router {
         .with_state(proxy)
 }
 
-/// `/websockify`: a request that is not an upgrade gets the upgrade
-/// rejection (400/426).
+/// `/websockify`: a request that is not a valid upgrade gets 400, 405 or
+/// 426 with the reason.
 pub async fn upgrade(
     State(proxy): State<Arc<Proxy>>,
     ConnectInfo(client): ConnectInfo<SocketAddr>,
-    uri: Uri,
-    headers: HeaderMap,
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-) -> Response {
-    match ws {
-        Ok(ws) => accept(proxy, client, &uri, &headers, ws),
-        Err(rejection) => rejection.into_response(),
-    }
+    req: Request,
+) -> Response<Body> {
+    accept(proxy, client, req)
 }
 
 /// Any other path: a WebSocket request is proxied, anything else is 404.
 pub async fn upgrade_any_path(
     State(proxy): State<Arc<Proxy>>,
     ConnectInfo(client): ConnectInfo<SocketAddr>,
-    uri: Uri,
-    headers: HeaderMap,
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-) -> Response {
-    match ws {
-        Ok(ws) => accept(proxy, client, &uri, &headers, ws),
-        Err(_) => StatusCode::NOT_FOUND.into_response(),
+    req: Request,
+) -> Response<Body> {
+    if !upgrade::is_upgrade(req.headers()) {
+        return StatusCode::NOT_FOUND.into_response();
     }
+    accept(proxy, client, req)
 }
 
-fn accept(
-    proxy: Arc<Proxy>,
-    client: SocketAddr,
-    uri: &Uri,
-    headers: &HeaderMap,
-    ws: WebSocketUpgrade,
-) -> Response {
+fn accept(proxy: Arc<Proxy>, client: SocketAddr, req: Request) -> Response<Body> {
+    let (mut parts, _body) = req.into_parts();
+    let accepted = match upgrade::check(&parts.method, &parts.headers) {
+        Ok(a) => a,
+        Err(e) => {
+            return (
+                e.status(),
+                [
+                    (header::UPGRADE, "websocket"),
+                    (header::SEC_WEBSOCKET_VERSION, "13"),
+                ],
+                e.to_string(),
+            )
+                .into_response();
+        }
+    };
+    let Some(on_upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "connection cannot be upgraded").into_response();
+    };
     let token = request::token(
-        uri.query(),
-        headers.get_all(header::COOKIE).iter().map(|v| v.as_bytes()),
+        parts.uri.query(),
+        parts
+            .headers
+            .get_all(header::COOKIE)
+            .iter()
+            .map(|v| v.as_bytes()),
     );
-    let max = proxy.settings.max_message_bytes;
-    ws.protocols(["binary"])
-        .max_message_size(max)
-        .max_frame_size(max)
-        .max_write_buffer_size(4 * relay::READ_CHUNK + max)
-        .on_upgrade(move |socket| session(proxy, socket, token, client))
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => session(proxy, TokioIo::new(upgraded), token, client).await,
+            Err(e) => tracing::debug!(%client, error = %e, "WebSocket upgrade failed"),
+        }
+    });
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Ok(v) = HeaderValue::from_str(&accepted.key) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    if let Some(p) = accepted.protocol {
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
+    }
+    resp
 }
 
-async fn session(proxy: Arc<Proxy>, mut ws: WebSocket, token: Option<String>, client: SocketAddr) {
-    let (redemption, tcp) = match open(&proxy, &mut ws, token.as_deref(), client).await {
-        Ok(v) => v,
+async fn session(proxy: Arc<Proxy>, io: Io, token: Option<String>, client: SocketAddr) {
+    let (rd, wr) = tokio::io::split(io);
+    let mut reader = Reader::new(rd, proxy.settings.max_message_bytes as u64);
+    let mut writer = Writer::new(wr);
+    match open(&proxy, &mut reader, &mut writer, token.as_deref(), client).await {
+        Ok((redemption, tcp)) => relay_session(&proxy, reader, writer, tcp, redemption, client).await,
         Err(refusal) => {
             let (code, reason) = refusal.close();
             tracing::info!(%client, code, detail = %refusal.detail(), "console connection refused");
-            let _ = ws
-                .send(Message::Close(Some(CloseFrame {
-                    code,
-                    reason: reason.into(),
-                })))
-                .await;
-            return;
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                let _ = writer.close(code, &reason).await;
+                let _ = writer.shutdown().await;
+            })
+            .await;
         }
-    };
-    relay_session(&proxy, ws, tcp, redemption, client).await;
+    }
 }
 
 /// Redeems the token, connects to its target and runs the RFB security
 /// handshake if a password is stored.
 async fn open(
     proxy: &Proxy,
-    ws: &mut WebSocket,
+    reader: &mut WsReader,
+    writer: &mut WsWriter,
     token: Option<&str>,
     client: SocketAddr,
 ) -> Result<(Redemption, TcpStream), Refusal> {
@@ -283,7 +311,7 @@ async fn open(
     if let Some(password) = &r.vnc_password {
         match tokio::time::timeout(
             proxy.settings.handshake_timeout,
-            handshake::secure(ws, &mut tcp, password),
+            handshake::secure(reader, writer, &mut tcp, password),
         )
         .await
         {
@@ -297,7 +325,8 @@ async fn open(
 
 async fn relay_session(
     proxy: &Proxy,
-    ws: WebSocket,
+    mut reader: WsReader,
+    writer: WsWriter,
     tcp: TcpStream,
     r: Redemption,
     client: SocketAddr,
@@ -325,12 +354,12 @@ async fn relay_session(
         node = %proxy.settings.node, "console session started"
     );
 
-    let (mut ws_tx, mut ws_rx) = ws.split();
+    let writer = tokio::sync::Mutex::new(writer);
     let (mut tcp_rx, mut tcp_tx) = tcp.into_split();
     let mut counts = Counts::default();
     let end = relay::run(
-        &mut ws_tx,
-        &mut ws_rx,
+        &mut reader,
+        &writer,
         &mut tcp_rx,
         &mut tcp_tx,
         &mut registration.stop,
@@ -339,19 +368,14 @@ async fn relay_session(
     .await;
 
     let (code, reason) = end.close();
+    let mut writer = writer.into_inner();
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        let _ = ws_tx
-            .send(Message::Close(Some(CloseFrame {
-                code,
-                reason: reason.into(),
-            })))
-            .await;
-        let _ = ws_tx.close().await;
+        let _ = writer.close(code, &reason).await;
+        let _ = writer.shutdown().await;
     })
     .await;
     let _ = tcp_tx.shutdown().await;
     drop(registration);
-
     let end_record = SessionEnd {
         ended_at: crate::now_unix(),
         bytes_to_client: counts.to_client,

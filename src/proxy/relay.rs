@@ -1,21 +1,22 @@
-//! The relay loop: WebSocket binary messages one way, TCP bytes the other.
+//! The relay loop: VNC server bytes out as binary WebSocket frames, browser
+//! frames' payloads in as bytes.
 //!
-//! Each direction is its own loop, and each awaits its write before reading
-//! again, so a slow reader on either side stops the reads on the other side
-//! (backpressure) and no queue grows. The read buffer is fixed per session.
+//! Each direction is its own loop and awaits its write before reading
+//! again, so a slow reader on either side stops reads on the other
+//! (backpressure) and no queue grows. Buffers are fixed per session; in
+//! steady state nothing is allocated per message: payloads are unmasked in
+//! place and written with their frame header in one vectored write.
 
-use axum::extract::ws::{Message, WebSocket};
-use bytes::BytesMut;
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::watch;
+use tokio::sync::{Mutex, watch};
 
 use super::sessions::Stop;
+use crate::websocket::frame::OpCode;
+use crate::websocket::stream::{Event, ReadError, Reader, Writer};
 
-/// Largest chunk read from the VNC server into one WebSocket message.
-pub const READ_CHUNK: usize = 64 * 1024;
+/// Largest chunk read from the VNC server into one WebSocket frame.
+pub const READ_CHUNK: usize = 32 * 1024;
 
 /// How a relay ended. Each maps to one close code and reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,8 +27,8 @@ pub enum End {
     ServerClosed,
     /// The browser sent a text frame; only binary is spoken here.
     TextFrame,
-    /// The WebSocket broke the protocol (bad frame, too large, ...).
-    ClientProtocol(String),
+    /// The browser broke the WebSocket protocol; the close code to send.
+    ClientProtocol { code: u16, detail: String },
     /// Reading from or writing to the VNC server failed.
     ServerError(String),
     /// The broker ended the session.
@@ -41,32 +42,33 @@ pub struct Counts {
     pub to_server: u64,
 }
 
-/// Relays until either side ends or `stop` fires. Returns the halves so the
-/// caller can close them with a reason.
-pub async fn run(
-    ws_tx: &mut SplitSink<WebSocket, Message>,
-    ws_rx: &mut SplitStream<WebSocket>,
+/// Relays until either side ends or `stop` fires.
+pub async fn run<R, W>(
+    reader: &mut Reader<R>,
+    writer: &Mutex<Writer<W>>,
     tcp_rx: &mut OwnedReadHalf,
     tcp_tx: &mut OwnedWriteHalf,
     stop: &mut watch::Receiver<Option<Stop>>,
     counts: &mut Counts,
-) -> End {
+) -> End
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let Counts {
         to_client,
         to_server,
     } = counts;
     let down = async {
-        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        let mut buf = vec![0u8; READ_CHUNK];
         loop {
-            buf.reserve(READ_CHUNK);
-            match tcp_rx.read_buf(&mut buf).await {
+            match tcp_rx.read(&mut buf).await {
                 Ok(0) => return End::ServerClosed,
                 Ok(n) => {
-                    *to_client += n as u64;
-                    let chunk = buf.split().freeze();
-                    if ws_tx.send(Message::Binary(chunk)).await.is_err() {
+                    if writer.lock().await.send_binary(&buf[..n]).await.is_err() {
                         return End::ClientClosed;
                     }
+                    *to_client += n as u64;
                 }
                 Err(e) => return End::ServerError(e.to_string()),
             }
@@ -74,17 +76,35 @@ pub async fn run(
     };
     let up = async {
         loop {
-            match ws_rx.next().await {
-                None | Some(Ok(Message::Close(_))) => return End::ClientClosed,
-                Some(Ok(Message::Binary(data))) => {
-                    if let Err(e) = tcp_tx.write_all(&data).await {
+            match reader.next().await {
+                Ok(Event::Data(data)) => {
+                    if let Err(e) = tcp_tx.write_all(data).await {
                         return End::ServerError(e.to_string());
                     }
                     *to_server += data.len() as u64;
                 }
-                Some(Ok(Message::Text(_))) => return End::TextFrame,
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                Some(Err(e)) => return client_error(e),
+                Ok(Event::Ping(p)) => {
+                    if writer.lock().await.send(OpCode::Pong, p).await.is_err() {
+                        return End::ClientClosed;
+                    }
+                }
+                Ok(Event::Pong) => {}
+                Ok(Event::Close(_)) | Err(ReadError::Eof) | Err(ReadError::Io(_)) => {
+                    return End::ClientClosed;
+                }
+                Ok(Event::Text) => return End::TextFrame,
+                Err(ReadError::Frame(e)) => {
+                    return End::ClientProtocol {
+                        code: e.close_code(),
+                        detail: e.to_string(),
+                    };
+                }
+                Err(e @ ReadError::BadClose) => {
+                    return End::ClientProtocol {
+                        code: 1002,
+                        detail: e.to_string(),
+                    };
+                }
             }
         }
     };
@@ -102,22 +122,5 @@ pub async fn run(
         end = down => end,
         end = up => end,
         end = stopped => end,
-    }
-}
-
-/// Sorts a WebSocket read error into "went away" or "broke the protocol".
-pub fn client_error(e: axum::Error) -> End {
-    let text = e.to_string();
-    let gone = [
-        "Connection reset",
-        "Broken pipe",
-        "closed normally",
-        "Connection closed",
-        "without closing handshake",
-    ];
-    if gone.iter().any(|g| text.contains(g)) {
-        End::ClientClosed
-    } else {
-        End::ClientProtocol(text)
     }
 }
