@@ -224,7 +224,11 @@ fn accept(proxy: Arc<Proxy>, client: SocketAddr, req: Request) -> Response<Body>
         }
     };
     let Some(on_upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
-        return (StatusCode::INTERNAL_SERVER_ERROR, "connection cannot be upgraded").into_response();
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "connection cannot be upgraded",
+        )
+            .into_response();
     };
     let token = request::token(
         parts.uri.query(),
@@ -259,7 +263,9 @@ async fn session(proxy: Arc<Proxy>, io: Io, token: Option<String>, client: Socke
     let mut reader = Reader::new(rd, proxy.settings.max_message_bytes as u64);
     let mut writer = Writer::new(wr);
     match open(&proxy, &mut reader, &mut writer, token.as_deref(), client).await {
-        Ok((redemption, tcp)) => relay_session(&proxy, reader, writer, tcp, redemption, client).await,
+        Ok((redemption, tcp)) => {
+            relay_session(&proxy, reader, writer, tcp, redemption, client).await
+        }
         Err(refusal) => {
             let (code, reason) = refusal.close();
             tracing::info!(%client, code, detail = %refusal.detail(), "console connection refused");

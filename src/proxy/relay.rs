@@ -7,7 +7,7 @@
 //! steady state nothing is allocated per message: payloads are unmasked in
 //! place and written with their frame header in one vectored write.
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Mutex, watch};
 
@@ -16,7 +16,7 @@ use crate::websocket::frame::OpCode;
 use crate::websocket::stream::{Event, ReadError, Reader, Writer};
 
 /// Largest chunk read from the VNC server into one WebSocket frame.
-pub const READ_CHUNK: usize = 32 * 1024;
+pub const READ_CHUNK: usize = 64 * 1024;
 
 /// How a relay ended. Each maps to one close code and reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,9 +60,16 @@ where
         to_server,
     } = counts;
     let down = async {
-        let mut buf = vec![0u8; READ_CHUNK];
+        // Allocated when the server first sends, so idle sessions hold none.
+        let mut buf = Vec::new();
         loop {
-            match tcp_rx.read(&mut buf).await {
+            if let Err(e) = tcp_rx.readable().await {
+                return End::ServerError(e.to_string());
+            }
+            if buf.is_empty() {
+                buf = vec![0u8; READ_CHUNK];
+            }
+            match tcp_rx.try_read(&mut buf) {
                 Ok(0) => return End::ServerClosed,
                 Ok(n) => {
                     if writer.lock().await.send_binary(&buf[..n]).await.is_err() {
@@ -70,6 +77,7 @@ where
                     }
                     *to_client += n as u64;
                 }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => return End::ServerError(e.to_string()),
             }
         }

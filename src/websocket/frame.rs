@@ -87,7 +87,10 @@ impl FrameError {
 /// Parses a client frame header at the start of `buf`. `Ok(None)` means
 /// more bytes are needed; otherwise the header and its length in bytes.
 /// Frames longer than `max_len` are refused before any payload is read.
-pub fn parse_client_header(buf: &[u8], max_len: u64) -> Result<Option<(Header, usize)>, FrameError> {
+pub fn parse_client_header(
+    buf: &[u8],
+    max_len: u64,
+) -> Result<Option<(Header, usize)>, FrameError> {
     let [b0, b1, ..] = *buf else {
         return Ok(None);
     };
@@ -155,7 +158,12 @@ pub fn parse_client_header(buf: &[u8], max_len: u64) -> Result<Option<(Header, u
 /// arrive). Works eight bytes at a time.
 pub fn unmask(data: &mut [u8], mask: [u8; 4], offset: u64) {
     let rot = (offset % 4) as usize;
-    let m = [mask[rot], mask[(rot + 1) % 4], mask[(rot + 2) % 4], mask[(rot + 3) % 4]];
+    let m = [
+        mask[rot],
+        mask[(rot + 1) % 4],
+        mask[(rot + 2) % 4],
+        mask[(rot + 3) % 4],
+    ];
     let word = u64::from_ne_bytes([m[0], m[1], m[2], m[3], m[0], m[1], m[2], m[3]]);
     let mut chunks = data.chunks_exact_mut(8);
     for chunk in &mut chunks {
@@ -249,10 +257,22 @@ mod tests {
     #[test]
     fn strict_client_rules() {
         let m = [9, 9, 9, 9];
-        assert_eq!(parse_client_header(&[0x82, 0x05], 100), Err(FrameError::Unmasked));
-        assert_eq!(parse_client_header(&[0xC2, 0x85], 100), Err(FrameError::Reserved));
-        assert_eq!(parse_client_header(&[0x83, 0x85], 100), Err(FrameError::UnknownOpcode(3)));
-        assert_eq!(parse_client_header(&[0x09, 0x80], 100), Err(FrameError::ControlFragmented));
+        assert_eq!(
+            parse_client_header(&[0x82, 0x05], 100),
+            Err(FrameError::Unmasked)
+        );
+        assert_eq!(
+            parse_client_header(&[0xC2, 0x85], 100),
+            Err(FrameError::Reserved)
+        );
+        assert_eq!(
+            parse_client_header(&[0x83, 0x85], 100),
+            Err(FrameError::UnknownOpcode(3))
+        );
+        assert_eq!(
+            parse_client_header(&[0x09, 0x80], 100),
+            Err(FrameError::ControlFragmented)
+        );
         assert_eq!(
             parse_client_header(&[0x89, 0xFE, 0x00, 0x7E], 1000),
             Err(FrameError::ControlTooLong)
@@ -269,7 +289,10 @@ mod tests {
         assert_eq!(FrameError::TooLarge { len: 1, max: 0 }.close_code(), 1009);
         let mut huge = vec![0x82, 0xFF];
         huge.extend_from_slice(&u64::MAX.to_be_bytes());
-        assert_eq!(parse_client_header(&huge, u64::MAX), Err(FrameError::NonMinimalLength));
+        assert_eq!(
+            parse_client_header(&huge, u64::MAX),
+            Err(FrameError::NonMinimalLength)
+        );
     }
 
     #[test]

@@ -40,7 +40,11 @@ pub enum ReadError {
 
 enum State {
     Header,
-    Payload { left: u64, mask: [u8; 4], offset: u64 },
+    Payload {
+        left: u64,
+        mask: [u8; 4],
+        offset: u64,
+    },
 }
 
 /// What a parse step found, as positions in the buffer (so the borrow is
@@ -112,11 +116,14 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                         mask,
                         offset: offset + n as u64,
                     };
+                    let e = self.coalesce(e);
                     return Ok(Some(Found::Data(s, e)));
                 }
                 State::Header => {
-                    let Some((h, hl)) =
-                        frame::parse_client_header(&self.buf[self.start..self.end], self.max_frame)?
+                    let Some((h, hl)) = frame::parse_client_header(
+                        &self.buf[self.start..self.end],
+                        self.max_frame,
+                    )?
                     else {
                         return Ok(None);
                     };
@@ -149,6 +156,34 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                 }
             }
         }
+    }
+
+    /// Appends the payloads of further data frames already buffered behind
+    /// the one just returned, moving each down to `end` (so many small
+    /// frames become one write to the VNC server). Stops at anything else.
+    fn coalesce(&mut self, mut end: usize) -> usize {
+        while let State::Payload { left: 0, .. } = self.state {
+            let Ok(Some((h, hl))) =
+                frame::parse_client_header(&self.buf[self.start..self.end], self.max_frame)
+            else {
+                break;
+            };
+            if !matches!(h.opcode, OpCode::Binary | OpCode::Continuation) {
+                break;
+            }
+            let from = self.start + hl;
+            let n = (self.end - from).min(usize::try_from(h.len).unwrap_or(usize::MAX));
+            frame::unmask(&mut self.buf[from..from + n], h.mask, 0);
+            self.buf.copy_within(from..from + n, end);
+            end += n;
+            self.start = from + n;
+            self.state = State::Payload {
+                left: h.len - n as u64,
+                mask: h.mask,
+                offset: n as u64,
+            };
+        }
+        end
     }
 
     fn close_code(&self, s: usize, e: usize) -> Result<Option<u16>, ReadError> {
@@ -284,16 +319,49 @@ mod tests {
         wire.extend(masked(0x0, false, &payload[300..10_000], [9, 9, 9, 1]));
         wire.extend(masked(0xA, true, b"", [1, 1, 1, 1]));
         wire.extend(masked(0x0, true, &payload[10_000..], [2, 3, 4, 5]));
-        wire.extend(masked(0x8, true, &[0x03, 0xE8, b'b', b'y', b'e'], [7, 7, 7, 7]));
+        wire.extend(masked(
+            0x8,
+            true,
+            &[0x03, 0xE8, b'b', b'y', b'e'],
+            [7, 7, 7, 7],
+        ));
         for chunk in [1, 7, 100, 5000, 100_000] {
             let (data, other) = events(wire.clone(), chunk).await;
             assert_eq!(data, payload, "chunk {chunk}");
             assert_eq!(
                 other,
-                vec!["Ping([104, 105])", "Pong", "Close(Some(1000))", "err connection closed without a close frame"],
+                vec![
+                    "Ping([104, 105])",
+                    "Pong",
+                    "Close(Some(1000))",
+                    "err connection closed without a close frame"
+                ],
                 "chunk {chunk}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn small_buffered_frames_come_out_as_one_chunk() {
+        let mut wire = Vec::new();
+        for i in 0..8u8 {
+            wire.extend(masked(
+                if i == 0 { 0x2 } else { 0x0 },
+                i == 7,
+                &[i; 100],
+                [i, 1, 2, 3],
+            ));
+        }
+        wire.extend(masked(0x9, true, b"p", [1, 2, 3, 4]));
+        let (mut tx, rx) = tokio::io::duplex(1 << 16);
+        tx.write_all(&wire).await.unwrap();
+        let mut r = Reader::new(rx, 1 << 20);
+        let Event::Data(first) = r.next().await.unwrap() else {
+            panic!("expected data");
+        };
+        let expected: Vec<u8> = (0..8u8).flat_map(|i| [i; 100]).collect();
+        assert_eq!(first, &expected[..]);
+        assert_eq!(r.next().await.unwrap(), Event::Ping(b"p"));
     }
 
     #[tokio::test]

@@ -43,7 +43,8 @@ impl UpgradeError {
 /// Whether the request asks for a WebSocket at all (so other paths can
 /// tell a WebSocket client from a stray browser request).
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
-    has_token(headers, header::CONNECTION, "upgrade") && has_token(headers, header::UPGRADE, "websocket")
+    has_token(headers, header::CONNECTION, "upgrade")
+        && has_token(headers, header::UPGRADE, "websocket")
 }
 
 fn has_token(headers: &HeaderMap, name: header::HeaderName, want: &str) -> bool {
@@ -62,7 +63,11 @@ pub fn check(method: &Method, headers: &HeaderMap) -> Result<Accept, UpgradeErro
     if !is_upgrade(headers) {
         return Err(UpgradeError::NotUpgrade);
     }
-    if headers.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(|v| v.as_bytes())
+        != Some(b"13")
+    {
         return Err(UpgradeError::Version);
     }
     let key = headers
@@ -118,7 +123,10 @@ mod tests {
     #[test]
     fn binary_subprotocol_is_echoed_only_when_offered() {
         let mut h = headers(GOOD);
-        h.append("sec-websocket-protocol", HeaderValue::from_static("base64, binary"));
+        h.append(
+            "sec-websocket-protocol",
+            HeaderValue::from_static("base64, binary"),
+        );
         assert_eq!(check(&Method::GET, &h).unwrap().protocol, Some("binary"));
         let mut h = headers(GOOD);
         h.append("sec-websocket-protocol", HeaderValue::from_static("base64"));
@@ -127,14 +135,26 @@ mod tests {
 
     #[test]
     fn refusals() {
-        assert_eq!(check(&Method::POST, &headers(GOOD)), Err(UpgradeError::Method));
-        assert_eq!(check(&Method::GET, &headers(&GOOD[1..])), Err(UpgradeError::NotUpgrade));
+        assert_eq!(
+            check(&Method::POST, &headers(GOOD)),
+            Err(UpgradeError::Method)
+        );
+        assert_eq!(
+            check(&Method::GET, &headers(&GOOD[1..])),
+            Err(UpgradeError::NotUpgrade)
+        );
         let mut v8 = headers(&[GOOD[0], GOOD[1], GOOD[3]]);
         v8.append("sec-websocket-version", HeaderValue::from_static("8"));
         assert_eq!(check(&Method::GET, &v8), Err(UpgradeError::Version));
-        assert_eq!(check(&Method::GET, &headers(&GOOD[..3])), Err(UpgradeError::Key));
+        assert_eq!(
+            check(&Method::GET, &headers(&GOOD[..3])),
+            Err(UpgradeError::Key)
+        );
         let mut bad = headers(&GOOD[..3]);
-        bad.append("sec-websocket-key", HeaderValue::from_static("not base64 at all!!!!!!!"));
+        bad.append(
+            "sec-websocket-key",
+            HeaderValue::from_static("not base64 at all!!!!!!!"),
+        );
         assert_eq!(check(&Method::GET, &bad), Err(UpgradeError::Key));
         assert_eq!(UpgradeError::Version.status(), StatusCode::UPGRADE_REQUIRED);
     }
