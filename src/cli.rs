@@ -71,6 +71,43 @@ pub enum Command {
     /// Console tokens.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// List recorded console sessions, newest first.
+    Sessions {
+        /// Only sessions of this VM.
+        #[arg(long, value_name = "ID")]
+        vm: Option<i64>,
+        /// Only sessions of this user.
+        #[arg(long, value_name = "USER")]
+        user: Option<String>,
+        /// Only sessions started since: Unix seconds, or an age such as 90s, 30m, 12h, 7d.
+        #[arg(long, value_name = "T", value_parser = parse_since)]
+        since: Option<i64>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Parses `--since`: Unix seconds, or an age before now.
+fn parse_since(s: &str) -> Result<i64, String> {
+    if let Ok(t) = s.parse::<i64>() {
+        return Ok(t);
+    }
+    let (num, unit) = s.split_at(s.len().saturating_sub(1));
+    let n: i64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is neither Unix seconds nor an age like 30m"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        "d" => n.saturating_mul(86_400),
+        _ => return Err(format!("{s:?}: the age unit is s, m, h or d")),
+    };
+    Ok(crate::now_unix().saturating_sub(secs))
 }
 
 #[derive(Debug, Subcommand)]
@@ -206,6 +243,21 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Command::User(cmd) => user(&cfg, cmd).await,
             Command::Vm(cmd) => vm(&cfg, cmd).await,
             Command::Token(cmd) => token(&cfg, cmd).await,
+            Command::Sessions {
+                vm,
+                user,
+                since,
+                limit,
+                json,
+            } => {
+                let filter = crate::store::SessionFilter {
+                    vm_id: vm,
+                    user,
+                    since,
+                    limit,
+                };
+                sessions(&cfg, filter, json).await
+            }
         }
     })
 }
@@ -366,10 +418,61 @@ async fn token(cfg: &Config, cmd: TokenCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn sessions(
+    cfg: &Config,
+    filter: crate::store::SessionFilter,
+    json: bool,
+) -> anyhow::Result<()> {
+    let store = store::open(&cfg.database).await?;
+    let list = store.sessions(&filter).await?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&list)?)?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<8} {:<6} {:<12} {:<22} {:<18} {:<11} {:<9} {:>12} {:>10}  REASON",
+        "ID", "VM", "USER", "CLIENT", "NODE", "STARTED", "DURATION", "TO CLIENT", "TO SERVER"
+    )?;
+    for s in list {
+        let duration = match s.ended_at {
+            Some(end) => format!("{}s", end - s.started_at),
+            None => "live".into(),
+        };
+        writeln!(
+            out,
+            "{:<8} {:<6} {:<12} {:<22} {:<18} {:<11} {:<9} {:>12} {:>10}  {}",
+            s.id,
+            s.vm_id,
+            s.user,
+            s.client_addr,
+            s.node,
+            s.started_at,
+            duration,
+            s.bytes_to_client,
+            s.bytes_to_server,
+            s.close_reason.unwrap_or_default()
+        )?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn since_accepts_unix_seconds_and_ages() {
+        assert_eq!(parse_since("1700000000"), Ok(1_700_000_000));
+        let now = crate::now_unix();
+        let t = parse_since("2h").unwrap();
+        assert!((now - 7200 - t).abs() <= 1);
+        assert!(parse_since("2w").is_err());
+        assert!(parse_since("soon").is_err());
+        assert!(parse_since("").is_err());
+    }
 
     #[test]
     fn cli_definition_is_consistent() {

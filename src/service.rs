@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::inventory::{Console, Credential, Inventory, InventoryError};
-use crate::store::{NewToken, Store, StoreError};
+use crate::store::{NewToken, SessionFilter, SessionRecord, Store, StoreError};
 use crate::token::{self, Policy, Token};
 
 /// How many times minting retries on the (astronomically unlikely) event of
@@ -226,6 +226,19 @@ impl TokenService {
             .await?;
         tracing::info!(vm_id, user = %console.user, revoked = n, "console tokens revoked");
         Ok(n)
+    }
+
+    /// Lists recorded sessions: admins see all, a user only their own.
+    pub async fn sessions(
+        &self,
+        cred: &Credential,
+        mut filter: SessionFilter,
+    ) -> Result<Vec<SessionRecord>, ServiceError> {
+        let who = self.inventory.authenticate(cred).await?;
+        if !who.admin {
+            filter.user = Some(who.name);
+        }
+        Ok(self.store.sessions(&filter).await?)
     }
 
     /// Deletes expired tokens; the server calls it periodically.

@@ -2,7 +2,8 @@
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::Query;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -14,6 +15,7 @@ use serde_json::json;
 use super::ApiState;
 use crate::inventory::Credential;
 use crate::service::{MintRequest, ServiceError};
+use crate::store::SessionFilter;
 
 const OPENAPI: &str = include_str!("openapi.json");
 
@@ -158,6 +160,37 @@ pub async fn revoke(
     let cred = credential(&headers)?;
     let n = state.service.revoke(&cred, vm_id).await?;
     Ok(Json(json!({"revoked": n})).into_response())
+}
+
+/// Query of `GET /api/v1/sessions`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionsQuery {
+    vm_id: Option<i64>,
+    user: Option<String>,
+    since: Option<i64>,
+    limit: Option<u32>,
+}
+
+/// Most sessions one listing returns.
+pub const MAX_SESSIONS_LISTED: u32 = 1000;
+
+pub async fn sessions(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    query: Result<Query<SessionsQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) =
+        query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text()))?;
+    let cred = credential(&headers)?;
+    let filter = SessionFilter {
+        vm_id: q.vm_id,
+        user: q.user,
+        since: q.since,
+        limit: q.limit.unwrap_or(100).min(MAX_SESSIONS_LISTED),
+    };
+    let list = state.service.sessions(&cred, filter).await?;
+    Ok(Json(json!({ "sessions": list })).into_response())
 }
 
 pub async fn openapi() -> Response {

@@ -29,6 +29,7 @@ pub fn router(state: ApiState, max_body: usize) -> Router {
             "/api/v1/vms/{id}/console-tokens",
             post(json::mint).delete(json::revoke),
         )
+        .route("/api/v1/sessions", get(json::sessions))
         .route("/api/v1/openapi.json", get(json::openapi))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{Console, Credential, Inventory, InventoryError};
+use super::{Console, Credential, Inventory, InventoryError, Principal};
 use crate::auth::{VerifyCache, verify_password};
 use crate::store::{Store, StoreError, User};
 
@@ -24,7 +24,7 @@ impl LocalInventory {
 
     /// Checks a credential; the argon2 run happens off the async threads and
     /// is skipped when the cache vouches for it.
-    pub async fn authenticate(&self, cred: &Credential) -> Result<User, InventoryError> {
+    async fn verify(&self, cred: &Credential) -> Result<User, InventoryError> {
         let user = self
             .store
             .user(&cred.user)
@@ -56,8 +56,16 @@ fn unavailable(e: StoreError) -> InventoryError {
 
 #[async_trait]
 impl Inventory for LocalInventory {
+    async fn authenticate(&self, cred: &Credential) -> Result<Principal, InventoryError> {
+        let user = self.verify(cred).await?;
+        Ok(Principal {
+            name: user.name,
+            admin: user.admin,
+        })
+    }
+
     async fn console(&self, cred: &Credential, vm_id: i64) -> Result<Console, InventoryError> {
-        let user = self.authenticate(cred).await?;
+        let user = self.verify(cred).await?;
         let vm = self
             .store
             .vm(vm_id)

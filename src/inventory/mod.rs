@@ -79,9 +79,20 @@ pub enum InventoryError {
     Unavailable(String),
 }
 
-/// The one question the token service asks.
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub name: String,
+    /// Sees and may act on everything.
+    pub admin: bool,
+}
+
+/// The questions the token service asks.
 #[async_trait]
 pub trait Inventory: Send + Sync {
+    /// Authenticates `cred`.
+    async fn authenticate(&self, cred: &Credential) -> Result<Principal, InventoryError>;
+
     /// Authenticates `cred` and returns the console of `vm_id` if the caller
     /// may open it.
     async fn console(&self, cred: &Credential, vm_id: i64) -> Result<Console, InventoryError>;

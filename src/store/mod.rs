@@ -129,6 +129,31 @@ pub struct SessionEnd {
     pub reason: String,
 }
 
+/// A recorded session, as `vncbroker sessions` and the API list them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SessionRecord {
+    pub id: i64,
+    pub vm_id: i64,
+    pub user: String,
+    pub client_addr: String,
+    pub node: String,
+    pub started_at: i64,
+    pub ended_at: Option<i64>,
+    pub bytes_to_client: u64,
+    pub bytes_to_server: u64,
+    pub close_reason: Option<String>,
+}
+
+/// Which sessions to list; newest first, at most `limit`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionFilter {
+    pub vm_id: Option<i64>,
+    pub user: Option<String>,
+    /// Only sessions started at or after this Unix time.
+    pub since: Option<i64>,
+    pub limit: u32,
+}
+
 /// The persistence interface. Each method is one thing a caller needs, done
 /// atomically by the backend.
 #[async_trait]
@@ -153,6 +178,8 @@ pub trait Store: Send + Sync {
     async fn open_session(&self, session: &NewSession) -> Result<i64, StoreError>;
     /// Records the end of a proxied session.
     async fn close_session(&self, id: i64, end: &SessionEnd) -> Result<(), StoreError>;
+    /// Lists recorded sessions, newest first.
+    async fn sessions(&self, filter: &SessionFilter) -> Result<Vec<SessionRecord>, StoreError>;
 
     async fn add_user(
         &self,

@@ -10,7 +10,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 
-use super::{NewSession, NewToken, Redemption, SessionEnd, Store, StoreError, User, Vm};
+use super::{
+    NewSession, NewToken, Redemption, SessionEnd, SessionFilter, SessionRecord, Store, StoreError,
+    User, Vm,
+};
 use crate::token::TokenHash;
 
 /// Versioned migrations, applied in order; `PRAGMA user_version` records the
@@ -307,6 +310,40 @@ impl Store for SqliteStore {
             })
             .map_err(map_err)?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn sessions(&self, filter: &SessionFilter) -> Result<Vec<SessionRecord>, StoreError> {
+        let f = filter.clone();
+        self.with(move |c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT id, vm_id, user_name, client_addr, node, started_at, ended_at,
+                            bytes_to_client, bytes_to_server, close_reason
+                     FROM sessions
+                     WHERE (?1 IS NULL OR vm_id = ?1) AND (?2 IS NULL OR user_name = ?2)
+                       AND (?3 IS NULL OR started_at >= ?3)
+                     ORDER BY started_at DESC, id DESC LIMIT ?4",
+                )
+                .map_err(map_err)?;
+            let rows = stmt
+                .query_map(params![f.vm_id, f.user, f.since, f.limit], |r| {
+                    Ok(SessionRecord {
+                        id: r.get(0)?,
+                        vm_id: r.get(1)?,
+                        user: r.get(2)?,
+                        client_addr: r.get(3)?,
+                        node: r.get(4)?,
+                        started_at: r.get(5)?,
+                        ended_at: r.get(6)?,
+                        bytes_to_client: r.get::<_, i64>(7)?.max(0) as u64,
+                        bytes_to_server: r.get::<_, i64>(8)?.max(0) as u64,
+                        close_reason: r.get(9)?,
+                    })
+                })
+                .map_err(map_err)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(map_err)
         })
         .await
     }
@@ -645,13 +682,71 @@ mod tests {
         )
         .await
         .unwrap();
-        let conn = s.conn.lock().unwrap();
-        let row: (i64, i64, i64, String) = conn
-            .query_row("SELECT ended_at, bytes_to_client, bytes_to_server, close_reason FROM sessions WHERE id = ?1", [id], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        let all = s
+            .sessions(&SessionFilter {
+                limit: 10,
+                ..Default::default()
             })
+            .await
             .unwrap();
-        assert_eq!(row, (20, 5, 6, "client closed".to_string()));
+        assert_eq!(all.len(), 1);
+        let r = &all[0];
+        assert_eq!(
+            (r.id, r.ended_at, r.bytes_to_client, r.bytes_to_server),
+            (id, Some(20), 5, 6)
+        );
+        assert_eq!(r.close_reason.as_deref(), Some("client closed"));
+        for (filter, n) in [
+            (
+                SessionFilter {
+                    vm_id: Some(7),
+                    limit: 10,
+                    ..Default::default()
+                },
+                1,
+            ),
+            (
+                SessionFilter {
+                    vm_id: Some(8),
+                    limit: 10,
+                    ..Default::default()
+                },
+                0,
+            ),
+            (
+                SessionFilter {
+                    user: Some("alice".into()),
+                    limit: 10,
+                    ..Default::default()
+                },
+                1,
+            ),
+            (
+                SessionFilter {
+                    user: Some("bob".into()),
+                    limit: 10,
+                    ..Default::default()
+                },
+                0,
+            ),
+            (
+                SessionFilter {
+                    since: Some(11),
+                    limit: 10,
+                    ..Default::default()
+                },
+                0,
+            ),
+            (
+                SessionFilter {
+                    limit: 0,
+                    ..Default::default()
+                },
+                0,
+            ),
+        ] {
+            assert_eq!(s.sessions(&filter).await.unwrap().len(), n, "{filter:?}");
+        }
     }
 
     #[tokio::test]
