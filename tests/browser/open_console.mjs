@@ -1,6 +1,8 @@
 // Opens a console page in headless Chromium and reports what a person sees.
 // Usage: node tests/browser/open_console.mjs URL SCREENSHOT.png [wait-for-state] [timeout-ms]
 // Prints one JSON line: {"state": ..., "status": ..., "canvas": {w, h}, "nonBlank": bool}
+// When waiting for "connected", it also waits (same timeout) until the
+// canvas shows a non-black pixel; the whole canvas is scanned.
 import { chromium } from 'playwright-core';
 
 const [url, shot, want = 'connected', timeoutArg = '20000'] = process.argv.slice(2);
@@ -24,32 +26,36 @@ try {
   try {
     await page.waitForFunction((s) => document.body.dataset.state === s, want, { timeout });
   } catch (_) { /* report whatever state the page reached */ }
-  if (want === 'connected') {
-    // Give the first framebuffer updates a moment to paint.
-    await page.waitForTimeout(1500);
+  const canvasPainted = () => {
+    const c = document.querySelector('#screen canvas');
+    if (!c || !c.width || !c.height) return false;
+    try {
+      const ctx = c.getContext('2d');
+      const d = ctx.getImageData(0, 0, c.width, c.height).data;
+      for (let i = 0; i < d.length; i += 4) {
+        if (d[i] || d[i + 1] || d[i + 2]) return true;
+      }
+    } catch (_) { /* unreadable canvas counts as blank */ }
+    return false;
+  };
+  if (want === 'connected' && await page.evaluate(() => document.body.dataset.state) === 'connected') {
+    // Wait for the first framebuffer updates to paint something (the whole
+    // canvas is scanned), within the same timeout.
+    try {
+      await page.waitForFunction(canvasPainted, null, { timeout, polling: 100 });
+    } catch (_) { /* reported as nonBlank: false */ }
   }
+  const nonBlank = await page.evaluate(canvasPainted);
   result = await page.evaluate(() => {
     const c = document.querySelector('#screen canvas');
-    let nonBlank = false;
-    let w = 0, h = 0;
-    if (c) {
-      w = c.width; h = c.height;
-      try {
-        const ctx = c.getContext('2d');
-        const d = ctx.getImageData(0, 0, Math.min(w, 400), Math.min(h, 300)).data;
-        for (let i = 0; i < d.length; i += 4) {
-          if (d[i] || d[i + 1] || d[i + 2]) { nonBlank = true; break; }
-        }
-      } catch (_) { /* unreadable canvas counts as blank */ }
-    }
     return {
       state: document.body.dataset.state,
       status: document.getElementById('status').textContent,
-      canvas: { w, h },
-      nonBlank,
+      canvas: { w: c ? c.width : 0, h: c ? c.height : 0 },
       location: window.location.href,
     };
   });
+  result.nonBlank = nonBlank;
   result.logs = logs.slice(-20);
   await page.screenshot({ path: shot });
 } finally {

@@ -1,0 +1,324 @@
+//! What a person sees: headless Chromium (through playwright-core) on the
+//! console page, on stock noVNC's vnc.html, and on the README quickstart.
+//!
+//! Screenshots land in `<repo>/test-artifacts/`.
+
+mod common;
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+const QEMU_PW: &str = "bPw3Nc8V";
+const EXPIRED_MESSAGE: &str = "This console link is invalid or has expired. Ask for a new one.";
+/// How long a page may take to reach the state it waits for.
+const PAGE_TIMEOUT_MS: u64 = 45_000;
+
+/// A child in its own process group; dropping it ends the whole group
+/// (node and the Chromium it launched, or the demo script and its binary).
+struct Group(Child);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        stop_group(&mut self.0, Duration::from_secs(5));
+    }
+}
+
+/// Runs `node tests/browser/SCRIPT ARGS...` from the repository root and
+/// parses the JSON line it prints.
+async fn run_node(script: &str, args: &[&str]) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("stdout");
+    let err_path = dir.path().join("stderr");
+    let child = Command::new("node")
+        .arg(Path::new("tests/browser").join(script))
+        .args(args)
+        .current_dir(repo_root())
+        .stdin(Stdio::null())
+        .stdout(File::create(&out_path).unwrap())
+        .stderr(File::create(&err_path).unwrap())
+        .process_group(0)
+        .spawn()
+        .expect("spawning node");
+    let mut group = Group(child);
+    // The script's own waits are bounded; this only catches a hang.
+    let limit = Duration::from_millis(3 * PAGE_TIMEOUT_MS) + Duration::from_secs(60);
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(st) = group.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {script} ran over {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let out = String::from_utf8_lossy(&read_file(&out_path)).into_owned();
+    let err = String::from_utf8_lossy(&read_file(&err_path)).into_owned();
+    assert!(
+        status.success(),
+        "node {script} failed ({status}):\nstdout: {out}\nstderr: {err}"
+    );
+    let line = out
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("node {script} printed no JSON:\n{out}\nstderr: {err}"));
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"))
+}
+
+fn assert_png(path: &Path) {
+    let data = read_file(path);
+    assert!(
+        data.len() > 1000 && data.starts_with(b"\x89PNG\r\n\x1a\n"),
+        "{} is not a screenshot",
+        path.display()
+    );
+}
+
+fn shot(name: &str) -> PathBuf {
+    let p = artifacts_dir().join(name);
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
+/// Asserts the console page connected and shows something.
+fn assert_console_connected(r: &Value, shot_path: &Path) {
+    assert_eq!(r["state"], "connected", "page result: {r:#}");
+    let status = r["status"].as_str().unwrap_or_default();
+    assert!(status.starts_with("Connected"), "status {status:?}: {r:#}");
+    assert!(
+        r["canvas"]["w"].as_u64().unwrap_or(0) > 0 && r["canvas"]["h"].as_u64().unwrap_or(0) > 0,
+        "no canvas: {r:#}"
+    );
+    assert_eq!(r["nonBlank"], true, "the canvas stayed black: {r:#}");
+    assert_png(shot_path);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_page_shows_a_qemu_vm() {
+    let qemu = Qemu::start(QEMU_PW);
+    let broker = Broker::start("");
+    broker.add_vm(1, qemu.port, Some(QEMU_PW));
+    let t = broker.mint_default(1).await;
+    assert_eq!(
+        t.url,
+        format!("{}/console#token={}", broker.base_url(), t.token)
+    );
+
+    let png = shot("console-qemu.png");
+    let r = run_node(
+        "open_console.mjs",
+        &[
+            &t.url,
+            png.to_str().unwrap(),
+            "connected",
+            &PAGE_TIMEOUT_MS.to_string(),
+        ],
+    )
+    .await;
+    assert_console_connected(&r, &png);
+    assert_eq!(r["status"], "Connected: QEMU", "{r:#}");
+    // The page dropped the token from the address bar.
+    let location = r["location"].as_str().unwrap_or_default();
+    assert!(!location.contains(&t.token), "location {location}");
+    assert!(!broker.log().contains(QEMU_PW));
+    broker.ended_sessions(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_page_explains_an_expired_link() {
+    let qemu = Qemu::start(QEMU_PW);
+    let broker = Broker::start("");
+    broker.add_vm(1, qemu.port, Some(QEMU_PW));
+    let t = broker.mint(1, USER, USER_PW, Some(1), false).await;
+    poll_until("the token's expiry", Duration::from_secs(10), || {
+        (now_unix() > t.expires_at).then_some(())
+    })
+    .await;
+
+    let png = shot("console-expired.png");
+    let r = run_node(
+        "open_console.mjs",
+        &[
+            &t.url,
+            png.to_str().unwrap(),
+            "failed",
+            &PAGE_TIMEOUT_MS.to_string(),
+        ],
+    )
+    .await;
+    assert_eq!(r["state"], "failed", "{r:#}");
+    assert_eq!(r["status"], EXPIRED_MESSAGE, "{r:#}");
+    assert_png(&png);
+    assert!(broker.sessions().is_empty());
+}
+
+/// `python3 -m http.server` serving a directory on 127.0.0.1.
+struct StaticServer {
+    _group: Group,
+    port: u16,
+}
+
+impl StaticServer {
+    fn start(root: &str) -> StaticServer {
+        let port = free_port();
+        let child = Command::new("python3")
+            .args(["-m", "http.server", "--bind", "127.0.0.1"])
+            .arg(port.to_string())
+            .args(["--directory", root])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("spawning python3 -m http.server");
+        let mut group = Group(child);
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !port_open(port) {
+            if let Some(st) = group.0.try_wait().unwrap() {
+                panic!("http.server exited with {st}");
+            }
+            assert!(Instant::now() < deadline, "http.server never listened");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        StaticServer {
+            _group: group,
+            port,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stock_novnc_connects_through_the_proxy() {
+    const NOVNC: &str = "/usr/share/novnc";
+    assert!(
+        Path::new(NOVNC).join("vnc.html").is_file(),
+        "Debian's novnc package is not installed"
+    );
+    let qemu = Qemu::start(QEMU_PW);
+    let broker = Broker::start("");
+    broker.add_vm(1, qemu.port, Some(QEMU_PW));
+    let t = broker.mint_default(1).await;
+    assert_eq!(t.path, format!("websockify?token={}", t.token));
+    let web = StaticServer::start(NOVNC);
+
+    // What the demo banner tells stock noVNC users to pass.
+    let path = t.path.replace('?', "%3F").replace('=', "%3D");
+    let url = format!(
+        "http://127.0.0.1:{}/vnc.html?host=127.0.0.1&port={}&path={path}&autoconnect=true&encrypt=0",
+        web.port, broker.port
+    );
+    let png = shot("novnc-vnc-html.png");
+    let r = run_node(
+        "open_novnc.mjs",
+        &[&url, png.to_str().unwrap(), &PAGE_TIMEOUT_MS.to_string()],
+    )
+    .await;
+    assert_eq!(r["connected"], true, "noVNC did not connect: {r:#}");
+    let status = r["status"].as_str().unwrap_or_default();
+    assert!(
+        status.starts_with("Connected") && status.contains("QEMU"),
+        "status {status:?}: {r:#}"
+    );
+    assert_eq!(r["nonBlank"], true, "the canvas stayed black: {r:#}");
+    assert_png(&png);
+    let rows = broker.ended_sessions(1).await;
+    assert!(rows[0].bytes_to_client > 0);
+}
+
+/// The README quickstart, verbatim: `scripts/demo --listen 127.0.0.1:0`
+/// from the repository root (it builds the release binary first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_quickstart_opens_a_working_console() {
+    let build_log = artifacts_dir().join("quickstart-demo.stderr.log");
+    let mut cmd = Command::new("scripts/demo");
+    for (k, _) in std::env::vars() {
+        if k.starts_with("VNCBROKER_") {
+            cmd.env_remove(k);
+        }
+    }
+    let child = cmd
+        .args(["--listen", "127.0.0.1:0"])
+        .current_dir(repo_root())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(File::create(&build_log).unwrap())
+        .process_group(0)
+        .spawn()
+        .expect("spawning scripts/demo");
+    let mut demo = Group(child);
+    let stdout = demo.0.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+
+    // Up to ten minutes for the release build, then the banner.
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut printed = Vec::new();
+    let url = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left.min(Duration::from_millis(500))) {
+            Ok(line) => {
+                printed.push(line.clone());
+                if let Some(rest) = line.split("Open the console:").nth(1) {
+                    break rest.trim().to_owned();
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if let Some(st) = demo.0.try_wait().unwrap() {
+                    panic!(
+                        "scripts/demo exited with {st} before printing a console URL; stdout: {printed:?}\nstderr: {}",
+                        String::from_utf8_lossy(&read_file(&build_log))
+                    );
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "no console URL within 10 minutes; stdout: {printed:?}"
+                );
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => panic!(
+                "scripts/demo closed stdout; stdout: {printed:?}\nstderr: {}",
+                String::from_utf8_lossy(&read_file(&build_log))
+            ),
+        }
+    };
+    assert!(
+        printed[0].starts_with("listening on 127.0.0.1:"),
+        "first line {:?}",
+        printed[0]
+    );
+    assert!(
+        url.starts_with("http://127.0.0.1:") && url.contains("/console#token="),
+        "console URL {url:?}"
+    );
+
+    let png = shot("console-demo.png");
+    let r = run_node(
+        "open_console.mjs",
+        &[
+            &url,
+            png.to_str().unwrap(),
+            "connected",
+            &PAGE_TIMEOUT_MS.to_string(),
+        ],
+    )
+    .await;
+    assert_console_connected(&r, &png);
+    assert!(demo.0.try_wait().unwrap().is_none(), "the demo died");
+    drop(demo);
+}
