@@ -6,6 +6,7 @@
 //! question by asking oned with the caller's session.
 
 mod local;
+pub mod opennebula;
 
 use async_trait::async_trait;
 
