@@ -29,7 +29,80 @@ pub struct Config {
     pub proxy: ProxyConfig,
     pub http: HttpConfig,
     pub tls: TlsConfig,
+    pub inventory: InventoryConfig,
+    pub websockify_api: WebsockifyApiConfig,
     pub log: LogConfig,
+}
+
+/// The websockify JSONTokenApi-compatible endpoint. It reveals targets, so
+/// it is off unless enabled, and then answers only callers that present
+/// the secret or come from an allowed address.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebsockifyApiConfig {
+    pub enabled: bool,
+    /// Shared secret, given as `?secret=` in the token-source URL.
+    pub secret: Option<String>,
+    /// Client addresses (IPs) allowed without the secret.
+    pub allow: Vec<std::net::IpAddr>,
+}
+
+impl std::fmt::Debug for WebsockifyApiConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebsockifyApiConfig")
+            .field("enabled", &self.enabled)
+            .field("secret", &self.secret.as_ref().map(|_| "<set>"))
+            .field("allow", &self.allow)
+            .finish()
+    }
+}
+
+/// Where VMs and permissions come from.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InventoryConfig {
+    /// `local` (the broker's own users and VMs) or `opennebula`.
+    pub kind: InventoryKind,
+    /// oned's XML-RPC endpoint, e.g. `http://frontend:2633/RPC2`.
+    pub endpoint: String,
+    /// How long a call to oned may take, in milliseconds.
+    pub timeout_ms: u64,
+    /// A session string ("user:password") of an account that may read every
+    /// VM; when set, the proxy re-reads the VM when a token is redeemed and
+    /// refuses if its host or port changed since minting.
+    pub service_session: Option<String>,
+}
+
+impl std::fmt::Debug for InventoryConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InventoryConfig")
+            .field("kind", &self.kind)
+            .field("endpoint", &self.endpoint)
+            .field("timeout_ms", &self.timeout_ms)
+            .field(
+                "service_session",
+                &self.service_session.as_ref().map(|_| "<set>"),
+            )
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InventoryKind {
+    Local,
+    OpenNebula,
+}
+
+impl Default for InventoryConfig {
+    fn default() -> Self {
+        InventoryConfig {
+            kind: InventoryKind::Local,
+            endpoint: "http://127.0.0.1:2633/RPC2".into(),
+            timeout_ms: 5000,
+            service_session: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -172,6 +245,8 @@ impl Default for Config {
             proxy: ProxyConfig::default(),
             http: HttpConfig::default(),
             tls: TlsConfig::default(),
+            inventory: InventoryConfig::default(),
+            websockify_api: WebsockifyApiConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -285,6 +360,12 @@ impl Config {
         if let Some(v) = var("VNCBROKER_TLS_KEY") {
             self.tls.key = Some(v);
         }
+        if let Some(v) = var("VNCBROKER_ONED_ENDPOINT") {
+            self.inventory.endpoint = v;
+        }
+        if let Some(v) = var("VNCBROKER_ONED_SERVICE_SESSION") {
+            self.inventory.service_session = Some(v);
+        }
         if let Some(v) = var("VNCBROKER_LOG_FORMAT") {
             self.log.format = v;
         }
@@ -321,6 +402,22 @@ impl Config {
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return Err(ConfigError::Invalid(
                 "tls.cert and tls.key must be set together".into(),
+            ));
+        }
+        let w = &self.websockify_api;
+        if w.enabled && w.secret.as_deref().is_none_or(str::is_empty) && w.allow.is_empty() {
+            return Err(ConfigError::Invalid(
+                "websockify_api.enabled needs a secret or an allow list".into(),
+            ));
+        }
+        if w.secret.as_deref().is_some_and(|s| s.len() < 16) {
+            return Err(ConfigError::Invalid(
+                "websockify_api.secret must be at least 16 characters".into(),
+            ));
+        }
+        if self.inventory.timeout_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "inventory.timeout_ms must be positive".into(),
             ));
         }
         if self.http.header_timeout_ms == 0 {

@@ -20,7 +20,9 @@ use tower::ServiceExt;
 
 use crate::api::{self, ApiState};
 use crate::config::Config;
-use crate::inventory::LocalInventory;
+use crate::config::InventoryKind;
+use crate::inventory::opennebula::{Oned, OpenNebulaInventory};
+use crate::inventory::{Inventory, LocalInventory};
 use crate::proxy::{self, Proxy, sessions::Sessions};
 use crate::service::TokenService;
 use crate::store;
@@ -60,14 +62,27 @@ impl Node {
             .clone()
             .unwrap_or_else(|| format!("{}:{}", hostname(), addr.port()));
 
-        let inventory = Arc::new(LocalInventory::new(
-            Arc::clone(&store),
-            cfg.auth_cache_ttl(),
-            cfg.api.auth_cache_size,
-        ));
+        let inventory: Arc<dyn Inventory> = match cfg.inventory.kind {
+            InventoryKind::Local => Arc::new(LocalInventory::new(
+                Arc::clone(&store),
+                cfg.auth_cache_ttl(),
+                cfg.api.auth_cache_size,
+            )),
+            InventoryKind::OpenNebula => {
+                let oned = Oned::new(
+                    &cfg.inventory.endpoint,
+                    Duration::from_millis(cfg.inventory.timeout_ms),
+                )
+                .map_err(anyhow::Error::msg)?;
+                Arc::new(OpenNebulaInventory::new(
+                    oned,
+                    cfg.inventory.service_session.clone(),
+                ))
+            }
+        };
         let service = Arc::new(TokenService::new(
             Arc::clone(&store),
-            inventory,
+            Arc::clone(&inventory),
             cfg.policy(),
             &public_url,
         ));
@@ -85,10 +100,17 @@ impl Node {
                 },
                 cfg.api.max_body_bytes,
             ));
+            if cfg.websockify_api.enabled {
+                app = app.merge(api::websockify::router(
+                    Arc::clone(&service),
+                    cfg.websockify_api.clone(),
+                ));
+            }
         }
         if cfg.role.serves_proxy() {
             let proxy = Arc::new(Proxy::new(
                 Arc::clone(&store),
+                Arc::clone(&inventory),
                 Arc::clone(&sessions),
                 proxy::Settings {
                     node: node_name.clone(),

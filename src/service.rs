@@ -63,6 +63,9 @@ pub enum ServiceError {
     NotAvailable { vm_id: i64, why: String },
     #[error("{0}")]
     BadParameter(String),
+    /// oned refused; its code and message pass through unchanged.
+    #[error("{message}")]
+    Oned { code: i64, message: String },
     #[error("Service unavailable: {0}")]
     Unavailable(String),
     #[error("Internal error: {0}")]
@@ -81,6 +84,7 @@ impl From<InventoryError> for ServiceError {
             InventoryError::NotAvailable { vm_id, why } => {
                 ServiceError::NotAvailable { vm_id, why }
             }
+            InventoryError::Oned { code, message } => ServiceError::Oned { code, message },
             InventoryError::Unavailable(why) => ServiceError::Unavailable(why),
         }
     }
@@ -239,6 +243,31 @@ impl TokenService {
             filter.user = Some(who.name);
         }
         Ok(self.store.sessions(&filter).await?)
+    }
+
+    /// Redeems a token for an outside proxy (websockify's JSONTokenApi):
+    /// the same rules as the built-in proxy (expiry, revocation, single use,
+    /// and the VM still where it was), answering only the target.
+    pub async fn redeem_target(
+        &self,
+        token_text: &str,
+    ) -> Result<Option<(String, u16)>, ServiceError> {
+        if !token::looks_like_token(token_text) {
+            return Ok(None);
+        }
+        let hash = token::hash_token(token_text);
+        let Some(r) = self.store.redeem(&hash, crate::now_unix()).await? else {
+            return Ok(None);
+        };
+        if !self
+            .inventory
+            .still_at(r.vm_id, &r.target_host, r.target_port)
+            .await?
+        {
+            return Ok(None);
+        }
+        tracing::info!(token = %token::fingerprint(&hash), vm_id = r.vm_id, user = %r.user_name, "token redeemed for an outside proxy");
+        Ok(Some((r.target_host, r.target_port)))
     }
 
     /// Deletes expired tokens; the server calls it periodically.

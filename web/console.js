@@ -11,6 +11,7 @@ const screen = document.getElementById('screen');
 const CLOSE_MESSAGES = {
   4400: 'No console token in this link.',
   4401: 'This console link is invalid or has expired. Ask for a new one.',
+  4409: 'The VM moved since this link was made. Ask for a new one.',
   4410: 'Console access was revoked.',
   4500: 'The VM console refused the connection.',
   4502: 'The VM console is not reachable right now.',

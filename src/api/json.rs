@@ -61,6 +61,14 @@ impl From<ServiceError> for ApiError {
             ServiceError::NoConsole { .. } => (StatusCode::NOT_FOUND, "no_console"),
             ServiceError::NotAvailable { .. } => (StatusCode::CONFLICT, "console_unavailable"),
             ServiceError::BadParameter(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ServiceError::Oned { code, .. } => match *code {
+                0x0100 => return ApiError::unauthorized(),
+                0x0200 => (StatusCode::FORBIDDEN, "forbidden"),
+                0x0400 => (StatusCode::NOT_FOUND, "not_found"),
+                0x0800 => (StatusCode::CONFLICT, "console_unavailable"),
+                0x1000 => (StatusCode::BAD_REQUEST, "bad_request"),
+                _ => (StatusCode::BAD_GATEWAY, "upstream"),
+            },
             ServiceError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ServiceError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };

@@ -2,8 +2,10 @@
 //!
 //! - [`xmlrpc`]: `POST /RPC2`, in oned's wire conventions.
 //! - [`json`]: `/api/v1`, with HTTP Basic auth.
+//! - [`websockify`]: websockify's JSONTokenApi lookup, off by default.
 
 pub mod json;
+pub mod websockify;
 pub mod xmlrpc;
 
 use std::sync::Arc;

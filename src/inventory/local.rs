@@ -64,6 +64,11 @@ impl Inventory for LocalInventory {
         })
     }
 
+    async fn still_at(&self, vm_id: i64, host: &str, port: u16) -> Result<bool, InventoryError> {
+        let vm = self.store.vm(vm_id).await.map_err(unavailable)?;
+        Ok(vm.is_some_and(|vm| vm.vnc_host == host && vm.vnc_port == port))
+    }
+
     async fn console(&self, cred: &Credential, vm_id: i64) -> Result<Console, InventoryError> {
         let user = self.verify(cred).await?;
         let vm = self

@@ -76,6 +76,9 @@ pub enum InventoryError {
     NoConsole { vm_id: i64, why: String },
     #[error("VM [{vm_id}] console is not available now: {why}")]
     NotAvailable { vm_id: i64, why: String },
+    /// oned refused for its own reasons; its code and message pass through.
+    #[error("{message}")]
+    Oned { code: i64, message: String },
     #[error("inventory unavailable: {0}")]
     Unavailable(String),
 }
@@ -97,6 +100,15 @@ pub trait Inventory: Send + Sync {
     /// Authenticates `cred` and returns the console of `vm_id` if the caller
     /// may open it.
     async fn console(&self, cred: &Credential, vm_id: i64) -> Result<Console, InventoryError>;
+
+    /// Whether the VM's console is still at `host:port`, checked when a
+    /// token is redeemed so that a token minted before a migration or a port
+    /// change cannot reach whatever listens there now. An inventory that
+    /// cannot tell answers true.
+    async fn still_at(&self, vm_id: i64, host: &str, port: u16) -> Result<bool, InventoryError> {
+        let _ = (vm_id, host, port);
+        Ok(true)
+    }
 }
 
 #[cfg(test)]

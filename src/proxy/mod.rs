@@ -33,6 +33,7 @@ use tokio::net::TcpStream;
 
 use self::relay::{Counts, End};
 use self::sessions::{Sessions, Stop};
+use crate::inventory::Inventory;
 use crate::store::{NewSession, Redemption, SessionEnd, Store, StoreError};
 use crate::token;
 use crate::websocket::stream::{Reader, Writer};
@@ -51,6 +52,7 @@ pub mod close {
     pub const PROTOCOL: u16 = 1002;
     pub const NO_TOKEN: u16 = 4400;
     pub const TOKEN: u16 = 4401;
+    pub const MOVED: u16 = 4409;
     pub const REVOKED: u16 = 4410;
     pub const VNC_HANDSHAKE: u16 = 4500;
     pub const UNREACHABLE: u16 = 4502;
@@ -69,14 +71,21 @@ pub struct Settings {
 
 pub struct Proxy {
     store: Arc<dyn Store>,
+    inventory: Arc<dyn Inventory>,
     sessions: Arc<Sessions>,
     settings: Settings,
 }
 
 impl Proxy {
-    pub fn new(store: Arc<dyn Store>, sessions: Arc<Sessions>, settings: Settings) -> Proxy {
+    pub fn new(
+        store: Arc<dyn Store>,
+        inventory: Arc<dyn Inventory>,
+        sessions: Arc<Sessions>,
+        settings: Settings,
+    ) -> Proxy {
         Proxy {
             store,
+            inventory,
             sessions,
             settings,
         }
@@ -89,6 +98,7 @@ enum Refusal {
     NoToken,
     BadToken,
     StoreDown(String),
+    Moved,
     Unreachable(String),
     Handshake(handshake::HandshakeError),
     HandshakeTimeout,
@@ -109,6 +119,11 @@ impl Refusal {
         match self {
             Refusal::NoToken => (close::NO_TOKEN, "no console token given".into()),
             Refusal::BadToken => (close::TOKEN, "token invalid or expired".into()),
+            Refusal::Moved => (
+                close::MOVED,
+                "console unavailable: the VM moved since this link was made, ask for a new one"
+                    .into(),
+            ),
             Refusal::StoreDown(_) => (
                 close::UNAVAILABLE,
                 "console service unavailable, try again shortly".into(),
@@ -302,6 +317,17 @@ async fn open(
         Err(e) => return Err(Refusal::StoreDown(e.to_string())),
     };
     tracing::debug!(%client, token = %token::fingerprint(&hash), token_id = r.token_id, "token redeemed");
+    // The target was fixed at mint time; make sure the VM is still there,
+    // so a stale token cannot reach whatever listens on that port now.
+    match proxy
+        .inventory
+        .still_at(r.vm_id, &r.target_host, r.target_port)
+        .await
+    {
+        Ok(true) => {}
+        Ok(false) => return Err(Refusal::Moved),
+        Err(e) => return Err(Refusal::StoreDown(e.to_string())),
+    }
     let target = (r.target_host.as_str(), r.target_port);
     let mut tcp = match tokio::time::timeout(
         proxy.settings.connect_timeout,

@@ -106,6 +106,7 @@ impl Failure {
             ServiceError::NoSuchVm(_) | ServiceError::NoConsole { .. } => code::NO_EXISTS,
             ServiceError::NotAvailable { .. } => code::ACTION,
             ServiceError::BadParameter(_) => code::XML_RPC_API,
+            ServiceError::Oned { code, .. } => *code,
             ServiceError::Unavailable(_) | ServiceError::Internal(_) => code::INTERNAL,
         };
         Failure {

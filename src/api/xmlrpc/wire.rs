@@ -187,6 +187,44 @@ impl<'a> Parser<'a> {
         }
     }
 
+    fn response(&mut self) -> Result<MethodResponse, WireError> {
+        self.expect_open("methodResponse")?;
+        let out = match self.tag()? {
+            Item::Open(n) if n == "params" => {
+                self.expect_open("param")?;
+                self.expect_open("value")?;
+                let v = self.value(0)?;
+                self.expect_close("param")?;
+                self.expect_close("params")?;
+                MethodResponse::Value(v)
+            }
+            Item::Open(n) if n == "fault" => {
+                self.expect_open("value")?;
+                let v = self.value(0)?;
+                self.expect_close("fault")?;
+                let Value::Struct(members) = v else {
+                    return Err(WireError::Shape("a fault must carry a struct".into()));
+                };
+                let mut code = 0;
+                let mut message = String::new();
+                for (k, v) in members {
+                    match (k.as_str(), v) {
+                        ("faultCode", Value::Int(c)) => code = c,
+                        ("faultString", Value::Str(m)) => message = m,
+                        _ => {}
+                    }
+                }
+                MethodResponse::Fault { code, message }
+            }
+            other => return Err(unexpected("params or fault", other)),
+        };
+        self.expect_close("methodResponse")?;
+        match self.tag()? {
+            Item::Eof => Ok(out),
+            other => Err(unexpected("end of document", other)),
+        }
+    }
+
     /// Parses the inside of a `<value>` whose opening tag was consumed,
     /// through its closing tag.
     fn value(&mut self, depth: usize) -> Result<Value, WireError> {
@@ -295,6 +333,19 @@ fn unexpected(want: &str, got: Item<'_>) -> WireError {
 /// Parses a request body as an XML-RPC `methodCall`.
 pub fn parse_call(body: &[u8]) -> Result<MethodCall, WireError> {
     Parser::new(body).call()
+}
+
+/// A `methodResponse`: the value, or a fault's code and string.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MethodResponse {
+    Value(Value),
+    Fault { code: i64, message: String },
+}
+
+/// Parses a `methodResponse` (what oned answers), with the same limits as
+/// requests.
+pub fn parse_response(body: &[u8]) -> Result<MethodResponse, WireError> {
+    Parser::new(body).response()
 }
 
 fn escape_into(out: &mut String, s: &str) {
@@ -538,6 +589,28 @@ mod tests {
             b.truncate((x >> 40) as usize % (b.len() + 1));
             let _ = parse_call(&b);
         }
+    }
+
+    #[test]
+    fn responses_parse_back() {
+        let v = Value::Array(vec![
+            Value::Bool(true),
+            Value::Str("<VM/>".into()),
+            Value::Int(0),
+        ]);
+        assert_eq!(
+            parse_response(response(&v).as_bytes()),
+            Ok(MethodResponse::Value(v))
+        );
+        assert_eq!(
+            parse_response(fault(-1, "boom").as_bytes()),
+            Ok(MethodResponse::Fault {
+                code: -1,
+                message: "boom".into()
+            })
+        );
+        assert!(parse_response(b"<methodResponse></methodResponse>").is_err());
+        assert!(parse_response(b"<!DOCTYPE x><methodResponse/>").is_err());
     }
 
     #[test]
