@@ -32,6 +32,40 @@ pub struct Config {
     pub inventory: InventoryConfig,
     pub websockify_api: WebsockifyApiConfig,
     pub log: LogConfig,
+    pub server: ServerConfig,
+    pub sessions: SessionsConfig,
+}
+
+/// Process lifecycle.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// On SIGTERM, how long live sessions may go on before they are closed
+    /// (1001), in seconds.
+    pub drain_timeout_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            drain_timeout_secs: 30,
+        }
+    }
+}
+
+/// The recorded sessions.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionsConfig {
+    /// Session records that ended longer ago than this are deleted, in days
+    /// (0: keep them forever).
+    pub retention_days: u32,
+}
+
+impl Default for SessionsConfig {
+    fn default() -> Self {
+        SessionsConfig { retention_days: 90 }
+    }
 }
 
 /// The websockify JSONTokenApi-compatible endpoint. It reveals targets, so
@@ -111,12 +145,23 @@ pub struct HttpConfig {
     /// How long a client has to send its request headers (and, with TLS, to
     /// finish the TLS handshake), in milliseconds.
     pub header_timeout_ms: u64,
+    /// Reverse proxies whose X-Forwarded-For and X-Forwarded-Proto are
+    /// believed; from anyone else those headers are ignored.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// Failed token redemptions and logins allowed per client address per
+    /// minute; past it, requests get 429 (0x0100 over XML-RPC) after
+    /// `failure_delay_ms`. 0 turns the limit off.
+    pub failures_per_minute: u32,
+    pub failure_delay_ms: u64,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             header_timeout_ms: 5000,
+            trusted_proxies: Vec::new(),
+            failures_per_minute: 30,
+            failure_delay_ms: 1000,
         }
     }
 }
@@ -180,6 +225,29 @@ pub struct ProxyConfig {
     /// Directory holding the console page and noVNC's modules; unset, the
     /// `web` directory of the source tree the binary was built from.
     pub web_root: Option<String>,
+    /// Web origins (besides the public URL's) whose pages may open consoles,
+    /// e.g. a customer portal embedding the console page.
+    pub allowed_origins: Vec<String>,
+    /// Whether a WebSocket request without an Origin header (a non-browser
+    /// client) may connect.
+    pub allow_missing_origin: bool,
+    /// Concurrent sessions allowed on this node in all, per VM and per user
+    /// (0: no limit).
+    pub max_sessions: usize,
+    pub max_sessions_per_vm: usize,
+    pub max_sessions_per_user: usize,
+    /// A session with no bytes either way for this long is closed (0: never).
+    pub idle_timeout_secs: u64,
+    /// A session is closed after this long (0: never).
+    pub max_session_secs: u64,
+    /// Close a session when its token expires, like Nova's
+    /// enforce_session_timeout; otherwise a token only has to be valid when
+    /// the session starts.
+    pub end_at_token_expiry: bool,
+    /// How often the proxy pings the browser, in seconds (0: never).
+    pub ping_interval_secs: u64,
+    /// A browser that has not answered a ping for this long is dropped.
+    pub pong_timeout_secs: u64,
     /// Directory of the @novnc/novnc npm package; unset, `node_modules/@novnc/novnc`
     /// of the source tree the binary was built from.
     pub novnc_root: Option<String>,
@@ -193,6 +261,16 @@ impl Default for ProxyConfig {
             max_message_bytes: 4 << 20,
             revocation_check_ms: 1000,
             web_root: None,
+            allowed_origins: Vec::new(),
+            allow_missing_origin: true,
+            max_sessions: 0,
+            max_sessions_per_vm: 0,
+            max_sessions_per_user: 0,
+            idle_timeout_secs: 0,
+            max_session_secs: 0,
+            end_at_token_expiry: false,
+            ping_interval_secs: 30,
+            pong_timeout_secs: 90,
             novnc_root: None,
         }
     }
@@ -248,6 +326,8 @@ impl Default for Config {
             inventory: InventoryConfig::default(),
             websockify_api: WebsockifyApiConfig::default(),
             log: LogConfig::default(),
+            server: ServerConfig::default(),
+            sessions: SessionsConfig::default(),
         }
     }
 }
@@ -429,6 +509,18 @@ impl Config {
         if p.connect_timeout_ms == 0 || p.handshake_timeout_ms == 0 || p.revocation_check_ms == 0 {
             return Err(ConfigError::Invalid(
                 "proxy timeouts and revocation_check_ms must be positive".into(),
+            ));
+        }
+        for o in &p.allowed_origins {
+            if crate::proxy::origin::Origin::parse(o).is_none() {
+                return Err(ConfigError::Invalid(format!(
+                    "proxy.allowed_origins: {o:?} is not an origin like https://portal.example.com"
+                )));
+            }
+        }
+        if p.ping_interval_secs > 0 && p.pong_timeout_secs <= p.ping_interval_secs {
+            return Err(ConfigError::Invalid(
+                "proxy.pong_timeout_secs must exceed proxy.ping_interval_secs".into(),
             ));
         }
         if p.max_message_bytes < 4096 {

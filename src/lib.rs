@@ -15,6 +15,7 @@
 //! - [`inventory`]: who may open which VM's console, and where that console
 //!   is; the [`inventory::Inventory`] interface and the local registry.
 //! - [`auth`]: password hashing and the short-lived verification cache.
+//! - [`limits`]: per-address budgets of failed token and password attempts.
 //! - [`service`]: the token service that both APIs and the CLI call: mint and
 //!   revoke, with their error kinds.
 //! - [`api`]: the HTTP surface: XML-RPC at `/RPC2` ([`api::xmlrpc`]) and JSON
@@ -39,6 +40,7 @@ pub mod config;
 pub mod console;
 pub mod demo;
 pub mod inventory;
+pub mod limits;
 pub mod proxy;
 pub mod rfb;
 pub mod server;

@@ -23,7 +23,9 @@ use crate::config::Config;
 use crate::config::InventoryKind;
 use crate::inventory::opennebula::{Oned, OpenNebulaInventory};
 use crate::inventory::{Inventory, LocalInventory};
-use crate::proxy::{self, Proxy, sessions::Sessions};
+use crate::limits::FailureLimiter;
+use crate::proxy::sessions::{Limits as SessionLimits, Sessions};
+use crate::proxy::{self, Proxy};
 use crate::service::TokenService;
 use crate::store;
 
@@ -86,7 +88,15 @@ impl Node {
             cfg.policy(),
             &public_url,
         ));
-        let sessions = Arc::new(Sessions::default());
+        let sessions = Arc::new(Sessions::with_limits(SessionLimits {
+            total: cfg.proxy.max_sessions,
+            per_vm: cfg.proxy.max_sessions_per_vm,
+            per_user: cfg.proxy.max_sessions_per_user,
+        }));
+        let limiter = Arc::new(FailureLimiter::new(
+            cfg.http.failures_per_minute,
+            Duration::from_millis(cfg.http.failure_delay_ms),
+        ));
         let mut background = vec![tokio::spawn(purge_loop(
             Arc::clone(&service),
             Duration::from_secs(cfg.tokens.purge_interval),
@@ -97,6 +107,8 @@ impl Node {
             app = app.merge(api::router(
                 ApiState {
                     service: Arc::clone(&service),
+                    limiter: Arc::clone(&limiter),
+                    trusted_proxies: cfg.http.trusted_proxies.clone().into(),
                 },
                 cfg.api.max_body_bytes,
             ));
@@ -117,6 +129,27 @@ impl Node {
                     connect_timeout: Duration::from_millis(cfg.proxy.connect_timeout_ms),
                     handshake_timeout: Duration::from_millis(cfg.proxy.handshake_timeout_ms),
                     max_message_bytes: cfg.proxy.max_message_bytes,
+                    origins: proxy::origin::Policy {
+                        public: cfg
+                            .public_url
+                            .as_deref()
+                            .and_then(proxy::origin::Origin::parse),
+                        allowed: cfg
+                            .proxy
+                            .allowed_origins
+                            .iter()
+                            .filter_map(|o| proxy::origin::Origin::parse(o))
+                            .collect(),
+                        allow_missing: cfg.proxy.allow_missing_origin,
+                    },
+                    trusted_proxies: cfg.http.trusted_proxies.clone(),
+                    tls: tls.is_some(),
+                    limiter: Arc::clone(&limiter),
+                    idle_timeout: secs(cfg.proxy.idle_timeout_secs),
+                    max_session: secs(cfg.proxy.max_session_secs),
+                    end_at_token_expiry: cfg.proxy.end_at_token_expiry,
+                    ping_interval: secs(cfg.proxy.ping_interval_secs),
+                    pong_timeout: Duration::from_secs(cfg.proxy.pong_timeout_secs),
                 },
             ));
             background.push(tokio::spawn(proxy::sessions::watch_revocations(
@@ -293,6 +326,11 @@ pub async fn shutdown_signal() {
         _ = term => {},
     }
     tracing::info!("shutting down");
+}
+
+/// A duration in seconds, where 0 means "off".
+fn secs(n: u64) -> Option<Duration> {
+    (n > 0).then(|| Duration::from_secs(n))
 }
 
 fn hostname() -> String {

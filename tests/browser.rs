@@ -205,11 +205,16 @@ async fn stock_novnc_connects_through_the_proxy() {
         "Debian's novnc package is not installed"
     );
     let qemu = Qemu::start(QEMU_PW);
-    let broker = Broker::start("");
+    // vnc.html is served from another origin, so the broker must allow it:
+    // without that line the upgrade is refused (see the origin tests).
+    let web = StaticServer::start(NOVNC);
+    let broker = Broker::start(&format!(
+        "[proxy]\nallowed_origins = [\"http://127.0.0.1:{}\"]\n",
+        web.port
+    ));
     broker.add_vm(1, qemu.port, Some(QEMU_PW));
     let t = broker.mint_default(1).await;
     assert_eq!(t.path, format!("websockify?token={}", t.token));
-    let web = StaticServer::start(NOVNC);
 
     // What the demo banner tells stock noVNC users to pass.
     let path = t.path.replace('?', "%3F").replace('=', "%3D");

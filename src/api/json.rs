@@ -4,7 +4,9 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::Query;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{Path, State};
+use std::net::{IpAddr, SocketAddr};
+
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
@@ -107,6 +109,34 @@ fn credential(headers: &HeaderMap) -> Result<Credential, ApiError> {
     Credential::from_session(&text).ok_or_else(ApiError::unauthorized)
 }
 
+/// The caller's credentials, unless their address has used up its failed
+/// logins (then 429, after a delay, without checking anything).
+async fn login(
+    state: &ApiState,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+) -> Result<(Credential, IpAddr), ApiError> {
+    let ip = state.client_ip(peer, headers);
+    if state.limiter.blocked(ip) {
+        tokio::time::sleep(state.limiter.delay()).await;
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_requests",
+            "too many failed attempts, try again later",
+        ));
+    }
+    Ok((credential(headers)?, ip))
+}
+
+/// Counts a wrong credential against the caller's address.
+fn note(state: &ApiState, ip: IpAddr, err: &ServiceError) {
+    if matches!(err, ServiceError::Authentication)
+        || matches!(err, ServiceError::Oned { code: 0x0100, .. })
+    {
+        state.limiter.failed(ip);
+    }
+}
+
 fn vm_id(raw: &str) -> Result<i64, ApiError> {
     raw.parse::<i64>().map_err(|_| {
         ApiError::new(
@@ -119,6 +149,7 @@ fn vm_id(raw: &str) -> Result<i64, ApiError> {
 
 pub async fn mint(
     State(state): State<ApiState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -144,7 +175,7 @@ pub async fn mint(
             )
         })?
     };
-    let cred = credential(&headers)?;
+    let (cred, ip) = login(&state, peer, &headers).await?;
     let minted = state
         .service
         .mint(
@@ -155,18 +186,24 @@ pub async fn mint(
                 single_use: body.single_use,
             },
         )
-        .await?;
+        .await
+        .inspect_err(|e| note(&state, ip, e))?;
     Ok((StatusCode::CREATED, Json(minted)).into_response())
 }
 
 pub async fn revoke(
     State(state): State<ApiState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let vm_id = vm_id(&id)?;
-    let cred = credential(&headers)?;
-    let n = state.service.revoke(&cred, vm_id).await?;
+    let (cred, ip) = login(&state, peer, &headers).await?;
+    let n = state
+        .service
+        .revoke(&cred, vm_id)
+        .await
+        .inspect_err(|e| note(&state, ip, e))?;
     Ok(Json(json!({"revoked": n})).into_response())
 }
 
@@ -185,19 +222,24 @@ pub const MAX_SESSIONS_LISTED: u32 = 1000;
 
 pub async fn sessions(
     State(state): State<ApiState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     query: Result<Query<SessionsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) =
         query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text()))?;
-    let cred = credential(&headers)?;
+    let (cred, ip) = login(&state, peer, &headers).await?;
     let filter = SessionFilter {
         vm_id: q.vm_id,
         user: q.user,
         since: q.since,
         limit: q.limit.unwrap_or(100).min(MAX_SESSIONS_LISTED),
     };
-    let list = state.service.sessions(&cred, filter).await?;
+    let list = state
+        .service
+        .sessions(&cred, filter)
+        .await
+        .inspect_err(|e| note(&state, ip, e))?;
     Ok(Json(json!({ "sessions": list })).into_response())
 }
 

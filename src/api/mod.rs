@@ -8,7 +8,12 @@ pub mod json;
 pub mod websockify;
 pub mod xmlrpc;
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+
+use axum::http::HeaderMap;
+
+use crate::limits::FailureLimiter;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -20,6 +25,18 @@ use crate::service::{ServiceError, TokenService};
 #[derive(Clone)]
 pub struct ApiState {
     pub service: Arc<TokenService>,
+    /// Budgets of failed logins per client address.
+    pub limiter: Arc<FailureLimiter>,
+    /// Reverse proxies whose X-Forwarded-For is believed.
+    pub trusted_proxies: Arc<[IpAddr]>,
+}
+
+impl ApiState {
+    /// The caller's address, through trusted reverse proxies.
+    pub fn client_ip(&self, peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
+        let forwarded = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
+        crate::proxy::origin::client_ip(peer.ip(), forwarded, &self.trusted_proxies)
+    }
 }
 
 /// The API routes. Bodies above `max_body` are refused with 413 before a

@@ -2,6 +2,7 @@
 //! redeems console tokens.
 //!
 //! - [`request`]: where a request carries its token (query or cookie).
+//! - [`origin`]: which web origins may open a console (CSWSH defence).
 //! - [`handshake`]: the RFB security proxy over live connections, so the VNC
 //!   password stays with the broker.
 //! - [`relay`]: the byte loop between WebSocket and TCP.
@@ -13,11 +14,12 @@
 //! token ever existed.
 
 pub mod handshake;
+pub mod origin;
 pub mod relay;
 pub mod request;
 pub mod sessions;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,6 +36,7 @@ use tokio::net::TcpStream;
 use self::relay::{Counts, End};
 use self::sessions::{Sessions, Stop};
 use crate::inventory::Inventory;
+use crate::limits::FailureLimiter;
 use crate::store::{NewSession, Redemption, SessionEnd, Store, StoreError};
 use crate::token;
 use crate::websocket::stream::{Reader, Writer};
@@ -52,8 +55,12 @@ pub mod close {
     pub const PROTOCOL: u16 = 1002;
     pub const NO_TOKEN: u16 = 4400;
     pub const TOKEN: u16 = 4401;
+    pub const IDLE: u16 = 4408;
     pub const MOVED: u16 = 4409;
     pub const REVOKED: u16 = 4410;
+    pub const TIME_LIMIT: u16 = 4411;
+    pub const EXPIRED: u16 = 4412;
+    pub const TOO_MANY: u16 = 4429;
     pub const VNC_HANDSHAKE: u16 = 4500;
     pub const UNREACHABLE: u16 = 4502;
     pub const UNAVAILABLE: u16 = 4503;
@@ -61,12 +68,24 @@ pub mod close {
 }
 
 /// Proxy settings, from the `[proxy]` config section.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Settings {
     pub node: String,
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
     pub max_message_bytes: usize,
+    /// Which web origins may open consoles.
+    pub origins: origin::Policy,
+    /// Reverse proxies whose X-Forwarded-* headers are believed.
+    pub trusted_proxies: Vec<IpAddr>,
+    /// Whether this listener serves TLS (for the same-origin scheme).
+    pub tls: bool,
+    pub limiter: Arc<FailureLimiter>,
+    pub idle_timeout: Option<Duration>,
+    pub max_session: Option<Duration>,
+    pub end_at_token_expiry: bool,
+    pub ping_interval: Option<Duration>,
+    pub pong_timeout: Duration,
 }
 
 pub struct Proxy {
@@ -99,6 +118,7 @@ enum Refusal {
     BadToken,
     StoreDown(String),
     Moved,
+    TooMany(sessions::LimitHit),
     Unreachable(String),
     Handshake(handshake::HandshakeError),
     HandshakeTimeout,
@@ -119,6 +139,7 @@ impl Refusal {
         match self {
             Refusal::NoToken => (close::NO_TOKEN, "no console token given".into()),
             Refusal::BadToken => (close::TOKEN, "token invalid or expired".into()),
+            Refusal::TooMany(hit) => (close::TOO_MANY, hit.to_string()),
             Refusal::Moved => (
                 close::MOVED,
                 "console unavailable: the VM moved since this link was made, ask for a new one"
@@ -167,6 +188,16 @@ impl End {
                 close::REVOKED,
                 "session ended: console access revoked".into(),
             ),
+            End::Idle => (close::IDLE, "session ended: idle too long".into()),
+            End::PongTimeout => (close::IDLE, "session ended: no answer to ping".into()),
+            End::MaxDuration => (
+                close::TIME_LIMIT,
+                "session ended: time limit reached".into(),
+            ),
+            End::TokenExpired => (
+                close::EXPIRED,
+                "session ended: the console link expired".into(),
+            ),
         }
     }
 
@@ -179,6 +210,10 @@ impl End {
             End::ClientProtocol { detail, .. } => format!("client protocol error: {detail}"),
             End::ServerError(e) => format!("server error: {e}"),
             End::Stopped(Stop::Revoked) => "revoked".into(),
+            End::Idle => "idle timeout".into(),
+            End::PongTimeout => "client stopped answering pings".into(),
+            End::MaxDuration => "time limit".into(),
+            End::TokenExpired => "token expired".into(),
         }
     }
 }
@@ -207,7 +242,7 @@ pub async fn upgrade(
     ConnectInfo(client): ConnectInfo<SocketAddr>,
     req: Request,
 ) -> Response<Body> {
-    accept(proxy, client, req)
+    accept(proxy, client, req).await
 }
 
 /// Any other path: a WebSocket request is proxied, anything else is 404.
@@ -219,11 +254,54 @@ pub async fn upgrade_any_path(
     if !upgrade::is_upgrade(req.headers()) {
         return StatusCode::NOT_FOUND.into_response();
     }
-    accept(proxy, client, req)
+    accept(proxy, client, req).await
 }
 
-fn accept(proxy: Arc<Proxy>, client: SocketAddr, req: Request) -> Response<Body> {
+async fn accept(proxy: Arc<Proxy>, peer: SocketAddr, req: Request) -> Response<Body> {
     let (mut parts, _body) = req.into_parts();
+    let set = &proxy.settings;
+    let trusted = set.trusted_proxies.contains(&peer.ip());
+    let forwarded = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .filter(|_| trusted)
+    };
+    let client = SocketAddr::new(
+        origin::client_ip(
+            peer.ip(),
+            forwarded("x-forwarded-for"),
+            &set.trusted_proxies,
+        ),
+        peer.port(),
+    );
+    let scheme = match forwarded("x-forwarded-proto") {
+        Some(p) if p.eq_ignore_ascii_case("https") => "https",
+        Some(_) => "http",
+        None if set.tls => "https",
+        None => "http",
+    };
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok());
+    if let Err(e) = set.origins.check(
+        parts.headers.get(header::ORIGIN).map(|v| v.as_bytes()),
+        host,
+        scheme,
+    ) {
+        tracing::warn!(%client, error = %e, "WebSocket upgrade refused: origin");
+        return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
+    }
+    if set.limiter.blocked(client.ip()) {
+        tokio::time::sleep(set.limiter.delay()).await;
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many failed attempts, try again later",
+        )
+            .into_response();
+    }
     let accepted = match upgrade::check(&parts.method, &parts.headers) {
         Ok(a) => a,
         Err(e) => {
@@ -278,10 +356,22 @@ async fn session(proxy: Arc<Proxy>, io: Io, token: Option<String>, client: Socke
     let mut reader = Reader::new(rd, proxy.settings.max_message_bytes as u64);
     let mut writer = Writer::new(wr);
     match open(&proxy, &mut reader, &mut writer, token.as_deref(), client).await {
-        Ok((redemption, tcp)) => {
-            relay_session(&proxy, reader, writer, tcp, redemption, client).await
+        Ok((redemption, tcp, registration)) => {
+            relay_session(
+                &proxy,
+                reader,
+                writer,
+                tcp,
+                redemption,
+                registration,
+                client,
+            )
+            .await
         }
         Err(refusal) => {
+            if matches!(refusal, Refusal::NoToken | Refusal::BadToken) {
+                proxy.settings.limiter.failed(client.ip());
+            }
             let (code, reason) = refusal.close();
             tracing::info!(%client, code, detail = %refusal.detail(), "console connection refused");
             let _ = tokio::time::timeout(Duration::from_secs(2), async {
@@ -301,7 +391,7 @@ async fn open(
     writer: &mut WsWriter,
     token: Option<&str>,
     client: SocketAddr,
-) -> Result<(Redemption, TcpStream), Refusal> {
+) -> Result<(Redemption, TcpStream, sessions::Registration), Refusal> {
     let token = token.ok_or(Refusal::NoToken)?;
     // Junk is refused without touching the store.
     if !token::looks_like_token(token) {
@@ -328,6 +418,10 @@ async fn open(
         Ok(false) => return Err(Refusal::Moved),
         Err(e) => return Err(Refusal::StoreDown(e.to_string())),
     }
+    let registration = proxy
+        .sessions
+        .register(r.token_id, r.vm_id, &r.user_name)
+        .map_err(Refusal::TooMany)?;
     let target = (r.target_host.as_str(), r.target_port);
     let mut tcp = match tokio::time::timeout(
         proxy.settings.connect_timeout,
@@ -352,7 +446,7 @@ async fn open(
             Err(_) => return Err(Refusal::HandshakeTimeout),
         }
     }
-    Ok((r, tcp))
+    Ok((r, tcp, registration))
 }
 
 async fn relay_session(
@@ -361,11 +455,32 @@ async fn relay_session(
     writer: WsWriter,
     tcp: TcpStream,
     r: Redemption,
+    mut registration: sessions::Registration,
     client: SocketAddr,
 ) {
     let started_at = crate::now_unix();
     let started = std::time::Instant::now();
-    let mut registration = proxy.sessions.register(r.token_id);
+    let set = &proxy.settings;
+    let now = tokio::time::Instant::now();
+    let max_end = set
+        .max_session
+        .map(|d| (now + d, relay::Deadline::MaxDuration));
+    let expiry_end = set.end_at_token_expiry.then(|| {
+        let left = r.expires_at.saturating_sub(started_at).max(0) as u64;
+        (
+            now + Duration::from_secs(left),
+            relay::Deadline::TokenExpiry,
+        )
+    });
+    let timers = relay::Timers {
+        idle: set.idle_timeout,
+        ping_every: set.ping_interval,
+        pong_timeout: set.pong_timeout,
+        deadline: [max_end, expiry_end]
+            .into_iter()
+            .flatten()
+            .min_by_key(|d| d.0),
+    };
     let record = NewSession {
         token_id: r.token_id,
         vm_id: r.vm_id,
@@ -395,6 +510,7 @@ async fn relay_session(
         &mut tcp_rx,
         &mut tcp_tx,
         &mut registration.stop,
+        timers,
         &mut counts,
     )
     .await;

@@ -7,9 +7,13 @@
 //! steady state nothing is allocated per message: payloads are unmasked in
 //! place and written with their frame header in one vectored write.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Mutex, watch};
+use tokio::time::Instant;
 
 use super::sessions::Stop;
 use crate::websocket::frame::OpCode;
@@ -33,6 +37,31 @@ pub enum End {
     ServerError(String),
     /// The broker ended the session.
     Stopped(Stop),
+    /// No byte either way for the idle timeout.
+    Idle,
+    /// The browser stopped answering pings.
+    PongTimeout,
+    /// The session reached its maximum length.
+    MaxDuration,
+    /// The session's token expired (with end_at_token_expiry).
+    TokenExpired,
+}
+
+/// Per-session timers. All optional; with none set a session lives until a
+/// side closes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timers {
+    pub idle: Option<Duration>,
+    pub ping_every: Option<Duration>,
+    pub pong_timeout: Duration,
+    /// When the session must end, and why.
+    pub deadline: Option<(Instant, Deadline)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deadline {
+    MaxDuration,
+    TokenExpiry,
 }
 
 /// Bytes relayed in each direction.
@@ -42,13 +71,14 @@ pub struct Counts {
     pub to_server: u64,
 }
 
-/// Relays until either side ends or `stop` fires.
+/// Relays until either side ends, `stop` fires or a timer runs out.
 pub async fn run<R, W>(
     reader: &mut Reader<R>,
     writer: &Mutex<Writer<W>>,
     tcp_rx: &mut OwnedReadHalf,
     tcp_tx: &mut OwnedWriteHalf,
     stop: &mut watch::Receiver<Option<Stop>>,
+    timers: Timers,
     counts: &mut Counts,
 ) -> End
 where
@@ -59,6 +89,12 @@ where
         to_client,
         to_server,
     } = counts;
+    // Milliseconds since `start` of the last byte either way, and of the
+    // last sign of life from the browser.
+    let start = Instant::now();
+    let since = move || start.elapsed().as_millis() as u64;
+    let active = AtomicU64::new(0);
+    let alive = AtomicU64::new(0);
     let down = async {
         // Allocated when the server first sends, so idle sessions hold none.
         let mut buf = Vec::new();
@@ -76,6 +112,7 @@ where
                         return End::ClientClosed;
                     }
                     *to_client += n as u64;
+                    active.store(since(), Ordering::Relaxed);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => return End::ServerError(e.to_string()),
@@ -84,8 +121,11 @@ where
     };
     let up = async {
         loop {
-            match reader.next().await {
+            let event = reader.next().await;
+            alive.store(since(), Ordering::Relaxed);
+            match event {
                 Ok(Event::Data(data)) => {
+                    active.store(since(), Ordering::Relaxed);
                     if let Err(e) = tcp_tx.write_all(data).await {
                         return End::ServerError(e.to_string());
                     }
@@ -126,9 +166,57 @@ where
             }
         }
     };
+    let watchdog = async {
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut next_ping = timers.ping_every.map(|p| start + p);
+        loop {
+            let now = Instant::now();
+            if let Some((when, why)) = timers.deadline
+                && now >= when
+            {
+                return match why {
+                    Deadline::MaxDuration => End::MaxDuration,
+                    Deadline::TokenExpiry => End::TokenExpired,
+                };
+            }
+            let idle_at = timers.idle.map(|i| at(active.load(Ordering::Relaxed)) + i);
+            if idle_at.is_some_and(|t| now >= t) {
+                return End::Idle;
+            }
+            let dead_at = timers
+                .ping_every
+                .map(|_| at(alive.load(Ordering::Relaxed)) + timers.pong_timeout);
+            if dead_at.is_some_and(|t| now >= t) {
+                return End::PongTimeout;
+            }
+            if let (Some(due), Some(every)) = (next_ping, timers.ping_every)
+                && now >= due
+            {
+                if writer
+                    .lock()
+                    .await
+                    .send(OpCode::Ping, b"vncbroker")
+                    .await
+                    .is_err()
+                {
+                    return End::ClientClosed;
+                }
+                next_ping = Some(now + every);
+            }
+            let wake = [timers.deadline.map(|d| d.0), idle_at, dead_at, next_ping]
+                .into_iter()
+                .flatten()
+                .min();
+            match wake {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending::<()>().await,
+            }
+        }
+    };
     tokio::select! {
         end = down => end,
         end = up => end,
         end = stopped => end,
+        end = watchdog => end,
     }
 }

@@ -7,7 +7,10 @@
 pub mod wire;
 
 use axum::body::Bytes;
-use axum::extract::State;
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, State};
+use axum::http::HeaderMap;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 
@@ -39,9 +42,32 @@ pub const METHOD_REVOKE: &str = "one.vm.novnctokenrevoke";
 /// Session strings longer than this are refused without a lookup.
 const MAX_SESSION: usize = 4096;
 
-pub async fn handle(State(state): State<ApiState>, body: Bytes) -> Response {
+pub async fn handle(
+    State(state): State<ApiState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let ip = state.client_ip(peer, &headers);
     let xml = match wire::parse_call(&body) {
-        Ok(call) => dispatch(&state, call).await,
+        Ok(call) if state.limiter.blocked(ip) => {
+            tokio::time::sleep(state.limiter.delay()).await;
+            let method: String = call.method.chars().take(64).collect();
+            wire::response(&Value::Array(vec![
+                Value::Bool(false),
+                Value::Str(format!(
+                    "[{method}] Too many failed attempts, try again later."
+                )),
+                Value::Int(code::AUTHENTICATION),
+            ]))
+        }
+        Ok(call) => {
+            let (xml, failed_login) = dispatch(&state, call).await;
+            if failed_login {
+                state.limiter.failed(ip);
+            }
+            xml
+        }
         Err(e) => {
             tracing::debug!(error = %e, "malformed XML-RPC request");
             wire::fault(FAULT_PARSE, &format!("parse error: {e}"))
@@ -50,7 +76,8 @@ pub async fn handle(State(state): State<ApiState>, body: Bytes) -> Response {
     ([(header::CONTENT_TYPE, "text/xml")], xml).into_response()
 }
 
-async fn dispatch(state: &ApiState, call: wire::MethodCall) -> String {
+/// Answers a call; the flag says whether it failed authentication.
+async fn dispatch(state: &ApiState, call: wire::MethodCall) -> (String, bool) {
     let method = call.method.as_str();
     let result = match method {
         METHOD_TOKEN | METHOD_TOKEN_ALIAS => novnctoken(state, &call.params).await,
@@ -63,9 +90,11 @@ async fn dispatch(state: &ApiState, call: wire::MethodCall) -> String {
         )),
         _ => {
             let shown: String = method.chars().take(64).collect();
-            return wire::fault(FAULT_NO_METHOD, &format!("method {shown:?} not found"));
+            let xml = wire::fault(FAULT_NO_METHOD, &format!("method {shown:?} not found"));
+            return (xml, false);
         }
     };
+    let failed_login = matches!(&result, Err(f) if f.code == code::AUTHENTICATION);
     let v = match result {
         Ok(v) => Value::Array(vec![Value::Bool(true), v, Value::Int(code::SUCCESS)]),
         Err(failure) => {
@@ -80,7 +109,7 @@ async fn dispatch(state: &ApiState, call: wire::MethodCall) -> String {
             Value::Array(items)
         }
     };
-    wire::response(&v)
+    (wire::response(&v), failed_login)
 }
 
 /// A failed call: oned's message, code and (where known) object id.

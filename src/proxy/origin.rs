@@ -1,0 +1,294 @@
+//! Cross-site WebSocket hijacking defence: which `Origin` may open a
+//! console, decided without I/O.
+//!
+//! A browser always sends `Origin` on a WebSocket upgrade, so a page on
+//! another site cannot ride a user's cookies (or a leaked link) into a
+//! console. Non-browser clients usually send none; whether that is allowed
+//! is configurable.
+
+use std::net::IpAddr;
+
+/// An origin: scheme, host and port, normalised (lower case, default ports
+/// made explicit, IPv6 in brackets).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub scheme: String,
+    pub host: String,
+    pub port: u16,
+}
+
+impl Origin {
+    /// Parses `scheme://host[:port]` (an `Origin` header, or the start of a
+    /// URL such as `public_url`; a path after the authority is ignored).
+    pub fn parse(s: &str) -> Option<Origin> {
+        let (scheme, rest) = s.split_once("://")?;
+        let scheme = scheme.to_ascii_lowercase();
+        let default_port = match scheme.as_str() {
+            "http" | "ws" => 80,
+            "https" | "wss" => 443,
+            _ => return None,
+        };
+        let authority = rest.split(['/', '?', '#']).next()?;
+        if authority.is_empty() || authority.contains('@') {
+            return None;
+        }
+        let (host, port) = split_host_port(authority)?;
+        Some(Origin {
+            scheme: match scheme.as_str() {
+                "ws" => "http".into(),
+                "wss" => "https".into(),
+                _ => scheme,
+            },
+            host,
+            port: port.unwrap_or(default_port),
+        })
+    }
+}
+
+/// Splits `host[:port]`, with IPv6 literals in brackets.
+fn split_host_port(authority: &str) -> Option<(String, Option<u16>)> {
+    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
+        let (v6, after) = rest.split_once(']')?;
+        v6.parse::<std::net::Ipv6Addr>().ok()?;
+        let port = match after {
+            "" => None,
+            p => Some(p.strip_prefix(':')?.parse().ok()?),
+        };
+        (format!("[{}]", v6.to_ascii_lowercase()), port)
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h.to_ascii_lowercase(), Some(p.parse().ok()?)),
+            None => (authority.to_ascii_lowercase(), None),
+        }
+    };
+    let valid = !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'[' | b']' | b':'));
+    valid.then_some((host, port))
+}
+
+/// The origin policy, built once from the configuration and never changed
+/// by a request.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    /// The public URL's origin, if one is configured.
+    pub public: Option<Origin>,
+    /// Further allowed origins.
+    pub allowed: Vec<Origin>,
+    /// Whether a request without `Origin` (a non-browser client) may connect.
+    pub allow_missing: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OriginError {
+    #[error("Origin header missing")]
+    Missing,
+    #[error("Origin header empty or malformed")]
+    Malformed,
+    #[error("Origin {0} is not allowed")]
+    NotAllowed(String),
+}
+
+impl Policy {
+    /// Decides on a request. `host` is the request's Host header and
+    /// `scheme` how the client reached us (`https` with TLS or a trusted
+    /// proxy saying so); they define "same origin" only when no public URL
+    /// is configured.
+    pub fn check(
+        &self,
+        origin: Option<&[u8]>,
+        host: Option<&str>,
+        scheme: &str,
+    ) -> Result<(), OriginError> {
+        let Some(raw) = origin else {
+            return if self.allow_missing {
+                Ok(())
+            } else {
+                Err(OriginError::Missing)
+            };
+        };
+        let text = std::str::from_utf8(raw)
+            .map_err(|_| OriginError::Malformed)?
+            .trim();
+        let o = Origin::parse(text).ok_or(OriginError::Malformed)?;
+        if self.allowed.contains(&o) {
+            return Ok(());
+        }
+        let same = match &self.public {
+            Some(public) => *public == o,
+            None => host
+                .and_then(|h| Origin::parse(&format!("{scheme}://{h}")))
+                .is_some_and(|h| h == o),
+        };
+        if same {
+            Ok(())
+        } else {
+            let shown: String = text.chars().take(100).collect();
+            Err(OriginError::NotAllowed(shown))
+        }
+    }
+}
+
+/// The client's address: the peer, or, when the peer is a trusted reverse
+/// proxy, the last address in `X-Forwarded-For` that is not itself trusted.
+pub fn client_ip(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[IpAddr]) -> IpAddr {
+    if !trusted.contains(&peer) {
+        return peer;
+    }
+    let Some(list) = forwarded_for else {
+        return peer;
+    };
+    list.rsplit(',')
+        .filter_map(|a| a.trim().parse::<IpAddr>().ok())
+        .find(|a| !trusted.contains(a))
+        .unwrap_or(peer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(public: Option<&str>, allowed: &[&str], allow_missing: bool) -> Policy {
+        Policy {
+            public: public.and_then(Origin::parse),
+            allowed: allowed.iter().filter_map(|a| Origin::parse(a)).collect(),
+            allow_missing,
+        }
+    }
+
+    #[test]
+    fn parsing_normalises() {
+        let o = Origin::parse("HTTPS://Console.Example.COM").unwrap();
+        assert_eq!(
+            (o.scheme.as_str(), o.host.as_str(), o.port),
+            ("https", "console.example.com", 443)
+        );
+        assert_eq!(Origin::parse("http://a:8080/path?q").unwrap().port, 8080);
+        assert_eq!(
+            Origin::parse("wss://a").unwrap(),
+            Origin::parse("https://a:443").unwrap()
+        );
+        assert_eq!(Origin::parse("http://[::1]:8640").unwrap().host, "[::1]");
+        for bad in [
+            "",
+            "null",
+            "a",
+            "ftp://a",
+            "http://",
+            "http://a:99999",
+            "http://u@a",
+            "http://[zz]:1",
+            "http://a b",
+        ] {
+            assert!(Origin::parse(bad).is_none(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn public_url_decides_same_origin_and_scheme() {
+        let p = policy(Some("https://console.example.com"), &[], true);
+        assert!(
+            p.check(
+                Some(b"https://console.example.com"),
+                Some("evil.com"),
+                "http"
+            )
+            .is_ok()
+        );
+        assert!(matches!(
+            p.check(
+                Some(b"http://console.example.com"),
+                Some("console.example.com"),
+                "https"
+            ),
+            Err(OriginError::NotAllowed(_))
+        ));
+        // A Host header cannot make another origin "same".
+        assert!(
+            p.check(Some(b"https://evil.com"), Some("evil.com"), "https")
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn without_public_url_the_host_header_defines_same_origin() {
+        let p = policy(None, &["https://portal.example.org"], true);
+        assert!(
+            p.check(
+                Some(b"http://127.0.0.1:8640"),
+                Some("127.0.0.1:8640"),
+                "http"
+            )
+            .is_ok()
+        );
+        assert!(
+            p.check(Some(b"http://[::1]:8640"), Some("[::1]:8640"), "http")
+                .is_ok()
+        );
+        assert!(
+            p.check(Some(b"https://portal.example.org"), Some("x"), "http")
+                .is_ok()
+        );
+        assert!(
+            p.check(
+                Some(b"https://127.0.0.1:8640"),
+                Some("127.0.0.1:8640"),
+                "http"
+            )
+            .is_err()
+        );
+        assert!(
+            p.check(
+                Some(b"http://127.0.0.1:8641"),
+                Some("127.0.0.1:8640"),
+                "http"
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn missing_empty_and_invalid() {
+        assert!(
+            policy(None, &[], true)
+                .check(None, Some("h"), "http")
+                .is_ok()
+        );
+        assert_eq!(
+            policy(None, &[], false).check(None, Some("h"), "http"),
+            Err(OriginError::Missing)
+        );
+        let p = policy(None, &[], true);
+        assert_eq!(
+            p.check(Some(b""), Some("h"), "http"),
+            Err(OriginError::Malformed)
+        );
+        assert_eq!(
+            p.check(Some(b"null"), Some("h"), "http"),
+            Err(OriginError::Malformed)
+        );
+        assert_eq!(
+            p.check(Some(b"\xff"), Some("h"), "http"),
+            Err(OriginError::Malformed)
+        );
+    }
+
+    #[test]
+    fn forwarded_for_only_from_trusted_proxies() {
+        let proxy: IpAddr = "10.0.0.1".parse().unwrap();
+        let peer: IpAddr = "192.0.2.9".parse().unwrap();
+        let trusted = [proxy];
+        assert_eq!(client_ip(peer, Some("1.2.3.4"), &trusted), peer);
+        assert_eq!(
+            client_ip(proxy, Some("1.2.3.4, 5.6.7.8"), &trusted),
+            "5.6.7.8".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            client_ip(proxy, Some("1.2.3.4, 10.0.0.1"), &trusted),
+            "1.2.3.4".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(client_ip(proxy, Some("junk"), &trusted), proxy);
+        assert_eq!(client_ip(proxy, None, &trusted), proxy);
+    }
+}
