@@ -1,14 +1,24 @@
 //! Where tokens, sessions, users and VMs live.
 //!
 //! Callers see only the [`Store`] trait, so a backend can be swapped by the
-//! `database` URL alone. SQLite (`sqlite://PATH`) is the embedded default.
+//! `database` URL alone. SQLite (`sqlite://PATH`) is the embedded default;
+//! PostgreSQL (`postgres://...`) lets several nodes share one database.
 
+mod postgres;
 mod sqlite;
+/// The private PostgreSQL server the tests use; the integration tests
+/// include the same file as `common::pg`.
+#[cfg(test)]
+#[path = "../../tests/common/pg.rs"]
+pub(crate) mod testpg;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 use crate::token::TokenHash;
@@ -197,6 +207,32 @@ pub trait Store: Send + Sync {
     /// Removes a VM and revokes its tokens (the purge deletes them soon
     /// after); false if there was none.
     async fn remove_vm(&self, id: i64) -> Result<bool, StoreError>;
+
+    /// Woken whenever any node revokes tokens, if the backend can tell
+    /// (PostgreSQL's `NOTIFY`). Proxies still look periodically, so a missed
+    /// wake-up only delays the end of a revoked session.
+    fn revocation_signal(&self) -> Option<Arc<tokio::sync::Notify>> {
+        None
+    }
+
+    /// Deletes recorded sessions that ended before `before` (live sessions
+    /// are kept whatever their age); returns how many. The session
+    /// retention (`[sessions] retention_days`) calls it periodically.
+    async fn purge_sessions(&self, before: i64) -> Result<u64, StoreError> {
+        let _ = before;
+        Ok(0)
+    }
+
+    /// A cheap query that succeeds while the store answers; `/readyz`
+    /// calls it.
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.sessions(&SessionFilter {
+            limit: 0,
+            ..SessionFilter::default()
+        })
+        .await
+        .map(|_| ())
+    }
 }
 
 /// Opens the store a `database` URL names, creating and migrating it.
@@ -210,8 +246,11 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
         let store = SqliteStore::open(path.to_owned()).await?;
         return Ok(Arc::new(store));
     }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok(Arc::new(PgStore::open(url).await?));
+    }
     let scheme = url.split("://").next().unwrap_or(url);
     Err(StoreError::Unavailable(format!(
-        "unsupported database URL scheme {scheme:?}: use sqlite://PATH"
+        "unsupported database URL scheme {scheme:?}: use sqlite://PATH or postgres://USER@HOST/DB"
     )))
 }

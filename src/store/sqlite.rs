@@ -481,32 +481,29 @@ impl Store for SqliteStore {
         })
         .await
     }
+
+    async fn purge_sessions(&self, before: i64) -> Result<u64, StoreError> {
+        // A session ends after it starts, so `started_at < before` holds for
+        // every row to delete and lets the sessions_started index bound the scan.
+        self.with(move |c| {
+            let n = c
+                .execute(
+                    "DELETE FROM sessions
+                     WHERE started_at < ?1 AND ended_at IS NOT NULL AND ended_at < ?1",
+                    [before],
+                )
+                .map_err(map_err)?;
+            Ok(n as u64)
+        })
+        .await
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    //! SQLite specifics; the behaviour every backend shares is tested in
+    //! `store::tests`, against each backend.
     use super::*;
-    use crate::token::hash_token;
-
-    async fn store() -> (tempfile::TempDir, SqliteStore) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.db").to_string_lossy().into_owned();
-        (dir, SqliteStore::open(path).await.unwrap())
-    }
-
-    fn token(text: &str, vm: i64, expires_at: i64) -> NewToken {
-        NewToken {
-            hash: hash_token(text),
-            vm_id: vm,
-            target_host: "127.0.0.1".into(),
-            target_port: 5900,
-            vnc_password: None,
-            user_name: "alice".into(),
-            created_at: 0,
-            expires_at,
-            single_use: false,
-        }
-    }
 
     #[tokio::test]
     async fn reopening_keeps_data_and_does_not_remigrate() {
@@ -521,238 +518,56 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn duplicate_token_hash_is_a_conflict() {
-        let (_d, s) = store().await;
-        s.insert_token(&token("a", 1, 100)).await.unwrap();
-        let err = s.insert_token(&token("a", 1, 100)).await.unwrap_err();
-        assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
-    }
-
-    #[tokio::test]
-    async fn revoke_counts_only_live_tokens_and_purge_removes_expired() {
-        let (_d, s) = store().await;
-        let now = 1000;
-        s.insert_token(&token("live1", 7, now + 10)).await.unwrap();
-        s.insert_token(&token("live2", 7, now + 10)).await.unwrap();
-        s.insert_token(&token("expired", 7, now)).await.unwrap();
-        s.insert_token(&token("other", 8, now + 10)).await.unwrap();
-        assert_eq!(s.revoke_vm_tokens(7, now).await.unwrap(), 2);
-        assert_eq!(s.revoke_vm_tokens(7, now).await.unwrap(), 0);
-        assert_eq!(s.purge_expired(now).await.unwrap(), 1);
-        assert_eq!(s.purge_expired(now).await.unwrap(), 0);
-    }
-
-    #[tokio::test]
-    async fn vms_need_existing_users_and_removal_drops_tokens() {
-        let (_d, s) = store().await;
-        let vm = Vm {
-            id: 7,
-            name: "web".into(),
-            vnc_host: "10.0.0.1".into(),
-            vnc_port: 5907,
-            vnc_password: Some("pw".into()),
-            owner: "alice".into(),
-            allowed: vec!["bob".into()],
-        };
-        assert!(matches!(s.add_vm(&vm).await, Err(StoreError::NotFound(_))));
-        s.add_user("alice", "h", false).await.unwrap();
-        s.add_user("bob", "h", false).await.unwrap();
-        s.add_vm(&vm).await.unwrap();
-        assert!(matches!(s.add_vm(&vm).await, Err(StoreError::Conflict(_))));
-        assert_eq!(s.vm(7).await.unwrap().unwrap(), vm);
-        assert!(matches!(
-            s.add_user("bob", "h", true).await,
-            Err(StoreError::Conflict(_))
-        ));
-        let live = crate::now_unix() + 600;
-        let id = s.insert_token(&token("t", 7, live)).await.unwrap();
-        assert!(s.remove_vm(7).await.unwrap());
-        assert!(!s.remove_vm(7).await.unwrap());
-        assert_eq!(s.revoked_since(0).await.unwrap(), vec![id]);
-        assert!(s.revoked_since(i64::MAX).await.unwrap().is_empty());
-        assert!(
-            s.redeem(&hash_token("t"), crate::now_unix())
-                .await
-                .unwrap()
-                .is_none()
-        );
-        assert!(s.vm(7).await.unwrap().is_none());
-    }
-
-    #[tokio::test]
-    async fn redemption_rules() {
-        let (_d, s) = store().await;
-        let now = 1000;
-        s.insert_token(&token("reusable", 7, now + 10))
-            .await
-            .unwrap();
-        let mut once = token("once", 7, now + 10);
-        once.single_use = true;
-        s.insert_token(&once).await.unwrap();
-        s.insert_token(&token("expired", 7, now)).await.unwrap();
-
-        let r = s
-            .redeem(&hash_token("reusable"), now)
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            (r.vm_id, r.target_port, r.user_name.as_str()),
-            (7, 5900, "alice")
-        );
-        assert!(
-            s.redeem(&hash_token("reusable"), now)
-                .await
-                .unwrap()
-                .is_some()
-        );
-        assert!(s.redeem(&hash_token("once"), now).await.unwrap().is_some());
-        assert!(s.redeem(&hash_token("once"), now).await.unwrap().is_none());
-        assert!(
-            s.redeem(&hash_token("expired"), now)
-                .await
-                .unwrap()
-                .is_none()
-        );
-        assert!(
-            s.redeem(&hash_token("unknown"), now)
-                .await
-                .unwrap()
-                .is_none()
-        );
-        assert!(
-            s.redeem(&hash_token("reusable"), now + 10)
-                .await
-                .unwrap()
-                .is_none()
-        );
-        s.revoke_vm_tokens(7, now).await.unwrap();
-        assert!(
-            s.redeem(&hash_token("reusable"), now)
-                .await
-                .unwrap()
-                .is_none()
-        );
-    }
-
-    #[tokio::test]
-    async fn single_use_race_has_one_winner() {
-        let (_d, s) = store().await;
-        let s = std::sync::Arc::new(s);
-        let mut once = token("race", 7, i64::MAX);
-        once.single_use = true;
-        s.insert_token(&once).await.unwrap();
-        let tasks: Vec<_> = (0..20)
-            .map(|_| {
-                let s = s.clone();
-                tokio::spawn(
-                    async move { s.redeem(&hash_token("race"), 1).await.unwrap().is_some() },
-                )
-            })
-            .collect();
-        let mut wins = 0;
-        for t in tasks {
-            wins += t.await.unwrap() as usize;
-        }
-        assert_eq!(wins, 1);
-    }
-
-    #[tokio::test]
-    async fn sessions_are_recorded() {
-        let (_d, s) = store().await;
-        let id = s
-            .open_session(&NewSession {
-                token_id: 1,
-                vm_id: 7,
-                user_name: "alice".into(),
-                client_addr: "127.0.0.1:5".into(),
-                node: "n1".into(),
-                started_at: 10,
-            })
-            .await
-            .unwrap();
-        s.close_session(
-            id,
-            &SessionEnd {
-                ended_at: 20,
-                bytes_to_client: 5,
-                bytes_to_server: 6,
-                reason: "client closed".into(),
-            },
-        )
-        .await
-        .unwrap();
-        let all = s
-            .sessions(&SessionFilter {
-                limit: 10,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        assert_eq!(all.len(), 1);
-        let r = &all[0];
-        assert_eq!(
-            (r.id, r.ended_at, r.bytes_to_client, r.bytes_to_server),
-            (id, Some(20), 5, 6)
-        );
-        assert_eq!(r.close_reason.as_deref(), Some("client closed"));
-        for (filter, n) in [
-            (
-                SessionFilter {
-                    vm_id: Some(7),
-                    limit: 10,
-                    ..Default::default()
-                },
-                1,
-            ),
-            (
-                SessionFilter {
-                    vm_id: Some(8),
-                    limit: 10,
-                    ..Default::default()
-                },
-                0,
-            ),
-            (
-                SessionFilter {
-                    user: Some("alice".into()),
-                    limit: 10,
-                    ..Default::default()
-                },
-                1,
-            ),
-            (
-                SessionFilter {
-                    user: Some("bob".into()),
-                    limit: 10,
-                    ..Default::default()
-                },
-                0,
-            ),
-            (
-                SessionFilter {
-                    since: Some(11),
-                    limit: 10,
-                    ..Default::default()
-                },
-                0,
-            ),
-            (
-                SessionFilter {
-                    limit: 0,
-                    ..Default::default()
-                },
-                0,
-            ),
-        ] {
-            assert_eq!(s.sessions(&filter).await.unwrap().len(), n, "{filter:?}");
-        }
-    }
-
-    #[tokio::test]
     async fn unsupported_urls_are_clear_errors() {
         let err = crate::store::open("mysql://x").await.err().unwrap();
         assert!(err.to_string().contains("unsupported"), "{err}");
         assert!(crate::store::open("sqlite://").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn purge_sessions_deletes_only_rows_that_ended_before_the_cutoff() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(dir.path().join("t.db").to_string_lossy().into_owned())
+            .await
+            .unwrap();
+        s.ping().await.unwrap();
+        let open = |started_at| NewSession {
+            token_id: 1,
+            vm_id: 1,
+            user_name: "alice".into(),
+            client_addr: "127.0.0.1:1".into(),
+            node: "n".into(),
+            started_at,
+        };
+        let end = |ended_at| SessionEnd {
+            ended_at,
+            bytes_to_client: 0,
+            bytes_to_server: 0,
+            reason: "client closed".into(),
+        };
+        let old = s.open_session(&open(100)).await.unwrap();
+        s.close_session(old, &end(200)).await.unwrap();
+        let _old_but_live = s.open_session(&open(100)).await.unwrap();
+        let recent = s.open_session(&open(900)).await.unwrap();
+        s.close_session(recent, &end(1000)).await.unwrap();
+        let ended_at_cutoff = s.open_session(&open(400)).await.unwrap();
+        s.close_session(ended_at_cutoff, &end(500)).await.unwrap();
+
+        assert_eq!(s.purge_sessions(500).await.unwrap(), 1);
+        let filter = SessionFilter {
+            limit: 10,
+            ..SessionFilter::default()
+        };
+        let mut left: Vec<i64> = s
+            .sessions(&filter)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.id)
+            .collect();
+        left.sort();
+        assert!(!left.contains(&old), "{left:?}");
+        assert_eq!(left.len(), 3, "{left:?}");
+        assert_eq!(s.purge_sessions(500).await.unwrap(), 0);
     }
 }

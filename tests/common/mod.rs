@@ -6,6 +6,8 @@
 //! also when a test panics.
 #![allow(dead_code)]
 
+pub mod pg;
+
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener as StdListener, TcpStream as StdStream};
@@ -1279,4 +1281,29 @@ pub fn read_file(path: &Path) -> Vec<u8> {
         .and_then(|mut f| f.read_to_end(&mut v))
         .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     v
+}
+
+// ---------------------------------------------------------------------------
+// Signals and exit (operations tests)
+// ---------------------------------------------------------------------------
+
+impl Broker {
+    /// Sends `sig` (e.g. "-HUP", "-TERM") to the server process.
+    pub fn signal(&self, sig: &str) {
+        signal(&self.child.id().to_string(), sig);
+    }
+
+    /// Waits up to `timeout` for the server to exit; `None` if it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
 }

@@ -1,0 +1,933 @@
+//! The PostgreSQL backend: one database shared by any number of nodes.
+//!
+//! Calls go through a small connection pool (deadpool) with short timeouts,
+//! so that with the database unreachable every call fails within about two
+//! seconds as [`StoreError::Unavailable`], and the pool heals by itself when
+//! the database is back: a connection the server closed is noticed when it
+//! is next taken from the pool, dropped, and replaced by a new one.
+//!
+//! Revocations are announced with `NOTIFY vncbroker_revoked` in the
+//! transaction that revokes; a proxy node keeps one dedicated `LISTEN`
+//! connection (reconnecting with backoff) and wakes its revocation watcher on
+//! each notice. The watcher's periodic look stays as the fallback.
+//!
+//! Connections are plain TCP or Unix sockets for now; [`tls`] is the one
+//! place a TLS connector would be chosen (the pool's manager and the LISTEN
+//! connection both take it).
+
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{
+    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
+};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_postgres::config::SslMode;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{AsyncMessage, NoTls, Row};
+
+use super::sqlite::REVOKED_GRACE_SECS;
+use super::{
+    NewSession, NewToken, Redemption, SessionEnd, SessionFilter, SessionRecord, Store, StoreError,
+    User, Vm,
+};
+use crate::token::TokenHash;
+
+/// Versioned migrations, applied in order; `schema_migrations` records the
+/// ones applied.
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/postgres/0001_init.sql"))];
+
+/// The advisory lock that serialises migrations of nodes starting at once
+/// ("vncbrokr" in ASCII).
+const MIGRATION_LOCK: i64 = 0x766e_6362_726f_6b72;
+
+/// The channel revocations are announced on; the payload is the VM id.
+pub const REVOCATION_CHANNEL: &str = "vncbroker_revoked";
+
+/// Connections per node.
+const POOL_SIZE: usize = 8;
+/// How long a call may wait for a free connection, for a new connection to
+/// be set up, and for a pooled one to be checked.
+const POOL_WAIT: Duration = Duration::from_secs(1);
+const POOL_CREATE: Duration = Duration::from_secs(1);
+const POOL_RECYCLE: Duration = Duration::from_secs(1);
+/// TCP (or Unix socket) connect timeout, unless the URL sets one.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Server-side limit on one statement, unless the URL's options set one.
+const STATEMENT_TIMEOUT_MS: u64 = 3000;
+/// Client-side limit on one store call, for a server that stops answering
+/// without closing the connection (a network partition).
+const CALL_TIMEOUT: Duration = Duration::from_millis(STATEMENT_TIMEOUT_MS + 1000);
+/// Backoff of the LISTEN connection between reconnection attempts.
+const LISTEN_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const LISTEN_BACKOFF_MAX: Duration = Duration::from_secs(3);
+
+/// The TLS connector. Plain connections only for now: a URL that requires
+/// TLS is refused rather than silently downgraded.
+type Tls = NoTls;
+
+fn tls(cfg: &tokio_postgres::Config) -> Result<Tls, StoreError> {
+    match cfg.get_ssl_mode() {
+        SslMode::Require => Err(StoreError::Unavailable(
+            "sslmode=require: TLS connections to PostgreSQL are not supported yet".into(),
+        )),
+        _ => Ok(NoTls),
+    }
+}
+
+pub struct PgStore {
+    pool: Pool,
+    /// For the dedicated LISTEN connection.
+    config: tokio_postgres::Config,
+    /// Woken on each revocation notice; created with the listener, on first use.
+    signal: OnceLock<Arc<Notify>>,
+    listener: Mutex<Option<JoinHandle<()>>>,
+    listening: Arc<AtomicBool>,
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        if let Ok(mut listener) = self.listener.lock()
+            && let Some(task) = listener.take()
+        {
+            task.abort();
+        }
+    }
+}
+
+/// Runs `$body` (an expression of type `Result<_, StoreError>`, which may use
+/// `?`) with a pooled connection bound to `$c`, within [`CALL_TIMEOUT`]. A
+/// connection that timed out is kept out of the pool: it may be wedged.
+macro_rules! with_conn {
+    ($self:ident, |$c:ident| $body:expr) => {{
+        #[allow(unused_mut)]
+        let mut $c = $self.conn().await?;
+        let outcome = timed(async { $body }).await;
+        match outcome {
+            Some(result) => result,
+            None => {
+                drop(Object::take($c));
+                Err(StoreError::Unavailable(format!(
+                    "PostgreSQL did not answer within {CALL_TIMEOUT:?}"
+                )))
+            }
+        }
+    }};
+}
+
+async fn timed<T>(
+    fut: impl Future<Output = Result<T, StoreError>>,
+) -> Option<Result<T, StoreError>> {
+    tokio::time::timeout(CALL_TIMEOUT, fut).await.ok()
+}
+
+impl PgStore {
+    /// Connects to the database a `postgres://` or `postgresql://` URL
+    /// names, and migrates it. Fails as [`StoreError::Unavailable`] if the
+    /// URL is unusable or the database cannot be reached.
+    pub async fn open(url: &str) -> Result<PgStore, StoreError> {
+        let mut config = tokio_postgres::Config::from_str(url).map_err(|e| {
+            StoreError::Unavailable(format!("invalid PostgreSQL URL: {}", describe(&e)))
+        })?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("vncbroker");
+        }
+        // Ours first, so options given in the URL win.
+        let options = format!(
+            "-c statement_timeout={STATEMENT_TIMEOUT_MS} -c idle_in_transaction_session_timeout=10000 {}",
+            config.get_options().unwrap_or("")
+        );
+        config.options(options.trim_end());
+        config
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(10))
+            .keepalives_interval(Duration::from_secs(2))
+            .keepalives_retries(3);
+        let manager = Manager::from_config(
+            config.clone(),
+            tls(&config)?,
+            ManagerConfig {
+                // Fast: a pooled connection is checked with is_closed() only.
+                // A connection the server ended (a restart, an outage) has
+                // closed by the time it is taken again, and is replaced.
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(POOL_WAIT))
+            .create_timeout(Some(POOL_CREATE))
+            .recycle_timeout(Some(POOL_RECYCLE))
+            .build()
+            .map_err(|e| StoreError::Internal(format!("building the connection pool: {e}")))?;
+        let store = PgStore {
+            pool,
+            config,
+            signal: OnceLock::new(),
+            listener: Mutex::new(None),
+            listening: Arc::new(AtomicBool::new(false)),
+        };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Whether the LISTEN connection for revocation notices is up.
+    pub fn is_listening(&self) -> bool {
+        self.listening.load(Ordering::SeqCst)
+    }
+
+    async fn conn(&self) -> Result<Object, StoreError> {
+        self.pool.get().await.map_err(pool_err)
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await.map_err(pg_err)?;
+        // Nodes starting together wait here for the first one's migration.
+        tx.batch_execute(&format!(
+            "SET LOCAL statement_timeout = '5min';
+             SET LOCAL client_min_messages = warning;
+             SELECT pg_advisory_xact_lock({MIGRATION_LOCK});
+             CREATE TABLE IF NOT EXISTS schema_migrations (
+                 version    BIGINT PRIMARY KEY,
+                 applied_at BIGINT NOT NULL
+             );"
+        ))
+        .await
+        .map_err(pg_err)?;
+        let current: i64 = tx
+            .query_one(
+                "SELECT COALESCE(max(version), 0)::BIGINT FROM schema_migrations",
+                &[],
+            )
+            .await
+            .map_err(pg_err)?
+            .get(0);
+        let newest = MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
+        if current > newest {
+            return Err(StoreError::Unavailable(format!(
+                "database schema version {current} is newer than this vncbroker knows ({newest})"
+            )));
+        }
+        for (version, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+            tx.batch_execute(sql).await.map_err(pg_err)?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)",
+                &[version, &crate::now_unix()],
+            )
+            .await
+            .map_err(pg_err)?;
+            tracing::info!(version, "PostgreSQL schema migrated");
+        }
+        tx.commit().await.map_err(pg_err)
+    }
+}
+
+/// Maps a PostgreSQL error: unique violations are conflicts, foreign-key
+/// violations missing rows, connection trouble and timeouts unavailability.
+pub(crate) fn pg_err(e: tokio_postgres::Error) -> StoreError {
+    let text = describe(&e);
+    if let Some(state) = e.code() {
+        return if *state == SqlState::UNIQUE_VIOLATION {
+            StoreError::Conflict(text)
+        } else if *state == SqlState::FOREIGN_KEY_VIOLATION {
+            StoreError::NotFound(text)
+        } else if unavailable_state(state.code()) {
+            StoreError::Unavailable(text)
+        } else {
+            StoreError::Internal(text)
+        };
+    }
+    let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
+    // The client's own kinds are private; these are the ones about the
+    // connection rather than about a query.
+    let connection = matches!(
+        e.to_string().as_str(),
+        "timeout waiting for server"
+            | "error connecting to server"
+            | "error communicating with the server"
+            | "error performing TLS handshake"
+            | "authentication error"
+    );
+    if e.is_closed() || io || connection {
+        StoreError::Unavailable(text)
+    } else {
+        StoreError::Internal(text)
+    }
+}
+
+/// SQLSTATEs that say "not now" rather than "wrong".
+fn unavailable_state(code: &str) -> bool {
+    code.starts_with("08") // connection exception
+        || code.starts_with("53") // insufficient resources, too many connections
+        || code.starts_with("57P") // admin or crash shutdown, cannot connect now
+        || code.starts_with("28") // authentication failed
+        || matches!(
+            code,
+            "57014" // query canceled: statement_timeout
+                | "3D000" // the database does not exist
+                | "40001" // serialization failure
+                | "40P01" // deadlock detected
+                | "55P03" // lock not available
+                | "25006" // read-only transaction: a standby
+        )
+}
+
+/// The error's text with its cause; the client's own Display omits it.
+fn describe(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{} ({})", db.message(), db.code().code());
+    }
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    }
+}
+
+fn pool_err(e: PoolError) -> StoreError {
+    match e {
+        PoolError::Backend(e) => {
+            StoreError::Unavailable(format!("cannot connect to PostgreSQL: {}", describe(&e)))
+        }
+        PoolError::Timeout(kind) => {
+            StoreError::Unavailable(format!("PostgreSQL connection pool timed out ({kind:?})"))
+        }
+        other => StoreError::Unavailable(format!("PostgreSQL connection pool: {other}")),
+    }
+}
+
+fn port(p: i32, what: &str) -> Result<u16, StoreError> {
+    u16::try_from(p).map_err(|_| StoreError::Internal(format!("{what}: bad port {p}")))
+}
+
+/// `u64` counters are stored as BIGINT.
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+const VM_COLUMNS: &str = "SELECT v.id, v.name, v.vnc_host, v.vnc_port, v.vnc_password, u.name,
+            COALESCE((SELECT array_agg(au.name ORDER BY au.name COLLATE \"C\")
+                      FROM vm_users a JOIN users au ON au.id = a.user_id
+                      WHERE a.vm_id = v.id), '{}')
+     FROM vms v JOIN users u ON u.id = v.owner_id";
+
+fn vm_row(r: &Row) -> Result<Vm, StoreError> {
+    let id: i64 = r.get(0);
+    Ok(Vm {
+        id,
+        name: r.get(1),
+        vnc_host: r.get(2),
+        vnc_port: port(r.get(3), &format!("vm {id}"))?,
+        vnc_password: r.get(4),
+        owner: r.get(5),
+        allowed: r.get(6),
+    })
+}
+
+fn user_row(r: &Row) -> User {
+    User {
+        id: r.get(0),
+        name: r.get(1),
+        password_hash: r.get(2),
+        admin: r.get(3),
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn insert_token(&self, t: &NewToken) -> Result<i64, StoreError> {
+        with_conn!(self, |c| {
+            let st = c
+                .prepare_cached(
+                    "INSERT INTO tokens (token_hash, vm_id, target_host, target_port, vnc_password,
+                                         user_name, created_at, expires_at, single_use)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
+                )
+                .await
+                .map_err(pg_err)?;
+            let row = c
+                .query_one(
+                    &st,
+                    &[
+                        &&t.hash[..],
+                        &t.vm_id,
+                        &t.target_host,
+                        &i32::from(t.target_port),
+                        &t.vnc_password,
+                        &t.user_name,
+                        &t.created_at,
+                        &t.expires_at,
+                        &t.single_use,
+                    ],
+                )
+                .await
+                .map_err(pg_err)?;
+            Ok(row.get(0))
+        })
+    }
+
+    async fn revoke_vm_tokens(&self, vm_id: i64, now: i64) -> Result<u64, StoreError> {
+        with_conn!(self, |c| {
+            let tx = c.transaction().await.map_err(pg_err)?;
+            let st = tx
+                .prepare_cached(
+                    "UPDATE tokens SET revoked_at = $2
+                     WHERE vm_id = $1 AND revoked_at IS NULL AND expires_at > $2
+                       AND NOT (single_use AND used_at IS NOT NULL)",
+                )
+                .await
+                .map_err(pg_err)?;
+            let n = tx.execute(&st, &[&vm_id, &now]).await.map_err(pg_err)?;
+            if n > 0 {
+                // Delivered at commit, to every node listening.
+                tx.execute(
+                    "SELECT pg_notify($1, $2)",
+                    &[&REVOCATION_CHANNEL, &vm_id.to_string()],
+                )
+                .await
+                .map_err(pg_err)?;
+            }
+            tx.commit().await.map_err(pg_err)?;
+            Ok(n)
+        })
+    }
+
+    async fn purge_expired(&self, before: i64) -> Result<u64, StoreError> {
+        with_conn!(self, |c| {
+            let st = c
+                .prepare_cached("DELETE FROM tokens WHERE expires_at <= $1 OR revoked_at <= $2")
+                .await
+                .map_err(pg_err)?;
+            c.execute(&st, &[&before, &before.saturating_sub(REVOKED_GRACE_SECS)])
+                .await
+                .map_err(pg_err)
+        })
+    }
+
+    async fn redeem(&self, hash: &TokenHash, now: i64) -> Result<Option<Redemption>, StoreError> {
+        with_conn!(self, |c| {
+            // One statement: of concurrent redemptions of a single-use token,
+            // the first to lock the row wins; the others re-check the
+            // condition on the updated row and match nothing.
+            let st = c
+                .prepare_cached(
+                    "UPDATE tokens SET used_at = COALESCE(used_at, $2)
+                     WHERE token_hash = $1 AND revoked_at IS NULL AND expires_at > $2
+                       AND (NOT single_use OR used_at IS NULL)
+                     RETURNING id, vm_id, target_host, target_port, vnc_password, user_name,
+                               expires_at",
+                )
+                .await
+                .map_err(pg_err)?;
+            let Some(r) = c
+                .query_opt(&st, &[&&hash[..], &now])
+                .await
+                .map_err(pg_err)?
+            else {
+                return Ok(None);
+            };
+            let token_id: i64 = r.get(0);
+            Ok(Some(Redemption {
+                token_id,
+                vm_id: r.get(1),
+                target_host: r.get(2),
+                target_port: port(r.get(3), &format!("token {token_id}"))?,
+                vnc_password: r.get(4),
+                user_name: r.get(5),
+                expires_at: r.get(6),
+            }))
+        })
+    }
+
+    async fn revoked_since(&self, since: i64) -> Result<Vec<i64>, StoreError> {
+        with_conn!(self, |c| {
+            let st = c
+                .prepare_cached("SELECT id FROM tokens WHERE revoked_at >= $1 ORDER BY id")
+                .await
+                .map_err(pg_err)?;
+            let rows = c.query(&st, &[&since]).await.map_err(pg_err)?;
+            Ok(rows.iter().map(|r| r.get(0)).collect())
+        })
+    }
+
+    async fn open_session(&self, s: &NewSession) -> Result<i64, StoreError> {
+        with_conn!(self, |c| {
+            let st = c
+                .prepare_cached(
+                    "INSERT INTO sessions (token_id, vm_id, user_name, client_addr, node, started_at)
+                     VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+                )
+                .await
+                .map_err(pg_err)?;
+            let row = c
+                .query_one(
+                    &st,
+                    &[
+                        &s.token_id,
+                        &s.vm_id,
+                        &s.user_name,
+                        &s.client_addr,
+                        &s.node,
+                        &s.started_at,
+                    ],
+                )
+                .await
+                .map_err(pg_err)?;
+            Ok(row.get(0))
+        })
+    }
+
+    async fn close_session(&self, id: i64, end: &SessionEnd) -> Result<(), StoreError> {
+        with_conn!(self, |c| {
+            let st = c
+                .prepare_cached(
+                    "UPDATE sessions SET ended_at = $2, bytes_to_client = $3, bytes_to_server = $4,
+                                         close_reason = $5
+                     WHERE id = $1",
+                )
+                .await
+                .map_err(pg_err)?;
+            c.execute(
+                &st,
+                &[
+                    &id,
+                    &end.ended_at,
+                    &to_i64(end.bytes_to_client),
+                    &to_i64(end.bytes_to_server),
+                    &end.reason,
+                ],
+            )
+            .await
+            .map_err(pg_err)?;
+            Ok(())
+        })
+    }
+
+    async fn sessions(&self, f: &SessionFilter) -> Result<Vec<SessionRecord>, StoreError> {
+        with_conn!(self, |c| {
+            let st = c
+                .prepare_cached(
+                    "SELECT id, vm_id, user_name, client_addr, node, started_at, ended_at,
+                            bytes_to_client, bytes_to_server, close_reason
+                     FROM sessions
+                     WHERE ($1::BIGINT IS NULL OR vm_id = $1)
+                       AND ($2::TEXT IS NULL OR user_name = $2)
+                       AND ($3::BIGINT IS NULL OR started_at >= $3)
+                     ORDER BY started_at DESC, id DESC LIMIT $4",
+                )
+                .await
+                .map_err(pg_err)?;
+            let rows = c
+                .query(&st, &[&f.vm_id, &f.user, &f.since, &i64::from(f.limit)])
+                .await
+                .map_err(pg_err)?;
+            Ok(rows
+                .iter()
+                .map(|r| SessionRecord {
+                    id: r.get(0),
+                    vm_id: r.get(1),
+                    user: r.get(2),
+                    client_addr: r.get(3),
+                    node: r.get(4),
+                    started_at: r.get(5),
+                    ended_at: r.get(6),
+                    bytes_to_client: r.get::<_, i64>(7).max(0) as u64,
+                    bytes_to_server: r.get::<_, i64>(8).max(0) as u64,
+                    close_reason: r.get(9),
+                })
+                .collect())
+        })
+    }
+
+    async fn purge_sessions(&self, before: i64) -> Result<u64, StoreError> {
+        with_conn!(self, |c| {
+            // Sessions end after they start, so the started_at bound holds
+            // for every row to delete and lets sessions_started bound the scan.
+            let st = c
+                .prepare_cached(
+                    "DELETE FROM sessions
+                     WHERE started_at < $1 AND ended_at IS NOT NULL AND ended_at < $1",
+                )
+                .await
+                .map_err(pg_err)?;
+            c.execute(&st, &[&before]).await.map_err(pg_err)
+        })
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        with_conn!(self, |c| {
+            c.simple_query("SELECT 1").await.map_err(pg_err)?;
+            Ok(())
+        })
+    }
+
+    async fn add_user(&self, name: &str, hash: &str, admin: bool) -> Result<i64, StoreError> {
+        let now = crate::now_unix();
+        with_conn!(self, |c| {
+            let st = c
+                .prepare_cached(
+                    "INSERT INTO users (name, password_hash, admin, created_at)
+                     VALUES ($1, $2, $3, $4) RETURNING id",
+                )
+                .await
+                .map_err(pg_err)?;
+            let row = c
+                .query_one(&st, &[&name, &hash, &admin, &now])
+                .await
+                .map_err(|e| match pg_err(e) {
+                    StoreError::Conflict(_) => StoreError::Conflict(format!("user {name:?}")),
+                    other => other,
+                })?;
+            Ok(row.get(0))
+        })
+    }
+
+    async fn user(&self, name: &str) -> Result<Option<User>, StoreError> {
+        with_conn!(self, |c| {
+            let st = c
+                .prepare_cached("SELECT id, name, password_hash, admin FROM users WHERE name = $1")
+                .await
+                .map_err(pg_err)?;
+            let row = c.query_opt(&st, &[&name]).await.map_err(pg_err)?;
+            Ok(row.as_ref().map(user_row))
+        })
+    }
+
+    async fn users(&self) -> Result<Vec<User>, StoreError> {
+        with_conn!(self, |c| {
+            let st = c
+                .prepare_cached(
+                    "SELECT id, name, password_hash, admin FROM users ORDER BY name COLLATE \"C\"",
+                )
+                .await
+                .map_err(pg_err)?;
+            let rows = c.query(&st, &[]).await.map_err(pg_err)?;
+            Ok(rows.iter().map(user_row).collect())
+        })
+    }
+
+    async fn add_vm(&self, vm: &Vm) -> Result<(), StoreError> {
+        let now = crate::now_unix();
+        with_conn!(self, |c| {
+            let tx = c.transaction().await.map_err(pg_err)?;
+            let user_id = tx
+                .prepare_cached("SELECT id FROM users WHERE name = $1")
+                .await
+                .map_err(pg_err)?;
+            let owner: i64 = tx
+                .query_opt(&user_id, &[&vm.owner])
+                .await
+                .map_err(pg_err)?
+                .ok_or_else(|| StoreError::NotFound(format!("user {:?}", vm.owner)))?
+                .get(0);
+            tx.execute(
+                "INSERT INTO vms (id, name, vnc_host, vnc_port, vnc_password, owner_id, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                &[
+                    &vm.id,
+                    &vm.name,
+                    &vm.vnc_host,
+                    &i32::from(vm.vnc_port),
+                    &vm.vnc_password,
+                    &owner,
+                    &now,
+                ],
+            )
+            .await
+            .map_err(|e| match pg_err(e) {
+                StoreError::Conflict(_) => StoreError::Conflict(format!("vm {}", vm.id)),
+                other => other,
+            })?;
+            for name in &vm.allowed {
+                let uid: i64 = tx
+                    .query_opt(&user_id, &[name])
+                    .await
+                    .map_err(pg_err)?
+                    .ok_or_else(|| StoreError::NotFound(format!("user {name:?}")))?
+                    .get(0);
+                tx.execute(
+                    "INSERT INTO vm_users (vm_id, user_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                    &[&vm.id, &uid],
+                )
+                .await
+                .map_err(pg_err)?;
+            }
+            tx.commit().await.map_err(pg_err)
+        })
+    }
+
+    async fn vm(&self, id: i64) -> Result<Option<Vm>, StoreError> {
+        with_conn!(self, |c| {
+            let st = c
+                .prepare_cached(&format!("{VM_COLUMNS} WHERE v.id = $1"))
+                .await
+                .map_err(pg_err)?;
+            match c.query_opt(&st, &[&id]).await.map_err(pg_err)? {
+                Some(r) => vm_row(&r).map(Some),
+                None => Ok(None),
+            }
+        })
+    }
+
+    async fn vms(&self) -> Result<Vec<Vm>, StoreError> {
+        with_conn!(self, |c| {
+            let st = c
+                .prepare_cached(&format!("{VM_COLUMNS} ORDER BY v.id"))
+                .await
+                .map_err(pg_err)?;
+            let rows = c.query(&st, &[]).await.map_err(pg_err)?;
+            rows.iter().map(vm_row).collect()
+        })
+    }
+
+    async fn remove_vm(&self, id: i64) -> Result<bool, StoreError> {
+        let now = crate::now_unix();
+        with_conn!(self, |c| {
+            let tx = c.transaction().await.map_err(pg_err)?;
+            let revoked = tx
+                .execute(
+                    "UPDATE tokens SET revoked_at = $2 WHERE vm_id = $1 AND revoked_at IS NULL",
+                    &[&id, &now],
+                )
+                .await
+                .map_err(pg_err)?;
+            let removed = tx
+                .execute("DELETE FROM vms WHERE id = $1", &[&id])
+                .await
+                .map_err(pg_err)?;
+            if revoked > 0 {
+                tx.execute(
+                    "SELECT pg_notify($1, $2)",
+                    &[&REVOCATION_CHANNEL, &id.to_string()],
+                )
+                .await
+                .map_err(pg_err)?;
+            }
+            tx.commit().await.map_err(pg_err)?;
+            Ok(removed > 0)
+        })
+    }
+
+    fn revocation_signal(&self) -> Option<Arc<Notify>> {
+        let signal = self.signal.get_or_init(|| {
+            let signal = Arc::new(Notify::new());
+            // Started on first use, so CLI commands never open it.
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let task = runtime.spawn(listen(
+                    self.config.clone(),
+                    Arc::clone(&signal),
+                    Arc::clone(&self.listening),
+                ));
+                if let Ok(mut listener) = self.listener.lock() {
+                    *listener = Some(task);
+                }
+            }
+            signal
+        });
+        Some(Arc::clone(signal))
+    }
+}
+
+/// Keeps a LISTEN connection up for as long as the store lives, waking
+/// `signal`'s waiters on every revocation notice.
+async fn listen(config: tokio_postgres::Config, signal: Arc<Notify>, listening: Arc<AtomicBool>) {
+    let mut backoff = LISTEN_BACKOFF_MIN;
+    let mut failures = 0u32;
+    loop {
+        let mut established = false;
+        let result = listen_once(&config, &signal, &listening, &mut established).await;
+        listening.store(false, Ordering::SeqCst);
+        if established {
+            backoff = LISTEN_BACKOFF_MIN;
+            failures = 0;
+        }
+        match result {
+            Ok(()) => tracing::warn!("revocation notice connection closed; reconnecting"),
+            // One warning per outage; the watcher's periodic look covers it.
+            Err(e) if failures == 0 => {
+                tracing::warn!(error = %e, "revocation notice connection failed; retrying")
+            }
+            Err(e) => tracing::debug!(error = %e, "revocation notice connection failed again"),
+        }
+        failures = failures.saturating_add(1);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(LISTEN_BACKOFF_MAX);
+    }
+}
+
+async fn listen_once(
+    config: &tokio_postgres::Config,
+    signal: &Notify,
+    listening: &AtomicBool,
+    established: &mut bool,
+) -> Result<(), StoreError> {
+    let tls = tls(config)?;
+    let (client, mut connection) = tokio::time::timeout(POOL_CREATE * 2, config.connect(tls))
+        .await
+        .map_err(|_| StoreError::Unavailable("connecting timed out".into()))?
+        .map_err(pg_err)?;
+    // Driving the connection through poll_message is what surfaces the
+    // notifications; it also carries the LISTEN below.
+    let mut messages = std::pin::pin!(async {
+        loop {
+            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(AsyncMessage::Notification(n))) => {
+                    tracing::debug!(vm_id = n.payload(), "revocation notice");
+                    signal.notify_waiters();
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(pg_err(e)),
+                None => return Ok(()),
+            }
+        }
+    });
+    let listen = format!("LISTEN {REVOCATION_CHANNEL}");
+    tokio::select! {
+        ended = &mut messages => return ended,
+        listened = client.batch_execute(&listen) => {
+            listened.map_err(pg_err)?
+        }
+    }
+    *established = true;
+    listening.store(true, Ordering::SeqCst);
+    tracing::info!("listening for revocation notices");
+    // Revocations made while nobody listened: have the watchers look now.
+    signal.notify_waiters();
+    let ended = messages.await;
+    drop(client);
+    ended
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::testpg;
+
+    #[test]
+    fn sqlstates_map_to_store_errors() {
+        assert!(unavailable_state("08006"));
+        assert!(unavailable_state("57P01"));
+        assert!(unavailable_state("57014"));
+        assert!(unavailable_state("53300"));
+        assert!(!unavailable_state("42P01"));
+        assert!(!unavailable_state("23514"));
+    }
+
+    #[tokio::test]
+    async fn constraint_violations_map_to_conflict_and_not_found() {
+        let db = testpg::TestDb::create("errmap").await;
+        let store = PgStore::open(&db.url).await.unwrap();
+        let c = store.conn().await.unwrap();
+        let fk = c
+            .execute(
+                "INSERT INTO vms (id, name, vnc_host, vnc_port, owner_id, created_at)
+                 VALUES (1, 'x', 'h', 5900, 424242, 0)",
+                &[],
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(pg_err(fk), StoreError::NotFound(_)));
+        c.execute(
+            "INSERT INTO users (name, password_hash, created_at) VALUES ('u', 'h', 0)",
+            &[],
+        )
+        .await
+        .unwrap();
+        let dup = c
+            .execute(
+                "INSERT INTO users (name, password_hash, created_at) VALUES ('u', 'h', 0)",
+                &[],
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(pg_err(dup), StoreError::Conflict(_)));
+        // The length check on token hashes.
+        let short = c
+            .execute(
+                "INSERT INTO tokens (token_hash, vm_id, target_host, target_port, user_name,
+                                     created_at, expires_at)
+                 VALUES ('\\x00', 1, 'h', 1, 'u', 0, 1)",
+                &[],
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(pg_err(short), StoreError::Internal(_)));
+        let timeout = c
+            .batch_execute("SET statement_timeout = 50; SELECT pg_sleep(1)")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(pg_err(timeout), StoreError::Unavailable(_)),
+            "a statement timeout is unavailability"
+        );
+    }
+
+    #[tokio::test]
+    async fn concurrent_opens_migrate_once_and_reopening_keeps_data() {
+        let db = testpg::TestDb::create("migrate").await;
+        let opens: Vec<_> = (0..4)
+            .map(|_| {
+                let url = db.url.clone();
+                tokio::spawn(async move { PgStore::open(&url).await })
+            })
+            .collect();
+        let mut stores = Vec::new();
+        for o in opens {
+            stores.push(o.await.unwrap().unwrap());
+        }
+        stores[0].add_user("alice", "h", false).await.unwrap();
+        drop(stores);
+        let store = PgStore::open(&db.url).await.unwrap();
+        assert_eq!(store.users().await.unwrap().len(), 1);
+        let c = store.conn().await.unwrap();
+        let rows = c
+            .query("SELECT version FROM schema_migrations", &[])
+            .await
+            .unwrap();
+        let versions: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+        assert_eq!(versions, vec![1]);
+        // Pooled connections carry the statement timeout.
+        let timeout: String = c
+            .query_one("SHOW statement_timeout", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(timeout, "3s");
+        // A schema from a newer vncbroker is refused.
+        c.execute(
+            "INSERT INTO schema_migrations (version, applied_at) VALUES (99, 0)",
+            &[],
+        )
+        .await
+        .unwrap();
+        let err = PgStore::open(&db.url).await.err().unwrap();
+        assert!(err.to_string().contains("newer"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn unreachable_database_fails_fast_as_unavailable() {
+        let port = testpg::closed_port();
+        let started = std::time::Instant::now();
+        let err = crate::store::open(&format!("postgres://u@127.0.0.1:{port}/db"))
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        for bad in [
+            "postgres://u@127.0.0.1:5432/db?sslmode=require",
+            "postgresql://u@127.0.0.1:notaport/db",
+        ] {
+            let err = crate::store::open(bad).await.err().unwrap();
+            assert!(matches!(err, StoreError::Unavailable(_)), "{bad}: {err:?}");
+        }
+    }
+}

@@ -1,0 +1,626 @@
+//! One store test suite, run against every backend.
+//!
+//! Each test body takes a fresh, empty store; [`backend_tests!`] turns it
+//! into one `#[tokio::test]` per backend: `sqlite::NAME` on a temp file and
+//! `postgres::NAME` on a database of its own (on the tests' private server,
+//! or on `$DATABASE_URL`'s).
+
+use std::any::Any;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::token::hash_token;
+
+/// A fresh store, and whatever must live as long as it (a temp dir).
+pub(super) struct Fixture {
+    pub store: Arc<dyn Store>,
+    /// The store's URL, to open a second handle (another "node").
+    pub url: String,
+    _keep: Box<dyn Any + Send>,
+}
+
+async fn sqlite_fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("t.db").display());
+    Fixture {
+        store: open(&url).await.unwrap(),
+        url,
+        _keep: Box::new(dir),
+    }
+}
+
+async fn postgres_fixture() -> Fixture {
+    let db = super::testpg::TestDb::create("store").await;
+    Fixture {
+        store: open(&db.url).await.unwrap(),
+        url: db.url.clone(),
+        _keep: Box::new(db),
+    }
+}
+
+macro_rules! backend_tests {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::sqlite_fixture().await).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::postgres_fixture().await).await
+                }
+            )*
+        }
+    };
+}
+
+backend_tests!(
+    duplicate_token_hash_is_a_conflict,
+    redemption_rules,
+    single_use_race_has_one_winner,
+    revoke_counts_only_live_tokens,
+    purge_removes_expired_and_long_revoked_tokens,
+    users_are_stored_and_names_are_unique,
+    vms_need_existing_users_and_removal_revokes_their_tokens,
+    sessions_are_recorded_listed_and_filtered,
+    revoked_since_reports_recent_revocations,
+    a_second_handle_sees_the_same_data,
+    purge_sessions_deletes_only_sessions_that_ended_before_the_cutoff,
+    ping_answers,
+);
+
+fn token(text: &str, vm: i64, expires_at: i64) -> NewToken {
+    NewToken {
+        hash: hash_token(text),
+        vm_id: vm,
+        target_host: "127.0.0.1".into(),
+        target_port: 5900,
+        vnc_password: None,
+        user_name: "alice".into(),
+        created_at: 0,
+        expires_at,
+        single_use: false,
+    }
+}
+
+fn single_use(text: &str, vm: i64, expires_at: i64) -> NewToken {
+    NewToken {
+        single_use: true,
+        ..token(text, vm, expires_at)
+    }
+}
+
+async fn redeems(s: &dyn Store, text: &str, now: i64) -> bool {
+    s.redeem(&hash_token(text), now).await.unwrap().is_some()
+}
+
+fn vm(id: i64, owner: &str, allowed: &[&str]) -> Vm {
+    Vm {
+        id,
+        name: format!("vm-{id}"),
+        vnc_host: "10.0.0.1".into(),
+        vnc_port: 5900 + id as u16,
+        vnc_password: None,
+        owner: owner.into(),
+        allowed: allowed.iter().map(|a| a.to_string()).collect(),
+    }
+}
+
+fn session(vm_id: i64, user: &str, node: &str, started_at: i64) -> NewSession {
+    NewSession {
+        token_id: 1,
+        vm_id,
+        user_name: user.into(),
+        client_addr: "127.0.0.1:40000".into(),
+        node: node.into(),
+        started_at,
+    }
+}
+
+fn filter(limit: u32) -> SessionFilter {
+    SessionFilter {
+        limit,
+        ..Default::default()
+    }
+}
+
+async fn duplicate_token_hash_is_a_conflict(f: Fixture) {
+    let s = &*f.store;
+    let first = s.insert_token(&token("a", 1, 100)).await.unwrap();
+    let err = s.insert_token(&token("a", 1, 100)).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    // The same hash for another VM is still the same hash.
+    let err = s.insert_token(&token("a", 2, 500)).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    let second = s.insert_token(&token("b", 1, 100)).await.unwrap();
+    assert_ne!(first, second);
+}
+
+async fn redemption_rules(f: Fixture) {
+    let s = &*f.store;
+    let now = 1000;
+    let reusable = NewToken {
+        target_host: "vnc.example".into(),
+        target_port: 65535,
+        vnc_password: Some("pw".into()),
+        user_name: "bob".into(),
+        ..token("reusable", 7, now + 10)
+    };
+    let reusable_id = s.insert_token(&reusable).await.unwrap();
+    s.insert_token(&single_use("once", 7, now + 10))
+        .await
+        .unwrap();
+    s.insert_token(&token("expired", 7, now)).await.unwrap();
+
+    let r = s
+        .redeem(&hash_token("reusable"), now)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        r,
+        Redemption {
+            token_id: reusable_id,
+            vm_id: 7,
+            target_host: "vnc.example".into(),
+            target_port: 65535,
+            vnc_password: Some("pw".into()),
+            user_name: "bob".into(),
+            expires_at: now + 10,
+        }
+    );
+    // Reusable: again and again until it expires.
+    assert!(redeems(s, "reusable", now).await);
+    assert!(redeems(s, "reusable", now + 9).await);
+    assert!(
+        !redeems(s, "reusable", now + 10).await,
+        "expired at expires_at"
+    );
+    // Single-use: once.
+    assert!(redeems(s, "once", now).await);
+    assert!(!redeems(s, "once", now).await);
+    // Expired the moment expires_at is reached.
+    assert!(!redeems(s, "expired", now).await);
+    assert!(redeems(s, "expired", now - 1).await);
+    assert!(!redeems(s, "unknown", now).await);
+    // Revoked.
+    assert_eq!(s.revoke_vm_tokens(7, now - 1).await.unwrap(), 2);
+    assert!(!redeems(s, "reusable", now).await);
+    assert!(!redeems(s, "expired", now - 1).await);
+}
+
+async fn single_use_race_has_one_winner(f: Fixture) {
+    let s = Arc::clone(&f.store);
+    s.insert_token(&single_use("race", 7, i64::MAX))
+        .await
+        .unwrap();
+    let start = Arc::new(tokio::sync::Barrier::new(20));
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let (s, start) = (Arc::clone(&s), Arc::clone(&start));
+            tokio::spawn(async move {
+                start.wait().await;
+                s.redeem(&hash_token("race"), 1).await.unwrap().is_some()
+            })
+        })
+        .collect();
+    let mut wins = 0;
+    for t in tasks {
+        wins += t.await.unwrap() as usize;
+    }
+    assert_eq!(wins, 1);
+}
+
+async fn revoke_counts_only_live_tokens(f: Fixture) {
+    let s = &*f.store;
+    let now = 1000;
+    s.insert_token(&token("live1", 7, now + 10)).await.unwrap();
+    s.insert_token(&token("live2", 7, now + 10)).await.unwrap();
+    s.insert_token(&single_use("unused-once", 7, now + 10))
+        .await
+        .unwrap();
+    s.insert_token(&single_use("used-once", 7, now + 10))
+        .await
+        .unwrap();
+    assert!(redeems(s, "used-once", now).await);
+    s.insert_token(&token("expired", 7, now)).await.unwrap();
+    s.insert_token(&token("other-vm", 8, now + 10))
+        .await
+        .unwrap();
+    // Live: both reusable ones and the unused single-use one. A used
+    // single-use token and an expired one are dead already.
+    assert_eq!(s.revoke_vm_tokens(7, now).await.unwrap(), 3);
+    assert_eq!(s.revoke_vm_tokens(7, now).await.unwrap(), 0);
+    assert_eq!(s.revoke_vm_tokens(99, now).await.unwrap(), 0);
+    assert!(redeems(s, "other-vm", now).await);
+    assert_eq!(s.revoke_vm_tokens(8, now).await.unwrap(), 1);
+}
+
+async fn purge_removes_expired_and_long_revoked_tokens(f: Fixture) {
+    let s = &*f.store;
+    let now = 100_000;
+    let grace = super::sqlite::REVOKED_GRACE_SECS;
+    s.insert_token(&token("expired", 7, now)).await.unwrap();
+    s.insert_token(&token("live", 7, now + 10)).await.unwrap();
+    s.insert_token(&token("revoked-long-ago", 8, now + 10 * grace))
+        .await
+        .unwrap();
+    s.revoke_vm_tokens(8, now - grace - 1).await.unwrap();
+    s.insert_token(&token("revoked-recently", 9, now + 10 * grace))
+        .await
+        .unwrap();
+    s.revoke_vm_tokens(9, now - 1).await.unwrap();
+    assert_eq!(s.purge_expired(now).await.unwrap(), 2);
+    assert_eq!(s.purge_expired(now).await.unwrap(), 0);
+    assert!(redeems(s, "live", now).await);
+    // Still there for the other nodes to see within the grace period.
+    assert_eq!(s.revoked_since(now - 1).await.unwrap().len(), 1);
+    // The purged hash can be minted again.
+    s.insert_token(&token("expired", 7, now + 5)).await.unwrap();
+}
+
+async fn users_are_stored_and_names_are_unique(f: Fixture) {
+    let s = &*f.store;
+    assert!(s.users().await.unwrap().is_empty());
+    assert!(s.user("alice").await.unwrap().is_none());
+    let bob = s.add_user("bob", "hash-b", true).await.unwrap();
+    let alice = s.add_user("alice", "hash-a", false).await.unwrap();
+    assert_ne!(alice, bob);
+    let err = s.add_user("bob", "other", false).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    assert!(err.to_string().contains("bob"), "{err}");
+    let got = s.user("alice").await.unwrap().unwrap();
+    assert_eq!(
+        got,
+        User {
+            id: alice,
+            name: "alice".into(),
+            password_hash: "hash-a".into(),
+            admin: false,
+        }
+    );
+    assert!(s.user("bob").await.unwrap().unwrap().admin);
+    assert!(s.user("Alice").await.unwrap().is_none(), "names are exact");
+    // Sorted by name, byte-wise.
+    s.add_user("Zed", "h", false).await.unwrap();
+    let names: Vec<String> = s
+        .users()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|u| u.name)
+        .collect();
+    assert_eq!(names, ["Zed", "alice", "bob"]);
+}
+
+async fn vms_need_existing_users_and_removal_revokes_their_tokens(f: Fixture) {
+    let s = &*f.store;
+    let mut web = vm(7, "alice", &["carol", "bob"]);
+    web.vnc_password = Some("pw".into());
+    let err = s.add_vm(&web).await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::NotFound(_)),
+        "unknown owner: {err:?}"
+    );
+    s.add_user("alice", "h", false).await.unwrap();
+    s.add_user("bob", "h", false).await.unwrap();
+    let err = s.add_vm(&web).await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::NotFound(_)),
+        "unknown allowed user: {err:?}"
+    );
+    assert!(s.vm(7).await.unwrap().is_none(), "nothing half-added");
+    s.add_user("carol", "h", false).await.unwrap();
+    s.add_vm(&web).await.unwrap();
+    let err = s.add_vm(&vm(7, "bob", &[])).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    let db = vm(3, "bob", &[]);
+    s.add_vm(&db).await.unwrap();
+    let zero = vm(0, "carol", &["alice", "alice"]);
+    s.add_vm(&zero).await.unwrap();
+
+    // Allowed users come back sorted, without duplicates.
+    web.allowed = vec!["bob".into(), "carol".into()];
+    assert_eq!(s.vm(7).await.unwrap().unwrap(), web);
+    let listed = s.vms().await.unwrap();
+    assert_eq!(listed.iter().map(|v| v.id).collect::<Vec<_>>(), [0, 3, 7]);
+    assert_eq!(listed[0].allowed, ["alice"]);
+    assert_eq!(listed[1], db);
+
+    let now = crate::now_unix();
+    let id = s.insert_token(&token("t", 7, now + 600)).await.unwrap();
+    s.insert_token(&token("t3", 3, now + 600)).await.unwrap();
+    assert!(s.remove_vm(7).await.unwrap());
+    assert!(!s.remove_vm(7).await.unwrap());
+    assert!(s.vm(7).await.unwrap().is_none());
+    assert_eq!(s.revoked_since(now - 1).await.unwrap(), vec![id]);
+    assert!(!redeems(s, "t", now).await);
+    assert!(
+        redeems(s, "t3", now).await,
+        "other VMs' tokens are untouched"
+    );
+    assert_eq!(s.vms().await.unwrap().len(), 2);
+    // The VM's id can be used again.
+    s.add_vm(&vm(7, "alice", &[])).await.unwrap();
+}
+
+async fn sessions_are_recorded_listed_and_filtered(f: Fixture) {
+    let s = &*f.store;
+    let a = s
+        .open_session(&session(7, "alice", "n1", 10))
+        .await
+        .unwrap();
+    let b = s.open_session(&session(8, "bob", "n2", 20)).await.unwrap();
+    let c = s.open_session(&session(7, "bob", "n1", 20)).await.unwrap();
+    let big = 5_000_000_000u64;
+    s.close_session(
+        a,
+        &SessionEnd {
+            ended_at: 30,
+            bytes_to_client: big,
+            bytes_to_server: 6,
+            reason: "client closed".into(),
+        },
+    )
+    .await
+    .unwrap();
+
+    let all = s.sessions(&filter(10)).await.unwrap();
+    // Newest first; equal start times by id, newest first.
+    assert_eq!(all.iter().map(|r| r.id).collect::<Vec<_>>(), [c, b, a]);
+    assert_eq!(
+        all[2],
+        SessionRecord {
+            id: a,
+            vm_id: 7,
+            user: "alice".into(),
+            client_addr: "127.0.0.1:40000".into(),
+            node: "n1".into(),
+            started_at: 10,
+            ended_at: Some(30),
+            bytes_to_client: big,
+            bytes_to_server: 6,
+            close_reason: Some("client closed".into()),
+        }
+    );
+    assert_eq!(
+        (
+            all[0].ended_at,
+            all[0].bytes_to_client,
+            &all[0].close_reason
+        ),
+        (None, 0, &None),
+        "a live session"
+    );
+    assert_eq!(all[1].node, "n2");
+
+    let ids = |v: Vec<SessionRecord>| v.into_iter().map(|r| r.id).collect::<Vec<_>>();
+    let cases: Vec<(SessionFilter, Vec<i64>)> = vec![
+        (
+            SessionFilter {
+                vm_id: Some(7),
+                ..filter(10)
+            },
+            vec![c, a],
+        ),
+        (
+            SessionFilter {
+                vm_id: Some(9),
+                ..filter(10)
+            },
+            vec![],
+        ),
+        (
+            SessionFilter {
+                user: Some("bob".into()),
+                ..filter(10)
+            },
+            vec![c, b],
+        ),
+        (
+            SessionFilter {
+                user: Some("carol".into()),
+                ..filter(10)
+            },
+            vec![],
+        ),
+        (
+            SessionFilter {
+                since: Some(11),
+                ..filter(10)
+            },
+            vec![c, b],
+        ),
+        (
+            SessionFilter {
+                since: Some(21),
+                ..filter(10)
+            },
+            vec![],
+        ),
+        (
+            SessionFilter {
+                vm_id: Some(7),
+                user: Some("bob".into()),
+                since: Some(20),
+                limit: 10,
+            },
+            vec![c],
+        ),
+        (filter(2), vec![c, b]),
+        (filter(0), vec![]),
+    ];
+    for (filter, want) in cases {
+        assert_eq!(ids(s.sessions(&filter).await.unwrap()), want, "{filter:?}");
+    }
+    // Closing an unknown session is not an error.
+    s.close_session(
+        9999,
+        &SessionEnd {
+            ended_at: 1,
+            bytes_to_client: 0,
+            bytes_to_server: 0,
+            reason: "x".into(),
+        },
+    )
+    .await
+    .unwrap();
+}
+
+async fn revoked_since_reports_recent_revocations(f: Fixture) {
+    let s = &*f.store;
+    let now = 5000;
+    let a = s.insert_token(&token("a", 1, now + 100)).await.unwrap();
+    let b = s.insert_token(&token("b", 2, now + 100)).await.unwrap();
+    s.insert_token(&token("c", 3, now + 100)).await.unwrap();
+    assert!(s.revoked_since(0).await.unwrap().is_empty());
+    s.revoke_vm_tokens(1, now).await.unwrap();
+    s.revoke_vm_tokens(2, now + 5).await.unwrap();
+    let mut all = s.revoked_since(now).await.unwrap();
+    all.sort();
+    assert_eq!(all, vec![a, b]);
+    assert_eq!(s.revoked_since(now + 1).await.unwrap(), vec![b]);
+    assert_eq!(s.revoked_since(now + 5).await.unwrap(), vec![b]);
+    assert!(s.revoked_since(now + 6).await.unwrap().is_empty());
+}
+
+/// Two handles on one database, as two nodes have.
+async fn a_second_handle_sees_the_same_data(f: Fixture) {
+    let other = open(&f.url).await.unwrap();
+    let s = &*f.store;
+    s.add_user("alice", "h", true).await.unwrap();
+    s.insert_token(&single_use("shared", 1, i64::MAX))
+        .await
+        .unwrap();
+    assert!(other.user("alice").await.unwrap().is_some());
+    assert!(
+        other
+            .redeem(&hash_token("shared"), 1)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(s.redeem(&hash_token("shared"), 1).await.unwrap().is_none());
+    let err = other.add_user("alice", "h", false).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+}
+
+async fn purge_sessions_deletes_only_sessions_that_ended_before_the_cutoff(f: Fixture) {
+    let s = &*f.store;
+    let ended = |ended_at| SessionEnd {
+        ended_at,
+        bytes_to_client: 1,
+        bytes_to_server: 1,
+        reason: "client closed".into(),
+    };
+    let old = s
+        .open_session(&session(1, "alice", "n1", 100))
+        .await
+        .unwrap();
+    s.close_session(old, &ended(200)).await.unwrap();
+    let ended_late = s
+        .open_session(&session(1, "alice", "n1", 100))
+        .await
+        .unwrap();
+    s.close_session(ended_late, &ended(600)).await.unwrap();
+    let live = s
+        .open_session(&session(1, "alice", "n2", 100))
+        .await
+        .unwrap();
+    let recent = s
+        .open_session(&session(1, "alice", "n2", 700))
+        .await
+        .unwrap();
+    s.close_session(recent, &ended(800)).await.unwrap();
+    assert_eq!(s.purge_sessions(500).await.unwrap(), 1);
+    assert_eq!(s.purge_sessions(500).await.unwrap(), 0);
+    let mut left: Vec<i64> = s
+        .sessions(&filter(10))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    left.sort();
+    assert_eq!(left, vec![ended_late, live, recent]);
+}
+
+async fn ping_answers(f: Fixture) {
+    f.store.ping().await.unwrap();
+}
+
+// PostgreSQL only: revocation notices between nodes.
+
+/// A revocation on one node wakes the revocation watcher of another at
+/// once: with a one-minute tick, only the notice can end the session in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_revocation_notice_ends_sessions_on_another_node() {
+    use crate::proxy::sessions::{Sessions, Stop, watch_revocations};
+
+    let db = super::testpg::TestDb::create("notify").await;
+    let proxy_node = Arc::new(PgStore::open(&db.url).await.unwrap());
+    let api_node = open(&db.url).await.unwrap();
+    let now = crate::now_unix();
+    let token_id = api_node
+        .insert_token(&token("live", 7, now + 600))
+        .await
+        .unwrap();
+    let other_id = api_node
+        .insert_token(&token("other", 8, now + 600))
+        .await
+        .unwrap();
+
+    let sessions = Arc::new(Sessions::default());
+    let mut revoked = sessions.register(token_id, 7, "alice").unwrap();
+    let untouched = sessions.register(other_id, 8, "alice").unwrap();
+    let store: Arc<dyn Store> = proxy_node.clone();
+    let watcher = tokio::spawn(watch_revocations(
+        Arc::clone(&sessions),
+        store,
+        Duration::from_secs(60),
+    ));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !proxy_node.is_listening() {
+        assert!(std::time::Instant::now() < deadline, "LISTEN never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Let the watcher finish its first (immediate) look and wait on the signal.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let started = std::time::Instant::now();
+    let revoked_at = crate::now_unix();
+    assert_eq!(api_node.revoke_vm_tokens(7, revoked_at).await.unwrap(), 1);
+    tokio::time::timeout(Duration::from_secs(2), revoked.stop.changed())
+        .await
+        .expect("the session was not ended within 2 s of the revocation")
+        .unwrap();
+    assert_eq!(*revoked.stop.borrow(), Some(Stop::Revoked));
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(*untouched.stop.borrow(), None);
+
+    // remove_vm notifies as well.
+    let mut removed = sessions.register(other_id, 8, "alice").unwrap();
+    api_node.add_user("alice", "h", false).await.unwrap();
+    api_node.add_vm(&vm(8, "alice", &[])).await.unwrap();
+    assert!(api_node.remove_vm(8).await.unwrap());
+    tokio::time::timeout(Duration::from_secs(2), removed.stop.changed())
+        .await
+        .expect("the session was not ended within 2 s of the VM's removal")
+        .unwrap();
+    watcher.abort();
+}
+
+/// SQLite has no notices: the watcher relies on its tick alone.
+#[tokio::test]
+async fn sqlite_has_no_revocation_signal() {
+    let f = sqlite_fixture().await;
+    assert!(f.store.revocation_signal().is_none());
+    let pg = postgres_fixture().await;
+    assert!(pg.store.revocation_signal().is_some());
+}

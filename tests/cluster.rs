@@ -1,0 +1,942 @@
+//! Several nodes on one PostgreSQL database: separate `vncbroker serve`
+//! processes (an API node, proxy nodes) sharing `--database postgres://...`.
+//!
+//! Each test gets its own database (see `common::pg`); the outage test gets
+//! its own PostgreSQL server, since it stops and restarts it. The VNC server
+//! behind the proxies is a tiny TCP server here that sends the RFB version
+//! and echoes; its VMs have no VNC password, so the proxies pass bytes
+//! through. The WebSocket and HTTP clients are minimal raw ones.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use common::pg::{PgServer, TestDb};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vncbroker");
+
+const ADMIN: (&str, &str) = ("root", "root-Pw-Qx81vLmZ");
+const ALICE: (&str, &str) = ("alice", "alice-Pw-Hh27cTnE");
+const BOB: (&str, &str) = ("bob", "bob-Pw-Ww63pRsA");
+/// VM 1 is alice's, VM 2 bob's; both point at the echo server.
+const VM_ALICE: i64 = 1;
+const VM_BOB: i64 = 2;
+
+const GREETING: &[u8] = b"RFB 003.008\n";
+const CLOSE_TOKEN: u16 = 4401;
+const CLOSE_REVOKED: u16 = 4410;
+const CLOSE_UNAVAILABLE: u16 = 4503;
+
+/// How long a node may take to start on a loaded machine.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// One network step in the tests (a frame, an HTTP answer).
+const STEP: Duration = Duration::from_secs(10);
+/// What the brief promises: revocations reach every proxy, and outages are
+/// reported, within this.
+const PROMPT: Duration = Duration::from_secs(2);
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+// ---------------------------------------------------------------------------
+// The VNC server stand-in
+// ---------------------------------------------------------------------------
+
+/// Sends the RFB version, then echoes.
+struct EchoVnc {
+    port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl EchoVnc {
+    async fn start() -> EchoVnc {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    if tcp.write_all(GREETING).await.is_err() {
+                        return;
+                    }
+                    let (mut rd, mut wr) = tcp.split();
+                    let _ = tokio::io::copy(&mut rd, &mut wr).await;
+                });
+            }
+        });
+        EchoVnc { port, task }
+    }
+}
+
+impl Drop for EchoVnc {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Nodes
+// ---------------------------------------------------------------------------
+
+/// A running `vncbroker serve`.
+struct Node {
+    name: String,
+    role: &'static str,
+    port: u16,
+    log_path: PathBuf,
+    child: Child,
+}
+
+impl Node {
+    async fn start(
+        dir: &Path,
+        db_url: &str,
+        config: &Path,
+        role: &'static str,
+        name: &str,
+    ) -> Node {
+        let log_path = dir.join(format!("{name}.log"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .unwrap();
+        let mut cmd = Command::new(BIN);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("VNCBROKER_") {
+                cmd.env_remove(k);
+            }
+        }
+        let mut child = cmd
+            .args(["serve", "--config"])
+            .arg(config)
+            .args(["--database", db_url, "--listen", "127.0.0.1:0"])
+            .args(["--role", role, "--node-name", name])
+            .env("RUST_LOG", "info")
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawning vncbroker serve");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let _ = tx.send(lines.next());
+            for _ in lines {}
+        });
+        let first = tokio::time::timeout(START_TIMEOUT, rx).await;
+        let mut node = Node {
+            name: name.to_owned(),
+            role,
+            port: 0,
+            log_path,
+            child,
+        };
+        let port = match first {
+            Ok(Ok(Some(Ok(line)))) => line
+                .strip_prefix("listening on 127.0.0.1:")
+                .and_then(|p| p.trim().parse::<u16>().ok()),
+            _ => None,
+        };
+        match port {
+            Some(port) => node.port = port,
+            None => panic!("node {name} did not start; log:\n{}", node.log()),
+        }
+        node
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// How often this node's revocation listener has come up.
+    fn listens(&self) -> usize {
+        self.log()
+            .matches("listening for revocation notices")
+            .count()
+    }
+
+    async fn wait_listening(&self, times: usize) {
+        let deadline = Instant::now() + STEP;
+        while self.listens() < times {
+            assert!(
+                Instant::now() < deadline,
+                "{}: revocation listener not up ({times}); log:\n{}",
+                self.name,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGTERM, and wait for the exit.
+    async fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("node {} did not stop on SIGTERM", self.name);
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a `vncbroker` admin command on the database.
+async fn cli(db_url: &str, args: &[&str], stdin: Option<&str>) -> String {
+    let db_url = db_url.to_owned();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let stdin = stdin.map(str::to_owned);
+    tokio::task::spawn_blocking(move || {
+        let mut child = Command::new(BIN)
+            .args(&args)
+            .args(["--database", &db_url])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning vncbroker");
+        {
+            use std::io::Write;
+            let mut input = child.stdin.take().unwrap();
+            if let Some(s) = stdin {
+                writeln!(input, "{s}").unwrap();
+            }
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "vncbroker {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+/// An API node and proxy nodes on one database, with users and VMs.
+struct Cluster {
+    dir: tempfile::TempDir,
+    db_url: String,
+    config: PathBuf,
+    _vnc: EchoVnc,
+    api: Vec<Node>,
+    proxies: Vec<Node>,
+}
+
+impl Cluster {
+    /// Creates the users and VMs with the CLI, then starts `api` API nodes
+    /// and `proxies` proxy nodes. `revocation_check_ms` is the proxies'
+    /// periodic look: a minute makes the NOTIFY path the only prompt one.
+    async fn start(db_url: &str, api: usize, proxies: usize, revocation_check_ms: u64) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("vncbroker-cluster-")
+            .tempdir()
+            .unwrap();
+        let config = dir.path().join("vncbroker.toml");
+        std::fs::write(
+            &config,
+            format!("[proxy]\nrevocation_check_ms = {revocation_check_ms}\n"),
+        )
+        .unwrap();
+        let vnc = EchoVnc::start().await;
+        let vnc_port = vnc.port.to_string();
+        for (user, pw, admin) in [
+            (ADMIN.0, ADMIN.1, true),
+            (ALICE.0, ALICE.1, false),
+            (BOB.0, BOB.1, false),
+        ] {
+            let mut args = vec!["user", "add", user];
+            if admin {
+                args.push("--admin");
+            }
+            args.push("--password-stdin");
+            cli(db_url, &args, Some(pw)).await;
+        }
+        for (vm, owner) in [(VM_ALICE, ALICE.0), (VM_BOB, BOB.0)] {
+            let id = vm.to_string();
+            let args = [
+                "vm",
+                "add",
+                &id,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &vnc_port,
+                "--owner",
+                owner,
+            ];
+            cli(db_url, &args, None).await;
+        }
+        let mut cluster = Cluster {
+            dir,
+            db_url: db_url.to_owned(),
+            config,
+            _vnc: vnc,
+            api: Vec::new(),
+            proxies: Vec::new(),
+        };
+        cluster.start_nodes(api, proxies).await;
+        cluster
+    }
+
+    async fn start_nodes(&mut self, api: usize, proxies: usize) {
+        for i in 1..=api {
+            let node = self.node("api", &format!("api-{i}")).await;
+            self.api.push(node);
+        }
+        for i in 1..=proxies {
+            let node = self.node("proxy", &format!("proxy-{i}")).await;
+            self.proxies.push(node);
+        }
+    }
+
+    async fn node(&self, role: &'static str, name: &str) -> Node {
+        Node::start(self.dir.path(), &self.db_url, &self.config, role, name).await
+    }
+
+    async fn stop_nodes(&mut self) -> (usize, usize) {
+        let (api, proxies) = (self.api.len(), self.proxies.len());
+        for node in self.api.drain(..).chain(self.proxies.drain(..)) {
+            node.stop().await;
+        }
+        (api, proxies)
+    }
+
+    fn api_port(&self) -> u16 {
+        self.api[0].port
+    }
+
+    /// Mints over JSON on the first API node; panics unless 201.
+    async fn mint(&self, who: (&str, &str), vm: i64, body: Value) -> Minted {
+        let (status, body) = mint_json(self.api_port(), who, vm, &body).await;
+        assert_eq!(status, 201, "mint failed: {body}");
+        Minted::from(&body)
+    }
+
+    async fn wait_listening(&self, times: usize) {
+        for p in &self.proxies {
+            p.wait_listening(times).await;
+        }
+    }
+}
+
+struct Minted {
+    token: String,
+    expires_at: i64,
+}
+
+impl Minted {
+    fn from(v: &Value) -> Minted {
+        Minted {
+            token: v["token"].as_str().expect("token").to_owned(),
+            expires_at: v["expires_at"].as_i64().expect("expires_at"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A minimal HTTP/1.1 client
+// ---------------------------------------------------------------------------
+
+fn basic(who: (&str, &str)) -> String {
+    let raw = format!("{}:{}", who.0, who.1);
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(raw)
+    )
+}
+
+/// One request on a new connection; returns the status and the body.
+async fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    let exchange = async {
+        let mut tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\
+             Content-Length: {}\r\n",
+            body.len()
+        );
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        req.push_str(body);
+        tcp.write_all(req.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        tcp.read_to_end(&mut raw).await.unwrap();
+        raw
+    };
+    let raw = tokio::time::timeout(STEP, exchange)
+        .await
+        .unwrap_or_else(|_| panic!("no HTTP answer to {method} {path} within {STEP:?}"));
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {text:?}"));
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    (status, body)
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+async fn mint_json(port: u16, who: (&str, &str), vm: i64, body: &Value) -> (u16, Value) {
+    let auth = basic(who);
+    let (status, text) = http(
+        port,
+        "POST",
+        &format!("/api/v1/vms/{vm}/console-tokens"),
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+        ],
+        &body.to_string(),
+    )
+    .await;
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+async fn revoke_json(port: u16, who: (&str, &str), vm: i64) -> (u16, Value) {
+    let auth = basic(who);
+    let (status, text) = http(
+        port,
+        "DELETE",
+        &format!("/api/v1/vms/{vm}/console-tokens"),
+        &[("Authorization", &auth)],
+        "",
+    )
+    .await;
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// `GET /api/v1/sessions` as `who`: (vm, user, node) of each session, sorted.
+async fn sessions(port: u16, who: (&str, &str)) -> Vec<(i64, String, String)> {
+    let auth = basic(who);
+    let (status, text) = http(
+        port,
+        "GET",
+        "/api/v1/sessions",
+        &[("Authorization", &auth)],
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let mut out: Vec<(i64, String, String)> = v["sessions"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no sessions array: {v}"))
+        .iter()
+        .map(|s| {
+            (
+                s["vm_id"].as_i64().unwrap(),
+                s["user"].as_str().unwrap().to_owned(),
+                s["node"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// `one.vm.novnctoken` over XML-RPC; returns the raw response.
+async fn xmlrpc_mint(port: u16, who: (&str, &str), vm: i64) -> (u16, String) {
+    let body = format!(
+        "<?xml version=\"1.0\"?><methodCall><methodName>one.vm.novnctoken</methodName><params>\
+         <param><value><string>{}:{}</string></value></param>\
+         <param><value><int>{vm}</int></value></param></params></methodCall>",
+        who.0, who.1
+    );
+    http(
+        port,
+        "POST",
+        "/RPC2",
+        &[("Content-Type", "text/xml")],
+        &body,
+    )
+    .await
+}
+
+// ---------------------------------------------------------------------------
+// A minimal WebSocket client
+// ---------------------------------------------------------------------------
+
+struct Ws {
+    tcp: TcpStream,
+    buf: Vec<u8>,
+}
+
+#[derive(Debug, PartialEq)]
+enum Frame {
+    Data(Vec<u8>),
+    Close(u16, String),
+    /// The connection ended without a close frame.
+    Eof,
+}
+
+impl Ws {
+    /// Upgrades `/websockify?token=...`; panics unless the answer is 101.
+    async fn connect(port: u16, token: &str) -> Ws {
+        let mut tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let req = format!(
+            "GET /websockify?token={token} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\
+             Upgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Protocol: binary\r\n\r\n"
+        );
+        tcp.write_all(req.as_bytes()).await.unwrap();
+        let mut ws = Ws {
+            tcp,
+            buf: Vec::new(),
+        };
+        let head = tokio::time::timeout(STEP, async {
+            loop {
+                if let Some(end) = ws.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&ws.buf[..end]).into_owned();
+                    ws.buf.drain(..end + 4);
+                    return head;
+                }
+                assert!(ws.more().await, "connection closed during the upgrade");
+            }
+        })
+        .await
+        .expect("no upgrade response");
+        assert!(head.starts_with("HTTP/1.1 101"), "upgrade refused: {head}");
+        ws
+    }
+
+    /// Reads more bytes; false at end of stream.
+    async fn more(&mut self) -> bool {
+        let mut chunk = [0u8; 4096];
+        match self.tcp.read(&mut chunk).await {
+            Ok(0) | Err(_) => false,
+            Ok(n) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                true
+            }
+        }
+    }
+
+    async fn fill(&mut self, n: usize) -> bool {
+        while self.buf.len() < n {
+            if !self.more().await {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// The next frame from the server (pings are answered and skipped).
+    async fn frame(&mut self, timeout: Duration) -> Frame {
+        tokio::time::timeout(timeout, async {
+            loop {
+                if !self.fill(2).await {
+                    return Frame::Eof;
+                }
+                let opcode = self.buf[0] & 0x0f;
+                assert_eq!(self.buf[1] & 0x80, 0, "server frames are not masked");
+                let (len, header) = match self.buf[1] & 0x7f {
+                    126 => {
+                        if !self.fill(4).await {
+                            return Frame::Eof;
+                        }
+                        (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4)
+                    }
+                    127 => {
+                        if !self.fill(10).await {
+                            return Frame::Eof;
+                        }
+                        let mut b = [0u8; 8];
+                        b.copy_from_slice(&self.buf[2..10]);
+                        (u64::from_be_bytes(b) as usize, 10)
+                    }
+                    n => (n as usize, 2),
+                };
+                if !self.fill(header + len).await {
+                    return Frame::Eof;
+                }
+                let payload: Vec<u8> = self.buf.drain(..header + len).skip(header).collect();
+                match opcode {
+                    0..=2 => return Frame::Data(payload),
+                    8 => {
+                        let code = if payload.len() >= 2 {
+                            u16::from_be_bytes([payload[0], payload[1]])
+                        } else {
+                            1005
+                        };
+                        let reason = String::from_utf8_lossy(payload.get(2..).unwrap_or(&[]));
+                        return Frame::Close(code, reason.into_owned());
+                    }
+                    9 => self.send_frame(10, &payload).await,
+                    _ => continue,
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no frame within {timeout:?}"))
+    }
+
+    /// Reads data frames until `n` bytes have come.
+    async fn read_data(&mut self, n: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            match self.frame(STEP).await {
+                Frame::Data(d) => out.extend(d),
+                other => panic!("expected {n} bytes of data, got {other:?} after {out:?}"),
+            }
+        }
+        out
+    }
+
+    /// Reads until a close frame; its code.
+    async fn close_code(&mut self, timeout: Duration) -> u16 {
+        loop {
+            match self.frame(timeout).await {
+                Frame::Data(_) => continue,
+                Frame::Close(code, _) => return code,
+                Frame::Eof => panic!("connection ended without a close frame"),
+            }
+        }
+    }
+
+    async fn send_frame(&mut self, opcode: u8, payload: &[u8]) {
+        let mask = [0x5a, 0x13, 0xc7, 0x2e];
+        let mut frame = vec![0x80 | opcode];
+        match payload.len() {
+            n if n < 126 => frame.push(0x80 | n as u8),
+            n if n < 65536 => {
+                frame.push(0x80 | 126);
+                frame.extend((n as u16).to_be_bytes());
+            }
+            n => {
+                frame.push(0x80 | 127);
+                frame.extend((n as u64).to_be_bytes());
+            }
+        }
+        frame.extend(mask);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        self.tcp.write_all(&frame).await.unwrap();
+    }
+
+    /// Sends `data` and expects the echo back.
+    async fn echo(&mut self, data: &[u8]) {
+        self.send_frame(2, data).await;
+        assert_eq!(self.read_data(data.len()).await, data, "echo");
+    }
+
+    async fn close(mut self) {
+        self.send_frame(8, &1000u16.to_be_bytes()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.frame(STEP)).await;
+    }
+}
+
+/// Opens a console session: `Ok` once the VNC server's greeting came
+/// through, `Err(close code)` if the proxy refused.
+async fn console(port: u16, token: &str) -> Result<Ws, u16> {
+    let mut ws = Ws::connect(port, token).await;
+    match ws.frame(STEP).await {
+        Frame::Data(mut first) => {
+            if first.len() < GREETING.len() {
+                first.extend(ws.read_data(GREETING.len() - first.len()).await);
+            }
+            assert_eq!(first, GREETING);
+            Ok(ws)
+        }
+        Frame::Close(code, _) => Err(code),
+        Frame::Eof => panic!("the proxy closed without a close frame"),
+    }
+}
+
+/// A console session that must open, with a working relay.
+async fn open_console(node: &Node, token: &str) -> Ws {
+    let mut ws = console(node.port, token)
+        .await
+        .unwrap_or_else(|code| panic!("{} refused the token with {code}", node.name));
+    ws.echo(format!("hello from {}", node.name).as_bytes())
+        .await;
+    ws
+}
+
+// ---------------------------------------------------------------------------
+// The tests
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_minted_on_the_api_node_works_on_every_proxy_and_across_restarts() {
+    let db = TestDb::create("cluster_restart").await;
+    let mut c = Cluster::start(&db.url, 1, 2, 1000).await;
+    let long = c.mint(ALICE, VM_ALICE, json!({"ttl": 600})).await;
+    // Long enough to outlive the restart, short enough to watch it expire.
+    let short = c.mint(ALICE, VM_ALICE, json!({"ttl": 8})).await;
+    for p in &c.proxies {
+        open_console(p, &long.token).await.close().await;
+        open_console(p, &short.token).await.close().await;
+    }
+
+    let restart = Instant::now();
+    let (api, proxies) = c.stop_nodes().await;
+    c.start_nodes(api, proxies).await;
+    let restart = restart.elapsed();
+    eprintln!("restart: stopping and starting all nodes took {restart:?}");
+    assert!(
+        now_unix() < short.expires_at - 1,
+        "restarting the nodes took {restart:?}, the short token expired meanwhile"
+    );
+    for p in &c.proxies {
+        open_console(p, &long.token).await.close().await;
+        open_console(p, &short.token).await.close().await;
+    }
+
+    // Until it expires, and not after.
+    while now_unix() < short.expires_at {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for p in &c.proxies {
+        assert_eq!(
+            console(p.port, &short.token).await.err(),
+            Some(CLOSE_TOKEN),
+            "{}",
+            p.name
+        );
+        open_console(p, &long.token).await.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_use_token_opens_one_session_across_the_cluster() {
+    let db = TestDb::create("cluster_single").await;
+    let c = Cluster::start(&db.url, 1, 2, 1000).await;
+    let once = c
+        .mint(ALICE, VM_ALICE, json!({"ttl": 600, "single_use": true}))
+        .await;
+    const PER_PROXY: usize = 25;
+    let start = Arc::new(tokio::sync::Barrier::new(PER_PROXY * c.proxies.len()));
+    let mut attempts = Vec::new();
+    for p in &c.proxies {
+        for _ in 0..PER_PROXY {
+            let (port, token, start) = (p.port, once.token.clone(), Arc::clone(&start));
+            attempts.push(tokio::spawn(async move {
+                start.wait().await;
+                console(port, &token).await
+            }));
+        }
+    }
+    let mut winners = Vec::new();
+    let mut refusals = Vec::new();
+    for a in attempts {
+        match a.await.unwrap() {
+            Ok(ws) => winners.push(ws),
+            Err(code) => refusals.push(code),
+        }
+    }
+    assert_eq!(winners.len(), 1, "sessions opened: {}", winners.len());
+    assert!(
+        refusals.iter().all(|&c| c == CLOSE_TOKEN),
+        "refusals: {refusals:?}"
+    );
+    winners[0].echo(b"the one session relays").await;
+    let all = sessions(c.api_port(), ADMIN).await;
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert_eq!(all[0].0, VM_ALICE);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_on_the_api_node_ends_sessions_on_every_proxy_within_two_seconds() {
+    let db = TestDb::create("cluster_revoke").await;
+    // The proxies look for revocations only once a minute by themselves:
+    // ending sessions in time takes the NOTIFY from the API node.
+    let c = Cluster::start(&db.url, 1, 2, 60_000).await;
+    c.wait_listening(1).await;
+    let alice = c.mint(ALICE, VM_ALICE, json!({"ttl": 600})).await;
+    let bob = c.mint(BOB, VM_BOB, json!({"ttl": 600})).await;
+    let mut revoked = Vec::new();
+    let mut spared = Vec::new();
+    for p in &c.proxies {
+        revoked.push(open_console(p, &alice.token).await);
+        spared.push(open_console(p, &bob.token).await);
+    }
+
+    let started = Instant::now();
+    let (status, body) = revoke_json(c.api_port(), ALICE, VM_ALICE).await;
+    assert_eq!((status, &body), (200, &json!({"revoked": 1})));
+    for ws in &mut revoked {
+        assert_eq!(ws.close_code(PROMPT * 2).await, CLOSE_REVOKED);
+    }
+    let took = started.elapsed();
+    eprintln!("revoke: sessions on both proxies ended after {took:?}");
+    assert!(took < PROMPT, "sessions ended {took:?} after the revoke");
+
+    for ws in &mut spared {
+        ws.echo(b"another VM's session goes on").await;
+    }
+    for p in &c.proxies {
+        assert_eq!(console(p.port, &alice.token).await.err(), Some(CLOSE_TOKEN));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_of_every_node_are_listed_on_any_api_node() {
+    let db = TestDb::create("cluster_sessions").await;
+    let c = Cluster::start(&db.url, 2, 2, 1000).await;
+    let alice = c.mint(ALICE, VM_ALICE, json!({"ttl": 600})).await;
+    let bob = c.mint(BOB, VM_BOB, json!({"ttl": 600})).await;
+    let (p1, p2) = (&c.proxies[0], &c.proxies[1]);
+    let ended = open_console(p1, &alice.token).await;
+    let _live = [
+        open_console(p2, &alice.token).await,
+        open_console(p2, &bob.token).await,
+    ];
+    ended.close().await;
+
+    let row = |vm: i64, user: &str, node: &str| (vm, user.to_owned(), node.to_owned());
+    let everyone = vec![
+        row(VM_ALICE, ALICE.0, "proxy-1"),
+        row(VM_ALICE, ALICE.0, "proxy-2"),
+        row(VM_BOB, BOB.0, "proxy-2"),
+    ];
+    for api in &c.api {
+        assert_eq!(sessions(api.port, ADMIN).await, everyone, "{}", api.name);
+        assert_eq!(
+            sessions(api.port, ALICE).await,
+            everyone[..2].to_vec(),
+            "{}",
+            api.name
+        );
+        assert_eq!(
+            sessions(api.port, BOB).await,
+            everyone[2..].to_vec(),
+            "{}",
+            api.name
+        );
+    }
+    // The proxies serve no API.
+    let (status, _) = http(p1.port, "GET", "/api/v1/sessions", &[], "").await;
+    assert_eq!(status, 404);
+    assert_eq!(c.api[0].role, "api");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_fails_fast_and_the_cluster_recovers_by_itself() {
+    // Its own server: this test stops it.
+    let server = PgServer::start();
+    let db = TestDb::on(&server, "cluster_outage").await;
+    let c = Cluster::start(&db.url, 1, 2, 60_000).await;
+    c.wait_listening(1).await;
+    let before = c.mint(ALICE, VM_ALICE, json!({"ttl": 600})).await;
+    let mut running = open_console(&c.proxies[0], &before.token).await;
+
+    server.stop("fast");
+
+    for p in &c.proxies {
+        let started = Instant::now();
+        let refused = console(p.port, &before.token).await.err();
+        let took = started.elapsed();
+        eprintln!("outage: {} refused a console after {took:?}", p.name);
+        assert_eq!(refused, Some(CLOSE_UNAVAILABLE), "{}", p.name);
+        assert!(took < PROMPT, "{}: refused after {took:?}", p.name);
+    }
+    let started = Instant::now();
+    let (status, body) = mint_json(c.api_port(), ALICE, VM_ALICE, &json!({})).await;
+    let took = started.elapsed();
+    eprintln!("outage: JSON mint answered {status} after {took:?}");
+    assert_eq!(status, 503, "{body}");
+    assert!(took < PROMPT, "JSON mint failed after {took:?}");
+    let started = Instant::now();
+    let (status, body) = xmlrpc_mint(c.api_port(), ALICE, VM_ALICE).await;
+    let took = started.elapsed();
+    eprintln!("outage: XML-RPC mint answered after {took:?}");
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("<boolean>0</boolean>") && body.contains("<int>8192</int>"),
+        "expected [false, ..., 0x2000]: {body}"
+    );
+    assert!(took < PROMPT, "XML-RPC mint failed after {took:?}");
+    // A running session needs no database.
+    running.echo(b"still relaying during the outage").await;
+
+    server.restart();
+    let recovered = Instant::now();
+    let after = loop {
+        let (status, body) = mint_json(c.api_port(), ALICE, VM_ALICE, &json!({"ttl": 600})).await;
+        if status == 201 {
+            break Minted::from(&body);
+        }
+        assert!(
+            recovered.elapsed() < Duration::from_secs(10),
+            "mints still fail 10 s after the database came back: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!(
+        "outage: mints work again {:?} after the restart",
+        recovered.elapsed()
+    );
+    for p in &c.proxies {
+        open_console(p, &after.token).await.close().await;
+        open_console(p, &before.token).await.close().await;
+    }
+    running.echo(b"and after it").await;
+
+    // The revocation listeners reconnected: a revoke still ends the running
+    // session at once, with the periodic look a minute away.
+    c.wait_listening(2).await;
+    let started = Instant::now();
+    let (status, _) = revoke_json(c.api_port(), ALICE, VM_ALICE).await;
+    assert_eq!(status, 200);
+    assert_eq!(running.close_code(PROMPT * 2).await, CLOSE_REVOKED);
+    let took = started.elapsed();
+    eprintln!("outage: after recovery, a revoke ended the session after {took:?}");
+    assert!(took < PROMPT);
+}

@@ -1,0 +1,394 @@
+//! A private PostgreSQL server for tests, and a fresh database per test.
+//!
+//! [`PgServer::start`] runs `initdb` on a new temp directory and `pg_ctl
+//! start` on a free port of 127.0.0.1 (trust authentication, `fsync=off`,
+//! its Unix socket in that directory). PostgreSQL refuses to run as root, so
+//! as root the server runs as the `vncbroker-test` system user (created if
+//! missing; `nobody` if that fails). Dropping the server stops it (`pg_ctl
+//! stop -m immediate`) and removes the directory, also when a test panics. A
+//! watchdog process does the same when the test process ends, which covers
+//! [`shared`], the server one test binary starts once and never drops.
+//!
+//! With `DATABASE_URL` set, [`TestDb::create`] uses that server instead: it
+//! creates its databases there if it may, or else uses the URL as it is.
+//!
+//! The library's unit tests include this same file as `store::testpg`, so it
+//! uses only std and the crate's dependencies.
+#![allow(dead_code)]
+
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+/// The system user the server runs as when the tests run as root.
+const TEST_USER: &str = "vncbroker-test";
+
+/// A running PostgreSQL server in its own temp directory.
+pub struct PgServer {
+    dir: PathBuf,
+    bin: PathBuf,
+    port: u16,
+    /// uid and gid to run as, when running as root.
+    owner: Option<(u32, u32)>,
+}
+
+impl PgServer {
+    /// Creates and starts a new server; panics with the reason if it cannot.
+    pub fn start() -> PgServer {
+        let bin = server_bin_dir();
+        let owner = unprivileged_owner();
+        let dir = tempfile::Builder::new()
+            .prefix("vncbroker-pg-")
+            .tempdir()
+            .expect("creating a temp dir for PostgreSQL")
+            .keep();
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
+                .expect("handing the PostgreSQL dir to its user");
+        }
+        // From here on, Drop cleans up.
+        let mut server = PgServer {
+            dir,
+            bin,
+            port: 0,
+            owner,
+        };
+        server.spawn_watchdog();
+        let data = server.data_dir();
+        let out = server.pg(
+            "initdb",
+            &[
+                "-D".as_ref(),
+                data.as_os_str(),
+                "-U".as_ref(),
+                "postgres".as_ref(),
+                "--auth=trust".as_ref(),
+                "--no-sync".as_ref(),
+                "--encoding=UTF8".as_ref(),
+                "--locale=C".as_ref(),
+            ],
+        );
+        assert!(out.status.success(), "initdb failed: {}", show(&out));
+        let mut last = String::new();
+        for _ in 0..3 {
+            server.port = free_port();
+            match server.try_start() {
+                Ok(()) => return server,
+                Err(e) => last = e,
+            }
+        }
+        panic!("PostgreSQL did not start: {last}\nlog:\n{}", server.log());
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A URL for `db` as the superuser `postgres`.
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// The maintenance database's URL, for creating others.
+    pub fn admin_url(&self) -> String {
+        self.url("postgres")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+
+    /// `pg_ctl stop -m <mode>` (`smart`, `fast` or `immediate`), waiting for it.
+    pub fn stop(&self, mode: &str) {
+        let out = self.pg_ctl(&["-m", mode, "-w", "-t", "30", "stop"]);
+        assert!(out.status.success(), "pg_ctl stop failed: {}", show(&out));
+    }
+
+    /// Starts a stopped server again, on the same port.
+    pub fn restart(&self) {
+        if let Err(e) = self.try_start() {
+            panic!("PostgreSQL did not restart: {e}\nlog:\n{}", self.log());
+        }
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    fn try_start(&self) -> Result<(), String> {
+        let options = format!(
+            "-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off -c synchronous_commit=off \
+             -c full_page_writes=off -c max_connections=300",
+            self.port,
+            self.dir.display()
+        );
+        let log = self.dir.join("server.log");
+        let out = self.pg_ctl(&[
+            "-l",
+            &log.to_string_lossy(),
+            "-o",
+            &options,
+            "-w",
+            "-t",
+            "30",
+            "start",
+        ]);
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(show(&out))
+        }
+    }
+
+    fn pg_ctl(&self, args: &[&str]) -> Output {
+        let data = self.data_dir();
+        let mut all: Vec<&std::ffi::OsStr> = vec!["-D".as_ref(), data.as_os_str()];
+        all.extend(args.iter().map(std::ffi::OsStr::new));
+        self.pg("pg_ctl", &all)
+    }
+
+    /// Runs one of the server's programs as the server's user.
+    fn pg(&self, program: &str, args: &[&std::ffi::OsStr]) -> Output {
+        let mut cmd = Command::new(self.bin.join(program));
+        cmd.args(args)
+            .current_dir(&self.dir)
+            .env("LC_ALL", "C")
+            .stdin(Stdio::null());
+        if let Some((uid, gid)) = self.owner {
+            cmd.uid(uid).gid(gid);
+        }
+        cmd.output()
+            .unwrap_or_else(|e| panic!("running {program}: {e}"))
+    }
+
+    /// A process, in its own process group so Ctrl-C spares it, that stops
+    /// the server and removes its directory once this process is gone.
+    fn spawn_watchdog(&self) {
+        let script = r#"while [ -e "/proc/$1" ]; do sleep 0.5; done
+"$2" -D "$3/data" -m immediate stop >/dev/null 2>&1
+rm -rf "$3""#;
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(script)
+            .arg("vncbroker-pg-watchdog")
+            .arg(std::process::id().to_string())
+            .arg(self.bin.join("pg_ctl"))
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0);
+        if let Some((uid, gid)) = self.owner {
+            cmd.uid(uid).gid(gid);
+        }
+        // Not waited for: it outlives this process on purpose.
+        drop(cmd.spawn().expect("starting the PostgreSQL watchdog"));
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        if self.data_dir().join("postmaster.pid").exists() {
+            let _ = self.pg_ctl(&["-m", "immediate", "-w", "-t", "10", "stop"]);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The server this test binary shares between its tests, started on first
+/// use. Statics are never dropped: the watchdog stops it at exit.
+pub fn shared() -> &'static PgServer {
+    static SERVER: OnceLock<PgServer> = OnceLock::new();
+    SERVER.get_or_init(PgServer::start)
+}
+
+/// A database of its own for one test.
+pub struct TestDb {
+    pub url: String,
+    pub name: String,
+}
+
+impl TestDb {
+    /// A new database on `$DATABASE_URL`'s server if that is set (or that
+    /// database itself, if creating one is not allowed), else on [`shared`].
+    pub async fn create(prefix: &str) -> TestDb {
+        match std::env::var("DATABASE_URL") {
+            Ok(url) if !url.is_empty() => match create_database(&url, prefix).await {
+                Ok(db) => db,
+                Err(e) => {
+                    eprintln!(
+                        "cannot create a test database in $DATABASE_URL ({e}); using it as is"
+                    );
+                    let name = url.rsplit('/').next().unwrap_or("").to_owned();
+                    TestDb { url, name }
+                }
+            },
+            _ => TestDb::on(shared(), prefix).await,
+        }
+    }
+
+    /// A new database on `server`.
+    pub async fn on(server: &PgServer, prefix: &str) -> TestDb {
+        create_database(&server.admin_url(), prefix)
+            .await
+            .unwrap_or_else(|e| panic!("creating a test database: {e}\nlog:\n{}", server.log()))
+    }
+}
+
+async fn create_database(admin_url: &str, prefix: &str) -> Result<TestDb, String> {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let clean: String = prefix
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .take(20)
+        .collect::<String>()
+        .to_ascii_lowercase();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let name = format!(
+        "t_{clean}_{}_{}_{nanos}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    let (client, connection) = tokio_postgres::connect(admin_url, tokio_postgres::NoTls)
+        .await
+        .map_err(|e| format!("connecting to {admin_url}: {e}"))?;
+    let driver = tokio::spawn(connection);
+    let created = client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .map_err(|e| format!("CREATE DATABASE {name}: {e:?}"));
+    drop(client);
+    let _ = driver.await;
+    created?;
+    Ok(TestDb {
+        url: with_database(admin_url, &name),
+        name,
+    })
+}
+
+/// `url` with its database name replaced by `db`.
+pub fn with_database(url: &str, db: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("postgres", url));
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let query = tail.split_once('?').map(|(_, q)| q);
+    match query {
+        Some(q) => format!("{scheme}://{authority}/{db}?{q}"),
+        None => format!("{scheme}://{authority}/{db}"),
+    }
+}
+
+/// A port nothing listens on (free a moment ago).
+pub fn closed_port() -> u16 {
+    free_port()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding an ephemeral port")
+}
+
+fn show(out: &Output) -> String {
+    format!(
+        "{}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Where `pg_ctl` and `initdb` are: on PATH, else Debian's
+/// /usr/lib/postgresql/<newest version>/bin.
+fn server_bin_dir() -> PathBuf {
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default();
+    if let Some(dir) = on_path
+        .into_iter()
+        .find(|d| d.join("pg_ctl").is_file() && d.join("initdb").is_file())
+    {
+        return dir;
+    }
+    let mut debian: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let version = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("pg_ctl").is_file().then_some((version, bin))
+        })
+        .collect();
+    debian.sort();
+    match debian.pop() {
+        Some((_, bin)) => bin,
+        None => panic!(
+            "the PostgreSQL tests need initdb and pg_ctl (Debian: apt-get install postgresql), \
+             or DATABASE_URL naming a server to use"
+        ),
+    }
+}
+
+/// As root: the uid and gid of the user the server runs as. Otherwise none.
+fn unprivileged_owner() -> Option<(u32, u32)> {
+    static OWNER: OnceLock<Option<(u32, u32)>> = OnceLock::new();
+    *OWNER.get_or_init(|| {
+        let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).ok()?;
+        if uid != 0 {
+            return None;
+        }
+        if ids(TEST_USER).is_none() {
+            let _ = Command::new("useradd")
+                .args([
+                    "--system",
+                    "--no-create-home",
+                    "--shell",
+                    "/usr/sbin/nologin",
+                ])
+                .arg(TEST_USER)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        Some(ids(TEST_USER).or_else(|| ids("nobody")).expect(
+            "PostgreSQL cannot run as root, and neither user vncbroker-test nor nobody exists",
+        ))
+    })
+}
+
+fn ids(user: &str) -> Option<(u32, u32)> {
+    let id = |flag: &str| -> Option<u32> {
+        let out = Command::new("id")
+            .args([flag, user])
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+    };
+    Some((id("-u")?, id("-g")?))
+}
+
+/// Waits for `f` to be true, up to `timeout`.
+pub async fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    f()
+}
