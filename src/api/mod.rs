@@ -60,7 +60,7 @@ pub(crate) fn client_message(err: &ServiceError) -> String {
     match err {
         ServiceError::Unavailable(detail) => {
             tracing::error!(%detail, "store or inventory unavailable");
-            "Service unavailable: the token database cannot be reached, try again".into()
+            "Service unavailable: a backend service cannot be reached, try again shortly".into()
         }
         ServiceError::Internal(detail) => {
             tracing::error!(%detail, "internal error");
