@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::Config;
 use crate::inventory::{Console, LocalInventory};
+use crate::secrets::Secrets;
 use crate::service::{MintRequest, TokenService};
 use crate::store::{self, Vm};
 
@@ -193,6 +194,11 @@ pub fn load_config(global: &Global) -> anyhow::Result<Config> {
     Ok(cfg)
 }
 
+type FilterReload = Box<dyn Fn(tracing_subscriber::EnvFilter) -> Result<(), String> + Send + Sync>;
+
+/// Swaps the log filter of the subscriber [`init_logging`] installed.
+static LOG_FILTER: std::sync::OnceLock<FilterReload> = std::sync::OnceLock::new();
+
 fn init_logging(cfg: &Config) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
@@ -202,11 +208,57 @@ fn init_logging(cfg: &Config) {
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    let _ = if cfg.log.format == "json" {
-        builder.json().try_init()
+    // The filter sits behind a reload handle, so SIGHUP can change the level.
+    let reload: Option<FilterReload> = if cfg.log.format == "json" {
+        let builder = builder.json().with_filter_reloading();
+        let handle = builder.reload_handle();
+        builder
+            .try_init()
+            .ok()
+            .map(|()| Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())) as _)
     } else {
-        builder.try_init()
+        let builder = builder.with_filter_reloading();
+        let handle = builder.reload_handle();
+        builder
+            .try_init()
+            .ok()
+            .map(|()| Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())) as _)
     };
+    if let Some(r) = reload {
+        let _ = LOG_FILTER.set(r);
+    }
+}
+
+/// Applies a new `[log] level`. `Ok(false)` when nothing changed because
+/// `RUST_LOG` is set (it wins) or the logger is not this module's.
+pub fn reload_log_level(level: &str) -> Result<bool, String> {
+    if std::env::var_os("RUST_LOG").is_some() {
+        return Ok(false);
+    }
+    let Some(reload) = LOG_FILTER.get() else {
+        return Ok(false);
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .map_err(|e| format!("log.level {level:?}: {e}"))?;
+    reload(filter).map(|()| true)
+}
+
+/// `serve`'s flags, applied over the file and the environment.
+fn apply_serve_flags(
+    cfg: &mut Config,
+    listen: &Option<String>,
+    role: &Option<crate::config::Role>,
+    node_name: &Option<String>,
+) {
+    if let Some(l) = listen {
+        cfg.listen = l.clone();
+    }
+    if let Some(r) = role {
+        cfg.role = *r;
+    }
+    if let Some(n) = node_name {
+        cfg.node_name = Some(n.clone());
+    }
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -217,15 +269,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         node_name,
     } = &cli.command
     {
-        if let Some(l) = listen {
-            cfg.listen = l.clone();
-        }
-        if let Some(r) = role {
-            cfg.role = *r;
-        }
-        if let Some(n) = node_name {
-            cfg.node_name = Some(n.clone());
-        }
+        apply_serve_flags(&mut cfg, listen, role, node_name);
     }
     cfg.validate()?;
     init_logging(&cfg);
@@ -235,7 +279,24 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     rt.block_on(async move {
         match cli.command {
-            Command::Serve { .. } => crate::server::serve(cfg).await,
+            Command::Serve {
+                listen,
+                role,
+                node_name,
+            } => {
+                // SIGHUP reads the configuration again the same way.
+                let global = Global {
+                    config: cli.global.config.clone(),
+                    database: cli.global.database.clone(),
+                };
+                let reload = move || -> anyhow::Result<Config> {
+                    let mut cfg = load_config(&global)?;
+                    apply_serve_flags(&mut cfg, &listen, &role, &node_name);
+                    cfg.validate()?;
+                    Ok(cfg)
+                };
+                crate::server::serve(cfg, Box::new(reload)).await
+            }
             Command::Demo { listen, data_dir } => {
                 cfg.listen = listen;
                 crate::demo::run(cfg, data_dir).await
@@ -327,7 +388,9 @@ async fn vm(cfg: &Config, cmd: VmCmd) -> anyhow::Result<()> {
                 bail!("--host must not be empty");
             }
             let vnc_password = if password_stdin {
-                Some(read_secret("VNC password")?)
+                let plain = read_secret("VNC password")?;
+                let secrets = Secrets::open_for(cfg.secrets.key_file.as_deref(), &cfg.database)?;
+                Some(secrets.seal(&plain)?)
             } else {
                 None
             };
@@ -388,12 +451,13 @@ async fn token(cfg: &Config, cmd: TokenCmd) -> anyhow::Result<()> {
         .vm(vm_id)
         .await?
         .with_context(|| format!("no VM with id {vm_id}"))?;
+    let secrets = Secrets::open_for(cfg.secrets.key_file.as_deref(), &cfg.database)?;
     let console = Console {
         user: vm.owner.clone(),
         vm_id,
         host: vm.vnc_host,
         port: vm.vnc_port,
-        vnc_password: vm.vnc_password,
+        vnc_password: secrets.open_opt(vm.vnc_password.as_deref())?,
     };
     let public_url = cfg
         .public_url
@@ -401,10 +465,11 @@ async fn token(cfg: &Config, cmd: TokenCmd) -> anyhow::Result<()> {
         .unwrap_or_else(|| format!("http://{}", cfg.listen));
     let inventory = std::sync::Arc::new(LocalInventory::new(
         std::sync::Arc::clone(&store),
+        secrets.clone(),
         cfg.auth_cache_ttl(),
         cfg.api.auth_cache_size,
     ));
-    let service = TokenService::new(store, inventory, cfg.policy(), &public_url);
+    let service = TokenService::new(store, inventory, secrets, cfg.policy(), &public_url);
     let minted = service
         .mint_for_console(
             console,

@@ -31,9 +31,20 @@ pub struct Config {
     pub tls: TlsConfig,
     pub inventory: InventoryConfig,
     pub websockify_api: WebsockifyApiConfig,
+    pub secrets: SecretsConfig,
     pub log: LogConfig,
     pub server: ServerConfig,
     pub sessions: SessionsConfig,
+}
+
+/// Where the key that seals stored VNC passwords lives.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecretsConfig {
+    /// A file holding 32 random bytes in base64. Unset: `vncbroker.key`
+    /// beside an SQLite database, created on first start. Nodes sharing a
+    /// PostgreSQL database must all name the same key file.
+    pub key_file: Option<String>,
 }
 
 /// Process lifecycle.
@@ -325,6 +336,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             inventory: InventoryConfig::default(),
             websockify_api: WebsockifyApiConfig::default(),
+            secrets: SecretsConfig::default(),
             log: LogConfig::default(),
             server: ServerConfig::default(),
             sessions: SessionsConfig::default(),
@@ -445,6 +457,9 @@ impl Config {
         }
         if let Some(v) = var("VNCBROKER_ONED_SERVICE_SESSION") {
             self.inventory.service_session = Some(v);
+        }
+        if let Some(v) = var("VNCBROKER_KEY_FILE") {
+            self.secrets.key_file = Some(v);
         }
         if let Some(v) = var("VNCBROKER_LOG_FORMAT") {
             self.log.format = v;

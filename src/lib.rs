@@ -28,9 +28,13 @@
 //!   and VNC authentication.
 //! - [`console`]: the console page built on noVNC's RFB module.
 //! - [`demo`]: a small built-in VNC server and the one-command quickstart.
+//! - [`secrets`]: VNC passwords sealed at rest, and the key file.
 //! - [`tls`]: HTTPS/WSS on the listener with rustls.
+//! - [`metrics`]: Prometheus counters and histograms for `/metrics`, and the
+//!   store wrapper that times every database call.
 //! - [`server`]: binds the listener, wires the parts together by the node's
-//!   role and runs the background jobs until shutdown.
+//!   role, serves the health and metrics endpoints, runs the background
+//!   jobs, reloads on SIGHUP and drains live sessions on SIGTERM.
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -41,8 +45,10 @@ pub mod console;
 pub mod demo;
 pub mod inventory;
 pub mod limits;
+pub mod metrics;
 pub mod proxy;
 pub mod rfb;
+pub mod secrets;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::inventory::{Console, Credential, Inventory, InventoryError};
+use crate::secrets::Secrets;
 use crate::store::{NewToken, SessionFilter, SessionRecord, Store, StoreError};
 use crate::token::{self, Policy, Token};
 
@@ -102,27 +103,37 @@ impl From<StoreError> for ServiceError {
 pub struct TokenService {
     store: Arc<dyn Store>,
     inventory: Arc<dyn Inventory>,
-    policy: Policy,
+    secrets: Secrets,
+    /// Replaced on a configuration reload (SIGHUP).
+    policy: std::sync::RwLock<Policy>,
     public_url: String,
 }
 
 impl TokenService {
+    /// `secrets` seals the VNC password each token carries for the proxy.
     pub fn new(
         store: Arc<dyn Store>,
         inventory: Arc<dyn Inventory>,
+        secrets: Secrets,
         policy: Policy,
         public_url: &str,
     ) -> TokenService {
         TokenService {
             store,
             inventory,
-            policy,
+            secrets,
+            policy: std::sync::RwLock::new(policy),
             public_url: public_url.trim_end_matches('/').to_owned(),
         }
     }
 
     pub fn policy(&self) -> Policy {
-        self.policy
+        *self.policy.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies new token lifetime rules to later mints (configuration reload).
+    pub fn set_policy(&self, policy: Policy) {
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = policy;
     }
 
     /// Mints a token for `vm_id` if `cred` may open its console.
@@ -133,12 +144,12 @@ impl TokenService {
         req: MintRequest,
     ) -> Result<Minted, ServiceError> {
         // Parameters are checked before anything costly happens.
-        let ttl = self
-            .policy
+        let policy = self.policy();
+        let ttl = policy
             .ttl(req.ttl)
             .map_err(|e| ServiceError::BadParameter(e.to_string()))?;
         let console = self.inventory.console(cred, vm_id).await?;
-        self.mint_for(console, ttl, self.policy.single_use(req.single_use))
+        self.mint_for(console, ttl, policy.single_use(req.single_use))
             .await
     }
 
@@ -149,11 +160,11 @@ impl TokenService {
         console: Console,
         req: MintRequest,
     ) -> Result<Minted, ServiceError> {
-        let ttl = self
-            .policy
+        let policy = self.policy();
+        let ttl = policy
             .ttl(req.ttl)
             .map_err(|e| ServiceError::BadParameter(e.to_string()))?;
-        self.mint_for(console, ttl, self.policy.single_use(req.single_use))
+        self.mint_for(console, ttl, policy.single_use(req.single_use))
             .await
     }
 
@@ -165,6 +176,10 @@ impl TokenService {
     ) -> Result<Minted, ServiceError> {
         let now = crate::now_unix();
         let expires_at = now.saturating_add(ttl);
+        let vnc_password = self
+            .secrets
+            .seal_opt(console.vnc_password.as_deref())
+            .map_err(|e| ServiceError::Internal(format!("sealing the VNC password: {e}")))?;
         for _ in 0..MINT_ATTEMPTS {
             let token = Token::generate()
                 .map_err(|e| ServiceError::Internal(format!("no OS randomness: {e}")))?;
@@ -173,7 +188,7 @@ impl TokenService {
                 vm_id: console.vm_id,
                 target_host: console.host.clone(),
                 target_port: console.port,
-                vnc_password: console.vnc_password.clone(),
+                vnc_password: vnc_password.clone(),
                 user_name: console.user.clone(),
                 created_at: now,
                 expires_at,
@@ -190,6 +205,7 @@ impl TokenService {
                         single_use,
                         "console token minted"
                     );
+                    crate::metrics::global().token_minted();
                     return Ok(self.minted(token, expires_at, ttl, console.vm_id, single_use));
                 }
                 Err(StoreError::Conflict(_)) => continue,
@@ -252,18 +268,23 @@ impl TokenService {
         &self,
         token_text: &str,
     ) -> Result<Option<(String, u16)>, ServiceError> {
+        use crate::metrics::{Refused, global as metrics};
         if !token::looks_like_token(token_text) {
+            metrics().refused(Refused::InvalidToken);
             return Ok(None);
         }
         let hash = token::hash_token(token_text);
         let Some(r) = self.store.redeem(&hash, crate::now_unix()).await? else {
+            metrics().refused(Refused::InvalidToken);
             return Ok(None);
         };
+        metrics().token_redeemed();
         if !self
             .inventory
             .still_at(r.vm_id, &r.target_host, r.target_port)
             .await?
         {
+            metrics().refused(Refused::Moved);
             return Ok(None);
         }
         tracing::info!(token = %token::fingerprint(&hash), vm_id = r.vm_id, user = %r.user_name, "token redeemed for an outside proxy");

@@ -70,13 +70,15 @@ pub async fn run(mut cfg: Config, data_dir: Option<PathBuf>) -> anyhow::Result<(
             dir.display()
         );
     }
+    let secrets =
+        crate::secrets::Secrets::open_for(cfg.secrets.key_file.as_deref(), &cfg.database)?;
     store
         .add_vm(&Vm {
             id: DEMO_VM,
             name: "demo-vm".into(),
             vnc_host: vnc_addr.ip().to_string(),
             vnc_port: vnc_addr.port(),
-            vnc_password: Some(vnc_password),
+            vnc_password: Some(secrets.seal(&vnc_password)?),
             owner: DEMO_USER.into(),
             allowed: vec![],
         })

@@ -7,18 +7,27 @@ use async_trait::async_trait;
 
 use super::{Console, Credential, Inventory, InventoryError, Principal};
 use crate::auth::{VerifyCache, verify_password};
+use crate::secrets::Secrets;
 use crate::store::{Store, StoreError, User};
 
 pub struct LocalInventory {
     store: Arc<dyn Store>,
     cache: VerifyCache,
+    secrets: Secrets,
 }
 
 impl LocalInventory {
-    pub fn new(store: Arc<dyn Store>, cache_ttl: Duration, cache_size: usize) -> LocalInventory {
+    /// `secrets` opens the VMs' stored VNC passwords.
+    pub fn new(
+        store: Arc<dyn Store>,
+        secrets: Secrets,
+        cache_ttl: Duration,
+        cache_size: usize,
+    ) -> LocalInventory {
         LocalInventory {
             store,
             cache: VerifyCache::new(cache_ttl, cache_size),
+            secrets,
         }
     }
 
@@ -89,7 +98,12 @@ impl Inventory for LocalInventory {
             vm_id,
             host: vm.vnc_host,
             port: vm.vnc_port,
-            vnc_password: vm.vnc_password,
+            vnc_password: self
+                .secrets
+                .open_opt(vm.vnc_password.as_deref())
+                .map_err(|e| {
+                    InventoryError::Unavailable(format!("VM [{vm_id}] VNC password: {e}"))
+                })?,
         })
     }
 }

@@ -37,6 +37,7 @@ use self::relay::{Counts, End};
 use self::sessions::{Sessions, Stop};
 use crate::inventory::Inventory;
 use crate::limits::FailureLimiter;
+use crate::secrets::Secrets;
 use crate::store::{NewSession, Redemption, SessionEnd, Store, StoreError};
 use crate::token;
 use crate::websocket::stream::{Reader, Writer};
@@ -51,6 +52,7 @@ type WsWriter = Writer<WriteHalf<Io>>;
 /// leaves to applications.
 pub mod close {
     pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
     pub const UNSUPPORTED_DATA: u16 = 1003;
     pub const PROTOCOL: u16 = 1002;
     pub const NO_TOKEN: u16 = 4400;
@@ -91,6 +93,7 @@ pub struct Settings {
 pub struct Proxy {
     store: Arc<dyn Store>,
     inventory: Arc<dyn Inventory>,
+    secrets: Secrets,
     sessions: Arc<Sessions>,
     settings: Settings,
 }
@@ -99,12 +102,14 @@ impl Proxy {
     pub fn new(
         store: Arc<dyn Store>,
         inventory: Arc<dyn Inventory>,
+        secrets: Secrets,
         sessions: Arc<Sessions>,
         settings: Settings,
     ) -> Proxy {
         Proxy {
             store,
             inventory,
+            secrets,
             sessions,
             settings,
         }
@@ -125,6 +130,21 @@ enum Refusal {
 }
 
 impl Refusal {
+    /// How the refusal is counted in `/metrics`.
+    fn metric(&self) -> crate::metrics::Refused {
+        use crate::metrics::Refused as M;
+        match self {
+            Refusal::NoToken => M::NoToken,
+            Refusal::BadToken => M::InvalidToken,
+            Refusal::StoreDown(_) => M::StoreUnavailable,
+            Refusal::Moved => M::Moved,
+            Refusal::TooMany(_) => M::SessionLimit,
+            Refusal::Unreachable(_) => M::Unreachable,
+            Refusal::Handshake(_) => M::VncHandshake,
+            Refusal::HandshakeTimeout => M::HandshakeTimeout,
+        }
+    }
+
     /// Operator-facing detail for the log; never sent to the client.
     fn detail(&self) -> String {
         match self {
@@ -184,6 +204,7 @@ impl End {
             ),
             End::ClientProtocol { code, .. } => (*code, "WebSocket protocol error".into()),
             End::ServerError(_) => (close::UNREACHABLE, "console connection lost".into()),
+            End::Stopped(Stop::Shutdown) => (close::GOING_AWAY, "server shutting down".into()),
             End::Stopped(Stop::Revoked) => (
                 close::REVOKED,
                 "session ended: console access revoked".into(),
@@ -210,6 +231,7 @@ impl End {
             End::ClientProtocol { detail, .. } => format!("client protocol error: {detail}"),
             End::ServerError(e) => format!("server error: {e}"),
             End::Stopped(Stop::Revoked) => "revoked".into(),
+            End::Stopped(Stop::Shutdown) => "server shutting down".into(),
             End::Idle => "idle timeout".into(),
             End::PongTimeout => "client stopped answering pings".into(),
             End::MaxDuration => "time limit".into(),
@@ -372,6 +394,7 @@ async fn session(proxy: Arc<Proxy>, io: Io, token: Option<String>, client: Socke
             if matches!(refusal, Refusal::NoToken | Refusal::BadToken) {
                 proxy.settings.limiter.failed(client.ip());
             }
+            crate::metrics::global().refused(refusal.metric());
             let (code, reason) = refusal.close();
             tracing::info!(%client, code, detail = %refusal.detail(), "console connection refused");
             let _ = tokio::time::timeout(Duration::from_secs(2), async {
@@ -399,7 +422,10 @@ async fn open(
     }
     let hash = token::hash_token(token);
     let r = match proxy.store.redeem(&hash, crate::now_unix()).await {
-        Ok(Some(r)) => r,
+        Ok(Some(r)) => {
+            crate::metrics::global().token_redeemed();
+            r
+        }
         Ok(None) => return Err(Refusal::BadToken),
         Err(StoreError::Unavailable(e)) | Err(StoreError::Internal(e)) => {
             return Err(Refusal::StoreDown(e));
@@ -434,7 +460,11 @@ async fn open(
         Err(_) => return Err(Refusal::Unreachable("connect timed out".into())),
     };
     let _ = tcp.set_nodelay(true);
-    if let Some(password) = &r.vnc_password {
+    let password = proxy
+        .secrets
+        .open_opt(r.vnc_password.as_deref())
+        .map_err(|e| Refusal::StoreDown(format!("stored VNC password: {e}")))?;
+    if let Some(password) = &password {
         match tokio::time::timeout(
             proxy.settings.handshake_timeout,
             handshake::secure(reader, writer, &mut tcp, password),
@@ -497,7 +527,7 @@ async fn relay_session(
         }
     };
     tracing::info!(
-        session = ?session_id, vm_id = r.vm_id, user = %r.user_name, %client,
+        session = session_id, vm_id = r.vm_id, user = %r.user_name, %client,
         node = %proxy.settings.node, "console session started"
     );
 
@@ -523,7 +553,7 @@ async fn relay_session(
     })
     .await;
     let _ = tcp_tx.shutdown().await;
-    drop(registration);
+    crate::metrics::global().session_ended(&end, started.elapsed());
     let end_record = SessionEnd {
         ended_at: crate::now_unix(),
         bytes_to_client: counts.to_client,
@@ -536,9 +566,12 @@ async fn relay_session(
         tracing::warn!(error = %e, session = id, "could not record the session end");
     }
     tracing::info!(
-        session = ?session_id, vm_id = r.vm_id, user = %r.user_name, %client,
+        session = session_id, vm_id = r.vm_id, user = %r.user_name, %client,
         node = %proxy.settings.node, duration_ms = started.elapsed().as_millis() as u64,
         bytes_to_client = counts.to_client, bytes_to_server = counts.to_server,
         reason = %end_record.reason, "console session ended"
     );
+    // Unregistered only once the end is recorded, so a draining server that
+    // waits for its sessions to go also waits for their records.
+    drop(registration);
 }

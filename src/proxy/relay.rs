@@ -112,6 +112,7 @@ where
                         return End::ClientClosed;
                     }
                     *to_client += n as u64;
+                    crate::metrics::global().bytes_to_client(n);
                     active.store(since(), Ordering::Relaxed);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -130,6 +131,7 @@ where
                         return End::ServerError(e.to_string());
                     }
                     *to_server += data.len() as u64;
+                    crate::metrics::global().bytes_to_server(data.len());
                 }
                 Ok(Event::Ping(p)) => {
                     if writer.lock().await.send(OpCode::Pong, p).await.is_err() {

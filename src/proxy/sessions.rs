@@ -18,6 +18,8 @@ use crate::store::Store;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stop {
     Revoked,
+    /// The server is shutting down and its drain time is over.
+    Shutdown,
 }
 
 struct Live {
@@ -154,6 +156,17 @@ impl Sessions {
         }
         n
     }
+
+    /// Ends every live session; returns how many were told to stop.
+    pub fn end_all(&self, why: Stop) -> usize {
+        let Ok(t) = self.table.lock() else {
+            return 0;
+        };
+        t.live
+            .values()
+            .filter(|s| s.stop.send(Some(why)).is_ok())
+            .count()
+    }
 }
 
 /// Polls the store for revocations until the process ends: every `every`,
@@ -247,5 +260,17 @@ mod tests {
         assert_eq!(s.count(), 1);
         drop(b);
         assert_eq!(s.count(), 0);
+    }
+
+    #[test]
+    fn end_all_stops_every_live_session() {
+        let s = Arc::new(Sessions::default());
+        let a = s.register(1, 7, "alice").unwrap();
+        let b = s.register(2, 8, "bob").unwrap();
+        assert_eq!(s.end_all(Stop::Shutdown), 2);
+        assert_eq!(*a.stop.borrow(), Some(Stop::Shutdown));
+        assert_eq!(*b.stop.borrow(), Some(Stop::Shutdown));
+        drop((a, b));
+        assert_eq!(s.end_all(Stop::Shutdown), 0);
     }
 }

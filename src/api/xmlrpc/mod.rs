@@ -49,7 +49,13 @@ pub async fn handle(
     body: Bytes,
 ) -> Response {
     let ip = state.client_ip(peer, &headers);
-    let xml = match wire::parse_call(&body) {
+    let parsed = wire::parse_call(&body);
+    // The method label for /metrics; unknown names fold into "other".
+    let label = parsed
+        .as_ref()
+        .ok()
+        .map(|c| crate::metrics::xmlrpc_method_label(&c.method));
+    let xml = match parsed {
         Ok(call) if state.limiter.blocked(ip) => {
             tokio::time::sleep(state.limiter.delay()).await;
             let method: String = call.method.chars().take(64).collect();
@@ -73,7 +79,12 @@ pub async fn handle(
             wire::fault(FAULT_PARSE, &format!("parse error: {e}"))
         }
     };
-    ([(header::CONTENT_TYPE, "text/xml")], xml).into_response()
+    let mut resp = ([(header::CONTENT_TYPE, "text/xml")], xml).into_response();
+    if let Some(label) = label {
+        resp.extensions_mut()
+            .insert(crate::metrics::ApiMethod(label));
+    }
+    resp
 }
 
 /// Answers a call; the flag says whether it failed authentication.
@@ -91,10 +102,15 @@ async fn dispatch(state: &ApiState, call: wire::MethodCall) -> (String, bool) {
         _ => {
             let shown: String = method.chars().take(64).collect();
             let xml = wire::fault(FAULT_NO_METHOD, &format!("method {shown:?} not found"));
+            crate::metrics::global().xmlrpc_result("other", FAULT_NO_METHOD);
             return (xml, false);
         }
     };
     let failed_login = matches!(&result, Err(f) if f.code == code::AUTHENTICATION);
+    crate::metrics::global().xmlrpc_result(
+        crate::metrics::xmlrpc_method_label(method),
+        result.as_ref().map_or_else(|f| f.code, |_| code::SUCCESS),
+    );
     let v = match result {
         Ok(v) => Value::Array(vec![Value::Bool(true), v, Value::Int(code::SUCCESS)]),
         Err(failure) => {
@@ -138,10 +154,12 @@ impl Failure {
             ServiceError::Oned { code, .. } => *code,
             ServiceError::Unavailable(_) | ServiceError::Internal(_) => code::INTERNAL,
         };
+        // Like oned, an authentication failure names no object.
+        let object = (code != code::AUTHENTICATION).then_some(vm_id).or(Some(-1));
         Failure {
             message: super::client_message(&err),
             code,
-            object: Some(vm_id),
+            object,
         }
     }
 }
