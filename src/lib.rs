@@ -8,18 +8,22 @@
 //!
 //! - [`config`]: the TOML configuration, with `VNCBROKER_*` environment and
 //!   flag overrides.
-//! - [`cli`]: the `vncbroker` command line (serve, user, vm, token).
+//! - [`cli`]: the `vncbroker` command line (serve, demo, user, vm, token,
+//!   sessions).
 //! - [`token`]: what a console token is: generation, hashing, lifetime rules.
 //! - [`store`]: where tokens, sessions, users and VMs live; the [`store::Store`]
-//!   interface and its SQLite backend.
+//!   interface, with an embedded SQLite backend and a PostgreSQL one for
+//!   several nodes.
 //! - [`inventory`]: who may open which VM's console, and where that console
-//!   is; the [`inventory::Inventory`] interface and the local registry.
+//!   is; the [`inventory::Inventory`] interface, the local registry, and
+//!   OpenNebula's oned (with its VM-document parser).
 //! - [`auth`]: password hashing and the short-lived verification cache.
 //! - [`limits`]: per-address budgets of failed token and password attempts.
 //! - [`service`]: the token service that both APIs and the CLI call: mint and
 //!   revoke, with their error kinds.
-//! - [`api`]: the HTTP surface: XML-RPC at `/RPC2` ([`api::xmlrpc`]) and JSON
-//!   at `/api/v1` ([`api::json`]).
+//! - [`api`]: the HTTP surface: XML-RPC at `/RPC2` ([`api::xmlrpc`]), JSON
+//!   at `/api/v1` ([`api::json`]), and websockify's token lookup
+//!   ([`api::websockify`]).
 //! - [`proxy`]: the noVNC-compatible WebSocket-to-TCP relay that redeems
 //!   tokens, with the session registry that ends revoked sessions.
 //! - [`websocket`]: the server side of RFC 6455 for the relay: upgrade
