@@ -488,3 +488,69 @@ async fn a_configured_key_file_must_exist() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("missing.key"), "{err}");
 }
+
+/// A run through every path that handles a secret, with debug logging in
+/// text and in JSON: no token, password or VNC password appears in any log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_the_logs() {
+    const PW: &str = "Vnc-Log-Check-3";
+    let xvnc = Xvnc::start(PW);
+    for format in ["text", "json"] {
+        let broker = Broker::start(&format!(
+            "[log]\nformat = \"{format}\"\nlevel = \"debug\"\n"
+        ));
+        broker.add_vm(1, xvnc.port, Some(PW));
+        let mut secrets: Vec<String> = vec![PW.into(), USER_PW.into()];
+        // Tokens minted over JSON and XML-RPC, used, revoked, reused, expired.
+        let reusable = broker.mint_default(1).await;
+        let once = broker.mint(1, USER, USER_PW, Some(60), true).await;
+        let short = broker.mint(1, USER, USER_PW, Some(1), false).await;
+        let call = format!(
+            "<methodCall><methodName>one.vm.novnctoken</methodName><params><param><value><string>{USER}:{USER_PW}</string></value></param><param><value><int>1</int></value></param></params></methodCall>"
+        );
+        let r = http_request(broker.port, "POST", "/RPC2", &[], call.as_bytes()).await;
+        let body = String::from_utf8_lossy(&r.body).into_owned();
+        let xml_token = body
+            .split("<name>token</name><value><string>")
+            .nth(1)
+            .and_then(|t| t.split('<').next())
+            .expect("a token in the XML-RPC answer")
+            .to_owned();
+        secrets.extend([
+            reusable.token.clone(),
+            once.token.clone(),
+            short.token.clone(),
+            xml_token,
+        ]);
+        for t in [&reusable.token, &once.token, &once.token] {
+            let mut ws = broker.ws_token(t).await;
+            let _ = rfb_handshake(&mut ws).await;
+        }
+        // A wrong password, a wrong token, a revocation, an expired token.
+        let wrong = http_request(
+            broker.port,
+            "POST",
+            "/api/v1/vms/1/console-tokens",
+            &[("Authorization", basic_auth(USER, "not-the-Pw-4711"))],
+            b"",
+        )
+        .await;
+        assert_eq!(wrong.status, 401);
+        secrets.push("not-the-Pw-4711".into());
+        let mut ws = broker.ws_token(&unknown_token()).await;
+        ws.expect_close(STEP).await;
+        broker.revoke(1, USER, USER_PW).await;
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        let mut ws = broker.ws_token(&short.token).await;
+        assert_eq!(ws.expect_close(STEP).await.0, 4401);
+
+        let log = broker.log();
+        assert!(
+            log.contains("console session"),
+            "the log is not empty ({format})"
+        );
+        for s in &secrets {
+            assert!(!log.contains(s.as_str()), "{format} log contains a secret");
+        }
+    }
+}
