@@ -138,8 +138,7 @@ impl Node {
         if cfg.role.serves_proxy() {
             let proxy = Arc::new(Proxy::new(
                 Arc::clone(&store),
-                Arc::clone(&inventory),
-                secrets.clone(),
+                Arc::clone(&service),
                 Arc::clone(&sessions),
                 proxy::Settings {
                     node: node_name.clone(),

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::inventory::{Console, Credential, Inventory, InventoryError};
 use crate::secrets::Secrets;
-use crate::store::{NewToken, SessionFilter, SessionRecord, Store, StoreError};
+use crate::store::{NewToken, Redemption, SessionFilter, SessionRecord, Store, StoreError};
 use crate::token::{self, Policy, Token};
 
 /// How many times minting retries on the (astronomically unlikely) event of
@@ -46,6 +46,20 @@ impl std::fmt::Debug for Minted {
             .field("vm_id", &self.vm_id)
             .finish()
     }
+}
+
+/// Why a token opened no console.
+#[derive(Debug, thiserror::Error)]
+pub enum RedeemError {
+    /// Unknown, expired, revoked or used up: callers never say which.
+    #[error("token invalid or expired")]
+    Invalid,
+    /// The VM is no longer where the token points.
+    #[error("the VM moved since the token was minted")]
+    Moved,
+    /// The store or the inventory cannot be asked.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// Why a request failed; each kind maps to one OpenNebula code and one HTTP
@@ -144,13 +158,9 @@ impl TokenService {
         req: MintRequest,
     ) -> Result<Minted, ServiceError> {
         // Parameters are checked before anything costly happens.
-        let policy = self.policy();
-        let ttl = policy
-            .ttl(req.ttl)
-            .map_err(|e| ServiceError::BadParameter(e.to_string()))?;
+        let (ttl, single_use) = self.lifetime(req)?;
         let console = self.inventory.console(cred, vm_id).await?;
-        self.mint_for(console, ttl, policy.single_use(req.single_use))
-            .await
+        self.mint_for(console, ttl, single_use).await
     }
 
     /// Mints a token for a console the caller already resolved (the local
@@ -160,12 +170,17 @@ impl TokenService {
         console: Console,
         req: MintRequest,
     ) -> Result<Minted, ServiceError> {
+        let (ttl, single_use) = self.lifetime(req)?;
+        self.mint_for(console, ttl, single_use).await
+    }
+
+    /// The ttl and single-use flag a request gets under the current policy.
+    fn lifetime(&self, req: MintRequest) -> Result<(i64, bool), ServiceError> {
         let policy = self.policy();
         let ttl = policy
             .ttl(req.ttl)
             .map_err(|e| ServiceError::BadParameter(e.to_string()))?;
-        self.mint_for(console, ttl, policy.single_use(req.single_use))
-            .await
+        Ok((ttl, policy.single_use(req.single_use)))
     }
 
     async fn mint_for(
@@ -261,34 +276,62 @@ impl TokenService {
         Ok(self.store.sessions(&filter).await?)
     }
 
-    /// Redeems a token for an outside proxy (websockify's JSONTokenApi):
-    /// the same rules as the built-in proxy (expiry, revocation, single use,
-    /// and the VM still where it was), answering only the target.
+    /// Redeems a token for a new session, for this broker's proxy and for
+    /// outside ones alike: it must be live (not expired, revoked, or used if
+    /// single-use), and its VM must still be where the token points, so a
+    /// stale token cannot reach whatever listens on that port now. The VNC
+    /// password comes back opened.
+    pub async fn redeem(&self, token_text: &str) -> Result<Redemption, RedeemError> {
+        // Junk is refused without touching the store.
+        if !token::looks_like_token(token_text) {
+            return Err(RedeemError::Invalid);
+        }
+        let hash = token::hash_token(token_text);
+        let mut r = self
+            .store
+            .redeem(&hash, crate::now_unix())
+            .await
+            .map_err(|e| RedeemError::Unavailable(e.to_string()))?
+            .ok_or(RedeemError::Invalid)?;
+        crate::metrics::global().token_redeemed();
+        tracing::debug!(token = %token::fingerprint(&hash), token_id = r.token_id, "token redeemed");
+        let here = self
+            .inventory
+            .still_at(r.vm_id, &r.target_host, r.target_port)
+            .await
+            .map_err(|e| RedeemError::Unavailable(e.to_string()))?;
+        if !here {
+            return Err(RedeemError::Moved);
+        }
+        r.vnc_password = self
+            .secrets
+            .open_opt(r.vnc_password.as_deref())
+            .map_err(|e| RedeemError::Unavailable(format!("stored VNC password: {e}")))?;
+        Ok(r)
+    }
+
+    /// Redeems a token for an outside proxy (websockify's JSONTokenApi),
+    /// answering only the target.
     pub async fn redeem_target(
         &self,
         token_text: &str,
     ) -> Result<Option<(String, u16)>, ServiceError> {
         use crate::metrics::{Refused, global as metrics};
-        if !token::looks_like_token(token_text) {
-            metrics().refused(Refused::InvalidToken);
-            return Ok(None);
+        match self.redeem(token_text).await {
+            Ok(r) => {
+                tracing::info!(vm_id = r.vm_id, user = %r.user_name, "token redeemed for an outside proxy");
+                Ok(Some((r.target_host, r.target_port)))
+            }
+            Err(RedeemError::Invalid) => {
+                metrics().refused(Refused::InvalidToken);
+                Ok(None)
+            }
+            Err(RedeemError::Moved) => {
+                metrics().refused(Refused::Moved);
+                Ok(None)
+            }
+            Err(RedeemError::Unavailable(why)) => Err(ServiceError::Unavailable(why)),
         }
-        let hash = token::hash_token(token_text);
-        let Some(r) = self.store.redeem(&hash, crate::now_unix()).await? else {
-            metrics().refused(Refused::InvalidToken);
-            return Ok(None);
-        };
-        metrics().token_redeemed();
-        if !self
-            .inventory
-            .still_at(r.vm_id, &r.target_host, r.target_port)
-            .await?
-        {
-            metrics().refused(Refused::Moved);
-            return Ok(None);
-        }
-        tracing::info!(token = %token::fingerprint(&hash), vm_id = r.vm_id, user = %r.user_name, "token redeemed for an outside proxy");
-        Ok(Some((r.target_host, r.target_port)))
     }
 
     /// Deletes expired tokens; the server calls it periodically.

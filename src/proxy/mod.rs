@@ -35,11 +35,9 @@ use tokio::net::TcpStream;
 
 use self::relay::{Counts, End};
 use self::sessions::{Sessions, Stop};
-use crate::inventory::Inventory;
 use crate::limits::FailureLimiter;
-use crate::secrets::Secrets;
-use crate::store::{NewSession, Redemption, SessionEnd, Store, StoreError};
-use crate::token;
+use crate::service::{RedeemError, TokenService};
+use crate::store::{NewSession, Redemption, SessionEnd, Store};
 use crate::websocket::stream::{Reader, Writer};
 use crate::websocket::upgrade;
 
@@ -92,24 +90,22 @@ pub struct Settings {
 
 pub struct Proxy {
     store: Arc<dyn Store>,
-    inventory: Arc<dyn Inventory>,
-    secrets: Secrets,
+    service: Arc<TokenService>,
     sessions: Arc<Sessions>,
     settings: Settings,
 }
 
 impl Proxy {
+    /// `service` redeems tokens; `store` records the sessions.
     pub fn new(
         store: Arc<dyn Store>,
-        inventory: Arc<dyn Inventory>,
-        secrets: Secrets,
+        service: Arc<TokenService>,
         sessions: Arc<Sessions>,
         settings: Settings,
     ) -> Proxy {
         Proxy {
             store,
-            inventory,
-            secrets,
+            service,
             sessions,
             settings,
         }
@@ -416,34 +412,12 @@ async fn open(
     client: SocketAddr,
 ) -> Result<(Redemption, TcpStream, sessions::Registration), Refusal> {
     let token = token.ok_or(Refusal::NoToken)?;
-    // Junk is refused without touching the store.
-    if !token::looks_like_token(token) {
-        return Err(Refusal::BadToken);
-    }
-    let hash = token::hash_token(token);
-    let r = match proxy.store.redeem(&hash, crate::now_unix()).await {
-        Ok(Some(r)) => {
-            crate::metrics::global().token_redeemed();
-            r
-        }
-        Ok(None) => return Err(Refusal::BadToken),
-        Err(StoreError::Unavailable(e)) | Err(StoreError::Internal(e)) => {
-            return Err(Refusal::StoreDown(e));
-        }
-        Err(e) => return Err(Refusal::StoreDown(e.to_string())),
-    };
-    tracing::debug!(%client, token = %token::fingerprint(&hash), token_id = r.token_id, "token redeemed");
-    // The target was fixed at mint time; make sure the VM is still there,
-    // so a stale token cannot reach whatever listens on that port now.
-    match proxy
-        .inventory
-        .still_at(r.vm_id, &r.target_host, r.target_port)
-        .await
-    {
-        Ok(true) => {}
-        Ok(false) => return Err(Refusal::Moved),
-        Err(e) => return Err(Refusal::StoreDown(e.to_string())),
-    }
+    let r = proxy.service.redeem(token).await.map_err(|e| match e {
+        RedeemError::Invalid => Refusal::BadToken,
+        RedeemError::Moved => Refusal::Moved,
+        RedeemError::Unavailable(why) => Refusal::StoreDown(why),
+    })?;
+    tracing::debug!(%client, token_id = r.token_id, vm_id = r.vm_id, "console token accepted");
     let registration = proxy
         .sessions
         .register(r.token_id, r.vm_id, &r.user_name)
@@ -460,11 +434,7 @@ async fn open(
         Err(_) => return Err(Refusal::Unreachable("connect timed out".into())),
     };
     let _ = tcp.set_nodelay(true);
-    let password = proxy
-        .secrets
-        .open_opt(r.vnc_password.as_deref())
-        .map_err(|e| Refusal::StoreDown(format!("stored VNC password: {e}")))?;
-    if let Some(password) = &password {
+    if let Some(password) = &r.vnc_password {
         match tokio::time::timeout(
             proxy.settings.handshake_timeout,
             handshake::secure(reader, writer, &mut tcp, password),
