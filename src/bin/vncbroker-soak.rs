@@ -1,0 +1,1972 @@
+//! vncbroker-soak: many concurrent console sessions with random traffic both
+//! ways for a long time, checking that every byte arrives in order and that
+//! the brokers' memory and file descriptors stay flat.
+//!
+//! Run it through `scripts/soak`, which builds release binaries and raises
+//! the open-files limit. The default run is 10,000 sessions for 10 minutes.
+//!
+//! Layout: this process (the orchestrator) creates a fresh SQLite database,
+//! starts `--brokers` `vncbroker serve` nodes on it, and `--workers` copies
+//! of itself in `--worker` mode. Each worker runs an echo-less VNC server
+//! stand-in (the "target", registered as a VM of its own) and the WebSocket
+//! clients of its share of the sessions, spread over the brokers, so a
+//! session's two ends live in one process and can be compared exactly:
+//!
+//! - the client sends an 8-byte session number, the target answers with the
+//!   same 8 bytes; from then on each side sends a pseudo-random stream seeded
+//!   by the session and direction, in random-sized chunks at random times,
+//!   and the other side checks every byte (and a running checksum) against
+//!   the same stream;
+//! - at the end both sides stop sending, wait until everything sent has
+//!   arrived, and the client closes with a close frame; the target must then
+//!   see the proxy's FIN. The broker's session rows must say "client closed"
+//!   with exactly the bytes each side sent.
+//!
+//! The orchestrator samples each broker's RSS, fd count and
+//! `vncbroker_sessions_active` every 10 s, prints a summary, and exits
+//! non-zero on any loss, mismatch, failed session or dead process. It stops
+//! every process it started (workers also exit when its pipe to them
+//! closes).
+//!
+//! Usage: vncbroker-soak [--sessions N] [--minutes M] [--brokers B]
+//!        [--per-worker N] [--interval-ms MS] [--max-chunk BYTES]
+//!        [--ramp-rate PER_SEC] [--broker PATH] [--keep]
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// The most descriptors one process may hold (the hard limit is 20,000).
+const FD_BUDGET: usize = 19_000;
+/// How often the orchestrator samples the brokers.
+const SAMPLE_EVERY: Duration = Duration::from_secs(10);
+/// How often a worker reports its counters.
+const STATS_EVERY: Duration = Duration::from_secs(1);
+/// Bytes before the random streams: the session number, and its echo.
+const HEADER: u64 = 8;
+
+// ---------------------------------------------------------------- options
+
+#[derive(Clone, Debug)]
+struct Opts {
+    sessions: usize,
+    minutes: f64,
+    brokers: usize,
+    per_worker: usize,
+    interval_ms: u64,
+    max_chunk: usize,
+    ramp_rate: f64,
+    broker: PathBuf,
+    keep: bool,
+    max_rss_growth_pct: f64,
+}
+
+fn usage() -> &'static str {
+    "usage: vncbroker-soak [--sessions N (10000)] [--minutes M (10)] [--brokers B (2)]\n\
+     \x20      [--per-worker N (2500)] [--interval-ms MS (1000)] [--max-chunk BYTES (16384)]\n\
+     \x20      [--ramp-rate SESSIONS_PER_SEC (500)] [--max-rss-growth-pct P (10)]\n\
+     \x20      [--broker PATH] [--keep]"
+}
+
+fn parse_opts(mut args: impl Iterator<Item = String>) -> anyhow::Result<Opts> {
+    let mut o = Opts {
+        sessions: 10_000,
+        minutes: 10.0,
+        brokers: 2,
+        per_worker: 2_500,
+        interval_ms: 1_000,
+        max_chunk: 16 * 1024,
+        ramp_rate: 500.0,
+        broker: std::env::current_exe()?
+            .parent()
+            .context("binary directory")?
+            .join("vncbroker"),
+        keep: false,
+        max_rss_growth_pct: 10.0,
+    };
+    while let Some(a) = args.next() {
+        let mut val = |name: &str| args.next().with_context(|| format!("{name} needs a value"));
+        match a.as_str() {
+            "--sessions" => o.sessions = val(&a)?.parse()?,
+            "--minutes" => o.minutes = val(&a)?.parse()?,
+            "--brokers" => o.brokers = val(&a)?.parse()?,
+            "--per-worker" => o.per_worker = val(&a)?.parse()?,
+            "--interval-ms" => o.interval_ms = val(&a)?.parse()?,
+            "--max-chunk" => o.max_chunk = val(&a)?.parse()?,
+            "--ramp-rate" => o.ramp_rate = val(&a)?.parse()?,
+            "--max-rss-growth-pct" => o.max_rss_growth_pct = val(&a)?.parse()?,
+            "--broker" => o.broker = val(&a)?.into(),
+            "--keep" => o.keep = true,
+            "-h" | "--help" => {
+                println!("{}", usage());
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?}\n{}", usage()),
+        }
+    }
+    if o.sessions == 0 || o.brokers == 0 || o.per_worker == 0 || o.max_chunk == 0 {
+        bail!("--sessions, --brokers, --per-worker and --max-chunk must be positive");
+    }
+    if o.ramp_rate <= 0.0 || o.minutes < 0.0 {
+        bail!("--ramp-rate must be positive and --minutes not negative");
+    }
+    Ok(o)
+}
+
+// ---------------------------------------------------------------- streams
+
+/// SplitMix64.
+#[derive(Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    /// Log-uniform in [1, max]: mostly small writes, now and then a big one.
+    fn chunk(&mut self, max: usize) -> usize {
+        let u = (self.next() >> 11) as f64 / (1u64 << 53) as f64;
+        ((max as f64).powf(u) as usize).clamp(1, max)
+    }
+}
+
+/// The byte stream of one direction of one session.
+struct Stream {
+    rng: Rng,
+    word: [u8; 8],
+    pos: usize,
+}
+
+impl Stream {
+    fn new(session: u64, up: bool) -> Stream {
+        Stream {
+            rng: Rng(session.wrapping_mul(0xD6E8_FEB8_6659_FD93) ^ if up { 0x5550 } else { 0xD0D0 }),
+            word: [0; 8],
+            pos: 8,
+        }
+    }
+
+    #[inline]
+    fn byte(&mut self) -> u8 {
+        if self.pos == 8 {
+            self.word = self.rng.next().to_le_bytes();
+            self.pos = 0;
+        }
+        let b = self.word[self.pos];
+        self.pos += 1;
+        b
+    }
+}
+
+/// A running checksum (FNV-1a, 64 bits) of a direction's bytes.
+#[inline]
+fn sum(acc: u64, b: u8) -> u64 {
+    (acc ^ b as u64).wrapping_mul(0x0000_0100_0000_01B3)
+}
+const SUM0: u64 = 0xCBF2_9CE4_8422_2325;
+
+// ---------------------------------------------------------------- worker: state
+
+/// One session as both of its ends see it.
+struct Session {
+    id: u64,
+    broker: usize,
+    addr: Mutex<String>,
+    /// Client to target: sent by the client, received by the target.
+    up_sent: AtomicU64,
+    up_recv: AtomicU64,
+    up_sum_sent: AtomicU64,
+    up_sum_recv: AtomicU64,
+    /// Target to client.
+    down_sent: AtomicU64,
+    down_recv: AtomicU64,
+    down_sum_sent: AtomicU64,
+    down_sum_recv: AtomicU64,
+    /// The target stopped sending (down_sent is final).
+    down_done: AtomicBool,
+    /// The client has sent its close frame: an end from here on is expected.
+    closing: AtomicBool,
+    /// The target saw the proxy's FIN after the close.
+    target_eof: AtomicBool,
+    /// Bytes differed from the stream (checksum failure).
+    corrupt: AtomicBool,
+    /// The first thing that went wrong.
+    error: Mutex<Option<String>>,
+}
+
+impl Session {
+    fn new(id: u64, broker: usize) -> Session {
+        Session {
+            id,
+            broker,
+            addr: Mutex::new(String::new()),
+            up_sent: AtomicU64::new(0),
+            up_recv: AtomicU64::new(0),
+            up_sum_sent: AtomicU64::new(SUM0),
+            up_sum_recv: AtomicU64::new(SUM0),
+            down_sent: AtomicU64::new(0),
+            down_recv: AtomicU64::new(0),
+            down_sum_sent: AtomicU64::new(SUM0),
+            down_sum_recv: AtomicU64::new(SUM0),
+            down_done: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
+            target_eof: AtomicBool::new(false),
+            corrupt: AtomicBool::new(false),
+            error: Mutex::new(None),
+        }
+    }
+
+    fn fail(&self, why: String) {
+        let mut e = self.error.lock().unwrap();
+        if e.is_none() {
+            if STATS.errors.fetch_add(1, Relaxed) < 20 {
+                eprintln!("soak worker: session {}: {why}", self.id);
+            }
+            *e = Some(why);
+        }
+    }
+
+    fn failed(&self) -> bool {
+        self.error.lock().unwrap().is_some()
+    }
+}
+
+#[derive(Default)]
+struct Stats {
+    opened: AtomicU64,
+    refused: AtomicU64,
+    retries: AtomicU64,
+    live: AtomicU64,
+    closed: AtomicU64,
+    up: AtomicU64,
+    down: AtomicU64,
+    errors: AtomicU64,
+}
+
+static STATS: Stats = Stats {
+    opened: AtomicU64::new(0),
+    refused: AtomicU64::new(0),
+    retries: AtomicU64::new(0),
+    live: AtomicU64::new(0),
+    closed: AtomicU64::new(0),
+    up: AtomicU64::new(0),
+    down: AtomicU64::new(0),
+    errors: AtomicU64::new(0),
+};
+
+/// Hands out evenly spaced start times (opening and closing are paced).
+struct Pacer {
+    next: Mutex<tokio::time::Instant>,
+    gap: Duration,
+}
+
+impl Pacer {
+    fn new(per_sec: f64) -> Pacer {
+        Pacer {
+            next: Mutex::new(tokio::time::Instant::now()),
+            gap: Duration::from_secs_f64(1.0 / per_sec),
+        }
+    }
+
+    async fn wait(&self) {
+        let at = {
+            let mut next = self.next.lock().unwrap();
+            let at = (*next).max(tokio::time::Instant::now());
+            *next = at + self.gap;
+            at
+        };
+        tokio::time::sleep_until(at).await;
+    }
+}
+
+struct WorkerCfg {
+    interval: Duration,
+    max_chunk: usize,
+    stop: watch::Receiver<bool>,
+}
+
+impl WorkerCfg {
+    /// A random pause with mean `interval`.
+    fn pause(&self, rng: &mut Rng) -> Duration {
+        let ms = self.interval.as_millis() as u64;
+        Duration::from_millis(rng.below(2 * ms + 1))
+    }
+}
+
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+// ---------------------------------------------------------------- worker: target side
+
+/// Accepts the proxy's connections; each starts with a session number.
+async fn run_target(
+    listener: TcpListener,
+    first: u64,
+    sessions: Arc<Vec<Arc<Session>>>,
+    cfg: Arc<WorkerCfg>,
+) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let (sessions, cfg) = (Arc::clone(&sessions), Arc::clone(&cfg));
+        tokio::spawn(async move {
+            if let Err(e) = target_conn(tcp, first, &sessions, &cfg).await {
+                eprintln!("soak worker: target connection: {e:#}");
+                STATS.errors.fetch_add(1, Relaxed);
+            }
+        });
+    }
+}
+
+async fn target_conn(
+    mut tcp: TcpStream,
+    first: u64,
+    sessions: &[Arc<Session>],
+    cfg: &Arc<WorkerCfg>,
+) -> anyhow::Result<()> {
+    tcp.set_nodelay(true)?;
+    let mut head = [0u8; 8];
+    tcp.read_exact(&mut head)
+        .await
+        .context("reading the session number")?;
+    let id = u64::from_be_bytes(head);
+    let s = Arc::clone(
+        id.checked_sub(first)
+            .and_then(|i| sessions.get(i as usize))
+            .with_context(|| format!("unknown session {id}"))?,
+    );
+    tcp.write_all(&head)
+        .await
+        .context("echoing the session number")?;
+    let (mut rd, wr) = tcp.into_split();
+    let sender = tokio::spawn(target_send(Arc::clone(&s), wr, Arc::clone(cfg)));
+
+    // The client's stream, checked byte by byte.
+    let mut expect = Stream::new(s.id, true);
+    let mut acc = SUM0;
+    let mut buf = vec![0u8; 8192];
+    loop {
+        let n = match rd.read(&mut buf).await {
+            Ok(0) => {
+                if s.closing.load(Relaxed) {
+                    s.target_eof.store(true, Relaxed);
+                } else {
+                    s.fail("the proxy closed the VNC server's connection mid-session".into());
+                }
+                break;
+            }
+            Ok(n) => n,
+            Err(e) => {
+                s.fail(format!("VNC server side read error: {e}"));
+                break;
+            }
+        };
+        let base = s.up_recv.load(Relaxed);
+        for (i, &b) in buf[..n].iter().enumerate() {
+            if b != expect.byte() && !s.corrupt.swap(true, Relaxed) {
+                s.fail(format!("client-to-server byte {} differs", base + i as u64));
+            }
+            acc = sum(acc, b);
+        }
+        s.up_sum_recv.store(acc, Relaxed);
+        s.up_recv.fetch_add(n as u64, Relaxed);
+        STATS.up.fetch_add(n as u64, Relaxed);
+    }
+    // Keep the write half until the end: dropping it would send a FIN.
+    sender.abort();
+    let _ = sender.await;
+    Ok(())
+}
+
+async fn target_send(s: Arc<Session>, mut wr: OwnedWriteHalf, cfg: Arc<WorkerCfg>) {
+    let mut rng = Rng(s.id ^ 0x7A76_6574);
+    let mut stream = Stream::new(s.id, false);
+    let mut acc = SUM0;
+    let mut stop = cfg.stop.clone();
+    let mut chunk = Vec::with_capacity(cfg.max_chunk);
+    loop {
+        let pause = cfg.pause(&mut rng);
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stopped(&mut stop) => break,
+        }
+        let n = rng.chunk(cfg.max_chunk);
+        chunk.clear();
+        for _ in 0..n {
+            let b = stream.byte();
+            acc = sum(acc, b);
+            chunk.push(b);
+        }
+        if let Err(e) = wr.write_all(&chunk).await {
+            if !s.closing.load(Relaxed) {
+                s.fail(format!("VNC server side write error: {e}"));
+            }
+            break;
+        }
+        s.down_sent.fetch_add(n as u64, Relaxed);
+        s.down_sum_sent.store(acc, Relaxed);
+    }
+    s.down_done.store(true, Relaxed);
+    // Hold the connection open until the session ends (the task is then
+    // aborted): dropping the write half would send a FIN.
+    let _keep = wr;
+    std::future::pending::<()>().await;
+}
+
+// ---------------------------------------------------------------- worker: client side
+
+/// Frames from the server, over the read half of the WebSocket.
+struct FrameReader {
+    rd: OwnedReadHalf,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// Payload bytes left in the current data frame.
+    left: usize,
+}
+
+enum Ev {
+    /// A range of `buf` with payload bytes.
+    Data(usize, usize),
+    Ping(Vec<u8>),
+    Close(u16, String),
+    Eof,
+}
+
+impl FrameReader {
+    /// Gives back the last `n` bytes of the `Data` range just returned.
+    fn unread(&mut self, n: usize) {
+        self.start -= n;
+        self.left += n;
+    }
+
+    async fn more(&mut self) -> std::io::Result<bool> {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        } else if self.end == self.buf.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        let n = self.rd.read(&mut self.buf[self.end..]).await?;
+        self.end += n;
+        Ok(n > 0)
+    }
+
+    async fn next(&mut self) -> anyhow::Result<Ev> {
+        loop {
+            let avail = self.end - self.start;
+            if self.left > 0 {
+                if avail > 0 {
+                    let n = avail.min(self.left);
+                    let s = self.start;
+                    self.start += n;
+                    self.left -= n;
+                    return Ok(Ev::Data(s, s + n));
+                }
+            } else if avail >= 2 {
+                let b = &self.buf[self.start..self.end];
+                let opcode = b[0] & 0x0F;
+                if b[1] & 0x80 != 0 {
+                    bail!("the server sent a masked frame");
+                }
+                let (len, hl) = match b[1] & 0x7F {
+                    126 if b.len() >= 4 => (u16::from_be_bytes([b[2], b[3]]) as usize, 4),
+                    127 if b.len() >= 10 => (u64::from_be_bytes(b[2..10].try_into()?) as usize, 10),
+                    126 | 127 => (0, 0),
+                    n => (n as usize, 2),
+                };
+                if hl > 0 {
+                    match opcode {
+                        0 | 2 => {
+                            self.start += hl;
+                            self.left = len;
+                            continue;
+                        }
+                        8..=10 => {
+                            if len > 125 {
+                                bail!("a control frame of {len} bytes");
+                            }
+                            if avail >= hl + len {
+                                let p = self.buf[self.start + hl..self.start + hl + len].to_vec();
+                                self.start += hl + len;
+                                match opcode {
+                                    8 => {
+                                        let code = if p.len() >= 2 {
+                                            u16::from_be_bytes([p[0], p[1]])
+                                        } else {
+                                            1005
+                                        };
+                                        let reason =
+                                            String::from_utf8_lossy(p.get(2..).unwrap_or(&[]))
+                                                .into_owned();
+                                        return Ok(Ev::Close(code, reason));
+                                    }
+                                    9 => return Ok(Ev::Ping(p)),
+                                    _ => continue,
+                                }
+                            }
+                        }
+                        other => bail!("unexpected opcode {other}"),
+                    }
+                }
+            }
+            if !self.more().await? {
+                return Ok(Ev::Eof);
+            }
+        }
+    }
+}
+
+/// A masked client frame.
+fn frame(opcode: u8, payload: &[u8], rng: &mut Rng) -> Vec<u8> {
+    let mut f = Vec::with_capacity(payload.len() + 14);
+    f.push(0x80 | opcode);
+    let n = payload.len();
+    if n < 126 {
+        f.push(0x80 | n as u8);
+    } else if n < 65536 {
+        f.push(0x80 | 126);
+        f.extend_from_slice(&(n as u16).to_be_bytes());
+    } else {
+        f.push(0x80 | 127);
+        f.extend_from_slice(&(n as u64).to_be_bytes());
+    }
+    let mask = (rng.next() as u32).to_be_bytes();
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+type SharedWriter = Arc<tokio::sync::Mutex<OwnedWriteHalf>>;
+
+/// Why an attempt to open a session did not work.
+enum OpenError {
+    /// Worth another try (store busy, connection trouble).
+    Retry(String),
+    Fatal(String),
+}
+
+/// Upgrades, sends the session number and waits for its echo.
+async fn open_once(
+    broker: SocketAddr,
+    token: &str,
+    id: u64,
+    rng: &mut Rng,
+) -> Result<(FrameReader, OwnedWriteHalf, String), OpenError> {
+    let retry = |e: std::io::Error| OpenError::Retry(e.to_string());
+    let tcp = TcpStream::connect(broker).await.map_err(retry)?;
+    tcp.set_nodelay(true).map_err(retry)?;
+    let addr = tcp.local_addr().map_err(retry)?.to_string();
+    let (rd, mut wr) = tcp.into_split();
+    let req = format!(
+        "GET /websockify?token={token} HTTP/1.1\r\nHost: {broker}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: binary\r\n\r\n"
+    );
+    wr.write_all(req.as_bytes()).await.map_err(retry)?;
+    let mut fr = FrameReader {
+        rd,
+        buf: vec![0u8; 8192],
+        start: 0,
+        end: 0,
+        left: 0,
+    };
+    let head_end = loop {
+        if let Some(p) = fr.buf[..fr.end].windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+        if fr.end == fr.buf.len() {
+            return Err(OpenError::Fatal("upgrade response too long".into()));
+        }
+        match fr.more().await {
+            Ok(true) => {}
+            Ok(false) => return Err(OpenError::Retry("closed during the upgrade".into())),
+            Err(e) => return Err(retry(e)),
+        }
+    };
+    if !fr.buf.starts_with(b"HTTP/1.1 101") {
+        let head = String::from_utf8_lossy(&fr.buf[..head_end]).into_owned();
+        return Err(
+            if head.starts_with("HTTP/1.1 503") || head.starts_with("HTTP/1.1 429") {
+                OpenError::Retry(head)
+            } else {
+                OpenError::Fatal(format!("upgrade refused: {head}"))
+            },
+        );
+    }
+    fr.start = head_end;
+    wr.write_all(&frame(2, &id.to_be_bytes(), rng))
+        .await
+        .map_err(retry)?;
+    let mut echo = Vec::new();
+    while echo.len() < HEADER as usize {
+        match fr.next().await {
+            Ok(Ev::Data(s, e)) => {
+                // The target's stream may follow in the same frame: take
+                // the header only and leave the rest for the reader.
+                let take = (e - s).min(HEADER as usize - echo.len());
+                echo.extend_from_slice(&fr.buf[s..s + take]);
+                fr.unread(e - s - take);
+            }
+            Ok(Ev::Ping(p)) => wr.write_all(&frame(10, &p, rng)).await.map_err(retry)?,
+            Ok(Ev::Close(code, reason)) => {
+                let why = format!("refused with {code} {reason:?}");
+                return Err(if matches!(code, 4502 | 4503 | 4429 | 1001) {
+                    OpenError::Retry(why)
+                } else {
+                    OpenError::Fatal(why)
+                });
+            }
+            Ok(Ev::Eof) => {
+                return Err(OpenError::Retry("closed before the session started".into()));
+            }
+            Err(e) => return Err(OpenError::Retry(format!("{e:#}"))),
+        }
+    }
+    if echo != id.to_be_bytes() {
+        return Err(OpenError::Fatal(format!(
+            "session {id}: the session number came back as {echo:?}"
+        )));
+    }
+    Ok((fr, wr, addr))
+}
+
+/// One session's client: open, send at random until told to stop, drain,
+/// close with a close frame and check the proxy's and target's ends.
+async fn run_session(
+    s: Arc<Session>,
+    broker: SocketAddr,
+    token: Arc<str>,
+    cfg: Arc<WorkerCfg>,
+    opening: Arc<Pacer>,
+    closing: Arc<Pacer>,
+) {
+    let mut rng = Rng(s.id ^ 0x00C1_1E47);
+    opening.wait().await;
+    let mut attempt = 0u32;
+    let (fr, wr, addr) = loop {
+        match open_once(broker, &token, s.id, &mut rng).await {
+            Ok(v) => break v,
+            Err(OpenError::Retry(why)) if attempt < 10 => {
+                attempt += 1;
+                STATS.retries.fetch_add(1, Relaxed);
+                tokio::time::sleep(Duration::from_millis(200 * attempt as u64)).await;
+                let _ = why;
+            }
+            Err(OpenError::Retry(why)) | Err(OpenError::Fatal(why)) => {
+                STATS.refused.fetch_add(1, Relaxed);
+                s.fail(format!("could not open: {why}"));
+                return;
+            }
+        }
+    };
+    *s.addr.lock().unwrap() = addr;
+    STATS.opened.fetch_add(1, Relaxed);
+    STATS.live.fetch_add(1, Relaxed);
+    let wr: SharedWriter = Arc::new(tokio::sync::Mutex::new(wr));
+    let reader = tokio::spawn(client_read(Arc::clone(&s), fr, Arc::clone(&wr)));
+
+    // Send until told to stop (or the session broke).
+    let mut stream = Stream::new(s.id, true);
+    let mut acc = SUM0;
+    let mut stop = cfg.stop.clone();
+    let mut chunk = Vec::with_capacity(cfg.max_chunk);
+    while !s.failed() {
+        let pause = cfg.pause(&mut rng);
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stopped(&mut stop) => break,
+        }
+        let n = rng.chunk(cfg.max_chunk);
+        chunk.clear();
+        for _ in 0..n {
+            let b = stream.byte();
+            acc = sum(acc, b);
+            chunk.push(b);
+        }
+        let f = frame(2, &chunk, &mut rng);
+        if let Err(e) = wr.lock().await.write_all(&f).await {
+            s.fail(format!("client write error: {e}"));
+            break;
+        }
+        s.up_sent.fetch_add(n as u64, Relaxed);
+        s.up_sum_sent.store(acc, Relaxed);
+    }
+    stopped(&mut stop).await;
+
+    // Drain: everything sent either way has to arrive.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let up_ok = s.up_recv.load(Relaxed) == s.up_sent.load(Relaxed);
+        let down_ok =
+            s.down_done.load(Relaxed) && s.down_recv.load(Relaxed) == s.down_sent.load(Relaxed);
+        if (up_ok && down_ok) || s.failed() {
+            break;
+        }
+        if Instant::now() > deadline {
+            s.fail(format!(
+                "not drained after 120 s: client-to-server {}/{}, server-to-client {}/{}",
+                s.up_recv.load(Relaxed),
+                s.up_sent.load(Relaxed),
+                s.down_recv.load(Relaxed),
+                s.down_sent.load(Relaxed)
+            ));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if !s.failed() {
+        if s.up_sum_sent.load(Relaxed) != s.up_sum_recv.load(Relaxed)
+            && !s.corrupt.swap(true, Relaxed)
+        {
+            s.fail("client-to-server checksum differs".into());
+        }
+        if s.down_sum_sent.load(Relaxed) != s.down_sum_recv.load(Relaxed)
+            && !s.corrupt.swap(true, Relaxed)
+        {
+            s.fail("server-to-client checksum differs".into());
+        }
+    }
+
+    // Close: a close frame, the proxy's close frame and FIN back, and the
+    // proxy's FIN at the target.
+    closing.wait().await;
+    s.closing.store(true, Relaxed);
+    let close = frame(8, &1000u16.to_be_bytes(), &mut rng);
+    let _ = wr.lock().await.write_all(&close).await;
+    match tokio::time::timeout(Duration::from_secs(60), reader).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => s.fail(format!("reader task: {e}")),
+        Err(_) => s.fail("no close frame and FIN from the proxy within 60 s".into()),
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !s.target_eof.load(Relaxed) && !s.failed() {
+        if Instant::now() > deadline {
+            s.fail("the proxy did not close the VNC server's connection within 60 s".into());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(wr);
+    STATS.live.fetch_sub(1, Relaxed);
+    STATS.closed.fetch_add(1, Relaxed);
+}
+
+/// Checks the target's stream, answers pings, and expects the proxy's close
+/// only after ours.
+async fn client_read(s: Arc<Session>, mut fr: FrameReader, wr: SharedWriter) {
+    let mut expect = Stream::new(s.id, false);
+    let mut acc = SUM0;
+    let mut rng = Rng(s.id ^ 0x9E4D);
+    let mut got_close = false;
+    loop {
+        let ev = match fr.next().await {
+            Ok(ev) => ev,
+            Err(e) => {
+                if !s.closing.load(Relaxed) || !got_close {
+                    s.fail(format!("client read error: {e:#}"));
+                }
+                return;
+            }
+        };
+        match ev {
+            Ev::Data(a, b) => {
+                if got_close {
+                    s.fail("data after the close frame".into());
+                    return;
+                }
+                let base = s.down_recv.load(Relaxed);
+                for (i, &x) in fr.buf[a..b].iter().enumerate() {
+                    if x != expect.byte() && !s.corrupt.swap(true, Relaxed) {
+                        s.fail(format!("server-to-client byte {} differs", base + i as u64));
+                    }
+                    acc = sum(acc, x);
+                }
+                s.down_sum_recv.store(acc, Relaxed);
+                s.down_recv.fetch_add((b - a) as u64, Relaxed);
+                STATS.down.fetch_add((b - a) as u64, Relaxed);
+            }
+            Ev::Ping(p) => {
+                let pong = frame(10, &p, &mut rng);
+                let _ = wr.lock().await.write_all(&pong).await;
+            }
+            Ev::Close(code, reason) => {
+                if !s.closing.load(Relaxed) {
+                    s.fail(format!("the proxy ended the session: {code} {reason:?}"));
+                    return;
+                }
+                if (code, reason.as_str()) != (1000, "client closed") {
+                    s.fail(format!(
+                        "closed with {code} {reason:?}, expected 1000 \"client closed\""
+                    ));
+                }
+                got_close = true;
+            }
+            Ev::Eof => {
+                if !got_close {
+                    s.fail("the connection ended without a close frame".into());
+                }
+                return;
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- worker: main
+
+struct WorkerArgs {
+    first: u64,
+    count: usize,
+    brokers: Vec<SocketAddr>,
+    interval_ms: u64,
+    max_chunk: usize,
+    open_rate: f64,
+    results: PathBuf,
+}
+
+fn parse_worker(mut args: impl Iterator<Item = String>) -> anyhow::Result<WorkerArgs> {
+    let mut w = WorkerArgs {
+        first: 0,
+        count: 0,
+        brokers: Vec::new(),
+        interval_ms: 1000,
+        max_chunk: 16384,
+        open_rate: 100.0,
+        results: PathBuf::new(),
+    };
+    while let Some(a) = args.next() {
+        let v = args.next().with_context(|| format!("{a} needs a value"))?;
+        match a.as_str() {
+            "--first" => w.first = v.parse()?,
+            "--count" => w.count = v.parse()?,
+            "--brokers" => w.brokers = v.split(',').map(|b| b.parse()).collect::<Result<_, _>>()?,
+            "--interval-ms" => w.interval_ms = v.parse()?,
+            "--max-chunk" => w.max_chunk = v.parse()?,
+            "--open-rate" => w.open_rate = v.parse()?,
+            "--results" => w.results = v.into(),
+            other => bail!("worker: unknown argument {other:?}"),
+        }
+    }
+    Ok(w)
+}
+
+fn stats_line() -> String {
+    format!(
+        "stats opened={} refused={} retries={} live={} closed={} up={} down={} errors={}",
+        STATS.opened.load(Relaxed),
+        STATS.refused.load(Relaxed),
+        STATS.retries.load(Relaxed),
+        STATS.live.load(Relaxed),
+        STATS.closed.load(Relaxed),
+        STATS.up.load(Relaxed),
+        STATS.down.load(Relaxed),
+        STATS.errors.load(Relaxed),
+    )
+}
+
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    say(&format!("target {}", listener.local_addr()?.port()));
+    let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+    let token: Arc<str> = match stdin.next_line().await? {
+        Some(l) if l.starts_with("token ") => l["token ".len()..].trim().into(),
+        other => bail!("expected a token line, got {other:?}"),
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let cfg = Arc::new(WorkerCfg {
+        interval: Duration::from_millis(args.interval_ms),
+        max_chunk: args.max_chunk,
+        stop: stop_rx,
+    });
+    let sessions: Vec<Arc<Session>> = (0..args.count)
+        .map(|i| {
+            let global = args.first + i as u64;
+            Arc::new(Session::new(
+                global,
+                (global % args.brokers.len() as u64) as usize,
+            ))
+        })
+        .collect();
+    let sessions = Arc::new(sessions);
+    tokio::spawn(run_target(
+        listener,
+        args.first,
+        Arc::clone(&sessions),
+        Arc::clone(&cfg),
+    ));
+    let opening = Arc::new(Pacer::new(args.open_rate));
+    let closing = Arc::new(Pacer::new(args.open_rate));
+    let mut tasks = Vec::new();
+    for s in sessions.iter() {
+        tasks.push(tokio::spawn(run_session(
+            Arc::clone(s),
+            args.brokers[s.broker],
+            Arc::clone(&token),
+            Arc::clone(&cfg),
+            Arc::clone(&opening),
+            Arc::clone(&closing),
+        )));
+    }
+    // Ready once every session is open (or has given up).
+    let mut ready = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut last_stats = Instant::now();
+    let stop_line = loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let settled = STATS.opened.load(Relaxed) + STATS.refused.load(Relaxed);
+                if !ready && settled == args.count as u64 {
+                    ready = true;
+                    say(&format!("ready opened={} refused={}", STATS.opened.load(Relaxed), STATS.refused.load(Relaxed)));
+                }
+                if last_stats.elapsed() >= STATS_EVERY {
+                    last_stats = Instant::now();
+                    say(&stats_line());
+                }
+            }
+            line = stdin.next_line() => match line? {
+                Some(l) if l.trim() == "stop" => break l,
+                Some(l) if l.trim() == "stats" => say(&stats_line()),
+                Some(_) => {}
+                // The orchestrator is gone: so are we.
+                None => std::process::exit(3),
+            }
+        }
+    };
+    let _ = stop_line;
+    let _ = stop_tx.send(true);
+    let mut all = futures_join(tasks);
+    loop {
+        tokio::select! {
+            _ = &mut all => break,
+            _ = tick.tick() => {
+                if last_stats.elapsed() >= STATS_EVERY {
+                    last_stats = Instant::now();
+                    say(&stats_line());
+                }
+            }
+            line = stdin.next_line() => if let Ok(None) = line { std::process::exit(3) },
+        }
+    }
+
+    // Results, one JSON object per session.
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&args.results)?);
+    let mut corrupt = 0u64;
+    let mut failed = 0u64;
+    for s in sessions.iter() {
+        let error = s.error.lock().unwrap().clone();
+        corrupt += u64::from(s.corrupt.load(Relaxed));
+        failed += u64::from(error.is_some());
+        let v = json!({
+            "session": s.id,
+            "broker": s.broker,
+            "addr": *s.addr.lock().unwrap(),
+            "to_server": HEADER + s.up_sent.load(Relaxed),
+            "to_client": HEADER + s.down_sent.load(Relaxed),
+            "to_server_received": HEADER + s.up_recv.load(Relaxed),
+            "to_client_received": HEADER + s.down_recv.load(Relaxed),
+            "corrupt": s.corrupt.load(Relaxed),
+            "error": error,
+        });
+        writeln!(out, "{v}")?;
+    }
+    out.flush()?;
+    say(&stats_line());
+    say(&format!("done failed={failed} corrupt={corrupt}"));
+    Ok(())
+}
+
+/// Awaits every task (a join_all without the futures crate).
+fn futures_join(
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    Box::pin(async move {
+        for t in tasks {
+            let _ = t.await;
+        }
+    })
+}
+
+// ---------------------------------------------------------------- orchestrator: processes
+
+fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// CPU time (user + system) of a process so far, in seconds (at the usual
+/// 100 clock ticks per second).
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields of the whole line.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    (ticks(11) + ticks(12)) as f64 / 100.0
+}
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+fn nofile_soft_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / 1048576.0)
+}
+
+fn run_cli(
+    bin: &Path,
+    db: &str,
+    cfg: &Path,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> anyhow::Result<String> {
+    let mut child = std::process::Command::new(bin)
+        .args(args)
+        .args(["--database", db])
+        .arg("--config")
+        .arg(cfg)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {}", bin.display()))?;
+    if let (Some(s), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        writeln!(pipe, "{s}")?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "vncbroker {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+struct BrokerProc {
+    name: String,
+    child: tokio::process::Child,
+    pid: u32,
+    addr: SocketAddr,
+    log: PathBuf,
+}
+
+async fn start_broker(
+    bin: &Path,
+    db: &str,
+    cfg: &Path,
+    dir: &Path,
+    name: &str,
+) -> anyhow::Result<BrokerProc> {
+    let log = dir.join(format!("{name}.log"));
+    let mut child = tokio::process::Command::new(bin)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--database",
+            db,
+            "--node-name",
+            name,
+        ])
+        .arg("--config")
+        .arg(cfg)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(std::fs::File::create(&log)?))
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let pid = child.id().context("broker pid")?;
+    let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+    let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .context("the broker did not start within 30 s")??
+        .context("the broker exited at start")?;
+    let addr = first
+        .strip_prefix("listening on ")
+        .with_context(|| format!("unexpected first line {first:?}"))?
+        .trim()
+        .parse()?;
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(BrokerProc {
+        name: name.to_owned(),
+        child,
+        pid,
+        addr,
+        log,
+    })
+}
+
+/// What a worker last said.
+#[derive(Default, Clone)]
+struct WorkerState {
+    target: Option<u16>,
+    ready: Option<String>,
+    stats: HashMap<String, u64>,
+    done: Option<String>,
+}
+
+struct WorkerProc {
+    child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    state: Arc<Mutex<WorkerState>>,
+    results: PathBuf,
+    count: usize,
+}
+
+async fn start_worker(
+    me: &Path,
+    first: u64,
+    count: usize,
+    brokers: &[SocketAddr],
+    o: &Opts,
+    open_rate: f64,
+    results: PathBuf,
+) -> anyhow::Result<WorkerProc> {
+    let list: Vec<String> = brokers.iter().map(|b| b.to_string()).collect();
+    let mut child = tokio::process::Command::new(me)
+        .arg("--worker")
+        .args(["--first", &first.to_string(), "--count", &count.to_string()])
+        .args(["--brokers", &list.join(",")])
+        .args(["--interval-ms", &o.interval_ms.to_string()])
+        .args(["--max-chunk", &o.max_chunk.to_string()])
+        .args(["--open-rate", &open_rate.to_string()])
+        .arg("--results")
+        .arg(&results)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stdin = child.stdin.take().context("worker stdin")?;
+    let state = Arc::new(Mutex::new(WorkerState::default()));
+    let st = Arc::clone(&state);
+    let mut lines = BufReader::new(child.stdout.take().context("worker stdout")?).lines();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let mut s = st.lock().unwrap();
+            if let Some(p) = line.strip_prefix("target ") {
+                s.target = p.trim().parse().ok();
+            } else if let Some(r) = line.strip_prefix("ready ") {
+                s.ready = Some(r.to_owned());
+            } else if let Some(r) = line.strip_prefix("stats ") {
+                s.stats = r
+                    .split_whitespace()
+                    .filter_map(|kv| kv.split_once('='))
+                    .filter_map(|(k, v)| Some((k.to_owned(), v.parse().ok()?)))
+                    .collect();
+            } else if let Some(r) = line.strip_prefix("done ") {
+                s.done = Some(r.to_owned());
+            }
+        }
+    });
+    Ok(WorkerProc {
+        child,
+        stdin,
+        state,
+        results,
+        count,
+    })
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let fut = async {
+        let mut s = TcpStream::connect(addr).await?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).await?;
+        anyhow::Ok(String::from_utf8_lossy(&raw).into_owned())
+    };
+    tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .context("HTTP timeout")?
+}
+
+async fn sessions_active(addr: SocketAddr) -> Option<u64> {
+    let text = http_get(addr, "/metrics").await.ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("vncbroker_sessions_active "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+}
+
+// ---------------------------------------------------------------- orchestrator: run
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Idle,
+    Ramp,
+    Steady,
+    Close,
+    After,
+}
+
+struct Sample {
+    t: Duration,
+    phase: Phase,
+    rss: Vec<u64>,
+    fds: Vec<usize>,
+    active: Vec<Option<u64>>,
+    cpu: Vec<f64>,
+    /// Bytes relayed so far, as the workers last reported.
+    up: u64,
+    down: u64,
+}
+
+struct Run {
+    o: Opts,
+    dir: tempfile::TempDir,
+    brokers: Vec<BrokerProc>,
+    workers: Vec<WorkerProc>,
+    samples: Vec<Sample>,
+    started: Instant,
+    problems: Vec<String>,
+}
+
+impl Run {
+    async fn sample(&mut self, phase: Phase) {
+        let mut s = Sample {
+            t: self.started.elapsed(),
+            phase,
+            rss: Vec::new(),
+            fds: Vec::new(),
+            active: Vec::new(),
+            cpu: Vec::new(),
+            up: 0,
+            down: 0,
+        };
+        for b in &self.brokers {
+            s.rss.push(rss_bytes(b.pid));
+            s.fds.push(fd_count(b.pid));
+            s.active.push(sessions_active(b.addr).await);
+            s.cpu.push(cpu_secs(b.pid));
+        }
+        let agg = |k: &str| -> u64 {
+            self.workers
+                .iter()
+                .map(|w| w.state.lock().unwrap().stats.get(k).copied().unwrap_or(0))
+                .sum()
+        };
+        s.up = agg("up");
+        s.down = agg("down");
+        let mut line = format!(
+            "[{:>6.0}s {:<6}] live {:>6} | client->server {:>10} | server->client {:>10} | errors {}",
+            s.t.as_secs_f64(),
+            format!("{phase:?}").to_lowercase(),
+            agg("live"),
+            mib(agg("up")),
+            mib(agg("down")),
+            agg("errors"),
+        );
+        let prev = self.samples.last();
+        for (i, b) in self.brokers.iter().enumerate() {
+            let cpu = prev
+                .map(|p| {
+                    let dt = (s.t - p.t).as_secs_f64();
+                    if dt > 0.5 {
+                        format!("{:.0}%", (s.cpu[i] - p.cpu[i]) / dt * 100.0)
+                    } else {
+                        "-".into()
+                    }
+                })
+                .unwrap_or_else(|| "-".into());
+            line.push_str(&format!(
+                " | {} RSS {} fds {} active {} cpu {}",
+                b.name,
+                mib(s.rss[i]),
+                s.fds[i],
+                s.active[i].map_or("?".into(), |a| a.to_string()),
+                cpu
+            ));
+        }
+        println!("{line}");
+        self.samples.push(s);
+    }
+
+    /// Problems with the processes: any that exited.
+    fn check_alive(&mut self) -> bool {
+        let mut ok = true;
+        for b in &mut self.brokers {
+            if let Ok(Some(st)) = b.child.try_wait() {
+                self.problems.push(format!(
+                    "broker {} exited: {st} (log {})",
+                    b.name,
+                    b.log.display()
+                ));
+                ok = false;
+            }
+        }
+        for (i, w) in self.workers.iter_mut().enumerate() {
+            if let Ok(Some(st)) = w.child.try_wait()
+                && w.state.lock().unwrap().done.is_none()
+            {
+                self.problems.push(format!("worker {i} exited early: {st}"));
+                ok = false;
+            }
+        }
+        ok
+    }
+
+    /// Samples every 10 s until `until` holds or `limit` passes; false on a
+    /// dead process or a timeout.
+    async fn phase(
+        &mut self,
+        phase: Phase,
+        limit: Duration,
+        until: impl Fn(&Run) -> bool,
+        interrupt: &mut watch::Receiver<bool>,
+    ) -> bool {
+        let end = Instant::now() + limit;
+        let mut next = Instant::now();
+        loop {
+            if *interrupt.borrow() {
+                self.problems.push("interrupted".into());
+                return false;
+            }
+            if !self.check_alive() {
+                return false;
+            }
+            if until(self) {
+                return true;
+            }
+            if Instant::now() >= next {
+                self.sample(phase).await;
+                next += SAMPLE_EVERY;
+            }
+            if Instant::now() >= end {
+                return false;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = interrupt.changed() => {}
+            }
+        }
+    }
+
+    async fn stop_all(&mut self) {
+        for w in &mut self.workers {
+            let _ = w.child.start_kill();
+            let _ = w.child.wait().await;
+        }
+        for b in &mut self.brokers {
+            let _ = tokio::process::Command::new("kill")
+                .args(["-TERM", &b.pid.to_string()])
+                .status()
+                .await;
+        }
+        for b in &mut self.brokers {
+            match tokio::time::timeout(Duration::from_secs(40), b.child.wait()).await {
+                Ok(_) => {}
+                Err(_) => {
+                    let _ = b.child.start_kill();
+                    let _ = b.child.wait().await;
+                }
+            }
+        }
+    }
+}
+
+async fn orchestrate(o: Opts) -> anyhow::Result<bool> {
+    let per_broker = o.sessions.div_ceil(o.brokers);
+    if per_broker * 2 + 100 > FD_BUDGET {
+        bail!(
+            "{per_broker} sessions per broker need {} fds, over the {FD_BUDGET} budget: use more --brokers",
+            per_broker * 2 + 100
+        );
+    }
+    if o.per_worker * 2 + 100 > FD_BUDGET {
+        bail!("--per-worker {} needs too many fds", o.per_worker);
+    }
+    let need = (per_broker.max(o.per_worker) * 2 + 100) as u64;
+    match nofile_soft_limit() {
+        Some(l) if l < need => bail!(
+            "the open-files limit is {l}, {need} needed: run through scripts/soak, or `ulimit -n $(ulimit -Hn)` first"
+        ),
+        _ => {}
+    }
+    if !o.broker.is_file() {
+        bail!(
+            "no broker binary at {} (build it, or pass --broker)",
+            o.broker.display()
+        );
+    }
+    let me = std::env::current_exe()?;
+    let dir = tempfile::Builder::new()
+        .prefix("vncbroker-soak-")
+        .tempdir()?;
+    let db = format!("sqlite://{}", dir.path().join("soak.db").display());
+    let cfg = dir.path().join("soak.toml");
+    std::fs::write(
+        &cfg,
+        "[log]\nlevel = \"warn\"\n[tokens]\nmax_ttl = 86400\npurge_interval = 60\n",
+    )?;
+    run_cli(
+        &o.broker,
+        &db,
+        &cfg,
+        &["user", "add", "soak", "--admin", "--password-stdin"],
+        Some("soak-Pw-7tQ2xLmV"),
+    )?;
+
+    let workers_n = o.sessions.div_ceil(o.per_worker);
+    println!(
+        "soak: {} sessions over {} brokers and {} client processes, {} min steady; chunks 1..{} bytes every ~{} ms each way per session",
+        o.sessions, o.brokers, workers_n, o.minutes, o.max_chunk, o.interval_ms
+    );
+    println!("soak: working directory {}", dir.path().display());
+
+    let mut run = Run {
+        o: o.clone(),
+        dir,
+        brokers: Vec::new(),
+        workers: Vec::new(),
+        samples: Vec::new(),
+        started: Instant::now(),
+        problems: Vec::new(),
+    };
+    let (int_tx, mut interrupt) = watch::channel(false);
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        eprintln!("soak: interrupted, cleaning up");
+        let _ = int_tx.send(true);
+    });
+
+    let result = drive(&mut run, &me, &db, &cfg, &mut interrupt).await;
+    if let Err(e) = &result {
+        run.problems.push(format!("{e:#}"));
+    }
+    run.stop_all().await;
+    let ok = run.problems.is_empty();
+    for p in &run.problems {
+        println!("PROBLEM: {p}");
+    }
+    if ok && !o.keep {
+        let _ = run.dir.close();
+    } else {
+        let kept = run.dir.keep();
+        println!("soak: logs and database kept in {}", kept.display());
+    }
+    Ok(ok)
+}
+
+async fn drive(
+    run: &mut Run,
+    me: &Path,
+    db: &str,
+    cfg: &Path,
+    interrupt: &mut watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let o = run.o.clone();
+    for i in 0..o.brokers {
+        let b = start_broker(
+            &o.broker,
+            db,
+            cfg,
+            run.dir.path(),
+            &format!("soak-{}", i + 1),
+        )
+        .await?;
+        println!("soak: broker {} pid {} on {}", b.name, b.pid, b.addr);
+        run.brokers.push(b);
+    }
+    let addrs: Vec<SocketAddr> = run.brokers.iter().map(|b| b.addr).collect();
+    let workers_n = o.sessions.div_ceil(o.per_worker);
+    let open_rate = o.ramp_rate / workers_n as f64;
+    let mut first = 0usize;
+    for i in 0..workers_n {
+        let count = o.per_worker.min(o.sessions - first);
+        let results = run.dir.path().join(format!("worker-{i}.jsonl"));
+        let w = start_worker(me, first as u64, count, &addrs, &o, open_rate, results).await?;
+        run.workers.push(w);
+        first += count;
+    }
+    // The brokers at rest, before any session.
+    run.sample(Phase::Idle).await;
+    let idle_fds: Vec<usize> = run.samples[0].fds.clone();
+    // Each worker's target becomes a VM with a reusable token.
+    for (i, w) in run.workers.iter_mut().enumerate() {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let port = loop {
+            if let Some(p) = w.state.lock().unwrap().target {
+                break p;
+            }
+            if Instant::now() > deadline {
+                bail!("worker {i} did not report its target port");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let vm = (i + 1).to_string();
+        run_cli(
+            &o.broker,
+            db,
+            cfg,
+            &[
+                "vm",
+                "add",
+                &vm,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--owner",
+                "soak",
+            ],
+            None,
+        )?;
+        let minted = run_cli(
+            &o.broker,
+            db,
+            cfg,
+            &["token", "mint", &vm, "--ttl", "86400"],
+            None,
+        )?;
+        let v: serde_json::Value = serde_json::from_str(&minted)?;
+        let token = v["token"].as_str().context("no token in the mint output")?;
+        w.stdin
+            .write_all(format!("token {token}\n").as_bytes())
+            .await?;
+    }
+    let ramp_limit = Duration::from_secs_f64(o.sessions as f64 / o.ramp_rate * 3.0 + 120.0);
+    let ramp_start = Instant::now();
+    let all_ready = |r: &Run| {
+        r.workers
+            .iter()
+            .all(|w| w.state.lock().unwrap().ready.is_some())
+    };
+    if !run
+        .phase(Phase::Ramp, ramp_limit, all_ready, interrupt)
+        .await
+    {
+        bail!("not every session opened within {ramp_limit:?}");
+    }
+    println!(
+        "soak: all sessions settled after {:.1} s",
+        ramp_start.elapsed().as_secs_f64()
+    );
+    // Fresh worker counters for the first steady sample, which the phase
+    // takes at once.
+    tokio::time::sleep(STATS_EVERY + Duration::from_millis(200)).await;
+    let steady_from = run.samples.len();
+
+    let steady = Duration::from_secs_f64(o.minutes * 60.0);
+    let steady_start = Instant::now();
+    let never = |_: &Run| false;
+    run.phase(Phase::Steady, steady, never, interrupt).await;
+    if !run.problems.is_empty() {
+        bail!("the run broke off during the steady phase");
+    }
+    println!(
+        "soak: {:.1} min of steady traffic done; stopping",
+        steady_start.elapsed().as_secs_f64() / 60.0
+    );
+    run.sample(Phase::Steady).await;
+    let steady_to = run.samples.len() - 1;
+    for w in &mut run.workers {
+        w.stdin.write_all(b"stop\n").await?;
+    }
+    let close_limit = Duration::from_secs_f64(o.sessions as f64 / o.ramp_rate * 3.0 + 300.0);
+    let all_done = |r: &Run| {
+        r.workers
+            .iter()
+            .all(|w| w.state.lock().unwrap().done.is_some())
+    };
+    if !run
+        .phase(Phase::Close, close_limit, all_done, interrupt)
+        .await
+    {
+        bail!("the workers did not finish within {close_limit:?}");
+    }
+    // The brokers let go of every session.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut active = 0;
+        for b in &run.brokers {
+            active += sessions_active(b.addr).await.unwrap_or(u64::MAX / 4);
+        }
+        if active == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            run.problems.push(format!(
+                "{active} sessions still active in the brokers 60 s after the end"
+            ));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Give the fd counts a moment to settle, then the final sample.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline
+        && run
+            .brokers
+            .iter()
+            .zip(&idle_fds)
+            .any(|(b, idle)| fd_count(b.pid) > *idle)
+    {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    run.sample(Phase::After).await;
+    run.check_alive();
+
+    report(run, db, &idle_fds, steady_from, steady_to)
+}
+
+// ---------------------------------------------------------------- orchestrator: report
+
+/// A session row: ended_at, bytes to the client, bytes to the server, reason.
+type RecordedSession = (Option<i64>, i64, i64, Option<String>);
+
+fn report(
+    run: &mut Run,
+    db: &str,
+    idle_fds: &[usize],
+    steady_from: usize,
+    steady_to: usize,
+) -> anyhow::Result<()> {
+    let o = run.o.clone();
+    // The workers' view.
+    let mut results = Vec::new();
+    for w in &run.workers {
+        let text = std::fs::read_to_string(&w.results)
+            .with_context(|| format!("reading {}", w.results.display()))?;
+        let rows: Vec<serde_json::Value> = text
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()?;
+        if rows.len() != w.count {
+            run.problems.push(format!(
+                "{} has {} sessions, expected {}",
+                w.results.display(),
+                rows.len(),
+                w.count
+            ));
+        }
+        results.extend(rows);
+    }
+    let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
+    let opened = results
+        .iter()
+        .filter(|r| !r["addr"].as_str().unwrap_or("").is_empty())
+        .count();
+    let failed: Vec<&serde_json::Value> =
+        results.iter().filter(|r| !r["error"].is_null()).collect();
+    let corrupt = results
+        .iter()
+        .filter(|r| r["corrupt"].as_bool().unwrap_or(false))
+        .count();
+    let lost = results
+        .iter()
+        .filter(|r| {
+            n(r, "to_server") != n(r, "to_server_received")
+                || n(r, "to_client") != n(r, "to_client_received")
+        })
+        .count();
+    let up: u64 = results.iter().map(|r| n(r, "to_server")).sum();
+    let down: u64 = results.iter().map(|r| n(r, "to_client")).sum();
+    let retries: u64 = run
+        .workers
+        .iter()
+        .map(|w| {
+            w.state
+                .lock()
+                .unwrap()
+                .stats
+                .get("retries")
+                .copied()
+                .unwrap_or(0)
+        })
+        .sum();
+
+    // The brokers' records.
+    let path = db.strip_prefix("sqlite://").context("database path")?;
+    let conn =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    conn.busy_timeout(Duration::from_secs(30))?;
+    let mut rows: HashMap<(String, String), RecordedSession> = HashMap::new();
+    let mut st = conn.prepare("SELECT node, client_addr, ended_at, bytes_to_client, bytes_to_server, close_reason FROM sessions")?;
+    let mut q = st.query([])?;
+    let mut row_count = 0usize;
+    while let Some(r) = q.next()? {
+        row_count += 1;
+        rows.insert(
+            (r.get(0)?, r.get(1)?),
+            (r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?),
+        );
+    }
+    let mut row_problems = Vec::new();
+    for r in &results {
+        let addr = r["addr"].as_str().unwrap_or("");
+        if addr.is_empty() {
+            continue;
+        }
+        let node = format!("soak-{}", n(r, "broker") + 1);
+        match rows.get(&(node.clone(), addr.to_owned())) {
+            None => row_problems.push(format!(
+                "session {}: no row for {addr} on {node}",
+                n(r, "session")
+            )),
+            Some((ended, to_client, to_server, reason)) => {
+                let want = (n(r, "to_client") as i64, n(r, "to_server") as i64);
+                if ended.is_none()
+                    || reason.as_deref() != Some("client closed")
+                    || (*to_client, *to_server) != want
+                {
+                    row_problems.push(format!(
+                        "session {}: row says ended {ended:?}, reason {reason:?}, to client {to_client}, to server {to_server}; sent {} / {}",
+                        n(r, "session"),
+                        want.0,
+                        want.1
+                    ));
+                }
+            }
+        }
+    }
+    if row_count != opened {
+        row_problems.push(format!("{row_count} session rows for {opened} sessions"));
+    }
+    let unrecorded: usize = run
+        .brokers
+        .iter()
+        .map(|b| {
+            std::fs::read_to_string(&b.log)
+                .unwrap_or_default()
+                .matches("could not record the session")
+                .count()
+        })
+        .sum();
+
+    let (from, to) = (&run.samples[steady_from], &run.samples[steady_to]);
+    let secs = (to.t - from.t).as_secs_f64().max(1e-3);
+    let (steady_up, steady_down) = (
+        to.up.saturating_sub(from.up),
+        to.down.saturating_sub(from.down),
+    );
+    println!();
+    println!("==================== soak summary ====================");
+    println!(
+        "sessions: {} requested, {opened} opened ({retries} retried attempts), {} failed",
+        o.sessions,
+        failed.len()
+    );
+    println!(
+        "bytes client->server: {up} ({}); {:.2} MiB/s over {secs:.0} s of steady state",
+        mib(up),
+        steady_up as f64 / 1048576.0 / secs
+    );
+    println!(
+        "bytes server->client: {down} ({}); {:.2} MiB/s over {secs:.0} s of steady state",
+        mib(down),
+        steady_down as f64 / 1048576.0 / secs
+    );
+    println!("checksum failures: {corrupt}");
+    println!("sessions with bytes missing at the other end: {lost}");
+    println!(
+        "session rows: {row_count}; mismatches with what was sent, or not ended \"client closed\": {}",
+        row_problems.len()
+    );
+    println!("\"could not record the session\" warnings in broker logs: {unrecorded}");
+    for f in failed.iter().take(10) {
+        println!(
+            "  failed session {}: {}",
+            n(f, "session"),
+            f["error"].as_str().unwrap_or("")
+        );
+    }
+    for p in row_problems.iter().take(10) {
+        println!("  {p}");
+    }
+    println!();
+    println!("broker memory and descriptors (sampled every 10 s):");
+    for (i, b) in run.brokers.iter().enumerate() {
+        let series: Vec<u64> = run.samples.iter().map(|s| s.rss[i]).collect();
+        let peak = series.iter().copied().max().unwrap_or(0);
+        let idle = run.samples.first().map_or(0, |s| s.rss[i]);
+        let s_from = run.samples[steady_from].rss[i];
+        let s_to = run.samples[steady_to].rss[i];
+        let after = run.samples.last().map_or(0, |s| s.rss[i]);
+        let fds_peak = run.samples.iter().map(|s| s.fds[i]).max().unwrap_or(0);
+        let fds_after = run.samples.last().map_or(0, |s| s.fds[i]);
+        println!(
+            "  {}: RSS idle {} | steady start {} | steady end {} | peak {} | after close {}; fds idle {} peak {} after {}",
+            b.name,
+            mib(idle),
+            mib(s_from),
+            mib(s_to),
+            mib(peak),
+            mib(after),
+            idle_fds[i],
+            fds_peak,
+            fds_after
+        );
+        // Each session's fixed buffers are touched page by page as larger
+        // reads come, so RSS climbs early in the steady phase and levels
+        // off; a leak keeps climbing. Judge the second half.
+        let mid = steady_from + (steady_to - steady_from) / 2;
+        let s_mid = run.samples[mid].rss[i];
+        let growth = s_to.saturating_sub(s_mid);
+        let allowed = (s_mid as f64 * o.max_rss_growth_pct / 100.0) as u64 + (16 << 20);
+        println!(
+            "    second half of the steady phase: {} -> {} ({:+.1} MiB, allowed +{})",
+            mib(s_mid),
+            mib(s_to),
+            (s_to as f64 - s_mid as f64) / 1048576.0,
+            mib(allowed)
+        );
+        if growth > allowed {
+            run.problems.push(format!(
+                "{}: RSS grew by {} in the second half of the steady phase (allowed {})",
+                b.name,
+                mib(growth),
+                mib(allowed)
+            ));
+        }
+        if fds_after > idle_fds[i] + 8 {
+            run.problems.push(format!(
+                "{}: {} fds after the run, {} idle before",
+                b.name, fds_after, idle_fds[i]
+            ));
+        }
+    }
+    println!("  RSS over time (MiB):");
+    for s in &run.samples {
+        let cols: Vec<String> = s
+            .rss
+            .iter()
+            .map(|r| format!("{:>8.1}", *r as f64 / 1048576.0))
+            .collect();
+        println!(
+            "    {:>6.0}s {:<6} {}",
+            s.t.as_secs_f64(),
+            format!("{:?}", s.phase).to_lowercase(),
+            cols.join(" ")
+        );
+    }
+
+    if opened != o.sessions {
+        run.problems.push(format!(
+            "{} of {} sessions did not open",
+            o.sessions - opened,
+            o.sessions
+        ));
+    }
+    if !failed.is_empty() {
+        run.problems
+            .push(format!("{} sessions failed", failed.len()));
+    }
+    if corrupt > 0 {
+        run.problems.push(format!("{corrupt} checksum failures"));
+    }
+    if lost > 0 {
+        run.problems.push(format!("{lost} sessions lost bytes"));
+    }
+    if !row_problems.is_empty() {
+        run.problems
+            .push(format!("{} session record problems", row_problems.len()));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- main
+
+fn main() {
+    let mut args = std::env::args().skip(1).peekable();
+    if args.peek().map(String::as_str) == Some("--worker") {
+        args.next();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let result = parse_worker(args).and_then(|w| rt.block_on(worker(w)));
+        if let Err(e) = result {
+            eprintln!("soak worker: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    let opts = match parse_opts(args) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("{e:#}");
+            std::process::exit(2);
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    match rt.block_on(orchestrate(opts)) {
+        Ok(true) => println!("RESULT: PASS"),
+        Ok(false) => {
+            // The problems were collected in the run; print them.
+            println!("RESULT: FAIL");
+            std::process::exit(1);
+        }
+        Err(e) => {
+            eprintln!("soak: {e:#}");
+            println!("RESULT: FAIL");
+            std::process::exit(1);
+        }
+    }
+}
