@@ -158,6 +158,7 @@ pub enum StoreOp {
     RevokedSince,
     OpenSession,
     CloseSession,
+    CloseOrphanedSessions,
     Sessions,
     PurgeSessions,
     Ping,
@@ -183,6 +184,7 @@ impl StoreOp {
             StoreOp::Sessions => "sessions",
             StoreOp::PurgeSessions => "purge_sessions",
             StoreOp::Ping => "ping",
+            StoreOp::CloseOrphanedSessions => "close_orphaned_sessions",
             StoreOp::AddUser => "add_user",
             StoreOp::User => "user",
             StoreOp::Users => "users",
@@ -746,6 +748,13 @@ impl Store for TimedStore {
     async fn close_session(&self, id: i64, end: &SessionEnd) -> Result<(), StoreError> {
         self.timed(StoreOp::CloseSession, self.inner.close_session(id, end))
             .await
+    }
+    async fn close_orphaned_sessions(&self, node: &str, now: i64) -> Result<u64, StoreError> {
+        self.timed(
+            StoreOp::CloseOrphanedSessions,
+            self.inner.close_orphaned_sessions(node, now),
+        )
+        .await
     }
     async fn sessions(&self, filter: &SessionFilter) -> Result<Vec<SessionRecord>, StoreError> {
         self.timed(StoreOp::Sessions, self.inner.sessions(filter))

@@ -136,6 +136,20 @@ impl Node {
         // The routes so far are the APIs': count and time their requests.
         app = app.layer(axum::middleware::from_fn(crate::metrics::track_api));
         if cfg.role.serves_proxy() {
+            // Rows this node left open when it last stopped (a kill -9, or a
+            // database outage as sessions ended) cannot be live any more.
+            match store
+                .close_orphaned_sessions(&node_name, crate::now_unix())
+                .await
+            {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::warn!(sessions = n, node = %node_name, "closed session rows a previous run left open")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not close session rows a previous run left open")
+                }
+            }
             let proxy = Arc::new(Proxy::new(
                 Arc::clone(&store),
                 Arc::clone(&service),

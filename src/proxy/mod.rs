@@ -533,7 +533,23 @@ async fn relay_session(
     if let Some(id) = session_id
         && let Err(e) = proxy.store.close_session(id, &end_record).await
     {
-        tracing::warn!(error = %e, session = id, "could not record the session end");
+        tracing::warn!(error = %e, session = id, "could not record the session end; retrying");
+        // The database may be back in a moment (a lock, a failover): try a
+        // few more times in the background, bounded.
+        let store = Arc::clone(&proxy.store);
+        let record = end_record.clone();
+        tokio::spawn(async move {
+            for delay in [1u64, 2, 4, 8, 16] {
+                tokio::time::sleep(Duration::from_secs(delay)).await;
+                if store.close_session(id, &record).await.is_ok() {
+                    return;
+                }
+            }
+            tracing::warn!(
+                session = id,
+                "gave up recording the session end; the row is closed when the node restarts"
+            );
+        });
     }
     tracing::info!(
         session = session_id, vm_id = r.vm_id, user = %r.user_name, %client,

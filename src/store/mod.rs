@@ -188,6 +188,10 @@ pub trait Store: Send + Sync {
     async fn open_session(&self, session: &NewSession) -> Result<i64, StoreError>;
     /// Records the end of a proxied session.
     async fn close_session(&self, id: i64, end: &SessionEnd) -> Result<(), StoreError>;
+    /// Ends the rows `node` left open (it was killed, or lost the database
+    /// while sessions ended), with reason "node restarted"; returns how many.
+    /// A node calls it when it starts, before it opens any session.
+    async fn close_orphaned_sessions(&self, node: &str, now: i64) -> Result<u64, StoreError>;
     /// Lists recorded sessions, newest first.
     async fn sessions(&self, filter: &SessionFilter) -> Result<Vec<SessionRecord>, StoreError>;
 

@@ -547,6 +547,19 @@ impl Store for PgStore {
         })
     }
 
+    async fn close_orphaned_sessions(&self, node: &str, now: i64) -> Result<u64, StoreError> {
+        with_conn!(self, |c| {
+            let st = c
+                .prepare_cached(
+                    "UPDATE sessions SET ended_at = $2, close_reason = 'node restarted'
+                     WHERE node = $1 AND ended_at IS NULL",
+                )
+                .await
+                .map_err(pg_err)?;
+            c.execute(&st, &[&node, &now]).await.map_err(pg_err)
+        })
+    }
+
     async fn purge_sessions(&self, before: i64) -> Result<u64, StoreError> {
         with_conn!(self, |c| {
             // Sessions end after they start, so the started_at bound holds

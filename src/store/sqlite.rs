@@ -482,6 +482,21 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn close_orphaned_sessions(&self, node: &str, now: i64) -> Result<u64, StoreError> {
+        let node = node.to_owned();
+        self.with(move |c| {
+            let n = c
+                .execute(
+                    "UPDATE sessions SET ended_at = ?2, close_reason = 'node restarted'
+                     WHERE node = ?1 AND ended_at IS NULL",
+                    params![node, now],
+                )
+                .map_err(map_err)?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
     async fn purge_sessions(&self, before: i64) -> Result<u64, StoreError> {
         // A session ends after it starts, so `started_at < before` holds for
         // every row to delete and lets the sessions_started index bound the scan.

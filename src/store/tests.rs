@@ -73,6 +73,7 @@ backend_tests!(
     a_second_handle_sees_the_same_data,
     purge_sessions_deletes_only_sessions_that_ended_before_the_cutoff,
     ping_answers,
+    orphaned_sessions_of_a_node_are_closed,
 );
 
 fn token(text: &str, vm: i64, expires_at: i64) -> NewToken {
@@ -549,6 +550,46 @@ async fn purge_sessions_deletes_only_sessions_that_ended_before_the_cutoff(f: Fi
         .collect();
     left.sort();
     assert_eq!(left, vec![ended_late, live, recent]);
+}
+
+async fn orphaned_sessions_of_a_node_are_closed(f: Fixture) {
+    let s = &*f.store;
+    let open = |node: &str| NewSession {
+        token_id: 1,
+        vm_id: 1,
+        user_name: "alice".into(),
+        client_addr: "127.0.0.1:1".into(),
+        node: node.into(),
+        started_at: 10,
+    };
+    let a = s.open_session(&open("a")).await.unwrap();
+    let done = s.open_session(&open("a")).await.unwrap();
+    let end = SessionEnd {
+        ended_at: 11,
+        bytes_to_client: 1,
+        bytes_to_server: 2,
+        reason: "client closed".into(),
+    };
+    s.close_session(done, &end).await.unwrap();
+    let b = s.open_session(&open("b")).await.unwrap();
+    assert_eq!(s.close_orphaned_sessions("a", 50).await.unwrap(), 1);
+    assert_eq!(s.close_orphaned_sessions("a", 60).await.unwrap(), 0);
+    let all = s
+        .sessions(&SessionFilter {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let row = |id| all.iter().find(|r| r.id == id).unwrap();
+    assert_eq!(row(a).ended_at, Some(50));
+    assert_eq!(row(a).close_reason.as_deref(), Some("node restarted"));
+    assert_eq!(row(done).close_reason.as_deref(), Some("client closed"));
+    assert_eq!(
+        row(b).ended_at,
+        None,
+        "another node's live session is untouched"
+    );
 }
 
 async fn ping_answers(f: Fixture) {
