@@ -11,7 +11,7 @@ use super::frame::{self, FrameError, OpCode};
 
 /// Bytes buffered from the browser. Browser-to-server traffic is input
 /// events and the odd clipboard; larger frames stream through in pieces.
-pub const READ_BUF: usize = 8 * 1024;
+pub const READ_BUF: usize = 4 * 1024;
 
 /// One thing the browser sent.
 #[derive(Debug, PartialEq, Eq)]
