@@ -275,6 +275,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     init_logging(&cfg);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // SQLite calls and password checks run on the blocking pool; SQLite
+        // serialises on one connection anyway, so a burst of sessions need
+        // not start hundreds of threads (each with its stack and arena).
+        .max_blocking_threads(32)
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async move {

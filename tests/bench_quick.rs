@@ -1,0 +1,79 @@
+//! The benchmark harness (src/bin/vncbroker-bench.rs) in `--quick` mode:
+//! it runs to the end against the built broker and writes its report with
+//! every expected row. No figure is checked: timings depend on the machine.
+
+use std::process::Command;
+
+#[test]
+fn quick_benchmark_writes_a_report_with_every_row() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join("BENCHMARKS.md");
+    let run = Command::new(env!("CARGO_BIN_EXE_vncbroker-bench"))
+        .arg("--quick")
+        .arg("--broker")
+        .arg(env!("CARGO_BIN_EXE_vncbroker"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("running vncbroker-bench");
+    assert!(
+        run.status.success(),
+        "vncbroker-bench --quick failed ({}):\n{}",
+        run.status,
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let md = std::fs::read_to_string(&out).expect("reading the report");
+    for heading in [
+        "## Run",
+        "## Targets",
+        "## Results",
+        "## Memory with idle sessions",
+    ] {
+        assert!(md.lines().any(|l| l == heading), "no {heading:?} in:\n{md}");
+    }
+    let rows: Vec<&str> = md.lines().filter(|l| l.starts_with("| ")).collect();
+    for row in [
+        // Results, beside direct TCP and websockify.
+        "download, 1 connection, 64 KiB writes |",
+        "download, 16 connections, 64 KiB writes |",
+        "upload, 1 KiB masked messages |",
+        "upload, 64 KiB masked messages |",
+        "round trip, 16-byte echo (p50 / p99) |",
+        "round trip, 16-byte echo, all processes on one CPU (p50 / p99) |",
+        "session setup, SQLite, 4 clients |",
+        "token minting, XML-RPC keep-alive, SQLite, 4 connections |",
+        "session setup, SQLite, empty token table, 4 clients |",
+        "session setup, SQLite, 20,000 tokens in the table, 4 clients |",
+        "session setup, PostgreSQL, 4 clients |",
+        "token minting, XML-RPC keep-alive, PostgreSQL, 4 connections |",
+        "session setup, PostgreSQL, 20,000 tokens in the table, 4 clients |",
+        // Targets.
+        "round trip, 16-byte echo |",
+        "round trip, 16-byte echo, all processes on one CPU |",
+        "token minting, SQLite |",
+        "token minting, PostgreSQL |",
+        "session setup, SQLite, rate |",
+        "session setup, SQLite, p99 latency |",
+        "session setup, SQLite, 20,000 tokens vs empty table |",
+        "memory per idle session at 500 |",
+        // Memory.
+        "vncbroker, 100 idle sessions |",
+        "vncbroker, 400 idle sessions |",
+        "vncbroker, 500 idle sessions over two processes |",
+        "websockify",
+    ] {
+        assert!(
+            rows.iter().any(|r| r.starts_with(&format!("| {row}"))),
+            "no row {row:?} in:\n{md}"
+        );
+    }
+    // Each results row has all six columns.
+    let results = md
+        .split("## Results")
+        .nth(1)
+        .and_then(|s| s.split("## ").next())
+        .expect("results section");
+    for line in results.lines().filter(|l| l.starts_with("| ")) {
+        assert_eq!(line.matches(" | ").count(), 5, "malformed row {line:?}");
+    }
+}
