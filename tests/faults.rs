@@ -310,7 +310,7 @@ fn url_port(url: &str) -> Option<u16> {
 /// Every row of the `sessions` table of an SQLite or PostgreSQL database.
 async fn session_rows(db_url: &str) -> Vec<SessionRow> {
     if let Some(path) = db_url.strip_prefix("sqlite://") {
-        return sqlite_rows(Path::new(path));
+        return sqlite_session_rows(Path::new(path));
     }
     let (client, conn) = tokio_postgres::connect(db_url, tokio_postgres::NoTls)
         .await
@@ -342,38 +342,6 @@ async fn session_rows(db_url: &str) -> Vec<SessionRow> {
             close_reason: r.get(10),
         })
         .collect()
-}
-
-fn sqlite_rows(path: &Path) -> Vec<SessionRow> {
-    let conn =
-        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .expect("opening the database read-only");
-    conn.busy_timeout(Duration::from_secs(10)).unwrap();
-    let mut st = conn
-        .prepare(
-            "SELECT id, token_id, vm_id, user_name, client_addr, node, started_at, ended_at,
-                    bytes_to_client, bytes_to_server, close_reason
-               FROM sessions ORDER BY id",
-        )
-        .unwrap();
-    st.query_map([], |r| {
-        Ok(SessionRow {
-            id: r.get(0)?,
-            token_id: r.get(1)?,
-            vm_id: r.get(2)?,
-            user_name: r.get(3)?,
-            client_addr: r.get(4)?,
-            node: r.get(5)?,
-            started_at: r.get(6)?,
-            ended_at: r.get(7)?,
-            bytes_to_client: r.get(8)?,
-            bytes_to_server: r.get(9)?,
-            close_reason: r.get(10)?,
-        })
-    })
-    .unwrap()
-    .collect::<Result<_, _>>()
-    .unwrap()
 }
 
 /// Polls the sessions table until `done` holds; returns those rows.

@@ -451,37 +451,7 @@ impl Broker {
 
     /// All rows of the `sessions` table, oldest first.
     pub fn sessions(&self) -> Vec<SessionRow> {
-        let conn = rusqlite::Connection::open_with_flags(
-            &self.db_path,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .expect("opening the database read-only");
-        conn.busy_timeout(Duration::from_secs(10)).unwrap();
-        let mut st = conn
-            .prepare(
-                "SELECT id, token_id, vm_id, user_name, client_addr, node, started_at, ended_at,
-                        bytes_to_client, bytes_to_server, close_reason
-                   FROM sessions ORDER BY id",
-            )
-            .unwrap();
-        st.query_map([], |r| {
-            Ok(SessionRow {
-                id: r.get(0)?,
-                token_id: r.get(1)?,
-                vm_id: r.get(2)?,
-                user_name: r.get(3)?,
-                client_addr: r.get(4)?,
-                node: r.get(5)?,
-                started_at: r.get(6)?,
-                ended_at: r.get(7)?,
-                bytes_to_client: r.get(8)?,
-                bytes_to_server: r.get(9)?,
-                close_reason: r.get(10)?,
-            })
-        })
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap()
+        sqlite_session_rows(&self.db_path)
     }
 
     /// Waits until `count` session rows exist and all have ended.
@@ -1306,4 +1276,37 @@ impl Broker {
             std::thread::sleep(Duration::from_millis(25));
         }
     }
+}
+
+/// All rows of the `sessions` table of an SQLite database, oldest first.
+pub fn sqlite_session_rows(path: &Path) -> Vec<SessionRow> {
+    let conn =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .expect("opening the database read-only");
+    conn.busy_timeout(Duration::from_secs(10)).unwrap();
+    let mut st = conn
+        .prepare(
+            "SELECT id, token_id, vm_id, user_name, client_addr, node, started_at, ended_at,
+                    bytes_to_client, bytes_to_server, close_reason
+               FROM sessions ORDER BY id",
+        )
+        .unwrap();
+    st.query_map([], |r| {
+        Ok(SessionRow {
+            id: r.get(0)?,
+            token_id: r.get(1)?,
+            vm_id: r.get(2)?,
+            user_name: r.get(3)?,
+            client_addr: r.get(4)?,
+            node: r.get(5)?,
+            started_at: r.get(6)?,
+            ended_at: r.get(7)?,
+            bytes_to_client: r.get(8)?,
+            bytes_to_server: r.get(9)?,
+            close_reason: r.get(10)?,
+        })
+    })
+    .unwrap()
+    .collect::<Result<_, _>>()
+    .unwrap()
 }
