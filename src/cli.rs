@@ -393,7 +393,9 @@ async fn vm(cfg: &Config, cmd: VmCmd) -> anyhow::Result<()> {
             }
             let vnc_password = if password_stdin {
                 let plain = read_secret("VNC password")?;
-                let secrets = Secrets::open_for(cfg.secrets.key_file.as_deref(), &cfg.database)?;
+                let secrets =
+                    Secrets::open_for(cfg.secrets.key_file.as_deref(), &cfg.database, &*store)
+                        .await?;
                 Some(secrets.seal(&plain)?)
             } else {
                 None
@@ -455,7 +457,8 @@ async fn token(cfg: &Config, cmd: TokenCmd) -> anyhow::Result<()> {
         .vm(vm_id)
         .await?
         .with_context(|| format!("no VM with id {vm_id}"))?;
-    let secrets = Secrets::open_for(cfg.secrets.key_file.as_deref(), &cfg.database)?;
+    let secrets =
+        Secrets::open_for(cfg.secrets.key_file.as_deref(), &cfg.database, &*store).await?;
     let console = Console {
         user: vm.owner.clone(),
         vm_id,

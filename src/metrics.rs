@@ -801,6 +801,9 @@ impl Store for TimedStore {
     fn revocation_signal(&self) -> Option<Arc<tokio::sync::Notify>> {
         self.inner.revocation_signal()
     }
+    async fn sealed_vnc_password(&self) -> Result<Option<String>, StoreError> {
+        self.inner.sealed_vnc_password().await
+    }
 }
 
 #[cfg(test)]

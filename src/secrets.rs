@@ -3,8 +3,10 @@
 //!
 //! Sealed values read `v1:<base64url(nonce || ciphertext)>`. The key file
 //! holds 32 random bytes in base64; it is named in the config, or generated
-//! beside an SQLite database on first use with mode 0600. Nodes sharing a
-//! PostgreSQL database must share one key file, so there it must be named.
+//! beside an SQLite database with mode 0600, but only while the database
+//! holds no sealed password: a lost key is a startup error, never a new key
+//! that opens nothing. Nodes sharing a PostgreSQL database must share one
+//! key file, so there it must be named.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -14,6 +16,8 @@ use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use chacha20poly1305::aead::{Aead, KeyInit};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
+
+use crate::store::Store;
 
 const PREFIX: &str = "v1:";
 const NONCE_LEN: usize = 12;
@@ -26,6 +30,25 @@ pub enum SecretsError {
         "a shared database needs a shared key: set [secrets] key_file (the same file on every node)"
     )]
     KeyFileRequired,
+    #[error(
+        "secrets key file {path} is missing, but the database holds VNC passwords sealed with it. \
+         Restore the file from your backup (the same key: a new one opens none of them). If it is \
+         lost for good, so are those passwords: remove the VMs that have one (vncbroker vm rm) \
+         and add them again with --password-stdin"
+    )]
+    KeyFileMissing { path: String },
+    #[error(
+        "the database holds sealed VNC passwords: set [secrets] key_file (or VNCBROKER_KEY_FILE) \
+         to the key file they were sealed with, the same file on every node"
+    )]
+    SharedKeyMissing,
+    #[error(
+        "secrets key file {path} does not open the VNC passwords in the database: it is not the \
+         key they were sealed with. Restore that key file from your backup"
+    )]
+    WrongKey { path: String },
+    #[error("checking the database for sealed secrets: {0}")]
+    Store(String),
     #[error("a stored secret cannot be decrypted with this key (wrong key file?)")]
     Undecryptable,
     #[error("no OS randomness: {0}")]
@@ -135,17 +158,39 @@ pub struct Secrets(Option<std::sync::Arc<Sealer>>);
 
 impl Secrets {
     /// Loads the key for this configuration: `key_file` if set (it must
-    /// exist), else `vncbroker.key` beside an SQLite database (created when
-    /// missing). A PostgreSQL store without `key_file` gets no sealer.
-    pub fn open_for(key_file: Option<&str>, database: &str) -> Result<Secrets, SecretsError> {
-        match Sealer::key_path(key_file, database) {
-            Ok(path) => Ok(Secrets(Some(std::sync::Arc::new(Sealer::load(
-                &path,
-                key_file.is_none(),
-            )?)))),
-            Err(SecretsError::KeyFileRequired) => Ok(Secrets(None)),
-            Err(e) => Err(e),
+    /// exist), else `vncbroker.key` beside an SQLite database. The default
+    /// file is created only while `store` holds no sealed VNC password: a
+    /// new key would open none of them. A PostgreSQL store without
+    /// `key_file` gets no sealer, unless it holds sealed passwords (then it
+    /// is an error). A key that does not open a stored password is refused.
+    pub async fn open_for(
+        key_file: Option<&str>,
+        database: &str,
+        store: &dyn Store,
+    ) -> Result<Secrets, SecretsError> {
+        let sample = store
+            .sealed_vnc_password()
+            .await
+            .map_err(|e| SecretsError::Store(e.to_string()))?;
+        let path = match Sealer::key_path(key_file, database) {
+            Ok(path) => path,
+            Err(SecretsError::KeyFileRequired) if sample.is_some() => {
+                return Err(SecretsError::SharedKeyMissing);
+            }
+            Err(SecretsError::KeyFileRequired) => return Ok(Secrets(None)),
+            Err(e) => return Err(e),
+        };
+        let shown = path.display().to_string();
+        if key_file.is_none() && sample.is_some() && !path.exists() {
+            return Err(SecretsError::KeyFileMissing { path: shown });
         }
+        let sealer = Sealer::load(&path, key_file.is_none())?;
+        if let Some(sealed) = sample
+            && sealer.open(&sealed).is_err()
+        {
+            return Err(SecretsError::WrongKey { path: shown });
+        }
+        Ok(Secrets(Some(std::sync::Arc::new(sealer))))
     }
 
     pub fn from_sealer(sealer: Sealer) -> Secrets {
@@ -199,15 +244,81 @@ mod tests {
         assert!(s.open(std::str::from_utf8(&tampered).unwrap()).is_err());
     }
 
-    #[test]
-    fn without_a_key_only_secrets_fail() {
-        let s = Secrets::open_for(None, "postgres://db/x").unwrap();
+    async fn sqlite(dir: &Path) -> (String, std::sync::Arc<dyn Store>) {
+        let url = format!("sqlite://{}/broker.db", dir.display());
+        let store = crate::store::open(&url).await.unwrap();
+        (url, store)
+    }
+
+    async fn add_sealed_vm(store: &dyn Store, sealed: String) {
+        if store.user("o").await.unwrap().is_none() {
+            store.add_user("o", "h", false).await.unwrap();
+        }
+        store
+            .add_vm(&crate::store::Vm {
+                id: 1,
+                name: "vm".into(),
+                vnc_host: "127.0.0.1".into(),
+                vnc_port: 5901,
+                vnc_password: Some(sealed),
+                owner: "o".into(),
+                allowed: vec![],
+            })
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn without_a_key_only_secrets_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, store) = sqlite(dir.path()).await;
+        // A shared database without a configured key, as far as the key goes.
+        let s = Secrets::open_for(None, "postgres://db/x", &*store)
+            .await
+            .unwrap();
         assert!(matches!(s.seal("x"), Err(SecretsError::KeyFileRequired)));
         assert_eq!(s.seal_opt(None).unwrap(), None);
         assert_eq!(s.open_opt(None).unwrap(), None);
-        let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("configured.key");
-        assert!(Secrets::open_for(Some(missing.to_str().unwrap()), "postgres://db/x").is_err());
+        let configured =
+            Secrets::open_for(Some(missing.to_str().unwrap()), "postgres://db/x", &*store);
+        assert!(configured.await.is_err());
+        // Once it holds a sealed password, the key is not optional.
+        add_sealed_vm(&*store, Sealer::from_key(&[1; 32]).seal("pw").unwrap()).await;
+        let err = Secrets::open_for(None, "postgres://db/x", &*store)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SecretsError::SharedKeyMissing), "{err}");
+        assert!(err.to_string().contains("key_file"));
+    }
+
+    #[tokio::test]
+    async fn the_default_key_is_made_only_for_a_database_without_sealed_passwords() {
+        let dir = tempfile::tempdir().unwrap();
+        let (url, store) = sqlite(dir.path()).await;
+        let key = dir.path().join("vncbroker.key");
+        let first = Secrets::open_for(None, &url, &*store).await.unwrap();
+        assert!(key.exists(), "made for an empty database");
+        add_sealed_vm(&*store, first.seal("pw").unwrap()).await;
+        let again = Secrets::open_for(None, &url, &*store).await.unwrap();
+        assert_eq!(again.open(&first.seal("x").unwrap()).unwrap(), "x");
+
+        std::fs::remove_file(&key).unwrap();
+        let err = Secrets::open_for(None, &url, &*store).await.unwrap_err();
+        assert!(
+            matches!(&err, SecretsError::KeyFileMissing { path } if *path == key.display().to_string()),
+            "{err}"
+        );
+        assert!(!key.exists(), "no new key");
+
+        Sealer::load(&key, true).unwrap();
+        let err = Secrets::open_for(None, &url, &*store).await.unwrap_err();
+        assert!(matches!(err, SecretsError::WrongKey { .. }), "{err}");
+        let configured = key.to_str().unwrap();
+        let err = Secrets::open_for(Some(configured), &url, &*store)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SecretsError::WrongKey { .. }), "{err}");
     }
 
     #[test]

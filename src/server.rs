@@ -74,7 +74,8 @@ impl Node {
             .clone()
             .unwrap_or_else(|| format!("{}:{}", hostname(), addr.port()));
 
-        let secrets = Secrets::open_for(cfg.secrets.key_file.as_deref(), &cfg.database)?;
+        let secrets =
+            Secrets::open_for(cfg.secrets.key_file.as_deref(), &cfg.database, &*store).await?;
         let inventory: Arc<dyn Inventory> = match cfg.inventory.kind {
             InventoryKind::Local => Arc::new(LocalInventory::new(
                 Arc::clone(&store),

@@ -71,7 +71,8 @@ pub async fn run(mut cfg: Config, data_dir: Option<PathBuf>) -> anyhow::Result<(
         );
     }
     let secrets =
-        crate::secrets::Secrets::open_for(cfg.secrets.key_file.as_deref(), &cfg.database)?;
+        crate::secrets::Secrets::open_for(cfg.secrets.key_file.as_deref(), &cfg.database, &*store)
+            .await?;
     store
         .add_vm(&Vm {
             id: DEMO_VM,

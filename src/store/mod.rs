@@ -227,6 +227,12 @@ pub trait Store: Send + Sync {
         Ok(0)
     }
 
+    /// One VM's sealed VNC password, if any VM has one: the key check at
+    /// start opens it, and a database holding one never gets a new key.
+    async fn sealed_vnc_password(&self) -> Result<Option<String>, StoreError> {
+        Ok(self.vms().await?.into_iter().find_map(|vm| vm.vnc_password))
+    }
+
     /// A cheap query that succeeds while the store answers; `/readyz`
     /// calls it.
     async fn ping(&self) -> Result<(), StoreError> {

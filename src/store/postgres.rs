@@ -729,6 +729,19 @@ impl Store for PgStore {
         })
     }
 
+    async fn sealed_vnc_password(&self) -> Result<Option<String>, StoreError> {
+        with_conn!(self, |c| {
+            let row = c
+                .query_opt(
+                    "SELECT vnc_password FROM vms WHERE vnc_password IS NOT NULL LIMIT 1",
+                    &[],
+                )
+                .await
+                .map_err(pg_err)?;
+            Ok(row.map(|r| r.get(0)))
+        })
+    }
+
     fn revocation_signal(&self) -> Option<Arc<Notify>> {
         let signal = self.signal.get_or_init(|| {
             let signal = Arc::new(Notify::new());

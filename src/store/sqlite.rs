@@ -34,6 +34,7 @@ impl SqliteStore {
     /// Opens (creating if needed) and migrates the database file at `path`.
     pub async fn open(path: String) -> Result<SqliteStore, StoreError> {
         let conn = tokio::task::spawn_blocking(move || -> Result<Connection, StoreError> {
+            owner_only(&path)?;
             let mut conn = Connection::open(&path)
                 .map_err(|e| StoreError::Unavailable(format!("cannot open {path}: {e}")))?;
             conn.busy_timeout(BUSY_TIMEOUT).map_err(map_err)?;
@@ -74,6 +75,61 @@ impl SqliteStore {
         .await
         .map_err(|e| StoreError::Internal(e.to_string()))?
     }
+}
+
+/// The files SQLite keeps beside the database; they hold the same rows.
+const COMPANIONS: &[&str] = &["-wal", "-shm", "-journal"];
+
+/// Makes the database file (created here if missing) and any WAL, SHM or
+/// journal file beside it mode 0600, whatever the umask: they hold password
+/// hashes, sealed VNC passwords and session records. SQLite creates its
+/// WAL and SHM files with the database file's mode, so they follow it.
+fn owner_only(path: &str) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    if path == ":memory:" || path.starts_with("file:") {
+        return Ok(());
+    }
+    let private = std::fs::Permissions::from_mode(0o600);
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        // The umask may have taken bits away from 0600, never added any, but
+        // the mode is set outright all the same.
+        Ok(file) => file
+            .set_permissions(private.clone())
+            .map_err(|e| StoreError::Unavailable(format!("cannot create {path}: {e}")))?,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => {
+            return Err(StoreError::Unavailable(format!(
+                "cannot create {path}: {e}"
+            )));
+        }
+    }
+    let companions = COMPANIONS.iter().map(|s| format!("{path}{s}"));
+    for file in std::iter::once(path.to_owned()).chain(companions) {
+        let Ok(meta) = std::fs::metadata(&file) else {
+            continue;
+        };
+        if meta.permissions().mode() & 0o077 == 0 {
+            continue;
+        }
+        match std::fs::set_permissions(&file, private.clone()) {
+            Ok(()) => tracing::warn!(
+                file = %file,
+                was = format!("{:o}", meta.permissions().mode() & 0o777),
+                "database file was readable by others; made it 0600"
+            ),
+            Err(e) => tracing::warn!(
+                file = %file,
+                error = %e,
+                "database file is readable by others and cannot be made 0600"
+            ),
+        }
+    }
+    Ok(())
 }
 
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
@@ -493,6 +549,19 @@ impl Store for SqliteStore {
                 )
                 .map_err(map_err)?;
             Ok(n as u64)
+        })
+        .await
+    }
+
+    async fn sealed_vnc_password(&self) -> Result<Option<String>, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT vnc_password FROM vms WHERE vnc_password IS NOT NULL LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(map_err)
         })
         .await
     }
