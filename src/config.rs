@@ -18,7 +18,9 @@ pub struct Config {
     /// Base URL that clients reach this node at; console URLs are built from
     /// it. Defaults to `http://<bound address>`.
     pub public_url: Option<String>,
-    /// `sqlite://PATH`.
+    /// `sqlite://PATH`, or PostgreSQL's libpq connection string (a
+    /// `postgres://` URL or `keyword=value` pairs). Shown only through
+    /// [`Config::database_redacted`].
     pub database: String,
     /// This node's name in session records; defaults to host name and port.
     pub node_name: Option<String>,
@@ -580,6 +582,12 @@ impl Config {
         })
     }
 
+    /// The `database` setting for logs: rebuilt from its parsed settings,
+    /// without the password (see [`crate::store::redact_database_url`]).
+    pub fn database_redacted(&self) -> String {
+        crate::store::redact_database_url(&self.database)
+    }
+
     pub fn auth_cache_ttl(&self) -> Duration {
         Duration::from_secs(self.api.auth_cache_ttl)
     }
@@ -630,6 +638,40 @@ mod tests {
             .apply_env(|k| (k == "VNCBROKER_MAX_TTL").then(|| "ten".to_string()))
             .unwrap_err();
         assert!(err.to_string().contains("VNCBROKER_MAX_TTL"));
+    }
+
+    #[test]
+    fn the_database_password_is_never_shown() {
+        for (url, shown) in [
+            (
+                "postgres://u:secret@db:5432/x?sslmode=require",
+                "postgres://u:***@db:5432/x?sslmode=require",
+            ),
+            (
+                "postgres://u@db/x?password=se/cret&sslmode=require",
+                "postgres://u:***@db:5432/x?sslmode=require",
+            ),
+            (
+                "postgres://u:se/c@ret@db/x?sslmode=require",
+                "postgres://u:***@db:5432/x?sslmode=require",
+            ),
+            (
+                "host=db user=u password='se cret' dbname=x sslmode=require",
+                "postgres://u:***@db:5432/x?sslmode=require",
+            ),
+            ("sqlite:///a/b.db", "sqlite:///a/b.db"),
+            (
+                "postgres://u:secret@db:nope/x",
+                "<unusable PostgreSQL connection string>",
+            ),
+            ("u:secret@db/x", "<unsupported database setting>"),
+        ] {
+            let cfg = Config {
+                database: url.into(),
+                ..Config::default()
+            };
+            assert_eq!(cfg.database_redacted(), shown, "{url}");
+        }
     }
 
     #[test]

@@ -198,7 +198,7 @@ impl Node {
             .layer(axum::middleware::from_fn(crate::console::reject_odd_paths));
         tracing::info!(
             %addr, %public_url, node = %node_name, role = ?cfg.role,
-            database = %redact_url(&cfg.database), "vncbroker ready"
+            database = %cfg.database_redacted(), "vncbroker ready"
         );
         Ok(Node {
             listener,
@@ -725,31 +725,4 @@ fn hostname() -> String {
         .ok()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "localhost".into())
-}
-
-/// A database URL fit for logs: any password in it is replaced.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{scheme}://{user}:***@{host}/{path}")
-        }
-        None => url.to_owned(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn redacts_passwords_in_urls() {
-        assert_eq!(
-            super::redact_url("postgres://u:secret@db:5432/x"),
-            "postgres://u:***@db:5432/x"
-        );
-        assert_eq!(super::redact_url("sqlite:///a/b.db"), "sqlite:///a/b.db");
-    }
 }

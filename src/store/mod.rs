@@ -4,6 +4,8 @@
 //! `database` URL alone. SQLite (`sqlite://PATH`) is the embedded default;
 //! PostgreSQL (`postgres://...`) lets several nodes share one database.
 
+pub mod conninfo;
+mod pgtls;
 mod postgres;
 mod sqlite;
 /// The private PostgreSQL server the tests use; the integration tests
@@ -256,11 +258,29 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
         let store = SqliteStore::open(path.to_owned()).await?;
         return Ok(Arc::new(store));
     }
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+    if conninfo::is_conninfo(url) {
         return Ok(Arc::new(PgStore::open(url).await?));
     }
-    let scheme = url.split("://").next().unwrap_or(url);
+    // Only the scheme is shown: the rest may hold a password.
+    let scheme = match url.split_once("://") {
+        Some((scheme, _)) => format!("URL scheme {scheme:?}"),
+        None => "database setting".to_owned(),
+    };
     Err(StoreError::Unavailable(format!(
-        "unsupported database URL scheme {scheme:?}: use sqlite://PATH or postgres://USER@HOST/DB"
+        "unsupported {scheme}: use sqlite://PATH, postgres://USER@HOST/DB, or libpq \
+         keyword=value pairs"
     )))
+}
+
+/// The `database` setting as logs may show it: an SQLite URL as it is, a
+/// PostgreSQL connection string rebuilt from its parsed settings without the
+/// password, and anything else not at all.
+pub fn redact_database_url(url: &str) -> String {
+    if url.starts_with("sqlite://") {
+        url.to_owned()
+    } else if conninfo::is_conninfo(url) {
+        conninfo::redact(url)
+    } else {
+        "<unsupported database setting>".to_owned()
+    }
 }

@@ -11,11 +11,14 @@
 //! connection (reconnecting with backoff) and wakes its revocation watcher on
 //! each notice. The watcher's periodic look stays as the fallback.
 //!
-//! Connections are plain TCP or Unix sockets for now; [`tls`] is the one
-//! place a TLS connector would be chosen (the pool's manager and the LISTEN
-//! connection both take it).
+//! The `database` setting is a libpq connection string ([`conninfo`]):
+//! several hosts may be listed (a primary and its standbys), and the pool
+//! and the LISTEN connection then go to whichever accepts writes, by
+//! themselves again after a failover. TLS follows its `sslmode` ([`pgtls`]).
+//!
+//! [`conninfo`]: super::conninfo
+//! [`pgtls`]: super::pgtls
 
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -26,10 +29,11 @@ use deadpool_postgres::{
 };
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
-use tokio_postgres::config::SslMode;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{AsyncMessage, NoTls, Row};
+use tokio_postgres::{AsyncMessage, Row};
 
+use super::conninfo::{ConnInfo, SslMode};
+use super::pgtls::{self, Connector};
 use super::sqlite::REVOKED_GRACE_SECS;
 use super::{
     NewSession, NewToken, Redemption, SessionEnd, SessionFilter, SessionRecord, Store, StoreError,
@@ -51,11 +55,12 @@ pub const REVOCATION_CHANNEL: &str = "vncbroker_revoked";
 /// Connections per node.
 const POOL_SIZE: usize = 8;
 /// How long a call may wait for a free connection, for a new connection to
-/// be set up, and for a pooled one to be checked.
+/// be set up (per host listed: each may be tried in turn), and for a pooled
+/// one to be checked.
 const POOL_WAIT: Duration = Duration::from_secs(1);
 const POOL_CREATE: Duration = Duration::from_secs(1);
 const POOL_RECYCLE: Duration = Duration::from_secs(1);
-/// TCP (or Unix socket) connect timeout, unless the URL sets one.
+/// TCP (or Unix socket) connect timeout per host, unless the URL sets one.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Server-side limit on one statement, unless the URL's options set one.
 const STATEMENT_TIMEOUT_MS: u64 = 3000;
@@ -66,23 +71,13 @@ const CALL_TIMEOUT: Duration = Duration::from_millis(STATEMENT_TIMEOUT_MS + 1000
 const LISTEN_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const LISTEN_BACKOFF_MAX: Duration = Duration::from_secs(3);
 
-/// The TLS connector. Plain connections only for now: a URL that requires
-/// TLS is refused rather than silently downgraded.
-type Tls = NoTls;
-
-fn tls(cfg: &tokio_postgres::Config) -> Result<Tls, StoreError> {
-    match cfg.get_ssl_mode() {
-        SslMode::Require => Err(StoreError::Unavailable(
-            "sslmode=require: TLS connections to PostgreSQL are not supported yet".into(),
-        )),
-        _ => Ok(NoTls),
-    }
-}
-
 pub struct PgStore {
     pool: Pool,
     /// For the dedicated LISTEN connection.
     config: tokio_postgres::Config,
+    tls: Connector,
+    /// How long setting up one connection may take, all hosts tried.
+    create_timeout: Duration,
     /// Woken on each revocation notice; created with the listener, on first use.
     signal: OnceLock<Arc<Notify>>,
     listener: Mutex<Option<JoinHandle<()>>>,
@@ -126,13 +121,26 @@ async fn timed<T>(
 }
 
 impl PgStore {
-    /// Connects to the database a `postgres://` or `postgresql://` URL
-    /// names, and migrates it. Fails as [`StoreError::Unavailable`] if the
-    /// URL is unusable or the database cannot be reached.
+    /// Connects to the database a libpq connection string (a `postgres://`
+    /// URL or `keyword=value` pairs) names, and migrates it. Fails as
+    /// [`StoreError::Unavailable`] if the string is unusable, the CA file
+    /// cannot be read, or the database cannot be reached (a refused TLS
+    /// handshake says why).
     pub async fn open(url: &str) -> Result<PgStore, StoreError> {
-        let mut config = tokio_postgres::Config::from_str(url).map_err(|e| {
-            StoreError::Unavailable(format!("invalid PostgreSQL URL: {}", describe(&e)))
+        let info: ConnInfo = url.parse().map_err(|e| {
+            StoreError::Unavailable(format!("invalid PostgreSQL connection string: {e}"))
         })?;
+        let tls = pgtls::connector(&info)?;
+        if info.ssl_mode == SslMode::Disable && !info.ssl_mode_given {
+            tracing::debug!("PostgreSQL on this machine: plaintext (no sslmode given)");
+        } else if info.ssl_mode == SslMode::Disable && !info.only_unix_sockets() {
+            tracing::warn!(
+                database = %info.redacted(),
+                "sslmode=disable: the connection to PostgreSQL is not encrypted"
+            );
+        }
+        let hosts = u32::try_from(info.host_count().max(1)).unwrap_or(u32::MAX);
+        let mut config = info.config;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
@@ -150,9 +158,10 @@ impl PgStore {
             .keepalives_idle(Duration::from_secs(10))
             .keepalives_interval(Duration::from_secs(2))
             .keepalives_retries(3);
+        let create_timeout = POOL_CREATE * hosts;
         let manager = Manager::from_config(
             config.clone(),
-            tls(&config)?,
+            tls.clone(),
             ManagerConfig {
                 // Fast: a pooled connection is checked with is_closed() only.
                 // A connection the server ended (a restart, an outage) has
@@ -164,13 +173,15 @@ impl PgStore {
             .max_size(POOL_SIZE)
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(POOL_WAIT))
-            .create_timeout(Some(POOL_CREATE))
+            .create_timeout(Some(create_timeout))
             .recycle_timeout(Some(POOL_RECYCLE))
             .build()
             .map_err(|e| StoreError::Internal(format!("building the connection pool: {e}")))?;
         let store = PgStore {
             pool,
             config,
+            tls,
+            create_timeout,
             signal: OnceLock::new(),
             listener: Mutex::new(None),
             listening: Arc::new(AtomicBool::new(false)),
@@ -281,10 +292,14 @@ fn unavailable_state(code: &str) -> bool {
         )
 }
 
-/// The error's text with its cause; the client's own Display omits it.
+/// The error's text with its cause; the client's own Display omits it. A
+/// refused TLS handshake says why in the operator's terms.
 fn describe(e: &tokio_postgres::Error) -> String {
     if let Some(db) = e.as_db_error() {
         return format!("{} ({})", db.message(), db.code().code());
+    }
+    if let Some(why) = pgtls::explain(e) {
+        return format!("{e}: {why}");
     }
     match std::error::Error::source(e) {
         Some(cause) => format!("{e}: {cause}"),
@@ -749,6 +764,8 @@ impl Store for PgStore {
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 let task = runtime.spawn(listen(
                     self.config.clone(),
+                    self.tls.clone(),
+                    self.create_timeout * 2,
                     Arc::clone(&signal),
                     Arc::clone(&self.listening),
                 ));
@@ -764,12 +781,26 @@ impl Store for PgStore {
 
 /// Keeps a LISTEN connection up for as long as the store lives, waking
 /// `signal`'s waiters on every revocation notice.
-async fn listen(config: tokio_postgres::Config, signal: Arc<Notify>, listening: Arc<AtomicBool>) {
+async fn listen(
+    config: tokio_postgres::Config,
+    tls: Connector,
+    connect_timeout: Duration,
+    signal: Arc<Notify>,
+    listening: Arc<AtomicBool>,
+) {
     let mut backoff = LISTEN_BACKOFF_MIN;
     let mut failures = 0u32;
     loop {
         let mut established = false;
-        let result = listen_once(&config, &signal, &listening, &mut established).await;
+        let result = listen_once(
+            &config,
+            tls.clone(),
+            connect_timeout,
+            &signal,
+            &listening,
+            &mut established,
+        )
+        .await;
         listening.store(false, Ordering::SeqCst);
         if established {
             backoff = LISTEN_BACKOFF_MIN;
@@ -791,12 +822,13 @@ async fn listen(config: tokio_postgres::Config, signal: Arc<Notify>, listening: 
 
 async fn listen_once(
     config: &tokio_postgres::Config,
+    tls: Connector,
+    connect_timeout: Duration,
     signal: &Notify,
     listening: &AtomicBool,
     established: &mut bool,
 ) -> Result<(), StoreError> {
-    let tls = tls(config)?;
-    let (client, mut connection) = tokio::time::timeout(POOL_CREATE * 2, config.connect(tls))
+    let (client, mut connection) = tokio::time::timeout(connect_timeout, config.connect(tls))
         .await
         .map_err(|_| StoreError::Unavailable("connecting timed out".into()))?
         .map_err(pg_err)?;
@@ -949,7 +981,8 @@ mod tests {
         assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
         assert!(started.elapsed() < Duration::from_secs(2));
         for bad in [
-            "postgres://u@127.0.0.1:5432/db?sslmode=require",
+            "postgres://u@db.example:5432/db",
+            "postgres://u@127.0.0.1:5432/db?sslmode=verify-full",
             "postgresql://u@127.0.0.1:notaport/db",
         ] {
             let err = crate::store::open(bad).await.err().unwrap();

@@ -12,6 +12,12 @@
 //! With `DATABASE_URL` set, [`TestDb::create`] uses that server instead: it
 //! creates its databases there if it may, or else uses the URL as it is.
 //!
+//! [`PgServer::start_with`] adds TLS (`ssl=on`, a certificate from a
+//! [`TestPki`] made with openssl) and lines of its own at the top of
+//! `pg_hba.conf`; [`PgServer::standby_of`] makes a streaming standby with
+//! `pg_basebackup`, which [`PgServer::promote`] turns into a primary once
+//! [`PgServer::kill_9`] has killed the old one.
+//!
 //! The library's unit tests include this same file as `store::testpg`, so it
 //! uses only std and the crate's dependencies.
 #![allow(dead_code)]
@@ -34,30 +40,33 @@ pub struct PgServer {
     port: u16,
     /// uid and gid to run as, when running as root.
     owner: Option<(u32, u32)>,
+    /// Whether `server.crt` and `server.key` in `dir` are served (ssl=on).
+    tls: bool,
+}
+
+/// How [`PgServer::start_with`] sets a server up.
+#[derive(Debug, Clone, Default)]
+pub struct PgOptions {
+    /// A server certificate (chain) and its key, PEM: the server runs with
+    /// `ssl=on` and still accepts plaintext where `pg_hba.conf` lets it.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Lines put first in `pg_hba.conf` (the rest trusts every local
+    /// connection).
+    pub hba: Vec<String>,
 }
 
 impl PgServer {
     /// Creates and starts a new server; panics with the reason if it cannot.
     pub fn start() -> PgServer {
-        let bin = server_bin_dir();
-        let owner = unprivileged_owner();
-        let dir = tempfile::Builder::new()
-            .prefix("vncbroker-pg-")
-            .tempdir()
-            .expect("creating a temp dir for PostgreSQL")
-            .keep();
-        if let Some((uid, gid)) = owner {
-            std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
-                .expect("handing the PostgreSQL dir to its user");
+        PgServer::start_with(&PgOptions::default())
+    }
+
+    /// A new server set up as `options` say.
+    pub fn start_with(options: &PgOptions) -> PgServer {
+        let mut server = PgServer::empty();
+        if let Some((cert, key)) = &options.tls {
+            server.install_tls(cert, key);
         }
-        // From here on, Drop cleans up.
-        let mut server = PgServer {
-            dir,
-            bin,
-            port: 0,
-            owner,
-        };
-        server.spawn_watchdog();
         let data = server.data_dir();
         let out = server.pg(
             "initdb",
@@ -73,15 +82,150 @@ impl PgServer {
             ],
         );
         assert!(out.status.success(), "initdb failed: {}", show(&out));
+        if !options.hba.is_empty() {
+            let hba = data.join("pg_hba.conf");
+            let rest = std::fs::read_to_string(&hba).expect("reading pg_hba.conf");
+            std::fs::write(&hba, format!("{}\n{rest}", options.hba.join("\n")))
+                .expect("writing pg_hba.conf");
+        }
+        server.start_on_a_free_port();
+        server
+    }
+
+    /// A streaming standby of `primary`, made with `pg_basebackup -R` and
+    /// started on a port of its own (with TLS if the primary has it).
+    pub fn standby_of(primary: &PgServer) -> PgServer {
+        let mut server = PgServer::empty();
+        if primary.tls {
+            server.install_tls(
+                &primary.dir.join("server.crt"),
+                &primary.dir.join("server.key"),
+            );
+        }
+        let data = server.data_dir();
+        let port = primary.port.to_string();
+        let out = server.pg(
+            "pg_basebackup",
+            &[
+                "-h".as_ref(),
+                "127.0.0.1".as_ref(),
+                "-p".as_ref(),
+                port.as_ref(),
+                "-U".as_ref(),
+                "postgres".as_ref(),
+                "-D".as_ref(),
+                data.as_os_str(),
+                "-R".as_ref(),
+                "-X".as_ref(),
+                "stream".as_ref(),
+                "--no-sync".as_ref(),
+            ],
+        );
+        assert!(out.status.success(), "pg_basebackup failed: {}", show(&out));
+        server.start_on_a_free_port();
+        server
+    }
+
+    /// A server directory with nothing in it yet, cleaned up on drop.
+    fn empty() -> PgServer {
+        let bin = server_bin_dir();
+        let owner = unprivileged_owner();
+        let dir = tempfile::Builder::new()
+            .prefix("vncbroker-pg-")
+            .tempdir()
+            .expect("creating a temp dir for PostgreSQL")
+            .keep();
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
+                .expect("handing the PostgreSQL dir to its user");
+        }
+        // From here on, Drop cleans up.
+        let server = PgServer {
+            dir,
+            bin,
+            port: 0,
+            owner,
+            tls: false,
+        };
+        server.spawn_watchdog();
+        server
+    }
+
+    /// Copies the certificate and key where the server reads them, owned by
+    /// its user; the key 0600, as PostgreSQL insists.
+    fn install_tls(&mut self, cert: &std::path::Path, key: &std::path::Path) {
+        use std::os::unix::fs::PermissionsExt;
+        for (from, name, mode) in [(cert, "server.crt", 0o644), (key, "server.key", 0o600)] {
+            let to = self.dir.join(name);
+            std::fs::copy(from, &to).unwrap_or_else(|e| panic!("copying {}: {e}", from.display()));
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(mode))
+                .expect("setting the mode of a TLS file");
+            if let Some((uid, gid)) = self.owner {
+                std::os::unix::fs::chown(&to, Some(uid), Some(gid))
+                    .expect("handing a TLS file to the server's user");
+            }
+        }
+        self.tls = true;
+    }
+
+    fn start_on_a_free_port(&mut self) {
         let mut last = String::new();
         for _ in 0..3 {
-            server.port = free_port();
-            match server.try_start() {
-                Ok(()) => return server,
+            self.port = free_port();
+            match self.try_start() {
+                Ok(()) => return,
                 Err(e) => last = e,
             }
         }
-        panic!("PostgreSQL did not start: {last}\nlog:\n{}", server.log());
+        panic!("PostgreSQL did not start: {last}\nlog:\n{}", self.log());
+    }
+
+    /// Kills the postmaster and every backend with SIGKILL at once (its
+    /// process group), as a crash of its machine would, and waits until it
+    /// no longer accepts connections.
+    pub fn kill_9(&self) {
+        let pid = std::fs::read_to_string(self.data_dir().join("postmaster.pid"))
+            .ok()
+            .and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<u32>().ok()))
+            .expect("the server's postmaster.pid");
+        let status = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{pid}")])
+            .status()
+            .expect("running kill");
+        assert!(
+            status.success(),
+            "kill -9 of PostgreSQL's group {pid} failed"
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::path::Path::new(&format!("/proc/{pid}")).exists()
+            || std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "PostgreSQL {pid} still runs after SIGKILL"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// `pg_ctl promote`: a standby becomes a primary; waits until it is.
+    pub fn promote(&self) {
+        let out = self.pg_ctl(&["-w", "-t", "30", "promote"]);
+        assert!(
+            out.status.success(),
+            "pg_ctl promote failed: {}",
+            show(&out)
+        );
+    }
+
+    /// A connection as the superuser over plaintext, driven in the background.
+    pub async fn admin(&self) -> tokio_postgres::Client {
+        let (client, connection) =
+            tokio_postgres::connect(&self.admin_url(), tokio_postgres::NoTls)
+                .await
+                .unwrap_or_else(|e| panic!("connecting to PostgreSQL: {e}\nlog:\n{}", self.log()));
+        tokio::spawn(connection);
+        client
     }
 
     pub fn port(&self) -> u16 {
@@ -120,12 +264,18 @@ impl PgServer {
     }
 
     fn try_start(&self) -> Result<(), String> {
-        let options = format!(
+        let mut options = format!(
             "-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off -c synchronous_commit=off \
              -c full_page_writes=off -c max_connections=300",
             self.port,
             self.dir.display()
         );
+        if self.tls {
+            options.push_str(&format!(
+                " -c ssl=on -c ssl_cert_file={0}/server.crt -c ssl_key_file={0}/server.key",
+                self.dir.display()
+            ));
+        }
         let log = self.dir.join("server.log");
         let out = self.pg_ctl(&[
             "-l",
@@ -282,6 +432,127 @@ pub fn with_database(url: &str, db: &str) -> String {
     match query {
         Some(q) => format!("{scheme}://{authority}/{db}?{q}"),
         None => format!("{scheme}://{authority}/{db}"),
+    }
+}
+
+/// A CA, a server certificate it signed, and a CA that signed nothing,
+/// made with openssl in a temp dir (removed on drop). The server
+/// certificate names `pg.vncbroker.test` and 127.0.0.1, not `localhost`.
+pub struct TestPki {
+    dir: tempfile::TempDir,
+}
+
+/// The name in [`TestPki`]'s server certificate.
+pub const TLS_HOST: &str = "pg.vncbroker.test";
+
+impl TestPki {
+    pub fn new() -> TestPki {
+        let dir = tempfile::Builder::new()
+            .prefix("vncbroker-pki-")
+            .tempdir()
+            .expect("a temp dir for certificates");
+        let pki = TestPki { dir };
+        for ca in ["ca", "other-ca"] {
+            pki.openssl(&[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                &format!("{ca}.key"),
+                "-out",
+                &format!("{ca}.pem"),
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN=vncbroker test {ca}"),
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ]);
+        }
+        pki.openssl(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            &format!("/CN={TLS_HOST}"),
+        ]);
+        std::fs::write(
+            pki.dir.path().join("server.ext"),
+            format!(
+                "subjectAltName=DNS:{TLS_HOST},IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+                 keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
+            ),
+        )
+        .expect("writing the certificate extensions");
+        pki.openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+            "-out",
+            "server.pem",
+        ]);
+        pki
+    }
+
+    fn openssl(&self, args: &[&str]) {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("running openssl (Debian: apt-get install openssl): {e}"));
+        assert!(
+            out.status.success(),
+            "openssl {args:?} failed: {}",
+            show(&out)
+        );
+    }
+
+    /// The CA that signed the server certificate.
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// A CA that signed nothing the server has.
+    pub fn other_ca(&self) -> PathBuf {
+        self.dir.path().join("other-ca.pem")
+    }
+
+    /// What [`PgOptions::tls`] takes.
+    pub fn server(&self) -> (PathBuf, PathBuf) {
+        (
+            self.dir.path().join("server.pem"),
+            self.dir.path().join("server.key"),
+        )
+    }
+}
+
+impl Default for TestPki {
+    fn default() -> Self {
+        TestPki::new()
     }
 }
 
