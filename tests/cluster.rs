@@ -1,8 +1,9 @@
 //! Several nodes on one PostgreSQL database: separate `vncbroker serve`
 //! processes (an API node, proxy nodes) sharing `--database postgres://...`.
 //!
-//! Each test gets its own database (see `common::pg`); the outage test gets
-//! its own PostgreSQL server, since it stops and restarts it. The VNC server
+//! Each test gets its own database (see `common::pg`); the outage and
+//! failover tests get PostgreSQL servers of their own, since they stop or
+//! kill them. The VNC server
 //! behind the proxies is a tiny TCP server here that sends the RFB version
 //! and echoes; its VMs have no VNC password, so the proxies pass bytes
 //! through. The WebSocket and HTTP clients are minimal raw ones.
@@ -20,7 +21,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use common::pg::{PgServer, TestDb};
+use common::pg::{PgOptions, PgServer, TestDb, TestPki};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vncbroker");
 
@@ -939,4 +940,153 @@ async fn a_database_outage_fails_fast_and_the_cluster_recovers_by_itself() {
     let took = started.elapsed();
     eprintln!("outage: after recovery, a revoke ended the session after {took:?}");
     assert!(took < PROMPT);
+}
+
+/// Polls `f` every 50 ms until it is true, or panics with `what`.
+async fn eventually<F, Fut>(what: &str, timeout: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !f().await {
+        assert!(Instant::now() < deadline, "{what} within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_primary_dies_and_a_standby_is_promoted_the_cluster_recovers_by_itself() {
+    // A primary and a streaming standby, both with TLS, in synchronous
+    // replication: a commit is acknowledged once the standby has it.
+    let pki = TestPki::new();
+    let primary = PgServer::start_with(&PgOptions {
+        tls: Some(pki.server()),
+        hba: Vec::new(),
+    });
+    let standby = Arc::new(PgServer::standby_of(&primary));
+    let admin = primary.admin().await;
+    eventually("the standby streams", STEP, || async {
+        let row = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'",
+                &[],
+            )
+            .await
+            .unwrap();
+        row.get::<_, i64>(0) == 1
+    })
+    .await;
+    for sql in [
+        "ALTER SYSTEM SET synchronous_standby_names = '*'",
+        "SELECT pg_reload_conf()",
+        // The test servers run with synchronous_commit = off, for speed.
+        "ALTER ROLE postgres SET synchronous_commit = 'on'",
+    ] {
+        admin.batch_execute(sql).await.unwrap();
+    }
+    let db = TestDb::on(&primary, "failover").await;
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/{}?sslmode=verify-full&sslrootcert={}\
+         &target_session_attrs=read-write",
+        primary.port(),
+        standby.port(),
+        db.name,
+        pki.ca().display()
+    );
+
+    let c = Cluster::start(&url, 1, 1, 60_000).await;
+    let proxy = &c.proxies[0];
+    c.wait_listening(1).await;
+    let before = c.mint(ALICE, VM_ALICE, json!({"ttl": 600})).await;
+    let mut running = open_console(proxy, &before.token).await;
+    let revoked = c.mint(BOB, VM_BOB, json!({"ttl": 600})).await;
+    let (status, _) = revoke_json(c.api_port(), BOB, VM_BOB).await;
+    assert_eq!(status, 200);
+    // The last token handed out before the primary dies.
+    let last = c.mint(ALICE, VM_ALICE, json!({"ttl": 600})).await;
+
+    let killed = Instant::now();
+    primary.kill_9();
+    // Until a standby is promoted there is nowhere to write: calls fail fast,
+    // the nodes say they are not ready, and the running session goes on.
+    let started = Instant::now();
+    let (status, body) = mint_json(c.api_port(), ALICE, VM_ALICE, &json!({})).await;
+    assert_eq!(status, 503, "{body}");
+    let refused = started.elapsed();
+    assert!(refused < PROMPT, "a mint failed after {refused:?}");
+    assert_eq!(
+        console(proxy.port, &before.token).await.err(),
+        Some(CLOSE_UNAVAILABLE)
+    );
+    for node in c.api.iter().chain(&c.proxies) {
+        let (status, _) = http(node.port, "GET", "/readyz", &[], "").await;
+        assert_eq!(status, 503, "{} is ready without a primary", node.name);
+    }
+    running.echo(b"relaying without a primary").await;
+    eprintln!("failover: without a primary, a mint was refused (503) after {refused:?}");
+
+    // The standby is promoted a second after the kill, as a failover tool
+    // would, while the nodes keep trying by themselves.
+    tokio::time::sleep(Duration::from_secs(1).saturating_sub(killed.elapsed())).await;
+    let promoting = Arc::clone(&standby);
+    let promoted = tokio::task::spawn_blocking(move || {
+        let asked = killed.elapsed();
+        promoting.promote();
+        (asked, killed.elapsed())
+    });
+    let mut failed = 0;
+    let after = loop {
+        let (status, body) = mint_json(c.api_port(), ALICE, VM_ALICE, &json!({"ttl": 600})).await;
+        if status == 201 {
+            break Minted::from(&body);
+        }
+        assert_eq!(status, 503, "while failing over: {body}");
+        failed += 1;
+        assert!(
+            killed.elapsed() < Duration::from_secs(20),
+            "mints still fail 20 s after the kill: {body}\napi log:\n{}",
+            c.api[0].log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let took = killed.elapsed();
+    let (asked, promoted) = promoted.await.unwrap();
+    eprintln!(
+        "failover: promotion asked {asked:?} after the kill -9 of the primary (pg_ctl promote \
+         returned after {promoted:?}); first successful mint {took:?} after the kill, \
+         {:?} after the promotion was asked ({failed} mints refused with 503 meanwhile)",
+        took.saturating_sub(asked)
+    );
+    assert!(
+        took.saturating_sub(asked) < Duration::from_secs(5),
+        "minting resumed {took:?} after the kill"
+    );
+
+    // The session that was running lived through it.
+    running.echo(b"relaying through the failover").await;
+    // Tokens handed out before the failover work, including the last one;
+    // the revoked one stays revoked; the new one works.
+    for token in [&before.token, &last.token, &after.token] {
+        open_console(proxy, token).await.close().await;
+    }
+    assert_eq!(
+        console(proxy.port, &revoked.token).await.err(),
+        Some(CLOSE_TOKEN)
+    );
+
+    // Both nodes are ready again, and the proxy listens on the new primary:
+    // a revoke ends the running session at once.
+    for node in c.api.iter().chain(&c.proxies) {
+        let (status, body) = http(node.port, "GET", "/readyz", &[], "").await;
+        assert_eq!((status, body.as_str()), (200, "ready"), "{}", node.name);
+    }
+    c.wait_listening(2).await;
+    let started = Instant::now();
+    let (status, _) = revoke_json(c.api_port(), ALICE, VM_ALICE).await;
+    assert_eq!(status, 200);
+    assert_eq!(running.close_code(PROMPT * 2).await, CLOSE_REVOKED);
+    let ended = started.elapsed();
+    eprintln!("failover: a revoke on the new primary ended the session after {ended:?}");
+    assert!(ended < PROMPT);
 }

@@ -196,10 +196,23 @@ impl PgServer {
             status.success(),
             "kill -9 of PostgreSQL's group {pid} failed"
         );
+        // Dead once a zombie: its reaper is not this process.
+        let alive = || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    let state = stat
+                        .rsplit_once(')')?
+                        .1
+                        .split_whitespace()
+                        .next()?
+                        .to_owned();
+                    Some(state != "Z" && state != "X")
+                })
+                .unwrap_or(false)
+        };
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::path::Path::new(&format!("/proc/{pid}")).exists()
-            || std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
-        {
+        while alive() || std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
             assert!(
                 std::time::Instant::now() < deadline,
                 "PostgreSQL {pid} still runs after SIGKILL"
@@ -578,7 +591,9 @@ fn show(out: &Output) -> String {
 }
 
 /// Where `pg_ctl` and `initdb` are: on PATH, else Debian's
-/// /usr/lib/postgresql/<newest version>/bin.
+/// /usr/lib/postgresql/<newest version>/bin. A `pg_ctl` on PATH that is a
+/// symbolic link leads to its real directory, where the server's other
+/// programs (`pg_basebackup`, ...) are too.
 fn server_bin_dir() -> PathBuf {
     let on_path = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
@@ -587,7 +602,11 @@ fn server_bin_dir() -> PathBuf {
         .into_iter()
         .find(|d| d.join("pg_ctl").is_file() && d.join("initdb").is_file())
     {
-        return dir;
+        let real = std::fs::canonicalize(dir.join("pg_ctl"))
+            .ok()
+            .and_then(|p| p.parent().map(PathBuf::from))
+            .filter(|d| d.join("initdb").is_file());
+        return real.unwrap_or(dir);
     }
     let mut debian: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
         .into_iter()
