@@ -955,8 +955,28 @@ where
     }
 }
 
+/// What happens to the primary in a failover test.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Failure {
+    /// kill -9 of every process: connections to it are refused at once.
+    Killed,
+    /// SIGSTOP: its kernel still accepts connections, nothing answers.
+    Hung,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_the_primary_dies_and_a_standby_is_promoted_the_cluster_recovers_by_itself() {
+    failover(Failure::Killed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_primary_hangs_and_a_standby_is_promoted_the_cluster_recovers_by_itself() {
+    failover(Failure::Hung).await;
+}
+
+/// A cluster on a primary and its standby; the primary fails as `failure`
+/// says, the standby is promoted a second later, and the nodes must find it.
+async fn failover(failure: Failure) {
     // A primary and a streaming standby, both with TLS, in synchronous
     // replication: a commit is acknowledged once the standby has it.
     let pki = TestPki::new();
@@ -1007,14 +1027,22 @@ async fn after_the_primary_dies_and_a_standby_is_promoted_the_cluster_recovers_b
     let last = c.mint(ALICE, VM_ALICE, json!({"ttl": 600})).await;
 
     let killed = Instant::now();
-    primary.kill_9();
-    // Until a standby is promoted there is nowhere to write: calls fail fast,
-    // the nodes say they are not ready, and the running session goes on.
+    match failure {
+        Failure::Killed => primary.kill_9(),
+        Failure::Hung => primary.freeze(),
+    }
+    // Until a standby is promoted there is nowhere to write: calls fail fast
+    // (a hung server only once a call has waited for it, 4 s), the nodes say
+    // they are not ready, and the running session goes on.
+    let fast = match failure {
+        Failure::Killed => PROMPT,
+        Failure::Hung => Duration::from_secs(5),
+    };
     let started = Instant::now();
     let (status, body) = mint_json(c.api_port(), ALICE, VM_ALICE, &json!({})).await;
     assert_eq!(status, 503, "{body}");
     let refused = started.elapsed();
-    assert!(refused < PROMPT, "a mint failed after {refused:?}");
+    assert!(refused < fast, "a mint failed after {refused:?}");
     assert_eq!(
         console(proxy.port, &before.token).await.err(),
         Some(CLOSE_UNAVAILABLE)
@@ -1024,11 +1052,12 @@ async fn after_the_primary_dies_and_a_standby_is_promoted_the_cluster_recovers_b
         assert_eq!(status, 503, "{} is ready without a primary", node.name);
     }
     running.echo(b"relaying without a primary").await;
-    eprintln!("failover: without a primary, a mint was refused (503) after {refused:?}");
+    eprintln!(
+        "failover ({failure:?}): without a primary, a mint was refused (503) after {refused:?}"
+    );
 
-    // The standby is promoted a second after the kill, as a failover tool
-    // would, while the nodes keep trying by themselves.
-    tokio::time::sleep(Duration::from_secs(1).saturating_sub(killed.elapsed())).await;
+    // The standby is promoted as a failover tool would, while the nodes keep
+    // trying by themselves.
     let promoting = Arc::clone(&standby);
     let promoted = tokio::task::spawn_blocking(move || {
         let asked = killed.elapsed();
@@ -1053,18 +1082,32 @@ async fn after_the_primary_dies_and_a_standby_is_promoted_the_cluster_recovers_b
     let took = killed.elapsed();
     let (asked, promoted) = promoted.await.unwrap();
     eprintln!(
-        "failover: promotion asked {asked:?} after the kill -9 of the primary (pg_ctl promote \
-         returned after {promoted:?}); first successful mint {took:?} after the kill, \
-         {:?} after the promotion was asked ({failed} mints refused with 503 meanwhile)",
+        "failover ({failure:?}): promotion asked {asked:?} after the primary failed (pg_ctl \
+         promote returned after {promoted:?}); first successful mint {took:?} after the \
+         failure, {:?} after the promotion was asked ({failed} mints refused with 503 meanwhile)",
         took.saturating_sub(asked)
     );
+    let since_promotion = took.saturating_sub(asked);
     assert!(
-        took.saturating_sub(asked) < Duration::from_secs(5),
-        "minting resumed {took:?} after the kill"
+        since_promotion < Duration::from_secs(5),
+        "minting resumed {since_promotion:?} after the promotion was asked"
     );
+    if failure == Failure::Killed {
+        assert!(
+            took < Duration::from_secs(5),
+            "minting resumed {took:?} after the kill"
+        );
+    }
 
     // The session that was running lived through it.
     running.echo(b"relaying through the failover").await;
+    // Both nodes are ready again.
+    for node in c.api.iter().chain(&c.proxies) {
+        eventually(&format!("{} ready again", node.name), STEP, || async {
+            http(node.port, "GET", "/readyz", &[], "").await == (200, "ready".to_owned())
+        })
+        .await;
+    }
     // Tokens handed out before the failover work, including the last one;
     // the revoked one stays revoked; the new one works.
     for token in [&before.token, &last.token, &after.token] {
@@ -1075,18 +1118,19 @@ async fn after_the_primary_dies_and_a_standby_is_promoted_the_cluster_recovers_b
         Some(CLOSE_TOKEN)
     );
 
-    // Both nodes are ready again, and the proxy listens on the new primary:
-    // a revoke ends the running session at once.
-    for node in c.api.iter().chain(&c.proxies) {
-        let (status, body) = http(node.port, "GET", "/readyz", &[], "").await;
-        assert_eq!((status, body.as_str()), (200, "ready"), "{}", node.name);
-    }
+    // The proxy listens on the new primary: a revoke ends the running
+    // session at once.
     c.wait_listening(2).await;
     let started = Instant::now();
     let (status, _) = revoke_json(c.api_port(), ALICE, VM_ALICE).await;
     assert_eq!(status, 200);
     assert_eq!(running.close_code(PROMPT * 2).await, CLOSE_REVOKED);
     let ended = started.elapsed();
-    eprintln!("failover: a revoke on the new primary ended the session after {ended:?}");
+    eprintln!(
+        "failover ({failure:?}): a revoke on the new primary ended the session after {ended:?}"
+    );
     assert!(ended < PROMPT);
+    if failure == Failure::Hung {
+        primary.kill_9();
+    }
 }

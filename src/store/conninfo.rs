@@ -59,6 +59,10 @@ pub enum RootCerts {
 pub struct ConnInfo {
     /// The client's settings; its own `sslmode` is `disable` or `require`.
     pub config: tokio_postgres::Config,
+    /// The same settings once per listed host, with that host alone, in the
+    /// order given: connecting tries them in turn, each with its deadline,
+    /// so a host that accepts connections but never answers is passed over.
+    pub hosts: Vec<tokio_postgres::Config>,
     pub ssl_mode: SslMode,
     /// Whether `sslmode` was given, rather than chosen by the host rule.
     pub ssl_mode_given: bool,
@@ -446,24 +450,12 @@ fn build(params: Vec<(String, String)>) -> Result<ConnInfo, ConnInfoError> {
         Some(path) => Some(RootCerts::File(PathBuf::from(path))),
     };
     let explicit_attrs = get("target_session_attrs").is_some();
-
-    // The client parses the rest, from keyword=value pairs quoted here.
-    let mut text = String::new();
-    for (k, v) in merged
+    let client: Vec<(String, String)> = merged
         .iter()
         .filter(|(k, _)| k != "sslmode" && k != "sslrootcert")
-    {
-        let quoted = v.replace('\\', "\\\\").replace('\'', "\\'");
-        text.push_str(&format!("{k}='{quoted}' "));
-    }
-    let mut config = tokio_postgres::Config::from_str(&text).map_err(|e| {
-        // The client's parse errors name the parameter, not its value.
-        ConnInfoError::Syntax(
-            std::error::Error::source(&e)
-                .map(|s| s.to_string())
-                .unwrap_or_else(|| e.to_string()),
-        )
-    })?;
+        .cloned()
+        .collect();
+    let mut config = client_config(&client)?;
     if config.get_hosts().is_empty() && config.get_hostaddrs().is_empty() {
         return Err(ConnInfoError::Syntax(
             "no host: give one in the URL (postgres://USER@HOST/DB) or as \
@@ -471,21 +463,79 @@ fn build(params: Vec<(String, String)>) -> Result<ConnInfo, ConnInfoError> {
                 .into(),
         ));
     }
-    let hosts = config.get_hosts().len().max(config.get_hostaddrs().len());
-    if hosts > 1 && !explicit_attrs {
+    let n = config.get_hosts().len().max(config.get_hostaddrs().len());
+    if n > 1 && !explicit_attrs {
         // A list of servers is a primary and its standbys: the broker writes.
         config.target_session_attrs(TargetSessionAttrs::ReadWrite);
     }
+    let ssl_mode = ssl_mode(given_mode.as_deref(), all_local(&config))?;
+    let given = given_mode.is_some();
+    let mut info = ConnInfo {
+        config,
+        hosts: Vec::new(),
+        ssl_mode,
+        ssl_mode_given: given,
+        root_certs,
+    };
+    let client_mode = client_ssl_mode(&info)?;
+    info.config.ssl_mode(client_mode);
+    info.hosts = if n > 1 {
+        (0..n)
+            .map(|i| {
+                let mut one = client_config(&one_host(&client, i))?;
+                one.ssl_mode(client_mode);
+                one.target_session_attrs(info.config.get_target_session_attrs());
+                Ok(one)
+            })
+            .collect::<Result<_, ConnInfoError>>()?
+    } else {
+        vec![info.config.clone()]
+    };
+    Ok(info)
+}
 
-    let local = all_local(&config);
-    let ssl_mode = match given_mode.as_deref() {
-        None => {
-            if local {
-                SslMode::Disable
-            } else {
-                SslMode::VerifyFull
+/// The client's settings from keyword=value pairs, quoted here.
+fn client_config(pairs: &[(String, String)]) -> Result<tokio_postgres::Config, ConnInfoError> {
+    let mut text = String::new();
+    for (k, v) in pairs {
+        let quoted = v.replace('\\', "\\\\").replace('\'', "\\'");
+        text.push_str(&format!("{k}='{quoted}' "));
+    }
+    tokio_postgres::Config::from_str(&text).map_err(|e| {
+        // The client's parse errors name the parameter, not its value.
+        ConnInfoError::Syntax(
+            std::error::Error::source(&e)
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| e.to_string()),
+        )
+    })
+}
+
+/// `pairs` with only the `i`th of the listed hosts, addresses and ports (a
+/// single port applies to every host).
+fn one_host(pairs: &[(String, String)], i: usize) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .filter_map(|(k, v)| match k.as_str() {
+            "host" | "hostaddr" | "port" => {
+                let items: Vec<&str> = v.split(',').collect();
+                let item = if k == "port" && items.len() == 1 {
+                    items.first()
+                } else {
+                    items.get(i)
+                };
+                item.map(|item| (k.clone(), (*item).to_owned()))
             }
-        }
+            _ => Some((k.clone(), v.clone())),
+        })
+        .collect()
+}
+
+/// The protection asked for, or the default for where the database is.
+fn ssl_mode(given: Option<&str>, local: bool) -> Result<SslMode, ConnInfoError> {
+    Ok(match given {
+        None if local => SslMode::Disable,
+        None => SslMode::VerifyFull,
         Some("disable") => SslMode::Disable,
         Some("prefer" | "require") => SslMode::Require,
         Some("verify-ca") => SslMode::VerifyCa,
@@ -504,62 +554,51 @@ fn build(params: Vec<(String, String)>) -> Result<ConnInfo, ConnInfoError> {
                     .into(),
             ));
         }
-    };
-    let given = given_mode.is_some();
-    let mut info = ConnInfo {
-        config,
-        ssl_mode,
-        ssl_mode_given: given,
-        root_certs,
-    };
-    if ssl_mode == SslMode::Disable {
-        info.config
-            .ssl_mode(tokio_postgres::config::SslMode::Disable);
-        return Ok(info);
+    })
+}
+
+/// The client's own sslmode for `info`, once its TLS settings add up.
+fn client_ssl_mode(info: &ConnInfo) -> Result<tokio_postgres::config::SslMode, ConnInfoError> {
+    use tokio_postgres::config::SslMode as Client;
+    let mode = info.ssl_mode;
+    // As in libpq: TLS is not used on Unix sockets, whatever sslmode says.
+    if mode == SslMode::Disable || info.only_unix_sockets() {
+        return Ok(Client::Disable);
     }
-    let sockets = info
+    if info
         .config
         .get_hosts()
         .iter()
-        .filter(|h| matches!(h, Host::Unix(_)))
-        .count();
-    if info.only_unix_sockets() {
-        // As in libpq: TLS is not used on Unix sockets, whatever sslmode says.
-        info.config
-            .ssl_mode(tokio_postgres::config::SslMode::Disable);
-        return Ok(info);
-    }
-    if sockets > 0 {
+        .any(|h| matches!(h, Host::Unix(_)))
+    {
         return Err(ConnInfoError::Tls(format!(
             "sslmode={}: a Unix socket cannot be listed with TCP hosts that use TLS; \
              list either sockets or TCP hosts",
-            ssl_mode.as_str()
+            mode.as_str()
         )));
     }
-    if matches!(ssl_mode, SslMode::VerifyCa | SslMode::VerifyFull) && info.root_certs.is_none() {
-        let why = if given {
-            String::new()
+    if matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull) && info.root_certs.is_none() {
+        let why = if info.ssl_mode_given {
+            ""
         } else {
-            " (the default for a database on another host)".to_owned()
+            " (the default for a database on another host)"
         };
         return Err(ConnInfoError::Tls(format!(
             "sslmode={}{why} needs the CA that signed the server's certificate: add \
              sslrootcert=/path/to/ca.pem (or sslrootcert=system for the system's trusted CAs) \
              to the database URL; sslmode=require encrypts without checking the server, \
              sslmode=disable turns TLS off",
-            ssl_mode.as_str()
+            mode.as_str()
         )));
     }
-    if info.root_certs == Some(RootCerts::System) && ssl_mode != SslMode::VerifyFull {
+    if info.root_certs == Some(RootCerts::System) && mode != SslMode::VerifyFull {
         return Err(ConnInfoError::Tls(format!(
             "sslrootcert=system trusts every public CA, so it needs sslmode=verify-full \
              (not {})",
-            ssl_mode.as_str()
+            mode.as_str()
         )));
     }
-    info.config
-        .ssl_mode(tokio_postgres::config::SslMode::Require);
-    Ok(info)
+    Ok(Client::Require)
 }
 
 /// Whether every host the client may reach is on this machine.
@@ -682,6 +721,26 @@ mod tests {
         assert_eq!(
             info.redacted(),
             "postgres://u@h1:5432,h2:5433,[::1]:5434/db?sslmode=disable&target_session_attrs=read-write"
+        );
+        assert_eq!(info.hosts.len(), 3);
+        for (i, one) in info.hosts.iter().enumerate() {
+            assert_eq!(one.get_hosts(), &info.config.get_hosts()[i..=i]);
+            assert_eq!(one.get_ports(), &[5432 + i as u16]);
+            assert_eq!(one.get_user(), Some("u"));
+            assert_eq!(
+                one.get_target_session_attrs(),
+                TargetSessionAttrs::ReadWrite
+            );
+        }
+        let shared_port = parse("host=h1,h2 port=6432 hostaddr=10.0.0.1,10.0.0.2 sslmode=require");
+        assert_eq!(shared_port.hosts[1].get_ports(), &[6432]);
+        assert_eq!(
+            shared_port.hosts[1].get_hostaddrs(),
+            &["10.0.0.2".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(
+            shared_port.hosts[1].get_ssl_mode(),
+            tokio_postgres::config::SslMode::Require
         );
         let any = parse("postgres://u@h1,h2/db?sslmode=disable&target_session_attrs=any");
         assert_eq!(

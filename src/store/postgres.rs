@@ -24,12 +24,16 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use std::pin::Pin;
+
 use deadpool_postgres::{
     Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
 };
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
+use tokio_postgres::Socket;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::{AsyncMessage, Row};
 
 use super::conninfo::{ConnInfo, SslMode};
@@ -55,8 +59,9 @@ pub const REVOCATION_CHANNEL: &str = "vncbroker_revoked";
 /// Connections per node.
 const POOL_SIZE: usize = 8;
 /// How long a call may wait for a free connection, for a new connection to
-/// be set up (per host listed: each may be tried in turn), and for a pooled
-/// one to be checked.
+/// be set up (per host listed: each is tried in turn, and a host that has
+/// not finished the handshake by then is passed over), and for a pooled one
+/// to be checked.
 const POOL_WAIT: Duration = Duration::from_secs(1);
 const POOL_CREATE: Duration = Duration::from_secs(1);
 const POOL_RECYCLE: Duration = Duration::from_secs(1);
@@ -67,14 +72,21 @@ const STATEMENT_TIMEOUT_MS: u64 = 3000;
 /// Client-side limit on one store call, for a server that stops answering
 /// without closing the connection (a network partition).
 const CALL_TIMEOUT: Duration = Duration::from_millis(STATEMENT_TIMEOUT_MS + 1000);
+/// The limit on [`Store::ping`], under `/readyz`'s own 3 s, so that a hung
+/// server is noticed (and its connections dropped) by the ping itself.
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the LISTEN connection checks that its server still answers (a
+/// hung server sends no notices and no error), and how long it waits.
+const LISTEN_PING: Duration = Duration::from_secs(3);
+const LISTEN_PING_TIMEOUT: Duration = Duration::from_secs(2);
 /// Backoff of the LISTEN connection between reconnection attempts.
 const LISTEN_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const LISTEN_BACKOFF_MAX: Duration = Duration::from_secs(3);
 
 pub struct PgStore {
     pool: Pool,
-    /// For the dedicated LISTEN connection.
-    config: tokio_postgres::Config,
+    /// One per listed host, for the dedicated LISTEN connection.
+    hosts: Arc<[tokio_postgres::Config]>,
     tls: Connector,
     /// How long setting up one connection may take, all hosts tried.
     create_timeout: Duration,
@@ -95,19 +107,26 @@ impl Drop for PgStore {
 }
 
 /// Runs `$body` (an expression of type `Result<_, StoreError>`, which may use
-/// `?`) with a pooled connection bound to `$c`, within [`CALL_TIMEOUT`]. A
-/// connection that timed out is kept out of the pool: it may be wedged.
+/// `?`) with a pooled connection bound to `$c`, within [`CALL_TIMEOUT`] (or
+/// the limit given first). A connection that timed out is kept out of the
+/// pool, and so are the idle ones: their server may be hung, and new
+/// connections pass a hung host over for the next one listed.
 macro_rules! with_conn {
-    ($self:ident, |$c:ident| $body:expr) => {{
+    ($self:ident, |$c:ident| $body:expr) => {
+        with_conn!($self, CALL_TIMEOUT, |$c| $body)
+    };
+    ($self:ident, $limit:expr, |$c:ident| $body:expr) => {{
         #[allow(unused_mut)]
         let mut $c = $self.conn().await?;
-        let outcome = timed(async { $body }).await;
+        let limit: Duration = $limit;
+        let outcome = timed(limit, async { $body }).await;
         match outcome {
             Some(result) => result,
             None => {
                 drop(Object::take($c));
+                $self.drop_idle();
                 Err(StoreError::Unavailable(format!(
-                    "PostgreSQL did not answer within {CALL_TIMEOUT:?}"
+                    "PostgreSQL did not answer within {limit:?}"
                 )))
             }
         }
@@ -115,9 +134,98 @@ macro_rules! with_conn {
 }
 
 async fn timed<T>(
+    limit: Duration,
     fut: impl Future<Output = Result<T, StoreError>>,
 ) -> Option<Result<T, StoreError>> {
-    tokio::time::timeout(CALL_TIMEOUT, fut).await.ok()
+    tokio::time::timeout(limit, fut).await.ok()
+}
+
+/// The client and connection a connection attempt yields.
+type Connected = (
+    tokio_postgres::Client,
+    tokio_postgres::Connection<Socket, <Connector as MakeTlsConnect<Socket>>::Stream>,
+);
+
+/// Connects to the first of `hosts` (one configuration per listed host)
+/// that takes the connection, as the client's own multi-host connect does,
+/// but gives each host but the last [`POOL_CREATE`] to finish the handshake:
+/// a server that accepts connections and never answers (hung) is passed over.
+/// The caller's deadline bounds the last.
+async fn connect_first(
+    hosts: &[tokio_postgres::Config],
+    tls: &Connector,
+) -> Result<Connected, tokio_postgres::Error> {
+    let Some((last, earlier)) = hosts.split_last() else {
+        // Never so (every connection string names a host): the client says why.
+        return tokio_postgres::Config::new().connect(tls.clone()).await;
+    };
+    for (i, host) in earlier.iter().enumerate() {
+        match tokio::time::timeout(POOL_CREATE, host.connect(tls.clone())).await {
+            Ok(Ok(connected)) => return Ok(connected),
+            Ok(Err(e)) => {
+                tracing::debug!(host = i + 1, error = %describe(&e), "PostgreSQL host refused; trying the next")
+            }
+            Err(_) => tracing::warn!(
+                host = i + 1,
+                "PostgreSQL host did not answer within {POOL_CREATE:?}; trying the next"
+            ),
+        }
+    }
+    last.connect(tls.clone()).await
+}
+
+/// The pool's way of connecting: [`connect_first`].
+struct FirstHost {
+    hosts: Arc<[tokio_postgres::Config]>,
+    tls: Connector,
+}
+
+impl deadpool_postgres::Connect for FirstHost {
+    fn connect(
+        &self,
+        _: &tokio_postgres::Config,
+    ) -> Pin<
+        Box<
+            dyn Future<
+                    Output = Result<
+                        (tokio_postgres::Client, JoinHandle<()>),
+                        tokio_postgres::Error,
+                    >,
+                > + Send
+                + '_,
+        >,
+    > {
+        Box::pin(async move {
+            let (client, connection) = connect_first(&self.hosts, &self.tls).await?;
+            let task = tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %describe(&e), "PostgreSQL connection ended");
+                }
+            });
+            Ok((client, task))
+        })
+    }
+}
+
+/// Our settings on every connection, unless the URL sets its own.
+fn tune(config: &mut tokio_postgres::Config) {
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    if config.get_application_name().is_none() {
+        config.application_name("vncbroker");
+    }
+    // Ours first, so options given in the URL win.
+    let options = format!(
+        "-c statement_timeout={STATEMENT_TIMEOUT_MS} -c idle_in_transaction_session_timeout=10000 {}",
+        config.get_options().unwrap_or("")
+    );
+    config.options(options.trim_end());
+    config
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(10))
+        .keepalives_interval(Duration::from_secs(2))
+        .keepalives_retries(3);
 }
 
 impl PgStore {
@@ -139,29 +247,19 @@ impl PgStore {
                 "sslmode=disable: the connection to PostgreSQL is not encrypted"
             );
         }
-        let hosts = u32::try_from(info.host_count().max(1)).unwrap_or(u32::MAX);
+        let count = u32::try_from(info.hosts.len().max(1)).unwrap_or(u32::MAX);
         let mut config = info.config;
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(CONNECT_TIMEOUT);
-        }
-        if config.get_application_name().is_none() {
-            config.application_name("vncbroker");
-        }
-        // Ours first, so options given in the URL win.
-        let options = format!(
-            "-c statement_timeout={STATEMENT_TIMEOUT_MS} -c idle_in_transaction_session_timeout=10000 {}",
-            config.get_options().unwrap_or("")
-        );
-        config.options(options.trim_end());
-        config
-            .keepalives(true)
-            .keepalives_idle(Duration::from_secs(10))
-            .keepalives_interval(Duration::from_secs(2))
-            .keepalives_retries(3);
-        let create_timeout = POOL_CREATE * hosts;
-        let manager = Manager::from_config(
-            config.clone(),
-            tls.clone(),
+        tune(&mut config);
+        let mut hosts = info.hosts;
+        hosts.iter_mut().for_each(tune);
+        let hosts: Arc<[tokio_postgres::Config]> = hosts.into();
+        let create_timeout = POOL_CREATE * count;
+        let manager = Manager::from_connect(
+            config,
+            FirstHost {
+                hosts: Arc::clone(&hosts),
+                tls: tls.clone(),
+            },
             ManagerConfig {
                 // Fast: a pooled connection is checked with is_closed() only.
                 // A connection the server ended (a restart, an outage) has
@@ -179,7 +277,7 @@ impl PgStore {
             .map_err(|e| StoreError::Internal(format!("building the connection pool: {e}")))?;
         let store = PgStore {
             pool,
-            config,
+            hosts,
             tls,
             create_timeout,
             signal: OnceLock::new(),
@@ -197,6 +295,16 @@ impl PgStore {
 
     async fn conn(&self) -> Result<Object, StoreError> {
         self.pool.get().await.map_err(pool_err)
+    }
+
+    /// Closes the idle pooled connections (after one timed out: they are
+    /// likely to the same hung server); new ones are made as needed.
+    fn drop_idle(&self) {
+        let dropped = self.pool.retain(|_, _| false).removed.len();
+        tracing::warn!(
+            idle_connections_closed = dropped,
+            "PostgreSQL did not answer in time; reconnecting"
+        );
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
@@ -591,7 +699,7 @@ impl Store for PgStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        with_conn!(self, |c| {
+        with_conn!(self, PING_TIMEOUT, |c| {
             c.simple_query("SELECT 1").await.map_err(pg_err)?;
             Ok(())
         })
@@ -763,7 +871,7 @@ impl Store for PgStore {
             // Started on first use, so CLI commands never open it.
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 let task = runtime.spawn(listen(
-                    self.config.clone(),
+                    Arc::clone(&self.hosts),
                     self.tls.clone(),
                     self.create_timeout * 2,
                     Arc::clone(&signal),
@@ -782,7 +890,7 @@ impl Store for PgStore {
 /// Keeps a LISTEN connection up for as long as the store lives, waking
 /// `signal`'s waiters on every revocation notice.
 async fn listen(
-    config: tokio_postgres::Config,
+    hosts: Arc<[tokio_postgres::Config]>,
     tls: Connector,
     connect_timeout: Duration,
     signal: Arc<Notify>,
@@ -793,8 +901,8 @@ async fn listen(
     loop {
         let mut established = false;
         let result = listen_once(
-            &config,
-            tls.clone(),
+            &hosts,
+            &tls,
             connect_timeout,
             &signal,
             &listening,
@@ -821,14 +929,14 @@ async fn listen(
 }
 
 async fn listen_once(
-    config: &tokio_postgres::Config,
-    tls: Connector,
+    hosts: &[tokio_postgres::Config],
+    tls: &Connector,
     connect_timeout: Duration,
     signal: &Notify,
     listening: &AtomicBool,
     established: &mut bool,
 ) -> Result<(), StoreError> {
-    let (client, mut connection) = tokio::time::timeout(connect_timeout, config.connect(tls))
+    let (client, mut connection) = tokio::time::timeout(connect_timeout, connect_first(hosts, tls))
         .await
         .map_err(|_| StoreError::Unavailable("connecting timed out".into()))?
         .map_err(pg_err)?;
@@ -848,10 +956,15 @@ async fn listen_once(
         }
     });
     let listen = format!("LISTEN {REVOCATION_CHANNEL}");
+    let no_answer = || {
+        StoreError::Unavailable(format!(
+            "PostgreSQL did not answer within {LISTEN_PING_TIMEOUT:?}"
+        ))
+    };
     tokio::select! {
         ended = &mut messages => return ended,
-        listened = client.batch_execute(&listen) => {
-            listened.map_err(pg_err)?
+        listened = tokio::time::timeout(LISTEN_PING_TIMEOUT, client.batch_execute(&listen)) => {
+            listened.map_err(|_| no_answer())?.map_err(pg_err)?
         }
     }
     *established = true;
@@ -859,7 +972,20 @@ async fn listen_once(
     tracing::info!("listening for revocation notices");
     // Revocations made while nobody listened: have the watchers look now.
     signal.notify_waiters();
-    let ended = messages.await;
+    // A hung server sends neither notices nor an error: ask it now and then.
+    let alive = async {
+        loop {
+            tokio::time::sleep(LISTEN_PING).await;
+            tokio::time::timeout(LISTEN_PING_TIMEOUT, client.batch_execute("SELECT 1"))
+                .await
+                .map_err(|_| no_answer())?
+                .map_err(pg_err)?;
+        }
+    };
+    let ended = tokio::select! {
+        ended = &mut messages => ended,
+        failed = alive => failed,
+    };
     drop(client);
     ended
 }

@@ -180,21 +180,49 @@ impl PgServer {
         panic!("PostgreSQL did not start: {last}\nlog:\n{}", self.log());
     }
 
-    /// Kills the postmaster and every backend with SIGKILL at once (its
-    /// process group), as a crash of its machine would, and waits until it
-    /// no longer accepts connections.
-    pub fn kill_9(&self) {
-        let pid = std::fs::read_to_string(self.data_dir().join("postmaster.pid"))
+    /// The postmaster's pid.
+    fn postmaster_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.data_dir().join("postmaster.pid"))
             .ok()
             .and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<u32>().ok()))
-            .expect("the server's postmaster.pid");
-        let status = Command::new("kill")
-            .args(["-KILL", "--", &format!("-{pid}")])
-            .status()
-            .expect("running kill");
+    }
+
+    /// Sends `signal` (e.g. `KILL`, `STOP`) to the postmaster, then to each
+    /// of its children (every backend leads a session of its own, so a
+    /// process group would not reach them); false if it could not.
+    fn signal_all(&self, signal: &str) -> bool {
+        let Some(pid) = self.postmaster_pid() else {
+            return false;
+        };
+        let send = |pid: u32| {
+            Command::new("kill")
+                .args([&format!("-{signal}"), &pid.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        // The postmaster first: stopped or dead, it forks no more children.
+        let sent = send(pid);
+        for child in children_of(pid) {
+            send(child);
+        }
+        sent
+    }
+
+    /// Stops every process of the server with SIGSTOP: a hung server, whose
+    /// kernel still accepts connections that nothing ever answers.
+    pub fn freeze(&self) {
+        assert!(self.signal_all("STOP"), "SIGSTOP to PostgreSQL failed");
+    }
+
+    /// Kills the postmaster and every backend with SIGKILL, as a crash of
+    /// its machine would, and waits until it no longer accepts connections.
+    pub fn kill_9(&self) {
+        let pid = self.postmaster_pid().expect("the server's postmaster.pid");
         assert!(
-            status.success(),
-            "kill -9 of PostgreSQL's group {pid} failed"
+            self.signal_all("KILL"),
+            "kill -9 of PostgreSQL ({pid}) failed"
         );
         // Dead once a zombie: its reaper is not this process.
         let alive = || {
@@ -356,6 +384,8 @@ rm -rf "$3""#;
 impl Drop for PgServer {
     fn drop(&mut self) {
         if self.data_dir().join("postmaster.pid").exists() {
+            // A frozen server would never see the stop request.
+            self.signal_all("CONT");
             let _ = self.pg_ctl(&["-m", "immediate", "-w", "-t", "10", "stop"]);
         }
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -567,6 +597,26 @@ impl Default for TestPki {
     fn default() -> Self {
         TestPki::new()
     }
+}
+
+/// The pids whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    // pid (comm) state ppid ...; comm may hold spaces.
+                    let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?;
+                    ppid.parse::<u32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
 }
 
 /// A port nothing listens on (free a moment ago).
