@@ -1050,6 +1050,14 @@ async fn failover(failure: Failure) {
     for node in c.api.iter().chain(&c.proxies) {
         let (status, _) = http(node.port, "GET", "/readyz", &[], "").await;
         assert_eq!(status, 503, "{} is ready without a primary", node.name);
+        // The metrics still answer, and count the failures.
+        let (status, metrics) = http(node.port, "GET", "/metrics", &[], "").await;
+        assert_eq!(status, 200, "{}", node.name);
+        assert!(
+            metrics.contains("vncbroker_store_errors_total{"),
+            "{}: no store errors counted:\n{metrics}",
+            node.name
+        );
     }
     running.echo(b"relaying without a primary").await;
     eprintln!(
