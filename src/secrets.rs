@@ -9,7 +9,7 @@
 //! key file, so there it must be named.
 
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
@@ -113,6 +113,9 @@ impl Sealer {
                     .mode(0o600)
                     .open(path)
                     .map_err(|e| err(format!("cannot create: {e}")))?;
+                // Exactly 0600, whatever the umask took away.
+                f.set_permissions(std::fs::Permissions::from_mode(0o600))
+                    .map_err(|e| err(e.to_string()))?;
                 writeln!(f, "{}", STANDARD.encode(key)).map_err(|e| err(e.to_string()))?;
                 tracing::info!(path = %shown, "generated a new key for stored VNC passwords; back it up with the database");
                 Ok(Sealer::from_key(&key))
