@@ -263,7 +263,7 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     }
     // Only the scheme is shown: the rest may hold a password.
     let scheme = match url.split_once("://") {
-        Some((scheme, _)) => format!("URL scheme {scheme:?}"),
+        Some((scheme, _)) => format!("database URL scheme {scheme:?}"),
         None => "database setting".to_owned(),
     };
     Err(StoreError::Unavailable(format!(

@@ -100,12 +100,10 @@ fn owner_only(path: &str) -> Result<(), StoreError> {
         // the mode is set outright all the same.
         Ok(file) => file
             .set_permissions(private.clone())
-            .map_err(|e| StoreError::Unavailable(format!("cannot create {path}: {e}")))?,
+            .map_err(|e| StoreError::Unavailable(format!("cannot open {path}: {e}")))?,
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => {
-            return Err(StoreError::Unavailable(format!(
-                "cannot create {path}: {e}"
-            )));
+            return Err(StoreError::Unavailable(format!("cannot open {path}: {e}")));
         }
     }
     let companions = COMPANIONS.iter().map(|s| format!("{path}{s}"));
