@@ -257,6 +257,10 @@ pub struct ProxyConfig {
     pub end_at_token_expiry: bool,
     /// How often the proxy pings the browser, in seconds (0: never).
     pub ping_interval_secs: u64,
+    /// How often every live session is re-checked with the inventory (its
+    /// VM still exists, runs and is where the token points; its user may
+    /// still open it), in seconds (0: never).
+    pub recheck_interval_secs: u64,
     /// A browser that has not answered a ping for this long is dropped.
     pub pong_timeout_secs: u64,
     /// Directory of the @novnc/novnc npm package; unset, `node_modules/@novnc/novnc`
@@ -281,6 +285,7 @@ impl Default for ProxyConfig {
             max_session_secs: 0,
             end_at_token_expiry: false,
             ping_interval_secs: 30,
+            recheck_interval_secs: 60,
             pong_timeout_secs: 90,
             novnc_root: None,
         }
