@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use crate::proxy::relay::End;
 use crate::inventory::Lapse;
+use crate::proxy::relay::End;
 use crate::proxy::sessions::Stop;
 use crate::store::{
     NewSession, NewToken, RecordedRevocation, Redemption, Revocation, Revoked, SessionEnd,
@@ -99,6 +99,8 @@ pub enum Refused {
     VncHandshake,
     /// The token was good, but the VNC handshake timed out.
     HandshakeTimeout,
+    /// Access was withdrawn while the session was being set up.
+    Withdrawn,
 }
 
 impl Refused {
@@ -111,6 +113,7 @@ impl Refused {
         Refused::Unreachable,
         Refused::VncHandshake,
         Refused::HandshakeTimeout,
+        Refused::Withdrawn,
     ];
 
     /// Token refusals go to `vncbroker_tokens_refused_total`; failures after
@@ -132,6 +135,7 @@ impl Refused {
             Refused::Unreachable => "unreachable",
             Refused::VncHandshake => "vnc_handshake",
             Refused::HandshakeTimeout => "handshake_timeout",
+            Refused::Withdrawn => "withdrawn",
         }
     }
 }
@@ -810,7 +814,8 @@ impl Store for TimedStore {
             .await
     }
     async fn update_vm(&self, vm: &Vm) -> Result<Option<Revoked>, StoreError> {
-        self.timed(StoreOp::UpdateVm, self.inner.update_vm(vm)).await
+        self.timed(StoreOp::UpdateVm, self.inner.update_vm(vm))
+            .await
     }
     async fn open_session(&self, session: &NewSession) -> Result<i64, StoreError> {
         self.timed(StoreOp::OpenSession, self.inner.open_session(session))

@@ -21,7 +21,7 @@ pub async fn watch_revocations(sessions: Arc<Sessions>, store: Arc<dyn Store>, e
     let signal = store.revocation_signal();
     // Armed before each look, so a signal that comes during one is kept.
     let mut notified = signal.as_ref().map(|s| Box::pin(s.notified()));
-    // The last revocation applied; `None` while nothing is live.
+    // The last revocation applied; `None` until the first look.
     let mut cursor: Option<i64> = None;
     loop {
         match (&signal, notified.as_mut()) {
@@ -40,15 +40,17 @@ pub async fn watch_revocations(sessions: Arc<Sessions>, store: Arc<dyn Store>, e
                 tick.tick().await;
             }
         }
-        if sessions.count() == 0 {
-            // Nothing to end; a session that comes later starts the log
-            // from its own view.
-            sessions.reset_applied();
-            cursor = None;
-            continue;
-        }
-        let Some(mut from) = cursor.or_else(|| sessions.oldest_seen()) else {
-            continue;
+        let mut from = match cursor {
+            Some(c) => c,
+            // First look: from the newest revocation, or from the oldest view
+            // of a session already live, so that none misses one.
+            None => match store.last_revocation().await {
+                Ok(last) => sessions.oldest_seen().map_or(last, |seen| seen.min(last)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the revocation log failed");
+                    continue;
+                }
+            },
         };
         loop {
             match store.revocations_after(from, BATCH).await {

@@ -127,6 +127,8 @@ enum Refusal {
     StoreDown(String),
     Moved,
     TooMany(sessions::LimitHit),
+    /// Access was withdrawn while the session was being set up.
+    Stopped(Stop),
     Unreachable(String),
     Handshake(handshake::HandshakeError),
     HandshakeTimeout,
@@ -142,6 +144,7 @@ impl Refusal {
             Refusal::StoreDown(_) => M::StoreUnavailable,
             Refusal::Moved => M::Moved,
             Refusal::TooMany(_) => M::SessionLimit,
+            Refusal::Stopped(_) => M::Withdrawn,
             Refusal::Unreachable(_) => M::Unreachable,
             Refusal::Handshake(_) => M::VncHandshake,
             Refusal::HandshakeTimeout => M::HandshakeTimeout,
@@ -163,6 +166,7 @@ impl Refusal {
             Refusal::NoToken => (close::NO_TOKEN, "no console token given".into()),
             Refusal::BadToken => (close::TOKEN, "token invalid or expired".into()),
             Refusal::TooMany(hit) => (close::TOO_MANY, hit.to_string()),
+            Refusal::Stopped(stop) => stop_close(*stop),
             Refusal::Moved => (
                 close::MOVED,
                 "console unavailable: the VM moved since this link was made, ask for a new one"
@@ -183,9 +187,10 @@ impl Refusal {
             Refusal::Handshake(H::ClientProtocol { code, .. }) => {
                 (*code, "WebSocket protocol error".into())
             }
-            Refusal::Handshake(H::ClientRfb(_)) => {
-                (close::PROTOCOL, "RFB protocol error from the browser".into())
-            }
+            Refusal::Handshake(H::ClientRfb(_)) => (
+                close::PROTOCOL,
+                "RFB protocol error from the browser".into(),
+            ),
             Refusal::Handshake(H::Rfb(crate::rfb::RfbError::AuthFailed { .. })) => (
                 close::VNC_HANDSHAKE,
                 "console unavailable: the VNC server refused the stored password".into(),
@@ -493,6 +498,26 @@ async fn open(
             },
         })
         .map_err(Refusal::TooMany)?;
+    // A revocation made since the token was redeemed ends the session
+    // before it starts; one made while it is set up ends it at once.
+    catch_up(proxy.store.as_ref(), &registration, None).await;
+    let mut stop = registration.stop.clone();
+    let tcp = tokio::select! {
+        biased;
+        why = stopped(&mut stop) => return Err(Refusal::Stopped(why)),
+        tcp = connect_and_secure(proxy, reader, writer, &r) => tcp?,
+    };
+    Ok((r, tcp, registration))
+}
+
+/// Connects to the token's target and runs the RFB security handshake if a
+/// password is stored.
+async fn connect_and_secure(
+    proxy: &Proxy,
+    reader: &mut WsReader,
+    writer: &mut WsWriter,
+    r: &Redemption,
+) -> Result<TcpStream, Refusal> {
     let target = (r.target_host.as_str(), r.target_port);
     let mut tcp = match tokio::time::timeout(
         proxy.settings.connect_timeout,
@@ -517,7 +542,19 @@ async fn open(
             Err(_) => return Err(Refusal::HandshakeTimeout),
         }
     }
-    Ok((r, tcp, registration))
+    Ok(tcp)
+}
+
+/// Completes when the session is told to stop.
+async fn stopped(stop: &mut tokio::sync::watch::Receiver<Option<Stop>>) -> Stop {
+    loop {
+        if let Some(why) = *stop.borrow_and_update() {
+            return why;
+        }
+        if stop.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
 }
 
 /// Applies to a new session the revocations this node applied before it
@@ -528,14 +565,18 @@ async fn catch_up(store: &dyn Store, registration: &sessions::Registration, reco
     let CatchUp::Needed { mut seen, upto } = registration.attach(record) else {
         return;
     };
+    const BATCH: u32 = 500;
     while seen < upto {
-        match store.revocations_after(seen, 500).await {
-            Ok(batch) if batch.is_empty() => return,
+        match store.revocations_after(seen, BATCH).await {
             Ok(batch) => {
                 if registration.apply(&batch) {
                     return;
                 }
-                seen = batch.last().map_or(upto, |r| r.seq);
+                seen = batch.last().map_or(seen, |r| r.seq);
+                registration.checked_up_to(seen);
+                if batch.len() < BATCH as usize {
+                    return;
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the revocation log for a new session");

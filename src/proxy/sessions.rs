@@ -9,7 +9,7 @@
 //! record ([`Registration::attach`]). No node's clock takes part.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
@@ -73,7 +73,7 @@ struct Table {
     per_vm: HashMap<i64, usize>,
     per_user: HashMap<Arc<str>, usize>,
     /// The last revocation applied to every session in the table; `None`
-    /// until the watcher has looked (or after the node was idle).
+    /// until the watcher has looked.
     applied: Option<i64>,
 }
 
@@ -98,7 +98,8 @@ pub struct Sessions {
 /// Keeps a session registered; dropping it unregisters.
 pub struct Registration {
     id: u64,
-    seen: i64,
+    /// The last revocation this session has been checked against.
+    checked: AtomicI64,
     sessions: Arc<Sessions>,
     /// Changes to `Some` when the session must end.
     pub stop: watch::Receiver<Option<Stop>>,
@@ -110,7 +111,8 @@ pub enum CatchUp {
     /// Nothing was applied to the table that this session has not seen.
     Current,
     /// Revocations after `seen` up to `upto` were applied before the session
-    /// joined: the caller looks them up and hands them to
+    /// joined (or, with `upto` at `i64::MAX`, the watcher has not looked
+    /// yet): the caller looks them up and hands them to
     /// [`Registration::apply`].
     Needed { seen: i64, upto: i64 },
 }
@@ -127,22 +129,34 @@ impl Drop for Registration {
 }
 
 impl Registration {
-    /// Records the session's row id, so that ending it by id works, and says
-    /// whether it must catch up with revocations applied before it joined.
+    /// Records the session's row id once it has one, so that ending it by id
+    /// works, and says whether it must catch up with revocations applied to
+    /// the table that it has not been checked against. Called right after
+    /// registering, and again with the record.
     pub fn attach(&self, record: Option<i64>) -> CatchUp {
         let Ok(mut t) = self.sessions.table.lock() else {
             return CatchUp::Current;
         };
-        if let Some(live) = t.live.get_mut(&self.id) {
+        if let Some(live) = t.live.get_mut(&self.id)
+            && record.is_some()
+        {
             live.record = record;
         }
+        let seen = self.checked.load(Ordering::Relaxed);
         match t.applied {
-            Some(upto) if upto > self.seen => CatchUp::Needed {
-                seen: self.seen,
-                upto,
+            Some(upto) if upto > seen => CatchUp::Needed { seen, upto },
+            Some(_) => CatchUp::Current,
+            // The watcher has not looked yet: the whole log after `seen`.
+            None => CatchUp::Needed {
+                seen,
+                upto: i64::MAX,
             },
-            _ => CatchUp::Current,
         }
+    }
+
+    /// Notes that the session has been checked against the log up to `seq`.
+    pub fn checked_up_to(&self, seq: i64) {
+        self.checked.fetch_max(seq, Ordering::Relaxed);
     }
 
     /// Applies revocations to this session alone; true if one ends it.
@@ -228,7 +242,7 @@ impl Sessions {
         );
         Ok(Registration {
             id,
-            seen: entry.seen,
+            checked: AtomicI64::new(entry.seen),
             sessions: Arc::clone(self),
             stop: rx,
         })
@@ -250,16 +264,6 @@ impl Sessions {
         t.live.values().map(|l| l.seen).min()
     }
 
-    /// Forgets the applied mark (nothing live to apply to); the watcher
-    /// starts afresh when sessions come.
-    pub fn reset_applied(&self) {
-        if let Ok(mut t) = self.table.lock()
-            && t.live.is_empty()
-        {
-            t.applied = None;
-        }
-    }
-
     /// Applies revocations, oldest first, to every live session; the table
     /// then counts as having seen everything up to `upto` (at least the last
     /// seq given). Returns how many sessions were told to stop.
@@ -270,7 +274,10 @@ impl Sessions {
         let mut n = 0;
         for live in t.live.values() {
             if let Some(r) = revocations.iter().find(|r| live.falls_under(r))
-                && live.stop.send(Some(Stop::Revoked(r.revocation.cause))).is_ok()
+                && live
+                    .stop
+                    .send(Some(Stop::Revoked(r.revocation.cause)))
+                    .is_ok()
             {
                 n += 1;
             }
@@ -357,7 +364,10 @@ mod tests {
         assert_eq!(s.register(entry(9, "dave", 0)).err(), Some(LimitHit::Total));
         drop(a);
         let _d = s.register(entry(9, "alice", 0)).unwrap();
-        assert_eq!(s.register(entry(10, "erin", 0)).err(), Some(LimitHit::Total));
+        assert_eq!(
+            s.register(entry(10, "erin", 0)).err(),
+            Some(LimitHit::Total)
+        );
         assert_eq!(s.count(), 3);
         let u = Arc::new(Sessions::with_limits(Limits {
             per_user: 1,
@@ -396,6 +406,15 @@ mod tests {
         let s = Arc::new(Sessions::default());
         let a = s.register(entry(7, "alice", 0)).unwrap();
         let b = s.register(entry(7, "alice", 0)).unwrap();
+        // Before the watcher's first look, a session reads the log itself.
+        assert_eq!(
+            a.attach(Some(100)),
+            CatchUp::Needed {
+                seen: 0,
+                upto: i64::MAX
+            }
+        );
+        s.apply(&[], 0);
         assert_eq!(a.attach(Some(100)), CatchUp::Current);
         assert_eq!(b.attach(Some(101)), CatchUp::Current);
         let one = Revocation {

@@ -40,7 +40,10 @@ use crate::token::TokenHash;
 /// ones applied.
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/postgres/0001_init.sql")),
-    (2, include_str!("../../migrations/postgres/0002_revocations.sql")),
+    (
+        2,
+        include_str!("../../migrations/postgres/0002_revocations.sql"),
+    ),
 ];
 
 /// The advisory lock that serialises migrations of nodes starting at once
@@ -494,9 +497,7 @@ impl Store for PgStore {
                 )
                 .await
                 .map_err(pg_err)?;
-            c.execute(&st, &[&before])
-                .await
-                .map_err(pg_err)
+            c.execute(&st, &[&before]).await.map_err(pg_err)
         })
     }
 
@@ -576,10 +577,7 @@ impl Store for PgStore {
     async fn last_revocation(&self) -> Result<i64, StoreError> {
         with_conn!(self, |c| {
             let row = c
-                .query_one(
-                    "SELECT COALESCE(max(seq), 0)::BIGINT FROM revocations",
-                    &[],
-                )
+                .query_one("SELECT COALESCE(max(seq), 0)::BIGINT FROM revocations", &[])
                 .await
                 .map_err(pg_err)?;
             Ok(row.get(0))
@@ -792,7 +790,10 @@ impl Store for PgStore {
                 return Ok(None);
             };
             let owned: Vec<i64> = tx
-                .query("SELECT id FROM vms WHERE owner_id = $1 ORDER BY id", &[&uid])
+                .query(
+                    "SELECT id FROM vms WHERE owner_id = $1 ORDER BY id",
+                    &[&uid],
+                )
                 .await
                 .map_err(pg_err)?
                 .iter()
@@ -854,7 +855,10 @@ impl Store for PgStore {
         with_conn!(self, |c| {
             let tx = c.transaction().await.map_err(pg_err)?;
             let Some(old) = tx
-                .query_opt(&format!("{VM_COLUMNS} WHERE v.id = $1 FOR UPDATE OF v"), &[&vm.id])
+                .query_opt(
+                    &format!("{VM_COLUMNS} WHERE v.id = $1 FOR UPDATE OF v"),
+                    &[&vm.id],
+                )
                 .await
                 .map_err(pg_err)?
             else {

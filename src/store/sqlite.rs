@@ -20,7 +20,10 @@ use crate::token::TokenHash;
 /// last one applied.
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/sqlite/0001_init.sql")),
-    (2, include_str!("../../migrations/sqlite/0002_revocations.sql")),
+    (
+        2,
+        include_str!("../../migrations/sqlite/0002_revocations.sql"),
+    ),
 ];
 
 const BUSY_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -215,11 +218,7 @@ fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
 
 /// Records `r` inside the caller's transaction: revokes the tokens it
 /// covers, counts the live sessions it ends, and appends it to the log.
-fn record_revocation(
-    conn: &Connection,
-    r: &Revocation,
-    now: i64,
-) -> Result<Revoked, StoreError> {
+fn record_revocation(conn: &Connection, r: &Revocation, now: i64) -> Result<Revoked, StoreError> {
     super::check_scope(r)?;
     let mut tokens = 0u64;
     if r.session_id.is_none() {
@@ -250,7 +249,15 @@ fn record_revocation(
         "INSERT INTO revocations (vm_id, user_name, session_id, reason, created_at)
          VALUES (?1, ?2, ?3, ?4, ?5)",
     )
-    .and_then(|mut s| s.execute(params![r.vm_id, r.user, r.session_id, r.cause.as_str(), now]))
+    .and_then(|mut s| {
+        s.execute(params![
+            r.vm_id,
+            r.user,
+            r.session_id,
+            r.cause.as_str(),
+            now
+        ])
+    })
     .map_err(map_err)?;
     Ok(Revoked {
         seq: conn.last_insert_rowid(),
@@ -683,7 +690,11 @@ impl Store for SqliteStore {
             if n == 0 {
                 return Ok(None);
             }
-            let done = record_revocation(&tx, &Revocation::vm(id, Cause::VmRemoved), crate::now_unix())?;
+            let done = record_revocation(
+                &tx,
+                &Revocation::vm(id, Cause::VmRemoved),
+                crate::now_unix(),
+            )?;
             tx.commit().map_err(map_err)?;
             Ok(Some(done))
         })

@@ -526,7 +526,10 @@ async fn revocations_are_an_ordered_log(f: Fixture) {
     );
     assert_eq!(log[2].revocation, one);
     assert_eq!(s.revocations_after(first.seq, 10).await.unwrap().len(), 2);
-    assert_eq!(s.revocations_after(first.seq, 1).await.unwrap()[0].seq, second.seq);
+    assert_eq!(
+        s.revocations_after(first.seq, 1).await.unwrap()[0].seq,
+        second.seq
+    );
     assert!(s.revocations_after(third.seq, 10).await.unwrap().is_empty());
     // A redemption carries the last seq recorded before it.
     s.insert_token(&token("b", 9, now + 100)).await.unwrap();
@@ -543,7 +546,11 @@ async fn revoking_counts_live_sessions_and_covers_every_token_kind(f: Fixture) {
     s.insert_token(&single_use("used-once", 7, now + 600))
         .await
         .unwrap();
-    let used = s.redeem(&hash_token("used-once"), now).await.unwrap().unwrap();
+    let used = s
+        .redeem(&hash_token("used-once"), now)
+        .await
+        .unwrap()
+        .unwrap();
     let live = s
         .open_session(&NewSession {
             token_id: used.token_id,
@@ -563,7 +570,9 @@ async fn revoking_counts_live_sessions_and_covers_every_token_kind(f: Fixture) {
     )
     .await
     .unwrap();
-    s.open_session(&session(8, "alice", "n1", now)).await.unwrap();
+    s.open_session(&session(8, "alice", "n1", now))
+        .await
+        .unwrap();
     // The used single-use token opened a live session: the revocation ends
     // it though no token was live.
     let done = s.revoke(&Revocation::vm(7, Cause::Revoked)).await.unwrap();
@@ -584,7 +593,12 @@ async fn revoking_counts_live_sessions_and_covers_every_token_kind(f: Fixture) {
 async fn changing_a_vm_withdraws_access_in_the_same_transaction(f: Fixture) {
     let s = &*f.store;
     let now = crate::now_unix();
-    for (name, admin) in [("alice", false), ("bob", false), ("carol", true), ("dave", false)] {
+    for (name, admin) in [
+        ("alice", false),
+        ("bob", false),
+        ("carol", true),
+        ("dave", false),
+    ] {
         s.add_user(name, "h", admin).await.unwrap();
     }
     s.add_vm(&vm(7, "alice", &["bob", "carol"])).await.unwrap();
@@ -634,7 +648,11 @@ async fn changing_a_vm_withdraws_access_in_the_same_transaction(f: Fixture) {
     assert!(s.update_vm(&vm(99, "alice", &[])).await.unwrap().is_none());
     let err = s.update_vm(&vm(7, "nobody", &[])).await.unwrap_err();
     assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
-    assert_eq!(s.vm(7).await.unwrap().unwrap(), changed, "nothing half-done");
+    assert_eq!(
+        s.vm(7).await.unwrap().unwrap(),
+        changed,
+        "nothing half-done"
+    );
 }
 
 async fn removing_a_user_revokes_their_tokens_and_sessions(f: Fixture) {
@@ -651,7 +669,10 @@ async fn removing_a_user_revokes_their_tokens_and_sessions(f: Fixture) {
     .unwrap();
     s.open_session(&session(7, "bob", "n1", now)).await.unwrap();
     let err = s.remove_user("alice").await.unwrap_err();
-    assert!(matches!(err, StoreError::Conflict(_)), "owner of VM 7: {err:?}");
+    assert!(
+        matches!(err, StoreError::Conflict(_)),
+        "owner of VM 7: {err:?}"
+    );
     let done = s.remove_user("bob").await.unwrap().expect("removed");
     assert_eq!((done.tokens, done.sessions), (1, 1));
     assert!(s.user("bob").await.unwrap().is_none());
@@ -854,7 +875,10 @@ async fn postgres_revocation_notice_ends_sessions_on_another_node() {
         .await
         .expect("the session was not ended within 2 s of the VM's removal")
         .unwrap();
-    assert_eq!(*removed.stop.borrow(), Some(Stop::Revoked(Cause::VmRemoved)));
+    assert_eq!(
+        *removed.stop.borrow(),
+        Some(Stop::Revoked(Cause::VmRemoved))
+    );
     watcher.abort();
 }
 
