@@ -325,11 +325,23 @@ async fn websocket_rules_are_strict() {
 async fn client_protocol_errors_in_the_vnc_handshake_close_with_1002() {
     let broker = Broker::start("[proxy]\nmax_message_bytes = 4096\n");
     for (vm, (what, first, payload, masked, code)) in (1..).zip([
-        ("unmasked", 0x82u8, b"RFB 003.008\n".to_vec(), false, 1002u16),
+        (
+            "unmasked",
+            0x82u8,
+            b"RFB 003.008\n".to_vec(),
+            false,
+            1002u16,
+        ),
         ("reserved bit", 0xC2, b"RFB 003.008\n".to_vec(), true, 1002),
         ("fragmented ping", 0x09, vec![1; 4], true, 1002),
         ("oversized message", 0x82, vec![1; 5000], true, 1009),
-        ("not an RFB version", 0x82, b"HTTP/1.1 200\n".to_vec(), true, 1002),
+        (
+            "not an RFB version",
+            0x82,
+            b"HTTP/1.1 200\n".to_vec(),
+            true,
+            1002,
+        ),
     ]) {
         // A VNC server of its own each time: Xvnc blacklists an address
         // after a few handshakes that stop half-way.

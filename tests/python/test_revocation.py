@@ -207,8 +207,9 @@ def test_a_node_whose_clock_runs_ahead_still_ends_revoked_sessions(broker_factor
     tok = mint_json(api, 7, "alice")
     ws = open_console(proxy, tok["path"])
     r = requests.delete(f"{api.api_url}/vms/7/console-tokens", auth=basic("alice"), timeout=T)
-    assert r.status_code == 200 and r.json()["sessions_ended"] == 1, r.text
+    assert r.status_code == 200, r.text
     closes_with(ws, CLOSE_REVOKED)
+    assert r.json() == {"revoked": 1, "sessions_ended": 1}
 
 
 # ---------------------------------------------------------------------------
@@ -322,7 +323,9 @@ def on_broker(broker_factory, oned, *, recheck: int = 0, service: bool = True, t
     extra = f'[inventory]\nkind = "opennebula"\nendpoint = "{oned.url}"\ntimeout_ms = {timeout_ms}\n'
     if service:
         extra += f'service_session = "oneadmin:{ON_PW["oneadmin"]}"\n'
-    extra += f"[proxy]\nrevocation_check_ms = 500\nrecheck_interval_secs = {recheck}\n"
+    extra += "[proxy]\nrevocation_check_ms = 500\n"
+    if recheck:
+        extra += f"recheck_interval_secs = {recheck}\n"
     append_config(env, extra)
     return broker_factory.start(env)
 
