@@ -196,7 +196,10 @@ impl Node {
             }
             app = app
                 .merge(proxy::router(Arc::clone(&proxy)))
-                .merge(crate::console::router(&cfg.web_root(), &cfg.novnc_root()))
+                .merge(crate::console::router(
+                    cfg.proxy.web_root.as_deref(),
+                    cfg.proxy.novnc_root.as_deref(),
+                )?)
                 .fallback(any(proxy::upgrade_any_path).with_state(proxy));
         }
         app = app
