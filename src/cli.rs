@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::inventory::{Console, LocalInventory};
 use crate::secrets::Secrets;
 use crate::service::{MintRequest, TokenService};
-use crate::store::{self, Vm};
+use crate::store::{self, Cause, Revocation, Revoked, Store, Vm};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -72,24 +72,40 @@ pub enum Command {
     /// Console tokens.
     #[command(subcommand)]
     Token(TokenCmd),
-    /// List recorded console sessions, newest first.
+    /// List recorded console sessions, newest first; `sessions end ID`
+    /// ends one.
+    #[command(args_conflicts_with_subcommands = true)]
     Sessions {
-        /// Only sessions of this VM.
-        #[arg(long, value_name = "ID")]
-        vm: Option<i64>,
-        /// Only sessions of this user.
-        #[arg(long, value_name = "USER")]
-        user: Option<String>,
-        /// Only sessions started since: Unix seconds, or an age such as 90s, 30m, 12h, 7d.
-        #[arg(long, value_name = "T", value_parser = parse_since)]
-        since: Option<i64>,
-        /// At most this many.
-        #[arg(long, default_value_t = 100)]
-        limit: u32,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
+        #[command(subcommand)]
+        action: Option<SessionsCmd>,
+        #[command(flatten)]
+        list: SessionsList,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct SessionsList {
+    /// Only sessions of this VM.
+    #[arg(long, value_name = "ID")]
+    vm: Option<i64>,
+    /// Only sessions of this user.
+    #[arg(long, value_name = "USER")]
+    user: Option<String>,
+    /// Only sessions started since: Unix seconds, or an age such as 90s, 30m, 12h, 7d.
+    #[arg(long, value_name = "T", value_parser = parse_since)]
+    since: Option<i64>,
+    /// At most this many.
+    #[arg(long, default_value_t = 100)]
+    limit: u32,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SessionsCmd {
+    /// End a live session, on whichever node runs it (within about 2 s).
+    End { id: i64 },
 }
 
 /// Parses `--since`: Unix seconds, or an age before now.
@@ -125,6 +141,19 @@ pub enum UserCmd {
     },
     /// List users.
     List,
+    /// Set a user's password, read from standard input. Live sessions go
+    /// on; `--end-sessions` ends them and revokes the user's tokens.
+    Passwd {
+        name: String,
+        /// Read the password from standard input (one line).
+        #[arg(long, required = true)]
+        password_stdin: bool,
+        /// Also end the user's live sessions and revoke their tokens.
+        #[arg(long)]
+        end_sessions: bool,
+    },
+    /// Remove a user: their tokens are revoked and their live sessions end.
+    Rm { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -154,7 +183,40 @@ pub enum VmCmd {
     },
     /// List VMs.
     List,
-    /// Remove a VM and its tokens.
+    /// Change a VM. A new host, port or VNC password ends its live sessions
+    /// and revokes its tokens; a new owner ends the old owner's (unless
+    /// still allowed).
+    Set {
+        id: i64,
+        #[arg(long)]
+        host: Option<String>,
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        port: Option<u16>,
+        #[arg(long)]
+        owner: Option<String>,
+        #[arg(long)]
+        name: Option<String>,
+        /// Read a new VNC password from standard input (one line).
+        #[arg(long, conflicts_with = "no_password")]
+        password_stdin: bool,
+        /// Remove the stored VNC password.
+        #[arg(long)]
+        no_password: bool,
+    },
+    /// Let more users open a VM's console.
+    Allow {
+        id: i64,
+        #[arg(required = true, value_name = "USER")]
+        users: Vec<String>,
+    },
+    /// Take users off a VM's allowed list: their live sessions on it end and
+    /// their tokens for it are revoked.
+    Disallow {
+        id: i64,
+        #[arg(required = true, value_name = "USER")]
+        users: Vec<String>,
+    },
+    /// Remove a VM: its tokens are revoked and its live sessions end.
     Rm { id: i64 },
 }
 
@@ -309,19 +371,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Vm(cmd) => vm(&cfg, cmd).await,
             Command::Token(cmd) => token(&cfg, cmd).await,
             Command::Sessions {
-                vm,
-                user,
-                since,
-                limit,
-                json,
-            } => {
+                action: Some(SessionsCmd::End { id }),
+                ..
+            } => end_session(&cfg, id).await,
+            Command::Sessions { action: None, list } => {
                 let filter = crate::store::SessionFilter {
-                    vm_id: vm,
-                    user,
-                    since,
-                    limit,
+                    vm_id: list.vm,
+                    user: list.user,
+                    since: list.since,
+                    limit: list.limit,
                 };
-                sessions(&cfg, filter, json).await
+                sessions(&cfg, filter, list.json).await
             }
         }
     })
@@ -360,8 +420,42 @@ async fn user(cfg: &Config, cmd: UserCmd) -> anyhow::Result<()> {
                 writeln!(out, "{:<24} {}", u.name, if u.admin { "yes" } else { "no" })?;
             }
         }
+        UserCmd::Passwd {
+            name, end_sessions, ..
+        } => {
+            let password = read_secret("password")?;
+            let hash = tokio::task::spawn_blocking(move || crate::auth::hash_password(&password))
+                .await?
+                .map_err(|e| anyhow::anyhow!("hashing the password: {e}"))?;
+            if !store.set_password(&name, &hash).await? {
+                bail!("no user {name:?}");
+            }
+            print!("password of {name} changed");
+            if end_sessions {
+                let done = store
+                    .revoke(&Revocation::user(&name, None, Cause::Revoked))
+                    .await?;
+                print!("; {}", effect(&done));
+            }
+            println!();
+        }
+        UserCmd::Rm { name } => match store.remove_user(&name).await? {
+            Some(done) => println!("user {name} removed; {}", effect(&done)),
+            None => bail!("no user {name:?}"),
+        },
     }
     Ok(())
+}
+
+/// What a revocation did, for the admin's terminal.
+fn effect(done: &Revoked) -> String {
+    format!(
+        "{} token{} revoked, {} live session{} ending",
+        done.tokens,
+        if done.tokens == 1 { "" } else { "s" },
+        done.sessions,
+        if done.sessions == 1 { "" } else { "s" }
+    )
 }
 
 /// User names end up in session strings ("user:password"), so no colon.
@@ -436,13 +530,103 @@ async fn vm(cfg: &Config, cmd: VmCmd) -> anyhow::Result<()> {
                 )?;
             }
         }
-        VmCmd::Rm { id } => {
-            if !store.remove_vm(id).await? {
-                bail!("no VM with id {id}");
+        VmCmd::Set {
+            id,
+            host,
+            port,
+            owner,
+            name,
+            password_stdin,
+            no_password,
+        } => {
+            let mut vm = store
+                .vm(id)
+                .await?
+                .with_context(|| format!("no VM with id {id}"))?;
+            if let Some(host) = host {
+                if host.trim().is_empty() {
+                    bail!("--host must not be empty");
+                }
+                vm.vnc_host = host;
             }
-            println!("vm {id} removed");
+            if let Some(port) = port {
+                vm.vnc_port = port;
+            }
+            if let Some(owner) = owner {
+                vm.owner = owner;
+            }
+            if let Some(name) = name {
+                vm.name = name;
+            }
+            if password_stdin {
+                let plain = read_secret("VNC password")?;
+                let secrets =
+                    Secrets::open_for(cfg.secrets.key_file.as_deref(), &cfg.database, &*store)
+                        .await?;
+                vm.vnc_password = Some(secrets.seal(&plain)?);
+            } else if no_password {
+                vm.vnc_password = None;
+            }
+            update_vm(store.as_ref(), &vm).await?;
         }
+        VmCmd::Allow { id, users } | VmCmd::Disallow { id, users } if users.is_empty() => {
+            bail!("no users named for VM {id}");
+        }
+        VmCmd::Allow { id, users } => {
+            let mut vm = store
+                .vm(id)
+                .await?
+                .with_context(|| format!("no VM with id {id}"))?;
+            for u in users {
+                if !vm.allowed.contains(&u) {
+                    vm.allowed.push(u);
+                }
+            }
+            update_vm(store.as_ref(), &vm).await?;
+        }
+        VmCmd::Disallow { id, users } => {
+            let mut vm = store
+                .vm(id)
+                .await?
+                .with_context(|| format!("no VM with id {id}"))?;
+            let unknown: Vec<&String> = users.iter().filter(|u| !vm.allowed.contains(u)).collect();
+            if !unknown.is_empty() {
+                bail!("not on VM {id}'s allowed list: {unknown:?}");
+            }
+            vm.allowed.retain(|a| !users.contains(a));
+            update_vm(store.as_ref(), &vm).await?;
+        }
+        VmCmd::Rm { id } => match store.remove_vm(id).await? {
+            Some(done) => println!("vm {id} removed; {}", effect(&done)),
+            None => bail!("no VM with id {id}"),
+        },
     }
+    Ok(())
+}
+
+async fn update_vm(store: &dyn Store, vm: &Vm) -> anyhow::Result<()> {
+    match store.update_vm(vm).await? {
+        Some(done) => println!("vm {} updated; {}", vm.id, effect(&done)),
+        None => bail!("no VM with id {}", vm.id),
+    }
+    Ok(())
+}
+
+/// `sessions end ID`: ends a live session, as an admin would through the API.
+async fn end_session(cfg: &Config, id: i64) -> anyhow::Result<()> {
+    let store = store::open(&cfg.database).await?;
+    let record = store
+        .session(id)
+        .await?
+        .with_context(|| format!("no session with id {id}"))?;
+    if record.ended_at.is_some() {
+        bail!("session {id} has already ended");
+    }
+    store.revoke(&Revocation::session(&record)).await?;
+    println!(
+        "session {id} (VM {}, {}) ending on node {}",
+        record.vm_id, record.user, record.node
+    );
     Ok(())
 }
 
@@ -465,6 +649,7 @@ async fn token(cfg: &Config, cmd: TokenCmd) -> anyhow::Result<()> {
         host: vm.vnc_host,
         port: vm.vnc_port,
         vnc_password: secrets.open_opt(vm.vnc_password.as_deref())?,
+        recheck_as: None,
     };
     let public_url = cfg
         .public_url

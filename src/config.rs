@@ -235,8 +235,8 @@ pub struct ProxyConfig {
     /// How often the store is checked for revoked tokens of live sessions,
     /// in milliseconds.
     pub revocation_check_ms: u64,
-    /// Directory holding the console page and noVNC's modules; unset, the
-    /// `web` directory of the source tree the binary was built from.
+    /// Directory with a console page (console.html and its /static/ files)
+    /// to serve instead of the one built into the binary.
     pub web_root: Option<String>,
     /// Web origins (besides the public URL's) whose pages may open consoles,
     /// e.g. a customer portal embedding the console page.
@@ -259,10 +259,14 @@ pub struct ProxyConfig {
     pub end_at_token_expiry: bool,
     /// How often the proxy pings the browser, in seconds (0: never).
     pub ping_interval_secs: u64,
+    /// How often every live session is re-checked with the inventory (its
+    /// VM still exists, runs and is where the token points; its user may
+    /// still open it), in seconds (0: never).
+    pub recheck_interval_secs: u64,
     /// A browser that has not answered a ping for this long is dropped.
     pub pong_timeout_secs: u64,
-    /// Directory of the @novnc/novnc npm package; unset, `node_modules/@novnc/novnc`
-    /// of the source tree the binary was built from.
+    /// Directory of a noVNC (the @novnc/novnc npm package) to serve under
+    /// /novnc/ instead of the one built into the binary.
     pub novnc_root: Option<String>,
 }
 
@@ -283,6 +287,7 @@ impl Default for ProxyConfig {
             max_session_secs: 0,
             end_at_token_expiry: false,
             ping_interval_secs: 30,
+            recheck_interval_secs: 60,
             pong_timeout_secs: 90,
             novnc_root: None,
         }
@@ -567,19 +572,6 @@ impl Config {
             max_ttl: self.tokens.max_ttl,
             single_use: self.tokens.single_use,
         }
-    }
-
-    pub fn web_root(&self) -> String {
-        self.proxy
-            .web_root
-            .clone()
-            .unwrap_or_else(|| concat!(env!("CARGO_MANIFEST_DIR"), "/web").to_owned())
-    }
-
-    pub fn novnc_root(&self) -> String {
-        self.proxy.novnc_root.clone().unwrap_or_else(|| {
-            concat!(env!("CARGO_MANIFEST_DIR"), "/node_modules/@novnc/novnc").to_owned()
-        })
     }
 
     /// The `database` setting for logs: rebuilt from its parsed settings,

@@ -2,126 +2,218 @@
 //! noVNC's RFB module, for the token in the URL fragment (`#token=...`) or
 //! query (`?token=...`).
 //!
-//! The page and its script live in `web/`; noVNC's modules come from the
-//! `@novnc/novnc` npm package, installed from the committed lockfile. Files
-//! are served only from inside those two directories: no listings, no `..`
-//! or hidden names, and a symlink that leads outside is not followed.
+//! The page (`web/`) and the noVNC modules it imports (`vendor/novnc/`, a
+//! copy of the `@novnc/novnc` npm package pinned in `package-lock.json`) are
+//! built into the binary and served from memory, so the binary alone serves
+//! a working console. `proxy.web_root` and `proxy.novnc_root` replace either
+//! with a directory (a restyled page, another noVNC); files are then served
+//! only from inside it: no listings, no `..` or hidden names, and a symlink
+//! that leads outside is not followed.
+//!
+//! Caching: the built-in noVNC under `/novnc/<version>/` is immutable, as
+//! its version names its content; the page's assets (`/static/`) and noVNC
+//! under `/novnc/` are revalidated with their ETag; the page itself is never
+//! stored, as its URL carries the token.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::Path as UrlPath;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
 
-/// Largest static file served.
+// WEB_FILES, NOVNC_FILES (path, contents) and NOVNC_VERSION, from build.rs.
+include!(concat!(env!("OUT_DIR"), "/assets.rs"));
+
+/// Largest file served from an override directory.
 const MAX_FILE: u64 = 8 << 20;
 
+/// For what never changes under its URL.
+const IMMUTABLE: &str = "public, max-age=31536000, immutable";
+/// For what may change under its URL: ask again, cheaply, with the ETag.
+const REVALIDATE: &str = "no-cache";
+
+/// An override directory that cannot serve the console.
+#[derive(Debug, thiserror::Error)]
+#[error("proxy.{key} = {dir:?}: {why}; unset {key} to serve the copy built into the binary")]
+pub struct OverrideError {
+    pub key: &'static str,
+    pub dir: String,
+    pub why: String,
+}
+
 /// Routes for the page (`/console`), its assets (`/static/`) and noVNC
-/// (`/novnc/`).
-pub fn router(web_root: &str, novnc_root: &str) -> Router {
-    let web = Arc::new(Root::new(web_root));
-    let novnc = Arc::new(Root::new(novnc_root));
-    let page = Arc::clone(&web);
-    Router::new()
-        .route(
-            "/console",
-            get(move || {
-                let page = Arc::clone(&page);
-                async move { console_page(&page).await }
-            }),
-        )
+/// (`/novnc/`), from the binary or from the override directories.
+pub fn router(web_root: Option<&str>, novnc_root: Option<&str>) -> Result<Router, OverrideError> {
+    let web = Files::new(WEB_FILES, web_root, "web_root", "console.html")?;
+    let novnc = Files::new(NOVNC_FILES, novnc_root, "novnc_root", "core/rfb.js")?;
+    tracing::info!(
+        page = %web.describe(),
+        novnc = %novnc.describe(),
+        novnc_version = NOVNC_VERSION,
+        "console page"
+    );
+    Ok(Router::new()
+        .route("/console", get(page))
         .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
-        .route(
-            "/static/{*path}",
-            get(move |UrlPath(p): UrlPath<String>| {
-                let web = Arc::clone(&web);
-                async move { web.serve(&p).await }
-            }),
-        )
-        .route(
-            "/novnc/{*path}",
-            get(move |UrlPath(p): UrlPath<String>| {
-                let novnc = Arc::clone(&novnc);
-                async move { novnc.serve(&p).await }
-            }),
-        )
+        .route("/static/{*path}", get(static_file))
+        .route("/novnc/{*path}", get(novnc_file))
+        .with_state(Arc::new(Console { web, novnc })))
+}
+
+struct Console {
+    web: Files,
+    novnc: Files,
+}
+
+/// A file as it is served: its bytes, type and validator.
+#[derive(Clone)]
+struct Asset {
+    body: Bytes,
+    content_type: &'static str,
+    etag: HeaderValue,
+}
+
+impl Asset {
+    fn new(name: &str, body: Bytes) -> Asset {
+        let digest = Sha256::digest(&body);
+        let etag = format!("\"{}\"", hex::encode(&digest[..16]));
+        Asset {
+            content_type: content_type(name),
+            etag: HeaderValue::from_str(&etag).unwrap_or(HeaderValue::from_static("\"\"")),
+            body,
+        }
+    }
+}
+
+/// Where one set of files comes from.
+enum Files {
+    /// Built into the binary.
+    Embedded(HashMap<&'static str, Asset>),
+    /// An operator's directory, read on each request so edits show at once.
+    Dir(Root),
+}
+
+impl Files {
+    fn new(
+        built_in: &'static [(&'static str, &'static [u8])],
+        dir: Option<&str>,
+        key: &'static str,
+        needed: &str,
+    ) -> Result<Files, OverrideError> {
+        let Some(dir) = dir else {
+            let files = built_in
+                .iter()
+                .map(|(name, body)| (*name, Asset::new(name, Bytes::from_static(body))))
+                .collect();
+            return Ok(Files::Embedded(files));
+        };
+        let fail = |why: String| OverrideError {
+            key,
+            dir: dir.to_owned(),
+            why,
+        };
+        let root = Root::new(dir).map_err(fail)?;
+        if root.resolve_sync(needed).is_none() {
+            return Err(fail(format!("it holds no {needed}")));
+        }
+        Ok(Files::Dir(root))
+    }
+
+    fn is_embedded(&self) -> bool {
+        matches!(self, Files::Embedded(_))
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Files::Embedded(_) => "built in".to_owned(),
+            Files::Dir(root) => root.canonical.display().to_string(),
+        }
+    }
+
+    async fn get(&self, rel: &str) -> Option<Asset> {
+        if !plain_path(rel) {
+            return None;
+        }
+        match self {
+            Files::Embedded(files) => files.get(rel).cloned(),
+            Files::Dir(root) => root.read(rel).await,
+        }
+    }
+}
+
+/// Whether a request path names a file the way the servers here allow:
+/// non-empty parts, none hidden (so no `.` or `..`), no backslash or NUL.
+fn plain_path(rel: &str) -> bool {
+    rel.split('/').all(|part| {
+        !(part.is_empty()
+            || part.starts_with('.')
+            || part.contains(['\\', '\0'])
+            || part.len() > 255)
+    })
 }
 
 /// A directory files are served from, resolved once.
 struct Root {
-    configured: PathBuf,
-    canonical: Option<PathBuf>,
+    canonical: PathBuf,
 }
 
 impl Root {
-    fn new(dir: &str) -> Root {
-        let configured = PathBuf::from(dir);
-        let canonical = std::fs::canonicalize(&configured).ok();
-        if canonical.is_none() {
-            tracing::warn!(
-                dir,
-                "web directory missing; run `npm ci` in the source tree or set proxy.web_root/novnc_root"
-            );
+    fn new(dir: &str) -> Result<Root, String> {
+        let canonical = std::fs::canonicalize(dir).map_err(|e| e.to_string())?;
+        if !canonical.is_dir() {
+            return Err("not a directory".to_owned());
         }
-        Root {
-            configured,
-            canonical,
+        Ok(Root { canonical })
+    }
+
+    fn join(&self, rel: &str) -> Option<PathBuf> {
+        if !plain_path(rel) {
+            return None;
         }
+        let mut path = self.canonical.clone();
+        path.extend(rel.split('/'));
+        Some(path)
+    }
+
+    /// Symlinks are resolved, then the result must still be inside, and a
+    /// regular file no larger than [`MAX_FILE`].
+    fn contained(&self, real: PathBuf, meta: &std::fs::Metadata) -> Option<PathBuf> {
+        (real.starts_with(&self.canonical) && meta.is_file() && meta.len() <= MAX_FILE)
+            .then_some(real)
     }
 
     /// The file for a request path, if it is a regular file inside the root.
     async fn resolve(&self, rel: &str) -> Option<PathBuf> {
-        let root = self.canonical.as_ref()?;
-        let mut path = root.clone();
-        for part in rel.split('/') {
-            let bad = part.is_empty()
-                || part.starts_with('.')
-                || part.contains(['\\', '\0'])
-                || part.len() > 255;
-            if bad {
-                return None;
-            }
-            path.push(part);
-        }
-        // Symlinks are resolved, then the result must still be inside.
-        let real = tokio::fs::canonicalize(&path).await.ok()?;
-        if !real.starts_with(root) {
-            return None;
-        }
+        let real = tokio::fs::canonicalize(self.join(rel)?).await.ok()?;
         let meta = tokio::fs::metadata(&real).await.ok()?;
-        (meta.is_file() && meta.len() <= MAX_FILE).then_some(real)
+        self.contained(real, &meta)
     }
 
-    async fn serve(&self, rel: &str) -> Response {
-        let Some(file) = self.resolve(rel).await else {
-            return StatusCode::NOT_FOUND.into_response();
-        };
-        match tokio::fs::read(&file).await {
-            Ok(body) => (
-                [
-                    (
-                        header::CONTENT_TYPE,
-                        HeaderValue::from_static(content_type(&file)),
-                    ),
-                    (
-                        header::X_CONTENT_TYPE_OPTIONS,
-                        HeaderValue::from_static("nosniff"),
-                    ),
-                    (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
-                ],
-                body,
-            )
-                .into_response(),
-            Err(_) => StatusCode::NOT_FOUND.into_response(),
-        }
+    fn resolve_sync(&self, rel: &str) -> Option<PathBuf> {
+        let real = std::fs::canonicalize(self.join(rel)?).ok()?;
+        let meta = std::fs::metadata(&real).ok()?;
+        self.contained(real, &meta)
+    }
+
+    async fn read(&self, rel: &str) -> Option<Asset> {
+        let file = self.resolve(rel).await?;
+        let body = tokio::fs::read(&file).await.ok()?;
+        Some(Asset::new(rel, Bytes::from(body)))
     }
 }
 
-fn content_type(file: &Path) -> &'static str {
-    match file.extension().and_then(|e| e.to_str()).unwrap_or("") {
+fn content_type(name: &str) -> &'static str {
+    let ext = Path::new(name)
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("");
+    match ext {
         "html" => "text/html; charset=utf-8",
         "js" | "mjs" => "text/javascript; charset=utf-8",
         "css" => "text/css; charset=utf-8",
@@ -135,30 +227,96 @@ fn content_type(file: &Path) -> &'static str {
     }
 }
 
-async fn console_page(web: &Root) -> Response {
-    let path = web.configured.join("console.html");
-    match tokio::fs::read(&path).await {
-        Ok(html) => (
-            [
-                (header::CONTENT_TYPE, "text/html; charset=utf-8"),
-                (header::CACHE_CONTROL, "no-store"),
-                // The token travels in the fragment; never leak the URL onward.
-                (header::REFERRER_POLICY, "no-referrer"),
-                (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-                (header::X_FRAME_OPTIONS, "SAMEORIGIN"),
-            ],
-            html,
+async fn page(State(console): State<Arc<Console>>) -> Response {
+    let Some(html) = console.web.get("console.html").await else {
+        tracing::error!(dir = %console.web.describe(), "console page missing");
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the console page is missing from proxy.web_root",
         )
-            .into_response(),
-        Err(e) => {
-            tracing::error!(path = %path.display(), error = %e, "console page missing");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the console page is not installed (run `npm ci` in the source tree, or set proxy.web_root)",
-            )
-                .into_response()
-        }
+            .into_response();
+    };
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            // Its URL carries the token: keep no copy anywhere.
+            (header::CACHE_CONTROL, "no-store"),
+            // The token travels in the fragment; never leak the URL onward.
+            (header::REFERRER_POLICY, "no-referrer"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::X_FRAME_OPTIONS, "SAMEORIGIN"),
+        ],
+        html.body,
+    )
+        .into_response()
+}
+
+async fn static_file(
+    State(console): State<Arc<Console>>,
+    UrlPath(path): UrlPath<String>,
+    headers: HeaderMap,
+) -> Response {
+    send(console.web.get(&path).await, REVALIDATE, &headers)
+}
+
+/// `/novnc/<version>/...` for the version built in, and `/novnc/...` for
+/// pages that import noVNC without one.
+async fn novnc_file(
+    State(console): State<Arc<Console>>,
+    UrlPath(path): UrlPath<String>,
+    headers: HeaderMap,
+) -> Response {
+    let versioned = path
+        .strip_prefix(NOVNC_VERSION)
+        .and_then(|rest| rest.strip_prefix('/'));
+    let (rel, caching) = match versioned {
+        // An override's content is not known to match the version.
+        Some(rel) if console.novnc.is_embedded() => (rel, IMMUTABLE),
+        Some(rel) => (rel, REVALIDATE),
+        None => (path.as_str(), REVALIDATE),
+    };
+    send(console.novnc.get(rel).await, caching, &headers)
+}
+
+/// The file, or 304 when the request's `If-None-Match` names its ETag.
+fn send(asset: Option<Asset>, caching: &'static str, request: &HeaderMap) -> Response {
+    let Some(asset) = asset else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let common = [
+        (header::ETAG, asset.etag.clone()),
+        (header::CACHE_CONTROL, HeaderValue::from_static(caching)),
+        (
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ),
+    ];
+    if etag_matches(request, &asset.etag) {
+        return (StatusCode::NOT_MODIFIED, common).into_response();
     }
+    (
+        common,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(asset.content_type),
+        )],
+        asset.body,
+    )
+        .into_response()
+}
+
+/// `If-None-Match` compares weakly: `W/"x"` matches `"x"`, and `*` anything.
+fn etag_matches(request: &HeaderMap, etag: &HeaderValue) -> bool {
+    let Ok(etag) = etag.to_str() else {
+        return false;
+    };
+    request
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .any(|tag| tag == "*" || tag.strip_prefix("W/").unwrap_or(tag) == etag)
 }
 
 /// Paths that begin with `//` are refused with 400: they are the shape of
@@ -176,6 +334,236 @@ pub async fn reject_odd_paths(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::body::Body;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    struct Got {
+        status: StatusCode,
+        headers: HeaderMap,
+        body: Bytes,
+    }
+
+    impl Got {
+        fn header(&self, name: header::HeaderName) -> &str {
+            self.headers
+                .get(&name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+        }
+    }
+
+    async fn get(app: &Router, path: &str, if_none_match: Option<&str>) -> Got {
+        let mut req = axum::http::Request::get(path);
+        if let Some(tag) = if_none_match {
+            req = req.header(header::IF_NONE_MATCH, tag);
+        }
+        let resp = app
+            .clone()
+            .oneshot(req.body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        Got {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    fn built_in(list: &[(&str, &[u8])], name: &str) -> Bytes {
+        let (_, body) = list.iter().find(|(n, _)| *n == name).unwrap();
+        Bytes::copy_from_slice(body)
+    }
+
+    #[tokio::test]
+    async fn built_in_files_with_their_types_and_caching() {
+        let app = router(None, None).unwrap();
+        let v = NOVNC_VERSION;
+
+        let page = get(&app, "/console", None).await;
+        assert_eq!(page.status, 200);
+        assert_eq!(
+            page.header(header::CONTENT_TYPE),
+            "text/html; charset=utf-8"
+        );
+        assert_eq!(page.header(header::CACHE_CONTROL), "no-store");
+        assert_eq!(page.header(header::REFERRER_POLICY), "no-referrer");
+        assert_eq!(page.body, built_in(WEB_FILES, "console.html"));
+
+        for (path, ty) in [
+            ("/static/console.js", "text/javascript; charset=utf-8"),
+            ("/static/console.css", "text/css; charset=utf-8"),
+        ] {
+            let r = get(&app, path, None).await;
+            assert_eq!(r.status, 200, "{path}");
+            assert_eq!(r.header(header::CONTENT_TYPE), ty, "{path}");
+            assert_eq!(r.header(header::CACHE_CONTROL), "no-cache", "{path}");
+            assert_eq!(r.header(header::X_CONTENT_TYPE_OPTIONS), "nosniff");
+            assert!(r.header(header::ETAG).starts_with('"'), "{path}");
+        }
+
+        let versioned = get(&app, &format!("/novnc/{v}/core/rfb.js"), None).await;
+        assert_eq!(versioned.status, 200);
+        assert_eq!(
+            versioned.header(header::CONTENT_TYPE),
+            "text/javascript; charset=utf-8"
+        );
+        assert_eq!(versioned.header(header::CACHE_CONTROL), IMMUTABLE);
+        assert_eq!(versioned.body, built_in(NOVNC_FILES, "core/rfb.js"));
+        // The same file without the version: same validator, revalidated.
+        let plain = get(&app, "/novnc/core/rfb.js", None).await;
+        assert_eq!(plain.status, 200);
+        assert_eq!(plain.header(header::CACHE_CONTROL), "no-cache");
+        assert_eq!(plain.header(header::ETAG), versioned.header(header::ETAG));
+        let licence = get(&app, &format!("/novnc/{v}/LICENSE.txt"), None).await;
+        assert_eq!(
+            licence.header(header::CONTENT_TYPE),
+            "text/plain; charset=utf-8"
+        );
+
+        // Every module the page loads is there, under the version.
+        for (name, _) in NOVNC_FILES.iter().filter(|(n, _)| n.ends_with(".js")) {
+            let r = get(&app, &format!("/novnc/{v}/{name}"), None).await;
+            assert_eq!(r.status, 200, "{name}");
+        }
+
+        for missing in [
+            "/static/",
+            "/static/nope.js",
+            "/static/../Cargo.toml",
+            "/static/%2e%2e/Cargo.toml",
+            "/static/.gitignore",
+            "/static/console.js/",
+            "/novnc/",
+            "/novnc/core",
+            "/novnc/core//rfb.js",
+            &format!("/novnc/{v}/"),
+            &format!("/novnc/{v}/core"),
+            "/novnc/0.0.1/core/rfb.js",
+            "/novnc/../web/console.js",
+        ] {
+            assert_eq!(get(&app, missing, None).await.status, 404, "{missing}");
+        }
+    }
+
+    #[test]
+    fn the_page_imports_the_built_in_novnc_by_version() {
+        let js = built_in(WEB_FILES, "console.js");
+        let js = std::str::from_utf8(&js).unwrap();
+        let import = format!("from '/novnc/{NOVNC_VERSION}/core/rfb.js'");
+        assert!(js.contains(&import), "web/console.js lacks {import}");
+    }
+
+    #[tokio::test]
+    async fn if_none_match_with_the_etag_gets_304() {
+        let app = router(None, None).unwrap();
+        let path = format!("/novnc/{NOVNC_VERSION}/core/rfb.js");
+        let first = get(&app, &path, None).await;
+        let etag = first.header(header::ETAG).to_owned();
+        assert_eq!(etag.len(), 34, "{etag}");
+        let weak = format!("W/{etag}");
+        let listed = format!("\"0123\", {etag}");
+        for tag in [etag.as_str(), weak.as_str(), listed.as_str(), "*"] {
+            let r = get(&app, &path, Some(tag)).await;
+            assert_eq!(r.status, 304, "{tag}");
+            assert!(r.body.is_empty());
+            assert_eq!(r.header(header::ETAG), etag);
+            assert_eq!(r.header(header::CACHE_CONTROL), IMMUTABLE);
+        }
+        for tag in ["\"0123\"", "", "W/", ",,"] {
+            let r = get(&app, &path, Some(tag)).await;
+            assert_eq!(r.status, 200, "{tag:?}");
+            assert_eq!(r.body, first.body);
+        }
+        // Another file's ETag does not match.
+        let css = get(&app, "/static/console.css", Some(&etag)).await;
+        assert_eq!(css.status, 200);
+        let again = get(&app, "/static/console.css", Some(css.header(header::ETAG))).await;
+        assert_eq!(again.status, 304);
+        assert_eq!(again.header(header::CACHE_CONTROL), "no-cache");
+    }
+
+    #[tokio::test]
+    async fn web_root_replaces_the_page_and_edits_show_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("console.html"), "<p>restyled</p>").unwrap();
+        std::fs::write(dir.path().join("console.js"), "let a = 1;").unwrap();
+        let app = router(Some(dir.path().to_str().unwrap()), None).unwrap();
+
+        let page = get(&app, "/console", None).await;
+        assert_eq!(page.status, 200);
+        assert_eq!(&page.body[..], b"<p>restyled</p>");
+        assert_eq!(page.header(header::CACHE_CONTROL), "no-store");
+        let js = get(&app, "/static/console.js", None).await;
+        assert_eq!(&js.body[..], b"let a = 1;");
+        assert_eq!(js.header(header::CACHE_CONTROL), "no-cache");
+        let etag = js.header(header::ETAG).to_owned();
+        assert_eq!(
+            get(&app, "/static/console.js", Some(&etag)).await.status,
+            304
+        );
+        // Only the override's files: the built-in stylesheet is not there.
+        assert_eq!(get(&app, "/static/console.css", None).await.status, 404);
+
+        std::fs::write(dir.path().join("console.js"), "let a = 2;").unwrap();
+        let edited = get(&app, "/static/console.js", Some(&etag)).await;
+        assert_eq!(edited.status, 200);
+        assert_eq!(&edited.body[..], b"let a = 2;");
+        assert_ne!(edited.header(header::ETAG), etag);
+
+        // noVNC stays the built-in one, cached for good under its version.
+        let rfb = get(&app, &format!("/novnc/{NOVNC_VERSION}/core/rfb.js"), None).await;
+        assert_eq!(rfb.status, 200);
+        assert_eq!(rfb.header(header::CACHE_CONTROL), IMMUTABLE);
+    }
+
+    #[tokio::test]
+    async fn novnc_root_replaces_novnc_and_is_revalidated() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("core")).unwrap();
+        std::fs::write(dir.path().join("core/rfb.js"), "export default 1;").unwrap();
+        let app = router(None, Some(dir.path().to_str().unwrap())).unwrap();
+        for path in [
+            format!("/novnc/{NOVNC_VERSION}/core/rfb.js"),
+            "/novnc/core/rfb.js".to_owned(),
+        ] {
+            let r = get(&app, &path, None).await;
+            assert_eq!(r.status, 200, "{path}");
+            assert_eq!(&r.body[..], b"export default 1;");
+            assert_eq!(r.header(header::CACHE_CONTROL), "no-cache", "{path}");
+        }
+        assert_eq!(get(&app, "/novnc/core/display.js", None).await.status, 404);
+        // The page stays the built-in one.
+        let page = get(&app, "/console", None).await;
+        assert_eq!(page.body, built_in(WEB_FILES, "console.html"));
+    }
+
+    #[test]
+    fn an_override_that_cannot_serve_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_str().unwrap();
+        let file = dir.path().join("file");
+        std::fs::write(&file, "x").unwrap();
+        let f = file.to_str().unwrap();
+        let cases = [
+            (Some("/nonexistent/vncbroker/web"), None, "proxy.web_root"),
+            (Some(d), None, "no console.html"),
+            (Some(f), None, "not a directory"),
+            (None, Some(d), "no core/rfb.js"),
+            (None, Some("/nonexistent/novnc"), "proxy.novnc_root"),
+        ];
+        for (web, novnc, want) in cases {
+            let Err(err) = router(web, novnc) else {
+                panic!("{web:?} {novnc:?} accepted");
+            };
+            let text = err.to_string();
+            assert!(text.contains(want), "{text}");
+            assert!(text.contains("built into the binary"), "{text}");
+        }
+    }
 
     #[tokio::test]
     async fn only_regular_files_inside_the_root() {
@@ -188,7 +576,7 @@ mod tests {
         std::fs::write(dir.path().join("secret.txt"), "s").unwrap();
         std::os::unix::fs::symlink(dir.path().join("secret.txt"), root.join("escape.txt")).unwrap();
         std::os::unix::fs::symlink(root.join("a.js"), root.join("inside.js")).unwrap();
-        let r = Root::new(root.to_str().unwrap());
+        let r = Root::new(root.to_str().unwrap()).unwrap();
         assert!(r.resolve("a.js").await.is_some());
         assert!(r.resolve("sub/b.css").await.is_some());
         assert!(r.resolve("inside.js").await.is_some());
@@ -205,17 +593,30 @@ mod tests {
             "a\\b",
         ] {
             assert!(r.resolve(bad).await.is_none(), "{bad:?}");
+            assert!(r.resolve_sync(bad).is_none(), "{bad:?}");
         }
-        assert_eq!(
-            content_type(Path::new("x.js")),
-            "text/javascript; charset=utf-8"
-        );
-        assert_eq!(content_type(Path::new("x")), "application/octet-stream");
+        let embedded = Files::new(WEB_FILES, None, "web_root", "console.html").unwrap();
+        for bad in ["../web/console.js", "./console.js", "", "console.js/"] {
+            assert!(embedded.get(bad).await.is_none(), "{bad:?}");
+        }
+        assert!(embedded.get("console.js").await.is_some());
     }
 
-    #[tokio::test]
-    async fn a_missing_root_serves_nothing() {
-        let r = Root::new("/nonexistent/vncbroker/web");
-        assert!(r.resolve("console.js").await.is_none());
+    #[test]
+    fn content_types() {
+        for (name, ty) in [
+            ("x.js", "text/javascript; charset=utf-8"),
+            ("a/b.mjs", "text/javascript; charset=utf-8"),
+            ("console.html", "text/html; charset=utf-8"),
+            ("console.css", "text/css; charset=utf-8"),
+            ("package.json", "application/json"),
+            ("LICENSE.txt", "text/plain; charset=utf-8"),
+            ("i.svg", "image/svg+xml"),
+            ("i.png", "image/png"),
+            ("AUTHORS", "application/octet-stream"),
+            ("x", "application/octet-stream"),
+        ] {
+            assert_eq!(content_type(name), ty, "{name}");
+        }
     }
 }

@@ -18,11 +18,12 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
+use crate::inventory::Lapse;
 use crate::proxy::relay::End;
 use crate::proxy::sessions::Stop;
 use crate::store::{
-    NewSession, NewToken, Redemption, SessionEnd, SessionFilter, SessionRecord, Store, StoreError,
-    User, Vm,
+    NewSession, NewToken, RecordedRevocation, Redemption, Revocation, Revoked, SessionEnd,
+    SessionFilter, SessionRecord, Store, StoreError, User, Vm,
 };
 use crate::token::TokenHash;
 
@@ -46,6 +47,10 @@ pub const SESSION_OUTCOMES: &[&str] = &[
     "client_protocol_error",
     "server_error",
     "revoked",
+    "access_withdrawn",
+    "vm_gone",
+    "vm_moved",
+    "store_unavailable",
     "shutdown",
     "idle",
     "client_unresponsive",
@@ -60,7 +65,13 @@ pub fn session_outcome(end: &End) -> &'static str {
         End::ServerClosed => "server_closed",
         End::TextFrame | End::ClientProtocol { .. } => "client_protocol_error",
         End::ServerError(_) => "server_error",
-        End::Stopped(Stop::Revoked) => "revoked",
+        End::Stopped(Stop::Revoked(_)) => "revoked",
+        End::Stopped(Stop::Lapsed(Lapse::AccessLost | Lapse::CredentialRejected)) => {
+            "access_withdrawn"
+        }
+        End::Stopped(Stop::Lapsed(Lapse::VmGone | Lapse::VmStopped)) => "vm_gone",
+        End::Stopped(Stop::Lapsed(Lapse::VmMoved)) => "vm_moved",
+        End::Stopped(Stop::StoreDown) => "store_unavailable",
         End::Stopped(Stop::Shutdown) => "shutdown",
         End::Idle => "idle",
         End::PongTimeout => "client_unresponsive",
@@ -88,6 +99,8 @@ pub enum Refused {
     VncHandshake,
     /// The token was good, but the VNC handshake timed out.
     HandshakeTimeout,
+    /// Access was withdrawn while the session was being set up.
+    Withdrawn,
 }
 
 impl Refused {
@@ -100,6 +113,7 @@ impl Refused {
         Refused::Unreachable,
         Refused::VncHandshake,
         Refused::HandshakeTimeout,
+        Refused::Withdrawn,
     ];
 
     /// Token refusals go to `vncbroker_tokens_refused_total`; failures after
@@ -121,6 +135,7 @@ impl Refused {
             Refused::Unreachable => "unreachable",
             Refused::VncHandshake => "vnc_handshake",
             Refused::HandshakeTimeout => "handshake_timeout",
+            Refused::Withdrawn => "withdrawn",
         }
     }
 }
@@ -152,20 +167,26 @@ pub struct ApiMethod(pub &'static str);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum StoreOp {
     InsertToken,
-    RevokeVmTokens,
+    Revoke,
     PurgeExpired,
     Redeem,
-    RevokedSince,
+    RevocationsAfter,
+    LastRevocation,
+    PurgeRevocations,
     OpenSession,
     CloseSession,
     CloseOrphanedSessions,
     Sessions,
+    Session,
     PurgeSessions,
     Ping,
     AddUser,
     User,
     Users,
+    SetPassword,
+    RemoveUser,
     AddVm,
+    UpdateVm,
     Vm,
     Vms,
     RemoveVm,
@@ -175,20 +196,26 @@ impl StoreOp {
     fn label(self) -> &'static str {
         match self {
             StoreOp::InsertToken => "insert_token",
-            StoreOp::RevokeVmTokens => "revoke_vm_tokens",
+            StoreOp::Revoke => "revoke",
             StoreOp::PurgeExpired => "purge_expired",
             StoreOp::Redeem => "redeem",
-            StoreOp::RevokedSince => "revoked_since",
+            StoreOp::RevocationsAfter => "revocations_after",
+            StoreOp::LastRevocation => "last_revocation",
+            StoreOp::PurgeRevocations => "purge_revocations",
             StoreOp::OpenSession => "open_session",
             StoreOp::CloseSession => "close_session",
+            StoreOp::CloseOrphanedSessions => "close_orphaned_sessions",
             StoreOp::Sessions => "sessions",
+            StoreOp::Session => "session",
             StoreOp::PurgeSessions => "purge_sessions",
             StoreOp::Ping => "ping",
-            StoreOp::CloseOrphanedSessions => "close_orphaned_sessions",
             StoreOp::AddUser => "add_user",
             StoreOp::User => "user",
             StoreOp::Users => "users",
+            StoreOp::SetPassword => "set_password",
+            StoreOp::RemoveUser => "remove_user",
             StoreOp::AddVm => "add_vm",
+            StoreOp::UpdateVm => "update_vm",
             StoreOp::Vm => "vm",
             StoreOp::Vms => "vms",
             StoreOp::RemoveVm => "remove_vm",
@@ -280,6 +307,7 @@ pub struct Metrics {
     bytes_to_server: AtomicU64,
     tokens_minted: AtomicU64,
     tokens_redeemed: AtomicU64,
+    recheck_failures: AtomicU64,
     tokens_refused: Mutex<BTreeMap<&'static str, u64>>,
     sessions_failed: Mutex<BTreeMap<&'static str, u64>>,
     /// (method or route, HTTP status) -> count.
@@ -354,6 +382,7 @@ impl Metrics {
             bytes_to_client: AtomicU64::new(0),
             bytes_to_server: AtomicU64::new(0),
             tokens_minted: AtomicU64::new(0),
+            recheck_failures: AtomicU64::new(0),
             tokens_redeemed: AtomicU64::new(0),
             tokens_refused: zeros(token_reasons.iter().map(|r| r.label()).collect()),
             sessions_failed: zeros(failure_reasons.iter().map(|r| r.label()).collect()),
@@ -383,6 +412,12 @@ impl Metrics {
 
     pub fn token_minted(&self) {
         self.tokens_minted.fetch_add(1, Relaxed);
+    }
+
+    /// Live sessions the inventory could not re-check (it was unreachable);
+    /// they went on.
+    pub fn recheck_failed(&self, sessions: u64) {
+        self.recheck_failures.fetch_add(sessions, Relaxed);
     }
 
     /// The store accepted a token for a session (proxy or websockify lookup).
@@ -539,6 +574,18 @@ impl Metrics {
             o,
             "vncbroker_tokens_minted_total {}",
             self.tokens_minted.load(Relaxed)
+        );
+
+        header(
+            o,
+            "vncbroker_recheck_failures_total",
+            "counter",
+            "Live sessions the inventory could not re-check (unreachable); they went on.",
+        );
+        let _ = writeln!(
+            o,
+            "vncbroker_recheck_failures_total {}",
+            self.recheck_failures.load(Relaxed)
         );
         header(
             o,
@@ -722,12 +769,8 @@ impl Store for TimedStore {
         self.timed(StoreOp::InsertToken, self.inner.insert_token(token))
             .await
     }
-    async fn revoke_vm_tokens(&self, vm_id: i64, now: i64) -> Result<u64, StoreError> {
-        self.timed(
-            StoreOp::RevokeVmTokens,
-            self.inner.revoke_vm_tokens(vm_id, now),
-        )
-        .await
+    async fn revoke(&self, r: &Revocation) -> Result<Revoked, StoreError> {
+        self.timed(StoreOp::Revoke, self.inner.revoke(r)).await
     }
     async fn purge_expired(&self, before: i64) -> Result<u64, StoreError> {
         self.timed(StoreOp::PurgeExpired, self.inner.purge_expired(before))
@@ -737,8 +780,41 @@ impl Store for TimedStore {
         self.timed(StoreOp::Redeem, self.inner.redeem(hash, now))
             .await
     }
-    async fn revoked_since(&self, since: i64) -> Result<Vec<i64>, StoreError> {
-        self.timed(StoreOp::RevokedSince, self.inner.revoked_since(since))
+    async fn revocations_after(
+        &self,
+        seq: i64,
+        limit: u32,
+    ) -> Result<Vec<RecordedRevocation>, StoreError> {
+        self.timed(
+            StoreOp::RevocationsAfter,
+            self.inner.revocations_after(seq, limit),
+        )
+        .await
+    }
+    async fn last_revocation(&self) -> Result<i64, StoreError> {
+        self.timed(StoreOp::LastRevocation, self.inner.last_revocation())
+            .await
+    }
+    async fn purge_revocations(&self, before: i64) -> Result<u64, StoreError> {
+        self.timed(
+            StoreOp::PurgeRevocations,
+            self.inner.purge_revocations(before),
+        )
+        .await
+    }
+    async fn session(&self, id: i64) -> Result<Option<SessionRecord>, StoreError> {
+        self.timed(StoreOp::Session, self.inner.session(id)).await
+    }
+    async fn set_password(&self, name: &str, hash: &str) -> Result<bool, StoreError> {
+        self.timed(StoreOp::SetPassword, self.inner.set_password(name, hash))
+            .await
+    }
+    async fn remove_user(&self, name: &str) -> Result<Option<Revoked>, StoreError> {
+        self.timed(StoreOp::RemoveUser, self.inner.remove_user(name))
+            .await
+    }
+    async fn update_vm(&self, vm: &Vm) -> Result<Option<Revoked>, StoreError> {
+        self.timed(StoreOp::UpdateVm, self.inner.update_vm(vm))
             .await
     }
     async fn open_session(&self, session: &NewSession) -> Result<i64, StoreError> {
@@ -794,7 +870,7 @@ impl Store for TimedStore {
     async fn vms(&self) -> Result<Vec<Vm>, StoreError> {
         self.timed(StoreOp::Vms, self.inner.vms()).await
     }
-    async fn remove_vm(&self, id: i64) -> Result<bool, StoreError> {
+    async fn remove_vm(&self, id: i64) -> Result<Option<Revoked>, StoreError> {
         self.timed(StoreOp::RemoveVm, self.inner.remove_vm(id))
             .await
     }

@@ -33,8 +33,8 @@ pub enum SecretsError {
     #[error(
         "secrets key file {path} is missing, but the database holds VNC passwords sealed with it. \
          Restore the file from your backup (the same key: a new one opens none of them). If it is \
-         lost for good, so are those passwords: remove the VMs that have one (vncbroker vm rm) \
-         and add them again with --password-stdin"
+         lost for good, so are those passwords: clear them (vncbroker vm set ID --no-password, \
+         for each VM that has one) and set them again (vm set ID --password-stdin)"
     )]
     KeyFileMissing { path: String },
     #[error(
@@ -44,7 +44,8 @@ pub enum SecretsError {
     SharedKeyMissing,
     #[error(
         "secrets key file {path} does not open the VNC passwords in the database: it is not the \
-         key they were sealed with. Restore that key file from your backup"
+         key they were sealed with. Restore that key file from your backup (or clear the \
+         passwords with vncbroker vm set ID --no-password and set them again)"
     )]
     WrongKey { path: String },
     #[error("checking the database for sealed secrets: {0}")]

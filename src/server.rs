@@ -183,14 +183,24 @@ impl Node {
                     pong_timeout: Duration::from_secs(cfg.proxy.pong_timeout_secs),
                 },
             ));
-            background.push(tokio::spawn(proxy::sessions::watch_revocations(
+            background.push(tokio::spawn(proxy::enforce::watch_revocations(
                 Arc::clone(&sessions),
                 Arc::clone(&store),
                 Duration::from_millis(cfg.proxy.revocation_check_ms),
             )));
+            if let Some(every) = secs(cfg.proxy.recheck_interval_secs) {
+                background.push(tokio::spawn(proxy::enforce::recheck(
+                    Arc::clone(&sessions),
+                    Arc::clone(&service),
+                    every,
+                )));
+            }
             app = app
                 .merge(proxy::router(Arc::clone(&proxy)))
-                .merge(crate::console::router(&cfg.web_root(), &cfg.novnc_root()))
+                .merge(crate::console::router(
+                    cfg.proxy.web_root.as_deref(),
+                    cfg.proxy.novnc_root.as_deref(),
+                )?)
                 .fallback(any(proxy::upgrade_any_path).with_state(proxy));
         }
         app = app
@@ -648,6 +658,9 @@ async fn reload_on_sighup(
     }
 }
 
+/// How long a revocation stays in the log.
+const REVOCATION_LOG_SECS: i64 = 86_400;
+
 /// Deletes expired tokens and, with `[sessions] retention_days`, session
 /// records that ended longer ago than that.
 async fn purge_loop(ops: Arc<Ops>, every: Duration) {
@@ -659,6 +672,12 @@ async fn purge_loop(ops: Arc<Ops>, every: Duration) {
             Ok(0) => {}
             Ok(n) => tracing::info!(purged = n, "expired console tokens deleted"),
             Err(e) => tracing::warn!(error = %e, "purging expired tokens failed"),
+        }
+        // Every proxy follows the log within seconds; a day covers a node
+        // that lost the database for a while.
+        let day_old = crate::now_unix().saturating_sub(REVOCATION_LOG_SECS);
+        if let Err(e) = ops.store.purge_revocations(day_old).await {
+            tracing::warn!(error = %e, "purging old revocations failed");
         }
         let days = ops.retention_days.load(Ordering::Relaxed);
         if days > 0 {

@@ -7,9 +7,12 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::inventory::{Console, Credential, Inventory, InventoryError};
+use crate::inventory::{Console, Credential, Grant, Inventory, InventoryError, Verdict};
 use crate::secrets::Secrets;
-use crate::store::{NewToken, Redemption, SessionFilter, SessionRecord, Store, StoreError};
+use crate::store::{
+    Cause, NewToken, Redemption, Revocation, Revoked, SessionFilter, SessionRecord, Store,
+    StoreError,
+};
 use crate::token::{self, Policy, Token};
 
 /// How many times minting retries on the (astronomically unlikely) event of
@@ -78,6 +81,11 @@ pub enum ServiceError {
     NotAvailable { vm_id: i64, why: String },
     #[error("{0}")]
     BadParameter(String),
+    /// No such session, or not one the caller may see.
+    #[error("no console session [{0}]")]
+    NoSuchSession(i64),
+    #[error("console session [{0}] has already ended")]
+    SessionOver(i64),
     /// oned refused; its code and message pass through unchanged.
     #[error("{message}")]
     Oned { code: i64, message: String },
@@ -195,6 +203,12 @@ impl TokenService {
             .secrets
             .seal_opt(console.vnc_password.as_deref())
             .map_err(|e| ServiceError::Internal(format!("sealing the VNC password: {e}")))?;
+        let caller_session = console
+            .recheck_as
+            .as_ref()
+            .map(|c| self.secrets.seal(&format!("{}:{}", c.user, c.secret)))
+            .transpose()
+            .map_err(|e| ServiceError::Internal(format!("sealing the caller's session: {e}")))?;
         for _ in 0..MINT_ATTEMPTS {
             let token = Token::generate()
                 .map_err(|e| ServiceError::Internal(format!("no OS randomness: {e}")))?;
@@ -208,6 +222,7 @@ impl TokenService {
                 created_at: now,
                 expires_at,
                 single_use,
+                caller_session: caller_session.clone(),
             };
             match self.store.insert_token(&row).await {
                 Ok(id) => {
@@ -252,15 +267,38 @@ impl TokenService {
         }
     }
 
-    /// Revokes every live token of `vm_id` if `cred` may open its console.
-    pub async fn revoke(&self, cred: &Credential, vm_id: i64) -> Result<u64, ServiceError> {
-        let console = self.inventory.console(cred, vm_id).await?;
-        let n = self
+    /// Revokes every token of `vm_id` and ends its live sessions on every
+    /// node, if `cred` may act on the VM; a VM without a live console (off,
+    /// suspended, migrating) can be revoked too.
+    pub async fn revoke(&self, cred: &Credential, vm_id: i64) -> Result<Revoked, ServiceError> {
+        let who = self.inventory.authorize(cred, vm_id).await?;
+        let done = self
             .store
-            .revoke_vm_tokens(vm_id, crate::now_unix())
+            .revoke(&Revocation::vm(vm_id, Cause::Revoked))
             .await?;
-        tracing::info!(vm_id, user = %console.user, revoked = n, "console tokens revoked");
-        Ok(n)
+        tracing::info!(
+            vm_id, user = %who.name, tokens = done.tokens, sessions = done.sessions,
+            "console access revoked"
+        );
+        Ok(done)
+    }
+
+    /// Ends one live session on whichever node runs it: admins may end any,
+    /// a user their own.
+    pub async fn end_session(&self, cred: &Credential, id: i64) -> Result<Revoked, ServiceError> {
+        let who = self.inventory.authenticate(cred).await?;
+        let record = self
+            .store
+            .session(id)
+            .await?
+            .filter(|s| who.admin || s.user == who.name)
+            .ok_or(ServiceError::NoSuchSession(id))?;
+        if record.ended_at.is_some() {
+            return Err(ServiceError::SessionOver(id));
+        }
+        let done = self.store.revoke(&Revocation::session(&record)).await?;
+        tracing::info!(session = id, vm_id = record.vm_id, by = %who.name, "console session ended on request");
+        Ok(done)
     }
 
     /// Lists recorded sessions: admins see all, a user only their own.
@@ -307,6 +345,10 @@ impl TokenService {
             .secrets
             .open_opt(r.vnc_password.as_deref())
             .map_err(|e| RedeemError::Unavailable(format!("stored VNC password: {e}")))?;
+        r.caller_session = self
+            .secrets
+            .open_opt(r.caller_session.as_deref())
+            .map_err(|e| RedeemError::Unavailable(format!("stored caller session: {e}")))?;
         Ok(r)
     }
 
@@ -332,6 +374,11 @@ impl TokenService {
             }
             Err(RedeemError::Unavailable(why)) => Err(ServiceError::Unavailable(why)),
         }
+    }
+
+    /// Re-checks the live sessions of one VM with the inventory.
+    pub async fn recheck(&self, vm_id: i64, grants: &[Grant]) -> Vec<Verdict> {
+        self.inventory.recheck(vm_id, grants).await
     }
 
     /// Deletes expired tokens; the server calls it periodically.

@@ -1,12 +1,13 @@
 //! What a person sees: headless Chromium (through playwright-core) on the
-//! console page, on stock noVNC's vnc.html, and on the README quickstart.
+//! console page, on stock noVNC's vnc.html, on the README quickstart, and on
+//! a binary installed with `cargo install` and run with nothing beside it.
 //!
 //! Screenshots land in `<repo>/test-artifacts/`.
 
 mod common;
 
 use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -20,6 +21,11 @@ const QEMU_PW: &str = "bPw3Nc8V";
 const EXPIRED_MESSAGE: &str = "This console link is invalid or has expired. Ask for a new one.";
 /// How long a page may take to reach the state it waits for.
 const PAGE_TIMEOUT_MS: u64 = 45_000;
+
+/// The quickstart's release build and the install's share
+/// `target/release`: they take turns, so that neither replaces the binary
+/// there while the other is about to start it.
+static RELEASE_BUILD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A child in its own process group; dropping it ends the whole group
 /// (node and the Chromium it launched, or the demo script and its binary).
@@ -245,6 +251,7 @@ async fn stock_novnc_connects_through_the_proxy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_readme_quickstart_opens_a_working_console() {
     let build_log = artifacts_dir().join("quickstart-demo.stderr.log");
+    let build_turn = RELEASE_BUILD.lock().await;
     let mut cmd = Command::new("scripts/demo");
     for (k, _) in std::env::vars() {
         if k.starts_with("VNCBROKER_") {
@@ -302,6 +309,7 @@ async fn the_readme_quickstart_opens_a_working_console() {
             ),
         }
     };
+    drop(build_turn);
     assert!(
         printed[0].starts_with("listening on 127.0.0.1:"),
         "first line {:?}",
@@ -326,4 +334,308 @@ async fn the_readme_quickstart_opens_a_working_console() {
     assert_console_connected(&r, &png);
     assert!(demo.0.try_wait().unwrap().is_none(), "the demo died");
     drop(demo);
+}
+
+/// Copies what a fresh clone of the repository holds (tracked files, and new
+/// ones git does not ignore; so no node_modules) to `dest`, keeping
+/// modification times so that cargo can reuse an earlier build of it.
+fn clean_clone(dest: &Path) {
+    let _ = std::fs::remove_dir_all(dest);
+    let out = Command::new("git")
+        .args([
+            "ls-files",
+            "-z",
+            "--cached",
+            "--others",
+            "--exclude-standard",
+        ])
+        .current_dir(repo_root())
+        .output()
+        .expect("running git ls-files");
+    assert!(
+        out.status.success(),
+        "git ls-files: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut copied = 0;
+    for rel in out.stdout.split(|b| *b == 0).filter(|r| !r.is_empty()) {
+        let rel = Path::new(std::str::from_utf8(rel).expect("UTF-8 file names"));
+        let src = repo_root().join(rel);
+        // Deleted in the work tree but not yet in the index: not in a clone.
+        let Ok(meta) = std::fs::symlink_metadata(&src) else {
+            continue;
+        };
+        let dst = dest.join(rel);
+        std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+        if meta.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(&src).unwrap(), &dst).unwrap();
+            continue;
+        }
+        std::fs::copy(&src, &dst).unwrap();
+        File::options()
+            .write(true)
+            .open(&dst)
+            .and_then(|f| f.set_modified(meta.modified()?))
+            .unwrap();
+        copied += 1;
+    }
+    assert!(copied > 50, "only {copied} files in the clone");
+    // Directories too: cargo looks at them for the build script's inputs.
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    let mut todo = vec![dest.to_path_buf()];
+    while let Some(dir) = todo.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_dir() {
+                todo.push(entry.path());
+            }
+        }
+        dirs.push(dir);
+    }
+    for dir in dirs.iter().rev() {
+        let src = repo_root().join(dir.strip_prefix(dest).unwrap());
+        let modified = std::fs::metadata(&src).and_then(|m| m.modified()).unwrap();
+        File::open(dir)
+            .and_then(|d| d.set_modified(modified))
+            .unwrap();
+    }
+}
+
+/// Runs the installed binary in `cwd`, with input on stdin; returns stdout.
+fn run_installed(bin: &Path, cwd: &Path, args: &[&str], stdin: Option<&str>) -> String {
+    let mut cmd = Command::new(bin);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("VNCBROKER_") {
+            cmd.env_remove(k);
+        }
+    }
+    let mut child = cmd
+        .args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning the installed vncbroker");
+    let mut input = child.stdin.take().unwrap();
+    if let Some(text) = stdin {
+        writeln!(input, "{text}").unwrap();
+    }
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "vncbroker {args:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn header<'a>(r: &'a HttpResponse, name: &str) -> &'a str {
+    r.headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+        .unwrap_or("")
+}
+
+/// What an operator does: `cargo install` from a clean clone (no npm, no
+/// node_modules), the clone deleted, then `vncbroker serve` in an empty
+/// directory with no configuration. The console page it serves opens a VM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_installed_binary_alone_serves_a_working_console() {
+    let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let source = tmp.join("clean-clone");
+    clean_clone(&source);
+    assert!(!source.join("node_modules").exists());
+    let root = tempfile::Builder::new()
+        .prefix("vncbroker-install-")
+        .tempdir()
+        .unwrap();
+    let install_log = artifacts_dir().join("cargo-install.log");
+    {
+        // Reuses the dependencies this target directory already built in
+        // release (the quickstart builds them too).
+        let _turn = RELEASE_BUILD.lock().await;
+        let log = File::create(&install_log).unwrap();
+        let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+        cmd.args([
+            "install",
+            "--locked",
+            "--offline",
+            "--bin",
+            "vncbroker",
+            "--path",
+        ])
+        .arg(&source)
+        .arg("--root")
+        .arg(root.path())
+        .env("CARGO_TARGET_DIR", tmp.parent().unwrap())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+        let status = tokio::task::spawn_blocking(move || cmd.status())
+            .await
+            .unwrap()
+            .expect("running cargo install");
+        assert!(
+            status.success(),
+            "cargo install failed ({status}):\n{}",
+            String::from_utf8_lossy(&read_file(&install_log))
+        );
+    }
+    // Nothing of the source tree is left for the binary to lean on.
+    std::fs::remove_dir_all(&source).unwrap();
+    let bin = root.path().join("bin/vncbroker");
+    assert!(bin.is_file(), "cargo install left no {}", bin.display());
+
+    let empty = tempfile::Builder::new()
+        .prefix("vncbroker-empty-")
+        .tempdir()
+        .unwrap();
+    let cwd = empty.path();
+    let qemu = Qemu::start(QEMU_PW);
+    run_installed(
+        &bin,
+        cwd,
+        &["user", "add", USER, "--password-stdin"],
+        Some(USER_PW),
+    );
+    let port = qemu.port.to_string();
+    run_installed(
+        &bin,
+        cwd,
+        &[
+            "vm",
+            "add",
+            "1",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port,
+            "--owner",
+            USER,
+            "--password-stdin",
+        ],
+        Some(QEMU_PW),
+    );
+
+    let log_path = artifacts_dir().join("installed-serve.stderr.log");
+    let mut cmd = Command::new(&bin);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("VNCBROKER_") {
+            cmd.env_remove(k);
+        }
+    }
+    let child = cmd
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(File::create(&log_path).unwrap())
+        .process_group(0)
+        .spawn()
+        .expect("spawning the installed vncbroker serve");
+    let mut serve = Group(child);
+    let stdout = serve.0.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        let _ = tx.send(lines.next());
+        for _ in lines {}
+    });
+    let first = match rx.recv_timeout(START_TIMEOUT) {
+        Ok(Some(Ok(line))) => line,
+        other => panic!(
+            "serve printed no first line ({other:?}):\n{}",
+            String::from_utf8_lossy(&read_file(&log_path))
+        ),
+    };
+    let broker_port: u16 = first
+        .strip_prefix("listening on 127.0.0.1:")
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("first line {first:?}"));
+
+    // The page and noVNC come from memory, with their caching.
+    let get = |path: String| async move { http_request(broker_port, "GET", &path, &[], b"").await };
+    let page = get("/console".into()).await;
+    assert_eq!(page.status, 200);
+    assert_eq!(header(&page, "cache-control"), "no-store");
+    let js = String::from_utf8_lossy(&get("/static/console.js".into()).await.body).into_owned();
+    let rfb_path = js
+        .split('\'')
+        .find(|s| s.starts_with("/novnc/") && s.ends_with("/core/rfb.js"))
+        .unwrap_or_else(|| panic!("console.js imports no noVNC: {js}"))
+        .to_owned();
+    assert_ne!(
+        rfb_path, "/novnc/core/rfb.js",
+        "noVNC is imported without its version"
+    );
+    let rfb = get(rfb_path.clone()).await;
+    assert_eq!(rfb.status, 200, "{rfb_path}");
+    assert_eq!(
+        header(&rfb, "content-type"),
+        "text/javascript; charset=utf-8"
+    );
+    assert!(
+        header(&rfb, "cache-control").contains("immutable"),
+        "{rfb_path}"
+    );
+    let etag = header(&rfb, "etag").to_owned();
+    let again = http_request(
+        broker_port,
+        "GET",
+        &rfb_path,
+        &[("If-None-Match", etag.clone())],
+        b"",
+    )
+    .await;
+    assert_eq!(again.status, 304, "{rfb_path} with If-None-Match {etag}");
+
+    let r = http_request(
+        broker_port,
+        "POST",
+        "/api/v1/vms/1/console-tokens",
+        &[("Authorization", basic_auth(USER, USER_PW))],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let minted: Value = serde_json::from_slice(&r.body).unwrap();
+    let url = minted["url"].as_str().unwrap().to_owned();
+    assert!(
+        url.starts_with(&format!("http://127.0.0.1:{broker_port}/console#token=")),
+        "{url}"
+    );
+
+    let png = shot("console-installed.png");
+    let r = run_node(
+        "open_console.mjs",
+        &[
+            &url,
+            png.to_str().unwrap(),
+            "connected",
+            &PAGE_TIMEOUT_MS.to_string(),
+        ],
+    )
+    .await;
+    assert_console_connected(&r, &png);
+    assert_eq!(r["status"], "Connected: QEMU", "{r:#}");
+    assert!(serve.0.try_wait().unwrap().is_none(), "serve died");
+    drop(serve);
+    // It wrote its database and nothing else there.
+    for entry in std::fs::read_dir(cwd).unwrap() {
+        let entry = entry.unwrap();
+        assert!(
+            entry.file_type().unwrap().is_file(),
+            "{:?} in the working directory",
+            entry.path()
+        );
+    }
+    let log = String::from_utf8_lossy(&read_file(&log_path)).into_owned();
+    assert!(
+        log.contains("console page") && log.contains("built in"),
+        "{log}"
+    );
 }

@@ -811,7 +811,10 @@ async fn a_revoke_on_the_api_node_ends_sessions_on_every_proxy_within_two_second
 
     let started = Instant::now();
     let (status, body) = revoke_json(c.api_port(), ALICE, VM_ALICE).await;
-    assert_eq!((status, &body), (200, &json!({"revoked": 1})));
+    assert_eq!(
+        (status, &body),
+        (200, &json!({"revoked": 1, "sessions_ended": 2}))
+    );
     for ws in &mut revoked {
         assert_eq!(ws.close_code(PROMPT * 2).await, CLOSE_REVOKED);
     }

@@ -273,6 +273,26 @@ fn a_lost_key_file_is_an_error_when_the_database_holds_sealed_passwords() {
         stderr.contains(&key.display().to_string()),
         "the error names the key file: {stderr}"
     );
+
+    // The way out the error names when the key is lost for good: clear the
+    // passwords, then set them again under the key there is now.
+    std::fs::remove_file(&key).unwrap();
+    ok(&vncbroker(
+        d,
+        "077",
+        &["vm", "set", "7", "--no-password"],
+        None,
+    ));
+    let set_again = vncbroker(
+        d,
+        "077",
+        &["vm", "set", "7", "--password-stdin"],
+        Some("vnc-Pw-7b"),
+    );
+    ok(&set_again);
+    assert!(key.exists(), "a new key for a database with nothing sealed");
+    let minted = ok(&vncbroker(d, "077", &["token", "mint", "7"], None));
+    assert!(minted.contains("\"token\""), "{minted}");
 }
 
 #[test]

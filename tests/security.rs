@@ -318,6 +318,42 @@ async fn websocket_rules_are_strict() {
     }
 }
 
+/// The same protocol errors during the RFB security handshake (the proxy
+/// answers a real Xvnc's VncAuth itself) close with the same codes, not
+/// with 4500 "console unavailable": the fault is the client's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_protocol_errors_in_the_vnc_handshake_close_with_1002() {
+    let broker = Broker::start("[proxy]\nmax_message_bytes = 4096\n");
+    for (vm, (what, first, payload, masked, code)) in (1..).zip([
+        (
+            "unmasked",
+            0x82u8,
+            b"RFB 003.008\n".to_vec(),
+            false,
+            1002u16,
+        ),
+        ("reserved bit", 0xC2, b"RFB 003.008\n".to_vec(), true, 1002),
+        ("fragmented ping", 0x09, vec![1; 4], true, 1002),
+        ("oversized message", 0x82, vec![1; 5000], true, 1009),
+        (
+            "not an RFB version",
+            0x82,
+            b"HTTP/1.1 200\n".to_vec(),
+            true,
+            1002,
+        ),
+    ]) {
+        // A VNC server of its own each time: Xvnc blacklists an address
+        // after a few handshakes that stop half-way.
+        let xvnc = Xvnc::start("hPw3Kd8Q");
+        broker.add_vm(vm, xvnc.port, Some("hPw3Kd8Q"));
+        let mut raw = session_on(&broker, vm).await;
+        raw.send_frame(first, &payload, masked).await;
+        assert_eq!(raw.close_code(STEP).await, Some(code), "{what}");
+    }
+    assert!(broker.sessions().is_empty(), "no session was relayed");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_ignores_pings_is_dropped() {
     let vnc = greeter().await;

@@ -1,6 +1,6 @@
 // The console page: opens the VM console for the token in the URL through
 // the broker's WebSocket proxy, with noVNC's RFB module.
-import RFB from '/novnc/core/rfb.js';
+import RFB from '/novnc/1.7.0/core/rfb.js';
 
 const statusEl = document.getElementById('status');
 const cadButton = document.getElementById('cad');

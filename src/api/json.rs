@@ -62,6 +62,8 @@ impl From<ServiceError> for ApiError {
             ServiceError::NoSuchVm(_) => (StatusCode::NOT_FOUND, "not_found"),
             ServiceError::NoConsole { .. } => (StatusCode::NOT_FOUND, "no_console"),
             ServiceError::NotAvailable { .. } => (StatusCode::CONFLICT, "console_unavailable"),
+            ServiceError::NoSuchSession(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ServiceError::SessionOver(_) => (StatusCode::CONFLICT, "session_ended"),
             ServiceError::BadParameter(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ServiceError::Oned { code, .. } => match *code {
                 0x0100 => return ApiError::unauthorized(),
@@ -199,12 +201,36 @@ pub async fn revoke(
 ) -> Result<Response, ApiError> {
     let vm_id = vm_id(&id)?;
     let (cred, ip) = login(&state, peer, &headers).await?;
-    let n = state
+    let done = state
         .service
         .revoke(&cred, vm_id)
         .await
         .inspect_err(|e| note(&state, ip, e))?;
-    Ok(Json(json!({"revoked": n})).into_response())
+    Ok(Json(json!({"revoked": done.tokens, "sessions_ended": done.sessions})).into_response())
+}
+
+/// `DELETE /api/v1/sessions/{id}`: ends one live session, on whichever node
+/// runs it.
+pub async fn end_session(
+    State(state): State<ApiState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let id: i64 = id.parse().map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "the session id must be an integer",
+        )
+    })?;
+    let (cred, ip) = login(&state, peer, &headers).await?;
+    let done = state
+        .service
+        .end_session(&cred, id)
+        .await
+        .inspect_err(|e| note(&state, ip, e))?;
+    Ok(Json(json!({"session": id, "sessions_ended": done.sessions})).into_response())
 }
 
 /// Query of `GET /api/v1/sessions`.

@@ -17,7 +17,7 @@ use crate::limits::FailureLimiter;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 
 use crate::service::{ServiceError, TokenService};
 
@@ -49,6 +49,7 @@ pub fn router(state: ApiState, max_body: usize) -> Router {
             post(json::mint).delete(json::revoke),
         )
         .route("/api/v1/sessions", get(json::sessions))
+        .route("/api/v1/sessions/{id}", delete(json::end_session))
         .route("/api/v1/openapi.json", get(json::openapi))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)

@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{Console, Credential, Inventory, InventoryError, Principal};
+use super::{Console, Credential, Grant, Inventory, InventoryError, Lapse, Principal, Verdict};
 use crate::auth::{VerifyCache, verify_password};
 use crate::secrets::Secrets;
-use crate::store::{Store, StoreError, User};
+use crate::store::{Store, StoreError, User, Vm};
 
 pub struct LocalInventory {
     store: Arc<dyn Store>,
@@ -59,6 +59,11 @@ impl LocalInventory {
     }
 }
 
+/// Whether `user` may open `vm`'s console under the registry's rules.
+fn may_open(user: &User, vm: &Vm) -> bool {
+    user.admin || vm.owner == user.name || vm.allowed.contains(&user.name)
+}
+
 fn unavailable(e: StoreError) -> InventoryError {
     InventoryError::Unavailable(e.to_string())
 }
@@ -86,8 +91,7 @@ impl Inventory for LocalInventory {
             .await
             .map_err(unavailable)?
             .ok_or(InventoryError::NoSuchVm(vm_id))?;
-        let allowed = user.admin || vm.owner == user.name || vm.allowed.contains(&user.name);
-        if !allowed {
+        if !may_open(&user, &vm) {
             return Err(InventoryError::Authorization {
                 user: user.name,
                 vm_id,
@@ -104,6 +108,51 @@ impl Inventory for LocalInventory {
                 .map_err(|e| {
                     InventoryError::Unavailable(format!("VM [{vm_id}] VNC password: {e}"))
                 })?,
+            // Registry changes end sessions as they are made; the periodic
+            // re-check needs no credential.
+            recheck_as: None,
         })
+    }
+
+    async fn authorize(&self, cred: &Credential, vm_id: i64) -> Result<Principal, InventoryError> {
+        let user = self.verify(cred).await?;
+        let vm = self
+            .store
+            .vm(vm_id)
+            .await
+            .map_err(unavailable)?
+            .ok_or(InventoryError::NoSuchVm(vm_id))?;
+        if !may_open(&user, &vm) {
+            return Err(InventoryError::Authorization {
+                user: user.name,
+                vm_id,
+            });
+        }
+        Ok(Principal {
+            name: user.name,
+            admin: user.admin,
+        })
+    }
+
+    async fn recheck(&self, vm_id: i64, grants: &[Grant]) -> Vec<Verdict> {
+        let vm = match self.store.vm(vm_id).await {
+            Ok(Some(vm)) => vm,
+            Ok(None) => return vec![Verdict::End(Lapse::VmGone); grants.len()],
+            Err(e) => return vec![Verdict::Unknown(e.to_string()); grants.len()],
+        };
+        let mut out = Vec::with_capacity(grants.len());
+        for g in grants {
+            if g.host != vm.vnc_host || g.port != vm.vnc_port {
+                out.push(Verdict::End(Lapse::VmMoved));
+                continue;
+            }
+            out.push(match self.store.user(&g.user).await {
+                Ok(Some(user)) if may_open(&user, &vm) => Verdict::Continue,
+                Ok(Some(_)) => Verdict::End(Lapse::AccessLost),
+                Ok(None) => Verdict::End(Lapse::CredentialRejected),
+                Err(e) => Verdict::Unknown(e.to_string()),
+            });
+        }
+        out
     }
 }

@@ -49,6 +49,46 @@ pub struct Console {
     pub host: String,
     pub port: u16,
     pub vnc_password: Option<String>,
+    /// The caller's credential, where the inventory re-checks live
+    /// sessions with the caller's own rights (it is then kept, sealed, with
+    /// the token).
+    pub recheck_as: Option<Credential>,
+}
+
+/// A live session as the inventory re-checks it: who, and the console its
+/// token was bound to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub user: String,
+    pub host: String,
+    pub port: u16,
+    /// The credential the session was opened with, if the inventory kept it.
+    pub caller: Option<Credential>,
+}
+
+/// Why a live session may not go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lapse {
+    /// The VM no longer exists.
+    VmGone,
+    /// The VM is not running (powered off, suspended, stopped).
+    VmStopped,
+    /// The VM's console is elsewhere now (a migration, a new port).
+    VmMoved,
+    /// The user may no longer open this VM's console.
+    AccessLost,
+    /// The user's credential is no longer accepted (user removed, password
+    /// changed, login token expired).
+    CredentialRejected,
+}
+
+/// The re-check of one live session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Continue,
+    End(Lapse),
+    /// The inventory could not tell (unreachable); the session goes on.
+    Unknown(String),
 }
 
 impl std::fmt::Debug for Console {
@@ -59,6 +99,7 @@ impl std::fmt::Debug for Console {
             .field("host", &self.host)
             .field("port", &self.port)
             .field("vnc_password", &self.vnc_password.as_ref().map(|_| "<set>"))
+            .field("recheck_as", &self.recheck_as)
             .finish()
     }
 }
@@ -101,14 +142,20 @@ pub trait Inventory: Send + Sync {
     /// may open it.
     async fn console(&self, cred: &Credential, vm_id: i64) -> Result<Console, InventoryError>;
 
+    /// Authenticates `cred` and checks that the caller may act on `vm_id`
+    /// (revoke its tokens), whatever state the VM is in.
+    async fn authorize(&self, cred: &Credential, vm_id: i64) -> Result<Principal, InventoryError>;
+
     /// Whether the VM's console is still at `host:port`, checked when a
     /// token is redeemed so that a token minted before a migration or a port
     /// change cannot reach whatever listens there now. An inventory that
     /// cannot tell answers true.
-    async fn still_at(&self, vm_id: i64, host: &str, port: u16) -> Result<bool, InventoryError> {
-        let _ = (vm_id, host, port);
-        Ok(true)
-    }
+    async fn still_at(&self, vm_id: i64, host: &str, port: u16) -> Result<bool, InventoryError>;
+
+    /// Re-checks the live sessions of one VM, one verdict per grant in
+    /// order: the VM must still exist, run and be where the token points,
+    /// and each user must still be allowed to open it.
+    async fn recheck(&self, vm_id: i64, grants: &[Grant]) -> Vec<Verdict>;
 }
 
 #[cfg(test)]

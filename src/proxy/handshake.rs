@@ -18,8 +18,12 @@ pub enum HandshakeError {
     ClientGone,
     #[error("the browser sent a text frame")]
     TextFrame,
-    #[error("WebSocket error during the VNC handshake: {0}")]
-    ClientProtocol(String),
+    /// The browser broke the WebSocket protocol; the close code to send.
+    #[error("WebSocket error during the VNC handshake: {detail}")]
+    ClientProtocol { code: u16, detail: String },
+    /// The browser's RFB bytes were not a valid handshake.
+    #[error("the browser broke the RFB handshake: {0}")]
+    ClientRfb(RfbError),
     #[error("the VNC server closed the connection during the handshake")]
     ServerClosed,
     #[error("VNC server I/O error during the handshake: {0}")]
@@ -60,7 +64,13 @@ where
                 Err(e) => return Err(HandshakeError::ServerIo(e.to_string())),
             },
             ev = reader.next(), if want_client => match ev {
-                Ok(Event::Data(data)) => sp.feed_client(data),
+                Ok(Event::Data(data)) => {
+                    if let Err(e) = sp.feed_client(data) {
+                        let _ = send_client(writer, &sp.take_to_client()).await;
+                        return Err(HandshakeError::ClientRfb(e));
+                    }
+                    Ok(())
+                }
                 Ok(Event::Ping(p)) => {
                     let mut pong = [0u8; 125];
                     let n = p.len();
@@ -73,7 +83,18 @@ where
                     return Err(HandshakeError::ClientGone)
                 }
                 Ok(Event::Text) => return Err(HandshakeError::TextFrame),
-                Err(e) => return Err(HandshakeError::ClientProtocol(e.to_string())),
+                Err(ReadError::Frame(e)) => {
+                    return Err(HandshakeError::ClientProtocol {
+                        code: e.close_code(),
+                        detail: e.to_string(),
+                    })
+                }
+                Err(e @ ReadError::BadClose) => {
+                    return Err(HandshakeError::ClientProtocol {
+                        code: super::close::PROTOCOL,
+                        detail: e.to_string(),
+                    })
+                }
             },
         };
         if let Err(e) = fed {

@@ -6,13 +6,17 @@
 //! - [`handshake`]: the RFB security proxy over live connections, so the VNC
 //!   password stays with the broker.
 //! - [`relay`]: the byte loop between WebSocket and TCP.
-//! - [`sessions`]: this node's live sessions, and ending them on revocation.
+//! - [`sessions`]: this node's live sessions, and which revocations apply to
+//!   them.
+//! - [`enforce`]: the jobs that end sessions the revocation log or the
+//!   inventory's re-check no longer allows.
 //!
 //! Every refusal happens after the WebSocket upgrade, as a close frame with a
 //! specific code and a human reason, because a browser hides the HTTP status
 //! of a failed upgrade from the page. No reason tells whether an unknown
 //! token ever existed.
 
+pub mod enforce;
 pub mod handshake;
 pub mod origin;
 pub mod relay;
@@ -34,10 +38,11 @@ use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
 use self::relay::{Counts, End};
-use self::sessions::{Sessions, Stop};
+use self::sessions::{CatchUp, Entry, Sessions, Stop};
+use crate::inventory::{Credential, Grant, Lapse};
 use crate::limits::FailureLimiter;
 use crate::service::{RedeemError, TokenService};
-use crate::store::{NewSession, Redemption, SessionEnd, Store};
+use crate::store::{Cause, NewSession, Redemption, SessionEnd, Store};
 use crate::websocket::stream::{Reader, Writer};
 use crate::websocket::upgrade;
 
@@ -55,6 +60,8 @@ pub mod close {
     pub const PROTOCOL: u16 = 1002;
     pub const NO_TOKEN: u16 = 4400;
     pub const TOKEN: u16 = 4401;
+    pub const ACCESS_WITHDRAWN: u16 = 4403;
+    pub const VM_GONE: u16 = 4404;
     pub const IDLE: u16 = 4408;
     pub const MOVED: u16 = 4409;
     pub const REVOKED: u16 = 4410;
@@ -120,6 +127,8 @@ enum Refusal {
     StoreDown(String),
     Moved,
     TooMany(sessions::LimitHit),
+    /// Access was withdrawn while the session was being set up.
+    Stopped(Stop),
     Unreachable(String),
     Handshake(handshake::HandshakeError),
     HandshakeTimeout,
@@ -135,6 +144,7 @@ impl Refusal {
             Refusal::StoreDown(_) => M::StoreUnavailable,
             Refusal::Moved => M::Moved,
             Refusal::TooMany(_) => M::SessionLimit,
+            Refusal::Stopped(_) => M::Withdrawn,
             Refusal::Unreachable(_) => M::Unreachable,
             Refusal::Handshake(_) => M::VncHandshake,
             Refusal::HandshakeTimeout => M::HandshakeTimeout,
@@ -156,6 +166,7 @@ impl Refusal {
             Refusal::NoToken => (close::NO_TOKEN, "no console token given".into()),
             Refusal::BadToken => (close::TOKEN, "token invalid or expired".into()),
             Refusal::TooMany(hit) => (close::TOO_MANY, hit.to_string()),
+            Refusal::Stopped(stop) => stop_close(*stop),
             Refusal::Moved => (
                 close::MOVED,
                 "console unavailable: the VM moved since this link was made, ask for a new one"
@@ -172,6 +183,13 @@ impl Refusal {
             Refusal::Handshake(H::TextFrame) => (
                 close::UNSUPPORTED_DATA,
                 "text frames are not accepted".into(),
+            ),
+            Refusal::Handshake(H::ClientProtocol { code, .. }) => {
+                (*code, "WebSocket protocol error".into())
+            }
+            Refusal::Handshake(H::ClientRfb(_)) => (
+                close::PROTOCOL,
+                "RFB protocol error from the browser".into(),
             ),
             Refusal::Handshake(H::Rfb(crate::rfb::RfbError::AuthFailed { .. })) => (
                 close::VNC_HANDSHAKE,
@@ -200,11 +218,7 @@ impl End {
             ),
             End::ClientProtocol { code, .. } => (*code, "WebSocket protocol error".into()),
             End::ServerError(_) => (close::UNREACHABLE, "console connection lost".into()),
-            End::Stopped(Stop::Shutdown) => (close::GOING_AWAY, "server shutting down".into()),
-            End::Stopped(Stop::Revoked) => (
-                close::REVOKED,
-                "session ended: console access revoked".into(),
-            ),
+            End::Stopped(stop) => stop_close(*stop),
             End::Idle => (close::IDLE, "session ended: idle too long".into()),
             End::PongTimeout => (close::IDLE, "session ended: no answer to ping".into()),
             End::MaxDuration => (
@@ -226,13 +240,61 @@ impl End {
             End::TextFrame => "client sent a text frame".into(),
             End::ClientProtocol { detail, .. } => format!("client protocol error: {detail}"),
             End::ServerError(e) => format!("server error: {e}"),
-            End::Stopped(Stop::Revoked) => "revoked".into(),
-            End::Stopped(Stop::Shutdown) => "server shutting down".into(),
+            End::Stopped(stop) => stop_record(*stop).into(),
             End::Idle => "idle timeout".into(),
             End::PongTimeout => "client stopped answering pings".into(),
             End::MaxDuration => "time limit".into(),
             End::TokenExpired => "token expired".into(),
         }
+    }
+}
+
+/// The close code and reason of a session the broker ended.
+fn stop_close(stop: Stop) -> (u16, String) {
+    let (code, reason) = match stop {
+        Stop::Shutdown => (close::GOING_AWAY, "server shutting down"),
+        Stop::StoreDown => (
+            close::UNAVAILABLE,
+            "console service unavailable, try again shortly",
+        ),
+        Stop::Revoked(Cause::Revoked) => (close::REVOKED, "session ended: console access revoked"),
+        Stop::Revoked(Cause::SessionEnded) => (close::REVOKED, "session ended by request"),
+        Stop::Revoked(Cause::VmRemoved) => (close::VM_GONE, "session ended: the VM was removed"),
+        Stop::Revoked(Cause::VmChanged) => (
+            close::MOVED,
+            "session ended: the VM's console moved or changed",
+        ),
+        Stop::Revoked(Cause::UserRemoved) | Stop::Lapsed(Lapse::CredentialRejected) => (
+            close::ACCESS_WITHDRAWN,
+            "session ended: your account is no longer accepted",
+        ),
+        Stop::Revoked(Cause::AccessRemoved) | Stop::Lapsed(Lapse::AccessLost) => (
+            close::ACCESS_WITHDRAWN,
+            "session ended: you no longer have access to this VM",
+        ),
+        Stop::Lapsed(Lapse::VmGone) => (close::VM_GONE, "session ended: the VM no longer exists"),
+        Stop::Lapsed(Lapse::VmStopped) => (close::VM_GONE, "session ended: the VM is not running"),
+        Stop::Lapsed(Lapse::VmMoved) => (close::MOVED, "session ended: the VM moved"),
+    };
+    (code, reason.into())
+}
+
+/// The reason recorded in the sessions table for a session the broker ended.
+fn stop_record(stop: Stop) -> &'static str {
+    match stop {
+        Stop::Shutdown => "server shutting down",
+        Stop::StoreDown => "revocation log unavailable",
+        Stop::Revoked(Cause::Revoked) => "revoked",
+        Stop::Revoked(Cause::SessionEnded) => "ended by request",
+        Stop::Revoked(Cause::VmRemoved) => "vm removed",
+        Stop::Revoked(Cause::VmChanged) => "vm console changed",
+        Stop::Revoked(Cause::UserRemoved) => "user removed",
+        Stop::Revoked(Cause::AccessRemoved) => "access removed",
+        Stop::Lapsed(Lapse::VmGone) => "vm gone",
+        Stop::Lapsed(Lapse::VmStopped) => "vm not running",
+        Stop::Lapsed(Lapse::VmMoved) => "vm moved",
+        Stop::Lapsed(Lapse::AccessLost) => "access lost",
+        Stop::Lapsed(Lapse::CredentialRejected) => "credential rejected",
     }
 }
 
@@ -418,10 +480,44 @@ async fn open(
         RedeemError::Unavailable(why) => Refusal::StoreDown(why),
     })?;
     tracing::debug!(%client, token_id = r.token_id, vm_id = r.vm_id, "console token accepted");
+    let caller = r
+        .caller_session
+        .as_deref()
+        .and_then(Credential::from_session);
     let registration = proxy
         .sessions
-        .register(r.token_id, r.vm_id, &r.user_name)
+        .register(Entry {
+            vm_id: r.vm_id,
+            user: r.user_name.clone(),
+            seen: r.revocation_seq,
+            grant: Grant {
+                user: r.user_name.clone(),
+                host: r.target_host.clone(),
+                port: r.target_port,
+                caller,
+            },
+        })
         .map_err(Refusal::TooMany)?;
+    // A revocation made since the token was redeemed ends the session
+    // before it starts; one made while it is set up ends it at once.
+    catch_up(proxy.store.as_ref(), &registration, None).await;
+    let mut stop = registration.stop.clone();
+    let tcp = tokio::select! {
+        biased;
+        why = stopped(&mut stop) => return Err(Refusal::Stopped(why)),
+        tcp = connect_and_secure(proxy, reader, writer, &r) => tcp?,
+    };
+    Ok((r, tcp, registration))
+}
+
+/// Connects to the token's target and runs the RFB security handshake if a
+/// password is stored.
+async fn connect_and_secure(
+    proxy: &Proxy,
+    reader: &mut WsReader,
+    writer: &mut WsWriter,
+    r: &Redemption,
+) -> Result<TcpStream, Refusal> {
     let target = (r.target_host.as_str(), r.target_port);
     let mut tcp = match tokio::time::timeout(
         proxy.settings.connect_timeout,
@@ -446,7 +542,49 @@ async fn open(
             Err(_) => return Err(Refusal::HandshakeTimeout),
         }
     }
-    Ok((r, tcp, registration))
+    Ok(tcp)
+}
+
+/// Completes when the session is told to stop.
+async fn stopped(stop: &mut tokio::sync::watch::Receiver<Option<Stop>>) -> Stop {
+    loop {
+        if let Some(why) = *stop.borrow_and_update() {
+            return why;
+        }
+        if stop.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
+/// Applies to a new session the revocations this node applied before it
+/// joined (recorded after its token was redeemed): a revocation made while
+/// the session was being set up still ends it. If the log cannot be read
+/// the session ends rather than run unchecked.
+async fn catch_up(store: &dyn Store, registration: &sessions::Registration, record: Option<i64>) {
+    let CatchUp::Needed { mut seen, upto } = registration.attach(record) else {
+        return;
+    };
+    const BATCH: u32 = 500;
+    while seen < upto {
+        match store.revocations_after(seen, BATCH).await {
+            Ok(batch) => {
+                if registration.apply(&batch) {
+                    return;
+                }
+                seen = batch.last().map_or(seen, |r| r.seq);
+                registration.checked_up_to(seen);
+                if batch.len() < BATCH as usize {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the revocation log for a new session");
+                registration.end(Stop::StoreDown);
+                return;
+            }
+        }
+    }
 }
 
 async fn relay_session(
@@ -500,6 +638,7 @@ async fn relay_session(
         session = session_id, vm_id = r.vm_id, user = %r.user_name, %client,
         node = %proxy.settings.node, "console session started"
     );
+    catch_up(proxy.store.as_ref(), &registration, session_id).await;
 
     let writer = tokio::sync::Mutex::new(writer);
     let (mut tcp_rx, mut tcp_tx) = tcp.into_split();

@@ -1,32 +1,51 @@
-//! The live sessions of this node, so a revocation can end them.
+//! The live sessions of this node, so that revocations and the inventory's
+//! re-checks can end them.
 //!
-//! Every proxy node polls the store for tokens revoked since its last look
-//! and ends the sessions opened with them. Polling works across processes
-//! and nodes sharing a database, and costs one small indexed query per
-//! interval however many sessions are live.
+//! Revocations are an ordered log in the store (see [`crate::store::Cause`]).
+//! A session remembers the last revocation its token's redemption saw; it is
+//! subject to every later one that matches its VM, user or session id. The
+//! table remembers the last revocation applied to it, so a session that
+//! joins after a revocation was applied catches up when it attaches its
+//! record ([`Registration::attach`]). No node's clock takes part.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::store::Store;
+use crate::inventory::{Grant, Lapse};
+use crate::store::{Cause, RecordedRevocation};
 
 /// Why the broker ended a session from outside the relay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stop {
-    Revoked,
+    /// A revocation in the store covers it.
+    Revoked(Cause),
+    /// The inventory's re-check found it may not go on.
+    Lapsed(Lapse),
     /// The server is shutting down and its drain time is over.
     Shutdown,
+    /// The revocation log could not be read for a new session, which then
+    /// does not run unchecked.
+    StoreDown,
 }
 
 struct Live {
-    token_id: i64,
     vm_id: i64,
     user: Arc<str>,
+    /// The last revocation the token's redemption saw.
+    seen: i64,
+    /// The session's row in the store, once recorded.
+    record: Option<i64>,
+    grant: Arc<Grant>,
     stop: watch::Sender<Option<Stop>>,
+}
+
+impl Live {
+    fn falls_under(&self, r: &RecordedRevocation) -> bool {
+        r.seq > self.seen && r.revocation.matches(self.vm_id, &self.user, self.record)
+    }
 }
 
 /// How many sessions may run at once on this node (0: no limit).
@@ -53,6 +72,19 @@ struct Table {
     live: HashMap<u64, Live>,
     per_vm: HashMap<i64, usize>,
     per_user: HashMap<Arc<str>, usize>,
+    /// The last revocation applied to every session in the table; `None`
+    /// until the watcher has looked.
+    applied: Option<i64>,
+}
+
+/// What a new session is, for the registry.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub vm_id: i64,
+    pub user: String,
+    /// The last revocation its token's redemption saw.
+    pub seen: i64,
+    pub grant: Grant,
 }
 
 /// The registry of live sessions on this node.
@@ -66,9 +98,23 @@ pub struct Sessions {
 /// Keeps a session registered; dropping it unregisters.
 pub struct Registration {
     id: u64,
+    /// The last revocation this session has been checked against.
+    checked: AtomicI64,
     sessions: Arc<Sessions>,
     /// Changes to `Some` when the session must end.
     pub stop: watch::Receiver<Option<Stop>>,
+}
+
+/// What [`Registration::attach`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CatchUp {
+    /// Nothing was applied to the table that this session has not seen.
+    Current,
+    /// Revocations after `seen` up to `upto` were applied before the session
+    /// joined (or, with `upto` at `i64::MAX`, the watcher has not looked
+    /// yet): the caller looks them up and hands them to
+    /// [`Registration::apply`].
+    Needed { seen: i64, upto: i64 },
 }
 
 impl Drop for Registration {
@@ -82,6 +128,64 @@ impl Drop for Registration {
     }
 }
 
+impl Registration {
+    /// Records the session's row id once it has one, so that ending it by id
+    /// works, and says whether it must catch up with revocations applied to
+    /// the table that it has not been checked against. Called right after
+    /// registering, and again with the record.
+    pub fn attach(&self, record: Option<i64>) -> CatchUp {
+        let Ok(mut t) = self.sessions.table.lock() else {
+            return CatchUp::Current;
+        };
+        if let Some(live) = t.live.get_mut(&self.id)
+            && record.is_some()
+        {
+            live.record = record;
+        }
+        let seen = self.checked.load(Ordering::Relaxed);
+        match t.applied {
+            Some(upto) if upto > seen => CatchUp::Needed { seen, upto },
+            Some(_) => CatchUp::Current,
+            // The watcher has not looked yet: the whole log after `seen`.
+            None => CatchUp::Needed {
+                seen,
+                upto: i64::MAX,
+            },
+        }
+    }
+
+    /// Notes that the session has been checked against the log up to `seq`.
+    pub fn checked_up_to(&self, seq: i64) {
+        self.checked.fetch_max(seq, Ordering::Relaxed);
+    }
+
+    /// Applies revocations to this session alone; true if one ends it.
+    pub fn apply(&self, revocations: &[RecordedRevocation]) -> bool {
+        let Ok(t) = self.sessions.table.lock() else {
+            return false;
+        };
+        let Some(live) = t.live.get(&self.id) else {
+            return false;
+        };
+        match revocations.iter().find(|r| live.falls_under(r)) {
+            Some(r) => {
+                let _ = live.stop.send(Some(Stop::Revoked(r.revocation.cause)));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Ends this session now.
+    pub fn end(&self, why: Stop) {
+        if let Ok(t) = self.sessions.table.lock()
+            && let Some(live) = t.live.get(&self.id)
+        {
+            let _ = live.stop.send(Some(why));
+        }
+    }
+}
+
 fn decrement<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, key: &K) {
     if let Some(n) = map.get_mut(key) {
         *n -= 1;
@@ -89,6 +193,13 @@ fn decrement<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, key: &K) {
             map.remove(key);
         }
     }
+}
+
+/// A live session as the re-check sees it.
+pub struct Snapshot {
+    pub id: u64,
+    pub vm_id: i64,
+    pub grant: Arc<Grant>,
 }
 
 impl Sessions {
@@ -100,12 +211,7 @@ impl Sessions {
     }
 
     /// Registers a new session unless it would break a limit.
-    pub fn register(
-        self: &Arc<Self>,
-        token_id: i64,
-        vm_id: i64,
-        user: &str,
-    ) -> Result<Registration, LimitHit> {
+    pub fn register(self: &Arc<Self>, entry: Entry) -> Result<Registration, LimitHit> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = watch::channel(None);
         let mut t = self.table.lock().map_err(|_| LimitHit::Total)?;
@@ -113,26 +219,30 @@ impl Sessions {
         if l.total > 0 && t.live.len() >= l.total {
             return Err(LimitHit::Total);
         }
-        if l.per_vm > 0 && t.per_vm.get(&vm_id).copied().unwrap_or(0) >= l.per_vm {
+        if l.per_vm > 0 && t.per_vm.get(&entry.vm_id).copied().unwrap_or(0) >= l.per_vm {
             return Err(LimitHit::Vm);
         }
-        if l.per_user > 0 && t.per_user.get(user).copied().unwrap_or(0) >= l.per_user {
+        if l.per_user > 0 && t.per_user.get(entry.user.as_str()).copied().unwrap_or(0) >= l.per_user
+        {
             return Err(LimitHit::User);
         }
-        let user: Arc<str> = Arc::from(user);
-        *t.per_vm.entry(vm_id).or_default() += 1;
+        let user: Arc<str> = Arc::from(entry.user.as_str());
+        *t.per_vm.entry(entry.vm_id).or_default() += 1;
         *t.per_user.entry(Arc::clone(&user)).or_default() += 1;
         t.live.insert(
             id,
             Live {
-                token_id,
-                vm_id,
+                vm_id: entry.vm_id,
                 user,
+                seen: entry.seen,
+                record: None,
+                grant: Arc::new(entry.grant),
                 stop: tx,
             },
         );
         Ok(Registration {
             id,
+            checked: AtomicI64::new(entry.seen),
             sessions: Arc::clone(self),
             stop: rx,
         })
@@ -142,19 +252,67 @@ impl Sessions {
         self.table.lock().map(|t| t.live.len()).unwrap_or(0)
     }
 
-    /// Ends every live session opened with one of `token_ids`; returns how
-    /// many were told to stop.
-    pub fn end_tokens(&self, token_ids: &[i64], why: Stop) -> usize {
-        let Ok(t) = self.table.lock() else {
+    /// The last revocation applied to the table, if the watcher has looked.
+    pub fn applied(&self) -> Option<i64> {
+        self.table.lock().ok().and_then(|t| t.applied)
+    }
+
+    /// The oldest revocation view among live sessions: the watcher, starting
+    /// afresh, must look from there so that none of them misses one.
+    pub fn oldest_seen(&self) -> Option<i64> {
+        let t = self.table.lock().ok()?;
+        t.live.values().map(|l| l.seen).min()
+    }
+
+    /// Applies revocations, oldest first, to every live session; the table
+    /// then counts as having seen everything up to `upto` (at least the last
+    /// seq given). Returns how many sessions were told to stop.
+    pub fn apply(&self, revocations: &[RecordedRevocation], upto: i64) -> usize {
+        let Ok(mut t) = self.table.lock() else {
             return 0;
         };
         let mut n = 0;
-        for s in t.live.values() {
-            if token_ids.contains(&s.token_id) && s.stop.send(Some(why)).is_ok() {
+        for live in t.live.values() {
+            if let Some(r) = revocations.iter().find(|r| live.falls_under(r))
+                && live
+                    .stop
+                    .send(Some(Stop::Revoked(r.revocation.cause)))
+                    .is_ok()
+            {
                 n += 1;
             }
         }
+        let last = revocations.iter().map(|r| r.seq).max().unwrap_or(upto);
+        t.applied = Some(t.applied.unwrap_or(i64::MIN).max(last).max(upto));
         n
+    }
+
+    /// The live sessions, grouped by VM, for the inventory's re-check.
+    pub fn by_vm(&self) -> Vec<(i64, Vec<Snapshot>)> {
+        let Ok(t) = self.table.lock() else {
+            return Vec::new();
+        };
+        let mut groups: HashMap<i64, Vec<Snapshot>> = HashMap::new();
+        for (id, live) in &t.live {
+            groups.entry(live.vm_id).or_default().push(Snapshot {
+                id: *id,
+                vm_id: live.vm_id,
+                grant: Arc::clone(&live.grant),
+            });
+        }
+        let mut out: Vec<_> = groups.into_iter().collect();
+        out.sort_by_key(|(vm, _)| *vm);
+        out
+    }
+
+    /// Ends one live session by its registry id; false if it is gone.
+    pub fn end(&self, id: u64, why: Stop) -> bool {
+        let Ok(t) = self.table.lock() else {
+            return false;
+        };
+        t.live
+            .get(&id)
+            .is_some_and(|l| l.stop.send(Some(why)).is_ok())
     }
 
     /// Ends every live session; returns how many were told to stop.
@@ -169,58 +327,28 @@ impl Sessions {
     }
 }
 
-/// Polls the store for revocations until the process ends: every `every`,
-/// and at once when the store signals a revocation (PostgreSQL's NOTIFY from
-/// any node). The periodic look covers a missed signal.
-pub async fn watch_revocations(sessions: Arc<Sessions>, store: Arc<dyn Store>, every: Duration) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let signal = store.revocation_signal();
-    // Armed before each look, so a signal that comes during one is kept.
-    let mut notified = signal.as_ref().map(|s| Box::pin(s.notified()));
-    // Revocation times are whole seconds, so each look reaches one second
-    // back; ending an already-ending session is harmless.
-    let mut since = crate::now_unix() - 1;
-    loop {
-        match (&signal, notified.as_mut()) {
-            (Some(signal), Some(armed)) => {
-                armed.as_mut().enable();
-                let signalled = tokio::select! {
-                    _ = tick.tick() => false,
-                    _ = armed.as_mut() => true,
-                };
-                if signalled {
-                    armed.set(signal.notified());
-                    armed.as_mut().enable();
-                }
-            }
-            _ => {
-                tick.tick().await;
-            }
-        }
-        if sessions.count() == 0 {
-            since = crate::now_unix() - 1;
-            continue;
-        }
-        let now = crate::now_unix();
-        match store.revoked_since(since).await {
-            Ok(ids) if !ids.is_empty() => {
-                let n = sessions.end_tokens(&ids, Stop::Revoked);
-                if n > 0 {
-                    tracing::info!(sessions = n, "ending sessions of revoked tokens");
-                }
-                since = now - 1;
-            }
-            Ok(_) => since = now - 1,
-            // Keep `since` so the next successful look covers the gap.
-            Err(e) => tracing::warn!(error = %e, "checking for revoked tokens failed"),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Revocation;
+
+    fn entry(vm_id: i64, user: &str, seen: i64) -> Entry {
+        Entry {
+            vm_id,
+            user: user.into(),
+            seen,
+            grant: Grant {
+                user: user.into(),
+                host: "127.0.0.1".into(),
+                port: 5900,
+                caller: None,
+            },
+        }
+    }
+
+    fn rev(seq: i64, r: Revocation) -> RecordedRevocation {
+        RecordedRevocation { seq, revocation: r }
+    }
 
     #[test]
     fn limits_per_node_vm_and_user() {
@@ -229,44 +357,117 @@ mod tests {
             per_vm: 2,
             per_user: 2,
         }));
-        let a = s.register(1, 7, "alice").unwrap();
-        let _b = s.register(2, 7, "bob").unwrap();
-        assert_eq!(s.register(3, 7, "carol").err(), Some(LimitHit::Vm));
-        let _c = s.register(4, 8, "alice").unwrap();
-        assert_eq!(s.register(5, 9, "dave").err(), Some(LimitHit::Total));
+        let a = s.register(entry(7, "alice", 0)).unwrap();
+        let _b = s.register(entry(7, "bob", 0)).unwrap();
+        assert_eq!(s.register(entry(7, "carol", 0)).err(), Some(LimitHit::Vm));
+        let _c = s.register(entry(8, "alice", 0)).unwrap();
+        assert_eq!(s.register(entry(9, "dave", 0)).err(), Some(LimitHit::Total));
         drop(a);
-        let _d = s.register(6, 9, "alice").unwrap();
-        assert_eq!(s.register(7, 10, "erin").err(), Some(LimitHit::Total));
+        let _d = s.register(entry(9, "alice", 0)).unwrap();
+        assert_eq!(
+            s.register(entry(10, "erin", 0)).err(),
+            Some(LimitHit::Total)
+        );
         assert_eq!(s.count(), 3);
         let u = Arc::new(Sessions::with_limits(Limits {
             per_user: 1,
             ..Limits::default()
         }));
-        let _e = u.register(1, 1, "alice").unwrap();
-        assert_eq!(u.register(2, 2, "alice").err(), Some(LimitHit::User));
-        assert!(u.register(3, 2, "bob").is_ok());
+        let _e = u.register(entry(1, "alice", 0)).unwrap();
+        assert_eq!(u.register(entry(2, "alice", 0)).err(), Some(LimitHit::User));
+        assert!(u.register(entry(2, "bob", 0)).is_ok());
     }
 
     #[test]
-    fn registration_lifecycle_and_targeted_stop() {
+    fn a_revocation_ends_the_sessions_it_matches_and_only_later_ones() {
         let s = Arc::new(Sessions::default());
-        let a = s.register(1, 7, "alice").unwrap();
-        let b = s.register(2, 7, "alice").unwrap();
-        assert_eq!(s.count(), 2);
-        assert_eq!(s.end_tokens(&[2, 3], Stop::Revoked), 1);
+        let old = s.register(entry(7, "alice", 4)).unwrap();
+        let other_vm = s.register(entry(8, "alice", 4)).unwrap();
+        // Redeemed after revocation 5 was recorded: not subject to it.
+        let newer = s.register(entry(7, "bob", 5)).unwrap();
+        let n = s.apply(&[rev(5, Revocation::vm(7, Cause::Revoked))], 5);
+        assert_eq!(n, 1);
+        assert_eq!(*old.stop.borrow(), Some(Stop::Revoked(Cause::Revoked)));
+        assert_eq!(*other_vm.stop.borrow(), None);
+        assert_eq!(*newer.stop.borrow(), None);
+        assert_eq!(s.applied(), Some(5));
+
+        let by_user = Revocation::user("bob", Some(7), Cause::AccessRemoved);
+        assert_eq!(s.apply(&[rev(6, by_user)], 6), 1);
+        assert_eq!(
+            *newer.stop.borrow(),
+            Some(Stop::Revoked(Cause::AccessRemoved))
+        );
+        assert_eq!(*other_vm.stop.borrow(), None);
+    }
+
+    #[test]
+    fn ending_one_session_needs_its_record() {
+        let s = Arc::new(Sessions::default());
+        let a = s.register(entry(7, "alice", 0)).unwrap();
+        let b = s.register(entry(7, "alice", 0)).unwrap();
+        // Before the watcher's first look, a session reads the log itself.
+        assert_eq!(
+            a.attach(Some(100)),
+            CatchUp::Needed {
+                seen: 0,
+                upto: i64::MAX
+            }
+        );
+        s.apply(&[], 0);
+        assert_eq!(a.attach(Some(100)), CatchUp::Current);
+        assert_eq!(b.attach(Some(101)), CatchUp::Current);
+        let one = Revocation {
+            vm_id: Some(7),
+            user: Some("alice".into()),
+            session_id: Some(101),
+            cause: Cause::SessionEnded,
+        };
+        assert_eq!(s.apply(&[rev(1, one)], 1), 1);
         assert_eq!(*a.stop.borrow(), None);
-        assert_eq!(*b.stop.borrow(), Some(Stop::Revoked));
-        drop(a);
-        assert_eq!(s.count(), 1);
-        drop(b);
+        assert_eq!(*b.stop.borrow(), Some(Stop::Revoked(Cause::SessionEnded)));
+    }
+
+    #[test]
+    fn a_session_that_joins_after_a_revocation_was_applied_catches_up() {
+        let s = Arc::new(Sessions::default());
+        let _other = s.register(entry(1, "carol", 0)).unwrap();
+        // Redeemed when the last revocation was 3; the watcher then applies
+        // 4 (for this VM) before the session registers.
+        s.apply(&[rev(4, Revocation::vm(7, Cause::Revoked))], 4);
+        let late = s.register(entry(7, "alice", 3)).unwrap();
+        assert_eq!(*late.stop.borrow(), None);
+        let need = late.attach(Some(9));
+        assert_eq!(need, CatchUp::Needed { seen: 3, upto: 4 });
+        assert!(late.apply(&[rev(4, Revocation::vm(7, Cause::Revoked))]));
+        assert_eq!(*late.stop.borrow(), Some(Stop::Revoked(Cause::Revoked)));
+        // One that saw 4 has nothing to catch up on.
+        let current = s.register(entry(7, "alice", 4)).unwrap();
+        assert_eq!(current.attach(Some(10)), CatchUp::Current);
+    }
+
+    #[test]
+    fn registration_lifecycle_and_grouping() {
+        let s = Arc::new(Sessions::default());
+        let a = s.register(entry(7, "alice", 0)).unwrap();
+        let b = s.register(entry(7, "bob", 0)).unwrap();
+        let c = s.register(entry(9, "bob", 0)).unwrap();
+        let groups = s.by_vm();
+        assert_eq!(groups.len(), 2);
+        assert_eq!(groups[0].0, 7);
+        assert_eq!(groups[0].1.len(), 2);
+        assert!(s.end(groups[1].1[0].id, Stop::Lapsed(Lapse::VmMoved)));
+        assert_eq!(*c.stop.borrow(), Some(Stop::Lapsed(Lapse::VmMoved)));
+        drop((a, b, c));
         assert_eq!(s.count(), 0);
+        assert!(s.by_vm().is_empty());
     }
 
     #[test]
     fn end_all_stops_every_live_session() {
         let s = Arc::new(Sessions::default());
-        let a = s.register(1, 7, "alice").unwrap();
-        let b = s.register(2, 8, "bob").unwrap();
+        let a = s.register(entry(7, "alice", 0)).unwrap();
+        let b = s.register(entry(8, "bob", 0)).unwrap();
         assert_eq!(s.end_all(Stop::Shutdown), 2);
         assert_eq!(*a.stop.borrow(), Some(Stop::Shutdown));
         assert_eq!(*b.stop.borrow(), Some(Stop::Shutdown));

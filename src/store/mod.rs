@@ -55,6 +55,9 @@ pub struct NewToken {
     pub created_at: i64,
     pub expires_at: i64,
     pub single_use: bool,
+    /// The caller's session string, sealed, for inventories that re-check
+    /// live sessions with the caller's own rights.
+    pub caller_session: Option<String>,
 }
 
 /// A user of the local registry.
@@ -103,6 +106,12 @@ pub struct Redemption {
     pub vnc_password: Option<String>,
     pub user_name: String,
     pub expires_at: i64,
+    /// The caller's session string, sealed, where the inventory re-checks
+    /// live sessions with it.
+    pub caller_session: Option<String>,
+    /// The last revocation the store had recorded when the token was
+    /// redeemed: the session is subject to every later one.
+    pub revocation_seq: i64,
 }
 
 impl std::fmt::Debug for Redemption {
@@ -117,8 +126,175 @@ impl std::fmt::Debug for Redemption {
             .field("vnc_password", &self.vnc_password.as_ref().map(|_| "<set>"))
             .field("user_name", &self.user_name)
             .field("expires_at", &self.expires_at)
+            .field(
+                "caller_session",
+                &self.caller_session.as_ref().map(|_| "<set>"),
+            )
+            .field("revocation_seq", &self.revocation_seq)
             .finish()
     }
+}
+
+/// Why console access was withdrawn; each cause gives the session its own
+/// close reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// The VM's console tokens were revoked through an API.
+    Revoked,
+    /// One session was ended by an administrator or its owner.
+    SessionEnded,
+    /// The VM was removed from the registry.
+    VmRemoved,
+    /// The VM's console moved or its VNC password changed.
+    VmChanged,
+    /// The user was removed.
+    UserRemoved,
+    /// The user may no longer open this VM's console.
+    AccessRemoved,
+}
+
+impl Cause {
+    /// The form stored in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::Revoked => "revoked",
+            Cause::SessionEnded => "session ended",
+            Cause::VmRemoved => "vm removed",
+            Cause::VmChanged => "vm changed",
+            Cause::UserRemoved => "user removed",
+            Cause::AccessRemoved => "access removed",
+        }
+    }
+
+    /// Reads the stored form; one this version does not know is taken as a
+    /// plain revocation, so a session still ends.
+    pub fn parse(s: &str) -> Cause {
+        [
+            Cause::Revoked,
+            Cause::SessionEnded,
+            Cause::VmRemoved,
+            Cause::VmChanged,
+            Cause::UserRemoved,
+            Cause::AccessRemoved,
+        ]
+        .into_iter()
+        .find(|c| c.as_str() == s)
+        .unwrap_or(Cause::Revoked)
+    }
+}
+
+/// A revocation to record. Every field that is set must match a session for
+/// it to end; with `session_id` unset, the matching tokens are revoked too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revocation {
+    pub vm_id: Option<i64>,
+    pub user: Option<String>,
+    pub session_id: Option<i64>,
+    pub cause: Cause,
+}
+
+impl Revocation {
+    /// Every session of a VM, and its tokens.
+    pub fn vm(vm_id: i64, cause: Cause) -> Revocation {
+        Revocation {
+            vm_id: Some(vm_id),
+            user: None,
+            session_id: None,
+            cause,
+        }
+    }
+
+    /// A user's sessions and tokens, on one VM or on all.
+    pub fn user(user: &str, vm_id: Option<i64>, cause: Cause) -> Revocation {
+        Revocation {
+            vm_id,
+            user: Some(user.to_owned()),
+            session_id: None,
+            cause,
+        }
+    }
+
+    /// One recorded session.
+    pub fn session(record: &SessionRecord) -> Revocation {
+        Revocation {
+            vm_id: Some(record.vm_id),
+            user: Some(record.user.clone()),
+            session_id: Some(record.id),
+            cause: Cause::SessionEnded,
+        }
+    }
+
+    /// Whether a live session of `vm_id` by `user`, recorded as `session_id`,
+    /// falls under this revocation.
+    pub fn matches(&self, vm_id: i64, user: &str, session_id: Option<i64>) -> bool {
+        self.vm_id.is_none_or(|v| v == vm_id)
+            && self.user.as_deref().is_none_or(|u| u == user)
+            && self.session_id.is_none_or(|s| session_id == Some(s))
+    }
+}
+
+/// A recorded revocation, in the order the database gave it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedRevocation {
+    pub seq: i64,
+    pub revocation: Revocation,
+}
+
+/// What recording a revocation did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Revoked {
+    /// Its place in the revocation order.
+    #[serde(skip)]
+    pub seq: i64,
+    /// Tokens that could still have opened a console and no longer can.
+    pub tokens: u64,
+    /// Sessions recorded as live that it ends, on every node.
+    pub sessions: u64,
+}
+
+impl Revoked {
+    /// Two revocations recorded together: the later seq, the sums.
+    pub fn and(self, other: Revoked) -> Revoked {
+        Revoked {
+            seq: self.seq.max(other.seq),
+            tokens: self.tokens + other.tokens,
+            sessions: self.sessions + other.sessions,
+        }
+    }
+}
+
+/// A revocation must name what it ends: one with no field set would end
+/// every session everywhere, which no caller means.
+pub(crate) fn check_scope(r: &Revocation) -> Result<(), StoreError> {
+    if r.vm_id.is_none() && r.user.is_none() && r.session_id.is_none() {
+        return Err(StoreError::Internal(
+            "a revocation must name a VM, a user or a session".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The revocations that changing a VM from `old` to `new` calls for: a new
+/// console (host, port or password) ends every session of the VM; otherwise
+/// each user who was owner or allowed and is neither any more loses theirs.
+/// Backends skip the users who are admins, whom the change does not affect.
+pub(crate) fn withdrawn(old: &Vm, new: &Vm) -> Vec<Revocation> {
+    if old.vnc_host != new.vnc_host
+        || old.vnc_port != new.vnc_port
+        || old.vnc_password != new.vnc_password
+    {
+        return vec![Revocation::vm(new.id, Cause::VmChanged)];
+    }
+    let keeps = |u: &String| *u == new.owner || new.allowed.contains(u);
+    let mut lost: Vec<&String> = std::iter::once(&old.owner)
+        .chain(old.allowed.iter())
+        .filter(|u| !keeps(u))
+        .collect();
+    lost.sort();
+    lost.dedup();
+    lost.into_iter()
+        .map(|u| Revocation::user(u, Some(new.id), Cause::AccessRemoved))
+        .collect()
 }
 
 /// A proxied session as it starts.
@@ -172,19 +348,29 @@ pub struct SessionFilter {
 pub trait Store: Send + Sync {
     /// Stores a minted token; [`StoreError::Conflict`] if its hash exists.
     async fn insert_token(&self, token: &NewToken) -> Result<i64, StoreError>;
-    /// Revokes every live token of a VM and returns how many.
-    async fn revoke_vm_tokens(&self, vm_id: i64, now: i64) -> Result<u64, StoreError>;
-    /// Deletes tokens that expired at or before `before`, or were revoked
-    /// more than a grace period before it; returns how many.
+    /// Records a revocation, revokes the tokens it covers and counts the live
+    /// sessions it ends, in one transaction.
+    async fn revoke(&self, r: &Revocation) -> Result<Revoked, StoreError>;
+    /// Deletes tokens that expired at or before `before`, and revoked ones
+    /// (the revocation log, not the token, ends sessions); returns how many.
     async fn purge_expired(&self, before: i64) -> Result<u64, StoreError>;
     /// Redeems a token for a new session, atomically: `None` if it is
     /// unknown, expired, revoked, or single-use and already used. Of several
-    /// concurrent redemptions of a single-use token, exactly one wins.
+    /// concurrent redemptions of a single-use token, exactly one wins. The
+    /// answer carries the last revocation seq recorded before it.
     async fn redeem(&self, hash: &TokenHash, now: i64) -> Result<Option<Redemption>, StoreError>;
-    /// Ids of tokens revoked at or after `since` (by an API call, or because
-    /// their VM was removed). Proxies poll it to end live sessions; revocations
-    /// are rare, so the answer is small.
-    async fn revoked_since(&self, since: i64) -> Result<Vec<i64>, StoreError>;
+    /// Revocations after `seq`, oldest first, at most `limit`. Proxies poll
+    /// it to end live sessions; revocations are rare, so the answer is small.
+    async fn revocations_after(
+        &self,
+        seq: i64,
+        limit: u32,
+    ) -> Result<Vec<RecordedRevocation>, StoreError>;
+    /// The seq of the newest revocation (0 if none).
+    async fn last_revocation(&self) -> Result<i64, StoreError>;
+    /// Deletes revocations recorded before `before` (Unix time); returns how
+    /// many.
+    async fn purge_revocations(&self, before: i64) -> Result<u64, StoreError>;
 
     /// Records the start of a proxied session; returns its id.
     async fn open_session(&self, session: &NewSession) -> Result<i64, StoreError>;
@@ -196,6 +382,8 @@ pub trait Store: Send + Sync {
     async fn close_orphaned_sessions(&self, node: &str, now: i64) -> Result<u64, StoreError>;
     /// Lists recorded sessions, newest first.
     async fn sessions(&self, filter: &SessionFilter) -> Result<Vec<SessionRecord>, StoreError>;
+    /// One recorded session.
+    async fn session(&self, id: i64) -> Result<Option<SessionRecord>, StoreError>;
 
     async fn add_user(
         &self,
@@ -205,14 +393,26 @@ pub trait Store: Send + Sync {
     ) -> Result<i64, StoreError>;
     async fn user(&self, name: &str) -> Result<Option<User>, StoreError>;
     async fn users(&self) -> Result<Vec<User>, StoreError>;
+    /// Replaces a user's password hash; false if there is no such user.
+    async fn set_password(&self, name: &str, password_hash: &str) -> Result<bool, StoreError>;
+    /// Removes a user, revoking their tokens and ending their sessions;
+    /// `None` if there was none. A user who owns VMs is a
+    /// [`StoreError::Conflict`]: their VMs need another owner first.
+    async fn remove_user(&self, name: &str) -> Result<Option<Revoked>, StoreError>;
 
     /// Adds a VM; the owner and allowed users must exist.
     async fn add_vm(&self, vm: &Vm) -> Result<(), StoreError>;
     async fn vm(&self, id: i64) -> Result<Option<Vm>, StoreError>;
     async fn vms(&self) -> Result<Vec<Vm>, StoreError>;
-    /// Removes a VM and revokes its tokens (the purge deletes them soon
-    /// after); false if there was none.
-    async fn remove_vm(&self, id: i64) -> Result<bool, StoreError>;
+    /// Replaces a VM's settings and allowed users. In the same transaction,
+    /// a changed console (host, port or VNC password) ends every session of
+    /// the VM and revokes its tokens, and each user who lost access (not an
+    /// admin, no longer owner nor allowed) loses their sessions and tokens
+    /// on it. `None` if there is no such VM.
+    async fn update_vm(&self, vm: &Vm) -> Result<Option<Revoked>, StoreError>;
+    /// Removes a VM, revokes its tokens (the purge deletes them soon after)
+    /// and ends its sessions; `None` if there was none.
+    async fn remove_vm(&self, id: i64) -> Result<Option<Revoked>, StoreError>;
 
     /// Woken whenever any node revokes tokens, if the backend can tell
     /// (PostgreSQL's `NOTIFY`). Proxies still look periodically, so a missed
@@ -224,10 +424,7 @@ pub trait Store: Send + Sync {
     /// Deletes recorded sessions that ended before `before` (live sessions
     /// are kept whatever their age); returns how many. The session
     /// retention (`[sessions] retention_days`) calls it periodically.
-    async fn purge_sessions(&self, before: i64) -> Result<u64, StoreError> {
-        let _ = before;
-        Ok(0)
-    }
+    async fn purge_sessions(&self, before: i64) -> Result<u64, StoreError>;
 
     /// One VM's sealed VNC password, if any VM has one: the key check at
     /// start opens it, and a database holding one never gets a new key.

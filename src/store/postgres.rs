@@ -38,22 +38,27 @@ use tokio_postgres::{AsyncMessage, Row};
 
 use super::conninfo::{ConnInfo, SslMode};
 use super::pgtls::{self, Connector};
-use super::sqlite::REVOKED_GRACE_SECS;
 use super::{
-    NewSession, NewToken, Redemption, SessionEnd, SessionFilter, SessionRecord, Store, StoreError,
-    User, Vm,
+    Cause, NewSession, NewToken, RecordedRevocation, Redemption, Revocation, Revoked, SessionEnd,
+    SessionFilter, SessionRecord, Store, StoreError, User, Vm,
 };
 use crate::token::TokenHash;
 
 /// Versioned migrations, applied in order; `schema_migrations` records the
 /// ones applied.
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/postgres/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../migrations/postgres/0001_init.sql")),
+    (
+        2,
+        include_str!("../../migrations/postgres/0002_revocations.sql"),
+    ),
+];
 
 /// The advisory lock that serialises migrations of nodes starting at once
 /// ("vncbrokr" in ASCII).
 const MIGRATION_LOCK: i64 = 0x766e_6362_726f_6b72;
 
-/// The channel revocations are announced on; the payload is the VM id.
+/// The channel revocations are announced on; the payload is the seq.
 pub const REVOCATION_CHANNEL: &str = "vncbroker_revoked";
 
 /// Connections per node.
@@ -455,6 +460,105 @@ fn vm_row(r: &Row) -> Result<Vm, StoreError> {
     })
 }
 
+fn session_row(r: &Row) -> SessionRecord {
+    SessionRecord {
+        id: r.get(0),
+        vm_id: r.get(1),
+        user: r.get(2),
+        client_addr: r.get(3),
+        node: r.get(4),
+        started_at: r.get(5),
+        ended_at: r.get(6),
+        bytes_to_client: r.get::<_, i64>(7).max(0) as u64,
+        bytes_to_server: r.get::<_, i64>(8).max(0) as u64,
+        close_reason: r.get(9),
+    }
+}
+
+async fn insert_allowed(
+    tx: &tokio_postgres::Transaction<'_>,
+    vm_id: i64,
+    allowed: &[String],
+) -> Result<(), StoreError> {
+    for name in allowed {
+        let uid: i64 = tx
+            .query_opt("SELECT id FROM users WHERE name = $1", &[name])
+            .await
+            .map_err(pg_err)?
+            .ok_or_else(|| StoreError::NotFound(format!("user {name:?}")))?
+            .get(0);
+        tx.execute(
+            "INSERT INTO vm_users (vm_id, user_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            &[&vm_id, &uid],
+        )
+        .await
+        .map_err(pg_err)?;
+    }
+    Ok(())
+}
+
+/// Records `r` inside the caller's transaction: revokes the tokens it
+/// covers, counts the live sessions it ends, appends it to the log and
+/// announces it to every listening node at commit. The table lock makes
+/// revocations commit in seq order, so a reader that has seen seq N has
+/// seen every revocation before it. Times are the database's.
+async fn record_revocation(
+    tx: &tokio_postgres::Transaction<'_>,
+    r: &Revocation,
+) -> Result<Revoked, StoreError> {
+    super::check_scope(r)?;
+    tx.batch_execute("LOCK TABLE revocations IN SHARE ROW EXCLUSIVE MODE")
+        .await
+        .map_err(pg_err)?;
+    let mut tokens = 0u64;
+    if r.session_id.is_none() {
+        let rows = tx
+            .query(
+                "WITH now AS (SELECT extract(epoch FROM now())::BIGINT AS t)
+                 UPDATE tokens SET revoked_at = (SELECT t FROM now)
+                 WHERE revoked_at IS NULL AND ($1::BIGINT IS NULL OR vm_id = $1)
+                   AND ($2::TEXT IS NULL OR user_name = $2)
+                 RETURNING expires_at > (SELECT t FROM now)
+                           AND NOT (single_use AND used_at IS NOT NULL)",
+                &[&r.vm_id, &r.user],
+            )
+            .await
+            .map_err(pg_err)?;
+        tokens = rows.iter().filter(|row| row.get::<_, bool>(0)).count() as u64;
+    }
+    let sessions: i64 = tx
+        .query_one(
+            "SELECT count(*) FROM sessions
+             WHERE ended_at IS NULL AND ($1::BIGINT IS NULL OR vm_id = $1)
+               AND ($2::TEXT IS NULL OR user_name = $2) AND ($3::BIGINT IS NULL OR id = $3)",
+            &[&r.vm_id, &r.user, &r.session_id],
+        )
+        .await
+        .map_err(pg_err)?
+        .get(0);
+    let seq: i64 = tx
+        .query_one(
+            "INSERT INTO revocations (vm_id, user_name, session_id, reason)
+             VALUES ($1, $2, $3, $4) RETURNING seq",
+            &[&r.vm_id, &r.user, &r.session_id, &r.cause.as_str()],
+        )
+        .await
+        .map_err(pg_err)?
+        .get(0);
+    // Delivered at commit, to every node listening.
+    tx.execute(
+        "SELECT pg_notify($1, $2)",
+        &[&REVOCATION_CHANNEL, &seq.to_string()],
+    )
+    .await
+    .map_err(pg_err)?;
+    Ok(Revoked {
+        seq,
+        tokens,
+        sessions: sessions.max(0) as u64,
+    })
+}
+
 fn user_row(r: &Row) -> User {
     User {
         id: r.get(0),
@@ -471,8 +575,9 @@ impl Store for PgStore {
             let st = c
                 .prepare_cached(
                     "INSERT INTO tokens (token_hash, vm_id, target_host, target_port, vnc_password,
-                                         user_name, created_at, expires_at, single_use)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
+                                         user_name, created_at, expires_at, single_use,
+                                         caller_session)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
                 )
                 .await
                 .map_err(pg_err)?;
@@ -489,6 +594,7 @@ impl Store for PgStore {
                         &t.created_at,
                         &t.expires_at,
                         &t.single_use,
+                        &t.caller_session,
                     ],
                 )
                 .await
@@ -497,41 +603,24 @@ impl Store for PgStore {
         })
     }
 
-    async fn revoke_vm_tokens(&self, vm_id: i64, now: i64) -> Result<u64, StoreError> {
+    async fn revoke(&self, r: &Revocation) -> Result<Revoked, StoreError> {
         with_conn!(self, |c| {
             let tx = c.transaction().await.map_err(pg_err)?;
-            let st = tx
-                .prepare_cached(
-                    "UPDATE tokens SET revoked_at = $2
-                     WHERE vm_id = $1 AND revoked_at IS NULL AND expires_at > $2
-                       AND NOT (single_use AND used_at IS NOT NULL)",
-                )
-                .await
-                .map_err(pg_err)?;
-            let n = tx.execute(&st, &[&vm_id, &now]).await.map_err(pg_err)?;
-            if n > 0 {
-                // Delivered at commit, to every node listening.
-                tx.execute(
-                    "SELECT pg_notify($1, $2)",
-                    &[&REVOCATION_CHANNEL, &vm_id.to_string()],
-                )
-                .await
-                .map_err(pg_err)?;
-            }
+            let done = record_revocation(&tx, r).await?;
             tx.commit().await.map_err(pg_err)?;
-            Ok(n)
+            Ok(done)
         })
     }
 
     async fn purge_expired(&self, before: i64) -> Result<u64, StoreError> {
         with_conn!(self, |c| {
             let st = c
-                .prepare_cached("DELETE FROM tokens WHERE expires_at <= $1 OR revoked_at <= $2")
+                .prepare_cached(
+                    "DELETE FROM tokens WHERE expires_at <= $1 OR revoked_at IS NOT NULL",
+                )
                 .await
                 .map_err(pg_err)?;
-            c.execute(&st, &[&before, &before.saturating_sub(REVOKED_GRACE_SECS)])
-                .await
-                .map_err(pg_err)
+            c.execute(&st, &[&before]).await.map_err(pg_err)
         })
     }
 
@@ -540,13 +629,17 @@ impl Store for PgStore {
             // One statement: of concurrent redemptions of a single-use token,
             // the first to lock the row wins; the others re-check the
             // condition on the updated row and match nothing.
+            // The revocation seq is read in the statement's snapshot, before
+            // the row is taken: a revocation committed later has a later seq
+            // and applies to the session.
             let st = c
                 .prepare_cached(
-                    "UPDATE tokens SET used_at = COALESCE(used_at, $2)
+                    "WITH seen AS (SELECT COALESCE(max(seq), 0)::BIGINT AS seq FROM revocations)
+                     UPDATE tokens SET used_at = COALESCE(used_at, $2)
                      WHERE token_hash = $1 AND revoked_at IS NULL AND expires_at > $2
                        AND (NOT single_use OR used_at IS NULL)
                      RETURNING id, vm_id, target_host, target_port, vnc_password, user_name,
-                               expires_at",
+                               expires_at, caller_session, (SELECT seq FROM seen)",
                 )
                 .await
                 .map_err(pg_err)?;
@@ -566,18 +659,59 @@ impl Store for PgStore {
                 vnc_password: r.get(4),
                 user_name: r.get(5),
                 expires_at: r.get(6),
+                caller_session: r.get(7),
+                revocation_seq: r.get(8),
             }))
         })
     }
 
-    async fn revoked_since(&self, since: i64) -> Result<Vec<i64>, StoreError> {
+    async fn revocations_after(
+        &self,
+        seq: i64,
+        limit: u32,
+    ) -> Result<Vec<RecordedRevocation>, StoreError> {
         with_conn!(self, |c| {
             let st = c
-                .prepare_cached("SELECT id FROM tokens WHERE revoked_at >= $1 ORDER BY id")
+                .prepare_cached(
+                    "SELECT seq, vm_id, user_name, session_id, reason FROM revocations
+                     WHERE seq > $1 ORDER BY seq LIMIT $2",
+                )
                 .await
                 .map_err(pg_err)?;
-            let rows = c.query(&st, &[&since]).await.map_err(pg_err)?;
-            Ok(rows.iter().map(|r| r.get(0)).collect())
+            let rows = c
+                .query(&st, &[&seq, &i64::from(limit)])
+                .await
+                .map_err(pg_err)?;
+            Ok(rows
+                .iter()
+                .map(|r| RecordedRevocation {
+                    seq: r.get(0),
+                    revocation: Revocation {
+                        vm_id: r.get(1),
+                        user: r.get(2),
+                        session_id: r.get(3),
+                        cause: Cause::parse(r.get(4)),
+                    },
+                })
+                .collect())
+        })
+    }
+
+    async fn last_revocation(&self) -> Result<i64, StoreError> {
+        with_conn!(self, |c| {
+            let row = c
+                .query_one("SELECT COALESCE(max(seq), 0)::BIGINT FROM revocations", &[])
+                .await
+                .map_err(pg_err)?;
+            Ok(row.get(0))
+        })
+    }
+
+    async fn purge_revocations(&self, before: i64) -> Result<u64, StoreError> {
+        with_conn!(self, |c| {
+            c.execute("DELETE FROM revocations WHERE created_at < $1", &[&before])
+                .await
+                .map_err(pg_err)
         })
     }
 
@@ -652,21 +786,25 @@ impl Store for PgStore {
                 .query(&st, &[&f.vm_id, &f.user, &f.since, &i64::from(f.limit)])
                 .await
                 .map_err(pg_err)?;
-            Ok(rows
-                .iter()
-                .map(|r| SessionRecord {
-                    id: r.get(0),
-                    vm_id: r.get(1),
-                    user: r.get(2),
-                    client_addr: r.get(3),
-                    node: r.get(4),
-                    started_at: r.get(5),
-                    ended_at: r.get(6),
-                    bytes_to_client: r.get::<_, i64>(7).max(0) as u64,
-                    bytes_to_server: r.get::<_, i64>(8).max(0) as u64,
-                    close_reason: r.get(9),
-                })
-                .collect())
+            Ok(rows.iter().map(session_row).collect())
+        })
+    }
+
+    async fn session(&self, id: i64) -> Result<Option<SessionRecord>, StoreError> {
+        with_conn!(self, |c| {
+            let st = c
+                .prepare_cached(
+                    "SELECT id, vm_id, user_name, client_addr, node, started_at, ended_at,
+                            bytes_to_client, bytes_to_server, close_reason
+                     FROM sessions WHERE id = $1",
+                )
+                .await
+                .map_err(pg_err)?;
+            Ok(c.query_opt(&st, &[&id])
+                .await
+                .map_err(pg_err)?
+                .as_ref()
+                .map(session_row))
         })
     }
 
@@ -750,6 +888,55 @@ impl Store for PgStore {
         })
     }
 
+    async fn set_password(&self, name: &str, hash: &str) -> Result<bool, StoreError> {
+        with_conn!(self, |c| {
+            let n = c
+                .execute(
+                    "UPDATE users SET password_hash = $2 WHERE name = $1",
+                    &[&name, &hash],
+                )
+                .await
+                .map_err(pg_err)?;
+            Ok(n > 0)
+        })
+    }
+
+    async fn remove_user(&self, name: &str) -> Result<Option<Revoked>, StoreError> {
+        with_conn!(self, |c| {
+            let tx = c.transaction().await.map_err(pg_err)?;
+            let Some(uid) = tx
+                .query_opt("SELECT id FROM users WHERE name = $1 FOR UPDATE", &[&name])
+                .await
+                .map_err(pg_err)?
+                .map(|r| r.get::<_, i64>(0))
+            else {
+                return Ok(None);
+            };
+            let owned: Vec<i64> = tx
+                .query(
+                    "SELECT id FROM vms WHERE owner_id = $1 ORDER BY id",
+                    &[&uid],
+                )
+                .await
+                .map_err(pg_err)?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            if !owned.is_empty() {
+                return Err(StoreError::Conflict(format!(
+                    "user {name:?} owns VMs {owned:?}: remove them or give them another owner first"
+                )));
+            }
+            let done =
+                record_revocation(&tx, &Revocation::user(name, None, Cause::UserRemoved)).await?;
+            tx.execute("DELETE FROM users WHERE id = $1", &[&uid])
+                .await
+                .map_err(pg_err)?;
+            tx.commit().await.map_err(pg_err)?;
+            Ok(Some(done))
+        })
+    }
+
     async fn add_vm(&self, vm: &Vm) -> Result<(), StoreError> {
         let now = crate::now_unix();
         with_conn!(self, |c| {
@@ -782,21 +969,66 @@ impl Store for PgStore {
                 StoreError::Conflict(_) => StoreError::Conflict(format!("vm {}", vm.id)),
                 other => other,
             })?;
-            for name in &vm.allowed {
-                let uid: i64 = tx
-                    .query_opt(&user_id, &[name])
-                    .await
-                    .map_err(pg_err)?
-                    .ok_or_else(|| StoreError::NotFound(format!("user {name:?}")))?
-                    .get(0);
-                tx.execute(
-                    "INSERT INTO vm_users (vm_id, user_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-                    &[&vm.id, &uid],
+            insert_allowed(&tx, vm.id, &vm.allowed).await?;
+            tx.commit().await.map_err(pg_err)
+        })
+    }
+
+    async fn update_vm(&self, vm: &Vm) -> Result<Option<Revoked>, StoreError> {
+        with_conn!(self, |c| {
+            let tx = c.transaction().await.map_err(pg_err)?;
+            let Some(old) = tx
+                .query_opt(
+                    &format!("{VM_COLUMNS} WHERE v.id = $1 FOR UPDATE OF v"),
+                    &[&vm.id],
                 )
                 .await
+                .map_err(pg_err)?
+            else {
+                return Ok(None);
+            };
+            let old = vm_row(&old)?;
+            let owner: i64 = tx
+                .query_opt("SELECT id FROM users WHERE name = $1", &[&vm.owner])
+                .await
+                .map_err(pg_err)?
+                .ok_or_else(|| StoreError::NotFound(format!("user {:?}", vm.owner)))?
+                .get(0);
+            tx.execute(
+                "UPDATE vms SET name = $2, vnc_host = $3, vnc_port = $4, vnc_password = $5,
+                                owner_id = $6
+                 WHERE id = $1",
+                &[
+                    &vm.id,
+                    &vm.name,
+                    &vm.vnc_host,
+                    &i32::from(vm.vnc_port),
+                    &vm.vnc_password,
+                    &owner,
+                ],
+            )
+            .await
+            .map_err(pg_err)?;
+            tx.execute("DELETE FROM vm_users WHERE vm_id = $1", &[&vm.id])
+                .await
                 .map_err(pg_err)?;
+            insert_allowed(&tx, vm.id, &vm.allowed).await?;
+            let mut done = Revoked::default();
+            for r in super::withdrawn(&old, vm) {
+                if let Some(user) = &r.user {
+                    let admin = tx
+                        .query_opt("SELECT admin FROM users WHERE name = $1", &[user])
+                        .await
+                        .map_err(pg_err)?
+                        .is_some_and(|row| row.get::<_, bool>(0));
+                    if admin {
+                        continue;
+                    }
+                }
+                done = done.and(record_revocation(&tx, &r).await?);
             }
-            tx.commit().await.map_err(pg_err)
+            tx.commit().await.map_err(pg_err)?;
+            Ok(Some(done))
         })
     }
 
@@ -824,31 +1056,19 @@ impl Store for PgStore {
         })
     }
 
-    async fn remove_vm(&self, id: i64) -> Result<bool, StoreError> {
-        let now = crate::now_unix();
+    async fn remove_vm(&self, id: i64) -> Result<Option<Revoked>, StoreError> {
         with_conn!(self, |c| {
             let tx = c.transaction().await.map_err(pg_err)?;
-            let revoked = tx
-                .execute(
-                    "UPDATE tokens SET revoked_at = $2 WHERE vm_id = $1 AND revoked_at IS NULL",
-                    &[&id, &now],
-                )
-                .await
-                .map_err(pg_err)?;
             let removed = tx
                 .execute("DELETE FROM vms WHERE id = $1", &[&id])
                 .await
                 .map_err(pg_err)?;
-            if revoked > 0 {
-                tx.execute(
-                    "SELECT pg_notify($1, $2)",
-                    &[&REVOCATION_CHANNEL, &id.to_string()],
-                )
-                .await
-                .map_err(pg_err)?;
+            if removed == 0 {
+                return Ok(None);
             }
+            let done = record_revocation(&tx, &Revocation::vm(id, Cause::VmRemoved)).await?;
             tx.commit().await.map_err(pg_err)?;
-            Ok(removed > 0)
+            Ok(Some(done))
         })
     }
 
@@ -1077,7 +1297,7 @@ mod tests {
             .await
             .unwrap();
         let versions: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
-        assert_eq!(versions, vec![1]);
+        assert_eq!(versions, vec![1, 2]);
         // Pooled connections carry the statement timeout.
         let timeout: String = c
             .query_one("SHOW statement_timeout", &[])

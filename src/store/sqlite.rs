@@ -11,20 +11,22 @@ use async_trait::async_trait;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 
 use super::{
-    NewSession, NewToken, Redemption, SessionEnd, SessionFilter, SessionRecord, Store, StoreError,
-    User, Vm,
+    Cause, NewSession, NewToken, RecordedRevocation, Redemption, Revocation, Revoked, SessionEnd,
+    SessionFilter, SessionRecord, Store, StoreError, User, Vm,
 };
 use crate::token::TokenHash;
 
 /// Versioned migrations, applied in order; `PRAGMA user_version` records the
 /// last one applied.
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/sqlite/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../migrations/sqlite/0001_init.sql")),
+    (
+        2,
+        include_str!("../../migrations/sqlite/0002_revocations.sql"),
+    ),
+];
 
 const BUSY_TIMEOUT: Duration = Duration::from_millis(1500);
-
-/// Revoked tokens stay this long so every node's periodic re-check sees the
-/// revocation before the row goes.
-pub(crate) const REVOKED_GRACE_SECS: i64 = 300;
 
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
@@ -225,6 +227,99 @@ fn load_vm(conn: &Connection, id: i64) -> Result<Option<Vm>, StoreError> {
     }))
 }
 
+fn insert_allowed(conn: &Connection, vm_id: i64, allowed: &[String]) -> Result<(), StoreError> {
+    for name in allowed {
+        let uid = user_id(conn, name)?;
+        conn.execute(
+            "INSERT OR IGNORE INTO vm_users (vm_id, user_id) VALUES (?1, ?2)",
+            params![vm_id, uid],
+        )
+        .map_err(map_err)?;
+    }
+    Ok(())
+}
+
+fn is_admin(conn: &Connection, name: &str) -> Result<bool, StoreError> {
+    Ok(conn
+        .query_row("SELECT admin FROM users WHERE name = ?1", [name], |r| {
+            r.get::<_, bool>(0)
+        })
+        .optional()
+        .map_err(map_err)?
+        .unwrap_or(false))
+}
+
+fn last_seq(conn: &Connection) -> Result<i64, StoreError> {
+    conn.prepare_cached("SELECT COALESCE(max(seq), 0) FROM revocations")
+        .and_then(|mut s| s.query_row([], |r| r.get(0)))
+        .map_err(map_err)
+}
+
+fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
+    Ok(SessionRecord {
+        id: r.get(0)?,
+        vm_id: r.get(1)?,
+        user: r.get(2)?,
+        client_addr: r.get(3)?,
+        node: r.get(4)?,
+        started_at: r.get(5)?,
+        ended_at: r.get(6)?,
+        bytes_to_client: r.get::<_, i64>(7)?.max(0) as u64,
+        bytes_to_server: r.get::<_, i64>(8)?.max(0) as u64,
+        close_reason: r.get(9)?,
+    })
+}
+
+/// Records `r` inside the caller's transaction: revokes the tokens it
+/// covers, counts the live sessions it ends, and appends it to the log.
+fn record_revocation(conn: &Connection, r: &Revocation, now: i64) -> Result<Revoked, StoreError> {
+    super::check_scope(r)?;
+    let mut tokens = 0u64;
+    if r.session_id.is_none() {
+        let mut st = conn
+            .prepare_cached(
+                "UPDATE tokens SET revoked_at = ?1
+                 WHERE revoked_at IS NULL AND (?2 IS NULL OR vm_id = ?2)
+                   AND (?3 IS NULL OR user_name = ?3)
+                 RETURNING expires_at > ?1 AND NOT (single_use = 1 AND used_at IS NOT NULL)",
+            )
+            .map_err(map_err)?;
+        let live = st
+            .query_map(params![now, r.vm_id, r.user], |row| row.get::<_, bool>(0))
+            .map_err(map_err)?;
+        for was_live in live {
+            tokens += u64::from(was_live.map_err(map_err)?);
+        }
+    }
+    let sessions: i64 = conn
+        .prepare_cached(
+            "SELECT count(*) FROM sessions
+             WHERE ended_at IS NULL AND (?1 IS NULL OR vm_id = ?1)
+               AND (?2 IS NULL OR user_name = ?2) AND (?3 IS NULL OR id = ?3)",
+        )
+        .and_then(|mut s| s.query_row(params![r.vm_id, r.user, r.session_id], |row| row.get(0)))
+        .map_err(map_err)?;
+    conn.prepare_cached(
+        "INSERT INTO revocations (vm_id, user_name, session_id, reason, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            r.vm_id,
+            r.user,
+            r.session_id,
+            r.cause.as_str(),
+            now
+        ])
+    })
+    .map_err(map_err)?;
+    Ok(Revoked {
+        seq: conn.last_insert_rowid(),
+        tokens,
+        sessions: sessions.max(0) as u64,
+    })
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn insert_token(&self, t: &NewToken) -> Result<i64, StoreError> {
@@ -232,8 +327,9 @@ impl Store for SqliteStore {
         self.with(move |c| {
             c.prepare_cached(
                 "INSERT INTO tokens (token_hash, vm_id, target_host, target_port, vnc_password,
-                                     user_name, created_at, expires_at, single_use)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                                     user_name, created_at, expires_at, single_use,
+                                     caller_session)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             )
             .and_then(|mut s| {
                 s.execute(params![
@@ -246,6 +342,7 @@ impl Store for SqliteStore {
                     t.created_at,
                     t.expires_at,
                     t.single_use,
+                    t.caller_session,
                 ])
             })
             .map_err(map_err)?;
@@ -254,17 +351,13 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn revoke_vm_tokens(&self, vm_id: i64, now: i64) -> Result<u64, StoreError> {
+    async fn revoke(&self, r: &Revocation) -> Result<Revoked, StoreError> {
+        let r = r.clone();
         self.with(move |c| {
-            let n = c
-                .execute(
-                    "UPDATE tokens SET revoked_at = ?2
-                     WHERE vm_id = ?1 AND revoked_at IS NULL AND expires_at > ?2
-                       AND NOT (single_use = 1 AND used_at IS NOT NULL)",
-                    params![vm_id, now],
-                )
-                .map_err(map_err)?;
-            Ok(n as u64)
+            let tx = c.transaction().map_err(map_err)?;
+            let done = record_revocation(&tx, &r, crate::now_unix())?;
+            tx.commit().map_err(map_err)?;
+            Ok(done)
         })
         .await
     }
@@ -273,8 +366,8 @@ impl Store for SqliteStore {
         self.with(move |c| {
             let n = c
                 .execute(
-                    "DELETE FROM tokens WHERE expires_at <= ?1 OR revoked_at <= ?2",
-                    params![before, before.saturating_sub(REVOKED_GRACE_SECS)],
+                    "DELETE FROM tokens WHERE expires_at <= ?1 OR revoked_at IS NOT NULL",
+                    [before],
                 )
                 .map_err(map_err)?;
             Ok(n as u64)
@@ -285,11 +378,15 @@ impl Store for SqliteStore {
     async fn redeem(&self, hash: &TokenHash, now: i64) -> Result<Option<Redemption>, StoreError> {
         let hash = *hash;
         self.with(move |c| {
+            // Read before the token is taken: a revocation that lands in
+            // between is then later than the session's view, so it applies.
+            let revocation_seq = last_seq(c)?;
             c.prepare_cached(
                 "UPDATE tokens SET used_at = COALESCE(used_at, ?2)
                  WHERE token_hash = ?1 AND revoked_at IS NULL AND expires_at > ?2
                    AND (single_use = 0 OR used_at IS NULL)
-                 RETURNING id, vm_id, target_host, target_port, vnc_password, user_name, expires_at",
+                 RETURNING id, vm_id, target_host, target_port, vnc_password, user_name,
+                           expires_at, caller_session",
             )
             .and_then(|mut s| {
                 s.query_row(params![&hash[..], now], |r| {
@@ -301,6 +398,8 @@ impl Store for SqliteStore {
                         vnc_password: r.get(4)?,
                         user_name: r.get(5)?,
                         expires_at: r.get(6)?,
+                        caller_session: r.get(7)?,
+                        revocation_seq,
                     })
                 })
                 .optional()
@@ -310,14 +409,45 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn revoked_since(&self, since: i64) -> Result<Vec<i64>, StoreError> {
+    async fn revocations_after(
+        &self,
+        seq: i64,
+        limit: u32,
+    ) -> Result<Vec<RecordedRevocation>, StoreError> {
         self.with(move |c| {
-            c.prepare_cached("SELECT id FROM tokens WHERE revoked_at >= ?1")
-                .and_then(|mut s| {
-                    s.query_map([since], |r| r.get::<_, i64>(0))?
-                        .collect::<Result<Vec<_>, _>>()
-                })
-                .map_err(map_err)
+            c.prepare_cached(
+                "SELECT seq, vm_id, user_name, session_id, reason FROM revocations
+                 WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )
+            .and_then(|mut s| {
+                s.query_map(params![seq, limit], |r| {
+                    Ok(RecordedRevocation {
+                        seq: r.get(0)?,
+                        revocation: Revocation {
+                            vm_id: r.get(1)?,
+                            user: r.get(2)?,
+                            session_id: r.get(3)?,
+                            cause: Cause::parse(&r.get::<_, String>(4)?),
+                        },
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(map_err)
+        })
+        .await
+    }
+
+    async fn last_revocation(&self) -> Result<i64, StoreError> {
+        self.with(|c| last_seq(c)).await
+    }
+
+    async fn purge_revocations(&self, before: i64) -> Result<u64, StoreError> {
+        self.with(move |c| {
+            let n = c
+                .execute("DELETE FROM revocations WHERE created_at < ?1", [before])
+                .map_err(map_err)?;
+            Ok(n as u64)
         })
         .await
     }
@@ -382,22 +512,22 @@ impl Store for SqliteStore {
                 )
                 .map_err(map_err)?;
             let rows = stmt
-                .query_map(params![f.vm_id, f.user, f.since, f.limit], |r| {
-                    Ok(SessionRecord {
-                        id: r.get(0)?,
-                        vm_id: r.get(1)?,
-                        user: r.get(2)?,
-                        client_addr: r.get(3)?,
-                        node: r.get(4)?,
-                        started_at: r.get(5)?,
-                        ended_at: r.get(6)?,
-                        bytes_to_client: r.get::<_, i64>(7)?.max(0) as u64,
-                        bytes_to_server: r.get::<_, i64>(8)?.max(0) as u64,
-                        close_reason: r.get(9)?,
-                    })
-                })
+                .query_map(params![f.vm_id, f.user, f.since, f.limit], session_row)
                 .map_err(map_err)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(map_err)
+        })
+        .await
+    }
+
+    async fn session(&self, id: i64) -> Result<Option<SessionRecord>, StoreError> {
+        self.with(move |c| {
+            c.prepare_cached(
+                "SELECT id, vm_id, user_name, client_addr, node, started_at, ended_at,
+                        bytes_to_client, bytes_to_server, close_reason
+                 FROM sessions WHERE id = ?1",
+            )
+            .and_then(|mut s| s.query_row([id], session_row).optional())
+            .map_err(map_err)
         })
         .await
     }
@@ -459,6 +589,58 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn set_password(&self, name: &str, hash: &str) -> Result<bool, StoreError> {
+        let (name, hash) = (name.to_owned(), hash.to_owned());
+        self.with(move |c| {
+            let n = c
+                .execute(
+                    "UPDATE users SET password_hash = ?2 WHERE name = ?1",
+                    params![name, hash],
+                )
+                .map_err(map_err)?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn remove_user(&self, name: &str) -> Result<Option<Revoked>, StoreError> {
+        let name = name.to_owned();
+        self.with(move |c| {
+            let tx = c.transaction().map_err(map_err)?;
+            let Some(uid) = tx
+                .query_row("SELECT id FROM users WHERE name = ?1", [&name], |r| {
+                    r.get::<_, i64>(0)
+                })
+                .optional()
+                .map_err(map_err)?
+            else {
+                return Ok(None);
+            };
+            let owned = tx
+                .prepare("SELECT id FROM vms WHERE owner_id = ?1 ORDER BY id")
+                .and_then(|mut s| {
+                    s.query_map([uid], |r| r.get::<_, i64>(0))?
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .map_err(map_err)?;
+            if !owned.is_empty() {
+                return Err(StoreError::Conflict(format!(
+                    "user {name:?} owns VMs {owned:?}: remove them or give them another owner first"
+                )));
+            }
+            let done = record_revocation(
+                &tx,
+                &Revocation::user(&name, None, Cause::UserRemoved),
+                crate::now_unix(),
+            )?;
+            tx.execute("DELETE FROM users WHERE id = ?1", [uid])
+                .map_err(map_err)?;
+            tx.commit().map_err(map_err)?;
+            Ok(Some(done))
+        })
+        .await
+    }
+
     async fn add_vm(&self, vm: &Vm) -> Result<(), StoreError> {
         let vm = vm.clone();
         let now = crate::now_unix();
@@ -482,15 +664,49 @@ impl Store for SqliteStore {
                 StoreError::Conflict(_) => StoreError::Conflict(format!("vm {}", vm.id)),
                 other => other,
             })?;
-            for name in &vm.allowed {
-                let uid = user_id(&tx, name)?;
-                tx.execute(
-                    "INSERT OR IGNORE INTO vm_users (vm_id, user_id) VALUES (?1, ?2)",
-                    params![vm.id, uid],
-                )
-                .map_err(map_err)?;
-            }
+            insert_allowed(&tx, vm.id, &vm.allowed)?;
             tx.commit().map_err(map_err)
+        })
+        .await
+    }
+
+    async fn update_vm(&self, vm: &Vm) -> Result<Option<Revoked>, StoreError> {
+        let vm = vm.clone();
+        self.with(move |c| {
+            let tx = c.transaction().map_err(map_err)?;
+            let Some(old) = load_vm(&tx, vm.id)? else {
+                return Ok(None);
+            };
+            let owner = user_id(&tx, &vm.owner)?;
+            tx.execute(
+                "UPDATE vms SET name = ?2, vnc_host = ?3, vnc_port = ?4, vnc_password = ?5,
+                                owner_id = ?6
+                 WHERE id = ?1",
+                params![
+                    vm.id,
+                    vm.name,
+                    vm.vnc_host,
+                    vm.vnc_port,
+                    vm.vnc_password,
+                    owner
+                ],
+            )
+            .map_err(map_err)?;
+            tx.execute("DELETE FROM vm_users WHERE vm_id = ?1", [vm.id])
+                .map_err(map_err)?;
+            insert_allowed(&tx, vm.id, &vm.allowed)?;
+            let now = crate::now_unix();
+            let mut done = Revoked::default();
+            for r in super::withdrawn(&old, &vm) {
+                if let Some(user) = &r.user
+                    && is_admin(&tx, user)?
+                {
+                    continue;
+                }
+                done = done.and(record_revocation(&tx, &r, now)?);
+            }
+            tx.commit().map_err(map_err)?;
+            Ok(Some(done))
         })
         .await
     }
@@ -519,19 +735,22 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn remove_vm(&self, id: i64) -> Result<bool, StoreError> {
+    async fn remove_vm(&self, id: i64) -> Result<Option<Revoked>, StoreError> {
         self.with(move |c| {
             let tx = c.transaction().map_err(map_err)?;
-            tx.execute(
-                "UPDATE tokens SET revoked_at = ?2 WHERE vm_id = ?1 AND revoked_at IS NULL",
-                params![id, crate::now_unix()],
-            )
-            .map_err(map_err)?;
             let n = tx
                 .execute("DELETE FROM vms WHERE id = ?1", [id])
                 .map_err(map_err)?;
+            if n == 0 {
+                return Ok(None);
+            }
+            let done = record_revocation(
+                &tx,
+                &Revocation::vm(id, Cause::VmRemoved),
+                crate::now_unix(),
+            )?;
             tx.commit().map_err(map_err)?;
-            Ok(n > 0)
+            Ok(Some(done))
         })
         .await
     }

@@ -65,11 +65,16 @@ backend_tests!(
     redemption_rules,
     single_use_race_has_one_winner,
     revoke_counts_only_live_tokens,
-    purge_removes_expired_and_long_revoked_tokens,
+    purge_removes_expired_and_revoked_tokens,
     users_are_stored_and_names_are_unique,
     vms_need_existing_users_and_removal_revokes_their_tokens,
     sessions_are_recorded_listed_and_filtered,
-    revoked_since_reports_recent_revocations,
+    revocations_are_an_ordered_log,
+    revoking_counts_live_sessions_and_covers_every_token_kind,
+    changing_a_vm_withdraws_access_in_the_same_transaction,
+    removing_a_user_revokes_their_tokens_and_sessions,
+    passwords_can_be_changed,
+    a_revocation_must_name_what_it_ends,
     a_second_handle_sees_the_same_data,
     purge_sessions_deletes_only_sessions_that_ended_before_the_cutoff,
     ping_answers,
@@ -87,6 +92,7 @@ fn token(text: &str, vm: i64, expires_at: i64) -> NewToken {
         created_at: 0,
         expires_at,
         single_use: false,
+        caller_session: None,
     }
 }
 
@@ -99,6 +105,14 @@ fn single_use(text: &str, vm: i64, expires_at: i64) -> NewToken {
 
 async fn redeems(s: &dyn Store, text: &str, now: i64) -> bool {
     s.redeem(&hash_token(text), now).await.unwrap().is_some()
+}
+
+/// Revokes a VM's console access; returns how many tokens were live.
+async fn revoke_vm(s: &dyn Store, vm: i64) -> u64 {
+    s.revoke(&Revocation::vm(vm, Cause::Revoked))
+        .await
+        .unwrap()
+        .tokens
 }
 
 fn vm(id: i64, owner: &str, allowed: &[&str]) -> Vm {
@@ -145,7 +159,7 @@ async fn duplicate_token_hash_is_a_conflict(f: Fixture) {
 
 async fn redemption_rules(f: Fixture) {
     let s = &*f.store;
-    let now = 1000;
+    let now = crate::now_unix();
     let reusable = NewToken {
         target_host: "vnc.example".into(),
         target_port: 65535,
@@ -174,6 +188,8 @@ async fn redemption_rules(f: Fixture) {
             vnc_password: Some("pw".into()),
             user_name: "bob".into(),
             expires_at: now + 10,
+            caller_session: None,
+            revocation_seq: 0,
         }
     );
     // Reusable: again and again until it expires.
@@ -190,8 +206,9 @@ async fn redemption_rules(f: Fixture) {
     assert!(!redeems(s, "expired", now).await);
     assert!(redeems(s, "expired", now - 1).await);
     assert!(!redeems(s, "unknown", now).await);
-    // Revoked.
-    assert_eq!(s.revoke_vm_tokens(7, now - 1).await.unwrap(), 2);
+    // Revoked: only the reusable one could still open a console.
+    let done = s.revoke(&Revocation::vm(7, Cause::Revoked)).await.unwrap();
+    assert_eq!(done.tokens, 1);
     assert!(!redeems(s, "reusable", now).await);
     assert!(!redeems(s, "expired", now - 1).await);
 }
@@ -220,7 +237,7 @@ async fn single_use_race_has_one_winner(f: Fixture) {
 
 async fn revoke_counts_only_live_tokens(f: Fixture) {
     let s = &*f.store;
-    let now = 1000;
+    let now = crate::now_unix();
     s.insert_token(&token("live1", 7, now + 10)).await.unwrap();
     s.insert_token(&token("live2", 7, now + 10)).await.unwrap();
     s.insert_token(&single_use("unused-once", 7, now + 10))
@@ -236,32 +253,29 @@ async fn revoke_counts_only_live_tokens(f: Fixture) {
         .unwrap();
     // Live: both reusable ones and the unused single-use one. A used
     // single-use token and an expired one are dead already.
-    assert_eq!(s.revoke_vm_tokens(7, now).await.unwrap(), 3);
-    assert_eq!(s.revoke_vm_tokens(7, now).await.unwrap(), 0);
-    assert_eq!(s.revoke_vm_tokens(99, now).await.unwrap(), 0);
+    assert_eq!(revoke_vm(s, 7).await, 3);
+    assert_eq!(revoke_vm(s, 7).await, 0);
+    assert_eq!(revoke_vm(s, 99).await, 0);
     assert!(redeems(s, "other-vm", now).await);
-    assert_eq!(s.revoke_vm_tokens(8, now).await.unwrap(), 1);
+    assert_eq!(revoke_vm(s, 8).await, 1);
+    // The used single-use token is revoked too, though it counted as dead.
+    assert!(!redeems(s, "used-once", now).await);
 }
 
-async fn purge_removes_expired_and_long_revoked_tokens(f: Fixture) {
+async fn purge_removes_expired_and_revoked_tokens(f: Fixture) {
     let s = &*f.store;
-    let now = 100_000;
-    let grace = super::sqlite::REVOKED_GRACE_SECS;
+    let now = crate::now_unix();
     s.insert_token(&token("expired", 7, now)).await.unwrap();
     s.insert_token(&token("live", 7, now + 10)).await.unwrap();
-    s.insert_token(&token("revoked-long-ago", 8, now + 10 * grace))
+    s.insert_token(&token("revoked", 8, now + 600))
         .await
         .unwrap();
-    s.revoke_vm_tokens(8, now - grace - 1).await.unwrap();
-    s.insert_token(&token("revoked-recently", 9, now + 10 * grace))
-        .await
-        .unwrap();
-    s.revoke_vm_tokens(9, now - 1).await.unwrap();
+    s.revoke(&Revocation::vm(8, Cause::Revoked)).await.unwrap();
     assert_eq!(s.purge_expired(now).await.unwrap(), 2);
     assert_eq!(s.purge_expired(now).await.unwrap(), 0);
     assert!(redeems(s, "live", now).await);
-    // Still there for the other nodes to see within the grace period.
-    assert_eq!(s.revoked_since(now - 1).await.unwrap().len(), 1);
+    // Revocations live on in the log, which ends sessions, not in the tokens.
+    assert_eq!(s.revocations_after(0, 10).await.unwrap().len(), 1);
     // The purged hash can be minted again.
     s.insert_token(&token("expired", 7, now + 5)).await.unwrap();
 }
@@ -337,10 +351,19 @@ async fn vms_need_existing_users_and_removal_revokes_their_tokens(f: Fixture) {
     let now = crate::now_unix();
     let id = s.insert_token(&token("t", 7, now + 600)).await.unwrap();
     s.insert_token(&token("t3", 3, now + 600)).await.unwrap();
-    assert!(s.remove_vm(7).await.unwrap());
-    assert!(!s.remove_vm(7).await.unwrap());
+    s.open_session(&NewSession {
+        token_id: id,
+        ..session(7, "alice", "n1", now)
+    })
+    .await
+    .unwrap();
+    let done = s.remove_vm(7).await.unwrap().expect("removed");
+    assert_eq!((done.tokens, done.sessions), (1, 1));
+    assert!(s.remove_vm(7).await.unwrap().is_none());
     assert!(s.vm(7).await.unwrap().is_none());
-    assert_eq!(s.revoked_since(now - 1).await.unwrap(), vec![id]);
+    let log = s.revocations_after(0, 10).await.unwrap();
+    assert_eq!(log.len(), 1);
+    assert_eq!(log[0].revocation, Revocation::vm(7, Cause::VmRemoved));
     assert!(!redeems(s, "t", now).await);
     assert!(
         redeems(s, "t3", now).await,
@@ -474,21 +497,213 @@ async fn sessions_are_recorded_listed_and_filtered(f: Fixture) {
     .unwrap();
 }
 
-async fn revoked_since_reports_recent_revocations(f: Fixture) {
+async fn revocations_are_an_ordered_log(f: Fixture) {
     let s = &*f.store;
-    let now = 5000;
-    let a = s.insert_token(&token("a", 1, now + 100)).await.unwrap();
-    let b = s.insert_token(&token("b", 2, now + 100)).await.unwrap();
-    s.insert_token(&token("c", 3, now + 100)).await.unwrap();
-    assert!(s.revoked_since(0).await.unwrap().is_empty());
-    s.revoke_vm_tokens(1, now).await.unwrap();
-    s.revoke_vm_tokens(2, now + 5).await.unwrap();
-    let mut all = s.revoked_since(now).await.unwrap();
-    all.sort();
-    assert_eq!(all, vec![a, b]);
-    assert_eq!(s.revoked_since(now + 1).await.unwrap(), vec![b]);
-    assert_eq!(s.revoked_since(now + 5).await.unwrap(), vec![b]);
-    assert!(s.revoked_since(now + 6).await.unwrap().is_empty());
+    let now = crate::now_unix();
+    assert_eq!(s.last_revocation().await.unwrap(), 0);
+    s.insert_token(&token("a", 1, now + 100)).await.unwrap();
+    let first = s.revoke(&Revocation::vm(1, Cause::Revoked)).await.unwrap();
+    let second = s
+        .revoke(&Revocation::user("bob", Some(2), Cause::AccessRemoved))
+        .await
+        .unwrap();
+    let one = Revocation {
+        vm_id: Some(3),
+        user: Some("carol".into()),
+        session_id: Some(42),
+        cause: Cause::SessionEnded,
+    };
+    let third = s.revoke(&one).await.unwrap();
+    assert!(first.seq < second.seq && second.seq < third.seq);
+    assert_eq!(s.last_revocation().await.unwrap(), third.seq);
+    let log = s.revocations_after(0, 10).await.unwrap();
+    let seqs: Vec<i64> = log.iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, [first.seq, second.seq, third.seq]);
+    assert_eq!(log[0].revocation, Revocation::vm(1, Cause::Revoked));
+    assert_eq!(
+        log[1].revocation,
+        Revocation::user("bob", Some(2), Cause::AccessRemoved)
+    );
+    assert_eq!(log[2].revocation, one);
+    assert_eq!(s.revocations_after(first.seq, 10).await.unwrap().len(), 2);
+    assert_eq!(
+        s.revocations_after(first.seq, 1).await.unwrap()[0].seq,
+        second.seq
+    );
+    assert!(s.revocations_after(third.seq, 10).await.unwrap().is_empty());
+    // A redemption carries the last seq recorded before it.
+    s.insert_token(&token("b", 9, now + 100)).await.unwrap();
+    let r = s.redeem(&hash_token("b"), now).await.unwrap().unwrap();
+    assert_eq!(r.revocation_seq, third.seq);
+    // Old entries go with the purge; fresh ones stay.
+    assert_eq!(s.purge_revocations(now - 3600).await.unwrap(), 0);
+    assert_eq!(s.purge_revocations(now + 10).await.unwrap(), 3);
+}
+
+async fn revoking_counts_live_sessions_and_covers_every_token_kind(f: Fixture) {
+    let s = &*f.store;
+    let now = crate::now_unix();
+    s.insert_token(&single_use("used-once", 7, now + 600))
+        .await
+        .unwrap();
+    let used = s
+        .redeem(&hash_token("used-once"), now)
+        .await
+        .unwrap()
+        .unwrap();
+    let live = s
+        .open_session(&NewSession {
+            token_id: used.token_id,
+            ..session(7, "alice", "n1", now)
+        })
+        .await
+        .unwrap();
+    let ended = s.open_session(&session(7, "bob", "n2", now)).await.unwrap();
+    s.close_session(
+        ended,
+        &SessionEnd {
+            ended_at: now,
+            bytes_to_client: 0,
+            bytes_to_server: 0,
+            reason: "client closed".into(),
+        },
+    )
+    .await
+    .unwrap();
+    s.open_session(&session(8, "alice", "n1", now))
+        .await
+        .unwrap();
+    // The used single-use token opened a live session: the revocation ends
+    // it though no token was live.
+    let done = s.revoke(&Revocation::vm(7, Cause::Revoked)).await.unwrap();
+    assert_eq!((done.tokens, done.sessions), (0, 1));
+    let log = s.revocations_after(used.revocation_seq, 10).await.unwrap();
+    assert_eq!(log.len(), 1);
+    assert!(log[0].revocation.matches(7, "alice", Some(live)));
+    assert!(!log[0].revocation.matches(8, "alice", None));
+    // One session: counted, and no token revoked.
+    s.insert_token(&token("keeps", 8, now + 600)).await.unwrap();
+    let record = s.session(live).await.unwrap().unwrap();
+    let done = s.revoke(&Revocation::session(&record)).await.unwrap();
+    assert_eq!((done.tokens, done.sessions), (0, 1));
+    assert!(redeems(s, "keeps", now).await);
+    assert!(s.session(999_999).await.unwrap().is_none());
+}
+
+async fn changing_a_vm_withdraws_access_in_the_same_transaction(f: Fixture) {
+    let s = &*f.store;
+    let now = crate::now_unix();
+    for (name, admin) in [
+        ("alice", false),
+        ("bob", false),
+        ("carol", true),
+        ("dave", false),
+    ] {
+        s.add_user(name, "h", admin).await.unwrap();
+    }
+    s.add_vm(&vm(7, "alice", &["bob", "carol"])).await.unwrap();
+    let mint = |text: &str, user: &str| NewToken {
+        user_name: user.into(),
+        ..token(text, 7, now + 600)
+    };
+    for (t, u) in [("b", "bob"), ("c", "carol"), ("a", "alice")] {
+        s.insert_token(&mint(t, u)).await.unwrap();
+    }
+    let before = s.last_revocation().await.unwrap();
+
+    // bob and carol leave the list; carol is an admin and keeps access.
+    let mut changed = vm(7, "alice", &["dave"]);
+    let done = s.update_vm(&changed).await.unwrap().expect("updated");
+    assert_eq!(done.tokens, 1);
+    assert_eq!(s.vm(7).await.unwrap().unwrap(), changed);
+    let log = s.revocations_after(before, 10).await.unwrap();
+    assert_eq!(log.len(), 1);
+    assert_eq!(
+        log[0].revocation,
+        Revocation::user("bob", Some(7), Cause::AccessRemoved)
+    );
+    assert!(!redeems(s, "b", now).await);
+    assert!(redeems(s, "c", now).await);
+    assert!(redeems(s, "a", now).await);
+
+    // A new owner: the old one goes unless still allowed.
+    changed.owner = "dave".into();
+    changed.allowed = vec![];
+    s.update_vm(&changed).await.unwrap();
+    let log = s.revocations_after(before, 10).await.unwrap();
+    assert_eq!(
+        log[1].revocation,
+        Revocation::user("alice", Some(7), Cause::AccessRemoved)
+    );
+    assert_eq!(log.len(), 2, "dave kept access as owner: {log:?}");
+
+    // A new console ends every session of the VM.
+    changed.vnc_port = 6000;
+    let done = s.update_vm(&changed).await.unwrap().unwrap();
+    assert_eq!(done.tokens, 1, "carol's token");
+    let log = s.revocations_after(before, 10).await.unwrap();
+    assert_eq!(log[2].revocation, Revocation::vm(7, Cause::VmChanged));
+
+    // Unknown VM or owner.
+    assert!(s.update_vm(&vm(99, "alice", &[])).await.unwrap().is_none());
+    let err = s.update_vm(&vm(7, "nobody", &[])).await.unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+    assert_eq!(
+        s.vm(7).await.unwrap().unwrap(),
+        changed,
+        "nothing half-done"
+    );
+}
+
+async fn removing_a_user_revokes_their_tokens_and_sessions(f: Fixture) {
+    let s = &*f.store;
+    let now = crate::now_unix();
+    s.add_user("alice", "h", false).await.unwrap();
+    s.add_user("bob", "h", false).await.unwrap();
+    s.add_vm(&vm(7, "alice", &["bob"])).await.unwrap();
+    s.insert_token(&NewToken {
+        user_name: "bob".into(),
+        ..token("b", 7, now + 600)
+    })
+    .await
+    .unwrap();
+    s.open_session(&session(7, "bob", "n1", now)).await.unwrap();
+    let err = s.remove_user("alice").await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::Conflict(_)),
+        "owner of VM 7: {err:?}"
+    );
+    let done = s.remove_user("bob").await.unwrap().expect("removed");
+    assert_eq!((done.tokens, done.sessions), (1, 1));
+    assert!(s.user("bob").await.unwrap().is_none());
+    assert!(s.vm(7).await.unwrap().unwrap().allowed.is_empty());
+    assert!(!redeems(s, "b", now).await);
+    let log = s.revocations_after(0, 10).await.unwrap();
+    assert_eq!(
+        log[0].revocation,
+        Revocation::user("bob", None, Cause::UserRemoved)
+    );
+    assert!(s.remove_user("bob").await.unwrap().is_none());
+}
+
+async fn passwords_can_be_changed(f: Fixture) {
+    let s = &*f.store;
+    s.add_user("alice", "old", false).await.unwrap();
+    assert!(s.set_password("alice", "new").await.unwrap());
+    assert_eq!(s.user("alice").await.unwrap().unwrap().password_hash, "new");
+    assert!(!s.set_password("nobody", "x").await.unwrap());
+}
+
+async fn a_revocation_must_name_what_it_ends(f: Fixture) {
+    let s = &*f.store;
+    let everything = Revocation {
+        vm_id: None,
+        user: None,
+        session_id: None,
+        cause: Cause::Revoked,
+    };
+    assert!(s.revoke(&everything).await.is_err());
+    assert_eq!(s.last_revocation().await.unwrap(), 0);
 }
 
 /// Two handles on one database, as two nodes have.
@@ -602,24 +817,28 @@ async fn ping_answers(f: Fixture) {
 /// once: with a one-minute tick, only the notice can end the session in time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_revocation_notice_ends_sessions_on_another_node() {
-    use crate::proxy::sessions::{Sessions, Stop, watch_revocations};
+    use crate::inventory::Grant;
+    use crate::proxy::enforce::watch_revocations;
+    use crate::proxy::sessions::{Entry, Sessions, Stop};
 
     let db = super::testpg::TestDb::create("notify").await;
     let proxy_node = Arc::new(PgStore::open(&db.url).await.unwrap());
     let api_node = open(&db.url).await.unwrap();
-    let now = crate::now_unix();
-    let token_id = api_node
-        .insert_token(&token("live", 7, now + 600))
-        .await
-        .unwrap();
-    let other_id = api_node
-        .insert_token(&token("other", 8, now + 600))
-        .await
-        .unwrap();
+    let entry = |vm_id| Entry {
+        vm_id,
+        user: "alice".into(),
+        seen: 0,
+        grant: Grant {
+            user: "alice".into(),
+            host: "127.0.0.1".into(),
+            port: 5900,
+            caller: None,
+        },
+    };
 
     let sessions = Arc::new(Sessions::default());
-    let mut revoked = sessions.register(token_id, 7, "alice").unwrap();
-    let untouched = sessions.register(other_id, 8, "alice").unwrap();
+    let mut revoked = sessions.register(entry(7)).unwrap();
+    let untouched = sessions.register(entry(8)).unwrap();
     let store: Arc<dyn Store> = proxy_node.clone();
     let watcher = tokio::spawn(watch_revocations(
         Arc::clone(&sessions),
@@ -635,25 +854,31 @@ async fn postgres_revocation_notice_ends_sessions_on_another_node() {
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     let started = std::time::Instant::now();
-    let revoked_at = crate::now_unix();
-    assert_eq!(api_node.revoke_vm_tokens(7, revoked_at).await.unwrap(), 1);
+    api_node
+        .revoke(&Revocation::vm(7, Cause::Revoked))
+        .await
+        .unwrap();
     tokio::time::timeout(Duration::from_secs(2), revoked.stop.changed())
         .await
         .expect("the session was not ended within 2 s of the revocation")
         .unwrap();
-    assert_eq!(*revoked.stop.borrow(), Some(Stop::Revoked));
+    assert_eq!(*revoked.stop.borrow(), Some(Stop::Revoked(Cause::Revoked)));
     assert!(started.elapsed() < Duration::from_secs(2));
     assert_eq!(*untouched.stop.borrow(), None);
 
     // remove_vm notifies as well.
-    let mut removed = sessions.register(other_id, 8, "alice").unwrap();
+    let mut removed = sessions.register(entry(8)).unwrap();
     api_node.add_user("alice", "h", false).await.unwrap();
     api_node.add_vm(&vm(8, "alice", &[])).await.unwrap();
-    assert!(api_node.remove_vm(8).await.unwrap());
+    assert!(api_node.remove_vm(8).await.unwrap().is_some());
     tokio::time::timeout(Duration::from_secs(2), removed.stop.changed())
         .await
         .expect("the session was not ended within 2 s of the VM's removal")
         .unwrap();
+    assert_eq!(
+        *removed.stop.borrow(),
+        Some(Stop::Revoked(Cause::VmRemoved))
+    );
     watcher.abort();
 }
 

@@ -82,6 +82,8 @@ class VmSpec:
                where the VM runs now. None keeps the fixture's history.
     state, lcm_state: None keeps the fixture's values
     delay:     seconds one.vm.info sleeps before answering for this VM
+    service_delay: the same, only when oneadmin asks (the broker's service
+               session), so the caller's own calls stay fast
     """
 
     vm_id: int
@@ -94,6 +96,7 @@ class VmSpec:
     passwd: str | None = None
     hosts: list[str] | None = field(default_factory=lambda: ["node-1.test"])
     delay: float = 0.0
+    service_delay: float = 0.0
     name: str | None = None
 
 
@@ -346,6 +349,8 @@ class OnedDouble:
             spec = self._vms.get(vm_id)
         if spec is not None and spec.delay:
             time.sleep(spec.delay)
+        if spec is not None and spec.service_delay and user.name == "oneadmin":
+            time.sleep(spec.service_delay)
         if spec is None:
             return [False, f"[one.vm.info] Error getting virtual machine [{vm_id}].", NO_EXISTS, vm_id]
         if not (USERS[spec.owner] == user or user.gid == 0):

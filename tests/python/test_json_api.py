@@ -162,10 +162,10 @@ def test_delete_revokes(broker):
         record_token(r.json())
     r = requests.delete(url(broker, 11), auth=basic("alice"), timeout=T)
     assert r.status_code == 200, r.text
-    assert r.json() == {"revoked": 2}
+    assert r.json() == {"revoked": 2, "sessions_ended": 0}
     r = requests.delete(url(broker, 11), auth=basic("alice"), timeout=T)
     assert r.status_code == 200, r.text
-    assert r.json() == {"revoked": 0}
+    assert r.json() == {"revoked": 0, "sessions_ended": 0}
 
 
 def test_delete_errors(broker):
@@ -231,4 +231,4 @@ def test_cli_token_counts_as_live_token(broker):
     requests.delete(url(broker, 11), auth=basic("alice"), timeout=T)
     record_token(json.loads(broker.env.cli("token", "mint", "11").stdout))
     r = requests.delete(url(broker, 11), auth=basic("alice"), timeout=T)
-    assert r.status_code == 200 and r.json() == {"revoked": 1}, r.text
+    assert r.status_code == 200 and r.json() == {"revoked": 1, "sessions_ended": 0}, r.text

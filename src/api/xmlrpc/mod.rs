@@ -148,8 +148,10 @@ impl Failure {
         let code = match &err {
             ServiceError::Authentication => code::AUTHENTICATION,
             ServiceError::Authorization { .. } => code::AUTHORIZATION,
-            ServiceError::NoSuchVm(_) | ServiceError::NoConsole { .. } => code::NO_EXISTS,
-            ServiceError::NotAvailable { .. } => code::ACTION,
+            ServiceError::NoSuchVm(_)
+            | ServiceError::NoConsole { .. }
+            | ServiceError::NoSuchSession(_) => code::NO_EXISTS,
+            ServiceError::NotAvailable { .. } | ServiceError::SessionOver(_) => code::ACTION,
             ServiceError::BadParameter(_) => code::XML_RPC_API,
             ServiceError::Oned { code, .. } => *code,
             ServiceError::Unavailable(_) | ServiceError::Internal(_) => code::INTERNAL,
@@ -235,12 +237,14 @@ async fn novnctoken(state: &ApiState, params: &[Value]) -> Result<Value, Failure
 
 async fn revoke(state: &ApiState, params: &[Value]) -> Result<Value, Failure> {
     let (cred, vm_id) = session_and_vm(params, 2)?;
-    let n = state
+    let done = state
         .service
         .revoke(&cred, vm_id)
         .await
         .map_err(|e| Failure::from_service(e, vm_id))?;
-    Ok(Value::Int(n as i64))
+    // oned's convention: the int result; the sessions ended are in the JSON
+    // API's answer.
+    Ok(Value::Int(i64::try_from(done.tokens).unwrap_or(i64::MAX)))
 }
 
 fn minted_value(m: Minted) -> Value {

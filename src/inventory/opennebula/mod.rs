@@ -21,7 +21,7 @@ use quick_xml::Reader;
 use quick_xml::events::Event;
 
 use self::vmdoc::ConsoleError;
-use super::{Console, Credential, Inventory, InventoryError, Principal};
+use super::{Console, Credential, Grant, Inventory, InventoryError, Lapse, Principal, Verdict};
 use crate::api::xmlrpc::wire::{self, MethodResponse, Value};
 
 /// Largest answer read from oned.
@@ -242,7 +242,85 @@ impl Inventory for OpenNebulaInventory {
             host: target.host,
             port: target.port,
             vnc_password: target.password,
+            // oned alone knows the caller's rights (ownership, groups,
+            // ACLs), so live sessions are re-checked with their session.
+            recheck_as: Some(cred.clone()),
         })
+    }
+
+    async fn authorize(&self, cred: &Credential, vm_id: i64) -> Result<Principal, InventoryError> {
+        // oned answers one.vm.info only to callers with USE on the VM, in
+        // whatever state it is: revoking needs no live console.
+        self.vm_doc(&session_of(cred), vm_id).await?;
+        Ok(Principal {
+            name: cred.user.clone(),
+            admin: false,
+        })
+    }
+
+    async fn recheck(&self, vm_id: i64, grants: &[Grant]) -> Vec<Verdict> {
+        // The VM's state and placement, once for all its sessions, with the
+        // service account where one is configured.
+        let placement = match &self.service_session {
+            Some(session) => match self.vm_doc(session, vm_id).await {
+                Ok(doc) => Some(doc),
+                Err(e) => {
+                    let verdict = match e {
+                        InventoryError::Oned {
+                            code: NO_EXISTS, ..
+                        } => Verdict::End(Lapse::VmGone),
+                        other => Verdict::Unknown(other.to_string()),
+                    };
+                    return vec![verdict; grants.len()];
+                }
+            },
+            None => None,
+        };
+        let mut out: Vec<Verdict> = Vec::with_capacity(grants.len());
+        for (i, g) in grants.iter().enumerate() {
+            // One call per user and target, however many sessions they have.
+            if let Some(j) = grants[..i]
+                .iter()
+                .position(|o| o.caller == g.caller && o.host == g.host && o.port == g.port)
+            {
+                out.push(out[j].clone());
+                continue;
+            }
+            // The user's own view: oned answers it only while the user may
+            // still USE the VM.
+            let own = match &g.caller {
+                Some(cred) => Some(self.vm_doc(&session_of(cred), vm_id).await),
+                None => None,
+            };
+            let doc = match (&placement, &own) {
+                (_, Some(Err(InventoryError::Authentication))) => {
+                    out.push(Verdict::End(Lapse::CredentialRejected));
+                    continue;
+                }
+                (_, Some(Err(InventoryError::Oned { code, .. })))
+                    if *code == AUTHORIZATION || *code == NO_EXISTS =>
+                {
+                    out.push(Verdict::End(Lapse::AccessLost));
+                    continue;
+                }
+                (Some(doc), _) => doc,
+                (None, Some(Ok(doc))) => doc,
+                (_, Some(Err(e))) => {
+                    out.push(Verdict::Unknown(e.to_string()));
+                    continue;
+                }
+                (_, None) => {
+                    out.push(Verdict::Continue);
+                    continue;
+                }
+            };
+            out.push(match doc.vnc_target() {
+                Ok(t) if t.host == g.host && t.port == g.port => Verdict::Continue,
+                Ok(_) => Verdict::End(Lapse::VmMoved),
+                Err(_) => Verdict::End(Lapse::VmStopped),
+            });
+        }
+        out
     }
 
     async fn still_at(&self, vm_id: i64, host: &str, port: u16) -> Result<bool, InventoryError> {
