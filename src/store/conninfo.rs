@@ -144,15 +144,21 @@ impl FromStr for ConnInfo {
     type Err = ConnInfoError;
 
     fn from_str(s: &str) -> Result<ConnInfo, ConnInfoError> {
-        let params = if let Some(rest) = s
+        if let Some(rest) = s
             .strip_prefix("postgres://")
             .or_else(|| s.strip_prefix("postgresql://"))
         {
-            url_params(rest)?
+            // A stray ? or & in a password splits the URL in the wrong place.
+            let hint = |e: ConnInfoError| match e {
+                ConnInfoError::Syntax(m) => ConnInfoError::Syntax(format!(
+                    "{m} (in a URL, write ? & # in a password as %3F %26 %23)"
+                )),
+                other => other,
+            };
+            url_params(rest).and_then(build).map_err(hint)
         } else {
-            keyword_params(s)?
-        };
-        build(params)
+            keyword_params(s).and_then(build)
+        }
     }
 }
 
@@ -699,6 +705,8 @@ mod tests {
                 .to_string()
                 .contains("sslcert")
         );
+        let e = err("postgres://u:hunter?2@db/x").to_string();
+        assert!(e.contains("%3F") && !e.contains("hunter"), "{e}");
     }
 
     #[test]
