@@ -137,8 +137,19 @@ fn clean(cmd: &mut Command) -> &mut Command {
 }
 
 fn run(dir: &Path, config: &Path, args: &[&str], stdin: Option<&str>) -> Output {
+    run_with(dir, config, args, stdin, &[])
+}
+
+fn run_with(
+    dir: &Path,
+    config: &Path,
+    args: &[&str],
+    stdin: Option<&str>,
+    env: &[(&str, &Path)],
+) -> Output {
     use std::io::Write;
     let mut child = clean(&mut Command::new(BIN))
+        .envs(env.iter().copied())
         .args(args)
         .arg("--config")
         .arg(config)
@@ -415,6 +426,29 @@ async fn a_wrong_ca_or_a_wrong_host_name_is_refused() {
         ),
         "/nonexistent/ca.pem",
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sslrootcert_system_takes_the_systems_trusted_cas() {
+    let db = TlsDb::start().await;
+    let url = db.url("127.0.0.1", "sslmode=verify-full&sslrootcert=system");
+    let config = db.config(&url);
+    // The test CA is not among the system's...
+    refused(
+        "sslrootcert=system",
+        &run(db.dir.path(), &config, &["user", "list"], None),
+        "not signed by a CA in sslrootcert",
+    );
+    // ...unless the system's trust store is made of it (SSL_CERT_FILE).
+    let ca = db.pki.ca();
+    let out = run_with(
+        db.dir.path(),
+        &config,
+        &["user", "list"],
+        None,
+        &[("SSL_CERT_FILE", ca.as_path())],
+    );
+    ok("sslrootcert=system with the CA trusted", &out);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
