@@ -55,6 +55,10 @@ pub enum Command {
     },
     /// Start everything on this machine: the broker, a demo VNC server as
     /// VM 0 and a demo user; prints a console URL.
+    #[cfg_attr(
+        not(feature = "demo"),
+        command(about = "Not built in: this build has no demo (cargo feature `demo`)")
+    )]
     Demo {
         /// Address to listen on.
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8640")]
@@ -323,6 +327,12 @@ fn apply_serve_flags(
     }
 }
 
+/// What `vncbroker demo` says in a build without the `demo` feature.
+#[cfg(not(feature = "demo"))]
+const DEMO_NOT_BUILT: &str = "the demo is not built into this vncbroker (it was built without \
+     the cargo feature `demo`); build with default features, e.g. `cargo build --release`, \
+     or use scripts/demo";
+
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     let mut cfg = load_config(&cli.global)?;
     if let Command::Serve {
@@ -363,10 +373,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 };
                 crate::server::serve(cfg, Box::new(reload)).await
             }
+            #[cfg(feature = "demo")]
             Command::Demo { listen, data_dir } => {
                 cfg.listen = listen;
                 crate::demo::run(cfg, data_dir).await
             }
+            #[cfg(not(feature = "demo"))]
+            Command::Demo { .. } => Err(anyhow::anyhow!(DEMO_NOT_BUILT)),
             Command::User(cmd) => user(&cfg, cmd).await,
             Command::Vm(cmd) => vm(&cfg, cmd).await,
             Command::Token(cmd) => token(&cfg, cmd).await,
@@ -719,6 +732,21 @@ async fn sessions(
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    /// Built without the demo, `vncbroker demo` is still a command, and it
+    /// says why it does nothing (`scripts/test` runs this build).
+    #[cfg(not(feature = "demo"))]
+    #[test]
+    fn demo_without_the_feature_says_it_is_not_built_in() {
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("Not built in"), "{help}");
+        let cli = Cli::try_parse_from(["vncbroker", "demo", "--listen", "127.0.0.1:0"]).unwrap();
+        let err = run(cli).unwrap_err().to_string();
+        assert!(
+            err.contains("the demo is not built into this vncbroker") && err.contains("`demo`"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn since_accepts_unix_seconds_and_ages() {

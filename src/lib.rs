@@ -28,10 +28,12 @@
 //!   tokens, with the session registry that ends revoked sessions.
 //! - [`websocket`]: the server side of RFC 6455 for the relay: upgrade
 //!   checks and a streaming, zero-copy frame codec.
-//! - [`rfb`]: the RFB security-proxy handshake as a sans-IO state machine,
-//!   and VNC authentication.
+//! - [`rfb`]: RFB as sans-IO state machines: the wire format both roles
+//!   share, the server handshake, the security-proxy handshake, and VNC
+//!   authentication.
 //! - [`console`]: the console page built on noVNC's RFB module.
-//! - [`demo`]: a small built-in VNC server and the one-command quickstart.
+//! - `demo`: a small built-in VNC server and the one-command quickstart
+//!   (cargo feature `demo`, on by default).
 //! - [`secrets`]: VNC passwords sealed at rest, and the key file.
 //! - [`tls`]: HTTPS/WSS on the listener with rustls.
 //! - [`metrics`]: Prometheus counters and histograms for `/metrics`, and the
@@ -46,6 +48,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod console;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod inventory;
 pub mod limits;

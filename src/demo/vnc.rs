@@ -7,12 +7,17 @@
 //! pointer, button 1 paints dots (button 3 clears them), pressed buttons and
 //! keys light up indicators — so a person can see their input arrive.
 //!
+//! The protocol logic has no I/O: the handshake is the shared
+//! [`ServerHandshake`] (built by [`handshake`]), and after it a [`Session`]
+//! takes client bytes in and hands framebuffer updates out. The async code
+//! here only moves bytes between them and a stream, and keeps the time.
+//!
 //! It is deliberately small and bounded: VNC Authentication only, Raw encoding
 //! only, 32-bpp true-colour pixel formats only, client messages parsed strictly
-//! with a fixed-size input buffer (variable-length payloads are discarded in
-//! chunks), one fixed-size framebuffer per connection, at most
-//! [`MAX_CONNECTIONS`] connections at a time, and at most one incremental update
-//! per [`FRAME_INTERVAL`] (about 20 per second).
+//! (variable-length payloads are discarded as they arrive, never buffered), one
+//! fixed-size framebuffer per connection, at most one update held at a time,
+//! at most [`MAX_CONNECTIONS`] connections at a time, and at most one
+//! incremental update per [`FRAME_INTERVAL`] (about 20 per second).
 
 use std::io;
 use std::sync::Arc;
@@ -23,7 +28,9 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use crate::rfb::vncauth;
+use crate::rfb::server::{ClientError, Security, ServerHandshake, ServerInit};
+use crate::rfb::vncauth::CHALLENGE_LEN;
+use crate::rfb::wire::PixelFormat;
 
 /// Framebuffer width in pixels.
 pub const WIDTH: u16 = 800;
@@ -41,11 +48,9 @@ const W: usize = WIDTH as usize;
 const H: usize = HEIGHT as usize;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 const READ_BUF_LEN: usize = 4096;
-const MAX_NAME_LEN: usize = 1024;
-const SEC_VNC_AUTH: u8 = 2;
-const AUTH_FAILED_REASON: &str = "authentication failed";
-const BAD_VERSION_REASON: &str = "unsupported RFB protocol version (3.7 or 3.8 required)";
-const BAD_SECURITY_REASON: &str = "unsupported security type";
+
+/// The format announced in ServerInit.
+const SERVER_FORMAT: PixelFormat = PixelFormat::TRUE_COLOUR_32;
 
 /// Accepts connections on `listener` forever, serving each in its own task.
 ///
@@ -90,242 +95,207 @@ pub async fn serve_connection<S>(mut stream: S, password: &[u8], name: &str) -> 
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut stream, password, name))
+    let mut challenge = [0u8; CHALLENGE_LEN];
+    getrandom::fill(&mut challenge)
+        .map_err(|e| io::Error::other(format!("no randomness for the VNC challenge: {e}")))?;
+    let hs = handshake(password, challenge, name);
+    let early = tokio::time::timeout(HANDSHAKE_TIMEOUT, run_handshake(&mut stream, hs))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "RFB handshake timed out"))??;
-    session(&mut stream).await
+    session(&mut stream, early).await
+}
+
+/// The demo server's handshake: VNC Authentication with `password` against
+/// `challenge` (fresh random bytes for every connection), then ServerInit for
+/// the desktop `name`.
+pub fn handshake(password: &[u8], challenge: [u8; CHALLENGE_LEN], name: &str) -> ServerHandshake {
+    ServerHandshake::new(Security::vnc_auth(password, challenge)).with_init(ServerInit {
+        width: WIDTH,
+        height: HEIGHT,
+        format: SERVER_FORMAT,
+        name: name.to_owned(),
+    })
 }
 
 fn invalid(msg: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg)
 }
 
-/// Appends a u32-length-prefixed string.
-fn push_string(out: &mut Vec<u8>, text: &[u8]) {
-    let len = u32::try_from(text.len()).unwrap_or(0);
-    out.extend_from_slice(&len.to_be_bytes());
-    if len > 0 {
-        out.extend_from_slice(text);
-    }
-}
-
-/// The desktop name, cut to at most `MAX_NAME_LEN` bytes on a char boundary.
-fn truncated_name(name: &str) -> &str {
-    let mut end = name.len().min(MAX_NAME_LEN);
-    while !name.is_char_boundary(end) {
-        end -= 1;
-    }
-    name.get(..end).unwrap_or("")
-}
-
-/// RFB 3.8 server handshake up to and including ServerInit.
-async fn handshake<S>(s: &mut S, password: &[u8], name: &str) -> io::Result<()>
+/// Runs `hs` over the stream; returns the client's bytes that came after it.
+/// A failure the client can be told about is written before the error
+/// returns.
+async fn run_handshake<S>(s: &mut S, mut hs: ServerHandshake) -> io::Result<Vec<u8>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    s.write_all(b"RFB 003.008\n").await?;
-    let mut version = [0u8; 12];
-    s.read_exact(&mut version).await?;
-    let v38 = match &version {
-        b"RFB 003.008\n" => true,
-        b"RFB 003.007\n" => false,
-        b"RFB 003.003\n" => {
-            // RFB 3.3 failure: security type 0 and a reason.
-            let mut msg = 0u32.to_be_bytes().to_vec();
-            push_string(&mut msg, BAD_VERSION_REASON.as_bytes());
-            s.write_all(&msg).await?;
+    let mut buf = vec![0u8; READ_BUF_LEN];
+    loop {
+        let out = hs.take_output();
+        if !out.is_empty() {
+            s.write_all(&out).await?;
+        }
+        if hs.is_done() {
             s.flush().await?;
-            return Err(invalid("client asked for RFB 3.3, which is not supported"));
+            return Ok(hs.take_leftovers());
         }
-        _ => return Err(invalid("unsupported client protocol version")),
-    };
-
-    s.write_all(&[1, SEC_VNC_AUTH]).await?;
-    let mut choice = [0u8; 1];
-    s.read_exact(&mut choice).await?;
-    if choice[0] != SEC_VNC_AUTH {
-        if v38 {
-            let mut msg = 1u32.to_be_bytes().to_vec();
-            push_string(&mut msg, BAD_SECURITY_REASON.as_bytes());
-            s.write_all(&msg).await?;
+        let n = s.read(&mut buf).await?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the client closed the connection during the RFB handshake",
+            ));
+        }
+        if let Err(e) = hs.feed(buf.get(..n).unwrap_or_default()) {
+            s.write_all(&hs.take_output()).await?;
             s.flush().await?;
+            let kind = match e {
+                ClientError::AuthFailed => io::ErrorKind::PermissionDenied,
+                _ => io::ErrorKind::InvalidData,
+            };
+            return Err(io::Error::new(kind, e));
         }
-        return Err(invalid("client chose a security type that was not offered"));
     }
-
-    let mut challenge = [0u8; vncauth::CHALLENGE_LEN];
-    getrandom::fill(&mut challenge)
-        .map_err(|e| io::Error::other(format!("no randomness for the VNC challenge: {e}")))?;
-    s.write_all(&challenge).await?;
-    let mut answer = [0u8; vncauth::CHALLENGE_LEN];
-    s.read_exact(&mut answer).await?;
-    if !vncauth::verify(password, &challenge, &answer) {
-        let mut msg = 1u32.to_be_bytes().to_vec();
-        if v38 {
-            push_string(&mut msg, AUTH_FAILED_REASON.as_bytes());
-        }
-        s.write_all(&msg).await?;
-        s.flush().await?;
-        return Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            "client failed VNC authentication",
-        ));
-    }
-    s.write_all(&0u32.to_be_bytes()).await?;
-
-    // ClientInit: the shared flag does not matter, every connection has its
-    // own picture.
-    let mut shared = [0u8; 1];
-    s.read_exact(&mut shared).await?;
-
-    let name = truncated_name(name);
-    let mut init = Vec::with_capacity(24 + name.len());
-    init.extend_from_slice(&WIDTH.to_be_bytes());
-    init.extend_from_slice(&HEIGHT.to_be_bytes());
-    init.extend_from_slice(&PixelFormat::SERVER.encode());
-    push_string(&mut init, name.as_bytes());
-    s.write_all(&init).await?;
-    s.flush().await
 }
 
-/// Normal operation after the handshake: client messages and framebuffer
-/// updates.
-async fn session<S>(s: &mut S) -> io::Result<()>
+/// Normal operation after the handshake: moves bytes between the stream and
+/// a [`Session`], and keeps the time. `early` holds client messages that
+/// arrived with the end of the handshake.
+async fn session<S>(s: &mut S, early: Vec<u8>) -> io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let start = Instant::now();
-    let mut screen = Screen::new();
-    let mut conv = Converter::new(&PixelFormat::SERVER)?;
-    let mut parser = MsgParser::default();
-    let mut inbuf = vec![0u8; READ_BUF_LEN];
-    let mut have = 0usize;
-    let mut pending: Option<Area> = None;
-    let mut out = Vec::new();
+    let mut session = Session::new();
+    let mut input = early;
+    let mut buf = vec![0u8; READ_BUF_LEN];
     let mut ticker = tokio::time::interval(FRAME_INTERVAL);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
     loop {
+        // Every complete message so far; an update asked for at once is
+        // written before the next message is handled.
+        let mut used = 0;
+        loop {
+            let rest = input.get(used..).unwrap_or_default();
+            let (n, update) = session.receive(rest, start.elapsed())?;
+            used += n;
+            match update {
+                Some(update) => s.write_all(update).await?,
+                None => break,
+            }
+        }
+        // What is left is less than one message.
+        input.drain(..used.min(input.len()));
+
         tokio::select! {
-            read = s.read(&mut inbuf[have..]) => {
+            read = s.read(&mut buf) => {
                 let n = read?;
                 if n == 0 {
                     return Ok(());
                 }
-                have += n;
-                let mut off = 0;
-                while off < have {
-                    let (used, msg) = parser.parse(inbuf.get(off..have).unwrap_or(&[]))?;
-                    if used == 0 {
-                        break;
-                    }
-                    off += used;
-                    match msg {
-                        Some(ClientMsg::SetPixelFormat(pf)) => conv = Converter::new(&pf)?,
-                        Some(ClientMsg::UpdateRequest { incremental: false, area }) => {
-                            // Non-incremental: the client wants it all, now.
-                            screen.render(start.elapsed());
-                            screen.encode_update(area, &conv, true, &mut out);
-                            s.write_all(&out).await?;
-                            pending = None;
-                        }
-                        Some(ClientMsg::UpdateRequest { incremental: true, area }) => {
-                            pending = Some(pending.map_or(area, |p| p.union(area)));
-                        }
-                        Some(ClientMsg::Key { down, keysym }) => screen.key(down, keysym),
-                        Some(ClientMsg::Pointer { buttons, x, y }) => screen.pointer(buttons, x, y),
-                        Some(ClientMsg::SetEncodings { .. } | ClientMsg::CutText { .. }) | None => {}
-                    }
-                }
-                inbuf.copy_within(off..have, 0);
-                have -= off;
-                if have == inbuf.len() {
-                    // Cannot happen (every message is far shorter than the
-                    // buffer), but a full buffer would read as end-of-stream.
-                    return Err(invalid("client message does not fit the input buffer"));
-                }
+                input.extend_from_slice(buf.get(..n).unwrap_or_default());
             }
-            _ = ticker.tick(), if pending.is_some() => {
-                if let Some(area) = pending {
-                    screen.render(start.elapsed());
-                    if screen.encode_update(area, &conv, false, &mut out) {
-                        s.write_all(&out).await?;
-                        pending = None;
-                    }
-                    // Nothing changed: keep the request until the next tick.
+            _ = ticker.tick(), if session.wants_tick() => {
+                if let Some(update) = session.tick(start.elapsed()) {
+                    s.write_all(update).await?;
                 }
             }
         }
     }
 }
 
-/// An RFB PIXEL_FORMAT.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct PixelFormat {
-    bits_per_pixel: u8,
-    depth: u8,
-    big_endian: bool,
-    true_colour: bool,
-    red_max: u16,
-    green_max: u16,
-    blue_max: u16,
-    red_shift: u8,
-    green_shift: u8,
-    blue_shift: u8,
+/// The demo's side of a connection after the handshake, without I/O: client
+/// messages in, framebuffer updates out, the time given by the caller.
+pub struct Session {
+    screen: Screen,
+    conv: Converter,
+    parser: MsgParser,
+    /// The area of an incremental update request not answered yet.
+    pending: Option<Area>,
+    /// The update being handed out.
+    out: Vec<u8>,
 }
 
-impl PixelFormat {
-    /// The format announced in ServerInit.
-    const SERVER: PixelFormat = PixelFormat {
-        bits_per_pixel: 32,
-        depth: 24,
-        big_endian: false,
-        true_colour: true,
-        red_max: 255,
-        green_max: 255,
-        blue_max: 255,
-        red_shift: 16,
-        green_shift: 8,
-        blue_shift: 0,
-    };
+impl Default for Session {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
-    fn encode(&self) -> [u8; 16] {
-        let [rh, rl] = self.red_max.to_be_bytes();
-        let [gh, gl] = self.green_max.to_be_bytes();
-        let [bh, bl] = self.blue_max.to_be_bytes();
-        [
-            self.bits_per_pixel,
-            self.depth,
-            u8::from(self.big_endian),
-            u8::from(self.true_colour),
-            rh,
-            rl,
-            gh,
-            gl,
-            bh,
-            bl,
-            self.red_shift,
-            self.green_shift,
-            self.blue_shift,
-            0,
-            0,
-            0,
-        ]
+impl Session {
+    pub fn new() -> Session {
+        Session {
+            screen: Screen::new(),
+            conv: Converter::server(),
+            parser: MsgParser::default(),
+            pending: None,
+            out: Vec::new(),
+        }
     }
 
-    fn decode(b: &[u8; 16]) -> PixelFormat {
-        PixelFormat {
-            bits_per_pixel: b[0],
-            depth: b[1],
-            big_endian: b[2] != 0,
-            true_colour: b[3] != 0,
-            red_max: u16::from_be_bytes([b[4], b[5]]),
-            green_max: u16::from_be_bytes([b[6], b[7]]),
-            blue_max: u16::from_be_bytes([b[8], b[9]]),
-            red_shift: b[10],
-            green_shift: b[11],
-            blue_shift: b[12],
+    /// Handles client messages from the front of `input`, `elapsed` into the
+    /// connection, until one asks for an update at once. Returns how many
+    /// bytes it used and that update; write it out, then call again with the
+    /// rest. Bytes of an incomplete message are not used. An error means the
+    /// connection must be closed.
+    pub fn receive(
+        &mut self,
+        input: &[u8],
+        elapsed: Duration,
+    ) -> io::Result<(usize, Option<&[u8]>)> {
+        let mut used = 0;
+        loop {
+            let (n, msg) = self.parser.parse(input.get(used..).unwrap_or_default())?;
+            if n == 0 {
+                return Ok((used, None));
+            }
+            used += n;
+            match msg {
+                Some(ClientMsg::SetPixelFormat(pf)) => self.conv = Converter::new(&pf)?,
+                Some(ClientMsg::UpdateRequest {
+                    incremental: false,
+                    area,
+                }) => {
+                    // Non-incremental: the client wants it all, now.
+                    self.screen.render(elapsed);
+                    self.screen
+                        .encode_update(area, &self.conv, true, &mut self.out);
+                    self.pending = None;
+                    return Ok((used, Some(&self.out)));
+                }
+                Some(ClientMsg::UpdateRequest {
+                    incremental: true,
+                    area,
+                }) => {
+                    self.pending = Some(self.pending.map_or(area, |p| p.union(area)));
+                }
+                Some(ClientMsg::Key { down, keysym }) => self.screen.key(down, keysym),
+                Some(ClientMsg::Pointer { buttons, x, y }) => self.screen.pointer(buttons, x, y),
+                Some(ClientMsg::SetEncodings { .. } | ClientMsg::CutText { .. }) | None => {}
+            }
         }
+    }
+
+    /// Whether an incremental update is waiting: then call [`tick`](Self::tick)
+    /// every [`FRAME_INTERVAL`].
+    pub fn wants_tick(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// The incremental update due `elapsed` into the connection, if anything
+    /// in the requested area changed; otherwise the request waits for the
+    /// next tick.
+    pub fn tick(&mut self, elapsed: Duration) -> Option<&[u8]> {
+        let area = self.pending?;
+        self.screen.render(elapsed);
+        if !self
+            .screen
+            .encode_update(area, &self.conv, false, &mut self.out)
+        {
+            return None;
+        }
+        self.pending = None;
+        Some(&self.out)
     }
 }
 
@@ -339,6 +309,11 @@ struct Converter {
 }
 
 impl Converter {
+    /// For the format announced in ServerInit, which is always supported.
+    fn server() -> Converter {
+        Converter::tables(&SERVER_FORMAT)
+    }
+
     fn new(pf: &PixelFormat) -> io::Result<Converter> {
         if pf.bits_per_pixel != 32 || !pf.true_colour {
             return Err(invalid(
@@ -348,12 +323,17 @@ impl Converter {
         if pf.red_shift > 31 || pf.green_shift > 31 || pf.blue_shift > 31 {
             return Err(invalid("pixel format shift out of range"));
         }
-        Ok(Converter {
+        Ok(Converter::tables(pf))
+    }
+
+    /// The lookup tables for `pf`, whose shifts must be at most 31.
+    fn tables(pf: &PixelFormat) -> Converter {
+        Converter {
             red: channel_table(pf.red_max, pf.red_shift),
             green: channel_table(pf.green_max, pf.green_shift),
             blue: channel_table(pf.blue_max, pf.blue_shift),
             big_endian: pf.big_endian,
-        })
+        }
     }
 
     fn pixel(&self, rgb: u32) -> [u8; 4] {
@@ -492,7 +472,7 @@ impl MsgParser {
         let be32 = |i: usize| u32::from_be_bytes([byte(i), byte(i + 1), byte(i + 2), byte(i + 3)]);
         let msg = match kind {
             0 => {
-                let mut pf = [0u8; 16];
+                let mut pf = [0u8; PixelFormat::LEN];
                 for (i, b) in pf.iter_mut().enumerate() {
                     *b = byte(4 + i);
                 }
@@ -876,6 +856,8 @@ fn draw_number(fb: &mut [u32], x: i32, y: i32, scale: i32, n: u64, colour: u32) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rfb::server::{REASON_ONLY_VNC_AUTH, REASON_VERSION};
+    use crate::rfb::vncauth;
     use std::net::SocketAddr;
     use tokio::net::TcpStream;
 
@@ -932,9 +914,9 @@ mod tests {
             s.write_all(&[1]).await.unwrap(); // ClientInit, shared
             assert_eq!(s.read_u16().await.unwrap(), WIDTH);
             assert_eq!(s.read_u16().await.unwrap(), HEIGHT);
-            let mut pf = [0u8; 16];
+            let mut pf = [0u8; PixelFormat::LEN];
             s.read_exact(&mut pf).await.unwrap();
-            assert_eq!(PixelFormat::decode(&pf), PixelFormat::SERVER);
+            assert_eq!(PixelFormat::decode(&pf), SERVER_FORMAT);
             assert_eq!(
                 pf[..13],
                 [32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16, 8, 0],
@@ -1037,7 +1019,7 @@ mod tests {
         timed(async {
             let addr = start_server().await;
             let mut c = TestClient::login(addr, b"RFB 003.008\n").await;
-            c.set_pixel_format(&PixelFormat::SERVER).await;
+            c.set_pixel_format(&SERVER_FORMAT).await;
             c.set_encodings(&[0, 1, -239, 7, 16]).await;
             c.request(false, FULL).await;
             let rects = c.read_update().await;
@@ -1119,7 +1101,7 @@ mod tests {
             let len = s.read_u32().await.unwrap() as usize;
             let mut reason = vec![0u8; len];
             s.read_exact(&mut reason).await.unwrap();
-            assert_eq!(reason, BAD_VERSION_REASON.as_bytes());
+            assert_eq!(reason, REASON_VERSION.as_bytes());
         })
         .await;
     }
@@ -1134,7 +1116,7 @@ mod tests {
             let len = s.read_u32().await.unwrap() as usize;
             let mut reason = vec![0u8; len];
             s.read_exact(&mut reason).await.unwrap();
-            assert_eq!(reason, BAD_SECURITY_REASON.as_bytes());
+            assert_eq!(reason, REASON_ONLY_VNC_AUTH.as_bytes());
         })
         .await;
     }
@@ -1185,7 +1167,7 @@ mod tests {
                 red_shift: 0,
                 green_shift: 8,
                 blue_shift: 16,
-                ..PixelFormat::SERVER
+                ..SERVER_FORMAT
             };
             c.set_pixel_format(&pf).await;
             c.request(false, FULL).await;
@@ -1238,7 +1220,7 @@ mod tests {
             let pf = PixelFormat {
                 bits_per_pixel: 16,
                 depth: 16,
-                ..PixelFormat::SERVER
+                ..SERVER_FORMAT
             };
             c.set_pixel_format(&pf).await;
             c.expect_closed().await;
@@ -1287,7 +1269,128 @@ mod tests {
         .await;
     }
 
+    #[tokio::test]
+    async fn pipelined_client_gets_its_update() {
+        // Everything after the challenge in one write: the messages that come
+        // with the end of the handshake reach the session.
+        timed(async {
+            let addr = start_server().await;
+            let mut s = TestClient::connect(addr, b"RFB 003.008\n").await;
+            s.write_all(&[2]).await.unwrap();
+            let mut challenge = [0u8; 16];
+            s.read_exact(&mut challenge).await.unwrap();
+            let mut msg = vncauth::response(PASSWORD.as_bytes(), &challenge).to_vec();
+            msg.push(1); // ClientInit
+            msg.extend_from_slice(&[3, 0, 0, 0, 0, 0, 0, 5, 0, 5]); // 5x5 update, now
+            s.write_all(&msg).await.unwrap();
+            assert_eq!(s.read_u32().await.unwrap(), 0, "SecurityResult OK");
+            let mut init = [0u8; 24];
+            s.read_exact(&mut init).await.unwrap();
+            let mut name = vec![0u8; u32::from_be_bytes(init[20..24].try_into().unwrap()) as usize];
+            s.read_exact(&mut name).await.unwrap();
+            let mut c = TestClient {
+                s,
+                fb: vec![0; W * H * 4],
+            };
+            assert_eq!(
+                c.read_update().await,
+                [Area {
+                    x: 0,
+                    y: 0,
+                    w: 5,
+                    h: 5
+                }]
+            );
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn unknown_client_version_is_told_why() {
+        timed(async {
+            let addr = start_server().await;
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            let mut v = [0u8; 12];
+            s.read_exact(&mut v).await.unwrap();
+            s.write_all(b"RFB 003.005\n").await.unwrap();
+            assert_eq!(s.read_u8().await.unwrap(), 0, "no security types");
+            let len = s.read_u32().await.unwrap() as usize;
+            let mut reason = vec![0u8; len];
+            s.read_exact(&mut reason).await.unwrap();
+            assert_eq!(reason, REASON_VERSION.as_bytes());
+            let mut c = TestClient { s, fb: Vec::new() };
+            c.expect_closed().await;
+        })
+        .await;
+    }
+
     // ----- synchronous unit tests -----
+
+    #[test]
+    fn handshake_is_the_same_in_any_fragmentation() {
+        let challenge = [7u8; CHALLENGE_LEN];
+        let mut input = b"RFB 003.008\n\x02".to_vec();
+        input.extend_from_slice(&vncauth::response(PASSWORD.as_bytes(), &challenge));
+        input.extend_from_slice(&[1, 5, 0, 0, 1, 0, 1]);
+        let run = |chunk: usize| {
+            let mut hs = handshake(PASSWORD.as_bytes(), challenge, "n");
+            let mut out = hs.take_output();
+            for piece in input.chunks(chunk) {
+                hs.feed(piece).unwrap();
+                out.extend(hs.take_output());
+            }
+            assert!(hs.is_done());
+            (out, hs.take_leftovers())
+        };
+        let whole = run(input.len());
+        assert_eq!(
+            whole.1,
+            [5, 0, 0, 1, 0, 1],
+            "a PointerEvent after ClientInit"
+        );
+        assert_eq!(whole.0.len(), 12 + 2 + 16 + 4 + 24 + 1);
+        for chunk in [1, 2, 5] {
+            assert_eq!(run(chunk), whole, "fragment size {chunk}");
+        }
+    }
+
+    #[test]
+    fn session_hands_out_one_update_at_a_time() {
+        let mut session = Session::new();
+        let now = Duration::from_millis(100);
+        let request = |incremental: bool, w: u16| {
+            let mut m = vec![3u8, u8::from(incremental), 0, 0, 0, 0];
+            m.extend_from_slice(&w.to_be_bytes());
+            m.extend_from_slice(&1u16.to_be_bytes());
+            m
+        };
+        let mut input = [5u8, 0, 0, 1, 0, 1].to_vec();
+        input.extend(request(false, 2));
+        input.extend(request(false, 3));
+        input.extend(&request(true, 4)[..5]);
+        let (used, update) = session.receive(&input, now).unwrap();
+        assert_eq!(used, 6 + 10, "stops after the first update");
+        assert_eq!(update.map(<[u8]>::len), Some(4 + 12 + 2 * 4));
+        let (used2, update) = session.receive(&input[used..], now).unwrap();
+        assert_eq!(used2, 10);
+        assert_eq!(update.map(<[u8]>::len), Some(4 + 12 + 3 * 4));
+        // Half a message: nothing used, nothing sent.
+        let rest = &input[used + used2..];
+        assert_eq!(session.receive(rest, now).unwrap(), (0, None));
+        assert!(!session.wants_tick());
+        // Incremental requests wait for a tick, and only changes are sent.
+        let (_, update) = session.receive(&request(true, 800), now).unwrap();
+        assert!(update.is_none());
+        assert!(session.wants_tick());
+        let update = session.tick(now).map(<[u8]>::to_vec).unwrap();
+        assert!(
+            update.len() < 4 + 12 + 800 * 4,
+            "only what the client lacks"
+        );
+        assert!(!session.wants_tick());
+        // Bad input is an error.
+        assert!(session.receive(&[9], now).is_err());
+    }
 
     fn parse_all(parser: &mut MsgParser, data: &[u8], chunk: usize) -> io::Result<Vec<ClientMsg>> {
         // Simulates the session's buffer handling with a given read size.
@@ -1315,7 +1418,7 @@ mod tests {
 
     fn sample_stream() -> Vec<u8> {
         let mut d = vec![0u8, 0, 0, 0];
-        d.extend_from_slice(&PixelFormat::SERVER.encode());
+        d.extend_from_slice(&SERVER_FORMAT.encode());
         d.extend_from_slice(&[2, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, 0xff, 0xff, 0x11]);
         d.extend_from_slice(&[3, 1, 0, 1, 0, 2, 0, 3, 0, 4]);
         d.extend_from_slice(&[4, 1, 0, 0, 0, 0, 0xff, 0x0d]);
@@ -1329,7 +1432,7 @@ mod tests {
     #[test]
     fn parser_reads_every_message_in_any_fragmentation() {
         let expected = vec![
-            ClientMsg::SetPixelFormat(PixelFormat::SERVER),
+            ClientMsg::SetPixelFormat(SERVER_FORMAT),
             ClientMsg::SetEncodings { count: 3 },
             ClientMsg::UpdateRequest {
                 incremental: true,
@@ -1420,11 +1523,11 @@ mod tests {
 
     #[test]
     fn converter_formats() {
-        let c = Converter::new(&PixelFormat::SERVER).unwrap();
+        let c = Converter::new(&SERVER_FORMAT).unwrap();
         assert_eq!(c.pixel(0x123456), [0x56, 0x34, 0x12, 0]);
         let be = Converter::new(&PixelFormat {
             big_endian: true,
-            ..PixelFormat::SERVER
+            ..SERVER_FORMAT
         })
         .unwrap();
         assert_eq!(be.pixel(0x123456), [0, 0x12, 0x34, 0x56]);
@@ -1432,7 +1535,7 @@ mod tests {
             red_shift: 0,
             green_shift: 8,
             blue_shift: 16,
-            ..PixelFormat::SERVER
+            ..SERVER_FORMAT
         })
         .unwrap();
         assert_eq!(bgr.pixel(0x123456), [0x12, 0x34, 0x56, 0]);
@@ -1444,7 +1547,7 @@ mod tests {
             red_shift: 27,
             green_shift: 5,
             blue_shift: 31,
-            ..PixelFormat::SERVER
+            ..SERVER_FORMAT
         })
         .unwrap();
         let v = u32::from_le_bytes(odd.pixel(0xffffff));
@@ -1454,44 +1557,27 @@ mod tests {
         for bad in [
             PixelFormat {
                 bits_per_pixel: 16,
-                ..PixelFormat::SERVER
+                ..SERVER_FORMAT
             },
             PixelFormat {
                 bits_per_pixel: 8,
-                ..PixelFormat::SERVER
+                ..SERVER_FORMAT
             },
             PixelFormat {
                 true_colour: false,
-                ..PixelFormat::SERVER
+                ..SERVER_FORMAT
             },
             PixelFormat {
                 red_shift: 32,
-                ..PixelFormat::SERVER
+                ..SERVER_FORMAT
             },
             PixelFormat {
                 blue_shift: 255,
-                ..PixelFormat::SERVER
+                ..SERVER_FORMAT
             },
         ] {
             assert!(Converter::new(&bad).is_err(), "{bad:?}");
         }
-    }
-
-    #[test]
-    fn pixel_format_round_trip() {
-        let pf = PixelFormat {
-            bits_per_pixel: 32,
-            depth: 24,
-            big_endian: true,
-            true_colour: true,
-            red_max: 0x1234,
-            green_max: 0x5678,
-            blue_max: 0x9abc,
-            red_shift: 1,
-            green_shift: 2,
-            blue_shift: 3,
-        };
-        assert_eq!(PixelFormat::decode(&pf.encode()), pf);
     }
 
     #[test]
@@ -1623,7 +1709,7 @@ mod tests {
 
     #[test]
     fn incremental_updates_send_only_changes() {
-        let conv = Converter::new(&PixelFormat::SERVER).unwrap();
+        let conv = Converter::new(&SERVER_FORMAT).unwrap();
         let mut s = Screen::new();
         let mut out = Vec::new();
         let t = Duration::from_millis(500);
@@ -1676,7 +1762,7 @@ mod tests {
 
     #[test]
     fn animation_updates_separate_rows_as_separate_rects() {
-        let conv = Converter::new(&PixelFormat::SERVER).unwrap();
+        let conv = Converter::new(&SERVER_FORMAT).unwrap();
         let mut s = Screen::new();
         let mut out = Vec::new();
         s.render(Duration::from_millis(0));
@@ -1687,16 +1773,5 @@ mod tests {
         assert!(n >= 2, "band, counter and clock are separate runs: {n}");
         // Much less than a full frame.
         assert!(out.len() < W * H * 4 / 2);
-    }
-
-    #[test]
-    fn name_is_truncated_on_char_boundary() {
-        assert_eq!(truncated_name("abc"), "abc");
-        let long = "é".repeat(1000); // 2000 bytes
-        let t = truncated_name(&long);
-        assert_eq!(t.len(), 1024);
-        assert!(t.chars().all(|c| c == 'é'));
-        let odd = format!("a{}", "é".repeat(600));
-        assert_eq!(truncated_name(&odd).len(), 1023);
     }
 }

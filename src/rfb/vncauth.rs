@@ -4,9 +4,9 @@
 //! The server sends a random 16-byte challenge and the client answers with the
 //! challenge encrypted by single DES (ECB, two 8-byte blocks) under a key made
 //! from the password. The broker needs this in two places: the security proxy
-//! ([`crate::rfb`]) logs in to a VNC server on the browser's behalf, so the
-//! browser never learns the password, and the demo server ([`crate::demo::vnc`])
-//! checks its own clients.
+//! ([`crate::rfb::SecurityProxy`]) logs in to a VNC server on the browser's
+//! behalf, so the browser never learns the password, and the server handshake
+//! ([`crate::rfb::server`]) checks the clients of the demo VNC server.
 //!
 //! Two historical quirks are part of the protocol and must be reproduced: only
 //! the first 8 bytes of the password count (shorter ones are zero-padded), and
