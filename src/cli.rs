@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::inventory::{Console, LocalInventory};
 use crate::secrets::Secrets;
 use crate::service::{MintRequest, TokenService};
-use crate::store::{self, Cause, Revocation, Revoked, Store, Vm};
+use crate::store::{self, Cause, Registry, Revocation, Revoked, Vm};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -244,10 +244,28 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("vncbroker: {e:#}");
+            eprintln!("vncbroker: {}", causes(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, each said once: a message that
+/// already quotes its cause (a store error quotes the database's) is not
+/// followed by it again.
+fn causes(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 /// The effective configuration: file, then environment, then flags.
@@ -617,7 +635,7 @@ async fn vm(cfg: &Config, cmd: VmCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn update_vm(store: &dyn Store, vm: &Vm) -> anyhow::Result<()> {
+async fn update_vm(store: &dyn Registry, vm: &Vm) -> anyhow::Result<()> {
     match store.update_vm(vm).await? {
         Some(done) => println!("vm {} updated; {}", vm.id, effect(&done)),
         None => bail!("no VM with id {}", vm.id),
@@ -669,7 +687,7 @@ async fn token(cfg: &Config, cmd: TokenCmd) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| format!("http://{}", cfg.listen));
     let inventory = std::sync::Arc::new(LocalInventory::new(
-        std::sync::Arc::clone(&store),
+        store.clone(),
         secrets.clone(),
         cfg.auth_cache_ttl(),
         cfg.api.auth_cache_size,

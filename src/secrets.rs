@@ -17,7 +17,7 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use chacha20poly1305::aead::{Aead, KeyInit};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 
-use crate::store::Store;
+use crate::store::Registry;
 
 const PREFIX: &str = "v1:";
 const NONCE_LEN: usize = 12;
@@ -170,7 +170,7 @@ impl Secrets {
     pub async fn open_for(
         key_file: Option<&str>,
         database: &str,
-        store: &dyn Store,
+        store: &dyn Registry,
     ) -> Result<Secrets, SecretsError> {
         let sample = store
             .sealed_vnc_password()
@@ -248,13 +248,13 @@ mod tests {
         assert!(s.open(std::str::from_utf8(&tampered).unwrap()).is_err());
     }
 
-    async fn sqlite(dir: &Path) -> (String, std::sync::Arc<dyn Store>) {
+    async fn sqlite(dir: &Path) -> (String, std::sync::Arc<dyn crate::store::Store>) {
         let url = format!("sqlite://{}/broker.db", dir.display());
         let store = crate::store::open(&url).await.unwrap();
         (url, store)
     }
 
-    async fn add_sealed_vm(store: &dyn Store, sealed: String) {
+    async fn add_sealed_vm(store: &dyn Registry, sealed: String) {
         if store.user("o").await.unwrap().is_none() {
             store.add_user("o", "h", false).await.unwrap();
         }

@@ -59,7 +59,7 @@ impl Node {
             _ => None,
         };
         // Every database call is timed for /metrics.
-        let store = crate::metrics::TimedStore::wrap(store::open(&cfg.database).await?);
+        let store = store::TimedStore::wrap(store::open(&cfg.database).await?);
         let listener = TcpListener::bind(&cfg.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
@@ -78,7 +78,7 @@ impl Node {
             Secrets::open_for(cfg.secrets.key_file.as_deref(), &cfg.database, &*store).await?;
         let inventory: Arc<dyn Inventory> = match cfg.inventory.kind {
             InventoryKind::Local => Arc::new(LocalInventory::new(
-                Arc::clone(&store),
+                store.clone(),
                 secrets.clone(),
                 cfg.auth_cache_ttl(),
                 cfg.api.auth_cache_size,
@@ -185,7 +185,7 @@ impl Node {
             ));
             background.push(tokio::spawn(proxy::enforce::watch_revocations(
                 Arc::clone(&sessions),
-                Arc::clone(&store),
+                store.clone(),
                 Duration::from_millis(cfg.proxy.revocation_check_ms),
             )));
             if let Some(every) = secs(cfg.proxy.recheck_interval_secs) {

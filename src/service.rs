@@ -116,7 +116,7 @@ impl From<InventoryError> for ServiceError {
 impl From<StoreError> for ServiceError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Unavailable(why) => ServiceError::Unavailable(why),
+            StoreError::Unavailable { what, .. } => ServiceError::Unavailable(what),
             other => ServiceError::Internal(other.to_string()),
         }
     }
@@ -238,7 +238,7 @@ impl TokenService {
                     crate::metrics::global().token_minted();
                     return Ok(self.minted(token, expires_at, ttl, console.vm_id, single_use));
                 }
-                Err(StoreError::Conflict(_)) => continue,
+                Err(StoreError::Conflict { .. }) => continue,
                 Err(e) => return Err(e.into()),
             }
         }

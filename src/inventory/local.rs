@@ -8,10 +8,10 @@ use async_trait::async_trait;
 use super::{Console, Credential, Grant, Inventory, InventoryError, Lapse, Principal, Verdict};
 use crate::auth::{VerifyCache, verify_password};
 use crate::secrets::Secrets;
-use crate::store::{Store, StoreError, User, Vm};
+use crate::store::{Registry, StoreError, User, Vm};
 
 pub struct LocalInventory {
-    store: Arc<dyn Store>,
+    store: Arc<dyn Registry>,
     cache: VerifyCache,
     secrets: Secrets,
 }
@@ -19,7 +19,7 @@ pub struct LocalInventory {
 impl LocalInventory {
     /// `secrets` opens the VMs' stored VNC passwords.
     pub fn new(
-        store: Arc<dyn Store>,
+        store: Arc<dyn Registry>,
         secrets: Secrets,
         cache_ttl: Duration,
         cache_size: usize,

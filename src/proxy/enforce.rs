@@ -7,7 +7,7 @@ use std::time::Duration;
 use super::sessions::{Sessions, Stop};
 use crate::inventory::Verdict;
 use crate::service::TokenService;
-use crate::store::Store;
+use crate::store::TokenStore;
 
 /// Most revocations read in one look; a longer backlog takes several.
 const BATCH: u32 = 500;
@@ -15,7 +15,11 @@ const BATCH: u32 = 500;
 /// Follows the store's revocation log until the process ends: every
 /// `every`, and at once when the store signals a revocation (PostgreSQL's
 /// NOTIFY from any node). The periodic look covers a missed signal.
-pub async fn watch_revocations(sessions: Arc<Sessions>, store: Arc<dyn Store>, every: Duration) {
+pub async fn watch_revocations(
+    sessions: Arc<Sessions>,
+    store: Arc<dyn TokenStore>,
+    every: Duration,
+) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let signal = store.revocation_signal();

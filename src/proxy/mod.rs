@@ -42,7 +42,7 @@ use self::sessions::{CatchUp, Entry, Sessions, Stop};
 use crate::inventory::{Credential, Grant, Lapse};
 use crate::limits::FailureLimiter;
 use crate::service::{RedeemError, TokenService};
-use crate::store::{Cause, NewSession, Redemption, SessionEnd, Store};
+use crate::store::{Cause, NewSession, Redemption, SessionEnd, Store, TokenStore};
 use crate::websocket::stream::{Reader, Writer};
 use crate::websocket::upgrade;
 
@@ -561,7 +561,11 @@ async fn stopped(stop: &mut tokio::sync::watch::Receiver<Option<Stop>>) -> Stop 
 /// joined (recorded after its token was redeemed): a revocation made while
 /// the session was being set up still ends it. If the log cannot be read
 /// the session ends rather than run unchecked.
-async fn catch_up(store: &dyn Store, registration: &sessions::Registration, record: Option<i64>) {
+async fn catch_up(
+    store: &dyn TokenStore,
+    registration: &sessions::Registration,
+    record: Option<i64>,
+) {
     let CatchUp::Needed { mut seen, upto } = registration.attach(record) else {
         return;
     };

@@ -15,6 +15,7 @@ mod sqlite;
 pub(crate) mod testpg;
 #[cfg(test)]
 mod tests;
+mod timed;
 
 use std::sync::Arc;
 
@@ -22,25 +23,111 @@ use async_trait::async_trait;
 
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
+pub use timed::{StoreOp, TimedStore};
 
 use crate::token::TokenHash;
 
 /// Errors callers branch on: a duplicate is retried or reported, an
-/// unavailable store fails the request fast.
+/// unavailable store fails the request fast. `what` is the message shown to
+/// operators; `source` keeps the backend's own error, where there was one.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// A unique key already exists (a token hash, a user name, a VM id).
-    #[error("already exists: {0}")]
-    Conflict(String),
+    #[error("already exists: {what}")]
+    Conflict {
+        what: String,
+        #[source]
+        source: Option<BackendError>,
+    },
     /// A referenced row is missing (e.g. a VM's owner).
-    #[error("not found: {0}")]
-    NotFound(String),
+    #[error("not found: {what}")]
+    NotFound {
+        what: String,
+        #[source]
+        source: Option<BackendError>,
+    },
     /// The database is locked, unreachable or cannot be opened.
-    #[error("database unavailable: {0}")]
-    Unavailable(String),
+    #[error("database unavailable: {what}")]
+    Unavailable {
+        what: String,
+        #[source]
+        source: Option<BackendError>,
+    },
     /// Anything else the backend reported.
-    #[error("database error: {0}")]
-    Internal(String),
+    #[error("database error: {what}")]
+    Internal {
+        what: String,
+        #[source]
+        source: Option<BackendError>,
+    },
+}
+
+/// The error a backend's library reported.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error(transparent)]
+    Tls(#[from] rustls::Error),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// A blocking database call panicked or was cancelled.
+    #[error(transparent)]
+    Task(#[from] tokio::task::JoinError),
+}
+
+impl StoreError {
+    pub(crate) fn conflict(what: impl Into<String>) -> StoreError {
+        StoreError::Conflict {
+            what: what.into(),
+            source: None,
+        }
+    }
+
+    pub(crate) fn not_found(what: impl Into<String>) -> StoreError {
+        StoreError::NotFound {
+            what: what.into(),
+            source: None,
+        }
+    }
+
+    pub(crate) fn unavailable(what: impl Into<String>) -> StoreError {
+        StoreError::Unavailable {
+            what: what.into(),
+            source: None,
+        }
+    }
+
+    pub(crate) fn internal(what: impl Into<String>) -> StoreError {
+        StoreError::Internal {
+            what: what.into(),
+            source: None,
+        }
+    }
+
+    /// The same error, keeping `source` as its cause.
+    pub(crate) fn caused_by(mut self, cause: impl Into<BackendError>) -> StoreError {
+        let (StoreError::Conflict { source, .. }
+        | StoreError::NotFound { source, .. }
+        | StoreError::Unavailable { source, .. }
+        | StoreError::Internal { source, .. }) = &mut self;
+        *source = Some(cause.into());
+        self
+    }
+
+    /// The `kind` label of `vncbroker_store_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::Conflict { .. } => "conflict",
+            StoreError::NotFound { .. } => "not_found",
+            StoreError::Unavailable { .. } => "unavailable",
+            StoreError::Internal { .. } => "internal",
+        }
+    }
 }
 
 /// A token row as minted. The target is fixed here, once.
@@ -263,12 +350,25 @@ impl Revoked {
     }
 }
 
+/// `u64` counters are stored as a signed 64-bit integer (SQLite's INTEGER,
+/// PostgreSQL's BIGINT); a count past its range is kept at the maximum
+/// rather than wrapping negative.
+pub(crate) fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Reads back a count stored by [`to_i64`]; a negative one (never written
+/// by this program) reads as 0.
+pub(crate) fn to_u64(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
 /// A revocation must name what it ends: one with no field set would end
 /// every session everywhere, which no caller means.
 pub(crate) fn check_scope(r: &Revocation) -> Result<(), StoreError> {
     if r.vm_id.is_none() && r.user.is_none() && r.session_id.is_none() {
-        return Err(StoreError::Internal(
-            "a revocation must name a VM, a user or a session".into(),
+        return Err(StoreError::internal(
+            "a revocation must name a VM, a user or a session",
         ));
     }
     Ok(())
@@ -342,10 +442,10 @@ pub struct SessionFilter {
     pub limit: u32,
 }
 
-/// The persistence interface. Each method is one thing a caller needs, done
-/// atomically by the backend.
+/// What the token service and the proxy need: tokens are minted, redeemed
+/// and revoked, and proxies follow the revocations.
 #[async_trait]
-pub trait Store: Send + Sync {
+pub trait TokenStore: Send + Sync {
     /// Stores a minted token; [`StoreError::Conflict`] if its hash exists.
     async fn insert_token(&self, token: &NewToken) -> Result<i64, StoreError>;
     /// Records a revocation, revokes the tokens it covers and counts the live
@@ -372,6 +472,16 @@ pub trait Store: Send + Sync {
     /// many.
     async fn purge_revocations(&self, before: i64) -> Result<u64, StoreError>;
 
+    /// Woken whenever any node revokes tokens, if the backend can tell
+    /// (PostgreSQL's `NOTIFY`); `None` where it cannot. Proxies still look
+    /// periodically, so a missed wake-up only delays the end of a revoked
+    /// session.
+    fn revocation_signal(&self) -> Option<Arc<tokio::sync::Notify>>;
+}
+
+/// The record of proxied sessions: the proxy writes it, operators read it.
+#[async_trait]
+pub trait SessionLog: Send + Sync {
     /// Records the start of a proxied session; returns its id.
     async fn open_session(&self, session: &NewSession) -> Result<i64, StoreError>;
     /// Records the end of a proxied session.
@@ -385,6 +495,15 @@ pub trait Store: Send + Sync {
     /// One recorded session.
     async fn session(&self, id: i64) -> Result<Option<SessionRecord>, StoreError>;
 
+    /// Deletes recorded sessions that ended before `before` (live sessions
+    /// are kept whatever their age); returns how many. The session
+    /// retention (`[sessions] retention_days`) calls it periodically.
+    async fn purge_sessions(&self, before: i64) -> Result<u64, StoreError>;
+}
+
+/// The local registry of users and VMs, for the local inventory and the CLI.
+#[async_trait]
+pub trait Registry: Send + Sync {
     async fn add_user(
         &self,
         name: &str,
@@ -414,42 +533,30 @@ pub trait Store: Send + Sync {
     /// and ends its sessions; `None` if there was none.
     async fn remove_vm(&self, id: i64) -> Result<Option<Revoked>, StoreError>;
 
-    /// Woken whenever any node revokes tokens, if the backend can tell
-    /// (PostgreSQL's `NOTIFY`). Proxies still look periodically, so a missed
-    /// wake-up only delays the end of a revoked session.
-    fn revocation_signal(&self) -> Option<Arc<tokio::sync::Notify>> {
-        None
-    }
-
-    /// Deletes recorded sessions that ended before `before` (live sessions
-    /// are kept whatever their age); returns how many. The session
-    /// retention (`[sessions] retention_days`) calls it periodically.
-    async fn purge_sessions(&self, before: i64) -> Result<u64, StoreError>;
-
     /// One VM's sealed VNC password, if any VM has one: the key check at
     /// start opens it, and a database holding one never gets a new key.
-    async fn sealed_vnc_password(&self) -> Result<Option<String>, StoreError> {
-        Ok(self.vms().await?.into_iter().find_map(|vm| vm.vnc_password))
-    }
-
-    /// A cheap query that succeeds while the store answers; `/readyz`
-    /// calls it.
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.sessions(&SessionFilter {
-            limit: 0,
-            ..SessionFilter::default()
-        })
-        .await
-        .map(|_| ())
-    }
+    async fn sealed_vnc_password(&self) -> Result<Option<String>, StoreError>;
 }
+
+/// Whether the store answers, for `/readyz`.
+#[async_trait]
+pub trait Health: Send + Sync {
+    /// A cheap query that succeeds while the store answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Every interface at once: what [`open`] gives, for the node's wiring to
+/// hand each caller the part it needs.
+pub trait Store: TokenStore + SessionLog + Registry + Health {}
+
+impl<T: TokenStore + SessionLog + Registry + Health + ?Sized> Store for T {}
 
 /// Opens the store a `database` URL names, creating and migrating it.
 pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     if let Some(path) = url.strip_prefix("sqlite://") {
         if path.is_empty() {
-            return Err(StoreError::Unavailable(
-                "sqlite:// needs a file path, e.g. sqlite:///var/lib/vncbroker/db.sqlite".into(),
+            return Err(StoreError::unavailable(
+                "sqlite:// needs a file path, e.g. sqlite:///var/lib/vncbroker/db.sqlite",
             ));
         }
         let store = SqliteStore::open(path.to_owned()).await?;
@@ -463,7 +570,7 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
         Some((scheme, _)) => format!("database URL scheme {scheme:?}"),
         None => "database setting".to_owned(),
     };
-    Err(StoreError::Unavailable(format!(
+    Err(StoreError::unavailable(format!(
         "unsupported {scheme}: use sqlite://PATH, postgres://USER@HOST/DB, or libpq \
          keyword=value pairs"
     )))

@@ -50,7 +50,7 @@ pub fn connector(info: &ConnInfo) -> Result<Connector, StoreError> {
             inner: webpki(roots, &provider)?,
         }),
         (mode, None) => {
-            return Err(StoreError::Unavailable(format!(
+            return Err(StoreError::unavailable(format!(
                 "sslmode={} needs sslrootcert",
                 mode.as_str()
             )));
@@ -58,7 +58,7 @@ pub fn connector(info: &ConnInfo) -> Result<Connector, StoreError> {
     };
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| StoreError::Internal(format!("TLS protocol versions: {e}")))?
+        .map_err(|e| StoreError::internal(format!("TLS protocol versions: {e}")))?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
@@ -73,12 +73,12 @@ fn load_roots(root: &RootCerts) -> Result<RootCertStore, StoreError> {
         RootCerts::File(path) => {
             let shown = path.display();
             let certs = CertificateDer::pem_file_iter(path)
-                .map_err(|e| StoreError::Unavailable(format!("sslrootcert {shown}: {e}")))?
+                .map_err(|e| StoreError::unavailable(format!("sslrootcert {shown}: {e}")))?
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| StoreError::Unavailable(format!("sslrootcert {shown}: {e}")))?;
+                .map_err(|e| StoreError::unavailable(format!("sslrootcert {shown}: {e}")))?;
             let (added, _) = store.add_parsable_certificates(certs);
             if added == 0 {
-                return Err(StoreError::Unavailable(format!(
+                return Err(StoreError::unavailable(format!(
                     "sslrootcert {shown} holds no PEM CA certificate"
                 )));
             }
@@ -87,10 +87,9 @@ fn load_roots(root: &RootCerts) -> Result<RootCertStore, StoreError> {
             let found = rustls_native_certs::load_native_certs();
             let (added, _) = store.add_parsable_certificates(found.certs);
             if added == 0 {
-                return Err(StoreError::Unavailable(
+                return Err(StoreError::unavailable(
                     "sslrootcert=system: no trusted CA certificates found on this system \
-                     (install ca-certificates, or name a CA file)"
-                        .into(),
+                     (install ca-certificates, or name a CA file)",
                 ));
             }
         }
@@ -104,7 +103,7 @@ fn webpki(
 ) -> Result<Arc<dyn ServerCertVerifier>, StoreError> {
     let verifier = WebPkiServerVerifier::builder_with_provider(roots, Arc::clone(provider))
         .build()
-        .map_err(|e| StoreError::Unavailable(format!("sslrootcert: {e}")))?;
+        .map_err(|e| StoreError::unavailable(format!("sslrootcert: {e}")))?;
     Ok(verifier)
 }
 

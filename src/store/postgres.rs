@@ -39,8 +39,9 @@ use tokio_postgres::{AsyncMessage, Row};
 use super::conninfo::{ConnInfo, SslMode};
 use super::pgtls::{self, Connector};
 use super::{
-    Cause, NewSession, NewToken, RecordedRevocation, Redemption, Revocation, Revoked, SessionEnd,
-    SessionFilter, SessionRecord, Store, StoreError, User, Vm,
+    Cause, Health, NewSession, NewToken, RecordedRevocation, Redemption, Registry, Revocation,
+    Revoked, SessionEnd, SessionFilter, SessionLog, SessionRecord, StoreError, TokenStore, User,
+    Vm, to_i64, to_u64,
 };
 use crate::token::TokenHash;
 
@@ -130,7 +131,7 @@ macro_rules! with_conn {
             None => {
                 drop(Object::take($c));
                 $self.drop_idle();
-                Err(StoreError::Unavailable(format!(
+                Err(StoreError::unavailable(format!(
                     "PostgreSQL did not answer within {limit:?}"
                 )))
             }
@@ -241,7 +242,7 @@ impl PgStore {
     /// handshake says why).
     pub async fn open(url: &str) -> Result<PgStore, StoreError> {
         let info: ConnInfo = url.parse().map_err(|e| {
-            StoreError::Unavailable(format!("invalid PostgreSQL connection string: {e}"))
+            StoreError::unavailable(format!("invalid PostgreSQL connection string: {e}"))
         })?;
         let tls = pgtls::connector(&info)?;
         if info.ssl_mode == SslMode::Disable && !info.ssl_mode_given {
@@ -279,7 +280,7 @@ impl PgStore {
             .create_timeout(Some(create_timeout))
             .recycle_timeout(Some(POOL_RECYCLE))
             .build()
-            .map_err(|e| StoreError::Internal(format!("building the connection pool: {e}")))?;
+            .map_err(|e| StoreError::internal(format!("building the connection pool: {e}")))?;
         let store = PgStore {
             pool,
             hosts,
@@ -337,7 +338,7 @@ impl PgStore {
             .get(0);
         let newest = MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
         if current > newest {
-            return Err(StoreError::Unavailable(format!(
+            return Err(StoreError::unavailable(format!(
                 "database schema version {current} is newer than this vncbroker knows ({newest})"
             )));
         }
@@ -358,19 +359,24 @@ impl PgStore {
 /// Maps a PostgreSQL error: unique violations are conflicts, foreign-key
 /// violations missing rows, connection trouble and timeouts unavailability.
 pub(crate) fn pg_err(e: tokio_postgres::Error) -> StoreError {
-    let text = describe(&e);
+    pg_kind(&e).caused_by(e)
+}
+
+/// The kind a PostgreSQL error is, with its message.
+fn pg_kind(e: &tokio_postgres::Error) -> StoreError {
+    let text = describe(e);
     if let Some(state) = e.code() {
         return if *state == SqlState::UNIQUE_VIOLATION {
-            StoreError::Conflict(text)
+            StoreError::conflict(text)
         } else if *state == SqlState::FOREIGN_KEY_VIOLATION {
-            StoreError::NotFound(text)
+            StoreError::not_found(text)
         } else if unavailable_state(state.code()) {
-            StoreError::Unavailable(text)
+            StoreError::unavailable(text)
         } else {
-            StoreError::Internal(text)
+            StoreError::internal(text)
         };
     }
-    let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
+    let io = std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>());
     // The client's own kinds are private; these are the ones about the
     // connection rather than about a query.
     let connection = matches!(
@@ -382,9 +388,9 @@ pub(crate) fn pg_err(e: tokio_postgres::Error) -> StoreError {
             | "authentication error"
     );
     if e.is_closed() || io || connection {
-        StoreError::Unavailable(text)
+        StoreError::unavailable(text)
     } else {
-        StoreError::Internal(text)
+        StoreError::internal(text)
     }
 }
 
@@ -421,24 +427,20 @@ fn describe(e: &tokio_postgres::Error) -> String {
 }
 
 fn pool_err(e: PoolError) -> StoreError {
-    match e {
+    let kind = match &e {
         PoolError::Backend(e) => {
-            StoreError::Unavailable(format!("cannot connect to PostgreSQL: {}", describe(&e)))
+            StoreError::unavailable(format!("cannot connect to PostgreSQL: {}", describe(e)))
         }
         PoolError::Timeout(kind) => {
-            StoreError::Unavailable(format!("PostgreSQL connection pool timed out ({kind:?})"))
+            StoreError::unavailable(format!("PostgreSQL connection pool timed out ({kind:?})"))
         }
-        other => StoreError::Unavailable(format!("PostgreSQL connection pool: {other}")),
-    }
+        other => StoreError::unavailable(format!("PostgreSQL connection pool: {other}")),
+    };
+    kind.caused_by(e)
 }
 
 fn port(p: i32, what: &str) -> Result<u16, StoreError> {
-    u16::try_from(p).map_err(|_| StoreError::Internal(format!("{what}: bad port {p}")))
-}
-
-/// `u64` counters are stored as BIGINT.
-fn to_i64(n: u64) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
+    u16::try_from(p).map_err(|_| StoreError::internal(format!("{what}: bad port {p}")))
 }
 
 const VM_COLUMNS: &str = "SELECT v.id, v.name, v.vnc_host, v.vnc_port, v.vnc_password, u.name,
@@ -469,8 +471,8 @@ fn session_row(r: &Row) -> SessionRecord {
         node: r.get(4),
         started_at: r.get(5),
         ended_at: r.get(6),
-        bytes_to_client: r.get::<_, i64>(7).max(0) as u64,
-        bytes_to_server: r.get::<_, i64>(8).max(0) as u64,
+        bytes_to_client: to_u64(r.get::<_, i64>(7)),
+        bytes_to_server: to_u64(r.get::<_, i64>(8)),
         close_reason: r.get(9),
     }
 }
@@ -485,7 +487,7 @@ async fn insert_allowed(
             .query_opt("SELECT id FROM users WHERE name = $1", &[name])
             .await
             .map_err(pg_err)?
-            .ok_or_else(|| StoreError::NotFound(format!("user {name:?}")))?
+            .ok_or_else(|| StoreError::not_found(format!("user {name:?}")))?
             .get(0);
         tx.execute(
             "INSERT INTO vm_users (vm_id, user_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
@@ -555,7 +557,7 @@ async fn record_revocation(
     Ok(Revoked {
         seq,
         tokens,
-        sessions: sessions.max(0) as u64,
+        sessions: to_u64(sessions),
     })
 }
 
@@ -569,7 +571,7 @@ fn user_row(r: &Row) -> User {
 }
 
 #[async_trait]
-impl Store for PgStore {
+impl TokenStore for PgStore {
     async fn insert_token(&self, t: &NewToken) -> Result<i64, StoreError> {
         with_conn!(self, |c| {
             let st = c
@@ -715,6 +717,30 @@ impl Store for PgStore {
         })
     }
 
+    fn revocation_signal(&self) -> Option<Arc<Notify>> {
+        let signal = self.signal.get_or_init(|| {
+            let signal = Arc::new(Notify::new());
+            // Started on first use, so CLI commands never open it.
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let task = runtime.spawn(listen(
+                    Arc::clone(&self.hosts),
+                    self.tls.clone(),
+                    self.create_timeout * 2,
+                    Arc::clone(&signal),
+                    Arc::clone(&self.listening),
+                ));
+                if let Ok(mut listener) = self.listener.lock() {
+                    *listener = Some(task);
+                }
+            }
+            signal
+        });
+        Some(Arc::clone(signal))
+    }
+}
+
+#[async_trait]
+impl SessionLog for PgStore {
     async fn open_session(&self, s: &NewSession) -> Result<i64, StoreError> {
         with_conn!(self, |c| {
             let st = c
@@ -835,14 +861,10 @@ impl Store for PgStore {
             c.execute(&st, &[&before]).await.map_err(pg_err)
         })
     }
+}
 
-    async fn ping(&self) -> Result<(), StoreError> {
-        with_conn!(self, PING_TIMEOUT, |c| {
-            c.simple_query("SELECT 1").await.map_err(pg_err)?;
-            Ok(())
-        })
-    }
-
+#[async_trait]
+impl Registry for PgStore {
     async fn add_user(&self, name: &str, hash: &str, admin: bool) -> Result<i64, StoreError> {
         let now = crate::now_unix();
         with_conn!(self, |c| {
@@ -857,7 +879,10 @@ impl Store for PgStore {
                 .query_one(&st, &[&name, &hash, &admin, &now])
                 .await
                 .map_err(|e| match pg_err(e) {
-                    StoreError::Conflict(_) => StoreError::Conflict(format!("user {name:?}")),
+                    StoreError::Conflict { source, .. } => StoreError::Conflict {
+                        what: format!("user {name:?}"),
+                        source,
+                    },
                     other => other,
                 })?;
             Ok(row.get(0))
@@ -923,7 +948,7 @@ impl Store for PgStore {
                 .map(|r| r.get(0))
                 .collect();
             if !owned.is_empty() {
-                return Err(StoreError::Conflict(format!(
+                return Err(StoreError::conflict(format!(
                     "user {name:?} owns VMs {owned:?}: remove them or give them another owner first"
                 )));
             }
@@ -949,7 +974,7 @@ impl Store for PgStore {
                 .query_opt(&user_id, &[&vm.owner])
                 .await
                 .map_err(pg_err)?
-                .ok_or_else(|| StoreError::NotFound(format!("user {:?}", vm.owner)))?
+                .ok_or_else(|| StoreError::not_found(format!("user {:?}", vm.owner)))?
                 .get(0);
             tx.execute(
                 "INSERT INTO vms (id, name, vnc_host, vnc_port, vnc_password, owner_id, created_at)
@@ -966,7 +991,10 @@ impl Store for PgStore {
             )
             .await
             .map_err(|e| match pg_err(e) {
-                StoreError::Conflict(_) => StoreError::Conflict(format!("vm {}", vm.id)),
+                StoreError::Conflict { source, .. } => StoreError::Conflict {
+                    what: format!("vm {}", vm.id),
+                    source,
+                },
                 other => other,
             })?;
             insert_allowed(&tx, vm.id, &vm.allowed).await?;
@@ -992,7 +1020,7 @@ impl Store for PgStore {
                 .query_opt("SELECT id FROM users WHERE name = $1", &[&vm.owner])
                 .await
                 .map_err(pg_err)?
-                .ok_or_else(|| StoreError::NotFound(format!("user {:?}", vm.owner)))?
+                .ok_or_else(|| StoreError::not_found(format!("user {:?}", vm.owner)))?
                 .get(0);
             tx.execute(
                 "UPDATE vms SET name = $2, vnc_host = $3, vnc_port = $4, vnc_password = $5,
@@ -1084,26 +1112,15 @@ impl Store for PgStore {
             Ok(row.map(|r| r.get(0)))
         })
     }
+}
 
-    fn revocation_signal(&self) -> Option<Arc<Notify>> {
-        let signal = self.signal.get_or_init(|| {
-            let signal = Arc::new(Notify::new());
-            // Started on first use, so CLI commands never open it.
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                let task = runtime.spawn(listen(
-                    Arc::clone(&self.hosts),
-                    self.tls.clone(),
-                    self.create_timeout * 2,
-                    Arc::clone(&signal),
-                    Arc::clone(&self.listening),
-                ));
-                if let Ok(mut listener) = self.listener.lock() {
-                    *listener = Some(task);
-                }
-            }
-            signal
-        });
-        Some(Arc::clone(signal))
+#[async_trait]
+impl Health for PgStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        with_conn!(self, PING_TIMEOUT, |c| {
+            c.simple_query("SELECT 1").await.map_err(pg_err)?;
+            Ok(())
+        })
     }
 }
 
@@ -1158,7 +1175,7 @@ async fn listen_once(
 ) -> Result<(), StoreError> {
     let (client, mut connection) = tokio::time::timeout(connect_timeout, connect_first(hosts, tls))
         .await
-        .map_err(|_| StoreError::Unavailable("connecting timed out".into()))?
+        .map_err(|_| StoreError::unavailable("connecting timed out"))?
         .map_err(pg_err)?;
     // Driving the connection through poll_message is what surfaces the
     // notifications; it also carries the LISTEN below.
@@ -1177,7 +1194,7 @@ async fn listen_once(
     });
     let listen = format!("LISTEN {REVOCATION_CHANNEL}");
     let no_answer = || {
-        StoreError::Unavailable(format!(
+        StoreError::unavailable(format!(
             "PostgreSQL did not answer within {LISTEN_PING_TIMEOUT:?}"
         ))
     };
@@ -1238,7 +1255,7 @@ mod tests {
             )
             .await
             .unwrap_err();
-        assert!(matches!(pg_err(fk), StoreError::NotFound(_)));
+        assert!(matches!(pg_err(fk), StoreError::NotFound { .. }));
         c.execute(
             "INSERT INTO users (name, password_hash, created_at) VALUES ('u', 'h', 0)",
             &[],
@@ -1252,7 +1269,7 @@ mod tests {
             )
             .await
             .unwrap_err();
-        assert!(matches!(pg_err(dup), StoreError::Conflict(_)));
+        assert!(matches!(pg_err(dup), StoreError::Conflict { .. }));
         // The length check on token hashes.
         let short = c
             .execute(
@@ -1263,13 +1280,13 @@ mod tests {
             )
             .await
             .unwrap_err();
-        assert!(matches!(pg_err(short), StoreError::Internal(_)));
+        assert!(matches!(pg_err(short), StoreError::Internal { .. }));
         let timeout = c
             .batch_execute("SET statement_timeout = 50; SELECT pg_sleep(1)")
             .await
             .unwrap_err();
         assert!(
-            matches!(pg_err(timeout), StoreError::Unavailable(_)),
+            matches!(pg_err(timeout), StoreError::Unavailable { .. }),
             "a statement timeout is unavailability"
         );
     }
@@ -1324,7 +1341,7 @@ mod tests {
             .await
             .err()
             .unwrap();
-        assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+        assert!(matches!(err, StoreError::Unavailable { .. }), "{err:?}");
         assert!(started.elapsed() < Duration::from_secs(2));
         for bad in [
             "postgres://u@db.example:5432/db",
@@ -1332,7 +1349,10 @@ mod tests {
             "postgresql://u@127.0.0.1:notaport/db",
         ] {
             let err = crate::store::open(bad).await.err().unwrap();
-            assert!(matches!(err, StoreError::Unavailable(_)), "{bad}: {err:?}");
+            assert!(
+                matches!(err, StoreError::Unavailable { .. }),
+                "{bad}: {err:?}"
+            );
         }
     }
 }

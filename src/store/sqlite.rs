@@ -11,8 +11,9 @@ use async_trait::async_trait;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 
 use super::{
-    Cause, NewSession, NewToken, RecordedRevocation, Redemption, Revocation, Revoked, SessionEnd,
-    SessionFilter, SessionRecord, Store, StoreError, User, Vm,
+    Cause, Health, NewSession, NewToken, RecordedRevocation, Redemption, Registry, Revocation,
+    Revoked, SessionEnd, SessionFilter, SessionLog, SessionRecord, StoreError, TokenStore, User,
+    Vm, to_i64, to_u64,
 };
 use crate::token::TokenHash;
 
@@ -37,15 +38,16 @@ impl SqliteStore {
     pub async fn open(path: String) -> Result<SqliteStore, StoreError> {
         let conn = tokio::task::spawn_blocking(move || -> Result<Connection, StoreError> {
             owner_only(&path)?;
-            let mut conn = Connection::open(&path)
-                .map_err(|e| StoreError::Unavailable(format!("cannot open {path}: {e}")))?;
+            let mut conn = Connection::open(&path).map_err(|e| {
+                StoreError::unavailable(format!("cannot open {path}: {e}")).caused_by(e)
+            })?;
             conn.busy_timeout(BUSY_TIMEOUT).map_err(map_err)?;
             // journal_mode answers with a row, so it is read rather than executed.
             let mode: String = conn
                 .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
                 .map_err(map_err)?;
             if !mode.eq_ignore_ascii_case("wal") {
-                return Err(StoreError::Unavailable(format!(
+                return Err(StoreError::unavailable(format!(
                     "{path}: could not switch to WAL mode (got {mode})"
                 )));
             }
@@ -55,7 +57,7 @@ impl SqliteStore {
             Ok(conn)
         })
         .await
-        .map_err(|e| StoreError::Internal(e.to_string()))??;
+        .map_err(|e| StoreError::internal(e.to_string()).caused_by(e))??;
         Ok(SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
         })
@@ -71,11 +73,11 @@ impl SqliteStore {
         tokio::task::spawn_blocking(move || {
             let mut guard = conn
                 .lock()
-                .map_err(|_| StoreError::Internal("connection mutex poisoned".into()))?;
+                .map_err(|_| StoreError::internal("connection mutex poisoned"))?;
             f(&mut guard)
         })
         .await
-        .map_err(|e| StoreError::Internal(e.to_string()))?
+        .map_err(|e| StoreError::internal(e.to_string()).caused_by(e))?
     }
 }
 
@@ -100,12 +102,12 @@ fn owner_only(path: &str) -> Result<(), StoreError> {
     {
         // The umask may have taken bits away from 0600, never added any, but
         // the mode is set outright all the same.
-        Ok(file) => file
-            .set_permissions(private.clone())
-            .map_err(|e| StoreError::Unavailable(format!("cannot open {path}: {e}")))?,
+        Ok(file) => file.set_permissions(private.clone()).map_err(|e| {
+            StoreError::unavailable(format!("cannot open {path}: {e}")).caused_by(e)
+        })?,
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => {
-            return Err(StoreError::Unavailable(format!("cannot open {path}: {e}")));
+            return Err(StoreError::unavailable(format!("cannot open {path}: {e}")).caused_by(e));
         }
     }
     let companions = COMPANIONS.iter().map(|s| format!("{path}{s}"));
@@ -138,7 +140,7 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         .map_err(map_err)?;
     let newest = MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
     if current > newest {
-        return Err(StoreError::Unavailable(format!(
+        return Err(StoreError::unavailable(format!(
             "database schema version {current} is newer than this vncbroker knows ({newest})"
         )));
     }
@@ -153,34 +155,31 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 }
 
 fn map_err(e: rusqlite::Error) -> StoreError {
-    if let rusqlite::Error::SqliteFailure(f, _) = &e {
-        match f.code {
-            ErrorCode::ConstraintViolation => {
-                // 787 is SQLITE_CONSTRAINT_FOREIGNKEY; the rest we map are keys.
-                return if f.extended_code == 787 {
-                    StoreError::NotFound(e.to_string())
-                } else {
-                    StoreError::Conflict(e.to_string())
-                };
-            }
+    let text = e.to_string();
+    let kind = match &e {
+        rusqlite::Error::SqliteFailure(f, _) => match f.code {
+            // 787 is SQLITE_CONSTRAINT_FOREIGNKEY; the rest we map are keys.
+            ErrorCode::ConstraintViolation if f.extended_code == 787 => StoreError::not_found(text),
+            ErrorCode::ConstraintViolation => StoreError::conflict(text),
             ErrorCode::DatabaseBusy
             | ErrorCode::DatabaseLocked
             | ErrorCode::CannotOpen
             | ErrorCode::ReadOnly
             | ErrorCode::SystemIoFailure
             | ErrorCode::DiskFull
-            | ErrorCode::NotADatabase => return StoreError::Unavailable(e.to_string()),
-            _ => {}
-        }
-    }
-    StoreError::Internal(e.to_string())
+            | ErrorCode::NotADatabase => StoreError::unavailable(text),
+            _ => StoreError::internal(text),
+        },
+        _ => StoreError::internal(text),
+    };
+    kind.caused_by(e)
 }
 
 fn user_id(conn: &Connection, name: &str) -> Result<i64, StoreError> {
     conn.query_row("SELECT id FROM users WHERE name = ?1", [name], |r| r.get(0))
         .optional()
         .map_err(map_err)?
-        .ok_or_else(|| StoreError::NotFound(format!("user {name:?}")))
+        .ok_or_else(|| StoreError::not_found(format!("user {name:?}")))
 }
 
 fn load_vm(conn: &Connection, id: i64) -> Result<Option<Vm>, StoreError> {
@@ -220,7 +219,7 @@ fn load_vm(conn: &Connection, id: i64) -> Result<Option<Vm>, StoreError> {
         name,
         vnc_host,
         vnc_port: u16::try_from(vnc_port)
-            .map_err(|_| StoreError::Internal(format!("vm {id}: bad port {vnc_port}")))?,
+            .map_err(|_| StoreError::internal(format!("vm {id}: bad port {vnc_port}")))?,
         vnc_password,
         owner,
         allowed,
@@ -264,8 +263,8 @@ fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
         node: r.get(4)?,
         started_at: r.get(5)?,
         ended_at: r.get(6)?,
-        bytes_to_client: r.get::<_, i64>(7)?.max(0) as u64,
-        bytes_to_server: r.get::<_, i64>(8)?.max(0) as u64,
+        bytes_to_client: to_u64(r.get::<_, i64>(7)?),
+        bytes_to_server: to_u64(r.get::<_, i64>(8)?),
         close_reason: r.get(9)?,
     })
 }
@@ -316,12 +315,12 @@ fn record_revocation(conn: &Connection, r: &Revocation, now: i64) -> Result<Revo
     Ok(Revoked {
         seq: conn.last_insert_rowid(),
         tokens,
-        sessions: sessions.max(0) as u64,
+        sessions: to_u64(sessions),
     })
 }
 
 #[async_trait]
-impl Store for SqliteStore {
+impl TokenStore for SqliteStore {
     async fn insert_token(&self, t: &NewToken) -> Result<i64, StoreError> {
         let t = t.clone();
         self.with(move |c| {
@@ -452,6 +451,31 @@ impl Store for SqliteStore {
         .await
     }
 
+    /// SQLite has no way to tell another process's writes: proxies find
+    /// revocations by polling alone.
+    fn revocation_signal(&self) -> Option<Arc<tokio::sync::Notify>> {
+        None
+    }
+}
+
+#[async_trait]
+impl Health for SqliteStore {
+    /// Reads the schema, so a locked or unreadable file fails it.
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.with(|c| {
+            let mut st = c
+                .prepare("SELECT id FROM sessions LIMIT 0")
+                .map_err(map_err)?;
+            st.query([])
+                .and_then(|mut rows| rows.next().map(|_| ()))
+                .map_err(map_err)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl SessionLog for SqliteStore {
     async fn open_session(&self, s: &NewSession) -> Result<i64, StoreError> {
         let s = s.clone();
         self.with(move |c| {
@@ -487,8 +511,8 @@ impl Store for SqliteStore {
                 st.execute(params![
                     id,
                     end.ended_at,
-                    end.bytes_to_client as i64,
-                    end.bytes_to_server as i64,
+                    to_i64(end.bytes_to_client),
+                    to_i64(end.bytes_to_server),
                     end.reason
                 ])
             })
@@ -532,6 +556,40 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn close_orphaned_sessions(&self, node: &str, now: i64) -> Result<u64, StoreError> {
+        let node = node.to_owned();
+        self.with(move |c| {
+            let n = c
+                .execute(
+                    "UPDATE sessions SET ended_at = ?2, close_reason = 'node restarted'
+                     WHERE node = ?1 AND ended_at IS NULL",
+                    params![node, now],
+                )
+                .map_err(map_err)?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    async fn purge_sessions(&self, before: i64) -> Result<u64, StoreError> {
+        // A session ends after it starts, so `started_at < before` holds for
+        // every row to delete and lets the sessions_started index bound the scan.
+        self.with(move |c| {
+            let n = c
+                .execute(
+                    "DELETE FROM sessions
+                     WHERE started_at < ?1 AND ended_at IS NOT NULL AND ended_at < ?1",
+                    [before],
+                )
+                .map_err(map_err)?;
+            Ok(n as u64)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl Registry for SqliteStore {
     async fn add_user(&self, name: &str, hash: &str, admin: bool) -> Result<i64, StoreError> {
         let (name, hash) = (name.to_owned(), hash.to_owned());
         let now = crate::now_unix();
@@ -541,7 +599,10 @@ impl Store for SqliteStore {
                 params![name, hash, admin, now],
             )
             .map_err(|e| match map_err(e) {
-                StoreError::Conflict(_) => StoreError::Conflict(format!("user {name:?}")),
+                StoreError::Conflict { source, .. } => StoreError::Conflict {
+                    what: format!("user {name:?}"),
+                    source,
+                },
                 other => other,
             })?;
             Ok(c.last_insert_rowid())
@@ -624,7 +685,7 @@ impl Store for SqliteStore {
                 })
                 .map_err(map_err)?;
             if !owned.is_empty() {
-                return Err(StoreError::Conflict(format!(
+                return Err(StoreError::conflict(format!(
                     "user {name:?} owns VMs {owned:?}: remove them or give them another owner first"
                 )));
             }
@@ -661,7 +722,10 @@ impl Store for SqliteStore {
                 ],
             )
             .map_err(|e| match map_err(e) {
-                StoreError::Conflict(_) => StoreError::Conflict(format!("vm {}", vm.id)),
+                StoreError::Conflict { source, .. } => StoreError::Conflict {
+                    what: format!("vm {}", vm.id),
+                    source,
+                },
                 other => other,
             })?;
             insert_allowed(&tx, vm.id, &vm.allowed)?;
@@ -755,21 +819,6 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn close_orphaned_sessions(&self, node: &str, now: i64) -> Result<u64, StoreError> {
-        let node = node.to_owned();
-        self.with(move |c| {
-            let n = c
-                .execute(
-                    "UPDATE sessions SET ended_at = ?2, close_reason = 'node restarted'
-                     WHERE node = ?1 AND ended_at IS NULL",
-                    params![node, now],
-                )
-                .map_err(map_err)?;
-            Ok(n as u64)
-        })
-        .await
-    }
-
     async fn sealed_vnc_password(&self) -> Result<Option<String>, StoreError> {
         self.with(|c| {
             c.query_row(
@@ -779,22 +828,6 @@ impl Store for SqliteStore {
             )
             .optional()
             .map_err(map_err)
-        })
-        .await
-    }
-
-    async fn purge_sessions(&self, before: i64) -> Result<u64, StoreError> {
-        // A session ends after it starts, so `started_at < before` holds for
-        // every row to delete and lets the sessions_started index bound the scan.
-        self.with(move |c| {
-            let n = c
-                .execute(
-                    "DELETE FROM sessions
-                     WHERE started_at < ?1 AND ended_at IS NOT NULL AND ended_at < ?1",
-                    [before],
-                )
-                .map_err(map_err)?;
-            Ok(n as u64)
         })
         .await
     }

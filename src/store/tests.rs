@@ -78,6 +78,8 @@ backend_tests!(
     a_second_handle_sees_the_same_data,
     purge_sessions_deletes_only_sessions_that_ended_before_the_cutoff,
     ping_answers,
+    byte_counts_past_the_column_range_are_kept_at_the_maximum,
+    errors_keep_the_database_error_as_their_source,
     orphaned_sessions_of_a_node_are_closed,
 );
 
@@ -149,10 +151,10 @@ async fn duplicate_token_hash_is_a_conflict(f: Fixture) {
     let s = &*f.store;
     let first = s.insert_token(&token("a", 1, 100)).await.unwrap();
     let err = s.insert_token(&token("a", 1, 100)).await.unwrap_err();
-    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err:?}");
     // The same hash for another VM is still the same hash.
     let err = s.insert_token(&token("a", 2, 500)).await.unwrap_err();
-    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err:?}");
     let second = s.insert_token(&token("b", 1, 100)).await.unwrap();
     assert_ne!(first, second);
 }
@@ -288,7 +290,7 @@ async fn users_are_stored_and_names_are_unique(f: Fixture) {
     let alice = s.add_user("alice", "hash-a", false).await.unwrap();
     assert_ne!(alice, bob);
     let err = s.add_user("bob", "other", false).await.unwrap_err();
-    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err:?}");
     assert!(err.to_string().contains("bob"), "{err}");
     let got = s.user("alice").await.unwrap().unwrap();
     assert_eq!(
@@ -320,21 +322,21 @@ async fn vms_need_existing_users_and_removal_revokes_their_tokens(f: Fixture) {
     web.vnc_password = Some("pw".into());
     let err = s.add_vm(&web).await.unwrap_err();
     assert!(
-        matches!(err, StoreError::NotFound(_)),
+        matches!(err, StoreError::NotFound { .. }),
         "unknown owner: {err:?}"
     );
     s.add_user("alice", "h", false).await.unwrap();
     s.add_user("bob", "h", false).await.unwrap();
     let err = s.add_vm(&web).await.unwrap_err();
     assert!(
-        matches!(err, StoreError::NotFound(_)),
+        matches!(err, StoreError::NotFound { .. }),
         "unknown allowed user: {err:?}"
     );
     assert!(s.vm(7).await.unwrap().is_none(), "nothing half-added");
     s.add_user("carol", "h", false).await.unwrap();
     s.add_vm(&web).await.unwrap();
     let err = s.add_vm(&vm(7, "bob", &[])).await.unwrap_err();
-    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err:?}");
     let db = vm(3, "bob", &[]);
     s.add_vm(&db).await.unwrap();
     let zero = vm(0, "carol", &["alice", "alice"]);
@@ -647,7 +649,7 @@ async fn changing_a_vm_withdraws_access_in_the_same_transaction(f: Fixture) {
     // Unknown VM or owner.
     assert!(s.update_vm(&vm(99, "alice", &[])).await.unwrap().is_none());
     let err = s.update_vm(&vm(7, "nobody", &[])).await.unwrap_err();
-    assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+    assert!(matches!(err, StoreError::NotFound { .. }), "{err:?}");
     assert_eq!(
         s.vm(7).await.unwrap().unwrap(),
         changed,
@@ -670,7 +672,7 @@ async fn removing_a_user_revokes_their_tokens_and_sessions(f: Fixture) {
     s.open_session(&session(7, "bob", "n1", now)).await.unwrap();
     let err = s.remove_user("alice").await.unwrap_err();
     assert!(
-        matches!(err, StoreError::Conflict(_)),
+        matches!(err, StoreError::Conflict { .. }),
         "owner of VM 7: {err:?}"
     );
     let done = s.remove_user("bob").await.unwrap().expect("removed");
@@ -724,7 +726,7 @@ async fn a_second_handle_sees_the_same_data(f: Fixture) {
     );
     assert!(s.redeem(&hash_token("shared"), 1).await.unwrap().is_none());
     let err = other.add_user("alice", "h", false).await.unwrap_err();
-    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err:?}");
 }
 
 async fn purge_sessions_deletes_only_sessions_that_ended_before_the_cutoff(f: Fixture) {
@@ -809,6 +811,41 @@ async fn orphaned_sessions_of_a_node_are_closed(f: Fixture) {
 
 async fn ping_answers(f: Fixture) {
     f.store.ping().await.unwrap();
+}
+
+/// Both backends store a count too large for a signed column the same way:
+/// at the maximum, never wrapped to a negative number that reads as 0.
+async fn byte_counts_past_the_column_range_are_kept_at_the_maximum(f: Fixture) {
+    let s = &*f.store;
+    let id = s.open_session(&session(1, "alice", "a", 10)).await.unwrap();
+    let end = SessionEnd {
+        ended_at: 11,
+        bytes_to_client: u64::MAX,
+        bytes_to_server: 5,
+        reason: "client closed".into(),
+    };
+    s.close_session(id, &end).await.unwrap();
+    let row = s.session(id).await.unwrap().unwrap();
+    assert_eq!(row.bytes_to_client, i64::MAX as u64);
+    assert_eq!(row.bytes_to_server, 5);
+}
+
+/// A store error says what went wrong in the product's words and keeps the
+/// database's own error as its source, for logs and for callers that look.
+async fn errors_keep_the_database_error_as_their_source(f: Fixture) {
+    use std::error::Error as _;
+    let s = &*f.store;
+    s.add_user("bob", "h", false).await.unwrap();
+    let err = s.add_user("bob", "h", false).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err:?}");
+    assert_eq!(err.to_string(), "already exists: user \"bob\"");
+    let source = err.source().expect("the database error is kept");
+    assert!(
+        source.is::<BackendError>(),
+        "source is the backend's error: {source:?}"
+    );
+    let err = s.add_vm(&vm(1, "nobody", &[])).await.unwrap_err();
+    assert!(matches!(err, StoreError::NotFound { .. }), "{err:?}");
 }
 
 // PostgreSQL only: revocation notices between nodes.
