@@ -1,24 +1,31 @@
-//! Prometheus metrics, served at `GET /metrics` in the text exposition
-//! format.
+//! Prometheus metrics, served at `GET /metrics`.
 //!
-//! A small registry of atomics, with no dependency: every label value comes
-//! from a fixed list (outcomes, refusal reasons, store operations, XML-RPC
-//! method names with unknown ones folded into `other`) or from the router
-//! (matched route templates and HTTP status codes), so no client can grow
-//! the label sets.
+//! A leaf: the other modules report into it with label values they own
+//! (`StoreOp::label`, the XML-RPC method and result-code labels, `End`'s
+//! [`SessionOutcome`], the proxy's [`Refused`]), and it imports none of them.
+//! Every label value comes from a fixed list or from the router (matched
+//! route templates and HTTP status codes), so no client can grow the label
+//! sets.
+//!
+//! Registration, counting and exposition are `prometheus-client`'s. Its
+//! output is the OpenMetrics text; [`Metrics::render`] serves it in the
+//! Prometheus text format (version 0.0.4) that this endpoint has always
+//! spoken, so scrapers and dashboards see the same families, series and
+//! bucket bounds.
 //!
 //! Recording is done through [`global`]; [`Metrics`] values can also be made
 //! on their own (the unit tests do).
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::collections::HashSet;
+use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
-use crate::inventory::Lapse;
-use crate::proxy::relay::End;
-use crate::proxy::sessions::Stop;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 
 /// The `Content-Type` of the exposition format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -34,42 +41,61 @@ const SESSION_BUCKETS: &[f64] = &[
 ];
 
 /// How a session ended, as the `outcome` label of `vncbroker_sessions_total`.
-pub const SESSION_OUTCOMES: &[&str] = &[
-    "client_closed",
-    "server_closed",
-    "client_protocol_error",
-    "server_error",
-    "revoked",
-    "access_withdrawn",
-    "vm_gone",
-    "vm_moved",
-    "store_unavailable",
-    "shutdown",
-    "idle",
-    "client_unresponsive",
-    "time_limit",
-    "token_expired",
-];
+/// The relay's `End` says which one it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionOutcome {
+    ClientClosed,
+    ServerClosed,
+    ClientProtocolError,
+    ServerError,
+    Revoked,
+    AccessWithdrawn,
+    VmGone,
+    VmMoved,
+    StoreUnavailable,
+    Shutdown,
+    Idle,
+    ClientUnresponsive,
+    TimeLimit,
+    TokenExpired,
+}
 
-/// The `outcome` label for a relay's end.
-pub fn session_outcome(end: &End) -> &'static str {
-    match end {
-        End::ClientClosed => "client_closed",
-        End::ServerClosed => "server_closed",
-        End::TextFrame | End::ClientProtocol { .. } => "client_protocol_error",
-        End::ServerError(_) => "server_error",
-        End::Stopped(Stop::Revoked(_)) => "revoked",
-        End::Stopped(Stop::Lapsed(Lapse::AccessLost | Lapse::CredentialRejected)) => {
-            "access_withdrawn"
+impl SessionOutcome {
+    /// Every outcome, each a series from the first scrape.
+    pub const ALL: &[SessionOutcome] = &[
+        SessionOutcome::ClientClosed,
+        SessionOutcome::ServerClosed,
+        SessionOutcome::ClientProtocolError,
+        SessionOutcome::ServerError,
+        SessionOutcome::Revoked,
+        SessionOutcome::AccessWithdrawn,
+        SessionOutcome::VmGone,
+        SessionOutcome::VmMoved,
+        SessionOutcome::StoreUnavailable,
+        SessionOutcome::Shutdown,
+        SessionOutcome::Idle,
+        SessionOutcome::ClientUnresponsive,
+        SessionOutcome::TimeLimit,
+        SessionOutcome::TokenExpired,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            SessionOutcome::ClientClosed => "client_closed",
+            SessionOutcome::ServerClosed => "server_closed",
+            SessionOutcome::ClientProtocolError => "client_protocol_error",
+            SessionOutcome::ServerError => "server_error",
+            SessionOutcome::Revoked => "revoked",
+            SessionOutcome::AccessWithdrawn => "access_withdrawn",
+            SessionOutcome::VmGone => "vm_gone",
+            SessionOutcome::VmMoved => "vm_moved",
+            SessionOutcome::StoreUnavailable => "store_unavailable",
+            SessionOutcome::Shutdown => "shutdown",
+            SessionOutcome::Idle => "idle",
+            SessionOutcome::ClientUnresponsive => "client_unresponsive",
+            SessionOutcome::TimeLimit => "time_limit",
+            SessionOutcome::TokenExpired => "token_expired",
         }
-        End::Stopped(Stop::Lapsed(Lapse::VmGone | Lapse::VmStopped)) => "vm_gone",
-        End::Stopped(Stop::Lapsed(Lapse::VmMoved)) => "vm_moved",
-        End::Stopped(Stop::StoreDown) => "store_unavailable",
-        End::Stopped(Stop::Shutdown) => "shutdown",
-        End::Idle => "idle",
-        End::PongTimeout => "client_unresponsive",
-        End::MaxDuration => "time_limit",
-        End::TokenExpired => "token_expired",
     }
 }
 
@@ -97,7 +123,8 @@ pub enum Refused {
 }
 
 impl Refused {
-    const ALL: &[Refused] = &[
+    /// Every reason, each a series from the first scrape.
+    pub const ALL: &[Refused] = &[
         Refused::NoToken,
         Refused::InvalidToken,
         Refused::Moved,
@@ -118,7 +145,7 @@ impl Refused {
         )
     }
 
-    fn label(self) -> &'static str {
+    pub fn label(self) -> &'static str {
         match self {
             Refused::NoToken => "no_token",
             Refused::InvalidToken => "invalid",
@@ -133,84 +160,91 @@ impl Refused {
     }
 }
 
-/// The XML-RPC method names used as labels; anything else is `other`.
-const XMLRPC_METHODS: &[&str] = &[
-    crate::api::xmlrpc::METHOD_TOKEN,
-    crate::api::xmlrpc::METHOD_TOKEN_ALIAS,
-    crate::api::xmlrpc::METHOD_REVOKE,
-    "system.listMethods",
-];
-
-/// The label for an XML-RPC method name: known names as they are, anything
-/// else `other`.
-pub fn xmlrpc_method_label(name: &str) -> &'static str {
-    XMLRPC_METHODS
-        .iter()
-        .find(|m| **m == name)
-        .copied()
-        .unwrap_or("other")
-}
-
 /// Put into a response's extensions by the XML-RPC handler, so the request
 /// is counted under the called method rather than `POST /RPC2`.
 #[derive(Debug, Clone, Copy)]
 pub struct ApiMethod(pub &'static str);
 
-/// A cumulative histogram with fixed upper bounds.
-struct Histogram {
-    bounds: &'static [f64],
-    /// Observations per bucket (not cumulative); one more for `+Inf`.
-    buckets: Vec<AtomicU64>,
-    count: AtomicU64,
-    /// The sum, as `f64` bits.
-    sum: AtomicU64,
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabel {
+    version: &'static str,
 }
 
-impl Histogram {
-    fn new(bounds: &'static [f64]) -> Histogram {
-        Histogram {
-            bounds,
-            buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
-            count: AtomicU64::new(0),
-            sum: AtomicU64::new(0f64.to_bits()),
-        }
-    }
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
 
-    fn observe(&self, v: f64) {
-        let i = self
-            .bounds
-            .iter()
-            .position(|b| v <= *b)
-            .unwrap_or(self.bounds.len());
-        self.buckets[i].fetch_add(1, Relaxed);
-        let _ = self.sum.fetch_update(Relaxed, Relaxed, |s| {
-            Some((f64::from_bits(s) + v).to_bits())
-        });
-        self.count.fetch_add(1, Relaxed);
-    }
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
 
-    /// Writes the `_bucket`, `_sum` and `_count` lines; `labels` is either
-    /// empty or `k="v",...` without braces.
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let sep = if labels.is_empty() { "" } else { "," };
-        let mut acc = 0;
-        for (i, b) in self.buckets.iter().enumerate() {
-            acc += b.load(Relaxed);
-            let le = match self.bounds.get(i) {
-                Some(bound) => bound.to_string(),
-                None => "+Inf".into(),
-            };
-            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {acc}");
-        }
-        let braces = if labels.is_empty() {
-            String::new()
-        } else {
-            format!("{{{labels}}}")
-        };
-        let sum = f64::from_bits(self.sum.load(Relaxed));
-        let _ = writeln!(out, "{name}_sum{braces} {sum}");
-        let _ = writeln!(out, "{name}_count{braces} {}", acc);
-    }
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabel {
+    method: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodStatusLabels {
+    method: String,
+    status: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct XmlRpcLabels {
+    method: &'static str,
+    code: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabel {
+    op: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpKindLabels {
+    op: &'static str,
+    kind: &'static str,
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn api_histogram() -> Histogram {
+    Histogram::new(API_BUCKETS.iter().copied())
+}
+
+fn store_histogram() -> Histogram {
+    Histogram::new(STORE_BUCKETS.iter().copied())
+}
+
+/// A family's `# HELP` and `# TYPE` lines, in the Prometheus text format.
+struct Header {
+    /// The name the encoder gives the family (`x` for the counter `x_total`).
+    family: &'static str,
+    lines: String,
+}
+
+/// Registers a family whose series appear on first use. The encoder leaves
+/// out a family with no series, but every family is announced from the
+/// first scrape, so its header is kept for [`text_format`] to add.
+fn lazy(
+    r: &mut Registry,
+    headers: &mut Vec<Header>,
+    kind: &'static str,
+    family: &'static str,
+    help: &'static str,
+    metric: impl prometheus_client::registry::Metric,
+) {
+    let name = match kind {
+        "counter" => format!("{family}_total"),
+        _ => family.to_owned(),
+    };
+    headers.push(Header {
+        family,
+        lines: format!("# HELP {name} {help}.\n# TYPE {name} {kind}\n"),
+    });
+    r.register(family, help, metric);
 }
 
 /// Values read at scrape time rather than counted.
@@ -222,25 +256,27 @@ pub struct Gauges {
     pub draining: bool,
 }
 
-/// Every counter and histogram of the broker.
+/// Every metric of the broker, registered once.
 pub struct Metrics {
-    started: i64,
-    sessions_total: Mutex<BTreeMap<&'static str, u64>>,
+    registry: Registry,
+    /// The families whose series appear on first use, as they are announced.
+    headers: Vec<Header>,
+    draining: Gauge,
+    sessions_active: Gauge,
+    sessions_total: Family<OutcomeLabel, Counter>,
     session_duration: Histogram,
-    bytes_to_client: AtomicU64,
-    bytes_to_server: AtomicU64,
-    tokens_minted: AtomicU64,
-    tokens_redeemed: AtomicU64,
-    recheck_failures: AtomicU64,
-    tokens_refused: Mutex<BTreeMap<&'static str, u64>>,
-    sessions_failed: Mutex<BTreeMap<&'static str, u64>>,
-    /// (method or route, HTTP status) -> count.
-    api_requests: Mutex<BTreeMap<(String, u16), u64>>,
-    api_duration: Mutex<BTreeMap<String, Arc<Histogram>>>,
-    /// (XML-RPC method, OpenNebula result code) -> count.
-    xmlrpc_results: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
-    store_duration: Mutex<BTreeMap<&'static str, Arc<Histogram>>>,
-    store_errors: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    sessions_failed: Family<ReasonLabel, Counter>,
+    bytes_to_client: Counter,
+    bytes_to_server: Counter,
+    tokens_minted: Counter,
+    recheck_failures: Counter,
+    tokens_redeemed: Counter,
+    tokens_refused: Family<ReasonLabel, Counter>,
+    api_requests: Family<MethodStatusLabels, Counter>,
+    api_duration: Histograms<MethodLabel>,
+    xmlrpc_results: Family<XmlRpcLabels, Counter>,
+    store_duration: Histograms<OpLabel>,
+    store_errors: Family<OpKindLabels, Counter>,
 }
 
 static GLOBAL: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -248,36 +284,6 @@ static GLOBAL: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 /// The process's metrics.
 pub fn global() -> &'static Metrics {
     &GLOBAL
-}
-
-fn bump<K: Ord>(map: &Mutex<BTreeMap<K, u64>>, key: K) {
-    if let Ok(mut m) = map.lock() {
-        *m.entry(key).or_default() += 1;
-    }
-}
-
-fn histogram<K: Ord + Clone>(
-    map: &Mutex<BTreeMap<K, Arc<Histogram>>>,
-    key: &K,
-    bounds: &'static [f64],
-) -> Option<Arc<Histogram>> {
-    let mut m = map.lock().ok()?;
-    Some(Arc::clone(
-        m.entry(key.clone())
-            .or_insert_with(|| Arc::new(Histogram::new(bounds))),
-    ))
-}
-
-/// Escapes a label value for the text format.
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
 impl Default for Metrics {
@@ -288,340 +294,330 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        // Known label values start at 0, so rates work from the first scrape.
-        let zeros = |labels: Vec<&'static str>| {
-            Mutex::new(
-                labels
-                    .into_iter()
-                    .map(|l| (l, 0))
-                    .collect::<BTreeMap<_, _>>(),
-            )
+        let mut registry = Registry::default();
+        // Help texts get their final full stop from the registry. Counter
+        // names get their `_total` there too.
+        let build_info = Family::<VersionLabel, Gauge>::default();
+        build_info
+            .get_or_create(&VersionLabel {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register("vncbroker_build_info", "The running version", build_info);
+        let start_time = Gauge::<i64>::default();
+        start_time.set(crate::now_unix());
+        registry.register(
+            "vncbroker_start_time_seconds",
+            "When the process started, in Unix seconds",
+            start_time,
+        );
+        let m = Metrics {
+            draining: Gauge::default(),
+            sessions_active: Gauge::default(),
+            sessions_total: Family::default(),
+            session_duration: Histogram::new(SESSION_BUCKETS.iter().copied()),
+            sessions_failed: Family::default(),
+            bytes_to_client: Counter::default(),
+            bytes_to_server: Counter::default(),
+            tokens_minted: Counter::default(),
+            recheck_failures: Counter::default(),
+            tokens_redeemed: Counter::default(),
+            tokens_refused: Family::default(),
+            api_requests: Family::default(),
+            api_duration: Family::new_with_constructor(api_histogram),
+            xmlrpc_results: Family::default(),
+            store_duration: Family::new_with_constructor(store_histogram),
+            store_errors: Family::default(),
+            registry: Registry::default(),
+            headers: Vec::new(),
         };
-        let (token_reasons, failure_reasons): (Vec<Refused>, Vec<Refused>) =
-            Refused::ALL.iter().partition(|r| r.is_token_refusal());
+        let r = &mut registry;
+        let mut headers = Vec::new();
+        r.register(
+            "vncbroker_draining",
+            "1 while the node drains for shutdown and takes no new sessions",
+            m.draining.clone(),
+        );
+        r.register(
+            "vncbroker_sessions_active",
+            "Console sessions open on this node",
+            m.sessions_active.clone(),
+        );
+        r.register(
+            "vncbroker_sessions",
+            "Console sessions ended, by how they ended",
+            m.sessions_total.clone(),
+        );
+        r.register(
+            "vncbroker_session_duration_seconds",
+            "How long ended console sessions lasted",
+            m.session_duration.clone(),
+        );
+        r.register(
+            "vncbroker_sessions_failed",
+            "Connections whose token was accepted but whose session could not start, by reason",
+            m.sessions_failed.clone(),
+        );
+        r.register(
+            "vncbroker_bytes_to_client",
+            "Bytes relayed from VNC servers to browsers",
+            m.bytes_to_client.clone(),
+        );
+        r.register(
+            "vncbroker_bytes_to_server",
+            "Bytes relayed from browsers to VNC servers",
+            m.bytes_to_server.clone(),
+        );
+        r.register(
+            "vncbroker_tokens_minted",
+            "Console tokens minted",
+            m.tokens_minted.clone(),
+        );
+        r.register(
+            "vncbroker_recheck_failures",
+            "Live sessions the inventory could not re-check (unreachable); they went on",
+            m.recheck_failures.clone(),
+        );
+        r.register(
+            "vncbroker_tokens_redeemed",
+            "Console tokens accepted for a session",
+            m.tokens_redeemed.clone(),
+        );
+        r.register(
+            "vncbroker_tokens_refused",
+            "Connections refused for their token, by reason",
+            m.tokens_refused.clone(),
+        );
+        lazy(
+            r,
+            &mut headers,
+            "counter",
+            "vncbroker_api_requests",
+            "API requests, by XML-RPC method or JSON route, and HTTP status",
+            m.api_requests.clone(),
+        );
+        lazy(
+            r,
+            &mut headers,
+            "histogram",
+            "vncbroker_api_request_duration_seconds",
+            "API request latency, by XML-RPC method or JSON route",
+            m.api_duration.clone(),
+        );
+        lazy(
+            r,
+            &mut headers,
+            "counter",
+            "vncbroker_xmlrpc_results",
+            "XML-RPC calls by method and OpenNebula result code (0x0000 success, 0x0100 \
+             authentication, 0x0200 authorization, 0x0400 no such object, 0x0800 action, \
+             0x1000 API, 0x2000 internal; -32601 no such method)",
+            m.xmlrpc_results.clone(),
+        );
+        lazy(
+            r,
+            &mut headers,
+            "histogram",
+            "vncbroker_store_duration_seconds",
+            "Database call latency, by operation",
+            m.store_duration.clone(),
+        );
+        lazy(
+            r,
+            &mut headers,
+            "counter",
+            "vncbroker_store_errors",
+            "Failed database calls, by operation and error kind",
+            m.store_errors.clone(),
+        );
+        // Known label values start at 0, so rates work from the first scrape.
+        for o in SessionOutcome::ALL {
+            drop(
+                m.sessions_total
+                    .get_or_create(&OutcomeLabel { outcome: o.label() }),
+            );
+        }
+        for r in Refused::ALL {
+            let family = if r.is_token_refusal() {
+                &m.tokens_refused
+            } else {
+                &m.sessions_failed
+            };
+            drop(family.get_or_create(&ReasonLabel { reason: r.label() }));
+        }
         Metrics {
-            started: crate::now_unix(),
-            sessions_total: zeros(SESSION_OUTCOMES.to_vec()),
-            session_duration: Histogram::new(SESSION_BUCKETS),
-            bytes_to_client: AtomicU64::new(0),
-            bytes_to_server: AtomicU64::new(0),
-            tokens_minted: AtomicU64::new(0),
-            recheck_failures: AtomicU64::new(0),
-            tokens_redeemed: AtomicU64::new(0),
-            tokens_refused: zeros(token_reasons.iter().map(|r| r.label()).collect()),
-            sessions_failed: zeros(failure_reasons.iter().map(|r| r.label()).collect()),
-            api_requests: Mutex::default(),
-            api_duration: Mutex::default(),
-            xmlrpc_results: Mutex::default(),
-            store_duration: Mutex::default(),
-            store_errors: Mutex::default(),
+            registry,
+            headers,
+            ..m
         }
     }
 
     /// A console session ended after `duration`.
-    pub fn session_ended(&self, end: &End, duration: Duration) {
-        bump(&self.sessions_total, session_outcome(end));
+    pub fn session_ended(&self, outcome: SessionOutcome, duration: Duration) {
+        self.sessions_total
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.label(),
+            })
+            .inc();
         self.session_duration.observe(duration.as_secs_f64());
     }
 
     /// Bytes relayed from the VNC server to the browser.
     pub fn bytes_to_client(&self, n: usize) {
-        self.bytes_to_client.fetch_add(n as u64, Relaxed);
+        self.bytes_to_client.inc_by(n as u64);
     }
 
     /// Bytes relayed from the browser to the VNC server.
     pub fn bytes_to_server(&self, n: usize) {
-        self.bytes_to_server.fetch_add(n as u64, Relaxed);
+        self.bytes_to_server.inc_by(n as u64);
     }
 
     pub fn token_minted(&self) {
-        self.tokens_minted.fetch_add(1, Relaxed);
+        self.tokens_minted.inc();
     }
 
     /// Live sessions the inventory could not re-check (it was unreachable);
     /// they went on.
     pub fn recheck_failed(&self, sessions: u64) {
-        self.recheck_failures.fetch_add(sessions, Relaxed);
+        self.recheck_failures.inc_by(sessions);
     }
 
     /// The store accepted a token for a session (proxy or websockify lookup).
     pub fn token_redeemed(&self) {
-        self.tokens_redeemed.fetch_add(1, Relaxed);
+        self.tokens_redeemed.inc();
     }
 
     /// The proxy turned a connection away.
     pub fn refused(&self, why: Refused) {
-        if why.is_token_refusal() {
-            bump(&self.tokens_refused, why.label());
+        let family = if why.is_token_refusal() {
+            &self.tokens_refused
         } else {
-            bump(&self.sessions_failed, why.label());
-        }
+            &self.sessions_failed
+        };
+        family
+            .get_or_create(&ReasonLabel {
+                reason: why.label(),
+            })
+            .inc();
     }
 
     /// An API request finished. `method` is an XML-RPC method label or a
     /// route such as `POST /api/v1/sessions`.
     pub fn api_request(&self, method: &str, status: u16, elapsed: Duration) {
-        if let Ok(mut m) = self.api_requests.lock() {
-            *m.entry((method.to_owned(), status)).or_default() += 1;
-        }
-        if let Some(h) = histogram(&self.api_duration, &method.to_owned(), API_BUCKETS) {
-            h.observe(elapsed.as_secs_f64());
-        }
+        self.api_requests
+            .get_or_create(&MethodStatusLabels {
+                method: method.to_owned(),
+                status,
+            })
+            .inc();
+        self.api_duration
+            .get_or_create(&MethodLabel {
+                method: method.to_owned(),
+            })
+            .observe(elapsed.as_secs_f64());
     }
 
-    /// An XML-RPC call answered with an OpenNebula result code (0 for
-    /// success), or a fault code (negative). Codes passed through from oned
-    /// that are not OpenNebula's known ones count as `other`.
-    pub fn xmlrpc_result(&self, method: &'static str, code: i64) {
-        let code = match code {
-            0x0000 => "0x0000",
-            0x0100 => "0x0100",
-            0x0200 => "0x0200",
-            0x0400 => "0x0400",
-            0x0800 => "0x0800",
-            0x1000 => "0x1000",
-            0x2000 => "0x2000",
-            -32700 => "-32700",
-            -32601 => "-32601",
-            _ => "other",
-        };
-        bump(&self.xmlrpc_results, (method, code));
+    /// An XML-RPC call answered: `method` and `code` are the API's labels
+    /// for the method and for the OpenNebula result or fault code.
+    pub fn xmlrpc_result(&self, method: &'static str, code: &'static str) {
+        self.xmlrpc_results
+            .get_or_create(&XmlRpcLabels { method, code })
+            .inc();
     }
 
     /// A store call `op` took `elapsed`, and failed with an error of kind
     /// `error` if it did.
     pub fn store_call(&self, op: &'static str, elapsed: Duration, error: Option<&'static str>) {
-        if let Some(h) = histogram(&self.store_duration, &op, STORE_BUCKETS) {
-            h.observe(elapsed.as_secs_f64());
-        }
+        self.store_duration
+            .get_or_create(&OpLabel { op })
+            .observe(elapsed.as_secs_f64());
         if let Some(kind) = error {
-            bump(&self.store_errors, (op, kind));
+            self.store_errors
+                .get_or_create(&OpKindLabels { op, kind })
+                .inc();
         }
     }
 
     /// The text exposition of every metric.
     pub fn render(&self, gauges: Gauges) -> String {
-        let mut out = String::with_capacity(8192);
-        let o = &mut out;
-
-        header(o, "vncbroker_build_info", "gauge", "The running version.");
-        let _ = writeln!(
-            o,
-            "vncbroker_build_info{{version=\"{}\"}} 1",
-            env!("CARGO_PKG_VERSION")
-        );
-        header(
-            o,
-            "vncbroker_start_time_seconds",
-            "gauge",
-            "When the process started, in Unix seconds.",
-        );
-        let _ = writeln!(o, "vncbroker_start_time_seconds {}", self.started);
-        header(
-            o,
-            "vncbroker_draining",
-            "gauge",
-            "1 while the node drains for shutdown and takes no new sessions.",
-        );
-        let _ = writeln!(o, "vncbroker_draining {}", u8::from(gauges.draining));
-
-        header(
-            o,
-            "vncbroker_sessions_active",
-            "gauge",
-            "Console sessions open on this node.",
-        );
-        let _ = writeln!(o, "vncbroker_sessions_active {}", gauges.sessions_active);
-        header(
-            o,
-            "vncbroker_sessions_total",
-            "counter",
-            "Console sessions ended, by how they ended.",
-        );
-        if let Ok(m) = self.sessions_total.lock() {
-            for (outcome, n) in m.iter() {
-                let _ = writeln!(o, "vncbroker_sessions_total{{outcome=\"{outcome}\"}} {n}");
+        self.sessions_active
+            .set(i64::try_from(gauges.sessions_active).unwrap_or(i64::MAX));
+        self.draining.set(i64::from(gauges.draining));
+        let mut open = String::with_capacity(8192);
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut open, &self.registry);
+        let mut text = text_format(&open);
+        for h in &self.headers {
+            if !open.contains(&format!("# TYPE {} ", h.family)) {
+                text.push_str(&h.lines);
             }
         }
-        header(
-            o,
-            "vncbroker_session_duration_seconds",
-            "histogram",
-            "How long ended console sessions lasted.",
-        );
-        self.session_duration
-            .render(o, "vncbroker_session_duration_seconds", "");
-        header(
-            o,
-            "vncbroker_sessions_failed_total",
-            "counter",
-            "Connections whose token was accepted but whose session could not start, by reason.",
-        );
-        if let Ok(m) = self.sessions_failed.lock() {
-            for (reason, n) in m.iter() {
-                let _ = writeln!(
-                    o,
-                    "vncbroker_sessions_failed_total{{reason=\"{reason}\"}} {n}"
-                );
-            }
-        }
-
-        header(
-            o,
-            "vncbroker_bytes_to_client_total",
-            "counter",
-            "Bytes relayed from VNC servers to browsers.",
-        );
-        let _ = writeln!(
-            o,
-            "vncbroker_bytes_to_client_total {}",
-            self.bytes_to_client.load(Relaxed)
-        );
-        header(
-            o,
-            "vncbroker_bytes_to_server_total",
-            "counter",
-            "Bytes relayed from browsers to VNC servers.",
-        );
-        let _ = writeln!(
-            o,
-            "vncbroker_bytes_to_server_total {}",
-            self.bytes_to_server.load(Relaxed)
-        );
-
-        header(
-            o,
-            "vncbroker_tokens_minted_total",
-            "counter",
-            "Console tokens minted.",
-        );
-        let _ = writeln!(
-            o,
-            "vncbroker_tokens_minted_total {}",
-            self.tokens_minted.load(Relaxed)
-        );
-
-        header(
-            o,
-            "vncbroker_recheck_failures_total",
-            "counter",
-            "Live sessions the inventory could not re-check (unreachable); they went on.",
-        );
-        let _ = writeln!(
-            o,
-            "vncbroker_recheck_failures_total {}",
-            self.recheck_failures.load(Relaxed)
-        );
-        header(
-            o,
-            "vncbroker_tokens_redeemed_total",
-            "counter",
-            "Console tokens accepted for a session.",
-        );
-        let _ = writeln!(
-            o,
-            "vncbroker_tokens_redeemed_total {}",
-            self.tokens_redeemed.load(Relaxed)
-        );
-        header(
-            o,
-            "vncbroker_tokens_refused_total",
-            "counter",
-            "Connections refused for their token, by reason.",
-        );
-        if let Ok(m) = self.tokens_refused.lock() {
-            for (reason, n) in m.iter() {
-                let _ = writeln!(
-                    o,
-                    "vncbroker_tokens_refused_total{{reason=\"{reason}\"}} {n}"
-                );
-            }
-        }
-
-        header(
-            o,
-            "vncbroker_api_requests_total",
-            "counter",
-            "API requests, by XML-RPC method or JSON route, and HTTP status.",
-        );
-        if let Ok(m) = self.api_requests.lock() {
-            for ((method, status), n) in m.iter() {
-                let _ = writeln!(
-                    o,
-                    "vncbroker_api_requests_total{{method=\"{}\",status=\"{status}\"}} {n}",
-                    escape(method)
-                );
-            }
-        }
-        header(
-            o,
-            "vncbroker_api_request_duration_seconds",
-            "histogram",
-            "API request latency, by XML-RPC method or JSON route.",
-        );
-        let api: Vec<_> = self
-            .api_duration
-            .lock()
-            .map(|m| m.iter().map(|(k, v)| (k.clone(), Arc::clone(v))).collect())
-            .unwrap_or_default();
-        for (method, h) in api {
-            h.render(
-                o,
-                "vncbroker_api_request_duration_seconds",
-                &format!("method=\"{}\"", escape(&method)),
-            );
-        }
-        header(
-            o,
-            "vncbroker_xmlrpc_results_total",
-            "counter",
-            "XML-RPC calls by method and OpenNebula result code (0x0000 success, 0x0100 \
-             authentication, 0x0200 authorization, 0x0400 no such object, 0x0800 action, \
-             0x1000 API, 0x2000 internal; -32601 no such method).",
-        );
-        if let Ok(m) = self.xmlrpc_results.lock() {
-            for ((method, code), n) in m.iter() {
-                let _ = writeln!(
-                    o,
-                    "vncbroker_xmlrpc_results_total{{method=\"{method}\",code=\"{code}\"}} {n}"
-                );
-            }
-        }
-
-        header(
-            o,
-            "vncbroker_store_duration_seconds",
-            "histogram",
-            "Database call latency, by operation.",
-        );
-        let store: Vec<_> = self
-            .store_duration
-            .lock()
-            .map(|m| m.iter().map(|(k, v)| (*k, Arc::clone(v))).collect())
-            .unwrap_or_default();
-        for (op, h) in store {
-            h.render(
-                o,
-                "vncbroker_store_duration_seconds",
-                &format!("op=\"{op}\""),
-            );
-        }
-        header(
-            o,
-            "vncbroker_store_errors_total",
-            "counter",
-            "Failed database calls, by operation and error kind.",
-        );
-        if let Ok(m) = self.store_errors.lock() {
-            for ((op, kind), n) in m.iter() {
-                let _ = writeln!(
-                    o,
-                    "vncbroker_store_errors_total{{op=\"{op}\",kind=\"{kind}\"}} {n}"
-                );
-            }
-        }
-        out
+        text
     }
+}
+
+/// The Prometheus text format of an OpenMetrics text: a counter family is
+/// announced under its sample name (`x_total`), bucket bounds are written
+/// as shortest decimals (`le="10"`, not `"10.0"`), and the OpenMetrics-only
+/// lines (`# EOF`, `# UNIT`) go.
+fn text_format(open: &str) -> String {
+    let counters: HashSet<&str> = open
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(open.len() + 64 * counters.len());
+    for line in open.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let header = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| Some((p, line.strip_prefix(p)?)));
+        match header {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                out.push_str(prefix);
+                out.push_str(name);
+                if counters.contains(name) {
+                    out.push_str("_total");
+                }
+                out.push(' ');
+                out.push_str(tail);
+            }
+            None => push_sample(&mut out, line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// A sample line; a histogram bucket's `le` bound, which the encoder puts
+/// first, goes last and in its shortest form (`{method="x",le="10"}`).
+fn push_sample(out: &mut String, line: &str) {
+    const LE: &str = "{le=\"";
+    let bucket = line.find(LE).and_then(|i| {
+        let from = i + LE.len();
+        let len = line[from..].find('"')?;
+        let close = line.rfind('}')?;
+        (close > from + len).then_some((i, &line[from..from + len], from + len + 1, close))
+    });
+    let Some((open, bound, after, close)) = bucket else {
+        out.push_str(line);
+        return;
+    };
+    out.push_str(&line[..=open]);
+    // What follows the bound: `,other="labels"` or nothing.
+    if let Some(others) = line[after..close].strip_prefix(',') {
+        out.push_str(others);
+        out.push(',');
+    }
+    out.push_str("le=\"");
+    match bound.parse::<f64>() {
+        Ok(v) if v.is_finite() => out.push_str(&v.to_string()),
+        _ => out.push_str(bound),
+    }
+    out.push('"');
+    out.push_str(&line[close..]);
 }
 
 /// Counts API requests: wraps the API routes (see the server), labelling
@@ -676,15 +672,15 @@ mod tests {
         m.refused(Refused::Unreachable);
         m.bytes_to_client(100);
         m.bytes_to_server(7);
-        m.session_ended(&End::ClientClosed, Duration::from_secs(5));
-        m.session_ended(&End::Stopped(Stop::Shutdown), Duration::from_secs(50));
+        m.session_ended(SessionOutcome::ClientClosed, Duration::from_secs(5));
+        m.session_ended(SessionOutcome::Shutdown, Duration::from_secs(50));
         m.api_request(
             "POST /api/v1/vms/{id}/console-tokens",
             201,
             Duration::from_millis(3),
         );
-        m.api_request(xmlrpc_method_label("no.such"), 200, Duration::from_secs(20));
-        m.xmlrpc_result(xmlrpc_method_label("one.vm.novnctoken"), 0x100);
+        m.api_request("other", 200, Duration::from_secs(20));
+        m.xmlrpc_result("one.vm.novnctoken", "0x0100");
         m.store_call("redeem", Duration::from_micros(300), None);
         m.store_call("redeem", Duration::from_millis(2), Some("unavailable"));
         let t = m.render(Gauges {
@@ -721,6 +717,11 @@ mod tests {
         assert_eq!(
             sample(&t, "vncbroker_sessions_total{outcome=\"shutdown\"}"),
             Some(1.0)
+        );
+        assert_eq!(
+            sample(&t, "vncbroker_sessions_total{outcome=\"idle\"}"),
+            Some(0.0),
+            "every outcome starts at zero"
         );
         assert_eq!(
             sample(&t, "vncbroker_session_duration_seconds_bucket{le=\"10\"}"),
@@ -783,10 +784,19 @@ mod tests {
         assert_eq!(
             sample(
                 &t,
+                "vncbroker_store_duration_seconds_bucket{op=\"redeem\",le=\"0.0001\"}"
+            ),
+            Some(0.0),
+            "small bounds are written as decimals"
+        );
+        assert_eq!(
+            sample(
+                &t,
                 "vncbroker_store_errors_total{op=\"redeem\",kind=\"unavailable\"}"
             ),
             Some(1.0)
         );
+        assert!(!t.contains("# EOF"), "{t}");
 
         // Every sample line belongs to a family announced by a TYPE line.
         let mut typed = std::collections::HashSet::new();
@@ -805,13 +815,36 @@ mod tests {
     }
 
     #[test]
-    fn unknown_xmlrpc_methods_fold_into_other_and_labels_are_escaped() {
+    fn every_family_is_announced_before_its_first_series() {
+        let t = Metrics::new().render(Gauges::default());
+        for family in [
+            "vncbroker_api_requests_total counter",
+            "vncbroker_api_request_duration_seconds histogram",
+            "vncbroker_xmlrpc_results_total counter",
+            "vncbroker_store_duration_seconds histogram",
+            "vncbroker_store_errors_total counter",
+        ] {
+            assert_eq!(t.matches(&format!("# TYPE {family}\n")).count(), 1, "{t}");
+        }
+        let m = Metrics::new();
+        m.store_call("ping", Duration::from_millis(1), Some("internal"));
+        let t = m.render(Gauges::default());
         assert_eq!(
-            xmlrpc_method_label("one.vm.novnctoken"),
-            "one.vm.novnctoken"
+            t.matches("# TYPE vncbroker_store_errors_total counter\n")
+                .count(),
+            1,
+            "announced once when it has series: {t}"
         );
-        assert_eq!(xmlrpc_method_label("one.vm.token"), "one.vm.token");
-        assert_eq!(xmlrpc_method_label("x\"y"), "other");
-        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let m = Metrics::new();
+        m.api_request("a\"b\\c\nd", 200, Duration::from_millis(1));
+        let t = m.render(Gauges::default());
+        assert!(
+            t.contains("vncbroker_api_requests_total{method=\"a\\\"b\\\\c\\nd\",status=\"200\"} 1"),
+            "{t}"
+        );
     }
 }

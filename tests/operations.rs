@@ -203,6 +203,66 @@ async fn metrics_count_mints_sessions_bytes_refusals_api_calls_and_store_calls()
     );
 }
 
+/// Prometheus' own checker accepts `/metrics` of a broker that has served a
+/// session, refused a token, answered XML-RPC calls and timed store calls:
+/// every family parses and follows the naming rules.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_pass_promtool_check_after_traffic() {
+    let echo = echo_server().await;
+    let broker = Broker::start("");
+    broker.add_vm(1, echo.port, None);
+    let t = broker.mint_default(1).await;
+    let mut ws = broker.ws_token(&t.token).await;
+    roundtrip(&mut ws, b"hello").await;
+    let mut bad = broker.ws_token(&unknown_token()).await;
+    assert_eq!(bad.expect_close(STEP).await.0, 4401);
+    for method in ["no.such.method", "one.vm.novnctoken"] {
+        let r = http_request(
+            broker.port,
+            "POST",
+            "/RPC2",
+            &[("Content-Type", "text/xml".into())],
+            xmlrpc_call(method, "").as_bytes(),
+        )
+        .await;
+        assert_eq!(r.status, 200);
+    }
+    let live = scrape(broker.port).await;
+    ws.close_normal().await;
+    broker.ended_sessions(1).await;
+    let after = scrape(broker.port).await;
+    assert_eq!(
+        metric(
+            &after,
+            "vncbroker_sessions_total{outcome=\"client_closed\"}"
+        ),
+        1.0
+    );
+
+    for text in [live, after] {
+        let mut child = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("promtool (Debian package prometheus) must be installed");
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().unwrap();
+            stdin.write_all(text.as_bytes()).unwrap();
+        }
+        let out = child.wait_with_output().unwrap();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "promtool: {said}\n{text}");
+        assert_eq!(said.trim(), "", "promtool found problems:\n{text}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthz_and_readyz_follow_the_process_and_the_store() {
     let broker = Broker::start("");

@@ -666,7 +666,7 @@ async fn relay_session(
     })
     .await;
     let _ = tcp_tx.shutdown().await;
-    crate::metrics::global().session_ended(&end, started.elapsed());
+    crate::metrics::global().session_ended(end.outcome(), started.elapsed());
     let end_record = SessionEnd {
         ended_at: crate::now_unix(),
         bytes_to_client: counts.to_client,

@@ -16,6 +16,7 @@ use tokio::sync::{Mutex, watch};
 use tokio::time::Instant;
 
 use super::sessions::Stop;
+use crate::metrics::SessionOutcome;
 use crate::websocket::frame::OpCode;
 use crate::websocket::stream::{Event, ReadError, Reader, Writer};
 
@@ -45,6 +46,31 @@ pub enum End {
     MaxDuration,
     /// The session's token expired (with end_at_token_expiry).
     TokenExpired,
+}
+
+impl End {
+    /// The `outcome` label this end counts under.
+    pub fn outcome(&self) -> SessionOutcome {
+        use crate::inventory::Lapse;
+        match self {
+            End::ClientClosed => SessionOutcome::ClientClosed,
+            End::ServerClosed => SessionOutcome::ServerClosed,
+            End::TextFrame | End::ClientProtocol { .. } => SessionOutcome::ClientProtocolError,
+            End::ServerError(_) => SessionOutcome::ServerError,
+            End::Stopped(Stop::Revoked(_)) => SessionOutcome::Revoked,
+            End::Stopped(Stop::Lapsed(Lapse::AccessLost | Lapse::CredentialRejected)) => {
+                SessionOutcome::AccessWithdrawn
+            }
+            End::Stopped(Stop::Lapsed(Lapse::VmGone | Lapse::VmStopped)) => SessionOutcome::VmGone,
+            End::Stopped(Stop::Lapsed(Lapse::VmMoved)) => SessionOutcome::VmMoved,
+            End::Stopped(Stop::StoreDown) => SessionOutcome::StoreUnavailable,
+            End::Stopped(Stop::Shutdown) => SessionOutcome::Shutdown,
+            End::Idle => SessionOutcome::Idle,
+            End::PongTimeout => SessionOutcome::ClientUnresponsive,
+            End::MaxDuration => SessionOutcome::TimeLimit,
+            End::TokenExpired => SessionOutcome::TokenExpired,
+        }
+    }
 }
 
 /// Per-session timers. All optional; with none set a session lives until a

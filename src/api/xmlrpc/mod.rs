@@ -39,6 +39,42 @@ pub const METHOD_TOKEN: &str = "one.vm.novnctoken";
 pub const METHOD_TOKEN_ALIAS: &str = "one.vm.token";
 pub const METHOD_REVOKE: &str = "one.vm.novnctokenrevoke";
 
+/// The method names counted by name in `/metrics`; anything else is
+/// `other`, so callers cannot grow the label set.
+const COUNTED_METHODS: &[&str] = &[
+    METHOD_TOKEN,
+    METHOD_TOKEN_ALIAS,
+    METHOD_REVOKE,
+    "system.listMethods",
+];
+
+/// The `method` label for an XML-RPC method name.
+pub fn method_label(name: &str) -> &'static str {
+    COUNTED_METHODS
+        .iter()
+        .find(|m| **m == name)
+        .copied()
+        .unwrap_or("other")
+}
+
+/// The `code` label for a result: OpenNebula's known codes (0 for success)
+/// and the fault codes this API answers; codes passed through from oned
+/// that are none of these count as `other`.
+pub fn code_label(code: i64) -> &'static str {
+    match code {
+        code::SUCCESS => "0x0000",
+        code::AUTHENTICATION => "0x0100",
+        code::AUTHORIZATION => "0x0200",
+        code::NO_EXISTS => "0x0400",
+        code::ACTION => "0x0800",
+        code::XML_RPC_API => "0x1000",
+        code::INTERNAL => "0x2000",
+        FAULT_PARSE => "-32700",
+        FAULT_NO_METHOD => "-32601",
+        _ => "other",
+    }
+}
+
 /// Session strings longer than this are refused without a lookup.
 const MAX_SESSION: usize = 4096;
 
@@ -51,10 +87,7 @@ pub async fn handle(
     let ip = state.client_ip(peer, &headers);
     let parsed = wire::parse_call(&body);
     // The method label for /metrics; unknown names fold into "other".
-    let label = parsed
-        .as_ref()
-        .ok()
-        .map(|c| crate::metrics::xmlrpc_method_label(&c.method));
+    let label = parsed.as_ref().ok().map(|c| method_label(&c.method));
     let xml = match parsed {
         Ok(call) if state.limiter.blocked(ip) => {
             tokio::time::sleep(state.limiter.delay()).await;
@@ -102,14 +135,14 @@ async fn dispatch(state: &ApiState, call: wire::MethodCall) -> (String, bool) {
         _ => {
             let shown: String = method.chars().take(64).collect();
             let xml = wire::fault(FAULT_NO_METHOD, &format!("method {shown:?} not found"));
-            crate::metrics::global().xmlrpc_result("other", FAULT_NO_METHOD);
+            crate::metrics::global().xmlrpc_result("other", code_label(FAULT_NO_METHOD));
             return (xml, false);
         }
     };
     let failed_login = matches!(&result, Err(f) if f.code == code::AUTHENTICATION);
     crate::metrics::global().xmlrpc_result(
-        crate::metrics::xmlrpc_method_label(method),
-        result.as_ref().map_or_else(|f| f.code, |_| code::SUCCESS),
+        method_label(method),
+        code_label(result.as_ref().map_or_else(|f| f.code, |_| code::SUCCESS)),
     );
     let v = match result {
         Ok(v) => Value::Array(vec![Value::Bool(true), v, Value::Int(code::SUCCESS)]),
@@ -257,4 +290,19 @@ fn minted_value(m: Minted) -> Value {
         ("vm_id".into(), Value::Int(m.vm_id)),
         ("single_use".into(), Value::Bool(m.single_use)),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_methods_and_codes_fold_into_other() {
+        assert_eq!(method_label("one.vm.novnctoken"), "one.vm.novnctoken");
+        assert_eq!(method_label("one.vm.token"), "one.vm.token");
+        assert_eq!(method_label("x\"y"), "other");
+        assert_eq!(code_label(code::AUTHENTICATION), "0x0100");
+        assert_eq!(code_label(FAULT_NO_METHOD), "-32601");
+        assert_eq!(code_label(0x4000), "other");
+    }
 }
