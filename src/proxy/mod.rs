@@ -279,22 +279,12 @@ async fn accept(proxy: Arc<Proxy>, peer: SocketAddr, req: Request) -> Response<B
     let (mut parts, _body) = req.into_parts();
     let set = &proxy.settings;
     let trusted = set.trusted_proxies.contains(&peer.ip());
-    let forwarded = |name: &str| {
-        parts
-            .headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .filter(|_| trusted)
-    };
     let client = SocketAddr::new(
-        origin::client_ip(
-            peer.ip(),
-            forwarded("x-forwarded-for"),
-            &set.trusted_proxies,
-        ),
+        origin::client_ip_from(peer.ip(), &parts.headers, &set.trusted_proxies),
         peer.port(),
     );
-    let scheme = match forwarded("x-forwarded-proto") {
+    let proto = origin::forwarded_proto(&parts.headers).filter(|_| trusted);
+    let scheme = match proto.as_deref() {
         Some(p) if p.eq_ignore_ascii_case("https") => "https",
         Some(_) => "http",
         None if set.tls => "https",
