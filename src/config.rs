@@ -259,6 +259,9 @@ pub struct ProxyConfig {
     pub ping_interval_secs: u64,
     /// A browser that has not answered a ping for this long is dropped.
     pub pong_timeout_secs: u64,
+    /// A browser that has not taken a write (one WebSocket frame) within
+    /// this long has stopped reading and is dropped, in seconds (0: never).
+    pub client_write_timeout_secs: u64,
     /// Directory of the @novnc/novnc npm package; unset, `node_modules/@novnc/novnc`
     /// of the source tree the binary was built from.
     pub novnc_root: Option<String>,
@@ -282,6 +285,7 @@ impl Default for ProxyConfig {
             end_at_token_expiry: false,
             ping_interval_secs: 30,
             pong_timeout_secs: 90,
+            client_write_timeout_secs: 30,
             novnc_root: None,
         }
     }

@@ -63,7 +63,7 @@ pub fn session_outcome(end: &End) -> &'static str {
         End::Stopped(Stop::Revoked) => "revoked",
         End::Stopped(Stop::Shutdown) => "shutdown",
         End::Idle => "idle",
-        End::PongTimeout => "client_unresponsive",
+        End::PongTimeout | End::WriteTimeout => "client_unresponsive",
         End::MaxDuration => "time_limit",
         End::TokenExpired => "token_expired",
     }

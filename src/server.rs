@@ -180,6 +180,7 @@ impl Node {
                     end_at_token_expiry: cfg.proxy.end_at_token_expiry,
                     ping_interval: secs(cfg.proxy.ping_interval_secs),
                     pong_timeout: Duration::from_secs(cfg.proxy.pong_timeout_secs),
+                    client_write_timeout: secs(cfg.proxy.client_write_timeout_secs),
                 },
             ));
             background.push(tokio::spawn(proxy::sessions::watch_revocations(

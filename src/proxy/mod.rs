@@ -86,6 +86,9 @@ pub struct Settings {
     pub end_at_token_expiry: bool,
     pub ping_interval: Option<Duration>,
     pub pong_timeout: Duration,
+    /// A write to the browser (one WebSocket frame) that does not finish
+    /// within this long ends the session: the browser stopped reading.
+    pub client_write_timeout: Option<Duration>,
 }
 
 pub struct Proxy {
@@ -207,6 +210,10 @@ impl End {
             ),
             End::Idle => (close::IDLE, "session ended: idle too long".into()),
             End::PongTimeout => (close::IDLE, "session ended: no answer to ping".into()),
+            End::WriteTimeout => (
+                close::IDLE,
+                "session ended: the browser stopped reading".into(),
+            ),
             End::MaxDuration => (
                 close::TIME_LIMIT,
                 "session ended: time limit reached".into(),
@@ -230,6 +237,7 @@ impl End {
             End::Stopped(Stop::Shutdown) => "server shutting down".into(),
             End::Idle => "idle timeout".into(),
             End::PongTimeout => "client stopped answering pings".into(),
+            End::WriteTimeout => "client stopped reading".into(),
             End::MaxDuration => "time limit".into(),
             End::TokenExpired => "token expired".into(),
         }
@@ -466,6 +474,7 @@ async fn relay_session(
         idle: set.idle_timeout,
         ping_every: set.ping_interval,
         pong_timeout: set.pong_timeout,
+        write_timeout: set.client_write_timeout,
         deadline: [max_end, expiry_end]
             .into_iter()
             .flatten()
