@@ -164,6 +164,9 @@ pub struct HttpConfig {
     /// `failure_delay_ms`. 0 turns the limit off.
     pub failures_per_minute: u32,
     pub failure_delay_ms: u64,
+    /// Password checks in progress at once per client address; further
+    /// ones wait for them (0: only failures_per_minute bounds them).
+    pub password_checks_per_address: u32,
 }
 
 impl Default for HttpConfig {
@@ -173,6 +176,7 @@ impl Default for HttpConfig {
             trusted_proxies: Vec::new(),
             failures_per_minute: 30,
             failure_delay_ms: 1000,
+            password_checks_per_address: 2,
         }
     }
 }

@@ -289,6 +289,8 @@ pub struct Metrics {
     xmlrpc_results: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     store_duration: Mutex<BTreeMap<StoreOp, Arc<Histogram>>>,
     store_errors: Mutex<BTreeMap<(StoreOp, &'static str), u64>>,
+    password_verifications: AtomicU64,
+    password_checks_busy: AtomicU64,
 }
 
 static GLOBAL: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -362,7 +364,19 @@ impl Metrics {
             xmlrpc_results: Mutex::default(),
             store_duration: Mutex::default(),
             store_errors: Mutex::default(),
+            password_verifications: AtomicU64::new(0),
+            password_checks_busy: AtomicU64::new(0),
         }
+    }
+
+    /// An argon2 verification ran (a dummy one for an unknown user included).
+    pub fn password_verification(&self) {
+        self.password_verifications.fetch_add(1, Relaxed);
+    }
+
+    /// A password check was answered "busy": the verification queue was full.
+    pub fn password_check_busy(&self) {
+        self.password_checks_busy.fetch_add(1, Relaxed);
     }
 
     /// A console session ended after `duration`.
@@ -649,6 +663,29 @@ impl Metrics {
                 );
             }
         }
+
+        header(
+            o,
+            "vncbroker_password_verifications_total",
+            "counter",
+            "argon2 password verifications run (including the dummy ones for unknown users).",
+        );
+        let _ = writeln!(
+            o,
+            "vncbroker_password_verifications_total {}",
+            self.password_verifications.load(Relaxed)
+        );
+        header(
+            o,
+            "vncbroker_password_checks_busy_total",
+            "counter",
+            "Password checks answered busy because the verification queue was full.",
+        );
+        let _ = writeln!(
+            o,
+            "vncbroker_password_checks_busy_total {}",
+            self.password_checks_busy.load(Relaxed)
+        );
         out
     }
 }
@@ -838,11 +875,20 @@ mod tests {
             Duration::from_millis(2),
             Some(&StoreError::Unavailable("x".into())),
         );
+        m.password_verification();
         let t = m.render(Gauges {
             sessions_active: 3,
             draining: true,
         });
 
+        assert_eq!(
+            sample(&t, "vncbroker_password_verifications_total"),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&t, "vncbroker_password_checks_busy_total"),
+            Some(0.0)
+        );
         assert_eq!(sample(&t, "vncbroker_sessions_active"), Some(3.0));
         assert_eq!(sample(&t, "vncbroker_draining"), Some(1.0));
         assert_eq!(sample(&t, "vncbroker_tokens_minted_total"), Some(2.0));

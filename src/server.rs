@@ -108,8 +108,12 @@ impl Node {
         }));
         let limiter = Arc::new(FailureLimiter::new(
             cfg.http.failures_per_minute,
+            cfg.http.password_checks_per_address,
             Duration::from_millis(cfg.http.failure_delay_ms),
         ));
+        if cfg.inventory.kind == InventoryKind::Local {
+            crate::auth::warm_up();
+        }
         let ops = Arc::new(Ops::new(cfg, &store, &service, &sessions, tls.clone()));
         let mut background = vec![tokio::spawn(purge_loop(
             Arc::clone(&ops),

@@ -4,7 +4,7 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::Query;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -16,6 +16,7 @@ use serde_json::json;
 
 use super::ApiState;
 use crate::inventory::Credential;
+use crate::limits::{Attempt, Kind, Refused};
 use crate::service::{MintRequest, ServiceError};
 use crate::store::SessionFilter;
 
@@ -34,6 +35,8 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// Seconds for `Retry-After`, for answers that a later try may change.
+    retry_after: Option<u32>,
 }
 
 impl ApiError {
@@ -42,7 +45,13 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    fn retry_after(mut self, secs: u32) -> ApiError {
+        self.retry_after = Some(secs);
+        self
     }
 
     fn unauthorized() -> ApiError {
@@ -72,6 +81,10 @@ impl From<ServiceError> for ApiError {
                 _ => (StatusCode::BAD_GATEWAY, "upstream"),
             },
             ServiceError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ServiceError::Busy => {
+                return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", e.to_string())
+                    .retry_after(1);
+            }
             ServiceError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         ApiError::new(status, code, super::client_message(&e))
@@ -87,6 +100,10 @@ impl IntoResponse for ApiError {
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Basic realm=\"vncbroker\", charset=\"UTF-8\""),
             );
+        }
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
     }
@@ -109,31 +126,52 @@ fn credential(headers: &HeaderMap) -> Result<Credential, ApiError> {
     Credential::from_session(&text).ok_or_else(ApiError::unauthorized)
 }
 
-/// The caller's credentials, unless their address has used up its failed
-/// logins (then 429, after a delay, without checking anything).
+/// The caller's credentials, with a failure charged to their address until
+/// the call proves them right: an address whose failed logins are used up
+/// gets 429 (after a delay, without anything checked), and one with too many
+/// logins in progress waits for them, then gets 429 if they take too long.
 async fn login(
     state: &ApiState,
     peer: SocketAddr,
     headers: &HeaderMap,
-) -> Result<(Credential, IpAddr), ApiError> {
+) -> Result<(Credential, Attempt), ApiError> {
     let ip = state.client_ip(peer, headers);
-    if state.limiter.blocked(ip) {
-        tokio::time::sleep(state.limiter.delay()).await;
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too_many_requests",
-            "too many failed attempts, try again later",
-        ));
+    let attempt = match state.limiter.begin(ip, Kind::Password).await {
+        Ok(a) => a,
+        Err(Refused::Spent) => {
+            tokio::time::sleep(state.limiter.delay()).await;
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_requests",
+                Refused::Spent.to_string(),
+            ));
+        }
+        Err(Refused::Busy) => {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_requests",
+                Refused::Busy.to_string(),
+            )
+            .retry_after(1));
+        }
+    };
+    match credential(headers) {
+        Ok(cred) => Ok((cred, attempt)),
+        Err(e) => {
+            // No credential at all is not a guess.
+            attempt.refund();
+            Err(e)
+        }
     }
-    Ok((credential(headers)?, ip))
 }
 
-/// Counts a wrong credential against the caller's address.
-fn note(state: &ApiState, ip: IpAddr, err: &ServiceError) {
-    if matches!(err, ServiceError::Authentication)
-        || matches!(err, ServiceError::Oned { code: 0x0100, .. })
-    {
-        state.limiter.failed(ip);
+/// Keeps the charge for a wrong credential; refunds it otherwise.
+fn settle<T>(attempt: Attempt, result: &Result<T, ServiceError>) {
+    match result {
+        Err(ServiceError::Authentication) | Err(ServiceError::Oned { code: 0x0100, .. }) => {
+            attempt.fail()
+        }
+        _ => attempt.refund(),
     }
 }
 
@@ -175,7 +213,7 @@ pub async fn mint(
             )
         })?
     };
-    let (cred, ip) = login(&state, peer, &headers).await?;
+    let (cred, attempt) = login(&state, peer, &headers).await?;
     let minted = state
         .service
         .mint(
@@ -186,9 +224,9 @@ pub async fn mint(
                 single_use: body.single_use,
             },
         )
-        .await
-        .inspect_err(|e| note(&state, ip, e))?;
-    Ok((StatusCode::CREATED, Json(minted)).into_response())
+        .await;
+    settle(attempt, &minted);
+    Ok((StatusCode::CREATED, Json(minted?)).into_response())
 }
 
 pub async fn revoke(
@@ -198,13 +236,10 @@ pub async fn revoke(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let vm_id = vm_id(&id)?;
-    let (cred, ip) = login(&state, peer, &headers).await?;
-    let n = state
-        .service
-        .revoke(&cred, vm_id)
-        .await
-        .inspect_err(|e| note(&state, ip, e))?;
-    Ok(Json(json!({"revoked": n})).into_response())
+    let (cred, attempt) = login(&state, peer, &headers).await?;
+    let n = state.service.revoke(&cred, vm_id).await;
+    settle(attempt, &n);
+    Ok(Json(json!({"revoked": n?})).into_response())
 }
 
 /// Query of `GET /api/v1/sessions`.
@@ -228,19 +263,16 @@ pub async fn sessions(
 ) -> Result<Response, ApiError> {
     let Query(q) =
         query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text()))?;
-    let (cred, ip) = login(&state, peer, &headers).await?;
+    let (cred, attempt) = login(&state, peer, &headers).await?;
     let filter = SessionFilter {
         vm_id: q.vm_id,
         user: q.user,
         since: q.since,
         limit: q.limit.unwrap_or(100).min(MAX_SESSIONS_LISTED),
     };
-    let list = state
-        .service
-        .sessions(&cred, filter)
-        .await
-        .inspect_err(|e| note(&state, ip, e))?;
-    Ok(Json(json!({ "sessions": list })).into_response())
+    let list = state.service.sessions(&cred, filter).await;
+    settle(attempt, &list);
+    Ok(Json(json!({ "sessions": list? })).into_response())
 }
 
 pub async fn openapi() -> Response {

@@ -35,7 +35,7 @@ use tokio::net::TcpStream;
 
 use self::relay::{Counts, End};
 use self::sessions::{Sessions, Stop};
-use crate::limits::FailureLimiter;
+use crate::limits::{Attempt, FailureLimiter, Kind, Refused};
 use crate::service::{RedeemError, TokenService};
 use crate::store::{NewSession, Redemption, SessionEnd, Store};
 use crate::websocket::stream::{Reader, Writer};
@@ -310,14 +310,6 @@ async fn accept(proxy: Arc<Proxy>, peer: SocketAddr, req: Request) -> Response<B
         tracing::warn!(%client, error = %e, "WebSocket upgrade refused: origin");
         return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
     }
-    if set.limiter.blocked(client.ip()) {
-        tokio::time::sleep(set.limiter.delay()).await;
-        return (
-            StatusCode::TOO_MANY_REQUESTS,
-            "too many failed attempts, try again later",
-        )
-            .into_response();
-    }
     let accepted = match upgrade::check(&parts.method, &parts.headers) {
         Ok(a) => a,
         Err(e) => {
@@ -339,6 +331,17 @@ async fn accept(proxy: Arc<Proxy>, peer: SocketAddr, req: Request) -> Response<B
         )
             .into_response();
     };
+    // A failure is charged before the token is looked up, and refunded
+    // unless the token turns out bad.
+    let attempt = match set.limiter.begin(client.ip(), Kind::Token).await {
+        Ok(a) => a,
+        Err(why) => {
+            if why == Refused::Spent {
+                tokio::time::sleep(set.limiter.delay()).await;
+            }
+            return (StatusCode::TOO_MANY_REQUESTS, why.to_string()).into_response();
+        }
+    };
     let token = request::token(
         parts.uri.query(),
         parts
@@ -349,8 +352,11 @@ async fn accept(proxy: Arc<Proxy>, peer: SocketAddr, req: Request) -> Response<B
     );
     tokio::spawn(async move {
         match on_upgrade.await {
-            Ok(upgraded) => session(proxy, TokioIo::new(upgraded), token, client).await,
-            Err(e) => tracing::debug!(%client, error = %e, "WebSocket upgrade failed"),
+            Ok(upgraded) => session(proxy, TokioIo::new(upgraded), token, client, attempt).await,
+            Err(e) => {
+                attempt.refund();
+                tracing::debug!(%client, error = %e, "WebSocket upgrade failed")
+            }
         }
     });
     let mut resp = Response::new(Body::empty());
@@ -367,11 +373,22 @@ async fn accept(proxy: Arc<Proxy>, peer: SocketAddr, req: Request) -> Response<B
     resp
 }
 
-async fn session(proxy: Arc<Proxy>, io: Io, token: Option<String>, client: SocketAddr) {
+async fn session(
+    proxy: Arc<Proxy>,
+    io: Io,
+    token: Option<String>,
+    client: SocketAddr,
+    attempt: Attempt,
+) {
     let (rd, wr) = tokio::io::split(io);
     let mut reader = Reader::new(rd, proxy.settings.max_message_bytes as u64);
     let mut writer = Writer::new(wr);
-    match open(&proxy, &mut reader, &mut writer, token.as_deref(), client).await {
+    let opened = open(&proxy, &mut reader, &mut writer, token.as_deref(), client).await;
+    match &opened {
+        Err(Refusal::NoToken | Refusal::BadToken) => attempt.fail(),
+        _ => attempt.refund(),
+    }
+    match opened {
         Ok((redemption, tcp, registration)) => {
             relay_session(
                 &proxy,
@@ -385,9 +402,6 @@ async fn session(proxy: Arc<Proxy>, io: Io, token: Option<String>, client: Socke
             .await
         }
         Err(refusal) => {
-            if matches!(refusal, Refusal::NoToken | Refusal::BadToken) {
-                proxy.settings.limiter.failed(client.ip());
-            }
             crate::metrics::global().refused(refusal.metric());
             let (code, reason) = refusal.close();
             tracing::info!(%client, code, detail = %refusal.detail(), "console connection refused");
