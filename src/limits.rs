@@ -1,4 +1,5 @@
-//! Per-address limits: budgets of failed token and password attempts.
+//! Per-address limits: budgets of failed token and password attempts, and
+//! caps on open connections.
 //!
 //! An address is an IPv4 address or an IPv6 /64 (one customer's network is
 //! one /64, so its 2^64 addresses are one client here). Every table is
@@ -10,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -230,10 +232,181 @@ impl Drop for Attempt {
     }
 }
 
+/// Why a connection is turned away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ConnRefused {
+    #[error("too many connections from your address")]
+    PerAddress,
+    #[error("too many connections to this server")]
+    Total,
+}
+
+impl ConnRefused {
+    /// The `reason` label in `/metrics`.
+    pub fn label(self) -> &'static str {
+        match self {
+            ConnRefused::PerAddress => "per_address",
+            ConnRefused::Total => "total",
+        }
+    }
+}
+
+#[derive(Default)]
+struct ConnTable {
+    open: usize,
+    per: HashMap<IpAddr, usize>,
+}
+
+/// Caps on open connections: in all, and per client address. Trusted
+/// reverse proxies count in the total only; the clients behind them are
+/// capped by their forwarded address, request by request.
+pub struct ConnectionLimiter {
+    total: usize,
+    per_address: usize,
+    exempt: Vec<IpAddr>,
+    table: Mutex<ConnTable>,
+    refusing: AtomicUsize,
+}
+
+/// How many refusals (a 503 or a 4429 close) may be in progress at once;
+/// past that, connections over a cap are closed without an answer.
+pub const MAX_REFUSING: usize = 256;
+
+impl ConnectionLimiter {
+    /// 0 turns a cap off; `exempt` (the trusted proxies) are never capped
+    /// per address.
+    pub fn new(total: usize, per_address: usize, exempt: Vec<IpAddr>) -> ConnectionLimiter {
+        ConnectionLimiter {
+            total,
+            per_address,
+            exempt,
+            table: Mutex::new(ConnTable::default()),
+            refusing: AtomicUsize::new(0),
+        }
+    }
+
+    /// Admits a TCP connection from `peer`.
+    pub fn admit(self: &Arc<Self>, peer: IpAddr) -> Result<ConnSlot, ConnRefused> {
+        let key = (self.per_address > 0 && !self.exempt.contains(&peer)).then(|| bucket(peer));
+        let mut t = lock(&self.table);
+        if self.total > 0 && t.open >= self.total {
+            return Err(ConnRefused::Total);
+        }
+        if let Some(k) = key
+            && t.per.get(&k).copied().unwrap_or(0) >= self.per_address
+        {
+            return Err(ConnRefused::PerAddress);
+        }
+        t.open += 1;
+        if let Some(k) = key {
+            *t.per.entry(k).or_default() += 1;
+        }
+        crate::metrics::global().connection_opened();
+        Ok(ConnSlot {
+            limiter: Arc::clone(self),
+            key,
+            counted: true,
+        })
+    }
+
+    /// Admits a request (or WebSocket) from `client`, an address forwarded
+    /// by a trusted proxy; the proxy's connection is already counted.
+    pub fn admit_forwarded(self: &Arc<Self>, client: IpAddr) -> Result<ConnSlot, ConnRefused> {
+        let key = bucket(client);
+        let mut t = lock(&self.table);
+        if self.per_address > 0 && t.per.get(&key).copied().unwrap_or(0) >= self.per_address {
+            return Err(ConnRefused::PerAddress);
+        }
+        *t.per.entry(key).or_default() += 1;
+        Ok(ConnSlot {
+            limiter: Arc::clone(self),
+            key: Some(key),
+            counted: false,
+        })
+    }
+
+    /// Whether the cap per address applies at all.
+    pub fn caps_addresses(&self) -> bool {
+        self.per_address > 0
+    }
+
+    /// A place to answer a refused connection in, if one is free.
+    pub fn refusing(self: &Arc<Self>) -> Option<RefusalSlot> {
+        let n = self.refusing.fetch_add(1, Ordering::SeqCst);
+        if n >= MAX_REFUSING {
+            self.refusing.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(RefusalSlot(Arc::clone(self)))
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        lock(&self.table).open
+    }
+}
+
+/// An admitted connection; dropping it frees its place.
+pub struct ConnSlot {
+    limiter: Arc<ConnectionLimiter>,
+    key: Option<IpAddr>,
+    /// Whether it counts in the total (TCP connections do, forwarded
+    /// clients do not).
+    counted: bool,
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        let mut t = lock(&self.limiter.table);
+        if self.counted {
+            t.open = t.open.saturating_sub(1);
+            crate::metrics::global().connection_closed();
+        }
+        if let Some(k) = self.key
+            && let Some(n) = t.per.get_mut(&k)
+        {
+            *n -= 1;
+            if *n == 0 {
+                t.per.remove(&k);
+            }
+        }
+    }
+}
+
+/// A refusal being answered.
+pub struct RefusalSlot(Arc<ConnectionLimiter>);
+
+impl Drop for RefusalSlot {
+    fn drop(&mut self) {
+        self.0.refusing.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The total connection cap to use when none is configured: half of what
+/// the open-files limit leaves after a reserve (each console session holds
+/// two descriptors: the browser's and the VNC server's).
+pub fn auto_max_connections(open_files: u64) -> usize {
+    let reserve = 64 + MAX_REFUSING as u64;
+    (open_files.saturating_sub(reserve) / 2).max(16) as usize
+}
+
+/// The soft open-files limit of this process, from `/proc/self/limits`.
+pub fn open_files_limit() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    let soft = line
+        .trim_start_matches("Max open files")
+        .split_whitespace()
+        .next()?;
+    match soft {
+        "unlimited" => Some(u64::MAX),
+        n => n.parse().ok(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
@@ -348,5 +521,49 @@ mod tests {
                 .fail();
         }
         assert!(lock(&l.seen).len() <= MAX_TRACKED);
+    }
+
+    #[test]
+    fn connection_caps() {
+        let proxy = ip("10.0.0.1");
+        let l = Arc::new(ConnectionLimiter::new(5, 2, vec![proxy]));
+        let a1 = l.admit(ip("2001:db8::1")).unwrap();
+        let _a2 = l.admit(ip("2001:db8::2")).unwrap();
+        assert_eq!(
+            l.admit(ip("2001:db8::3")).err(),
+            Some(ConnRefused::PerAddress),
+            "the same /64"
+        );
+        drop(a1);
+        let _a3 = l.admit(ip("2001:db8::3")).unwrap();
+        // The trusted proxy is not one client, but counts in the total.
+        let _p1 = l.admit(proxy).unwrap();
+        let _p2 = l.admit(proxy).unwrap();
+        let _p3 = l.admit(proxy).unwrap();
+        assert_eq!(l.admit(proxy).err(), Some(ConnRefused::Total));
+        // Clients behind it are capped by their forwarded address.
+        let f1 = l.admit_forwarded(ip("198.51.100.7")).unwrap();
+        let _f2 = l.admit_forwarded(ip("198.51.100.7")).unwrap();
+        assert!(l.admit_forwarded(ip("198.51.100.7")).is_err());
+        drop(f1);
+        assert!(l.admit_forwarded(ip("198.51.100.7")).is_ok());
+        assert_eq!(l.open(), 5);
+    }
+
+    #[test]
+    fn refusals_in_progress_are_bounded() {
+        let l = Arc::new(ConnectionLimiter::new(0, 0, vec![]));
+        let held: Vec<_> = (0..MAX_REFUSING).map(|_| l.refusing().unwrap()).collect();
+        assert!(l.refusing().is_none());
+        drop(held);
+        assert!(l.refusing().is_some());
+    }
+
+    #[test]
+    fn automatic_total_cap() {
+        assert_eq!(auto_max_connections(1024), 352);
+        assert_eq!(auto_max_connections(65_536), 32_608);
+        assert_eq!(auto_max_connections(10), 16);
+        assert!(open_files_limit().is_some_and(|n| n > 0));
     }
 }
