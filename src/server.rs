@@ -81,7 +81,7 @@ impl Node {
         };
         // Every database call is timed for /metrics.
         let store = crate::metrics::TimedStore::wrap(store::open(&cfg.database).await?);
-        let listener = TcpListener::bind(&cfg.listen)
+        let listener = listen(&cfg.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
         let addr = listener.local_addr()?;
@@ -610,6 +610,31 @@ fn shutting_down() -> Response {
         "server shutting down",
     )
         .into_response()
+}
+
+/// Connections the kernel may queue before they are accepted. A burst of
+/// connections (a flood, many browsers at once) that overflows the queue
+/// makes every client behind it, wanted or not, wait a second for its SYN
+/// to be sent again; the kernel caps it at `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds `addr` (host:port, the first address that works) with
+/// [`LISTEN_BACKLOG`].
+async fn listen(addr: &str) -> std::io::Result<TcpListener> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let socket = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(a).and_then(|()| socket.listen(LISTEN_BACKLOG)) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("the address resolves to nothing")))
 }
 
 /// How long a refused connection gets to send the request its refusal
