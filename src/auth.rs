@@ -6,7 +6,9 @@
 //! flood of password guesses can take neither the blocking threads the
 //! database needs nor unbounded memory. A check takes a [`Ticket`] (a place
 //! in that queue) before it even looks the user up; when none is left it is
-//! answered "busy" at once, and a flood costs the database nothing.
+//! answered "busy" at once, and a flood costs the database nothing. One
+//! client address holds only a few places at a time (its other checks wait
+//! their turn), so it cannot fill the queue for everyone.
 //!
 //! The cache remembers only that a credential matched a given stored hash.
 //! Its key is an HMAC, under a per-process random key, of the user name, the
@@ -14,6 +16,7 @@
 //! password misses at once, and entries are bounded in count and age.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
@@ -66,10 +69,22 @@ pub enum Against {
 #[error("too many password checks in progress")]
 pub struct Busy;
 
+tokio::task_local! {
+    /// The address of the client whose password is being checked, set by
+    /// the APIs around the calls that check one.
+    pub static CLIENT: IpAddr;
+}
+
+/// The client address of the check in progress, if the caller set one.
+fn client() -> Option<IpAddr> {
+    CLIENT.try_with(|ip| *ip).ok()
+}
+
 /// A place in the verifier: a check running or waiting to run. Dropping
 /// it frees the place.
 pub struct Ticket {
     _permit: tokio::sync::OwnedSemaphorePermit,
+    _address: Option<crate::limits::InFlightSlot>,
 }
 
 struct Job {
@@ -84,6 +99,7 @@ struct Job {
 pub struct Verifier {
     jobs: SyncSender<Job>,
     tickets: Arc<tokio::sync::Semaphore>,
+    per_address: Arc<crate::limits::InFlight>,
 }
 
 impl Verifier {
@@ -141,17 +157,33 @@ impl Verifier {
         Verifier {
             jobs,
             tickets: Arc::new(tokio::sync::Semaphore::new(threads + queue)),
+            per_address: Arc::new(crate::limits::InFlight::new(0)),
         }
     }
 
-    /// A place for one check; `Busy` (at once) if every place is taken.
-    pub fn ticket(&self) -> Result<Ticket, Busy> {
+    /// How many places one client address may hold at once (0: no cap).
+    pub fn set_per_address(&self, n: usize) {
+        self.per_address.set_cap(n);
+    }
+
+    /// A place for one check of the current [`CLIENT`]'s: once the address
+    /// has a place of its own free (waiting for one, up to a bound), and at
+    /// once a free place in the queue, else `Busy`.
+    pub async fn ticket(&self) -> Result<Ticket, Busy> {
+        let busy = || {
+            crate::metrics::global().password_check_busy();
+            Busy
+        };
+        let address = match client() {
+            Some(ip) => Some(self.per_address.enter(ip).await.map_err(|_| busy())?),
+            None => None,
+        };
         match Arc::clone(&self.tickets).try_acquire_owned() {
-            Ok(permit) => Ok(Ticket { _permit: permit }),
-            Err(_) => {
-                crate::metrics::global().password_check_busy();
-                Err(Busy)
-            }
+            Ok(permit) => Ok(Ticket {
+                _permit: permit,
+                _address: address,
+            }),
+            Err(_) => Err(busy()),
         }
     }
 
@@ -333,15 +365,19 @@ mod tests {
     async fn the_pool_verifies_and_answers_busy_when_full() {
         let h = hash_password("pw").unwrap();
         let v = Verifier::new(1, 1);
-        let check = |pw: &str, against| v.verify(v.ticket().unwrap(), pw.into(), against);
-        assert_eq!(check("pw", Against::Stored(h.clone())).await, Ok(true));
-        assert_eq!(check("no", Against::Stored(h.clone())).await, Ok(false));
-        assert_eq!(check("pw", Against::Dummy).await, Ok(false));
+        for (pw, against, want) in [
+            ("pw", Against::Stored(h.clone()), true),
+            ("no", Against::Stored(h.clone()), false),
+            ("pw", Against::Dummy, false),
+        ] {
+            let t = v.ticket().await.unwrap();
+            assert_eq!(v.verify(t, pw.into(), against).await, Ok(want));
+        }
         // One running, one queued: a third is turned away at once.
-        let (t1, t2) = (v.ticket().unwrap(), v.ticket().unwrap());
-        assert!(v.ticket().is_err());
+        let (t1, t2) = (v.ticket().await.unwrap(), v.ticket().await.unwrap());
+        assert!(v.ticket().await.is_err());
         drop(t1);
-        assert!(v.ticket().is_ok());
+        assert!(v.ticket().await.is_ok());
         drop(t2);
         // Of many at once, some are turned away.
         let v: &'static Verifier = Box::leak(Box::new(v));
@@ -349,7 +385,7 @@ mod tests {
             .map(|_| {
                 let h = h.clone();
                 tokio::spawn(async move {
-                    let ticket = v.ticket()?;
+                    let ticket = v.ticket().await?;
                     v.verify(ticket, "no".into(), Against::Stored(h)).await
                 })
             })

@@ -171,8 +171,8 @@ pub struct HttpConfig {
     /// `failure_delay_ms`. 0 turns the limit off.
     pub failures_per_minute: u32,
     pub failure_delay_ms: u64,
-    /// Password checks in progress at once per client address; further
-    /// ones wait for them (0: only failures_per_minute bounds them).
+    /// Password verifications (argon2 runs) in progress at once per client
+    /// address; further ones wait for them (0: no cap).
     pub password_checks_per_address: u32,
     /// Open client connections in all (0: from the open-files limit).
     pub max_connections: usize,

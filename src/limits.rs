@@ -1,5 +1,5 @@
-//! Per-address limits: budgets of failed token and password attempts, and
-//! caps on open connections.
+//! Per-address limits: budgets of failed token and password attempts, caps
+//! on password verifications in progress, and caps on open connections.
 //!
 //! An address is an IPv4 address or an IPv6 /64 (one customer's network is
 //! one /64, so its 2^64 addresses are one client here). Every table is
@@ -43,14 +43,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// What an attempt is: a password check (capped in flight per address) or
-/// a token redemption (only budgeted).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Password,
-    Token,
-}
-
 /// Why an attempt may not start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Refused {
@@ -67,8 +59,6 @@ struct Entry {
     failures: u32,
     /// Attempts started and not yet resolved; each counts as a failure.
     pending: u32,
-    /// Of those, password checks.
-    checking: u32,
 }
 
 impl Entry {
@@ -83,8 +73,6 @@ impl Entry {
 /// Budgets of failures per address and minute.
 pub struct FailureLimiter {
     per_minute: u32,
-    /// Password checks in flight per address (0: only the budget bounds them).
-    checks_in_flight: u32,
     delay: Duration,
     seen: Mutex<HashMap<IpAddr, Entry>>,
     /// Woken whenever an attempt ends, for attempts waiting for room.
@@ -92,12 +80,10 @@ pub struct FailureLimiter {
 }
 
 impl FailureLimiter {
-    /// `per_minute` of 0 turns the budget off; `checks_in_flight` of 0 leaves
-    /// concurrent password checks bounded by the budget alone.
-    pub fn new(per_minute: u32, checks_in_flight: u32, delay: Duration) -> FailureLimiter {
+    /// `per_minute` of 0 turns the budget off.
+    pub fn new(per_minute: u32, delay: Duration) -> FailureLimiter {
         FailureLimiter {
             per_minute,
-            checks_in_flight,
             delay,
             seen: Mutex::new(HashMap::new()),
             changed: Notify::new(),
@@ -111,18 +97,13 @@ impl FailureLimiter {
 
     /// Starts an attempt from `ip`, charging it as a failure until it is
     /// refunded. An address whose budget is spent is refused at once; one
-    /// whose budget is taken by attempts still in progress (or that has
-    /// too many password checks in flight) waits for them, up to a bound.
-    pub async fn begin(self: &Arc<Self>, ip: IpAddr, kind: Kind) -> Result<Attempt, Refused> {
-        let cap = match kind {
-            Kind::Password if self.checks_in_flight > 0 => self.checks_in_flight,
-            _ => u32::MAX,
-        };
-        if self.per_minute == 0 && cap == u32::MAX {
+    /// whose budget is taken by attempts still in progress waits for them,
+    /// up to a bound.
+    pub async fn begin(self: &Arc<Self>, ip: IpAddr) -> Result<Attempt, Refused> {
+        if self.per_minute == 0 {
             return Ok(Attempt {
                 limiter: None,
                 key: ip,
-                kind,
             });
         }
         let key = bucket(ip);
@@ -139,21 +120,14 @@ impl FailureLimiter {
                     return Err(Refused::Busy);
                 };
                 entry.roll();
-                let budget = self.per_minute;
-                if budget > 0 && entry.failures >= budget {
+                if entry.failures >= self.per_minute {
                     return Err(Refused::Spent);
                 }
-                let budget_room = budget == 0 || entry.failures + entry.pending < budget;
-                let check_room = kind == Kind::Token || entry.checking < cap;
-                if budget_room && check_room {
+                if entry.failures + entry.pending < self.per_minute {
                     entry.pending += 1;
-                    if kind == Kind::Password {
-                        entry.checking += 1;
-                    }
                     return Ok(Attempt {
                         limiter: Some(Arc::clone(self)),
                         key,
-                        kind,
                     });
                 }
             }
@@ -163,15 +137,12 @@ impl FailureLimiter {
         }
     }
 
-    fn end(&self, key: IpAddr, kind: Kind, failed: bool) {
+    fn end(&self, key: IpAddr, failed: bool) {
         {
             let mut seen = lock(&self.seen);
             if let Some(e) = seen.get_mut(&key) {
                 e.pending = e.pending.saturating_sub(1);
-                if kind == Kind::Password {
-                    e.checking = e.checking.saturating_sub(1);
-                }
-                if failed && self.per_minute > 0 {
+                if failed {
                     e.roll();
                     e.failures = e.failures.saturating_add(1);
                 }
@@ -197,7 +168,6 @@ fn entry(seen: &mut HashMap<IpAddr, Entry>, key: IpAddr) -> Option<&mut Entry> {
         start: Instant::now(),
         failures: 0,
         pending: 0,
-        checking: 0,
     }))
 }
 
@@ -206,7 +176,6 @@ fn entry(seen: &mut HashMap<IpAddr, Entry>, key: IpAddr) -> Option<&mut Entry> {
 pub struct Attempt {
     limiter: Option<Arc<FailureLimiter>>,
     key: IpAddr,
-    kind: Kind,
 }
 
 impl Attempt {
@@ -214,7 +183,7 @@ impl Attempt {
     /// reason that is not a wrong credential): its charge is refunded.
     pub fn refund(mut self) {
         if let Some(l) = self.limiter.take() {
-            l.end(self.key, self.kind, false);
+            l.end(self.key, false);
         }
     }
 
@@ -227,8 +196,88 @@ impl Attempt {
 impl Drop for Attempt {
     fn drop(&mut self) {
         if let Some(l) = self.limiter.take() {
-            l.end(self.key, self.kind, true);
+            l.end(self.key, true);
         }
+    }
+}
+
+/// A cap on work in progress per address (password verifications), where
+/// work over the cap waits for a place, up to a bound.
+pub struct InFlight {
+    per_address: AtomicUsize,
+    busy: Mutex<HashMap<IpAddr, usize>>,
+    freed: Notify,
+}
+
+impl Default for InFlight {
+    fn default() -> Self {
+        InFlight::new(0)
+    }
+}
+
+impl InFlight {
+    /// 0: no cap.
+    pub fn new(per_address: usize) -> InFlight {
+        InFlight {
+            per_address: AtomicUsize::new(per_address),
+            busy: Mutex::new(HashMap::new()),
+            freed: Notify::new(),
+        }
+    }
+
+    /// Changes the cap (for work started from now on).
+    pub fn set_cap(&self, per_address: usize) {
+        self.per_address.store(per_address, Ordering::Relaxed);
+    }
+
+    /// A place for one piece of work from `ip`: at once if the address is
+    /// under the cap, else once one of its places is free; `Busy` if none
+    /// is free in time. The table holds only addresses with work in
+    /// progress, so it is bounded by the work allowed at all.
+    pub async fn enter(self: &Arc<Self>, ip: IpAddr) -> Result<InFlightSlot, Refused> {
+        let key = bucket(ip);
+        let give_up = tokio::time::Instant::now() + MAX_WAIT;
+        loop {
+            let woken = self.freed.notified();
+            let mut woken = std::pin::pin!(woken);
+            woken.as_mut().enable();
+            {
+                let cap = self.per_address.load(Ordering::Relaxed);
+                let mut busy = lock(&self.busy);
+                let n = busy.entry(key).or_default();
+                if cap == 0 || *n < cap {
+                    *n += 1;
+                    return Ok(InFlightSlot {
+                        gate: Arc::clone(self),
+                        key,
+                    });
+                }
+            }
+            if tokio::time::timeout_at(give_up, woken).await.is_err() {
+                return Err(Refused::Busy);
+            }
+        }
+    }
+}
+
+/// A place taken in an [`InFlight`]; dropping it frees the place.
+pub struct InFlightSlot {
+    gate: Arc<InFlight>,
+    key: IpAddr,
+}
+
+impl Drop for InFlightSlot {
+    fn drop(&mut self) {
+        {
+            let mut busy = lock(&self.gate.busy);
+            if let Some(n) = busy.get_mut(&self.key) {
+                *n -= 1;
+                if *n == 0 {
+                    busy.remove(&self.key);
+                }
+            }
+        }
+        self.gate.freed.notify_waiters();
     }
 }
 
@@ -414,32 +463,32 @@ mod tests {
 
     #[tokio::test]
     async fn budget_per_address() {
-        let l = Arc::new(FailureLimiter::new(3, 0, Duration::ZERO));
+        let l = Arc::new(FailureLimiter::new(3, Duration::ZERO));
         let (a, b) = (ip("192.0.2.1"), ip("192.0.2.2"));
         for _ in 0..3 {
-            l.begin(a, Kind::Password).await.unwrap().fail();
+            l.begin(a).await.unwrap().fail();
         }
-        assert_eq!(l.begin(a, Kind::Password).await.err(), Some(Refused::Spent));
-        assert!(l.begin(b, Kind::Token).await.is_ok());
+        assert_eq!(l.begin(a).await.err(), Some(Refused::Spent));
+        assert!(l.begin(b).await.is_ok());
     }
 
     #[tokio::test]
     async fn successes_are_refunded() {
-        let l = Arc::new(FailureLimiter::new(2, 0, Duration::ZERO));
+        let l = Arc::new(FailureLimiter::new(2, Duration::ZERO));
         let a = ip("192.0.2.1");
         for _ in 0..10 {
-            l.begin(a, Kind::Password).await.unwrap().refund();
+            l.begin(a).await.unwrap().refund();
         }
-        l.begin(a, Kind::Password).await.unwrap().fail();
-        l.begin(a, Kind::Password).await.unwrap().fail();
-        assert!(l.begin(a, Kind::Token).await.is_err());
+        l.begin(a).await.unwrap().fail();
+        l.begin(a).await.unwrap().fail();
+        assert!(l.begin(a).await.is_err());
     }
 
     /// Of many attempts started at once, only the budget's worth run; the
     /// rest wait for them and are then refused.
     #[tokio::test]
     async fn concurrent_attempts_cannot_overdraw_the_budget() {
-        let l = Arc::new(FailureLimiter::new(5, 2, Duration::ZERO));
+        let l = Arc::new(FailureLimiter::new(5, Duration::ZERO));
         let a = ip("192.0.2.1");
         let running = Arc::new(AtomicUsize::new(0));
         let most = Arc::new(AtomicUsize::new(0));
@@ -453,7 +502,7 @@ mod tests {
                     Arc::clone(&ran),
                 );
                 tokio::spawn(async move {
-                    let Ok(attempt) = l.begin(a, Kind::Password).await else {
+                    let Ok(attempt) = l.begin(a).await else {
                         return;
                     };
                     let now = running.fetch_add(1, Ordering::SeqCst) + 1;
@@ -469,56 +518,75 @@ mod tests {
             t.await.unwrap();
         }
         assert_eq!(ran.load(Ordering::SeqCst), 5);
-        assert!(most.load(Ordering::SeqCst) <= 2);
+        assert!(most.load(Ordering::SeqCst) <= 5);
+    }
+
+    /// Work over the cap waits for a place rather than failing.
+    #[tokio::test]
+    async fn work_in_flight_is_capped_per_address() {
+        let gate = Arc::new(InFlight::new(2));
+        let a = ip("2001:db8::1");
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..20)
+            .map(|i| {
+                let (gate, running, most) =
+                    (Arc::clone(&gate), Arc::clone(&running), Arc::clone(&most));
+                // The same /64, from different addresses.
+                let from = IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, i + 1]);
+                tokio::spawn(async move {
+                    let _slot = gate.enter(from).await.unwrap();
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    running.fetch_sub(1, Ordering::SeqCst);
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(most.load(Ordering::SeqCst), 2);
+        assert!(lock(&gate.busy).is_empty());
+        let _held = (gate.enter(a).await.unwrap(), gate.enter(a).await.unwrap());
+        // Another address is not held up.
+        assert!(gate.enter(ip("192.0.2.1")).await.is_ok());
     }
 
     #[tokio::test]
     async fn an_abandoned_attempt_stays_charged() {
-        let l = Arc::new(FailureLimiter::new(1, 0, Duration::ZERO));
+        let l = Arc::new(FailureLimiter::new(1, Duration::ZERO));
         let a = ip("192.0.2.1");
-        drop(l.begin(a, Kind::Password).await.unwrap());
-        assert_eq!(l.begin(a, Kind::Token).await.err(), Some(Refused::Spent));
+        drop(l.begin(a).await.unwrap());
+        assert_eq!(l.begin(a).await.err(), Some(Refused::Spent));
     }
 
     #[tokio::test]
     async fn ipv6_counts_per_64() {
-        let l = Arc::new(FailureLimiter::new(2, 0, Duration::ZERO));
-        l.begin(ip("2001:db8:1:2::1"), Kind::Password)
-            .await
-            .unwrap()
-            .fail();
-        l.begin(ip("2001:db8:1:2:ffff::9"), Kind::Password)
-            .await
-            .unwrap()
-            .fail();
-        assert!(
-            l.begin(ip("2001:db8:1:2::77"), Kind::Password)
-                .await
-                .is_err()
-        );
-        assert!(l.begin(ip("2001:db8:1:3::1"), Kind::Password).await.is_ok());
+        let l = Arc::new(FailureLimiter::new(2, Duration::ZERO));
+        l.begin(ip("2001:db8:1:2::1")).await.unwrap().fail();
+        l.begin(ip("2001:db8:1:2:ffff::9")).await.unwrap().fail();
+        assert!(l.begin(ip("2001:db8:1:2::77")).await.is_err());
+        assert!(l.begin(ip("2001:db8:1:3::1")).await.is_ok());
         assert_eq!(bucket(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
         assert_eq!(bucket(ip("2001:db8:a:b:c:d:e:f")), ip("2001:db8:a:b::"));
     }
 
     #[tokio::test]
     async fn zero_turns_it_off() {
-        let l = Arc::new(FailureLimiter::new(0, 0, Duration::ZERO));
+        let l = Arc::new(FailureLimiter::new(0, Duration::ZERO));
         let a = ip("192.0.2.1");
         for _ in 0..100 {
-            l.begin(a, Kind::Password).await.unwrap().fail();
+            l.begin(a).await.unwrap().fail();
         }
-        assert!(l.begin(a, Kind::Password).await.is_ok());
+        assert!(l.begin(a).await.is_ok());
     }
 
     #[tokio::test]
     async fn the_table_is_bounded() {
-        let l = Arc::new(FailureLimiter::new(5, 0, Duration::ZERO));
+        let l = Arc::new(FailureLimiter::new(5, Duration::ZERO));
         for i in 0..(MAX_TRACKED as u32 + 1000) {
-            l.begin(IpAddr::from(i.to_be_bytes()), Kind::Token)
-                .await
-                .unwrap()
-                .fail();
+            l.begin(IpAddr::from(i.to_be_bytes())).await.unwrap().fail();
         }
         assert!(lock(&l.seen).len() <= MAX_TRACKED);
     }

@@ -129,10 +129,10 @@ impl Node {
         }));
         let limiter = Arc::new(FailureLimiter::new(
             cfg.http.failures_per_minute,
-            cfg.http.password_checks_per_address,
             Duration::from_millis(cfg.http.failure_delay_ms),
         ));
         if cfg.inventory.kind == InventoryKind::Local {
+            crate::auth::verifier().set_per_address(cfg.http.password_checks_per_address as usize);
             crate::auth::warm_up();
         }
         let max_connections = match cfg.http.max_connections {

@@ -4,7 +4,7 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::Query;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -16,7 +16,7 @@ use serde_json::json;
 
 use super::ApiState;
 use crate::inventory::Credential;
-use crate::limits::{Attempt, Kind, Refused};
+use crate::limits::{Attempt, Refused};
 use crate::service::{MintRequest, ServiceError};
 use crate::store::SessionFilter;
 
@@ -126,17 +126,18 @@ fn credential(headers: &HeaderMap) -> Result<Credential, ApiError> {
     Credential::from_session(&text).ok_or_else(ApiError::unauthorized)
 }
 
-/// The caller's credentials, with a failure charged to their address until
-/// the call proves them right: an address whose failed logins are used up
-/// gets 429 (after a delay, without anything checked), and one with too many
-/// logins in progress waits for them, then gets 429 if they take too long.
+/// The caller's credentials and address, with a failure charged to the
+/// address until the call proves them right: an address whose failed logins
+/// are used up gets 429 (after a delay, without anything checked), and one
+/// whose budget is taken by logins in progress waits for them, then gets
+/// 429 if they take too long.
 async fn login(
     state: &ApiState,
     peer: SocketAddr,
     headers: &HeaderMap,
-) -> Result<(Credential, Attempt), ApiError> {
+) -> Result<(Credential, Attempt, IpAddr), ApiError> {
     let ip = state.client_ip(peer, headers);
-    let attempt = match state.limiter.begin(ip, Kind::Password).await {
+    let attempt = match state.limiter.begin(ip).await {
         Ok(a) => a,
         Err(Refused::Spent) => {
             tokio::time::sleep(state.limiter.delay()).await;
@@ -156,7 +157,7 @@ async fn login(
         }
     };
     match credential(headers) {
-        Ok(cred) => Ok((cred, attempt)),
+        Ok(cred) => Ok((cred, attempt, ip)),
         Err(e) => {
             // No credential at all is not a guess.
             attempt.refund();
@@ -213,17 +214,13 @@ pub async fn mint(
             )
         })?
     };
-    let (cred, attempt) = login(&state, peer, &headers).await?;
-    let minted = state
-        .service
-        .mint(
-            &cred,
-            vm_id,
-            MintRequest {
-                ttl: body.ttl,
-                single_use: body.single_use,
-            },
-        )
+    let (cred, attempt, ip) = login(&state, peer, &headers).await?;
+    let request = MintRequest {
+        ttl: body.ttl,
+        single_use: body.single_use,
+    };
+    let minted = crate::auth::CLIENT
+        .scope(ip, state.service.mint(&cred, vm_id, request))
         .await;
     settle(attempt, &minted);
     Ok((StatusCode::CREATED, Json(minted?)).into_response())
@@ -236,8 +233,10 @@ pub async fn revoke(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let vm_id = vm_id(&id)?;
-    let (cred, attempt) = login(&state, peer, &headers).await?;
-    let n = state.service.revoke(&cred, vm_id).await;
+    let (cred, attempt, ip) = login(&state, peer, &headers).await?;
+    let n = crate::auth::CLIENT
+        .scope(ip, state.service.revoke(&cred, vm_id))
+        .await;
     settle(attempt, &n);
     Ok(Json(json!({"revoked": n?})).into_response())
 }
@@ -263,14 +262,16 @@ pub async fn sessions(
 ) -> Result<Response, ApiError> {
     let Query(q) =
         query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text()))?;
-    let (cred, attempt) = login(&state, peer, &headers).await?;
+    let (cred, attempt, ip) = login(&state, peer, &headers).await?;
     let filter = SessionFilter {
         vm_id: q.vm_id,
         user: q.user,
         since: q.since,
         limit: q.limit.unwrap_or(100).min(MAX_SESSIONS_LISTED),
     };
-    let list = state.service.sessions(&cred, filter).await;
+    let list = crate::auth::CLIENT
+        .scope(ip, state.service.sessions(&cred, filter))
+        .await;
     settle(attempt, &list);
     Ok(Json(json!({ "sessions": list? })).into_response())
 }

@@ -34,22 +34,28 @@ impl LocalInventory {
     /// Checks a credential on the password verifier (off the async and
     /// blocking threads), unless the cache vouches for it. A credential the
     /// cache does not know takes a place in the verifier before the user is
-    /// even looked up, so a flood of guesses is answered "busy" without
-    /// touching the database. An unknown user is checked against a dummy
+    /// even looked up (waiting while its client address holds its share),
+    /// so a flood of guesses is answered "busy" without touching the
+    /// database. An unknown user is checked against a dummy
     /// hash, so the answer takes as long as for a known one and timing does
     /// not tell which names exist.
     async fn verify(&self, cred: &Credential) -> Result<User, InventoryError> {
         let verifier = crate::auth::verifier();
         let busy = |_| InventoryError::Busy;
-        let mut ticket = match self.cache.vouched(&cred.user, &cred.secret) {
-            true => None,
-            false => Some(verifier.ticket().map_err(busy)?),
-        };
+        let mut ticket = None;
+        if !self.cache.vouched(&cred.user, &cred.secret) {
+            let t = verifier.ticket().await.map_err(busy)?;
+            // A check of the same credential may have succeeded while this
+            // one waited for its place.
+            if !self.cache.vouched(&cred.user, &cred.secret) {
+                ticket = Some(t);
+            }
+        }
         let found = self.store.user(&cred.user).await.map_err(unavailable)?;
         let Some(user) = found else {
             let ticket = match ticket.take() {
                 Some(t) => t,
-                None => verifier.ticket().map_err(busy)?,
+                None => verifier.ticket().await.map_err(busy)?,
             };
             return match verifier
                 .verify(ticket, cred.secret.clone(), Against::Dummy)
@@ -67,7 +73,7 @@ impl LocalInventory {
         }
         let ticket = match ticket.take() {
             Some(t) => t,
-            None => verifier.ticket().map_err(busy)?,
+            None => verifier.ticket().await.map_err(busy)?,
         };
         let against = Against::Stored(user.password_hash.clone());
         match verifier.verify(ticket, cred.secret.clone(), against).await {

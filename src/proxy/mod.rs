@@ -35,7 +35,7 @@ use tokio::net::TcpStream;
 
 use self::relay::{Counts, End};
 use self::sessions::{Sessions, Stop};
-use crate::limits::{Attempt, FailureLimiter, Kind, Refused};
+use crate::limits::{Attempt, FailureLimiter, Refused};
 use crate::service::{RedeemError, TokenService};
 use crate::store::{NewSession, Redemption, SessionEnd, Store};
 use crate::websocket::stream::{Reader, Writer};
@@ -333,7 +333,7 @@ async fn accept(proxy: Arc<Proxy>, peer: SocketAddr, req: Request) -> Response<B
     };
     // A failure is charged before the token is looked up, and refunded
     // unless the token turns out bad.
-    let attempt = match set.limiter.begin(client.ip(), Kind::Token).await {
+    let attempt = match set.limiter.begin(client.ip()).await {
         Ok(a) => a,
         Err(why) => {
             if why == Refused::Spent {
@@ -383,12 +383,16 @@ async fn session(
     let (rd, wr) = tokio::io::split(io);
     let mut reader = Reader::new(rd, proxy.settings.max_message_bytes as u64);
     let mut writer = Writer::new(wr);
-    let opened = open(&proxy, &mut reader, &mut writer, token.as_deref(), client).await;
-    match &opened {
-        Err(Refusal::NoToken | Refusal::BadToken) => attempt.fail(),
-        _ => attempt.refund(),
-    }
-    match opened {
+    match open(
+        &proxy,
+        &mut reader,
+        &mut writer,
+        token.as_deref(),
+        client,
+        attempt,
+    )
+    .await
+    {
         Ok((redemption, tcp, registration)) => {
             relay_session(
                 &proxy,
@@ -415,16 +419,23 @@ async fn session(
 }
 
 /// Redeems the token, connects to its target and runs the RFB security
-/// handshake if a password is stored.
+/// handshake if a password is stored. `attempt` is the failure charged for
+/// the token, kept if it is bad and refunded otherwise.
 async fn open(
     proxy: &Proxy,
     reader: &mut WsReader,
     writer: &mut WsWriter,
     token: Option<&str>,
     client: SocketAddr,
+    attempt: Attempt,
 ) -> Result<(Redemption, TcpStream, sessions::Registration), Refusal> {
     let token = token.ok_or(Refusal::NoToken)?;
-    let r = proxy.service.redeem(token).await.map_err(|e| match e {
+    let redeemed = proxy.service.redeem(token).await;
+    match &redeemed {
+        Err(RedeemError::Invalid) => attempt.fail(),
+        _ => attempt.refund(),
+    }
+    let r = redeemed.map_err(|e| match e {
         RedeemError::Invalid => Refusal::BadToken,
         RedeemError::Moved => Refusal::Moved,
         RedeemError::Unavailable(why) => Refusal::StoreDown(why),

@@ -17,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use self::wire::Value;
 use super::ApiState;
 use crate::inventory::Credential;
-use crate::limits::{Kind, Refused};
+use crate::limits::Refused;
 use crate::service::{MintRequest, Minted, ServiceError};
 
 /// OpenNebula's error codes.
@@ -59,9 +59,10 @@ pub async fn handle(
     let xml = match parsed {
         // A failure is charged before the call is looked at, and refunded
         // unless the session string turns out wrong.
-        Ok(call) => match state.limiter.begin(ip, Kind::Password).await {
+        Ok(call) => match state.limiter.begin(ip).await {
             Ok(attempt) => {
-                let (xml, failed_login) = dispatch(&state, call).await;
+                let (xml, failed_login) =
+                    crate::auth::CLIENT.scope(ip, dispatch(&state, call)).await;
                 if failed_login {
                     attempt.fail();
                 } else {
