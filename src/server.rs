@@ -865,7 +865,8 @@ impl Gate {
     /// a close frame with 4429, which the console page can show (a browser
     /// hides why an upgrade failed).
     fn refuse(&self, mut req: hyper::Request<Incoming>, why: ConnRefused) -> Response {
-        tracing::info!(client = %self.peer, reason = %why, "connection refused: over a connection cap");
+        // Counted in /metrics; one line each would flood the log in an attack.
+        tracing::debug!(client = %self.peer, reason = %why, "connection refused: over a connection cap");
         if self.serves_proxy
             && let Ok(accepted) = crate::websocket::upgrade::check(req.method(), req.headers())
             && let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>()
