@@ -18,6 +18,7 @@
 
 use std::collections::HashSet;
 use std::sync::LazyLock;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -160,6 +161,16 @@ impl Refused {
     }
 }
 
+/// Why a connection was turned away, as the `reason` label of
+/// `vncbroker_connections_refused_total`: over the cap per address, over
+/// the total cap, or dropped unanswered because too many refusals were in
+/// progress.
+pub const CONNECTION_REFUSALS: &[&str] = &["per_address", "total", "unanswered"];
+
+/// Which deadline ended an HTTP request, as the `kind` label of
+/// `vncbroker_http_timeouts_total`.
+pub const HTTP_TIMEOUTS: &[&str] = &["body", "request"];
+
 /// Put into a response's extensions by the XML-RPC handler, so the request
 /// is counted under the called method rather than `POST /RPC2`.
 #[derive(Debug, Clone, Copy)]
@@ -178,6 +189,11 @@ struct OutcomeLabel {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -277,6 +293,11 @@ pub struct Metrics {
     xmlrpc_results: Family<XmlRpcLabels, Counter>,
     store_duration: Histograms<OpLabel>,
     store_errors: Family<OpKindLabels, Counter>,
+    password_verifications: Counter,
+    password_checks_busy: Counter,
+    connections_open: Gauge,
+    connections_refused: Family<ReasonLabel, Counter>,
+    http_timeouts: Family<KindLabel, Counter>,
 }
 
 static GLOBAL: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -328,6 +349,11 @@ impl Metrics {
             xmlrpc_results: Family::default(),
             store_duration: Family::new_with_constructor(store_histogram),
             store_errors: Family::default(),
+            password_verifications: Counter::default(),
+            password_checks_busy: Counter::default(),
+            connections_open: Gauge::default(),
+            connections_refused: Family::default(),
+            http_timeouts: Family::default(),
             registry: Registry::default(),
             headers: Vec::new(),
         };
@@ -430,7 +456,38 @@ impl Metrics {
             "Failed database calls, by operation and error kind",
             m.store_errors.clone(),
         );
+        r.register(
+            "vncbroker_password_verifications",
+            "argon2 password verifications run (including the dummy ones for unknown users)",
+            m.password_verifications.clone(),
+        );
+        r.register(
+            "vncbroker_password_checks_busy",
+            "Password checks answered busy because the verification queue was full",
+            m.password_checks_busy.clone(),
+        );
+        r.register(
+            "vncbroker_connections_open",
+            "Client connections admitted and still open",
+            m.connections_open.clone(),
+        );
+        r.register(
+            "vncbroker_connections_refused",
+            "Connections turned away by the connection caps, by reason",
+            m.connections_refused.clone(),
+        );
+        r.register(
+            "vncbroker_http_timeouts",
+            "HTTP requests ended by a deadline: the body's or the whole request's",
+            m.http_timeouts.clone(),
+        );
         // Known label values start at 0, so rates work from the first scrape.
+        for reason in CONNECTION_REFUSALS {
+            drop(m.connections_refused.get_or_create(&ReasonLabel { reason }));
+        }
+        for kind in HTTP_TIMEOUTS {
+            drop(m.http_timeouts.get_or_create(&KindLabel { kind }));
+        }
         for o in SessionOutcome::ALL {
             drop(
                 m.sessions_total
@@ -450,6 +507,41 @@ impl Metrics {
             headers,
             ..m
         }
+    }
+
+    /// An argon2 verification ran (a dummy one for an unknown user included).
+    pub fn password_verification(&self) {
+        self.password_verifications.inc();
+    }
+
+    /// A password check was answered "busy": the verification queue was full.
+    pub fn password_check_busy(&self) {
+        self.password_checks_busy.inc();
+    }
+
+    /// A connection was admitted.
+    pub fn connection_opened(&self) {
+        self.connections_open.inc();
+    }
+
+    /// An admitted connection closed.
+    pub fn connection_closed(&self) {
+        let _ = self
+            .connections_open
+            .inner()
+            .fetch_update(Relaxed, Relaxed, |n| Some((n - 1).max(0)));
+    }
+
+    /// A connection was turned away; `reason` is one of [`CONNECTION_REFUSALS`].
+    pub fn connection_refused(&self, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// A request ran out of time; `kind` is one of [`HTTP_TIMEOUTS`].
+    pub fn http_timeout(&self, kind: &'static str) {
+        self.http_timeouts.get_or_create(&KindLabel { kind }).inc();
     }
 
     /// A console session ended after `duration`.
@@ -683,10 +775,41 @@ mod tests {
         m.xmlrpc_result("one.vm.novnctoken", "0x0100");
         m.store_call("redeem", Duration::from_micros(300), None);
         m.store_call("redeem", Duration::from_millis(2), Some("unavailable"));
+        m.password_verification();
+        m.connection_opened();
+        m.connection_opened();
+        m.connection_closed();
+        m.connection_refused("per_address");
+        m.http_timeout("body");
         let t = m.render(Gauges {
             sessions_active: 3,
             draining: true,
         });
+
+        assert_eq!(
+            sample(&t, "vncbroker_password_verifications_total"),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&t, "vncbroker_password_checks_busy_total"),
+            Some(0.0)
+        );
+        assert_eq!(sample(&t, "vncbroker_connections_open"), Some(1.0));
+        assert_eq!(
+            sample(
+                &t,
+                "vncbroker_connections_refused_total{reason=\"per_address\"}"
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&t, "vncbroker_connections_refused_total{reason=\"total\"}"),
+            Some(0.0)
+        );
+        assert_eq!(
+            sample(&t, "vncbroker_http_timeouts_total{kind=\"body\"}"),
+            Some(1.0)
+        );
 
         assert_eq!(sample(&t, "vncbroker_sessions_active"), Some(3.0));
         assert_eq!(sample(&t, "vncbroker_draining"), Some(1.0));
