@@ -11,9 +11,10 @@
 //! - [`cli`]: the `vncbroker` command line (serve, demo, user, vm, token,
 //!   sessions).
 //! - [`token`]: what a console token is: generation, hashing, lifetime rules.
-//! - [`store`]: where tokens, sessions, users and VMs live; the [`store::Store`]
-//!   interface, with an embedded SQLite backend and a PostgreSQL one for
-//!   several nodes.
+//! - [`store`]: where tokens, sessions, users and VMs live; one small
+//!   interface per caller ([`store::TokenStore`], [`store::SessionLog`],
+//!   [`store::Registry`], [`store::Health`]), an embedded SQLite backend, a
+//!   PostgreSQL one for several nodes, and the wrapper that times every call.
 //! - [`inventory`]: who may open which VM's console, and where that console
 //!   is; the [`inventory::Inventory`] interface, the local registry, and
 //!   OpenNebula's oned (with its VM-document parser).
@@ -36,8 +37,8 @@
 //!   (cargo feature `demo`, on by default).
 //! - [`secrets`]: VNC passwords sealed at rest, and the key file.
 //! - [`tls`]: HTTPS/WSS on the listener with rustls.
-//! - [`metrics`]: Prometheus counters and histograms for `/metrics`, and the
-//!   store wrapper that times every database call.
+//! - [`metrics`]: Prometheus counters and histograms for `/metrics`, on
+//!   `prometheus-client`; a leaf that the other modules report into.
 //! - [`server`]: binds the listener, wires the parts together by the node's
 //!   role, serves the health and metrics endpoints, runs the background
 //!   jobs, reloads on SIGHUP and drains live sessions on SIGTERM.

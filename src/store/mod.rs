@@ -7,6 +7,7 @@
 pub mod conninfo;
 mod pgtls;
 mod postgres;
+mod sql;
 mod sqlite;
 /// The private PostgreSQL server the tests use; the integration tests
 /// include the same file as `common::pg`.

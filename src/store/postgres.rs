@@ -38,6 +38,7 @@ use tokio_postgres::{AsyncMessage, Row};
 
 use super::conninfo::{ConnInfo, SslMode};
 use super::pgtls::{self, Connector};
+use super::sql;
 use super::{
     Cause, Health, NewSession, NewToken, RecordedRevocation, Redemption, Registry, Revocation,
     Revoked, SessionEnd, SessionFilter, SessionLog, SessionRecord, StoreError, TokenStore, User,
@@ -484,7 +485,7 @@ async fn insert_allowed(
 ) -> Result<(), StoreError> {
     for name in allowed {
         let uid: i64 = tx
-            .query_opt("SELECT id FROM users WHERE name = $1", &[name])
+            .query_opt(sql::USER_ID, &[name])
             .await
             .map_err(pg_err)?
             .ok_or_else(|| StoreError::not_found(format!("user {name:?}")))?
@@ -575,12 +576,7 @@ impl TokenStore for PgStore {
     async fn insert_token(&self, t: &NewToken) -> Result<i64, StoreError> {
         with_conn!(self, |c| {
             let st = c
-                .prepare_cached(
-                    "INSERT INTO tokens (token_hash, vm_id, target_host, target_port, vnc_password,
-                                         user_name, created_at, expires_at, single_use,
-                                         caller_session)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
-                )
+                .prepare_cached(sql::INSERT_TOKEN_RETURNING_ID)
                 .await
                 .map_err(pg_err)?;
             let row = c
@@ -616,12 +612,7 @@ impl TokenStore for PgStore {
 
     async fn purge_expired(&self, before: i64) -> Result<u64, StoreError> {
         with_conn!(self, |c| {
-            let st = c
-                .prepare_cached(
-                    "DELETE FROM tokens WHERE expires_at <= $1 OR revoked_at IS NOT NULL",
-                )
-                .await
-                .map_err(pg_err)?;
+            let st = c.prepare_cached(sql::PURGE_TOKENS).await.map_err(pg_err)?;
             c.execute(&st, &[&before]).await.map_err(pg_err)
         })
     }
@@ -674,10 +665,7 @@ impl TokenStore for PgStore {
     ) -> Result<Vec<RecordedRevocation>, StoreError> {
         with_conn!(self, |c| {
             let st = c
-                .prepare_cached(
-                    "SELECT seq, vm_id, user_name, session_id, reason FROM revocations
-                     WHERE seq > $1 ORDER BY seq LIMIT $2",
-                )
+                .prepare_cached(sql::REVOCATIONS_AFTER)
                 .await
                 .map_err(pg_err)?;
             let rows = c
@@ -711,7 +699,7 @@ impl TokenStore for PgStore {
 
     async fn purge_revocations(&self, before: i64) -> Result<u64, StoreError> {
         with_conn!(self, |c| {
-            c.execute("DELETE FROM revocations WHERE created_at < $1", &[&before])
+            c.execute(sql::PURGE_REVOCATIONS, &[&before])
                 .await
                 .map_err(pg_err)
         })
@@ -744,10 +732,7 @@ impl SessionLog for PgStore {
     async fn open_session(&self, s: &NewSession) -> Result<i64, StoreError> {
         with_conn!(self, |c| {
             let st = c
-                .prepare_cached(
-                    "INSERT INTO sessions (token_id, vm_id, user_name, client_addr, node, started_at)
-                     VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
-                )
+                .prepare_cached(sql::INSERT_SESSION_RETURNING_ID)
                 .await
                 .map_err(pg_err)?;
             let row = c
@@ -818,14 +803,7 @@ impl SessionLog for PgStore {
 
     async fn session(&self, id: i64) -> Result<Option<SessionRecord>, StoreError> {
         with_conn!(self, |c| {
-            let st = c
-                .prepare_cached(
-                    "SELECT id, vm_id, user_name, client_addr, node, started_at, ended_at,
-                            bytes_to_client, bytes_to_server, close_reason
-                     FROM sessions WHERE id = $1",
-                )
-                .await
-                .map_err(pg_err)?;
+            let st = c.prepare_cached(sql::SESSION_BY_ID).await.map_err(pg_err)?;
             Ok(c.query_opt(&st, &[&id])
                 .await
                 .map_err(pg_err)?
@@ -891,10 +869,7 @@ impl Registry for PgStore {
 
     async fn user(&self, name: &str) -> Result<Option<User>, StoreError> {
         with_conn!(self, |c| {
-            let st = c
-                .prepare_cached("SELECT id, name, password_hash, admin FROM users WHERE name = $1")
-                .await
-                .map_err(pg_err)?;
+            let st = c.prepare_cached(sql::USER_BY_NAME).await.map_err(pg_err)?;
             let row = c.query_opt(&st, &[&name]).await.map_err(pg_err)?;
             Ok(row.as_ref().map(user_row))
         })
@@ -938,10 +913,7 @@ impl Registry for PgStore {
                 return Ok(None);
             };
             let owned: Vec<i64> = tx
-                .query(
-                    "SELECT id FROM vms WHERE owner_id = $1 ORDER BY id",
-                    &[&uid],
-                )
+                .query(sql::VMS_OWNED_BY, &[&uid])
                 .await
                 .map_err(pg_err)?
                 .iter()
@@ -954,7 +926,7 @@ impl Registry for PgStore {
             }
             let done =
                 record_revocation(&tx, &Revocation::user(name, None, Cause::UserRemoved)).await?;
-            tx.execute("DELETE FROM users WHERE id = $1", &[&uid])
+            tx.execute(sql::DELETE_USER, &[&uid])
                 .await
                 .map_err(pg_err)?;
             tx.commit().await.map_err(pg_err)?;
@@ -966,10 +938,7 @@ impl Registry for PgStore {
         let now = crate::now_unix();
         with_conn!(self, |c| {
             let tx = c.transaction().await.map_err(pg_err)?;
-            let user_id = tx
-                .prepare_cached("SELECT id FROM users WHERE name = $1")
-                .await
-                .map_err(pg_err)?;
+            let user_id = tx.prepare_cached(sql::USER_ID).await.map_err(pg_err)?;
             let owner: i64 = tx
                 .query_opt(&user_id, &[&vm.owner])
                 .await
@@ -1017,7 +986,7 @@ impl Registry for PgStore {
             };
             let old = vm_row(&old)?;
             let owner: i64 = tx
-                .query_opt("SELECT id FROM users WHERE name = $1", &[&vm.owner])
+                .query_opt(sql::USER_ID, &[&vm.owner])
                 .await
                 .map_err(pg_err)?
                 .ok_or_else(|| StoreError::not_found(format!("user {:?}", vm.owner)))?
@@ -1037,7 +1006,7 @@ impl Registry for PgStore {
             )
             .await
             .map_err(pg_err)?;
-            tx.execute("DELETE FROM vm_users WHERE vm_id = $1", &[&vm.id])
+            tx.execute(sql::DELETE_VM_USERS, &[&vm.id])
                 .await
                 .map_err(pg_err)?;
             insert_allowed(&tx, vm.id, &vm.allowed).await?;
@@ -1045,7 +1014,7 @@ impl Registry for PgStore {
             for r in super::withdrawn(&old, vm) {
                 if let Some(user) = &r.user {
                     let admin = tx
-                        .query_opt("SELECT admin FROM users WHERE name = $1", &[user])
+                        .query_opt(sql::IS_ADMIN, &[user])
                         .await
                         .map_err(pg_err)?
                         .is_some_and(|row| row.get::<_, bool>(0));
@@ -1087,10 +1056,7 @@ impl Registry for PgStore {
     async fn remove_vm(&self, id: i64) -> Result<Option<Revoked>, StoreError> {
         with_conn!(self, |c| {
             let tx = c.transaction().await.map_err(pg_err)?;
-            let removed = tx
-                .execute("DELETE FROM vms WHERE id = $1", &[&id])
-                .await
-                .map_err(pg_err)?;
+            let removed = tx.execute(sql::DELETE_VM, &[&id]).await.map_err(pg_err)?;
             if removed == 0 {
                 return Ok(None);
             }
@@ -1103,10 +1069,7 @@ impl Registry for PgStore {
     async fn sealed_vnc_password(&self) -> Result<Option<String>, StoreError> {
         with_conn!(self, |c| {
             let row = c
-                .query_opt(
-                    "SELECT vnc_password FROM vms WHERE vnc_password IS NOT NULL LIMIT 1",
-                    &[],
-                )
+                .query_opt(sql::SEALED_VNC_PASSWORD, &[])
                 .await
                 .map_err(pg_err)?;
             Ok(row.map(|r| r.get(0)))

@@ -10,6 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 
+use super::sql;
 use super::{
     Cause, Health, NewSession, NewToken, RecordedRevocation, Redemption, Registry, Revocation,
     Revoked, SessionEnd, SessionFilter, SessionLog, SessionRecord, StoreError, TokenStore, User,
@@ -176,7 +177,7 @@ fn map_err(e: rusqlite::Error) -> StoreError {
 }
 
 fn user_id(conn: &Connection, name: &str) -> Result<i64, StoreError> {
-    conn.query_row("SELECT id FROM users WHERE name = ?1", [name], |r| r.get(0))
+    conn.query_row(sql::USER_ID, [name], |r| r.get(0))
         .optional()
         .map_err(map_err)?
         .ok_or_else(|| StoreError::not_found(format!("user {name:?}")))
@@ -240,9 +241,7 @@ fn insert_allowed(conn: &Connection, vm_id: i64, allowed: &[String]) -> Result<(
 
 fn is_admin(conn: &Connection, name: &str) -> Result<bool, StoreError> {
     Ok(conn
-        .query_row("SELECT admin FROM users WHERE name = ?1", [name], |r| {
-            r.get::<_, bool>(0)
-        })
+        .query_row(sql::IS_ADMIN, [name], |r| r.get::<_, bool>(0))
         .optional()
         .map_err(map_err)?
         .unwrap_or(false))
@@ -324,27 +323,22 @@ impl TokenStore for SqliteStore {
     async fn insert_token(&self, t: &NewToken) -> Result<i64, StoreError> {
         let t = t.clone();
         self.with(move |c| {
-            c.prepare_cached(
-                "INSERT INTO tokens (token_hash, vm_id, target_host, target_port, vnc_password,
-                                     user_name, created_at, expires_at, single_use,
-                                     caller_session)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-            )
-            .and_then(|mut s| {
-                s.execute(params![
-                    &t.hash[..],
-                    t.vm_id,
-                    t.target_host,
-                    t.target_port,
-                    t.vnc_password,
-                    t.user_name,
-                    t.created_at,
-                    t.expires_at,
-                    t.single_use,
-                    t.caller_session,
-                ])
-            })
-            .map_err(map_err)?;
+            c.prepare_cached(sql::INSERT_TOKEN)
+                .and_then(|mut s| {
+                    s.execute(params![
+                        &t.hash[..],
+                        t.vm_id,
+                        t.target_host,
+                        t.target_port,
+                        t.vnc_password,
+                        t.user_name,
+                        t.created_at,
+                        t.expires_at,
+                        t.single_use,
+                        t.caller_session,
+                    ])
+                })
+                .map_err(map_err)?;
             Ok(c.last_insert_rowid())
         })
         .await
@@ -363,12 +357,7 @@ impl TokenStore for SqliteStore {
 
     async fn purge_expired(&self, before: i64) -> Result<u64, StoreError> {
         self.with(move |c| {
-            let n = c
-                .execute(
-                    "DELETE FROM tokens WHERE expires_at <= ?1 OR revoked_at IS NOT NULL",
-                    [before],
-                )
-                .map_err(map_err)?;
+            let n = c.execute(sql::PURGE_TOKENS, [before]).map_err(map_err)?;
             Ok(n as u64)
         })
         .await
@@ -414,25 +403,22 @@ impl TokenStore for SqliteStore {
         limit: u32,
     ) -> Result<Vec<RecordedRevocation>, StoreError> {
         self.with(move |c| {
-            c.prepare_cached(
-                "SELECT seq, vm_id, user_name, session_id, reason FROM revocations
-                 WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-            )
-            .and_then(|mut s| {
-                s.query_map(params![seq, limit], |r| {
-                    Ok(RecordedRevocation {
-                        seq: r.get(0)?,
-                        revocation: Revocation {
-                            vm_id: r.get(1)?,
-                            user: r.get(2)?,
-                            session_id: r.get(3)?,
-                            cause: Cause::parse(&r.get::<_, String>(4)?),
-                        },
-                    })
-                })?
-                .collect::<Result<Vec<_>, _>>()
-            })
-            .map_err(map_err)
+            c.prepare_cached(sql::REVOCATIONS_AFTER)
+                .and_then(|mut s| {
+                    s.query_map(params![seq, limit], |r| {
+                        Ok(RecordedRevocation {
+                            seq: r.get(0)?,
+                            revocation: Revocation {
+                                vm_id: r.get(1)?,
+                                user: r.get(2)?,
+                                session_id: r.get(3)?,
+                                cause: Cause::parse(&r.get::<_, String>(4)?),
+                            },
+                        })
+                    })?
+                    .collect::<Result<Vec<_>, _>>()
+                })
+                .map_err(map_err)
         })
         .await
     }
@@ -444,7 +430,7 @@ impl TokenStore for SqliteStore {
     async fn purge_revocations(&self, before: i64) -> Result<u64, StoreError> {
         self.with(move |c| {
             let n = c
-                .execute("DELETE FROM revocations WHERE created_at < ?1", [before])
+                .execute(sql::PURGE_REVOCATIONS, [before])
                 .map_err(map_err)?;
             Ok(n as u64)
         })
@@ -479,21 +465,18 @@ impl SessionLog for SqliteStore {
     async fn open_session(&self, s: &NewSession) -> Result<i64, StoreError> {
         let s = s.clone();
         self.with(move |c| {
-            c.prepare_cached(
-                "INSERT INTO sessions (token_id, vm_id, user_name, client_addr, node, started_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )
-            .and_then(|mut st| {
-                st.execute(params![
-                    s.token_id,
-                    s.vm_id,
-                    s.user_name,
-                    s.client_addr,
-                    s.node,
-                    s.started_at
-                ])
-            })
-            .map_err(map_err)?;
+            c.prepare_cached(sql::INSERT_SESSION)
+                .and_then(|mut st| {
+                    st.execute(params![
+                        s.token_id,
+                        s.vm_id,
+                        s.user_name,
+                        s.client_addr,
+                        s.node,
+                        s.started_at
+                    ])
+                })
+                .map_err(map_err)?;
             Ok(c.last_insert_rowid())
         })
         .await
@@ -545,13 +528,9 @@ impl SessionLog for SqliteStore {
 
     async fn session(&self, id: i64) -> Result<Option<SessionRecord>, StoreError> {
         self.with(move |c| {
-            c.prepare_cached(
-                "SELECT id, vm_id, user_name, client_addr, node, started_at, ended_at,
-                        bytes_to_client, bytes_to_server, close_reason
-                 FROM sessions WHERE id = ?1",
-            )
-            .and_then(|mut s| s.query_row([id], session_row).optional())
-            .map_err(map_err)
+            c.prepare_cached(sql::SESSION_BY_ID)
+                .and_then(|mut s| s.query_row([id], session_row).optional())
+                .map_err(map_err)
         })
         .await
     }
@@ -613,7 +592,7 @@ impl Registry for SqliteStore {
     async fn user(&self, name: &str) -> Result<Option<User>, StoreError> {
         let name = name.to_owned();
         self.with(move |c| {
-            c.prepare_cached("SELECT id, name, password_hash, admin FROM users WHERE name = ?1")
+            c.prepare_cached(sql::USER_BY_NAME)
                 .and_then(|mut s| {
                     s.query_row([name], |r| {
                         Ok(User {
@@ -669,16 +648,14 @@ impl Registry for SqliteStore {
         self.with(move |c| {
             let tx = c.transaction().map_err(map_err)?;
             let Some(uid) = tx
-                .query_row("SELECT id FROM users WHERE name = ?1", [&name], |r| {
-                    r.get::<_, i64>(0)
-                })
+                .query_row(sql::USER_ID, [&name], |r| r.get::<_, i64>(0))
                 .optional()
                 .map_err(map_err)?
             else {
                 return Ok(None);
             };
             let owned = tx
-                .prepare("SELECT id FROM vms WHERE owner_id = ?1 ORDER BY id")
+                .prepare(sql::VMS_OWNED_BY)
                 .and_then(|mut s| {
                     s.query_map([uid], |r| r.get::<_, i64>(0))?
                         .collect::<Result<Vec<_>, _>>()
@@ -694,8 +671,7 @@ impl Registry for SqliteStore {
                 &Revocation::user(&name, None, Cause::UserRemoved),
                 crate::now_unix(),
             )?;
-            tx.execute("DELETE FROM users WHERE id = ?1", [uid])
-                .map_err(map_err)?;
+            tx.execute(sql::DELETE_USER, [uid]).map_err(map_err)?;
             tx.commit().map_err(map_err)?;
             Ok(Some(done))
         })
@@ -756,8 +732,7 @@ impl Registry for SqliteStore {
                 ],
             )
             .map_err(map_err)?;
-            tx.execute("DELETE FROM vm_users WHERE vm_id = ?1", [vm.id])
-                .map_err(map_err)?;
+            tx.execute(sql::DELETE_VM_USERS, [vm.id]).map_err(map_err)?;
             insert_allowed(&tx, vm.id, &vm.allowed)?;
             let now = crate::now_unix();
             let mut done = Revoked::default();
@@ -802,9 +777,7 @@ impl Registry for SqliteStore {
     async fn remove_vm(&self, id: i64) -> Result<Option<Revoked>, StoreError> {
         self.with(move |c| {
             let tx = c.transaction().map_err(map_err)?;
-            let n = tx
-                .execute("DELETE FROM vms WHERE id = ?1", [id])
-                .map_err(map_err)?;
+            let n = tx.execute(sql::DELETE_VM, [id]).map_err(map_err)?;
             if n == 0 {
                 return Ok(None);
             }
@@ -821,13 +794,9 @@ impl Registry for SqliteStore {
 
     async fn sealed_vnc_password(&self) -> Result<Option<String>, StoreError> {
         self.with(|c| {
-            c.query_row(
-                "SELECT vnc_password FROM vms WHERE vnc_password IS NOT NULL LIMIT 1",
-                [],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(map_err)
+            c.query_row(sql::SEALED_VNC_PASSWORD, [], |r| r.get(0))
+                .optional()
+                .map_err(map_err)
         })
         .await
     }

@@ -1,0 +1,48 @@
+//! The statements both backends run as they are: one text, written with
+//! `$1`, `$2`, ... in the order they first appear, which SQLite numbers the
+//! same way PostgreSQL does. Statements whose dialects differ (upserts,
+//! clock, casts, collation) or that name a later parameter first stay with
+//! their backend.
+
+macro_rules! insert_token {
+    () => {
+        "INSERT INTO tokens (token_hash, vm_id, target_host, target_port, vnc_password,
+                             user_name, created_at, expires_at, single_use, caller_session)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+    };
+}
+
+macro_rules! insert_session {
+    () => {
+        "INSERT INTO sessions (token_id, vm_id, user_name, client_addr, node, started_at)
+         VALUES ($1, $2, $3, $4, $5, $6)"
+    };
+}
+
+pub(super) const INSERT_TOKEN: &str = insert_token!();
+pub(super) const INSERT_TOKEN_RETURNING_ID: &str = concat!(insert_token!(), " RETURNING id");
+pub(super) const PURGE_TOKENS: &str =
+    "DELETE FROM tokens WHERE expires_at <= $1 OR revoked_at IS NOT NULL";
+pub(super) const REVOCATIONS_AFTER: &str =
+    "SELECT seq, vm_id, user_name, session_id, reason FROM revocations
+     WHERE seq > $1 ORDER BY seq LIMIT $2";
+pub(super) const PURGE_REVOCATIONS: &str = "DELETE FROM revocations WHERE created_at < $1";
+
+pub(super) const INSERT_SESSION: &str = insert_session!();
+pub(super) const INSERT_SESSION_RETURNING_ID: &str = concat!(insert_session!(), " RETURNING id");
+/// The columns both backends' session rows are read from, in this order.
+pub(super) const SESSION_BY_ID: &str =
+    "SELECT id, vm_id, user_name, client_addr, node, started_at, ended_at,
+            bytes_to_client, bytes_to_server, close_reason
+     FROM sessions WHERE id = $1";
+
+pub(super) const USER_ID: &str = "SELECT id FROM users WHERE name = $1";
+pub(super) const USER_BY_NAME: &str =
+    "SELECT id, name, password_hash, admin FROM users WHERE name = $1";
+pub(super) const IS_ADMIN: &str = "SELECT admin FROM users WHERE name = $1";
+pub(super) const VMS_OWNED_BY: &str = "SELECT id FROM vms WHERE owner_id = $1 ORDER BY id";
+pub(super) const DELETE_USER: &str = "DELETE FROM users WHERE id = $1";
+pub(super) const DELETE_VM_USERS: &str = "DELETE FROM vm_users WHERE vm_id = $1";
+pub(super) const DELETE_VM: &str = "DELETE FROM vms WHERE id = $1";
+pub(super) const SEALED_VNC_PASSWORD: &str =
+    "SELECT vnc_password FROM vms WHERE vnc_password IS NOT NULL LIMIT 1";
