@@ -4,8 +4,6 @@
 //!
 //! Screenshots land in `<repo>/test-artifacts/`.
 
-mod common;
-
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
@@ -14,8 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::*;
 use serde_json::Value;
+use testkit::*;
 
 const QEMU_PW: &str = "bPw3Nc8V";
 const EXPIRED_MESSAGE: &str = "This console link is invalid or has expired. Ask for a new one.";

@@ -1,14 +1,12 @@
 //! Several nodes on one PostgreSQL database: separate `vncbroker serve`
 //! processes (an API node, proxy nodes) sharing `--database postgres://...`.
 //!
-//! Each test gets its own database (see `common::pg`); the outage and
+//! Each test gets its own database (see `testkit::pg`); the outage and
 //! failover tests get PostgreSQL servers of their own, since they stop or
 //! kill them. The VNC server
 //! behind the proxies is a tiny TCP server here that sends the RFB version
 //! and echoes; its VMs have no VNC password, so the proxies pass bytes
 //! through. The WebSocket and HTTP clients are minimal raw ones.
-
-mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -21,7 +19,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use common::pg::{PgOptions, PgServer, TestDb, TestPki};
+use testkit::pg::{PgOptions, PgServer, TestDb, TestPki};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vncbroker");
 

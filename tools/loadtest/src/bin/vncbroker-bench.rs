@@ -45,7 +45,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
 /// The source tree this binary was built from: .venv and target/ are here.
-const REPO: &str = env!("CARGO_MANIFEST_DIR");
+const REPO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
 /// The websockify release compared against.
 const WEBSOCKIFY_VERSION: &str = "0.13.0";
 
@@ -2585,7 +2585,7 @@ fn render(
         .map(|s| s.trim().to_owned())
         .unwrap_or_default();
     let broker_version = first_line(&opts.broker.to_string_lossy(), &["--version"])
-        .unwrap_or_else(|| format!("vncbroker {}", env!("CARGO_PKG_VERSION")));
+        .unwrap_or_else(|| "vncbroker (version unknown)".into());
     let commit = first_line("git", &["-C", REPO, "rev-parse", "--short", "HEAD"]);
     let dirty = std::process::Command::new("git")
         .args(["-C", REPO, "status", "--porcelain", "--untracked-files=no"])
