@@ -76,6 +76,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// The stream it reads from.
+    pub fn into_inner(self) -> R {
+        self.rd
+    }
+
     /// Gives back the last `n` bytes of the `Data` range just returned.
     pub fn unread(&mut self, n: usize) {
         self.start -= n;
