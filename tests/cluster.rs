@@ -281,18 +281,12 @@ impl Cluster {
         }
         for (vm, owner) in [(VM_ALICE, ALICE.0), (VM_BOB, BOB.0)] {
             let id = vm.to_string();
-            let args = [
-                "vm",
-                "add",
-                &id,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                &vnc_port,
-                "--owner",
-                owner,
-            ];
-            cli(db_url, &args, None).await;
+            cli(
+                db_url,
+                &testkit::broker::vm_add_args(&id, &vnc_port, owner),
+                None,
+            )
+            .await;
         }
         let mut cluster = Cluster {
             dir,

@@ -92,6 +92,21 @@ pub fn spawn_serve(
     }
 }
 
+/// `vm add` for VM `id` at 127.0.0.1:`port`, owned by `owner`.
+pub fn vm_add_args<'a>(id: &'a str, port: &'a str, owner: &'a str) -> Vec<&'a str> {
+    vec![
+        "vm",
+        "add",
+        id,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        port,
+        "--owner",
+        owner,
+    ]
+}
+
 /// Runs a CLI subcommand of `bin` against `config` and `db_url` (in `cwd`
 /// if given), with `stdin` as its input line; its stdout, or why it failed.
 pub fn cli(
@@ -295,19 +310,8 @@ impl Broker {
     /// Registers VM `id` at 127.0.0.1:`port`, owned by [`USER`], with the
     /// VNC password stored if given.
     pub fn add_vm(&self, id: i64, port: u16, vnc_password: Option<&str>) {
-        let id_s = id.to_string();
-        let port_s = port.to_string();
-        let mut args = vec![
-            "vm",
-            "add",
-            &id_s,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &port_s,
-            "--owner",
-            USER,
-        ];
+        let (id_s, port_s) = (id.to_string(), port.to_string());
+        let mut args = vm_add_args(&id_s, &port_s, USER);
         if vnc_password.is_some() {
             args.push("--password-stdin");
         }

@@ -476,20 +476,7 @@ impl Broker {
 
     fn add_vm(&self, id: i64, target: SocketAddr) -> anyhow::Result<()> {
         let (id, port) = (id.to_string(), target.port().to_string());
-        self.cli(
-            &[
-                "vm",
-                "add",
-                &id,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                &port,
-                "--owner",
-                "bench",
-            ],
-            None,
-        )?;
+        self.cli(&testkit::broker::vm_add_args(&id, &port, "bench"), None)?;
         Ok(())
     }
 

@@ -1389,17 +1389,7 @@ async fn drive(
             &o.broker,
             db,
             cfg,
-            &[
-                "vm",
-                "add",
-                &vm,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--owner",
-                "soak",
-            ],
+            &testkit::broker::vm_add_args(&vm, &port.to_string(), "soak"),
             None,
         )?;
         let minted = run_cli(
