@@ -158,6 +158,13 @@ pub struct HttpConfig {
     /// How long a client has to send its request headers (and, with TLS, to
     /// finish the TLS handshake), in milliseconds.
     pub header_timeout_ms: u64,
+    /// How long a client has, once its headers are in, to send the whole
+    /// request body, in milliseconds; later, the request gets 408.
+    pub body_timeout_ms: u64,
+    /// How long a request may take from its headers to the end of its
+    /// answer, in milliseconds; later, it gets 503 or its connection is
+    /// closed. WebSocket sessions are not requests in this sense.
+    pub request_timeout_ms: u64,
     /// Reverse proxies whose X-Forwarded-For and X-Forwarded-Proto are
     /// believed; from anyone else those headers are ignored.
     pub trusted_proxies: Vec<std::net::IpAddr>,
@@ -166,15 +173,29 @@ pub struct HttpConfig {
     /// `failure_delay_ms`. 0 turns the limit off.
     pub failures_per_minute: u32,
     pub failure_delay_ms: u64,
+    /// Password verifications (argon2 runs) in progress at once per client
+    /// address; further ones wait for them (0: no cap).
+    pub password_checks_per_address: u32,
+    /// Open client connections in all (0: from the open-files limit).
+    pub max_connections: usize,
+    /// Open client connections (and, behind trusted proxies, requests and
+    /// WebSockets in progress) per client address, an IPv4 address or an
+    /// IPv6 /64 (0: no cap).
+    pub max_connections_per_address: usize,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             header_timeout_ms: 5000,
+            body_timeout_ms: 10_000,
+            request_timeout_ms: 30_000,
             trusted_proxies: Vec::new(),
             failures_per_minute: 30,
             failure_delay_ms: 1000,
+            password_checks_per_address: 2,
+            max_connections: 0,
+            max_connections_per_address: 256,
         }
     }
 }
@@ -265,6 +286,9 @@ pub struct ProxyConfig {
     pub recheck_interval_secs: u64,
     /// A browser that has not answered a ping for this long is dropped.
     pub pong_timeout_secs: u64,
+    /// A browser that has not taken a write (one WebSocket frame) within
+    /// this long has stopped reading and is dropped, in seconds (0: never).
+    pub client_write_timeout_secs: u64,
     /// Directory of a noVNC (the @novnc/novnc npm package) to serve under
     /// /novnc/ instead of the one built into the binary.
     pub novnc_root: Option<String>,
@@ -289,6 +313,7 @@ impl Default for ProxyConfig {
             ping_interval_secs: 30,
             recheck_interval_secs: 60,
             pong_timeout_secs: 90,
+            client_write_timeout_secs: 30,
             novnc_root: None,
         }
     }
@@ -522,9 +547,11 @@ impl Config {
                 "inventory.timeout_ms must be positive".into(),
             ));
         }
-        if self.http.header_timeout_ms == 0 {
+        let h = &self.http;
+        if h.header_timeout_ms == 0 || h.body_timeout_ms == 0 || h.request_timeout_ms == 0 {
             return Err(ConfigError::Invalid(
-                "http.header_timeout_ms must be positive".into(),
+                "http.header_timeout_ms, body_timeout_ms and request_timeout_ms must be positive"
+                    .into(),
             ));
         }
         let p = &self.proxy;

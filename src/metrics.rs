@@ -74,7 +74,7 @@ pub fn session_outcome(end: &End) -> &'static str {
         End::Stopped(Stop::StoreDown) => "store_unavailable",
         End::Stopped(Stop::Shutdown) => "shutdown",
         End::Idle => "idle",
-        End::PongTimeout => "client_unresponsive",
+        End::PongTimeout | End::WriteTimeout => "client_unresponsive",
         End::MaxDuration => "time_limit",
         End::TokenExpired => "token_expired",
     }
@@ -317,7 +317,22 @@ pub struct Metrics {
     xmlrpc_results: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     store_duration: Mutex<BTreeMap<StoreOp, Arc<Histogram>>>,
     store_errors: Mutex<BTreeMap<(StoreOp, &'static str), u64>>,
+    password_verifications: AtomicU64,
+    password_checks_busy: AtomicU64,
+    connections_open: AtomicU64,
+    connections_refused: Mutex<BTreeMap<&'static str, u64>>,
+    http_timeouts: Mutex<BTreeMap<&'static str, u64>>,
 }
+
+/// Why a connection was turned away, as the `reason` label of
+/// `vncbroker_connections_refused_total`: over the cap per address, over
+/// the total cap, or dropped unanswered because too many refusals were in
+/// progress.
+pub const CONNECTION_REFUSALS: &[&str] = &["per_address", "total", "unanswered"];
+
+/// Which deadline ended an HTTP request, as the `kind` label of
+/// `vncbroker_http_timeouts_total`.
+pub const HTTP_TIMEOUTS: &[&str] = &["body", "request"];
 
 static GLOBAL: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
@@ -391,7 +406,44 @@ impl Metrics {
             xmlrpc_results: Mutex::default(),
             store_duration: Mutex::default(),
             store_errors: Mutex::default(),
+            password_verifications: AtomicU64::new(0),
+            password_checks_busy: AtomicU64::new(0),
+            connections_open: AtomicU64::new(0),
+            connections_refused: zeros(CONNECTION_REFUSALS.to_vec()),
+            http_timeouts: zeros(HTTP_TIMEOUTS.to_vec()),
         }
+    }
+
+    /// An argon2 verification ran (a dummy one for an unknown user included).
+    pub fn password_verification(&self) {
+        self.password_verifications.fetch_add(1, Relaxed);
+    }
+
+    /// A password check was answered "busy": the verification queue was full.
+    pub fn password_check_busy(&self) {
+        self.password_checks_busy.fetch_add(1, Relaxed);
+    }
+
+    /// A connection was admitted.
+    pub fn connection_opened(&self) {
+        self.connections_open.fetch_add(1, Relaxed);
+    }
+
+    /// An admitted connection closed.
+    pub fn connection_closed(&self) {
+        let _ = self
+            .connections_open
+            .fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_sub(1)));
+    }
+
+    /// A connection was turned away; `reason` is one of [`CONNECTION_REFUSALS`].
+    pub fn connection_refused(&self, reason: &'static str) {
+        bump(&self.connections_refused, reason);
+    }
+
+    /// A request ran out of time; `kind` is one of [`HTTP_TIMEOUTS`].
+    pub fn http_timeout(&self, kind: &'static str) {
+        bump(&self.http_timeouts, kind);
     }
 
     /// A console session ended after `duration`.
@@ -696,6 +748,65 @@ impl Metrics {
                 );
             }
         }
+
+        header(
+            o,
+            "vncbroker_password_verifications_total",
+            "counter",
+            "argon2 password verifications run (including the dummy ones for unknown users).",
+        );
+        let _ = writeln!(
+            o,
+            "vncbroker_password_verifications_total {}",
+            self.password_verifications.load(Relaxed)
+        );
+        header(
+            o,
+            "vncbroker_password_checks_busy_total",
+            "counter",
+            "Password checks answered busy because the verification queue was full.",
+        );
+        let _ = writeln!(
+            o,
+            "vncbroker_password_checks_busy_total {}",
+            self.password_checks_busy.load(Relaxed)
+        );
+        header(
+            o,
+            "vncbroker_connections_open",
+            "gauge",
+            "Client connections admitted and still open.",
+        );
+        let _ = writeln!(
+            o,
+            "vncbroker_connections_open {}",
+            self.connections_open.load(Relaxed)
+        );
+        header(
+            o,
+            "vncbroker_connections_refused_total",
+            "counter",
+            "Connections turned away by the connection caps, by reason.",
+        );
+        if let Ok(m) = self.connections_refused.lock() {
+            for (reason, n) in m.iter() {
+                let _ = writeln!(
+                    o,
+                    "vncbroker_connections_refused_total{{reason=\"{reason}\"}} {n}"
+                );
+            }
+        }
+        header(
+            o,
+            "vncbroker_http_timeouts_total",
+            "counter",
+            "HTTP requests ended by a deadline: the body's or the whole request's.",
+        );
+        if let Ok(m) = self.http_timeouts.lock() {
+            for (kind, n) in m.iter() {
+                let _ = writeln!(o, "vncbroker_http_timeouts_total{{kind=\"{kind}\"}} {n}");
+            }
+        }
         out
     }
 }
@@ -917,10 +1028,41 @@ mod tests {
             Duration::from_millis(2),
             Some(&StoreError::Unavailable("x".into())),
         );
+        m.password_verification();
+        m.connection_opened();
+        m.connection_opened();
+        m.connection_closed();
+        m.connection_refused("per_address");
+        m.http_timeout("body");
         let t = m.render(Gauges {
             sessions_active: 3,
             draining: true,
         });
+
+        assert_eq!(
+            sample(&t, "vncbroker_password_verifications_total"),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&t, "vncbroker_password_checks_busy_total"),
+            Some(0.0)
+        );
+        assert_eq!(sample(&t, "vncbroker_connections_open"), Some(1.0));
+        assert_eq!(
+            sample(
+                &t,
+                "vncbroker_connections_refused_total{reason=\"per_address\"}"
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&t, "vncbroker_connections_refused_total{reason=\"total\"}"),
+            Some(0.0)
+        );
+        assert_eq!(
+            sample(&t, "vncbroker_http_timeouts_total{kind=\"body\"}"),
+            Some(1.0)
+        );
 
         assert_eq!(sample(&t, "vncbroker_sessions_active"), Some(3.0));
         assert_eq!(sample(&t, "vncbroker_draining"), Some(1.0));

@@ -6,21 +6,31 @@
 //! and the node is not draining), `/metrics` (Prometheus); SIGHUP reloads
 //! the reloadable settings and the TLS files, SIGTERM drains live sessions
 //! for `[server] drain_timeout_secs` before closing them with 1001.
+//!
+//! Every connection is admitted against the connection caps (per client
+//! address and in all) before anything is read from it; one over a cap is
+//! answered 503, or 4429 on a WebSocket, and closed. Every request has
+//! deadlines for its headers, its body and the whole exchange, so no
+//! client holds a connection by being slow.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
+use axum::body::Body;
 use axum::extract::{ConnectInfo, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
-use hyper::body::Incoming;
+use bytes::Bytes;
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
@@ -31,7 +41,7 @@ use crate::config::Config;
 use crate::config::InventoryKind;
 use crate::inventory::opennebula::{Oned, OpenNebulaInventory};
 use crate::inventory::{Inventory, LocalInventory};
-use crate::limits::FailureLimiter;
+use crate::limits::{ConnRefused, ConnSlot, ConnectionLimiter, FailureLimiter, RefusalSlot};
 use crate::proxy::sessions::{Limits as SessionLimits, Sessions, Stop};
 use crate::proxy::{self, Proxy};
 use crate::secrets::Secrets;
@@ -47,8 +57,19 @@ pub struct Node {
     pub sessions: Arc<Sessions>,
     app: Router,
     ops: Arc<Ops>,
-    header_timeout: Duration,
+    http: HttpTimes,
+    conns: Arc<ConnectionLimiter>,
+    trusted: Arc<[IpAddr]>,
+    serves_proxy: bool,
     background: Vec<JoinHandle<()>>,
+}
+
+/// The deadlines of every HTTP request.
+#[derive(Debug, Clone, Copy)]
+struct HttpTimes {
+    header: Duration,
+    body: Duration,
+    request: Duration,
 }
 
 impl Node {
@@ -60,7 +81,7 @@ impl Node {
         };
         // Every database call is timed for /metrics.
         let store = crate::metrics::TimedStore::wrap(store::open(&cfg.database).await?);
-        let listener = TcpListener::bind(&cfg.listen)
+        let listener = listen(&cfg.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
         let addr = listener.local_addr()?;
@@ -110,6 +131,21 @@ impl Node {
         let limiter = Arc::new(FailureLimiter::new(
             cfg.http.failures_per_minute,
             Duration::from_millis(cfg.http.failure_delay_ms),
+        ));
+        if cfg.inventory.kind == InventoryKind::Local {
+            crate::auth::verifier().set_per_address(cfg.http.password_checks_per_address as usize);
+            crate::auth::warm_up();
+        }
+        let max_connections = match cfg.http.max_connections {
+            0 => crate::limits::auto_max_connections(
+                crate::limits::open_files_limit().unwrap_or(1024),
+            ),
+            n => n,
+        };
+        let conns = Arc::new(ConnectionLimiter::new(
+            max_connections,
+            cfg.http.max_connections_per_address,
+            cfg.http.trusted_proxies.clone(),
         ));
         let ops = Arc::new(Ops::new(cfg, &store, &service, &sessions, tls.clone()));
         let mut background = vec![tokio::spawn(purge_loop(
@@ -181,6 +217,7 @@ impl Node {
                     end_at_token_expiry: cfg.proxy.end_at_token_expiry,
                     ping_interval: secs(cfg.proxy.ping_interval_secs),
                     pong_timeout: Duration::from_secs(cfg.proxy.pong_timeout_secs),
+                    client_write_timeout: secs(cfg.proxy.client_write_timeout_secs),
                 },
             ));
             background.push(tokio::spawn(proxy::enforce::watch_revocations(
@@ -208,7 +245,9 @@ impl Node {
             .layer(axum::middleware::from_fn(crate::console::reject_odd_paths));
         tracing::info!(
             %addr, %public_url, node = %node_name, role = ?cfg.role,
-            database = %cfg.database_redacted(), "vncbroker ready"
+            database = %cfg.database_redacted(),
+            max_connections, max_connections_per_address = cfg.http.max_connections_per_address,
+            "vncbroker ready"
         );
         Ok(Node {
             listener,
@@ -218,7 +257,14 @@ impl Node {
             sessions,
             app,
             ops,
-            header_timeout: Duration::from_millis(cfg.http.header_timeout_ms),
+            http: HttpTimes {
+                header: Duration::from_millis(cfg.http.header_timeout_ms),
+                body: Duration::from_millis(cfg.http.body_timeout_ms),
+                request: Duration::from_millis(cfg.http.request_timeout_ms),
+            },
+            conns,
+            trusted: cfg.http.trusted_proxies.clone().into(),
+            serves_proxy: cfg.role.serves_proxy(),
             background,
         })
     }
@@ -317,13 +363,35 @@ impl Node {
                 },
                 _ = &mut until => return,
             };
+            // Admitted before anything is read: over a cap, the connection
+            // only gets its refusal (while few refusals are in progress;
+            // past that it is closed at once).
+            let (slot, refusal) = match self.conns.admit(peer.ip()) {
+                Ok(slot) => (Some(slot), None),
+                Err(why) => {
+                    crate::metrics::global().connection_refused(why.label());
+                    match self.conns.refusing() {
+                        Some(r) => (None, Some((why, r))),
+                        None => {
+                            crate::metrics::global().connection_refused("unanswered");
+                            tracing::debug!(%peer, "connection over a cap closed unanswered");
+                            continue;
+                        }
+                    }
+                }
+            };
             let _ = tcp.set_nodelay(true);
             let conn = Connection {
                 app: self.app.clone(),
                 ops: Arc::clone(&self.ops),
                 peer,
-                header_timeout: self.header_timeout,
+                http: self.http,
                 draining: draining.clone(),
+                conns: Arc::clone(&self.conns),
+                trusted: Arc::clone(&self.trusted),
+                serves_proxy: self.serves_proxy,
+                slot,
+                refusal,
             };
             // The acceptor of the moment: a SIGHUP may have swapped it.
             match self.ops.acceptor() {
@@ -333,8 +401,7 @@ impl Node {
                 Some(acceptor) => {
                     tokio::spawn(async move {
                         // The TLS handshake shares the header deadline.
-                        match tokio::time::timeout(conn.header_timeout, acceptor.accept(tcp)).await
-                        {
+                        match tokio::time::timeout(conn.http.header, acceptor.accept(tcp)).await {
                             Ok(Ok(tls)) => conn.serve(tls).await,
                             Ok(Err(e)) => {
                                 tracing::debug!(%peer, error = %e, "TLS handshake failed")
@@ -556,19 +623,61 @@ fn shutting_down() -> Response {
         .into_response()
 }
 
+/// Connections the kernel may queue before they are accepted. A burst of
+/// connections (a flood, many browsers at once) that overflows the queue
+/// makes every client behind it, wanted or not, wait a second for its SYN
+/// to be sent again; the kernel caps it at `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds `addr` (host:port, the first address that works) with
+/// [`LISTEN_BACKLOG`].
+async fn listen(addr: &str) -> std::io::Result<TcpListener> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let socket = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(a).and_then(|()| socket.listen(LISTEN_BACKLOG)) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("the address resolves to nothing")))
+}
+
+/// How long a refused connection gets to send the request its refusal
+/// answers, and to take the answer.
+const REFUSAL_TIME: Duration = Duration::from_secs(2);
+
+/// How long past the request deadline an answer may take to be written
+/// before its connection is closed.
+const WRITE_GRACE: Duration = Duration::from_secs(5);
+
 /// One accepted HTTP connection.
 struct Connection {
     app: Router,
     ops: Arc<Ops>,
     peer: SocketAddr,
-    header_timeout: Duration,
+    http: HttpTimes,
     draining: tokio::sync::watch::Receiver<bool>,
+    conns: Arc<ConnectionLimiter>,
+    trusted: Arc<[IpAddr]>,
+    serves_proxy: bool,
+    /// Its place under the connection caps.
+    slot: Option<ConnSlot>,
+    /// Over a cap: why, and the place its refusal is answered in.
+    refusal: Option<(ConnRefused, RefusalSlot)>,
 }
 
 impl Connection {
     /// Serves HTTP/1.1 (with upgrades, for WebSockets) on `io`. A client
     /// that does not finish its request headers within the deadline is
-    /// dropped, so slow handshakes cannot pile up.
+    /// dropped, so slow handshakes cannot pile up; one whose request (body
+    /// and answer included) takes longer than the request deadline is
+    /// dropped too.
     async fn serve<I>(self, io: I)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -577,45 +686,401 @@ impl Connection {
             app,
             ops,
             peer,
-            header_timeout,
+            http,
             mut draining,
+            conns,
+            trusted,
+            serves_proxy,
+            slot,
+            refusal,
         } = self;
-        let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
-            req.extensions_mut().insert(ConnectInfo(peer));
-            let refuse = ops.is_draining() && !is_ops_path(req.uri().path());
-            let app = app.clone();
-            async move {
-                if refuse {
-                    return Ok(shutting_down());
-                }
-                app.oneshot(req).await
-            }
+        let (refused, refusal_slot) = match refusal {
+            Some((why, r)) => (Some(why), Some(r)),
+            None => (None, None),
+        };
+        let gate = Arc::new(Gate {
+            app,
+            ops,
+            peer,
+            http,
+            conns,
+            trusted,
+            serves_proxy,
+            refused,
+            clock: Arc::new(Clock::default()),
+            upgraded: Arc::new(Mutex::new(None)),
+        });
+        // The connection's places under the caps go with the socket, also
+        // into a WebSocket session after an upgrade.
+        let io = Held {
+            io,
+            _slot: slot,
+            _refusal: refusal_slot,
+            _forwarded: Arc::clone(&gate.upgraded),
+        };
+        let clock = Arc::clone(&gate.clock);
+        let g = Arc::clone(&gate);
+        let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+            Arc::clone(&g).handle(req)
         });
         // A connection accepted while draining answers one request (a
         // probe, typically) and closes; the others finish the request in
-        // progress when the drain starts.
+        // progress when the drain starts. A refused one answers one request.
         let accepted_draining = *draining.borrow();
+        let header_timeout = match refused {
+            Some(_) => http.header.min(REFUSAL_TIME),
+            None => http.header,
+        };
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(header_timeout)
+            // A refusal says `Connection: close` itself (keep-alive off would
+            // spoil the upgrade that carries a 4429).
             .keep_alive(!accepted_draining)
             .serve_connection(TokioIo::new(io), service)
             .with_upgrades();
         let mut conn = std::pin::pin!(conn);
-        let result = if accepted_draining {
-            conn.await
-        } else {
+        let one_only = accepted_draining || refused.is_some();
+        let serving = async {
+            if one_only {
+                return conn.as_mut().await;
+            }
             tokio::select! {
                 r = conn.as_mut() => r,
                 _ = async { drop(draining.wait_for(|d| *d).await) } => {
                     conn.as_mut().graceful_shutdown();
-                    conn.await
+                    conn.as_mut().await
                 }
+            }
+        };
+        // A request (its answer included) that outlives the deadline ends
+        // the connection: a client reading its answer slowly holds nothing.
+        let result = tokio::select! {
+            r = serving => r,
+            _ = clock.overdue(http.request + WRITE_GRACE) => {
+                tracing::debug!(%peer, "request overdue: connection closed");
+                Ok(())
             }
         };
         if let Err(e) = result {
             tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
         }
+    }
+}
+
+/// What every request on one connection goes through.
+struct Gate {
+    app: Router,
+    ops: Arc<Ops>,
+    peer: SocketAddr,
+    http: HttpTimes,
+    conns: Arc<ConnectionLimiter>,
+    trusted: Arc<[IpAddr]>,
+    serves_proxy: bool,
+    /// Set when the connection is over a cap: every request is refused.
+    refused: Option<ConnRefused>,
+    clock: Arc<Clock>,
+    /// A forwarded client's place, taken by its WebSocket for as long as
+    /// the connection lives.
+    upgraded: Arc<Mutex<Option<ConnSlot>>>,
+}
+
+impl Gate {
+    async fn handle(
+        self: Arc<Self>,
+        mut req: hyper::Request<Incoming>,
+    ) -> Result<Response, std::convert::Infallible> {
+        req.extensions_mut().insert(ConnectInfo(self.peer));
+        if let Some(why) = self.refused {
+            return Ok(self.refuse(req, why));
+        }
+        if self.ops.is_draining() && !is_ops_path(req.uri().path()) {
+            return Ok(shutting_down());
+        }
+        // Behind a trusted proxy each client is capped by its forwarded
+        // address, request by request (the proxy's own connections are not
+        // one client).
+        let mut forwarded = None;
+        if self.conns.caps_addresses() && self.trusted.contains(&self.peer.ip()) {
+            let client =
+                crate::proxy::origin::client_ip_from(self.peer.ip(), req.headers(), &self.trusted);
+            if client != self.peer.ip() {
+                match self.conns.admit_forwarded(client) {
+                    Ok(slot) => forwarded = Some(slot),
+                    Err(why) => {
+                        crate::metrics::global().connection_refused(why.label());
+                        return Ok(self.refuse(req, why));
+                    }
+                }
+            }
+        }
+        let upgrade = crate::websocket::upgrade::is_upgrade(req.headers());
+        let seq = self.clock.start();
+        let (parts, body) = req.into_parts();
+        let body_done = Arc::new(AtomicBool::new(body.is_end_stream()));
+        let body = Body::new(Tracked {
+            inner: body,
+            done: Arc::clone(&body_done),
+        });
+        let req = axum::http::Request::from_parts(parts, body);
+        let http = self.http;
+        let body_late = async {
+            tokio::time::sleep(http.body).await;
+            if body_done.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
+        };
+        let resp = tokio::select! {
+            resp = self.app.clone().oneshot(req) => match resp {
+                Ok(resp) => resp,
+                Err(never) => match never {},
+            },
+            _ = body_late => {
+                crate::metrics::global().http_timeout("body");
+                tracing::debug!(peer = %self.peer, "request body not received in time");
+                (
+                    StatusCode::REQUEST_TIMEOUT,
+                    [(header::CONNECTION, "close")],
+                    "request body not received in time",
+                )
+                    .into_response()
+            }
+            _ = tokio::time::sleep(http.request) => {
+                crate::metrics::global().http_timeout("request");
+                tracing::debug!(peer = %self.peer, "request not answered in time");
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [(header::RETRY_AFTER, "5"), (header::CONNECTION, "close")],
+                    "request took too long",
+                )
+                    .into_response()
+            }
+        };
+        if upgrade && resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            *self.upgraded.lock().unwrap_or_else(PoisonError::into_inner) = forwarded.take();
+        }
+        let finish = Finish {
+            clock: Arc::clone(&self.clock),
+            seq,
+        };
+        Ok(resp.map(|inner| {
+            Body::new(Finishing {
+                inner,
+                finish: Some(finish),
+            })
+        }))
+    }
+
+    /// The answer to a request over a connection cap: 503 with
+    /// `Retry-After`, or, for a WebSocket on a proxy node, the upgrade and
+    /// a close frame with 4429, which the console page can show (a browser
+    /// hides why an upgrade failed).
+    fn refuse(&self, mut req: hyper::Request<Incoming>, why: ConnRefused) -> Response {
+        // Counted in /metrics; one line each would flood the log in an attack.
+        tracing::debug!(client = %self.peer, reason = %why, "connection refused: over a connection cap");
+        if self.serves_proxy
+            && let Ok(accepted) = crate::websocket::upgrade::check(req.method(), req.headers())
+            && let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>()
+        {
+            tokio::spawn(async move {
+                let Ok(Ok(upgraded)) = tokio::time::timeout(REFUSAL_TIME, on_upgrade).await else {
+                    return;
+                };
+                let mut w = crate::websocket::stream::Writer::new(TokioIo::new(upgraded));
+                let _ = tokio::time::timeout(REFUSAL_TIME, async {
+                    let _ = w.close(proxy::close::TOO_MANY, &why.to_string()).await;
+                    let _ = w.shutdown().await;
+                })
+                .await;
+            });
+            let mut resp = Response::new(Body::empty());
+            *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            let h = resp.headers_mut();
+            h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            if let Ok(v) = HeaderValue::from_str(&accepted.key) {
+                h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+            }
+            if let Some(p) = accepted.protocol {
+                h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
+            }
+            return resp;
+        }
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "5"), (header::CONNECTION, "close")],
+            format!("{why}, try again later"),
+        )
+            .into_response()
+    }
+}
+
+/// When the request in progress on a connection started, so that one
+/// taking too long (a client that reads its answer slowly, say) can be cut.
+#[derive(Default)]
+struct Clock {
+    state: Mutex<(u64, Option<tokio::time::Instant>)>,
+    started: tokio::sync::Notify,
+}
+
+impl Clock {
+    fn start(&self) -> u64 {
+        let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        st.0 += 1;
+        st.1 = Some(tokio::time::Instant::now());
+        self.started.notify_waiters();
+        st.0
+    }
+
+    fn finish(&self, seq: u64) {
+        let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if st.0 == seq {
+            st.1 = None;
+        }
+    }
+
+    fn current(&self) -> Option<(u64, tokio::time::Instant)> {
+        let st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        st.1.map(|t| (st.0, t))
+    }
+
+    /// Completes once a request has been in progress for `limit`.
+    async fn overdue(&self, limit: Duration) {
+        loop {
+            let started = self.started.notified();
+            let mut started = std::pin::pin!(started);
+            started.as_mut().enable();
+            match self.current() {
+                None => started.await,
+                Some((seq, since)) => {
+                    tokio::time::sleep_until(since + limit).await;
+                    if self.current().is_some_and(|(s, _)| s == seq) {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Ends the clock's request when the answer has been sent (or dropped).
+struct Finish {
+    clock: Arc<Clock>,
+    seq: u64,
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        self.clock.finish(self.seq);
+    }
+}
+
+/// An answer body that ends its request on the clock when it is done.
+struct Finishing {
+    inner: Body,
+    finish: Option<Finish>,
+}
+
+impl HttpBody for Finishing {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(None) = polled {
+            self.finish = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A request body that says when it has all arrived.
+struct Tracked {
+    inner: Incoming,
+    done: Arc<AtomicBool>,
+}
+
+impl HttpBody for Tracked {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream() {
+            self.done.store(true, Ordering::SeqCst);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A connection's I/O, holding its places under the connection caps for as
+/// long as the socket lives.
+struct Held<I> {
+    io: I,
+    _slot: Option<ConnSlot>,
+    _refusal: Option<RefusalSlot>,
+    _forwarded: Arc<Mutex<Option<ConnSlot>>>,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Held<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Held<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

@@ -91,6 +91,9 @@ pub enum ServiceError {
     Oned { code: i64, message: String },
     #[error("Service unavailable: {0}")]
     Unavailable(String),
+    /// Too many password checks in progress: answered at once, not queued.
+    #[error("Server busy: too many logins in progress, try again shortly")]
+    Busy,
     #[error("Internal error: {0}")]
     Internal(String),
 }
@@ -109,6 +112,7 @@ impl From<InventoryError> for ServiceError {
             }
             InventoryError::Oned { code, message } => ServiceError::Oned { code, message },
             InventoryError::Unavailable(why) => ServiceError::Unavailable(why),
+            InventoryError::Busy => ServiceError::Busy,
         }
     }
 }

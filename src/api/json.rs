@@ -16,6 +16,7 @@ use serde_json::json;
 
 use super::ApiState;
 use crate::inventory::Credential;
+use crate::limits::{Attempt, Refused};
 use crate::service::{MintRequest, ServiceError};
 use crate::store::SessionFilter;
 
@@ -34,6 +35,8 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// Seconds for `Retry-After`, for answers that a later try may change.
+    retry_after: Option<u32>,
 }
 
 impl ApiError {
@@ -42,7 +45,13 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    fn retry_after(mut self, secs: u32) -> ApiError {
+        self.retry_after = Some(secs);
+        self
     }
 
     fn unauthorized() -> ApiError {
@@ -74,6 +83,10 @@ impl From<ServiceError> for ApiError {
                 _ => (StatusCode::BAD_GATEWAY, "upstream"),
             },
             ServiceError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ServiceError::Busy => {
+                return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", e.to_string())
+                    .retry_after(1);
+            }
             ServiceError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         ApiError::new(status, code, super::client_message(&e))
@@ -89,6 +102,10 @@ impl IntoResponse for ApiError {
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Basic realm=\"vncbroker\", charset=\"UTF-8\""),
             );
+        }
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
     }
@@ -111,31 +128,53 @@ fn credential(headers: &HeaderMap) -> Result<Credential, ApiError> {
     Credential::from_session(&text).ok_or_else(ApiError::unauthorized)
 }
 
-/// The caller's credentials, unless their address has used up its failed
-/// logins (then 429, after a delay, without checking anything).
+/// The caller's credentials and address, with a failure charged to the
+/// address until the call proves them right: an address whose failed logins
+/// are used up gets 429 (after a delay, without anything checked), and one
+/// whose budget is taken by logins in progress waits for them, then gets
+/// 429 if they take too long.
 async fn login(
     state: &ApiState,
     peer: SocketAddr,
     headers: &HeaderMap,
-) -> Result<(Credential, IpAddr), ApiError> {
+) -> Result<(Credential, Attempt, IpAddr), ApiError> {
     let ip = state.client_ip(peer, headers);
-    if state.limiter.blocked(ip) {
-        tokio::time::sleep(state.limiter.delay()).await;
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too_many_requests",
-            "too many failed attempts, try again later",
-        ));
+    let attempt = match state.limiter.begin(ip).await {
+        Ok(a) => a,
+        Err(Refused::Spent) => {
+            tokio::time::sleep(state.limiter.delay()).await;
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_requests",
+                Refused::Spent.to_string(),
+            ));
+        }
+        Err(Refused::Busy) => {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_requests",
+                Refused::Busy.to_string(),
+            )
+            .retry_after(1));
+        }
+    };
+    match credential(headers) {
+        Ok(cred) => Ok((cred, attempt, ip)),
+        Err(e) => {
+            // No credential at all is not a guess.
+            attempt.refund();
+            Err(e)
+        }
     }
-    Ok((credential(headers)?, ip))
 }
 
-/// Counts a wrong credential against the caller's address.
-fn note(state: &ApiState, ip: IpAddr, err: &ServiceError) {
-    if matches!(err, ServiceError::Authentication)
-        || matches!(err, ServiceError::Oned { code: 0x0100, .. })
-    {
-        state.limiter.failed(ip);
+/// Keeps the charge for a wrong credential; refunds it otherwise.
+fn settle<T>(attempt: Attempt, result: &Result<T, ServiceError>) {
+    match result {
+        Err(ServiceError::Authentication) | Err(ServiceError::Oned { code: 0x0100, .. }) => {
+            attempt.fail()
+        }
+        _ => attempt.refund(),
     }
 }
 
@@ -177,20 +216,16 @@ pub async fn mint(
             )
         })?
     };
-    let (cred, ip) = login(&state, peer, &headers).await?;
-    let minted = state
-        .service
-        .mint(
-            &cred,
-            vm_id,
-            MintRequest {
-                ttl: body.ttl,
-                single_use: body.single_use,
-            },
-        )
-        .await
-        .inspect_err(|e| note(&state, ip, e))?;
-    Ok((StatusCode::CREATED, Json(minted)).into_response())
+    let (cred, attempt, ip) = login(&state, peer, &headers).await?;
+    let request = MintRequest {
+        ttl: body.ttl,
+        single_use: body.single_use,
+    };
+    let minted = crate::auth::CLIENT
+        .scope(ip, state.service.mint(&cred, vm_id, request))
+        .await;
+    settle(attempt, &minted);
+    Ok((StatusCode::CREATED, Json(minted?)).into_response())
 }
 
 pub async fn revoke(
@@ -200,12 +235,12 @@ pub async fn revoke(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let vm_id = vm_id(&id)?;
-    let (cred, ip) = login(&state, peer, &headers).await?;
-    let done = state
-        .service
-        .revoke(&cred, vm_id)
-        .await
-        .inspect_err(|e| note(&state, ip, e))?;
+    let (cred, attempt, ip) = login(&state, peer, &headers).await?;
+    let done = crate::auth::CLIENT
+        .scope(ip, state.service.revoke(&cred, vm_id))
+        .await;
+    settle(attempt, &done);
+    let done = done?;
     Ok(Json(json!({"revoked": done.tokens, "sessions_ended": done.sessions})).into_response())
 }
 
@@ -224,12 +259,12 @@ pub async fn end_session(
             "the session id must be an integer",
         )
     })?;
-    let (cred, ip) = login(&state, peer, &headers).await?;
-    let done = state
-        .service
-        .end_session(&cred, id)
-        .await
-        .inspect_err(|e| note(&state, ip, e))?;
+    let (cred, attempt, ip) = login(&state, peer, &headers).await?;
+    let done = crate::auth::CLIENT
+        .scope(ip, state.service.end_session(&cred, id))
+        .await;
+    settle(attempt, &done);
+    let done = done?;
     Ok(Json(json!({"session": id, "sessions_ended": done.sessions})).into_response())
 }
 
@@ -254,19 +289,18 @@ pub async fn sessions(
 ) -> Result<Response, ApiError> {
     let Query(q) =
         query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text()))?;
-    let (cred, ip) = login(&state, peer, &headers).await?;
+    let (cred, attempt, ip) = login(&state, peer, &headers).await?;
     let filter = SessionFilter {
         vm_id: q.vm_id,
         user: q.user,
         since: q.since,
         limit: q.limit.unwrap_or(100).min(MAX_SESSIONS_LISTED),
     };
-    let list = state
-        .service
-        .sessions(&cred, filter)
-        .await
-        .inspect_err(|e| note(&state, ip, e))?;
-    Ok(Json(json!({ "sessions": list })).into_response())
+    let list = crate::auth::CLIENT
+        .scope(ip, state.service.sessions(&cred, filter))
+        .await;
+    settle(attempt, &list);
+    Ok(Json(json!({ "sessions": list? })).into_response())
 }
 
 pub async fn openapi() -> Response {

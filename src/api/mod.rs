@@ -25,17 +25,17 @@ use crate::service::{ServiceError, TokenService};
 #[derive(Clone)]
 pub struct ApiState {
     pub service: Arc<TokenService>,
-    /// Budgets of failed logins per client address.
+    /// Budgets of failed logins per client address, charged before each check.
     pub limiter: Arc<FailureLimiter>,
     /// Reverse proxies whose X-Forwarded-For is believed.
     pub trusted_proxies: Arc<[IpAddr]>,
 }
 
 impl ApiState {
-    /// The caller's address, through trusted reverse proxies.
+    /// The caller's address, through trusted reverse proxies (every
+    /// `X-Forwarded-For` line counts).
     pub fn client_ip(&self, peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
-        let forwarded = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
-        crate::proxy::origin::client_ip(peer.ip(), forwarded, &self.trusted_proxies)
+        crate::proxy::origin::client_ip_from(peer.ip(), headers, &self.trusted_proxies)
     }
 }
 

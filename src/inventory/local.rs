@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{Console, Credential, Grant, Inventory, InventoryError, Lapse, Principal, Verdict};
-use crate::auth::{VerifyCache, verify_password};
+use crate::auth::{Against, VerifyCache};
 use crate::secrets::Secrets;
 use crate::store::{Store, StoreError, User, Vm};
 
@@ -31,27 +31,55 @@ impl LocalInventory {
         }
     }
 
-    /// Checks a credential; the argon2 run happens off the async threads and
-    /// is skipped when the cache vouches for it.
+    /// Checks a credential on the password verifier (off the async and
+    /// blocking threads), unless the cache vouches for it. A credential the
+    /// cache does not know takes a place in the verifier before the user is
+    /// even looked up (waiting while its client address holds its share),
+    /// so a flood of guesses is answered "busy" without touching the
+    /// database. An unknown user is checked against a dummy
+    /// hash, so the answer takes as long as for a known one and timing does
+    /// not tell which names exist.
     async fn verify(&self, cred: &Credential) -> Result<User, InventoryError> {
-        let user = self
-            .store
-            .user(&cred.user)
-            .await
-            .map_err(unavailable)?
-            .ok_or(InventoryError::Authentication)?;
+        let verifier = crate::auth::verifier();
+        let busy = |_| InventoryError::Busy;
+        let mut ticket = None;
+        if !self.cache.vouched(&cred.user, &cred.secret) {
+            let t = verifier.ticket().await.map_err(busy)?;
+            // A check of the same credential may have succeeded while this
+            // one waited for its place.
+            if !self.cache.vouched(&cred.user, &cred.secret) {
+                ticket = Some(t);
+            }
+        }
+        let found = self.store.user(&cred.user).await.map_err(unavailable)?;
+        let Some(user) = found else {
+            let ticket = match ticket.take() {
+                Some(t) => t,
+                None => verifier.ticket().await.map_err(busy)?,
+            };
+            return match verifier
+                .verify(ticket, cred.secret.clone(), Against::Dummy)
+                .await
+            {
+                Ok(_) => Err(InventoryError::Authentication),
+                Err(e) => Err(busy(e)),
+            };
+        };
         if self
             .cache
             .hit(&cred.user, &cred.secret, &user.password_hash)
         {
             return Ok(user);
         }
-        let (secret, phc) = (cred.secret.clone(), user.password_hash.clone());
-        let ok = tokio::task::spawn_blocking(move || verify_password(&secret, &phc))
-            .await
-            .map_err(|e| InventoryError::Unavailable(e.to_string()))?;
-        if !ok {
-            return Err(InventoryError::Authentication);
+        let ticket = match ticket.take() {
+            Some(t) => t,
+            None => verifier.ticket().await.map_err(busy)?,
+        };
+        let against = Against::Stored(user.password_hash.clone());
+        match verifier.verify(ticket, cred.secret.clone(), against).await {
+            Ok(true) => {}
+            Ok(false) => return Err(InventoryError::Authentication),
+            Err(e) => return Err(busy(e)),
         }
         self.cache
             .remember(&cred.user, &cred.secret, &user.password_hash);

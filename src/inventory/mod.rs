@@ -122,6 +122,9 @@ pub enum InventoryError {
     Oned { code: i64, message: String },
     #[error("inventory unavailable: {0}")]
     Unavailable(String),
+    /// Too many password checks are in progress; try again shortly.
+    #[error("too many password checks in progress")]
+    Busy,
 }
 
 /// An authenticated caller.

@@ -40,7 +40,7 @@ use tokio::net::TcpStream;
 use self::relay::{Counts, End};
 use self::sessions::{CatchUp, Entry, Sessions, Stop};
 use crate::inventory::{Credential, Grant, Lapse};
-use crate::limits::FailureLimiter;
+use crate::limits::{Attempt, FailureLimiter, Refused};
 use crate::service::{RedeemError, TokenService};
 use crate::store::{Cause, NewSession, Redemption, SessionEnd, Store};
 use crate::websocket::stream::{Reader, Writer};
@@ -93,6 +93,9 @@ pub struct Settings {
     pub end_at_token_expiry: bool,
     pub ping_interval: Option<Duration>,
     pub pong_timeout: Duration,
+    /// A write to the browser (one WebSocket frame) that does not finish
+    /// within this long ends the session: the browser stopped reading.
+    pub client_write_timeout: Option<Duration>,
 }
 
 pub struct Proxy {
@@ -221,6 +224,10 @@ impl End {
             End::Stopped(stop) => stop_close(*stop),
             End::Idle => (close::IDLE, "session ended: idle too long".into()),
             End::PongTimeout => (close::IDLE, "session ended: no answer to ping".into()),
+            End::WriteTimeout => (
+                close::IDLE,
+                "session ended: the browser stopped reading".into(),
+            ),
             End::MaxDuration => (
                 close::TIME_LIMIT,
                 "session ended: time limit reached".into(),
@@ -243,6 +250,7 @@ impl End {
             End::Stopped(stop) => stop_record(*stop).into(),
             End::Idle => "idle timeout".into(),
             End::PongTimeout => "client stopped answering pings".into(),
+            End::WriteTimeout => "client stopped reading".into(),
             End::MaxDuration => "time limit".into(),
             End::TokenExpired => "token expired".into(),
         }
@@ -341,22 +349,12 @@ async fn accept(proxy: Arc<Proxy>, peer: SocketAddr, req: Request) -> Response<B
     let (mut parts, _body) = req.into_parts();
     let set = &proxy.settings;
     let trusted = set.trusted_proxies.contains(&peer.ip());
-    let forwarded = |name: &str| {
-        parts
-            .headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .filter(|_| trusted)
-    };
     let client = SocketAddr::new(
-        origin::client_ip(
-            peer.ip(),
-            forwarded("x-forwarded-for"),
-            &set.trusted_proxies,
-        ),
+        origin::client_ip_from(peer.ip(), &parts.headers, &set.trusted_proxies),
         peer.port(),
     );
-    let scheme = match forwarded("x-forwarded-proto") {
+    let proto = origin::forwarded_proto(&parts.headers).filter(|_| trusted);
+    let scheme = match proto.as_deref() {
         Some(p) if p.eq_ignore_ascii_case("https") => "https",
         Some(_) => "http",
         None if set.tls => "https",
@@ -373,14 +371,6 @@ async fn accept(proxy: Arc<Proxy>, peer: SocketAddr, req: Request) -> Response<B
     ) {
         tracing::warn!(%client, error = %e, "WebSocket upgrade refused: origin");
         return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
-    }
-    if set.limiter.blocked(client.ip()) {
-        tokio::time::sleep(set.limiter.delay()).await;
-        return (
-            StatusCode::TOO_MANY_REQUESTS,
-            "too many failed attempts, try again later",
-        )
-            .into_response();
     }
     let accepted = match upgrade::check(&parts.method, &parts.headers) {
         Ok(a) => a,
@@ -403,6 +393,17 @@ async fn accept(proxy: Arc<Proxy>, peer: SocketAddr, req: Request) -> Response<B
         )
             .into_response();
     };
+    // A failure is charged before the token is looked up, and refunded
+    // unless the token turns out bad.
+    let attempt = match set.limiter.begin(client.ip()).await {
+        Ok(a) => a,
+        Err(why) => {
+            if why == Refused::Spent {
+                tokio::time::sleep(set.limiter.delay()).await;
+            }
+            return (StatusCode::TOO_MANY_REQUESTS, why.to_string()).into_response();
+        }
+    };
     let token = request::token(
         parts.uri.query(),
         parts
@@ -413,8 +414,11 @@ async fn accept(proxy: Arc<Proxy>, peer: SocketAddr, req: Request) -> Response<B
     );
     tokio::spawn(async move {
         match on_upgrade.await {
-            Ok(upgraded) => session(proxy, TokioIo::new(upgraded), token, client).await,
-            Err(e) => tracing::debug!(%client, error = %e, "WebSocket upgrade failed"),
+            Ok(upgraded) => session(proxy, TokioIo::new(upgraded), token, client, attempt).await,
+            Err(e) => {
+                attempt.refund();
+                tracing::debug!(%client, error = %e, "WebSocket upgrade failed")
+            }
         }
     });
     let mut resp = Response::new(Body::empty());
@@ -431,11 +435,26 @@ async fn accept(proxy: Arc<Proxy>, peer: SocketAddr, req: Request) -> Response<B
     resp
 }
 
-async fn session(proxy: Arc<Proxy>, io: Io, token: Option<String>, client: SocketAddr) {
+async fn session(
+    proxy: Arc<Proxy>,
+    io: Io,
+    token: Option<String>,
+    client: SocketAddr,
+    attempt: Attempt,
+) {
     let (rd, wr) = tokio::io::split(io);
     let mut reader = Reader::new(rd, proxy.settings.max_message_bytes as u64);
     let mut writer = Writer::new(wr);
-    match open(&proxy, &mut reader, &mut writer, token.as_deref(), client).await {
+    match open(
+        &proxy,
+        &mut reader,
+        &mut writer,
+        token.as_deref(),
+        client,
+        attempt,
+    )
+    .await
+    {
         Ok((redemption, tcp, registration)) => {
             relay_session(
                 &proxy,
@@ -449,9 +468,6 @@ async fn session(proxy: Arc<Proxy>, io: Io, token: Option<String>, client: Socke
             .await
         }
         Err(refusal) => {
-            if matches!(refusal, Refusal::NoToken | Refusal::BadToken) {
-                proxy.settings.limiter.failed(client.ip());
-            }
             crate::metrics::global().refused(refusal.metric());
             let (code, reason) = refusal.close();
             tracing::info!(%client, code, detail = %refusal.detail(), "console connection refused");
@@ -465,16 +481,23 @@ async fn session(proxy: Arc<Proxy>, io: Io, token: Option<String>, client: Socke
 }
 
 /// Redeems the token, connects to its target and runs the RFB security
-/// handshake if a password is stored.
+/// handshake if a password is stored. `attempt` is the failure charged for
+/// the token, kept if it is bad and refunded otherwise.
 async fn open(
     proxy: &Proxy,
     reader: &mut WsReader,
     writer: &mut WsWriter,
     token: Option<&str>,
     client: SocketAddr,
+    attempt: Attempt,
 ) -> Result<(Redemption, TcpStream, sessions::Registration), Refusal> {
     let token = token.ok_or(Refusal::NoToken)?;
-    let r = proxy.service.redeem(token).await.map_err(|e| match e {
+    let redeemed = proxy.service.redeem(token).await;
+    match &redeemed {
+        Err(RedeemError::Invalid) => attempt.fail(),
+        _ => attempt.refund(),
+    }
+    let r = redeemed.map_err(|e| match e {
         RedeemError::Invalid => Refusal::BadToken,
         RedeemError::Moved => Refusal::Moved,
         RedeemError::Unavailable(why) => Refusal::StoreDown(why),
@@ -614,6 +637,7 @@ async fn relay_session(
         idle: set.idle_timeout,
         ping_every: set.ping_interval,
         pong_timeout: set.pong_timeout,
+        write_timeout: set.client_write_timeout,
         deadline: [max_end, expiry_end]
             .into_iter()
             .flatten()

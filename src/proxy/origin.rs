@@ -8,6 +8,8 @@
 
 use std::net::IpAddr;
 
+use axum::http::HeaderMap;
+
 /// An origin: scheme, host and port, normalised (lower case, default ports
 /// made explicit, IPv6 in brackets).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,7 +133,11 @@ impl Policy {
 }
 
 /// The client's address: the peer, or, when the peer is a trusted reverse
-/// proxy, the last address in `X-Forwarded-For` that is not itself trusted.
+/// proxy, the first address in `X-Forwarded-For` that is not itself
+/// trusted, walking from the right (each proxy appends the address it got
+/// the request from, so only the right end is vouched for). An entry that
+/// is not an address ends the walk at the last trusted hop: what lies left
+/// of it cannot be told from what a client wrote.
 pub fn client_ip(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[IpAddr]) -> IpAddr {
     if !trusted.contains(&peer) {
         return peer;
@@ -139,10 +145,65 @@ pub fn client_ip(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[IpAddr]) 
     let Some(list) = forwarded_for else {
         return peer;
     };
-    list.rsplit(',')
-        .filter_map(|a| a.trim().parse::<IpAddr>().ok())
-        .find(|a| !trusted.contains(a))
-        .unwrap_or(peer)
+    let mut hop = peer;
+    for entry in list.rsplit(',') {
+        match parse_forwarded_addr(entry) {
+            Some(a) if trusted.contains(&a) => hop = a,
+            Some(a) => return a,
+            None => return hop,
+        }
+    }
+    hop
+}
+
+/// An `X-Forwarded-For` entry: an address, optionally with a port
+/// (`192.0.2.1:4711`, `[2001:db8::1]:4711`) or in brackets.
+fn parse_forwarded_addr(entry: &str) -> Option<IpAddr> {
+    let e = entry.trim();
+    if let Ok(a) = e.parse::<IpAddr>() {
+        return Some(a);
+    }
+    if let Ok(sa) = e.parse::<std::net::SocketAddr>() {
+        return Some(sa.ip());
+    }
+    e.strip_prefix('[')?.strip_suffix(']')?.parse().ok()
+}
+
+/// Every `X-Forwarded-For` line, in order, as one list: a proxy that adds
+/// its own line (rather than appending to the client's) must not leave only
+/// the client's line read. A line that is not text becomes an entry that
+/// is no address.
+pub fn forwarded_for(headers: &HeaderMap) -> Option<String> {
+    join_lines(headers, "x-forwarded-for")
+}
+
+/// The scheme the nearest proxy saw: the last `X-Forwarded-Proto` value.
+pub fn forwarded_proto(headers: &HeaderMap) -> Option<String> {
+    let all = join_lines(headers, "x-forwarded-proto")?;
+    all.rsplit(',').next().map(|p| p.trim().to_owned())
+}
+
+fn join_lines(headers: &HeaderMap, name: &str) -> Option<String> {
+    let mut out: Option<String> = None;
+    for v in headers.get_all(name) {
+        let text = v.to_str().unwrap_or("?");
+        match &mut out {
+            Some(o) => {
+                o.push(',');
+                o.push_str(text);
+            }
+            None => out = Some(text.to_owned()),
+        }
+    }
+    out
+}
+
+/// The client's address of a request, through trusted reverse proxies.
+pub fn client_ip_from(peer: IpAddr, headers: &HeaderMap, trusted: &[IpAddr]) -> IpAddr {
+    if !trusted.contains(&peer) {
+        return peer;
+    }
+    client_ip(peer, forwarded_for(headers).as_deref(), trusted)
 }
 
 #[cfg(test)]
@@ -290,5 +351,46 @@ mod tests {
         );
         assert_eq!(client_ip(proxy, Some("junk"), &trusted), proxy);
         assert_eq!(client_ip(proxy, None, &trusted), proxy);
+        // Junk ends the walk: nothing left of it is believed.
+        assert_eq!(client_ip(proxy, Some("1.2.3.4, junk"), &trusted), proxy);
+        assert_eq!(
+            client_ip(proxy, Some("1.2.3.4, [2001:db8::7]:443"), &trusted),
+            "2001:db8::7".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            client_ip(proxy, Some("9.9.9.9, 5.6.7.8:1234"), &trusted),
+            "5.6.7.8".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn every_forwarded_for_line_is_read_in_order() {
+        use axum::http::HeaderValue;
+        let proxy: IpAddr = "10.0.0.1".parse().unwrap();
+        let mut h = HeaderMap::new();
+        // The client's own line first, the proxy's line after it.
+        h.append("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
+        h.append("x-forwarded-for", HeaderValue::from_static("198.51.100.7"));
+        assert_eq!(
+            forwarded_for(&h).as_deref(),
+            Some("203.0.113.9,198.51.100.7")
+        );
+        assert_eq!(
+            client_ip_from(proxy, &h, &[proxy]),
+            "198.51.100.7".parse::<IpAddr>().unwrap()
+        );
+        // Not from a trusted proxy: the header means nothing.
+        let peer: IpAddr = "192.0.2.1".parse().unwrap();
+        assert_eq!(client_ip_from(peer, &h, &[proxy]), peer);
+        // A line that is not text stops the walk.
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
+        h.append("x-forwarded-for", HeaderValue::from_bytes(b"\xff").unwrap());
+        assert_eq!(client_ip_from(proxy, &h, &[proxy]), proxy);
+
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-proto", HeaderValue::from_static("https"));
+        h.append("x-forwarded-proto", HeaderValue::from_static("http"));
+        assert_eq!(forwarded_proto(&h).as_deref(), Some("http"));
     }
 }

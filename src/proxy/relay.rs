@@ -6,13 +6,19 @@
 //! (backpressure) and no queue grows. Buffers are fixed per session; in
 //! steady state nothing is allocated per message: payloads are unmasked in
 //! place and written with their frame header in one vectored write.
+//!
+//! The session's limits (idle, ping answers, maximum length, token expiry)
+//! are checked in a loop that never touches the connection to the browser:
+//! a browser that stops reading holds the writer in a blocked write, and
+//! must still be ended on time. Pings are sent from a loop of their own,
+//! and every write to the browser has a deadline.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{Mutex, watch};
+use tokio::sync::{Mutex, Notify, watch};
 use tokio::time::Instant;
 
 use super::sessions::Stop;
@@ -45,6 +51,9 @@ pub enum End {
     MaxDuration,
     /// The session's token expired (with end_at_token_expiry).
     TokenExpired,
+    /// A write to the browser did not finish within the write timeout:
+    /// the browser stopped reading.
+    WriteTimeout,
 }
 
 /// Per-session timers. All optional; with none set a session lives until a
@@ -54,6 +63,8 @@ pub struct Timers {
     pub idle: Option<Duration>,
     pub ping_every: Option<Duration>,
     pub pong_timeout: Duration,
+    /// How long one write to the browser may take.
+    pub write_timeout: Option<Duration>,
     /// When the session must end, and why.
     pub deadline: Option<(Instant, Deadline)>,
 }
@@ -69,6 +80,27 @@ pub enum Deadline {
 pub struct Counts {
     pub to_client: u64,
     pub to_server: u64,
+}
+
+/// A write to the browser, under the write timeout: `Err` with how the
+/// session ends if it fails or does not finish in time.
+async fn write_to_client<'w, W, F>(
+    writer: &'w Mutex<Writer<W>>,
+    limit: Option<Duration>,
+    write: impl FnOnce(tokio::sync::MutexGuard<'w, Writer<W>>) -> F,
+) -> Result<(), End>
+where
+    W: AsyncWrite + Unpin,
+    F: std::future::Future<Output = std::io::Result<()>>,
+{
+    let op = async { write(writer.lock().await).await };
+    let done = match limit {
+        Some(limit) => tokio::time::timeout(limit, op)
+            .await
+            .map_err(|_| End::WriteTimeout)?,
+        None => op.await,
+    };
+    done.map_err(|_| End::ClientClosed)
 }
 
 /// Relays until either side ends, `stop` fires or a timer runs out.
@@ -95,6 +127,8 @@ where
     let since = move || start.elapsed().as_millis() as u64;
     let active = AtomicU64::new(0);
     let alive = AtomicU64::new(0);
+    let ping_due = Notify::new();
+    let write_limit = timers.write_timeout;
     let down = async {
         // Allocated when the server first sends, so idle sessions hold none.
         let mut buf = Vec::new();
@@ -108,8 +142,13 @@ where
             match tcp_rx.try_read(&mut buf) {
                 Ok(0) => return End::ServerClosed,
                 Ok(n) => {
-                    if writer.lock().await.send_binary(&buf[..n]).await.is_err() {
-                        return End::ClientClosed;
+                    let data = &buf[..n];
+                    if let Err(end) = write_to_client(writer, write_limit, |mut w| async move {
+                        w.send_binary(data).await
+                    })
+                    .await
+                    {
+                        return end;
                     }
                     *to_client += n as u64;
                     crate::metrics::global().bytes_to_client(n);
@@ -134,8 +173,12 @@ where
                     crate::metrics::global().bytes_to_server(data.len());
                 }
                 Ok(Event::Ping(p)) => {
-                    if writer.lock().await.send(OpCode::Pong, p).await.is_err() {
-                        return End::ClientClosed;
+                    if let Err(end) = write_to_client(writer, write_limit, |mut w| async move {
+                        w.send(OpCode::Pong, p).await
+                    })
+                    .await
+                    {
+                        return end;
                     }
                 }
                 Ok(Event::Pong) => {}
@@ -168,6 +211,23 @@ where
             }
         }
     };
+    // Sends the pings the watchdog asks for. A ping waits for a write in
+    // progress (never jumping into the middle of a frame), under the write
+    // timeout like every other write.
+    let pinger = async {
+        loop {
+            ping_due.notified().await;
+            if let Err(end) = write_to_client(writer, write_limit, |mut w| async move {
+                w.send(OpCode::Ping, b"vncbroker").await
+            })
+            .await
+            {
+                return end;
+            }
+        }
+    };
+    // The session's limits. It never waits for the browser's connection,
+    // so a browser that stops reading cannot stop these clocks.
     let watchdog = async {
         let at = |ms: u64| start + Duration::from_millis(ms);
         let mut next_ping = timers.ping_every.map(|p| start + p);
@@ -194,15 +254,8 @@ where
             if let (Some(due), Some(every)) = (next_ping, timers.ping_every)
                 && now >= due
             {
-                if writer
-                    .lock()
-                    .await
-                    .send(OpCode::Ping, b"vncbroker")
-                    .await
-                    .is_err()
-                {
-                    return End::ClientClosed;
-                }
+                // At most one ping waits to be sent.
+                ping_due.notify_one();
                 next_ping = Some(now + every);
             }
             let wake = [timers.deadline.map(|d| d.0), idle_at, dead_at, next_ping]
@@ -220,5 +273,6 @@ where
         end = up => end,
         end = stopped => end,
         end = watchdog => end,
+        end = pinger => end,
     }
 }

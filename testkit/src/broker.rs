@@ -205,6 +205,16 @@ impl Broker {
     /// Writes a config (plus `extra_toml`, which may hold tables such as
     /// `[proxy]`), creates the user [`USER`] and starts `serve`.
     pub fn start(extra_toml: &str) -> Broker {
+        Broker::launch(extra_toml, None)
+    }
+
+    /// The same, with the server's open-files limit (soft and hard) set to
+    /// `nofile` by prlimit(1).
+    pub fn start_with_open_files(extra_toml: &str, nofile: u64) -> Broker {
+        Broker::launch(extra_toml, Some(nofile))
+    }
+
+    fn launch(extra_toml: &str, nofile: Option<u64>) -> Broker {
         let dir = tempfile::Builder::new()
             .prefix("vncbroker-itest-")
             .tempdir()
@@ -235,7 +245,15 @@ impl Broker {
 
         let log_path = dir.path().join("serve.stderr.log");
         let log = std::fs::File::create(&log_path).expect("creating the log file");
-        let mut cmd = Command::new(&bin);
+        // prlimit sets the limit and execs the server: same pid.
+        let mut cmd = match nofile {
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}")).arg("--").arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
         clean_env(&mut cmd)
             .args(["serve", "--config"])
             .arg(&config)

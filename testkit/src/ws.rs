@@ -102,6 +102,18 @@ impl Ws {
         })
     }
 
+    /// Wraps a WebSocket opened some other way (on a socket with special
+    /// options, say).
+    pub fn from_stream(stream: WebSocketStream<TcpStream>, protocol: Option<String>) -> Ws {
+        Ws {
+            stream,
+            protocol,
+            buf: Vec::new(),
+            received: Vec::new(),
+            close: None,
+        }
+    }
+
     pub async fn send(&mut self, data: &[u8]) -> Result<(), WsEnd> {
         tokio::time::timeout(STEP, self.stream.send(Message::binary(data.to_vec())))
             .await

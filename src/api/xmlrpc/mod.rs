@@ -17,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use self::wire::Value;
 use super::ApiState;
 use crate::inventory::Credential;
+use crate::limits::Refused;
 use crate::service::{MintRequest, Minted, ServiceError};
 
 /// OpenNebula's error codes.
@@ -56,24 +57,33 @@ pub async fn handle(
         .ok()
         .map(|c| crate::metrics::xmlrpc_method_label(&c.method));
     let xml = match parsed {
-        Ok(call) if state.limiter.blocked(ip) => {
-            tokio::time::sleep(state.limiter.delay()).await;
-            let method: String = call.method.chars().take(64).collect();
-            wire::response(&Value::Array(vec![
-                Value::Bool(false),
-                Value::Str(format!(
-                    "[{method}] Too many failed attempts, try again later."
-                )),
-                Value::Int(code::AUTHENTICATION),
-            ]))
-        }
-        Ok(call) => {
-            let (xml, failed_login) = dispatch(&state, call).await;
-            if failed_login {
-                state.limiter.failed(ip);
+        // A failure is charged before the call is looked at, and refunded
+        // unless the session string turns out wrong.
+        Ok(call) => match state.limiter.begin(ip).await {
+            Ok(attempt) => {
+                let (xml, failed_login) =
+                    crate::auth::CLIENT.scope(ip, dispatch(&state, call)).await;
+                if failed_login {
+                    attempt.fail();
+                } else {
+                    attempt.refund();
+                }
+                xml
             }
-            xml
-        }
+            Err(Refused::Spent) => {
+                tokio::time::sleep(state.limiter.delay()).await;
+                refusal(
+                    &call.method,
+                    "Too many failed attempts, try again later.",
+                    code::AUTHENTICATION,
+                )
+            }
+            Err(Refused::Busy) => refusal(
+                &call.method,
+                "Too many logins in progress from this address, try again shortly.",
+                code::INTERNAL,
+            ),
+        },
         Err(e) => {
             tracing::debug!(error = %e, "malformed XML-RPC request");
             wire::fault(FAULT_PARSE, &format!("parse error: {e}"))
@@ -85,6 +95,16 @@ pub async fn handle(
             .insert(crate::metrics::ApiMethod(label));
     }
     resp
+}
+
+/// A refusal before the call is looked at.
+fn refusal(method: &str, message: &str, code: i64) -> String {
+    let method: String = method.chars().take(64).collect();
+    wire::response(&Value::Array(vec![
+        Value::Bool(false),
+        Value::Str(format!("[{method}] {message}")),
+        Value::Int(code),
+    ]))
 }
 
 /// Answers a call; the flag says whether it failed authentication.
@@ -154,7 +174,9 @@ impl Failure {
             ServiceError::NotAvailable { .. } | ServiceError::SessionOver(_) => code::ACTION,
             ServiceError::BadParameter(_) => code::XML_RPC_API,
             ServiceError::Oned { code, .. } => *code,
-            ServiceError::Unavailable(_) | ServiceError::Internal(_) => code::INTERNAL,
+            ServiceError::Unavailable(_) | ServiceError::Busy | ServiceError::Internal(_) => {
+                code::INTERNAL
+            }
         };
         // Like oned, an authentication failure names no object.
         let object = (code != code::AUTHENTICATION).then_some(vm_id).or(Some(-1));

@@ -359,11 +359,11 @@ impl Targets {
 // ---------------------------------------------------------------- broker
 
 /// Configuration for every broker the bench starts: quiet, long token
-/// lifetimes, no failure budget (the load client reuses one address), and
-/// pings on (the default 30 s) but no pong deadline within a run, since the
-/// idle clients do not answer them.
+/// lifetimes, no failure budget and no connection cap per address (the load
+/// client reuses one address), and pings on (the default 30 s) but no pong
+/// deadline within a run, since the idle clients do not answer them.
 const BROKER_CONFIG: &str = "[tokens]\nmax_ttl = 86400\n\
-                             [http]\nfailures_per_minute = 0\n\
+                             [http]\nfailures_per_minute = 0\nmax_connections_per_address = 0\n\
                              [proxy]\nping_interval_secs = 30\npong_timeout_secs = 3600\n";
 
 /// Extra environment for the `serve` processes, for experiments:

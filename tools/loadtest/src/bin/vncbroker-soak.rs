@@ -1277,7 +1277,10 @@ async fn orchestrate(o: Opts) -> anyhow::Result<bool> {
     let cfg = dir.path().join("soak.toml");
     std::fs::write(
         &cfg,
-        "[log]\nlevel = \"warn\"\n[tokens]\nmax_ttl = 86400\npurge_interval = 60\n",
+        // Every client runs on this host: one address, so no failure
+        // budget and no connection cap per address.
+        "[log]\nlevel = \"warn\"\n[tokens]\nmax_ttl = 86400\npurge_interval = 60\n\
+         [http]\nfailures_per_minute = 0\nmax_connections_per_address = 0\n",
     )?;
     run_cli(
         &o.broker,
