@@ -8,7 +8,6 @@
 //! and echoes; its VMs have no VNC password, so the proxies pass bytes
 //! through. The WebSocket and HTTP clients are minimal raw ones.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -113,49 +112,29 @@ impl Node {
             .open(&log_path)
             .unwrap();
         let mut cmd = Command::new(BIN);
-        for (k, _) in std::env::vars() {
-            if k.starts_with("VNCBROKER_") {
-                cmd.env_remove(k);
-            }
-        }
-        let mut child = cmd
+        testkit::process::clean_env(&mut cmd)
             .args(["serve", "--config"])
             .arg(config)
             .args(["--database", db_url, "--listen", "127.0.0.1:0"])
             .args(["--role", role, "--node-name", name])
             .env("RUST_LOG", "info")
             .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawning vncbroker serve");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            let _ = tx.send(lines.next());
-            for _ in lines {}
-        });
-        let first = tokio::time::timeout(START_TIMEOUT, rx).await;
-        let mut node = Node {
+            .stderr(Stdio::from(log));
+        let started = log_path.clone();
+        let (child, addr) = tokio::task::spawn_blocking(move || {
+            testkit::broker::spawn_serve(&mut cmd, &started, START_TIMEOUT)
+        })
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("node {name} did not start: {e}"));
+        assert!(addr.ip().is_loopback(), "node {name} listens on {addr}");
+        Node {
             name: name.to_owned(),
             role,
-            port: 0,
+            port: addr.port(),
             log_path,
             child,
-        };
-        let port = match first {
-            Ok(Ok(Some(Ok(line)))) => line
-                .strip_prefix("listening on 127.0.0.1:")
-                .and_then(|p| p.trim().parse::<u16>().ok()),
-            _ => None,
-        };
-        match port {
-            Some(port) => node.port = port,
-            None => panic!("node {name} did not start; log:\n{}", node.log()),
         }
-        node
     }
 
     fn log(&self) -> String {
@@ -213,31 +192,12 @@ async fn cli(db_url: &str, args: &[&str], stdin: Option<&str>) -> String {
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     let stdin = stdin.map(str::to_owned);
     tokio::task::spawn_blocking(move || {
-        let mut child = Command::new(BIN)
-            .args(&args)
-            .args(["--database", &db_url])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawning vncbroker");
-        {
-            use std::io::Write;
-            let mut input = child.stdin.take().unwrap();
-            if let Some(s) = stdin {
-                writeln!(input, "{s}").unwrap();
-            }
-        }
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "vncbroker {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        testkit::broker::cli(Path::new(BIN), None, &db_url, None, &args, stdin.as_deref())
     })
     .await
     .unwrap()
+    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// An API node and proxy nodes on one database, with users and VMs.

@@ -107,22 +107,22 @@ pub fn vm_add_args<'a>(id: &'a str, port: &'a str, owner: &'a str) -> Vec<&'a st
     ]
 }
 
-/// Runs a CLI subcommand of `bin` against `config` and `db_url` (in `cwd`
-/// if given), with `stdin` as its input line; its stdout, or why it failed.
+/// Runs a CLI subcommand of `bin` against `config` (if given) and `db_url`
+/// (in `cwd` if given), with `stdin` as its input line; its stdout, or why it failed.
 pub fn cli(
     bin: &Path,
-    config: &Path,
+    config: Option<&Path>,
     db_url: &str,
     cwd: Option<&Path>,
     args: &[&str],
     stdin: Option<&str>,
 ) -> Result<String, String> {
     let mut cmd = Command::new(bin);
-    clean_env(&mut cmd)
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .args(["--database", db_url])
+    clean_env(&mut cmd).args(args);
+    if let Some(config) = config {
+        cmd.arg("--config").arg(config);
+    }
+    cmd.args(["--database", db_url])
         .stdin(if stdin.is_some() {
             Stdio::piped()
         } else {
@@ -235,7 +235,7 @@ impl Broker {
         // Users first: the CLI creates and migrates the database.
         cli(
             &bin,
-            &config,
+            Some(&config),
             &db_url,
             Some(dir.path()),
             &["user", "add", USER, "--password-stdin"],
@@ -307,7 +307,7 @@ impl Broker {
     pub fn cli(&self, args: &[&str], stdin: Option<&str>) -> String {
         cli(
             &bin(),
-            &self.config,
+            Some(&self.config),
             &self.db_url,
             Some(self.dir.path()),
             args,

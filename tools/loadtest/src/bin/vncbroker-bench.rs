@@ -470,7 +470,7 @@ impl Broker {
     }
 
     fn cli(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
-        testkit::broker::cli(&self.bin, &self.cfg, &self.db, None, args, stdin)
+        testkit::broker::cli(&self.bin, Some(&self.cfg), &self.db, None, args, stdin)
             .map_err(anyhow::Error::msg)
     }
 

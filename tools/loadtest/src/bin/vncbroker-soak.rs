@@ -924,7 +924,7 @@ fn run_cli(
     args: &[&str],
     stdin: Option<&str>,
 ) -> anyhow::Result<String> {
-    testkit::broker::cli(bin, cfg, db, None, args, stdin).map_err(anyhow::Error::msg)
+    testkit::broker::cli(bin, Some(cfg), db, None, args, stdin).map_err(anyhow::Error::msg)
 }
 
 struct BrokerProc {
