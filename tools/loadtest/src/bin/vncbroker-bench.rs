@@ -960,12 +960,24 @@ async fn download(via: &Via, conns: usize, secs: f64) -> anyhow::Result<f64> {
             anyhow::Ok(())
         }));
     }
-    // Warm up, then measure.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    rate_of(&total, Duration::from_millis(200), secs, &stop, tasks).await
+}
+
+/// How fast `count` grows per second over `secs`, after `warmup`; then
+/// `stop` is set, and the `tasks` that ended are checked for errors (the
+/// others, stuck in a read, are aborted).
+async fn rate_of(
+    count: &AtomicU64,
+    warmup: Duration,
+    secs: f64,
+    stop: &AtomicBool,
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+) -> anyhow::Result<f64> {
+    tokio::time::sleep(warmup).await;
     let t0 = Instant::now();
-    let b0 = total.load(Ordering::Relaxed);
+    let c0 = count.load(Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-    let rate = (total.load(Ordering::Relaxed) - b0) as f64 / t0.elapsed().as_secs_f64();
+    let rate = (count.load(Ordering::Relaxed) - c0) as f64 / t0.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         if t.is_finished() {
@@ -1132,20 +1144,7 @@ async fn mint_rate(addr: SocketAddr, conc: usize, secs: f64) -> anyhow::Result<f
             anyhow::Ok(())
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let t0 = Instant::now();
-    let d0 = done.load(Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-    let rate = (done.load(Ordering::Relaxed) - d0) as f64 / t0.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        if t.is_finished() {
-            t.await??;
-        } else {
-            t.abort();
-        }
-    }
-    Ok(rate)
+    rate_of(&done, Duration::from_millis(300), secs, &stop, tasks).await
 }
 
 /// Opens an upgraded session and keeps only its socket: nothing is read

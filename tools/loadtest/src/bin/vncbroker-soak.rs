@@ -317,6 +317,44 @@ impl WorkerCfg {
     }
 }
 
+/// One direction's sending side: its stream, the running checksum of what
+/// it has handed out, and the chunk being sent.
+struct Outgoing {
+    stream: Stream,
+    acc: u64,
+    chunk: Vec<u8>,
+    stop: watch::Receiver<bool>,
+}
+
+impl Outgoing {
+    fn new(session: u64, up: bool, cfg: &WorkerCfg) -> Outgoing {
+        Outgoing {
+            stream: Stream::new(session, up),
+            acc: SUM0,
+            chunk: Vec::with_capacity(cfg.max_chunk),
+            stop: cfg.stop.clone(),
+        }
+    }
+
+    /// After a random pause, the next chunk of the stream; `None` once the
+    /// run says stop.
+    async fn next(&mut self, cfg: &WorkerCfg, rng: &mut Rng) -> Option<&[u8]> {
+        let pause = cfg.pause(rng);
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stopped(&mut self.stop) => return None,
+        }
+        let n = rng.chunk(cfg.max_chunk);
+        self.chunk.clear();
+        for _ in 0..n {
+            let b = self.stream.byte();
+            self.acc = sum(self.acc, b);
+            self.chunk.push(b);
+        }
+        Some(&self.chunk)
+    }
+}
+
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
@@ -406,31 +444,17 @@ async fn target_conn(
 
 async fn target_send(s: Arc<Session>, mut wr: OwnedWriteHalf, cfg: Arc<WorkerCfg>) {
     let mut rng = Rng(s.id ^ 0x7A76_6574);
-    let mut stream = Stream::new(s.id, false);
-    let mut acc = SUM0;
-    let mut stop = cfg.stop.clone();
-    let mut chunk = Vec::with_capacity(cfg.max_chunk);
-    loop {
-        let pause = cfg.pause(&mut rng);
-        tokio::select! {
-            _ = tokio::time::sleep(pause) => {}
-            _ = stopped(&mut stop) => break,
-        }
-        let n = rng.chunk(cfg.max_chunk);
-        chunk.clear();
-        for _ in 0..n {
-            let b = stream.byte();
-            acc = sum(acc, b);
-            chunk.push(b);
-        }
-        if let Err(e) = wr.write_all(&chunk).await {
+    let mut out = Outgoing::new(s.id, false, &cfg);
+    while let Some(chunk) = out.next(&cfg, &mut rng).await {
+        let n = chunk.len();
+        if let Err(e) = wr.write_all(chunk).await {
             if !s.closing.load(Relaxed) {
                 s.fail(format!("VNC server side write error: {e}"));
             }
             break;
         }
         s.down_sent.fetch_add(n as u64, Relaxed);
-        s.down_sum_sent.store(acc, Relaxed);
+        s.down_sum_sent.store(out.acc, Relaxed);
     }
     s.down_done.store(true, Relaxed);
     // Hold the connection open until the session ends (the task is then
@@ -555,32 +579,21 @@ async fn run_session(
     let reader = tokio::spawn(client_read(Arc::clone(&s), fr, Arc::clone(&wr)));
 
     // Send until told to stop (or the session broke).
-    let mut stream = Stream::new(s.id, true);
-    let mut acc = SUM0;
-    let mut stop = cfg.stop.clone();
-    let mut chunk = Vec::with_capacity(cfg.max_chunk);
+    let mut out = Outgoing::new(s.id, true, &cfg);
     while !s.failed() {
-        let pause = cfg.pause(&mut rng);
-        tokio::select! {
-            _ = tokio::time::sleep(pause) => {}
-            _ = stopped(&mut stop) => break,
-        }
-        let n = rng.chunk(cfg.max_chunk);
-        chunk.clear();
-        for _ in 0..n {
-            let b = stream.byte();
-            acc = sum(acc, b);
-            chunk.push(b);
-        }
-        let f = frame(2, &chunk, &mut rng);
+        let Some(chunk) = out.next(&cfg, &mut rng).await else {
+            break;
+        };
+        let n = chunk.len();
+        let f = frame(2, chunk, &mut rng);
         if let Err(e) = wr.lock().await.write_all(&f).await {
             s.fail(format!("client write error: {e}"));
             break;
         }
         s.up_sent.fetch_add(n as u64, Relaxed);
-        s.up_sum_sent.store(acc, Relaxed);
+        s.up_sum_sent.store(out.acc, Relaxed);
     }
-    stopped(&mut stop).await;
+    stopped(&mut out.stop).await;
 
     // Drain: everything sent either way has to arrive.
     let deadline = Instant::now() + Duration::from_secs(120);
