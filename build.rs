@@ -20,8 +20,15 @@ fn main() {
             panic!("{dir}/{needed} is missing (vendor/novnc is refreshed by scripts/update-novnc)");
         }
         writeln!(out, "static {name}: &[(&str, &[u8])] = &[").unwrap();
-        for (rel, abs) in files {
-            writeln!(out, "    ({rel:?}, include_bytes!({abs:?})),").unwrap();
+        // Paths relative to the package, resolved when the crate compiles,
+        // so this output holds no absolute path of the tree it came from.
+        for (rel, _) in files {
+            let from_root = format!("/{dir}/{rel}");
+            writeln!(
+                out,
+                "    ({rel:?}, include_bytes!(concat!(env!(\"CARGO_MANIFEST_DIR\"), {from_root:?}))),"
+            )
+            .unwrap();
         }
         writeln!(out, "];").unwrap();
     }

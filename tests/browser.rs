@@ -4,8 +4,6 @@
 //!
 //! Screenshots land in `<repo>/test-artifacts/`.
 
-mod common;
-
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
@@ -14,8 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::*;
 use serde_json::Value;
+use testkit::*;
 
 const QEMU_PW: &str = "bPw3Nc8V";
 const EXPIRED_MESSAGE: &str = "This console link is invalid or has expired. Ask for a new one.";
@@ -460,21 +458,14 @@ async fn an_installed_binary_alone_serves_a_working_console() {
         let _turn = RELEASE_BUILD.lock().await;
         let log = File::create(&install_log).unwrap();
         let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-        cmd.args([
-            "install",
-            "--locked",
-            "--offline",
-            "--bin",
-            "vncbroker",
-            "--path",
-        ])
-        .arg(&source)
-        .arg("--root")
-        .arg(root.path())
-        .env("CARGO_TARGET_DIR", tmp.parent().unwrap())
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log);
+        cmd.args(["install", "--locked", "--offline", "--path"])
+            .arg(&source)
+            .arg("--root")
+            .arg(root.path())
+            .env("CARGO_TARGET_DIR", tmp.parent().unwrap())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
         let status = tokio::task::spawn_blocking(move || cmd.status())
             .await
             .unwrap()
@@ -489,6 +480,13 @@ async fn an_installed_binary_alone_serves_a_working_console() {
     std::fs::remove_dir_all(&source).unwrap();
     let bin = root.path().join("bin/vncbroker");
     assert!(bin.is_file(), "cargo install left no {}", bin.display());
+    // The product alone: the load tools and the test kit stay in the tree.
+    let mut installed: Vec<String> = std::fs::read_dir(root.path().join("bin"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    installed.sort();
+    assert_eq!(installed, ["vncbroker"], "cargo install installed more");
 
     let empty = tempfile::Builder::new()
         .prefix("vncbroker-empty-")

@@ -1,16 +1,13 @@
 //! Several nodes on one PostgreSQL database: separate `vncbroker serve`
 //! processes (an API node, proxy nodes) sharing `--database postgres://...`.
 //!
-//! Each test gets its own database (see `common::pg`); the outage and
+//! Each test gets its own database (see `testkit::pg`); the outage and
 //! failover tests get PostgreSQL servers of their own, since they stop or
 //! kill them. The VNC server
 //! behind the proxies is a tiny TCP server here that sends the RFB version
 //! and echoes; its VMs have no VNC password, so the proxies pass bytes
 //! through. The WebSocket and HTTP clients are minimal raw ones.
 
-mod common;
-
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -21,7 +18,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use common::pg::{PgOptions, PgServer, TestDb, TestPki};
+use testkit::pg::{PgOptions, PgServer, TestDb, TestPki};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vncbroker");
 
@@ -115,49 +112,29 @@ impl Node {
             .open(&log_path)
             .unwrap();
         let mut cmd = Command::new(BIN);
-        for (k, _) in std::env::vars() {
-            if k.starts_with("VNCBROKER_") {
-                cmd.env_remove(k);
-            }
-        }
-        let mut child = cmd
+        testkit::process::clean_env(&mut cmd)
             .args(["serve", "--config"])
             .arg(config)
             .args(["--database", db_url, "--listen", "127.0.0.1:0"])
             .args(["--role", role, "--node-name", name])
             .env("RUST_LOG", "info")
             .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawning vncbroker serve");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            let _ = tx.send(lines.next());
-            for _ in lines {}
-        });
-        let first = tokio::time::timeout(START_TIMEOUT, rx).await;
-        let mut node = Node {
+            .stderr(Stdio::from(log));
+        let started = log_path.clone();
+        let (child, addr) = tokio::task::spawn_blocking(move || {
+            testkit::broker::spawn_serve(&mut cmd, &started, START_TIMEOUT)
+        })
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("node {name} did not start: {e}"));
+        assert!(addr.ip().is_loopback(), "node {name} listens on {addr}");
+        Node {
             name: name.to_owned(),
             role,
-            port: 0,
+            port: addr.port(),
             log_path,
             child,
-        };
-        let port = match first {
-            Ok(Ok(Some(Ok(line)))) => line
-                .strip_prefix("listening on 127.0.0.1:")
-                .and_then(|p| p.trim().parse::<u16>().ok()),
-            _ => None,
-        };
-        match port {
-            Some(port) => node.port = port,
-            None => panic!("node {name} did not start; log:\n{}", node.log()),
         }
-        node
     }
 
     fn log(&self) -> String {
@@ -215,31 +192,12 @@ async fn cli(db_url: &str, args: &[&str], stdin: Option<&str>) -> String {
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     let stdin = stdin.map(str::to_owned);
     tokio::task::spawn_blocking(move || {
-        let mut child = Command::new(BIN)
-            .args(&args)
-            .args(["--database", &db_url])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawning vncbroker");
-        {
-            use std::io::Write;
-            let mut input = child.stdin.take().unwrap();
-            if let Some(s) = stdin {
-                writeln!(input, "{s}").unwrap();
-            }
-        }
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "vncbroker {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        testkit::broker::cli(Path::new(BIN), None, &db_url, None, &args, stdin.as_deref())
     })
     .await
     .unwrap()
+    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// An API node and proxy nodes on one database, with users and VMs.
@@ -283,18 +241,12 @@ impl Cluster {
         }
         for (vm, owner) in [(VM_ALICE, ALICE.0), (VM_BOB, BOB.0)] {
             let id = vm.to_string();
-            let args = [
-                "vm",
-                "add",
-                &id,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                &vnc_port,
-                "--owner",
-                owner,
-            ];
-            cli(db_url, &args, None).await;
+            cli(
+                db_url,
+                &testkit::broker::vm_add_args(&id, &vnc_port, owner),
+                None,
+            )
+            .await;
         }
         let mut cluster = Cluster {
             dir,

@@ -7,15 +7,16 @@
 //! `@` and `:`, and is given in the URL's user part, as `?password=`, and as
 //! a keyword; no log line, `/metrics` answer or error message may show it.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::pg::{PgOptions, PgServer, TLS_HOST, TestPki};
-use common::{BIN, START_TIMEOUT, USER, USER_PW, basic_auth, http_request, stop_child};
+use testkit::pg::{PgOptions, PgServer, TLS_HOST, TestPki};
+use testkit::{START_TIMEOUT, USER, USER_PW, basic_auth, http_request, stop_child};
+
+/// The binary under test.
+const BIN: &str = env!("CARGO_BIN_EXE_vncbroker");
 
 const PW: &str = "Tls/Pass@word:9";
 /// `PW` percent-encoded, as it may appear in a query string.
@@ -497,7 +498,7 @@ async fn require_encrypts_and_prefer_means_require() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_to_a_plaintext_only_server_is_refused() {
-    let server = common::pg::shared();
+    let server = testkit::pg::shared();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("vncbroker.toml");
     for mode in ["require", "prefer"] {

@@ -13,8 +13,6 @@
 //! the SIGKILL test of a real Xvnc. VMs without a stored VNC password make
 //! the proxy a plain passthrough, so every byte can be accounted for.
 
-mod common;
-
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -23,13 +21,16 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::pg::TestDb;
-use common::*;
 use futures_util::StreamExt;
 use serde_json::Value;
+use testkit::pg::TestDb;
+use testkit::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
+
+/// The binary under test.
+const BIN: &str = env!("CARGO_BIN_EXE_vncbroker");
 
 /// How fast a broken connection must be noticed and reported.
 const PROMPT: Duration = Duration::from_secs(3);

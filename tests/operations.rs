@@ -2,19 +2,20 @@
 //! SIGTERM drain, SIGHUP reloads (TLS certificate, token lifetimes, a bad
 //! file), JSON logs, session retention and `--version`.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
+use testkit::*;
 use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
+
+/// The binary under test.
+const BIN: &str = env!("CARGO_BIN_EXE_vncbroker");
 
 /// A VNC "server" that echoes every byte: the proxy relays without a
 /// password, so what the browser side sends comes back.

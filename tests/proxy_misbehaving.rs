@@ -1,11 +1,9 @@
 //! Misbehaving peers: each connection ends cleanly, with a clear reason,
 //! and leaves no file descriptor behind in the broker.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use testkit::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const VNC_PW: &str = "mPw6Hj9D";

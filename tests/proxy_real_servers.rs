@@ -4,9 +4,7 @@
 //! None and the broker authenticates to the server itself; without one, the
 //! server's own security types pass through untouched.
 
-mod common;
-
-use common::*;
+use testkit::*;
 
 /// Distinctive passwords (VNC uses at most 8 characters), so that any leak
 /// into the log or onto the wire is found by a plain substring search.

@@ -2,11 +2,9 @@
 //! revocation of a live session, where the token may travel, the
 //! subprotocol, and the session record.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use testkit::*;
 
 const VNC_PW: &str = "tPw5Lm2Q";
 const INVALID: &str = "token invalid or expired";

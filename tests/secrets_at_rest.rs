@@ -6,15 +6,16 @@
 //! Every `vncbroker` here runs under `sh -c 'umask ...; exec ...'`, so the
 //! umask is the child's own and the test process keeps its own.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{BIN, START_TIMEOUT, USER, USER_PW, basic_auth, http_request, stop_child};
+use testkit::{START_TIMEOUT, USER, USER_PW, basic_auth, http_request, stop_child};
+
+/// The binary under test.
+const BIN: &str = env!("CARGO_BIN_EXE_vncbroker");
 
 /// `vncbroker ARGS` in `dir` with `umask`, fed `stdin`.
 fn vncbroker(dir: &Path, umask: &str, args: &[&str], stdin: Option<&str>) -> Output {

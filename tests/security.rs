@@ -2,13 +2,14 @@
 //! WebSocket strictness, failure budgets, session limits and timers, and
 //! VNC passwords sealed at rest.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use testkit::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+/// The binary under test.
+const BIN: &str = env!("CARGO_BIN_EXE_vncbroker");
 
 const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 

@@ -9,11 +9,10 @@ mod pgtls;
 mod postgres;
 mod sql;
 mod sqlite;
-/// The private PostgreSQL server the tests use; the integration tests
-/// include the same file as `common::pg`.
+/// The private PostgreSQL server the tests use, from the test kit the
+/// integration tests share.
 #[cfg(test)]
-#[path = "../../tests/common/pg.rs"]
-pub(crate) mod testpg;
+pub(crate) use testkit::pg as testpg;
 #[cfg(test)]
 mod tests;
 mod timed;

@@ -18,9 +18,7 @@
 //! `pg_basebackup`, which [`PgServer::promote`] turns into a primary once
 //! [`PgServer::kill_9`] has killed the old one.
 //!
-//! The library's unit tests include this same file as `store::testpg`, so it
-//! uses only std and the crate's dependencies.
-#![allow(dead_code)]
+//! The broker's own store tests use this module too (as a dev-dependency).
 
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
@@ -29,6 +27,9 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
+
+pub use crate::net::closed_port;
+use crate::net::free_port;
 
 /// The system user the server runs as when the tests run as root.
 const TEST_USER: &str = "vncbroker-test";
@@ -619,18 +620,6 @@ fn children_of(pid: u32) -> Vec<u32> {
         .collect()
 }
 
-/// A port nothing listens on (free a moment ago).
-pub fn closed_port() -> u16 {
-    free_port()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("binding an ephemeral port")
-}
-
 fn show(out: &Output) -> String {
     format!(
         "{}\n{}{}",
@@ -719,16 +708,4 @@ fn ids(user: &str) -> Option<(u32, u32)> {
         String::from_utf8_lossy(&out.stdout).trim().parse().ok()
     };
     Some((id("-u")?, id("-g")?))
-}
-
-/// Waits for `f` to be true, up to `timeout`.
-pub async fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = std::time::Instant::now() + timeout;
-    while std::time::Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    f()
 }

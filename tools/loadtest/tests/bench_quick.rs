@@ -1,4 +1,4 @@
-//! The benchmark harness (src/bin/vncbroker-bench.rs) in `--quick` mode:
+//! The benchmark harness (tools/loadtest/src/bin/vncbroker-bench.rs) in `--quick` mode:
 //! it runs to the end against the built broker and writes its report with
 //! every expected row. No figure is checked: timings depend on the machine.
 
@@ -11,7 +11,7 @@ fn quick_benchmark_writes_a_report_with_every_row() {
     let run = Command::new(env!("CARGO_BIN_EXE_vncbroker-bench"))
         .arg("--quick")
         .arg("--broker")
-        .arg(env!("CARGO_BIN_EXE_vncbroker"))
+        .arg(testkit::bin())
         .arg("--out")
         .arg(&out)
         .output()

@@ -41,11 +41,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use testkit::frames::{self, Ev, FrameReader};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 
 /// The source tree this binary was built from: .venv and target/ are here.
-const REPO: &str = env!("CARGO_MANIFEST_DIR");
+const REPO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
 /// The websockify release compared against.
 const WEBSOCKIFY_VERSION: &str = "0.13.0";
 
@@ -382,7 +384,7 @@ fn broker_log_level() -> String {
 }
 
 struct Broker {
-    child: tokio::process::Child,
+    child: std::process::Child,
     addr: SocketAddr,
     db: String,
     cfg: PathBuf,
@@ -407,40 +409,21 @@ impl Broker {
         let cfg = dir.join(format!("{name}.toml"));
         std::fs::write(&cfg, BROKER_CONFIG)?;
         let log = dir.join(format!("{name}.log"));
-        let mut child = tokio::process::Command::new(bin)
-            .args(["serve", "--listen", "127.0.0.1:0", "--node-name", name])
+        let mut cmd = std::process::Command::new(bin);
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--node-name", name])
             .args(["--database", db])
             .arg("--config")
             .arg(&cfg)
             .env("RUST_LOG", level)
             .envs(broker_env())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log)?)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let stdout = child.stdout.take().context("stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let first = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
-            .await
-            .context("the broker did not start within 60 s")??;
-        let Some(first) = first else {
-            bail!(
-                "the broker exited at start: {}",
-                tail(&std::fs::read_to_string(&log).unwrap_or_default())
-            );
-        };
-        if let Some(pid) = child.id() {
-            watchdog(&pid.to_string(), pid, &cfg.to_string_lossy());
-        }
-        // Keep reading, so a later line can never block it.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        let addr = first
-            .trim()
-            .strip_prefix("listening on ")
-            .with_context(|| format!("no listening line: {first:?}"))?
-            .parse()?;
+            .stderr(std::fs::File::create(&log)?);
+        let log_path = log.clone();
+        let (child, addr) = tokio::task::spawn_blocking(move || {
+            testkit::broker::spawn_serve(&mut cmd, &log_path, Duration::from_secs(60))
+        })
+        .await?
+        .map_err(anyhow::Error::msg)?;
+        watchdog(&child.id().to_string(), child.id(), &cfg.to_string_lossy());
         Ok(Broker {
             child,
             addr,
@@ -483,49 +466,17 @@ impl Broker {
     }
 
     fn pid(&self) -> anyhow::Result<u32> {
-        self.child.id().context("the broker has exited")
+        Ok(self.child.id())
     }
 
     fn cli(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
-        use std::io::Write;
-        let mut child = std::process::Command::new(&self.bin)
-            .args(args)
-            .args(["--database", &self.db])
-            .arg("--config")
-            .arg(&self.cfg)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        if let (Some(s), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            writeln!(pipe, "{s}")?;
-        }
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!(
-                "vncbroker {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        testkit::broker::cli(&self.bin, Some(&self.cfg), &self.db, None, args, stdin)
+            .map_err(anyhow::Error::msg)
     }
 
     fn add_vm(&self, id: i64, target: SocketAddr) -> anyhow::Result<()> {
         let (id, port) = (id.to_string(), target.port().to_string());
-        self.cli(
-            &[
-                "vm",
-                "add",
-                &id,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                &port,
-                "--owner",
-                "bench",
-            ],
-            None,
-        )?;
+        self.cli(&testkit::broker::vm_add_args(&id, &port, "bench"), None)?;
         Ok(())
     }
 
@@ -547,7 +498,13 @@ impl Broker {
                 tail(&std::fs::read_to_string(&self.log).unwrap_or_default())
             );
         }
-        let _ = self.child.kill().await;
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -594,7 +551,7 @@ impl Websockify {
         for (name, addr) in tokens {
             std::fs::write(token_dir.join(name), format!("{name}: {addr}\n"))?;
         }
-        let port = free_port()?;
+        let port = testkit::free_port();
         let log = dir.path().join("websockify.log");
         let out = std::fs::File::create(&log)?;
         let child = std::process::Command::new(bin)
@@ -768,221 +725,6 @@ fn install_websockify() -> anyhow::Result<PathBuf> {
 
 // ---------------------------------------------------------------- PostgreSQL
 
-/// The user the private server runs as when the bench runs as root (the
-/// same as the tests').
-const PG_USER: &str = "vncbroker-test";
-
-/// A private PostgreSQL server on a temp dir and a free port, stopped and
-/// removed when dropped (and by a watchdog if this process dies first).
-struct PgServer {
-    dir: PathBuf,
-    bin: PathBuf,
-    port: u16,
-    owner: Option<(u32, u32)>,
-}
-
-impl PgServer {
-    fn start() -> anyhow::Result<PgServer> {
-        let bin = pg_bin_dir()?;
-        let owner = pg_owner()?;
-        let dir = tempfile::Builder::new()
-            .prefix("vncbroker-bench-pg-")
-            .tempdir()?
-            .keep();
-        if let Some((uid, gid)) = owner {
-            std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;
-        }
-        let mut server = PgServer {
-            dir,
-            bin,
-            port: 0,
-            owner,
-        };
-        server.spawn_watchdog()?;
-        let data = server.dir.join("data");
-        let out = server.run(
-            "initdb",
-            &[
-                "-D".as_ref(),
-                data.as_os_str(),
-                "-U".as_ref(),
-                "postgres".as_ref(),
-                "--auth=trust".as_ref(),
-                "--no-sync".as_ref(),
-                "--encoding=UTF8".as_ref(),
-                "--locale=C".as_ref(),
-            ],
-        )?;
-        if !out.status.success() {
-            bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        let mut last = String::new();
-        for _ in 0..3 {
-            server.port = free_port()?;
-            let options = format!(
-                "-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off -c synchronous_commit=off \
-                 -c full_page_writes=off -c max_connections=300",
-                server.port,
-                server.dir.display()
-            );
-            let log = server.dir.join("server.log");
-            let out = server.run(
-                "pg_ctl",
-                &[
-                    "-D".as_ref(),
-                    data.as_os_str(),
-                    "-l".as_ref(),
-                    log.as_os_str(),
-                    "-o".as_ref(),
-                    options.as_ref(),
-                    "-w".as_ref(),
-                    "-t".as_ref(),
-                    "30".as_ref(),
-                    "start".as_ref(),
-                ],
-            )?;
-            if out.status.success() {
-                return Ok(server);
-            }
-            last = String::from_utf8_lossy(&out.stderr).into_owned();
-        }
-        bail!("PostgreSQL did not start: {last}")
-    }
-
-    fn admin_url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
-    }
-
-    fn run(
-        &self,
-        program: &str,
-        args: &[&std::ffi::OsStr],
-    ) -> anyhow::Result<std::process::Output> {
-        let mut cmd = std::process::Command::new(self.bin.join(program));
-        cmd.args(args)
-            .current_dir(&self.dir)
-            .env("LC_ALL", "C")
-            .stdin(Stdio::null());
-        if let Some((uid, gid)) = self.owner {
-            cmd.uid(uid).gid(gid);
-        }
-        cmd.output().with_context(|| format!("running {program}"))
-    }
-
-    /// Stops the server and removes its directory once this process is gone.
-    fn spawn_watchdog(&self) -> anyhow::Result<()> {
-        let script = r#"while [ -e "/proc/$1" ]; do sleep 0.5; done
-"$2" -D "$3/data" -m immediate stop >/dev/null 2>&1
-rm -rf "$3""#;
-        let mut cmd = std::process::Command::new("sh");
-        cmd.arg("-c")
-            .arg(script)
-            .arg("vncbroker-bench-pg-watchdog")
-            .arg(std::process::id().to_string())
-            .arg(self.bin.join("pg_ctl"))
-            .arg(&self.dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0);
-        if let Some((uid, gid)) = self.owner {
-            cmd.uid(uid).gid(gid);
-        }
-        drop(cmd.spawn().context("starting the PostgreSQL watchdog")?);
-        Ok(())
-    }
-}
-
-impl Drop for PgServer {
-    fn drop(&mut self) {
-        let data = self.dir.join("data");
-        if data.join("postmaster.pid").exists() {
-            let _ = self.run(
-                "pg_ctl",
-                &[
-                    "-D".as_ref(),
-                    data.as_os_str(),
-                    "-m".as_ref(),
-                    "immediate".as_ref(),
-                    "-w".as_ref(),
-                    "-t".as_ref(),
-                    "10".as_ref(),
-                    "stop".as_ref(),
-                ],
-            );
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// initdb and pg_ctl: on PATH, else Debian's newest /usr/lib/postgresql/N/bin.
-fn pg_bin_dir() -> anyhow::Result<PathBuf> {
-    let on_path = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .unwrap_or_default();
-    if let Some(dir) = on_path
-        .into_iter()
-        .find(|d| d.join("pg_ctl").is_file() && d.join("initdb").is_file())
-    {
-        return Ok(dir);
-    }
-    let mut debian: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let version = e.file_name().to_str()?.parse::<u32>().ok()?;
-            let bin = e.path().join("bin");
-            bin.join("pg_ctl").is_file().then_some((version, bin))
-        })
-        .collect();
-    debian.sort();
-    debian.pop().map(|(_, b)| b).context(
-        "no initdb/pg_ctl (Debian: apt-get install postgresql), and DATABASE_URL is not set",
-    )
-}
-
-/// As root: the uid and gid of the unprivileged user PostgreSQL runs as.
-fn pg_owner() -> anyhow::Result<Option<(u32, u32)>> {
-    use std::os::unix::fs::MetadataExt;
-    if std::fs::metadata("/proc/self")?.uid() != 0 {
-        return Ok(None);
-    }
-    if user_ids(PG_USER).is_none() {
-        let _ = std::process::Command::new("useradd")
-            .args([
-                "--system",
-                "--no-create-home",
-                "--shell",
-                "/usr/sbin/nologin",
-            ])
-            .arg(PG_USER)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-    user_ids(PG_USER)
-        .or_else(|| user_ids("nobody"))
-        .map(Some)
-        .context("PostgreSQL cannot run as root, and neither vncbroker-test nor nobody exists")
-}
-
-fn user_ids(user: &str) -> Option<(u32, u32)> {
-    let id = |flag: &str| -> Option<u32> {
-        let out = std::process::Command::new("id")
-            .args([flag, user])
-            .stderr(Stdio::null())
-            .output()
-            .ok()?;
-        if !out.status.success() {
-            return None;
-        }
-        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
-    };
-    Some((id("-u")?, id("-g")?))
-}
-
 /// The database the PostgreSQL broker uses, and what to undo at the end.
 struct Pg {
     url: String,
@@ -990,7 +732,7 @@ struct Pg {
     /// A database this run created on someone else's server (DATABASE_URL).
     created: Option<(String, String)>,
     /// The server itself, when this run started it (dropped last).
-    _server: Option<PgServer>,
+    _server: Option<testkit::pg::PgServer>,
 }
 
 impl Pg {
@@ -998,7 +740,7 @@ impl Pg {
         let (server, admin) = match std::env::var("DATABASE_URL") {
             Ok(url) if !url.is_empty() => (None, url),
             _ => {
-                let s = PgServer::start()?;
+                let s = testkit::pg::PgServer::start();
                 let admin = s.admin_url();
                 (Some(s), admin)
             }
@@ -1011,7 +753,7 @@ impl Pg {
             .await
         {
             Ok(()) => {
-                let url = with_database(&admin, &name);
+                let url = testkit::pg::with_database(&admin, &name);
                 let created = server.is_none().then(|| (admin.clone(), name));
                 (url, created)
             }
@@ -1061,23 +803,6 @@ async fn pg_connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
         .with_context(|| format!("connecting to {url}"))?;
     tokio::spawn(conn);
     Ok(client)
-}
-
-/// `url` with its database name replaced by `db`.
-fn with_database(url: &str, db: &str) -> String {
-    let (scheme, rest) = url.split_once("://").unwrap_or(("postgres", url));
-    let end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(end);
-    match tail.split_once('?') {
-        Some((_, q)) => format!("{scheme}://{authority}/{db}?{q}"),
-        None => format!("{scheme}://{authority}/{db}"),
-    }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 // ---------------------------------------------------------------- filling the token table
@@ -1138,127 +863,35 @@ fn now_unix() -> i64 {
 
 // ---------------------------------------------------------------- WebSocket client
 
-/// A minimal client: upgrade, masked binary frames out, frames in.
+/// The kit's raw client: upgrade, masked binary frames out, frames in.
 struct Ws {
-    s: TcpStream,
-    buf: Vec<u8>,
-    start: usize,
-    end: usize,
-    left: usize,
-}
-
-/// Sends the upgrade request for `token` and reads the response head into
-/// `buf`; returns where the head ends and how much was read.
-async fn upgrade(
-    s: &mut TcpStream,
-    addr: SocketAddr,
-    token: &str,
-    buf: &mut [u8],
-) -> anyhow::Result<(usize, usize)> {
-    let req = format!(
-        "GET /websockify?token={token} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
-         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: binary\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).await?;
-    let mut end = 0;
-    let head_end = loop {
-        if end == buf.len() {
-            bail!("upgrade response too long");
-        }
-        let n = s.read(&mut buf[end..]).await?;
-        if n == 0 {
-            bail!("closed during the upgrade");
-        }
-        end += n;
-        if let Some(p) = buf[..end].windows(4).position(|w| w == b"\r\n\r\n") {
-            break p + 4;
-        }
-    };
-    if !buf.starts_with(b"HTTP/1.1 101") {
-        bail!(
-            "upgrade refused: {}",
-            String::from_utf8_lossy(&buf[..head_end])
-        );
-    }
-    Ok((head_end, end))
+    fr: FrameReader<OwnedReadHalf>,
+    wr: OwnedWriteHalf,
 }
 
 impl Ws {
     /// Connects with a receive buffer of `cap` bytes.
     async fn connect(addr: SocketAddr, token: &str, cap: usize) -> anyhow::Result<Ws> {
-        let mut s = TcpStream::connect(addr).await?;
-        s.set_nodelay(true)?;
-        let mut buf = vec![0u8; cap];
-        let (start, end) = upgrade(&mut s, addr, token, &mut buf).await?;
-        Ok(Ws {
-            s,
-            buf,
-            start,
-            end,
-            left: 0,
-        })
+        let (fr, wr) = frames::connect(addr, token, cap).await?;
+        Ok(Ws { fr, wr })
     }
 
     /// Reads payload bytes; returns how many arrived (0 on close).
     async fn read_payload(&mut self) -> anyhow::Result<usize> {
         loop {
-            if self.left > 0 && self.start < self.end {
-                let n = self.left.min(self.end - self.start);
-                self.start += n;
-                self.left -= n;
-                return Ok(n);
+            match self.fr.next().await? {
+                Ev::Data(a, b) => return Ok(b - a),
+                Ev::Ping(_) => {}
+                Ev::Close(..) | Ev::Eof => return Ok(0),
             }
-            if self.left == 0 && self.end - self.start >= 2 {
-                let b = &self.buf[self.start..self.end];
-                let (len, hl) = match b[1] & 0x7F {
-                    126 if b.len() >= 4 => (u16::from_be_bytes([b[2], b[3]]) as usize, 4),
-                    127 if b.len() >= 10 => (u64::from_be_bytes(b[2..10].try_into()?) as usize, 10),
-                    126 | 127 => (usize::MAX, 0),
-                    n => (n as usize, 2),
-                };
-                if hl > 0 {
-                    if b[0] & 0x0F == 0x8 {
-                        return Ok(0);
-                    }
-                    self.start += hl;
-                    self.left = len;
-                    continue;
-                }
-            }
-            if self.start == self.end {
-                self.start = 0;
-                self.end = 0;
-            } else if self.end == self.buf.len() {
-                self.buf.copy_within(self.start..self.end, 0);
-                self.end -= self.start;
-                self.start = 0;
-            }
-            let n = self.s.read(&mut self.buf[self.end..]).await?;
-            if n == 0 {
-                return Ok(0);
-            }
-            self.end += n;
         }
     }
 
     /// Sends one masked binary frame whose payload is already masked with `MASK`.
     async fn send_masked(&mut self, masked_payload: &[u8]) -> anyhow::Result<()> {
-        let mut head = Vec::with_capacity(14);
-        head.push(0x82);
-        let n = masked_payload.len();
-        if n < 126 {
-            head.push(0x80 | n as u8);
-        } else if n < 65536 {
-            head.push(0x80 | 126);
-            head.extend_from_slice(&(n as u16).to_be_bytes());
-        } else {
-            head.push(0x80 | 127);
-            head.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-        head.extend_from_slice(&MASK);
-        self.s.write_all(&head).await?;
-        self.s.write_all(masked_payload).await?;
+        let head = frames::frame_head(2, masked_payload.len(), MASK);
+        self.wr.write_all(&head).await?;
+        self.wr.write_all(masked_payload).await?;
         Ok(())
     }
 }
@@ -1327,12 +960,24 @@ async fn download(via: &Via, conns: usize, secs: f64) -> anyhow::Result<f64> {
             anyhow::Ok(())
         }));
     }
-    // Warm up, then measure.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    rate_of(&total, Duration::from_millis(200), secs, &stop, tasks).await
+}
+
+/// How fast `count` grows per second over `secs`, after `warmup`; then
+/// `stop` is set, and the `tasks` that ended are checked for errors (the
+/// others, stuck in a read, are aborted).
+async fn rate_of(
+    count: &AtomicU64,
+    warmup: Duration,
+    secs: f64,
+    stop: &AtomicBool,
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+) -> anyhow::Result<f64> {
+    tokio::time::sleep(warmup).await;
     let t0 = Instant::now();
-    let b0 = total.load(Ordering::Relaxed);
+    let c0 = count.load(Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-    let rate = (total.load(Ordering::Relaxed) - b0) as f64 / t0.elapsed().as_secs_f64();
+    let rate = (count.load(Ordering::Relaxed) - c0) as f64 / t0.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         if t.is_finished() {
@@ -1499,30 +1144,15 @@ async fn mint_rate(addr: SocketAddr, conc: usize, secs: f64) -> anyhow::Result<f
             anyhow::Ok(())
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let t0 = Instant::now();
-    let d0 = done.load(Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-    let rate = (done.load(Ordering::Relaxed) - d0) as f64 / t0.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        if t.is_finished() {
-            t.await??;
-        } else {
-            t.abort();
-        }
-    }
-    Ok(rate)
+    rate_of(&done, Duration::from_millis(300), secs, &stop, tasks).await
 }
 
 /// Opens an upgraded session and keeps only its socket: nothing is read
 /// after the response head (the target is silent), so it costs one small
 /// socket here.
 async fn idle_session(addr: SocketAddr, token: &str) -> anyhow::Result<TcpStream> {
-    let mut s = TcpStream::connect(addr).await?;
-    let mut buf = [0u8; 1024];
-    upgrade(&mut s, addr, token, &mut buf).await?;
-    Ok(s)
+    let (fr, wr) = frames::connect(addr, token, 1024).await?;
+    Ok(fr.into_inner().reunite(wr)?)
 }
 
 /// Opens `n` idle sessions through `addr` into `held`, in chunks of 500,
@@ -2585,7 +2215,7 @@ fn render(
         .map(|s| s.trim().to_owned())
         .unwrap_or_default();
     let broker_version = first_line(&opts.broker.to_string_lossy(), &["--version"])
-        .unwrap_or_else(|| format!("vncbroker {}", env!("CARGO_PKG_VERSION")));
+        .unwrap_or_else(|| "vncbroker (version unknown)".into());
     let commit = first_line("git", &["-C", REPO, "rev-parse", "--short", "HEAD"]);
     let dirty = std::process::Command::new("git")
         .args(["-C", REPO, "status", "--porcelain", "--untracked-files=no"])
@@ -2602,7 +2232,7 @@ fn render(
     let _ = writeln!(md, "# vncbroker benchmarks\n");
     let _ = writeln!(
         md,
-        "Written by `scripts/bench` (src/bin/vncbroker-bench.rs); do not edit by hand, rerun it.\n"
+        "Written by `scripts/bench` (tools/loadtest/src/bin/vncbroker-bench.rs); do not edit by hand, rerun it.\n"
     );
     let _ = writeln!(md, "## Run\n");
     let _ = writeln!(

@@ -48,6 +48,9 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use testkit::fd_count;
+use testkit::frames::{self, Ev, FrameError};
+
 /// The most descriptors one process may hold (the hard limit is 20,000).
 const FD_BUDGET: usize = 19_000;
 /// How often the orchestrator samples the brokers.
@@ -314,6 +317,44 @@ impl WorkerCfg {
     }
 }
 
+/// One direction's sending side: its stream, the running checksum of what
+/// it has handed out, and the chunk being sent.
+struct Outgoing {
+    stream: Stream,
+    acc: u64,
+    chunk: Vec<u8>,
+    stop: watch::Receiver<bool>,
+}
+
+impl Outgoing {
+    fn new(session: u64, up: bool, cfg: &WorkerCfg) -> Outgoing {
+        Outgoing {
+            stream: Stream::new(session, up),
+            acc: SUM0,
+            chunk: Vec::with_capacity(cfg.max_chunk),
+            stop: cfg.stop.clone(),
+        }
+    }
+
+    /// After a random pause, the next chunk of the stream; `None` once the
+    /// run says stop.
+    async fn next(&mut self, cfg: &WorkerCfg, rng: &mut Rng) -> Option<&[u8]> {
+        let pause = cfg.pause(rng);
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stopped(&mut self.stop) => return None,
+        }
+        let n = rng.chunk(cfg.max_chunk);
+        self.chunk.clear();
+        for _ in 0..n {
+            let b = self.stream.byte();
+            self.acc = sum(self.acc, b);
+            self.chunk.push(b);
+        }
+        Some(&self.chunk)
+    }
+}
+
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
@@ -403,31 +444,17 @@ async fn target_conn(
 
 async fn target_send(s: Arc<Session>, mut wr: OwnedWriteHalf, cfg: Arc<WorkerCfg>) {
     let mut rng = Rng(s.id ^ 0x7A76_6574);
-    let mut stream = Stream::new(s.id, false);
-    let mut acc = SUM0;
-    let mut stop = cfg.stop.clone();
-    let mut chunk = Vec::with_capacity(cfg.max_chunk);
-    loop {
-        let pause = cfg.pause(&mut rng);
-        tokio::select! {
-            _ = tokio::time::sleep(pause) => {}
-            _ = stopped(&mut stop) => break,
-        }
-        let n = rng.chunk(cfg.max_chunk);
-        chunk.clear();
-        for _ in 0..n {
-            let b = stream.byte();
-            acc = sum(acc, b);
-            chunk.push(b);
-        }
-        if let Err(e) = wr.write_all(&chunk).await {
+    let mut out = Outgoing::new(s.id, false, &cfg);
+    while let Some(chunk) = out.next(&cfg, &mut rng).await {
+        let n = chunk.len();
+        if let Err(e) = wr.write_all(chunk).await {
             if !s.closing.load(Relaxed) {
                 s.fail(format!("VNC server side write error: {e}"));
             }
             break;
         }
         s.down_sent.fetch_add(n as u64, Relaxed);
-        s.down_sum_sent.store(acc, Relaxed);
+        s.down_sum_sent.store(out.acc, Relaxed);
     }
     s.down_done.store(true, Relaxed);
     // Hold the connection open until the session ends (the task is then
@@ -439,127 +466,11 @@ async fn target_send(s: Arc<Session>, mut wr: OwnedWriteHalf, cfg: Arc<WorkerCfg
 // ---------------------------------------------------------------- worker: client side
 
 /// Frames from the server, over the read half of the WebSocket.
-struct FrameReader {
-    rd: OwnedReadHalf,
-    buf: Vec<u8>,
-    start: usize,
-    end: usize,
-    /// Payload bytes left in the current data frame.
-    left: usize,
-}
+type FrameReader = frames::FrameReader<OwnedReadHalf>;
 
-enum Ev {
-    /// A range of `buf` with payload bytes.
-    Data(usize, usize),
-    Ping(Vec<u8>),
-    Close(u16, String),
-    Eof,
-}
-
-impl FrameReader {
-    /// Gives back the last `n` bytes of the `Data` range just returned.
-    fn unread(&mut self, n: usize) {
-        self.start -= n;
-        self.left += n;
-    }
-
-    async fn more(&mut self) -> std::io::Result<bool> {
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-        } else if self.end == self.buf.len() {
-            self.buf.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
-        }
-        let n = self.rd.read(&mut self.buf[self.end..]).await?;
-        self.end += n;
-        Ok(n > 0)
-    }
-
-    async fn next(&mut self) -> anyhow::Result<Ev> {
-        loop {
-            let avail = self.end - self.start;
-            if self.left > 0 {
-                if avail > 0 {
-                    let n = avail.min(self.left);
-                    let s = self.start;
-                    self.start += n;
-                    self.left -= n;
-                    return Ok(Ev::Data(s, s + n));
-                }
-            } else if avail >= 2 {
-                let b = &self.buf[self.start..self.end];
-                let opcode = b[0] & 0x0F;
-                if b[1] & 0x80 != 0 {
-                    bail!("the server sent a masked frame");
-                }
-                let (len, hl) = match b[1] & 0x7F {
-                    126 if b.len() >= 4 => (u16::from_be_bytes([b[2], b[3]]) as usize, 4),
-                    127 if b.len() >= 10 => (u64::from_be_bytes(b[2..10].try_into()?) as usize, 10),
-                    126 | 127 => (0, 0),
-                    n => (n as usize, 2),
-                };
-                if hl > 0 {
-                    match opcode {
-                        0 | 2 => {
-                            self.start += hl;
-                            self.left = len;
-                            continue;
-                        }
-                        8..=10 => {
-                            if len > 125 {
-                                bail!("a control frame of {len} bytes");
-                            }
-                            if avail >= hl + len {
-                                let p = self.buf[self.start + hl..self.start + hl + len].to_vec();
-                                self.start += hl + len;
-                                match opcode {
-                                    8 => {
-                                        let code = if p.len() >= 2 {
-                                            u16::from_be_bytes([p[0], p[1]])
-                                        } else {
-                                            1005
-                                        };
-                                        let reason =
-                                            String::from_utf8_lossy(p.get(2..).unwrap_or(&[]))
-                                                .into_owned();
-                                        return Ok(Ev::Close(code, reason));
-                                    }
-                                    9 => return Ok(Ev::Ping(p)),
-                                    _ => continue,
-                                }
-                            }
-                        }
-                        other => bail!("unexpected opcode {other}"),
-                    }
-                }
-            }
-            if !self.more().await? {
-                return Ok(Ev::Eof);
-            }
-        }
-    }
-}
-
-/// A masked client frame.
+/// A masked client frame, with a mask from `rng`.
 fn frame(opcode: u8, payload: &[u8], rng: &mut Rng) -> Vec<u8> {
-    let mut f = Vec::with_capacity(payload.len() + 14);
-    f.push(0x80 | opcode);
-    let n = payload.len();
-    if n < 126 {
-        f.push(0x80 | n as u8);
-    } else if n < 65536 {
-        f.push(0x80 | 126);
-        f.extend_from_slice(&(n as u16).to_be_bytes());
-    } else {
-        f.push(0x80 | 127);
-        f.extend_from_slice(&(n as u64).to_be_bytes());
-    }
-    let mask = (rng.next() as u32).to_be_bytes();
-    f.extend_from_slice(&mask);
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    f
+    frames::frame(opcode, payload, (rng.next() as u32).to_be_bytes())
 }
 
 type SharedWriter = Arc<tokio::sync::Mutex<OwnedWriteHalf>>;
@@ -579,47 +490,23 @@ async fn open_once(
     rng: &mut Rng,
 ) -> Result<(FrameReader, OwnedWriteHalf, String), OpenError> {
     let retry = |e: std::io::Error| OpenError::Retry(e.to_string());
-    let tcp = TcpStream::connect(broker).await.map_err(retry)?;
-    tcp.set_nodelay(true).map_err(retry)?;
-    let addr = tcp.local_addr().map_err(retry)?.to_string();
-    let (rd, mut wr) = tcp.into_split();
-    let req = format!(
-        "GET /websockify?token={token} HTTP/1.1\r\nHost: {broker}\r\nUpgrade: websocket\r\n\
-         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: binary\r\n\r\n"
-    );
-    wr.write_all(req.as_bytes()).await.map_err(retry)?;
-    let mut fr = FrameReader {
-        rd,
-        buf: vec![0u8; 8192],
-        start: 0,
-        end: 0,
-        left: 0,
-    };
-    let head_end = loop {
-        if let Some(p) = fr.buf[..fr.end].windows(4).position(|w| w == b"\r\n\r\n") {
-            break p + 4;
-        }
-        if fr.end == fr.buf.len() {
+    let (mut fr, mut wr) = match frames::connect(broker, token, 8192).await {
+        Ok(v) => v,
+        Err(FrameError::HeadTooLong) => {
             return Err(OpenError::Fatal("upgrade response too long".into()));
         }
-        match fr.more().await {
-            Ok(true) => {}
-            Ok(false) => return Err(OpenError::Retry("closed during the upgrade".into())),
-            Err(e) => return Err(retry(e)),
+        Err(FrameError::Refused(head)) => {
+            return Err(
+                if head.starts_with("HTTP/1.1 503") || head.starts_with("HTTP/1.1 429") {
+                    OpenError::Retry(head)
+                } else {
+                    OpenError::Fatal(format!("upgrade refused: {head}"))
+                },
+            );
         }
+        Err(e) => return Err(OpenError::Retry(e.to_string())),
     };
-    if !fr.buf.starts_with(b"HTTP/1.1 101") {
-        let head = String::from_utf8_lossy(&fr.buf[..head_end]).into_owned();
-        return Err(
-            if head.starts_with("HTTP/1.1 503") || head.starts_with("HTTP/1.1 429") {
-                OpenError::Retry(head)
-            } else {
-                OpenError::Fatal(format!("upgrade refused: {head}"))
-            },
-        );
-    }
-    fr.start = head_end;
+    let addr = wr.local_addr().map_err(retry)?.to_string();
     wr.write_all(&frame(2, &id.to_be_bytes(), rng))
         .await
         .map_err(retry)?;
@@ -692,32 +579,21 @@ async fn run_session(
     let reader = tokio::spawn(client_read(Arc::clone(&s), fr, Arc::clone(&wr)));
 
     // Send until told to stop (or the session broke).
-    let mut stream = Stream::new(s.id, true);
-    let mut acc = SUM0;
-    let mut stop = cfg.stop.clone();
-    let mut chunk = Vec::with_capacity(cfg.max_chunk);
+    let mut out = Outgoing::new(s.id, true, &cfg);
     while !s.failed() {
-        let pause = cfg.pause(&mut rng);
-        tokio::select! {
-            _ = tokio::time::sleep(pause) => {}
-            _ = stopped(&mut stop) => break,
-        }
-        let n = rng.chunk(cfg.max_chunk);
-        chunk.clear();
-        for _ in 0..n {
-            let b = stream.byte();
-            acc = sum(acc, b);
-            chunk.push(b);
-        }
-        let f = frame(2, &chunk, &mut rng);
+        let Some(chunk) = out.next(&cfg, &mut rng).await else {
+            break;
+        };
+        let n = chunk.len();
+        let f = frame(2, chunk, &mut rng);
         if let Err(e) = wr.lock().await.write_all(&f).await {
             s.fail(format!("client write error: {e}"));
             break;
         }
         s.up_sent.fetch_add(n as u64, Relaxed);
-        s.up_sum_sent.store(acc, Relaxed);
+        s.up_sum_sent.store(out.acc, Relaxed);
     }
-    stopped(&mut stop).await;
+    stopped(&mut out.stop).await;
 
     // Drain: everything sent either way has to arrive.
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -1044,10 +920,6 @@ fn cpu_secs(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) as f64 / 100.0
 }
 
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
-}
-
 fn nofile_soft_limit() -> Option<u64> {
     let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
     let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
@@ -1065,36 +937,22 @@ fn run_cli(
     args: &[&str],
     stdin: Option<&str>,
 ) -> anyhow::Result<String> {
-    let mut child = std::process::Command::new(bin)
-        .args(args)
-        .args(["--database", db])
-        .arg("--config")
-        .arg(cfg)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("running {}", bin.display()))?;
-    if let (Some(s), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        writeln!(pipe, "{s}")?;
-    }
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "vncbroker {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    testkit::broker::cli(bin, Some(cfg), db, None, args, stdin).map_err(anyhow::Error::msg)
 }
 
 struct BrokerProc {
     name: String,
-    child: tokio::process::Child,
+    child: std::process::Child,
     pid: u32,
     addr: SocketAddr,
     log: PathBuf,
+}
+
+impl Drop for BrokerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 async fn start_broker(
@@ -1105,41 +963,30 @@ async fn start_broker(
     name: &str,
 ) -> anyhow::Result<BrokerProc> {
     let log = dir.join(format!("{name}.log"));
-    let mut child = tokio::process::Command::new(bin)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--database",
-            db,
-            "--node-name",
-            name,
-        ])
-        .arg("--config")
-        .arg(cfg)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(std::fs::File::create(&log)?))
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    let pid = child.id().context("broker pid")?;
-    let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
-    let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .context("the broker did not start within 30 s")??
-        .context("the broker exited at start")?;
-    let addr = first
-        .strip_prefix("listening on ")
-        .with_context(|| format!("unexpected first line {first:?}"))?
-        .trim()
-        .parse()?;
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let mut cmd = std::process::Command::new(bin);
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--database",
+        db,
+        "--node-name",
+        name,
+    ])
+    .arg("--config")
+    .arg(cfg)
+    .env_remove("RUST_LOG")
+    .stderr(Stdio::from(std::fs::File::create(&log)?));
+    let log_path = log.clone();
+    let (child, addr) = tokio::task::spawn_blocking(move || {
+        testkit::broker::spawn_serve(&mut cmd, &log_path, Duration::from_secs(30))
+    })
+    .await?
+    .map_err(anyhow::Error::msg)?;
     Ok(BrokerProc {
         name: name.to_owned(),
+        pid: child.id(),
         child,
-        pid,
         addr,
         log,
     })
@@ -1399,20 +1246,14 @@ impl Run {
             let _ = w.child.start_kill();
             let _ = w.child.wait().await;
         }
-        for b in &mut self.brokers {
-            let _ = tokio::process::Command::new("kill")
-                .args(["-TERM", &b.pid.to_string()])
-                .status()
-                .await;
+        // All asked at once, then each given the rest of 40 s to drain.
+        for b in &self.brokers {
+            testkit::process::signal(&b.pid.to_string(), "-TERM");
         }
+        let deadline = Instant::now() + Duration::from_secs(40);
         for b in &mut self.brokers {
-            match tokio::time::timeout(Duration::from_secs(40), b.child.wait()).await {
-                Ok(_) => {}
-                Err(_) => {
-                    let _ = b.child.start_kill();
-                    let _ = b.child.wait().await;
-                }
-            }
+            let grace = deadline.saturating_duration_since(Instant::now());
+            testkit::process::stop_child(&mut b.child, grace);
         }
     }
 }
@@ -1564,17 +1405,7 @@ async fn drive(
             &o.broker,
             db,
             cfg,
-            &[
-                "vm",
-                "add",
-                &vm,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--owner",
-                "soak",
-            ],
+            &testkit::broker::vm_add_args(&vm, &port.to_string(), "soak"),
             None,
         )?;
         let minted = run_cli(

@@ -1,0 +1,152 @@
+//! TigerVNC's Xvnc as a real VNC server.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::START_TIMEOUT;
+use crate::net::{free_port, port_open};
+use crate::process::stop_child;
+
+/// TigerVNC's Xvnc on 127.0.0.1 with an 800x600 screen.
+pub struct Xvnc {
+    child: Child,
+    pub port: u16,
+    pub display: u32,
+    _dir: tempfile::TempDir,
+    pub log_path: PathBuf,
+}
+
+static NEXT_DISPLAY: AtomicU32 = AtomicU32::new(0);
+
+impl Xvnc {
+    /// With VNC authentication and this password.
+    pub fn start(password: &str) -> Xvnc {
+        Xvnc::start_with(Some(password))
+    }
+
+    /// Without authentication (`-SecurityTypes None`).
+    pub fn start_no_auth() -> Xvnc {
+        Xvnc::start_with(None)
+    }
+
+    fn start_with(password: Option<&str>) -> Xvnc {
+        let mut last_err = String::new();
+        for _ in 0..8 {
+            match Xvnc::try_start(password) {
+                Ok(x) => return x,
+                Err(e) => last_err = e,
+            }
+        }
+        panic!("Xvnc did not start: {last_err}");
+    }
+
+    fn next_display() -> u32 {
+        // Spread test binaries apart by pid; skip displays in use.
+        let base = 100 + (std::process::id() % 100) * 20;
+        loop {
+            let d = base + NEXT_DISPLAY.fetch_add(1, Ordering::Relaxed) % 2000;
+            let lock = format!("/tmp/.X{d}-lock");
+            let sock = format!("/tmp/.X11-unix/X{d}");
+            if !Path::new(&lock).exists() && !Path::new(&sock).exists() {
+                return d;
+            }
+        }
+    }
+
+    fn try_start(password: Option<&str>) -> Result<Xvnc, String> {
+        let dir = tempfile::Builder::new()
+            .prefix("vncbroker-xvnc-")
+            .tempdir()
+            .unwrap();
+        let log_path = dir.path().join("xvnc.log");
+        let mut security = vec!["-SecurityTypes".to_string()];
+        if let Some(pw) = password {
+            let pw_file = dir.path().join("passwd");
+            let out = Command::new("vncpasswd")
+                .arg("-f")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .and_then(|mut c| {
+                    writeln!(c.stdin.take().unwrap(), "{pw}")?;
+                    c.wait_with_output()
+                })
+                .map_err(|e| format!("vncpasswd -f: {e}"))?;
+            if !out.status.success() || out.stdout.is_empty() {
+                return Err(format!(
+                    "vncpasswd -f failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+            std::fs::write(&pw_file, &out.stdout).unwrap();
+            security.push("VncAuth".into());
+            security.push("-PasswordFile".into());
+            security.push(pw_file.display().to_string());
+        } else {
+            security.push("None".into());
+        }
+        let display = Xvnc::next_display();
+        let port = free_port();
+        let mut child = Command::new("Xvnc")
+            .arg(format!(":{display}"))
+            .args(["-rfbport", &port.to_string()])
+            .args(&security)
+            .args([
+                "-nolisten",
+                "tcp",
+                "-interface",
+                "127.0.0.1",
+                "-geometry",
+                "800x600",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(File::create(&log_path).unwrap()))
+            .spawn()
+            .map_err(|e| format!("spawning Xvnc: {e}"))?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !port_open(port) {
+            let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+            if let Ok(Some(st)) = child.try_wait() {
+                return Err(format!("Xvnc :{display} exited with {st}: {}", log()));
+            }
+            if Instant::now() > deadline {
+                stop_child(&mut child, Duration::from_secs(3));
+                return Err(format!(
+                    "Xvnc :{display} never accepted on {port}: {}",
+                    log()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Xvnc {
+            child,
+            port,
+            display,
+            _dir: dir,
+            log_path,
+        })
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// How many connections Xvnc has accepted so far (from its log).
+    pub fn accepted(&self) -> usize {
+        self.log().matches("Connections: accepted:").count()
+    }
+}
+
+impl Drop for Xvnc {
+    fn drop(&mut self) {
+        stop_child(&mut self.child, Duration::from_secs(3));
+        let _ = std::fs::remove_file(format!("/tmp/.X{}-lock", self.display));
+        let _ = std::fs::remove_file(format!("/tmp/.X11-unix/X{}", self.display));
+    }
+}
