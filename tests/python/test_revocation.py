@@ -133,20 +133,23 @@ def test_revoke_ends_single_use_reusable_and_purged_token_sessions(broker_factor
     b = broker_factory.start(env)
     alice = pyone.OneServer(b.rpc_url, session=session("alice"))
     # pyone's positional form: ttl 0 (the default), single-use.
+    # The short-lived token is opened at once, so a slow machine cannot let
+    # it expire first.
+    short = alice.vm.novnctoken(7, 5)
+    short_ws = open_console(b, short["path"])
     once = alice.vm.novnctoken(7, 0, True)
     assert once["single_use"] is True
     reusable = alice.vm.novnctoken(7)
-    short = alice.vm.novnctoken(7, 2)
     other_vm = mint_json(b, 8, "carol")
     sessions = {
+        "expired and purged": short_ws,
         "single-use, used": open_console(b, once["path"]),
         "reusable": open_console(b, reusable["path"]),
-        "expired and purged": open_console(b, short["path"]),
     }
     bystander = open_console(b, other_vm["path"])
     wait_live(b, 4)
     # The short token expires and the purge (every second) deletes it.
-    time.sleep(3.5)
+    time.sleep(max(0.0, short["expires_at"] - time.time()) + 2.5)
     started = time.monotonic()
     # Live tokens: only the reusable one (the single-use one is used, the
     # short one gone).
