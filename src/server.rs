@@ -24,7 +24,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use bytes::Bytes;
@@ -893,18 +893,7 @@ impl Gate {
                 })
                 .await;
             });
-            let mut resp = Response::new(Body::empty());
-            *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-            let h = resp.headers_mut();
-            h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            if let Ok(v) = HeaderValue::from_str(&accepted.key) {
-                h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
-            }
-            if let Some(p) = accepted.protocol {
-                h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
-            }
-            return resp;
+            return accepted.response();
         }
         (
             StatusCode::SERVICE_UNAVAILABLE,

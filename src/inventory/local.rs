@@ -87,6 +87,26 @@ impl LocalInventory {
     }
 }
 
+impl LocalInventory {
+    /// The caller and the VM, if the caller may open its console.
+    async fn openable(&self, cred: &Credential, vm_id: i64) -> Result<(User, Vm), InventoryError> {
+        let user = self.verify(cred).await?;
+        let vm = self
+            .store
+            .vm(vm_id)
+            .await
+            .map_err(unavailable)?
+            .ok_or(InventoryError::NoSuchVm(vm_id))?;
+        if !may_open(&user, &vm) {
+            return Err(InventoryError::Authorization {
+                user: user.name,
+                vm_id,
+            });
+        }
+        Ok((user, vm))
+    }
+}
+
 /// Whether `user` may open `vm`'s console under the registry's rules.
 fn may_open(user: &User, vm: &Vm) -> bool {
     user.admin || vm.owner == user.name || vm.allowed.contains(&user.name)
@@ -112,19 +132,7 @@ impl Inventory for LocalInventory {
     }
 
     async fn console(&self, cred: &Credential, vm_id: i64) -> Result<Console, InventoryError> {
-        let user = self.verify(cred).await?;
-        let vm = self
-            .store
-            .vm(vm_id)
-            .await
-            .map_err(unavailable)?
-            .ok_or(InventoryError::NoSuchVm(vm_id))?;
-        if !may_open(&user, &vm) {
-            return Err(InventoryError::Authorization {
-                user: user.name,
-                vm_id,
-            });
-        }
+        let (user, vm) = self.openable(cred, vm_id).await?;
         Ok(Console {
             user: user.name,
             vm_id,
@@ -143,19 +151,7 @@ impl Inventory for LocalInventory {
     }
 
     async fn authorize(&self, cred: &Credential, vm_id: i64) -> Result<Principal, InventoryError> {
-        let user = self.verify(cred).await?;
-        let vm = self
-            .store
-            .vm(vm_id)
-            .await
-            .map_err(unavailable)?
-            .ok_or(InventoryError::NoSuchVm(vm_id))?;
-        if !may_open(&user, &vm) {
-            return Err(InventoryError::Authorization {
-                user: user.name,
-                vm_id,
-            });
-        }
+        let (user, _) = self.openable(cred, vm_id).await?;
         Ok(Principal {
             name: user.name,
             admin: user.admin,

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::sessions::{Sessions, Stop};
+use super::sessions::{CatchUp, Registration, Sessions, Stop};
 use crate::inventory::Verdict;
 use crate::service::TokenService;
 use crate::store::TokenStore;
@@ -74,6 +74,35 @@ pub async fn watch_revocations(
                     tracing::warn!(error = %e, "reading the revocation log failed");
                     break;
                 }
+            }
+        }
+    }
+}
+
+/// Applies to a new session the revocations this node applied before it
+/// joined (recorded after its token was redeemed): a revocation made while
+/// the session was being set up still ends it. If the log cannot be read
+/// the session ends rather than run unchecked.
+pub async fn catch_up(store: &dyn TokenStore, registration: &Registration, record: Option<i64>) {
+    let CatchUp::Needed { mut seen, upto } = registration.attach(record) else {
+        return;
+    };
+    while seen < upto {
+        match store.revocations_after(seen, BATCH).await {
+            Ok(batch) => {
+                if registration.apply(&batch) {
+                    return;
+                }
+                seen = batch.last().map_or(seen, |r| r.seq);
+                registration.checked_up_to(seen);
+                if batch.len() < BATCH as usize {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the revocation log for a new session");
+                registration.end(Stop::StoreDown);
+                return;
             }
         }
     }

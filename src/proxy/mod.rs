@@ -30,7 +30,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderValue, Response, StatusCode, header};
+use axum::http::{Response, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::any;
 use hyper_util::rt::TokioIo;
@@ -38,11 +38,11 @@ use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
 use self::relay::{Counts, End};
-use self::sessions::{CatchUp, Entry, Sessions, Stop};
+use self::sessions::{Entry, Sessions, Stop};
 use crate::inventory::{Credential, Grant, Lapse};
 use crate::limits::{Attempt, FailureLimiter, Refused};
 use crate::service::{RedeemError, TokenService};
-use crate::store::{Cause, NewSession, Redemption, SessionEnd, Store, TokenStore};
+use crate::store::{Cause, NewSession, Redemption, SessionEnd, Store};
 use crate::websocket::stream::{Reader, Writer};
 use crate::websocket::upgrade;
 
@@ -421,18 +421,7 @@ async fn accept(proxy: Arc<Proxy>, peer: SocketAddr, req: Request) -> Response<B
             }
         }
     });
-    let mut resp = Response::new(Body::empty());
-    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let h = resp.headers_mut();
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    if let Ok(v) = HeaderValue::from_str(&accepted.key) {
-        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
-    }
-    if let Some(p) = accepted.protocol {
-        h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
-    }
-    resp
+    accepted.response()
 }
 
 async fn session(
@@ -523,11 +512,11 @@ async fn open(
         .map_err(Refusal::TooMany)?;
     // A revocation made since the token was redeemed ends the session
     // before it starts; one made while it is set up ends it at once.
-    catch_up(proxy.store.as_ref(), &registration, None).await;
+    enforce::catch_up(proxy.store.as_ref(), &registration, None).await;
     let mut stop = registration.stop.clone();
     let tcp = tokio::select! {
         biased;
-        why = stopped(&mut stop) => return Err(Refusal::Stopped(why)),
+        why = sessions::stopped(&mut stop) => return Err(Refusal::Stopped(why)),
         tcp = connect_and_secure(proxy, reader, writer, &r) => tcp?,
     };
     Ok((r, tcp, registration))
@@ -566,52 +555,6 @@ async fn connect_and_secure(
         }
     }
     Ok(tcp)
-}
-
-/// Completes when the session is told to stop.
-async fn stopped(stop: &mut tokio::sync::watch::Receiver<Option<Stop>>) -> Stop {
-    loop {
-        if let Some(why) = *stop.borrow_and_update() {
-            return why;
-        }
-        if stop.changed().await.is_err() {
-            return std::future::pending().await;
-        }
-    }
-}
-
-/// Applies to a new session the revocations this node applied before it
-/// joined (recorded after its token was redeemed): a revocation made while
-/// the session was being set up still ends it. If the log cannot be read
-/// the session ends rather than run unchecked.
-async fn catch_up(
-    store: &dyn TokenStore,
-    registration: &sessions::Registration,
-    record: Option<i64>,
-) {
-    let CatchUp::Needed { mut seen, upto } = registration.attach(record) else {
-        return;
-    };
-    const BATCH: u32 = 500;
-    while seen < upto {
-        match store.revocations_after(seen, BATCH).await {
-            Ok(batch) => {
-                if registration.apply(&batch) {
-                    return;
-                }
-                seen = batch.last().map_or(seen, |r| r.seq);
-                registration.checked_up_to(seen);
-                if batch.len() < BATCH as usize {
-                    return;
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the revocation log for a new session");
-                registration.end(Stop::StoreDown);
-                return;
-            }
-        }
-    }
 }
 
 async fn relay_session(
@@ -666,7 +609,7 @@ async fn relay_session(
         session = session_id, vm_id = r.vm_id, user = %r.user_name, %client,
         node = %proxy.settings.node, "console session started"
     );
-    catch_up(proxy.store.as_ref(), &registration, session_id).await;
+    enforce::catch_up(proxy.store.as_ref(), &registration, session_id).await;
 
     let writer = tokio::sync::Mutex::new(writer);
     let (mut tcp_rx, mut tcp_tx) = tcp.into_split();

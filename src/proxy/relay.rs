@@ -227,16 +227,7 @@ where
             }
         }
     };
-    let stopped = async {
-        loop {
-            if let Some(why) = *stop.borrow_and_update() {
-                return End::Stopped(why);
-            }
-            if stop.changed().await.is_err() {
-                return std::future::pending().await;
-            }
-        }
-    };
+    let stopped = async { End::Stopped(super::sessions::stopped(stop).await) };
     // Sends the pings the watchdog asks for. A ping waits for a write in
     // progress (never jumping into the middle of a frame), under the write
     // timeout like every other write.

@@ -186,6 +186,19 @@ impl Registration {
     }
 }
 
+/// Completes when the session is told to stop; never if its registration
+/// goes without a word.
+pub async fn stopped(stop: &mut watch::Receiver<Option<Stop>>) -> Stop {
+    loop {
+        if let Some(why) = *stop.borrow_and_update() {
+            return why;
+        }
+        if stop.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
 fn decrement<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, key: &K) {
     if let Some(n) = map.get_mut(key) {
         *n -= 1;

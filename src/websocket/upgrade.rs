@@ -56,6 +56,25 @@ fn has_token(headers: &HeaderMap, name: header::HeaderName, want: &str) -> bool 
 }
 
 /// Checks an upgrade request and computes the answer.
+impl Accept {
+    /// The 101 answer that completes this upgrade.
+    pub fn response(&self) -> axum::http::Response<axum::body::Body> {
+        use axum::http::HeaderValue;
+        let mut resp = axum::http::Response::new(axum::body::Body::empty());
+        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let h = resp.headers_mut();
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        if let Ok(v) = HeaderValue::from_str(&self.key) {
+            h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+        }
+        if let Some(p) = self.protocol {
+            h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
+        }
+        resp
+    }
+}
+
 pub fn check(method: &Method, headers: &HeaderMap) -> Result<Accept, UpgradeError> {
     if method != Method::GET {
         return Err(UpgradeError::Method);
