@@ -12,7 +12,6 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::Config;
 use crate::inventory::{Console, LocalInventory};
-use crate::secrets::Secrets;
 use crate::service::{MintRequest, TokenService};
 use crate::store::{self, Cause, Registry, Revocation, Revoked, Vm};
 
@@ -278,55 +277,6 @@ pub fn load_config(global: &Global) -> anyhow::Result<Config> {
     Ok(cfg)
 }
 
-type FilterReload = Box<dyn Fn(tracing_subscriber::EnvFilter) -> Result<(), String> + Send + Sync>;
-
-/// Swaps the log filter of the subscriber [`init_logging`] installed.
-static LOG_FILTER: std::sync::OnceLock<FilterReload> = std::sync::OnceLock::new();
-
-fn init_logging(cfg: &Config) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&cfg.log.level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    // The filter sits behind a reload handle, so SIGHUP can change the level.
-    let reload: Option<FilterReload> = if cfg.log.format == "json" {
-        let builder = builder.json().with_filter_reloading();
-        let handle = builder.reload_handle();
-        builder
-            .try_init()
-            .ok()
-            .map(|()| Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())) as _)
-    } else {
-        let builder = builder.with_filter_reloading();
-        let handle = builder.reload_handle();
-        builder
-            .try_init()
-            .ok()
-            .map(|()| Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())) as _)
-    };
-    if let Some(r) = reload {
-        let _ = LOG_FILTER.set(r);
-    }
-}
-
-/// Applies a new `[log] level`. `Ok(false)` when nothing changed because
-/// `RUST_LOG` is set (it wins) or the logger is not this module's.
-pub fn reload_log_level(level: &str) -> Result<bool, String> {
-    if std::env::var_os("RUST_LOG").is_some() {
-        return Ok(false);
-    }
-    let Some(reload) = LOG_FILTER.get() else {
-        return Ok(false);
-    };
-    let filter = tracing_subscriber::EnvFilter::try_new(level)
-        .map_err(|e| format!("log.level {level:?}: {e}"))?;
-    reload(filter).map(|()| true)
-}
-
 /// `serve`'s flags, applied over the file and the environment.
 fn apply_serve_flags(
     cfg: &mut Config,
@@ -362,7 +312,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         apply_serve_flags(&mut cfg, listen, role, node_name);
     }
     cfg.validate()?;
-    init_logging(&cfg);
+    crate::logging::init(&cfg.log.level, &cfg.log.format);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         // SQLite calls and password checks run on the blocking pool; SQLite
@@ -518,9 +468,7 @@ async fn vm(cfg: &Config, cmd: VmCmd) -> anyhow::Result<()> {
             }
             let vnc_password = if password_stdin {
                 let plain = read_secret("VNC password")?;
-                let secrets =
-                    Secrets::open_for(cfg.secrets.key_file.as_deref(), &cfg.database, &*store)
-                        .await?;
+                let secrets = crate::server::open_secrets(cfg, &*store).await?;
                 Some(secrets.seal(&plain)?)
             } else {
                 None
@@ -591,9 +539,7 @@ async fn vm(cfg: &Config, cmd: VmCmd) -> anyhow::Result<()> {
             }
             if password_stdin {
                 let plain = read_secret("VNC password")?;
-                let secrets =
-                    Secrets::open_for(cfg.secrets.key_file.as_deref(), &cfg.database, &*store)
-                        .await?;
+                let secrets = crate::server::open_secrets(cfg, &*store).await?;
                 vm.vnc_password = Some(secrets.seal(&plain)?);
             } else if no_password {
                 vm.vnc_password = None;
@@ -672,8 +618,7 @@ async fn token(cfg: &Config, cmd: TokenCmd) -> anyhow::Result<()> {
         .vm(vm_id)
         .await?
         .with_context(|| format!("no VM with id {vm_id}"))?;
-    let secrets =
-        Secrets::open_for(cfg.secrets.key_file.as_deref(), &cfg.database, &*store).await?;
+    let secrets = crate::server::open_secrets(cfg, &*store).await?;
     let console = Console {
         user: vm.owner.clone(),
         vm_id,

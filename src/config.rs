@@ -561,7 +561,7 @@ impl Config {
             ));
         }
         for o in &p.allowed_origins {
-            if crate::proxy::origin::Origin::parse(o).is_none() {
+            if crate::edge::Origin::parse(o).is_none() {
                 return Err(ConfigError::Invalid(format!(
                     "proxy.allowed_origins: {o:?} is not an origin like https://portal.example.com"
                 )));

@@ -17,8 +17,6 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use chacha20poly1305::aead::{Aead, KeyInit};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 
-use crate::store::Registry;
-
 const PREFIX: &str = "v1:";
 const NONCE_LEN: usize = 12;
 
@@ -48,8 +46,6 @@ pub enum SecretsError {
          passwords with vncbroker vm set ID --no-password and set them again)"
     )]
     WrongKey { path: String },
-    #[error("checking the database for sealed secrets: {0}")]
-    Store(String),
     #[error("a stored secret cannot be decrypted with this key (wrong key file?)")]
     Undecryptable,
     #[error("no OS randomness: {0}")]
@@ -162,20 +158,17 @@ pub struct Secrets(Option<std::sync::Arc<Sealer>>);
 
 impl Secrets {
     /// Loads the key for this configuration: `key_file` if set (it must
-    /// exist), else `vncbroker.key` beside an SQLite database. The default
-    /// file is created only while `store` holds no sealed VNC password: a
-    /// new key would open none of them. A PostgreSQL store without
+    /// exist), else `vncbroker.key` beside an SQLite database. `sample` is
+    /// one sealed VNC password from the store, if it holds any. The default
+    /// file is created only while there is none: a new key would open none
+    /// of them. A PostgreSQL store without
     /// `key_file` gets no sealer, unless it holds sealed passwords (then it
     /// is an error). A key that does not open a stored password is refused.
-    pub async fn open_for(
+    pub fn open_for(
         key_file: Option<&str>,
         database: &str,
-        store: &dyn Registry,
+        sample: Option<String>,
     ) -> Result<Secrets, SecretsError> {
-        let sample = store
-            .sealed_vnc_password()
-            .await
-            .map_err(|e| SecretsError::Store(e.to_string()))?;
         let path = match Sealer::key_path(key_file, database) {
             Ok(path) => path,
             Err(SecretsError::KeyFileRequired) if sample.is_some() => {
@@ -227,6 +220,7 @@ impl Secrets {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Registry;
     use std::os::unix::fs::PermissionsExt;
 
     #[test]
@@ -254,6 +248,10 @@ mod tests {
         (url, store)
     }
 
+    async fn sample(store: &dyn Registry) -> Option<String> {
+        store.sealed_vnc_password().await.unwrap()
+    }
+
     async fn add_sealed_vm(store: &dyn Registry, sealed: String) {
         if store.user("o").await.unwrap().is_none() {
             store.add_user("o", "h", false).await.unwrap();
@@ -277,21 +275,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (_, store) = sqlite(dir.path()).await;
         // A shared database without a configured key, as far as the key goes.
-        let s = Secrets::open_for(None, "postgres://db/x", &*store)
-            .await
-            .unwrap();
+        let s = Secrets::open_for(None, "postgres://db/x", sample(&*store).await).unwrap();
         assert!(matches!(s.seal("x"), Err(SecretsError::KeyFileRequired)));
         assert_eq!(s.seal_opt(None).unwrap(), None);
         assert_eq!(s.open_opt(None).unwrap(), None);
         let missing = dir.path().join("configured.key");
-        let configured =
-            Secrets::open_for(Some(missing.to_str().unwrap()), "postgres://db/x", &*store);
-        assert!(configured.await.is_err());
+        let configured = Secrets::open_for(
+            Some(missing.to_str().unwrap()),
+            "postgres://db/x",
+            sample(&*store).await,
+        );
+        assert!(configured.is_err());
         // Once it holds a sealed password, the key is not optional.
         add_sealed_vm(&*store, Sealer::from_key(&[1; 32]).seal("pw").unwrap()).await;
-        let err = Secrets::open_for(None, "postgres://db/x", &*store)
-            .await
-            .unwrap_err();
+        let err = Secrets::open_for(None, "postgres://db/x", sample(&*store).await).unwrap_err();
         assert!(matches!(err, SecretsError::SharedKeyMissing), "{err}");
         assert!(err.to_string().contains("key_file"));
     }
@@ -301,14 +298,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (url, store) = sqlite(dir.path()).await;
         let key = dir.path().join("vncbroker.key");
-        let first = Secrets::open_for(None, &url, &*store).await.unwrap();
+        let first = Secrets::open_for(None, &url, sample(&*store).await).unwrap();
         assert!(key.exists(), "made for an empty database");
         add_sealed_vm(&*store, first.seal("pw").unwrap()).await;
-        let again = Secrets::open_for(None, &url, &*store).await.unwrap();
+        let again = Secrets::open_for(None, &url, sample(&*store).await).unwrap();
         assert_eq!(again.open(&first.seal("x").unwrap()).unwrap(), "x");
 
         std::fs::remove_file(&key).unwrap();
-        let err = Secrets::open_for(None, &url, &*store).await.unwrap_err();
+        let err = Secrets::open_for(None, &url, sample(&*store).await).unwrap_err();
         assert!(
             matches!(&err, SecretsError::KeyFileMissing { path } if *path == key.display().to_string()),
             "{err}"
@@ -316,12 +313,10 @@ mod tests {
         assert!(!key.exists(), "no new key");
 
         Sealer::load(&key, true).unwrap();
-        let err = Secrets::open_for(None, &url, &*store).await.unwrap_err();
+        let err = Secrets::open_for(None, &url, sample(&*store).await).unwrap_err();
         assert!(matches!(err, SecretsError::WrongKey { .. }), "{err}");
         let configured = key.to_str().unwrap();
-        let err = Secrets::open_for(Some(configured), &url, &*store)
-            .await
-            .unwrap_err();
+        let err = Secrets::open_for(Some(configured), &url, sample(&*store).await).unwrap_err();
         assert!(matches!(err, SecretsError::WrongKey { .. }), "{err}");
     }
 

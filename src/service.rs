@@ -4,6 +4,7 @@
 //! long a token lives, what it is bound to) exist once.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use serde::Serialize;
 
@@ -65,20 +66,14 @@ pub enum RedeemError {
     Unavailable(String),
 }
 
-/// Why a request failed; each kind maps to one OpenNebula code and one HTTP
-/// status.
+/// Why a request failed. Each API maps the kinds to its own codes and
+/// words: OpenNebula's in `api::xmlrpc`, HTTP statuses in `api::json`.
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
-    #[error("User couldn't be authenticated, aborting call.")]
-    Authentication,
-    #[error("User [{user}] : Not authorized to perform USE VM [{vm_id}].")]
-    Authorization { user: String, vm_id: i64 },
-    #[error("Error getting virtual machine [{0}].")]
-    NoSuchVm(i64),
-    #[error("VM [{vm_id}] has no VNC console: {why}")]
-    NoConsole { vm_id: i64, why: String },
-    #[error("VM [{vm_id}] console is not available now: {why}")]
-    NotAvailable { vm_id: i64, why: String },
+    /// The inventory refused or could not answer (authentication, access,
+    /// the VM and its console, oned's own errors).
+    #[error(transparent)]
+    Inventory(#[from] InventoryError),
     #[error("{0}")]
     BadParameter(String),
     /// No such session, or not one the caller may see.
@@ -86,43 +81,25 @@ pub enum ServiceError {
     NoSuchSession(i64),
     #[error("console session [{0}] has already ended")]
     SessionOver(i64),
-    /// oned refused; its code and message pass through unchanged.
-    #[error("{message}")]
-    Oned { code: i64, message: String },
-    #[error("Service unavailable: {0}")]
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A backend (the store, the inventory) cannot be asked just now.
+    #[error("unavailable: {0}")]
     Unavailable(String),
-    /// Too many password checks in progress: answered at once, not queued.
-    #[error("Server busy: too many logins in progress, try again shortly")]
-    Busy,
-    #[error("Internal error: {0}")]
+    #[error("internal error: {0}")]
     Internal(String),
 }
 
-impl From<InventoryError> for ServiceError {
-    fn from(e: InventoryError) -> Self {
-        match e {
-            InventoryError::Authentication => ServiceError::Authentication,
-            InventoryError::Authorization { user, vm_id } => {
-                ServiceError::Authorization { user, vm_id }
-            }
-            InventoryError::NoSuchVm(id) => ServiceError::NoSuchVm(id),
-            InventoryError::NoConsole { vm_id, why } => ServiceError::NoConsole { vm_id, why },
-            InventoryError::NotAvailable { vm_id, why } => {
-                ServiceError::NotAvailable { vm_id, why }
-            }
-            InventoryError::Oned { code, message } => ServiceError::Oned { code, message },
-            InventoryError::Unavailable(why) => ServiceError::Unavailable(why),
-            InventoryError::Busy => ServiceError::Busy,
-        }
-    }
-}
-
-impl From<StoreError> for ServiceError {
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::Unavailable { what, .. } => ServiceError::Unavailable(what),
-            other => ServiceError::Internal(other.to_string()),
-        }
+impl ServiceError {
+    /// Whether a backend is down for now (try again), as opposed to a
+    /// fault in the request or the broker.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            ServiceError::Unavailable(_)
+                | ServiceError::Inventory(InventoryError::Unavailable(_))
+                | ServiceError::Store(StoreError::Unavailable { .. })
+        )
     }
 }
 
@@ -132,6 +109,7 @@ pub struct TokenService {
     secrets: Secrets,
     /// Replaced on a configuration reload (SIGHUP).
     policy: std::sync::RwLock<Policy>,
+    retention_days: AtomicU32,
     public_url: String,
 }
 
@@ -149,6 +127,7 @@ impl TokenService {
             inventory,
             secrets,
             policy: std::sync::RwLock::new(policy),
+            retention_days: AtomicU32::new(0),
             public_url: public_url.trim_end_matches('/').to_owned(),
         }
     }
@@ -385,8 +364,48 @@ impl TokenService {
         self.inventory.recheck(vm_id, grants).await
     }
 
-    /// Deletes expired tokens; the server calls it periodically.
-    pub async fn purge_expired(&self) -> Result<u64, ServiceError> {
-        Ok(self.store.purge_expired(crate::now_unix()).await?)
+    /// How long ended session records are kept (0: for ever); replaced on a
+    /// configuration reload.
+    pub fn set_retention_days(&self, days: u32) {
+        self.retention_days.store(days, Ordering::Relaxed);
+    }
+
+    /// Deletes expired tokens, revocations older than the log keeps, and,
+    /// with a retention, session records that ended longer ago than that.
+    /// Each failure is logged and the rest still runs.
+    pub async fn purge(&self) {
+        let now = crate::now_unix();
+        match self.store.purge_expired(now).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(purged = n, "expired console tokens deleted"),
+            Err(e) => tracing::warn!(error = %e, "purging expired tokens failed"),
+        }
+        let kept_from = now.saturating_sub(crate::store::REVOCATION_LOG_SECS);
+        if let Err(e) = self.store.purge_revocations(kept_from).await {
+            tracing::warn!(error = %e, "purging old revocations failed");
+        }
+        let days = self.retention_days.load(Ordering::Relaxed);
+        if days > 0 {
+            let before = now.saturating_sub(i64::from(days) * 86_400);
+            match self.store.purge_sessions(before).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    deleted = n,
+                    retention_days = days,
+                    "old session records deleted"
+                ),
+                Err(e) => tracing::warn!(error = %e, "deleting old session records failed"),
+            }
+        }
+    }
+}
+
+/// Runs [`TokenService::purge`] every `every`, for as long as it is polled.
+pub async fn purge_loop(service: Arc<TokenService>, every: std::time::Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        service.purge().await;
     }
 }

@@ -3,7 +3,8 @@
 #![no_main]
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method};
 use libfuzzer_sys::fuzz_target;
-use vncbroker::proxy::{origin, request};
+use vncbroker::edge as origin;
+use vncbroker::proxy::request;
 use vncbroker::websocket::upgrade;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,7 +1,7 @@
 //! The XML-RPC request parser (`POST /RPC2` bodies).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use vncbroker::api::xmlrpc::wire;
+use vncbroker::xmlrpc as wire;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(call) = wire::parse_call(data) {

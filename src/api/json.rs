@@ -16,6 +16,7 @@ use serde_json::json;
 
 use super::ApiState;
 use crate::inventory::Credential;
+use crate::inventory::InventoryError;
 use crate::limits::{Attempt, Refused};
 use crate::service::{MintRequest, ServiceError};
 use crate::store::SessionFilter;
@@ -65,29 +66,35 @@ impl ApiError {
 
 impl From<ServiceError> for ApiError {
     fn from(e: ServiceError) -> ApiError {
+        use InventoryError as I;
         let (status, code) = match &e {
-            ServiceError::Authentication => return ApiError::unauthorized(),
-            ServiceError::Authorization { .. } => (StatusCode::FORBIDDEN, "forbidden"),
-            ServiceError::NoSuchVm(_) => (StatusCode::NOT_FOUND, "not_found"),
-            ServiceError::NoConsole { .. } => (StatusCode::NOT_FOUND, "no_console"),
-            ServiceError::NotAvailable { .. } => (StatusCode::CONFLICT, "console_unavailable"),
+            ServiceError::Inventory(inv) => match inv {
+                I::Authentication => return ApiError::unauthorized(),
+                I::Authorization { .. } => (StatusCode::FORBIDDEN, "forbidden"),
+                I::NoSuchVm(_) => (StatusCode::NOT_FOUND, "not_found"),
+                I::NoConsole { .. } => (StatusCode::NOT_FOUND, "no_console"),
+                I::NotAvailable { .. } => (StatusCode::CONFLICT, "console_unavailable"),
+                I::Oned { code, .. } => match *code {
+                    0x0100 => return ApiError::unauthorized(),
+                    0x0200 => (StatusCode::FORBIDDEN, "forbidden"),
+                    0x0400 => (StatusCode::NOT_FOUND, "not_found"),
+                    0x0800 => (StatusCode::CONFLICT, "console_unavailable"),
+                    0x1000 => (StatusCode::BAD_REQUEST, "bad_request"),
+                    _ => (StatusCode::BAD_GATEWAY, "upstream"),
+                },
+                I::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+                I::Busy => {
+                    return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", e.to_string())
+                        .retry_after(1);
+                }
+            },
             ServiceError::NoSuchSession(_) => (StatusCode::NOT_FOUND, "not_found"),
             ServiceError::SessionOver(_) => (StatusCode::CONFLICT, "session_ended"),
             ServiceError::BadParameter(_) => (StatusCode::BAD_REQUEST, "bad_request"),
-            ServiceError::Oned { code, .. } => match *code {
-                0x0100 => return ApiError::unauthorized(),
-                0x0200 => (StatusCode::FORBIDDEN, "forbidden"),
-                0x0400 => (StatusCode::NOT_FOUND, "not_found"),
-                0x0800 => (StatusCode::CONFLICT, "console_unavailable"),
-                0x1000 => (StatusCode::BAD_REQUEST, "bad_request"),
-                _ => (StatusCode::BAD_GATEWAY, "upstream"),
-            },
-            ServiceError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
-            ServiceError::Busy => {
-                return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", e.to_string())
-                    .retry_after(1);
+            _ if e.is_unavailable() => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ServiceError::Store(_) | ServiceError::Unavailable(_) | ServiceError::Internal(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }
-            ServiceError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         ApiError::new(status, code, super::client_message(&e))
     }
@@ -171,9 +178,9 @@ async fn login(
 /// Keeps the charge for a wrong credential; refunds it otherwise.
 fn settle<T>(attempt: Attempt, result: &Result<T, ServiceError>) {
     match result {
-        Err(ServiceError::Authentication) | Err(ServiceError::Oned { code: 0x0100, .. }) => {
-            attempt.fail()
-        }
+        Err(ServiceError::Inventory(
+            InventoryError::Authentication | InventoryError::Oned { code: 0x0100, .. },
+        )) => attempt.fail(),
         _ => attempt.refund(),
     }
 }

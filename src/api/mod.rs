@@ -35,7 +35,7 @@ impl ApiState {
     /// The caller's address, through trusted reverse proxies (every
     /// `X-Forwarded-For` line counts).
     pub fn client_ip(&self, peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
-        crate::proxy::origin::client_ip_from(peer.ip(), headers, &self.trusted_proxies)
+        crate::edge::client_ip_from(peer.ip(), headers, &self.trusted_proxies)
     }
 }
 
@@ -59,12 +59,12 @@ pub fn router(state: ApiState, max_body: usize) -> Router {
 /// message a client may see.
 pub(crate) fn client_message(err: &ServiceError) -> String {
     match err {
-        ServiceError::Unavailable(detail) => {
-            tracing::error!(%detail, "store or inventory unavailable");
+        e if e.is_unavailable() => {
+            tracing::error!(detail = %e, "store or inventory unavailable");
             "Service unavailable: a backend service cannot be reached, try again shortly".into()
         }
-        ServiceError::Internal(detail) => {
-            tracing::error!(%detail, "internal error");
+        ServiceError::Store(_) | ServiceError::Internal(_) => {
+            tracing::error!(detail = %err, "internal error");
             "Internal error".into()
         }
         other => other.to_string(),

@@ -70,9 +70,7 @@ pub async fn run(mut cfg: Config, data_dir: Option<PathBuf>) -> anyhow::Result<(
             dir.display()
         );
     }
-    let secrets =
-        crate::secrets::Secrets::open_for(cfg.secrets.key_file.as_deref(), &cfg.database, &*store)
-            .await?;
+    let secrets = server::open_secrets(&cfg, &*store).await?;
     store
         .add_vm(&Vm {
             id: DEMO_VM,
@@ -116,5 +114,5 @@ pub async fn run(mut cfg: Config, data_dir: Option<PathBuf>) -> anyhow::Result<(
     );
     use std::io::Write;
     let _ = std::io::stdout().flush();
-    node.run(server::shutdown_signal()).await
+    node.run(crate::shutdown::terminate()).await
 }

@@ -2,7 +2,6 @@
 //! redeems console tokens.
 //!
 //! - [`request`]: where a request carries its token (query or cookie).
-//! - [`origin`]: which web origins may open a console (CSWSH defence).
 //! - [`handshake`]: the RFB security proxy over live connections, so the VNC
 //!   password stays with the broker.
 //! - [`relay`]: the byte loop between WebSocket and TCP.
@@ -18,7 +17,6 @@
 
 pub mod enforce;
 pub mod handshake;
-pub mod origin;
 pub mod relay;
 pub mod request;
 pub mod sessions;
@@ -39,6 +37,7 @@ use tokio::net::TcpStream;
 
 use self::relay::{Counts, End};
 use self::sessions::{Entry, Sessions, Stop};
+use crate::edge;
 use crate::inventory::{Credential, Grant, Lapse};
 use crate::limits::{Attempt, FailureLimiter, Refused};
 use crate::service::{RedeemError, TokenService};
@@ -82,7 +81,7 @@ pub struct Settings {
     pub handshake_timeout: Duration,
     pub max_message_bytes: usize,
     /// Which web origins may open consoles.
-    pub origins: origin::Policy,
+    pub origins: edge::Policy,
     /// Reverse proxies whose X-Forwarded-* headers are believed.
     pub trusted_proxies: Vec<IpAddr>,
     /// Whether this listener serves TLS (for the same-origin scheme).
@@ -118,6 +117,26 @@ impl Proxy {
             service,
             sessions,
             settings,
+        }
+    }
+
+    /// Closes the session rows this node left open when it last stopped (a
+    /// kill -9, or a database outage as sessions ended): they cannot be
+    /// live any more. Called once, before the node serves.
+    pub async fn close_rows_left_open(&self) {
+        let node = &self.settings.node;
+        match self
+            .store
+            .close_orphaned_sessions(node, crate::now_unix())
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::warn!(sessions = n, %node, "closed session rows a previous run left open")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not close session rows a previous run left open")
+            }
         }
     }
 }
@@ -350,10 +369,10 @@ async fn accept(proxy: Arc<Proxy>, peer: SocketAddr, req: Request) -> Response<B
     let set = &proxy.settings;
     let trusted = set.trusted_proxies.contains(&peer.ip());
     let client = SocketAddr::new(
-        origin::client_ip_from(peer.ip(), &parts.headers, &set.trusted_proxies),
+        edge::client_ip_from(peer.ip(), &parts.headers, &set.trusted_proxies),
         peer.port(),
     );
-    let proto = origin::forwarded_proto(&parts.headers).filter(|_| trusted);
+    let proto = edge::forwarded_proto(&parts.headers).filter(|_| trusted);
     let scheme = match proto.as_deref() {
         Some(p) if p.eq_ignore_ascii_case("https") => "https",
         Some(_) => "http",

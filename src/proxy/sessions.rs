@@ -75,6 +75,9 @@ struct Table {
     /// The last revocation applied to every session in the table; `None`
     /// until the watcher has looked.
     applied: Option<i64>,
+    /// Set by [`Sessions::close`]: every session registering later is told
+    /// this at once.
+    closing: Option<Stop>,
 }
 
 /// What a new session is, for the registry.
@@ -93,6 +96,8 @@ pub struct Sessions {
     next: AtomicU64,
     table: Mutex<Table>,
     limits: Limits,
+    /// Woken when the last registration is dropped.
+    emptied: tokio::sync::Notify,
 }
 
 /// Keeps a session registered; dropping it unregisters.
@@ -124,6 +129,9 @@ impl Drop for Registration {
         {
             decrement(&mut t.per_vm, &gone.vm_id);
             decrement(&mut t.per_user, &gone.user);
+            if t.live.is_empty() {
+                self.sessions.emptied.notify_waiters();
+            }
         }
     }
 }
@@ -226,8 +234,8 @@ impl Sessions {
     /// Registers a new session unless it would break a limit.
     pub fn register(self: &Arc<Self>, entry: Entry) -> Result<Registration, LimitHit> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = watch::channel(None);
         let mut t = self.table.lock().map_err(|_| LimitHit::Total)?;
+        let (tx, rx) = watch::channel(t.closing);
         let l = self.limits;
         if l.total > 0 && t.live.len() >= l.total {
             return Err(LimitHit::Total);
@@ -337,6 +345,30 @@ impl Sessions {
             .values()
             .filter(|s| s.stop.send(Some(why)).is_ok())
             .count()
+    }
+
+    /// Ends every live session and every one that registers from now on
+    /// (those still setting up when a node stops); returns how many live
+    /// ones were told.
+    pub fn close(&self, why: Stop) -> usize {
+        if let Ok(mut t) = self.table.lock() {
+            t.closing = Some(why);
+        }
+        self.end_all(why)
+    }
+
+    /// Completes once no session is registered (at once if none is).
+    pub async fn emptied(&self) {
+        loop {
+            let woken = self.emptied.notified();
+            let mut woken = std::pin::pin!(woken);
+            // Registered before looking, so a drop in between still wakes it.
+            woken.as_mut().enable();
+            if self.count() == 0 {
+                return;
+            }
+            woken.await;
+        }
     }
 }
 
@@ -474,6 +506,35 @@ mod tests {
         drop((a, b, c));
         assert_eq!(s.count(), 0);
         assert!(s.by_vm().is_empty());
+    }
+
+    #[tokio::test]
+    async fn close_stops_the_live_sessions_and_later_ones_and_emptied_waits_for_them() {
+        let s = Arc::new(Sessions::default());
+        s.emptied().await;
+        let mut a = s.register(entry(7, "alice", 0)).unwrap();
+        assert_eq!(s.close(Stop::Shutdown), 1);
+        assert_eq!(*a.stop.borrow_and_update(), Some(Stop::Shutdown));
+        let late = s.register(entry(8, "bob", 0)).unwrap();
+        assert_eq!(
+            *late.stop.borrow(),
+            Some(Stop::Shutdown),
+            "a late one is told at once"
+        );
+        let waiting = tokio::spawn({
+            let s = Arc::clone(&s);
+            async move { s.emptied().await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished(), "two sessions are still registered");
+        drop(a);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished(), "one session is still registered");
+        drop(late);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("emptied once the last registration went")
+            .unwrap();
     }
 
     #[test]

@@ -442,6 +442,10 @@ pub struct SessionFilter {
     pub limit: u32,
 }
 
+/// How long a revocation stays in the log: every proxy follows it within
+/// seconds, and a day covers a node that lost the database for a while.
+pub const REVOCATION_LOG_SECS: i64 = 86_400;
+
 /// What the token service and the proxy need: tokens are minted, redeemed
 /// and revoked, and proxies follow the revocations.
 #[async_trait]

@@ -4,8 +4,6 @@
 //! `[success, result-or-message, code]`, as oned does, so OpenNebula's
 //! bindings (pyone, the Ruby OCA) work unchanged.
 
-pub mod wire;
-
 use axum::body::Bytes;
 use std::net::SocketAddr;
 
@@ -14,11 +12,11 @@ use axum::http::HeaderMap;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 
-use self::wire::Value;
 use super::ApiState;
-use crate::inventory::Credential;
+use crate::inventory::{Credential, InventoryError};
 use crate::limits::Refused;
 use crate::service::{MintRequest, Minted, ServiceError};
+use crate::xmlrpc::{self as wire, Value};
 
 /// OpenNebula's error codes.
 pub mod code {
@@ -198,28 +196,54 @@ fn bad_param(message: impl Into<String>) -> Failure {
 
 impl Failure {
     fn from_service(err: ServiceError, vm_id: i64) -> Failure {
+        use InventoryError as I;
         let code = match &err {
-            ServiceError::Authentication => code::AUTHENTICATION,
-            ServiceError::Authorization { .. } => code::AUTHORIZATION,
-            ServiceError::NoSuchVm(_)
-            | ServiceError::NoConsole { .. }
-            | ServiceError::NoSuchSession(_) => code::NO_EXISTS,
-            ServiceError::NotAvailable { .. } | ServiceError::SessionOver(_) => code::ACTION,
+            ServiceError::Inventory(e) => match e {
+                I::Authentication => code::AUTHENTICATION,
+                I::Authorization { .. } => code::AUTHORIZATION,
+                I::NoSuchVm(_) | I::NoConsole { .. } => code::NO_EXISTS,
+                I::NotAvailable { .. } => code::ACTION,
+                I::Oned { code, .. } => *code,
+                I::Unavailable(_) | I::Busy => code::INTERNAL,
+            },
+            ServiceError::NoSuchSession(_) => code::NO_EXISTS,
+            ServiceError::SessionOver(_) => code::ACTION,
             ServiceError::BadParameter(_) => code::XML_RPC_API,
-            ServiceError::Oned { code, .. } => *code,
-            ServiceError::Unavailable(_) | ServiceError::Busy | ServiceError::Internal(_) => {
+            ServiceError::Store(_) | ServiceError::Unavailable(_) | ServiceError::Internal(_) => {
                 code::INTERNAL
             }
         };
         // Like oned, an authentication failure names no object.
         let object = (code != code::AUTHENTICATION).then_some(vm_id).or(Some(-1));
         Failure {
-            message: super::client_message(&err),
+            message: oned_message(&err),
             code,
             object,
         }
     }
 }
+
+/// An error in oned's own words, as pyone users and oned's clients know
+/// them; the kinds oned has no words for keep the service's.
+fn oned_message(err: &ServiceError) -> String {
+    use InventoryError as I;
+    match err {
+        ServiceError::Inventory(I::Authentication) => AUTHENTICATION_FAILED.into(),
+        ServiceError::Inventory(I::Authorization { user, vm_id }) => {
+            format!("User [{user}] : Not authorized to perform USE VM [{vm_id}].")
+        }
+        ServiceError::Inventory(I::NoSuchVm(id)) => {
+            format!("Error getting virtual machine [{id}].")
+        }
+        ServiceError::Inventory(I::Busy) => {
+            "Server busy: too many logins in progress, try again shortly".into()
+        }
+        other => super::client_message(other),
+    }
+}
+
+/// oned's answer to a session it does not know.
+const AUTHENTICATION_FAILED: &str = "User couldn't be authenticated, aborting call.";
 
 /// Checks arity and the leading (session, vm_id) pair every method has.
 fn session_and_vm(params: &[Value], max: usize) -> Result<(Credential, i64), Failure> {
@@ -253,7 +277,7 @@ fn session_and_vm(params: &[Value], max: usize) -> Result<(Credential, i64), Fai
         Credential::from_session(session)
     };
     let cred = cred.ok_or(Failure {
-        message: ServiceError::Authentication.to_string(),
+        message: AUTHENTICATION_FAILED.into(),
         code: code::AUTHENTICATION,
         object: None,
     })?;

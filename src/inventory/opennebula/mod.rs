@@ -22,7 +22,7 @@ use quick_xml::events::Event;
 
 use self::vmdoc::ConsoleError;
 use super::{Console, Credential, Grant, Inventory, InventoryError, Lapse, Principal, Verdict};
-use crate::api::xmlrpc::wire::{self, MethodResponse, Value};
+use crate::xmlrpc::{self as wire, MethodResponse, Value};
 
 /// Largest answer read from oned.
 const MAX_RESPONSE: usize = 8 << 20;
