@@ -637,7 +637,14 @@ async fn token(cfg: &Config, cmd: TokenCmd) -> anyhow::Result<()> {
         cfg.auth_cache_ttl(),
         cfg.api.auth_cache_size,
     ));
-    let service = TokenService::new(store, inventory, secrets, cfg.policy(), &public_url);
+    let service = TokenService::new(
+        store.clone(),
+        store,
+        inventory,
+        secrets,
+        cfg.policy(),
+        &public_url,
+    );
     let minted = service
         .mint_for_console(
             console,

@@ -11,8 +11,8 @@ use serde::Serialize;
 use crate::inventory::{Console, Credential, Grant, Inventory, InventoryError, Verdict};
 use crate::secrets::Secrets;
 use crate::store::{
-    Cause, NewToken, Redemption, Revocation, Revoked, SessionFilter, SessionRecord, Store,
-    StoreError,
+    Cause, NewToken, Redemption, Revocation, Revoked, SessionFilter, SessionLog, SessionRecord,
+    StoreError, TokenStore,
 };
 use crate::token::{self, Policy, Token};
 
@@ -104,7 +104,8 @@ impl ServiceError {
 }
 
 pub struct TokenService {
-    store: Arc<dyn Store>,
+    tokens: Arc<dyn TokenStore>,
+    log: Arc<dyn SessionLog>,
     inventory: Arc<dyn Inventory>,
     secrets: Secrets,
     /// Replaced on a configuration reload (SIGHUP).
@@ -116,14 +117,16 @@ pub struct TokenService {
 impl TokenService {
     /// `secrets` seals the VNC password each token carries for the proxy.
     pub fn new(
-        store: Arc<dyn Store>,
+        tokens: Arc<dyn TokenStore>,
+        log: Arc<dyn SessionLog>,
         inventory: Arc<dyn Inventory>,
         secrets: Secrets,
         policy: Policy,
         public_url: &str,
     ) -> TokenService {
         TokenService {
-            store,
+            tokens,
+            log,
             inventory,
             secrets,
             policy: std::sync::RwLock::new(policy),
@@ -207,7 +210,7 @@ impl TokenService {
                 single_use,
                 caller_session: caller_session.clone(),
             };
-            match self.store.insert_token(&row).await {
+            match self.tokens.insert_token(&row).await {
                 Ok(id) => {
                     tracing::info!(
                         token_id = id,
@@ -256,7 +259,7 @@ impl TokenService {
     pub async fn revoke(&self, cred: &Credential, vm_id: i64) -> Result<Revoked, ServiceError> {
         let who = self.inventory.authorize(cred, vm_id).await?;
         let done = self
-            .store
+            .tokens
             .revoke(&Revocation::vm(vm_id, Cause::Revoked))
             .await?;
         tracing::info!(
@@ -271,7 +274,7 @@ impl TokenService {
     pub async fn end_session(&self, cred: &Credential, id: i64) -> Result<Revoked, ServiceError> {
         let who = self.inventory.authenticate(cred).await?;
         let record = self
-            .store
+            .log
             .session(id)
             .await?
             .filter(|s| who.admin || s.user == who.name)
@@ -279,7 +282,7 @@ impl TokenService {
         if record.ended_at.is_some() {
             return Err(ServiceError::SessionOver(id));
         }
-        let done = self.store.revoke(&Revocation::session(&record)).await?;
+        let done = self.tokens.revoke(&Revocation::session(&record)).await?;
         tracing::info!(session = id, vm_id = record.vm_id, by = %who.name, "console session ended on request");
         Ok(done)
     }
@@ -294,7 +297,7 @@ impl TokenService {
         if !who.admin {
             filter.user = Some(who.name);
         }
-        Ok(self.store.sessions(&filter).await?)
+        Ok(self.log.sessions(&filter).await?)
     }
 
     /// Redeems a token for a new session, for this broker's proxy and for
@@ -309,7 +312,7 @@ impl TokenService {
         }
         let hash = token::hash_token(token_text);
         let mut r = self
-            .store
+            .tokens
             .redeem(&hash, crate::now_unix())
             .await
             .map_err(|e| RedeemError::Unavailable(e.to_string()))?
@@ -375,19 +378,19 @@ impl TokenService {
     /// Each failure is logged and the rest still runs.
     pub async fn purge(&self) {
         let now = crate::now_unix();
-        match self.store.purge_expired(now).await {
+        match self.tokens.purge_expired(now).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(purged = n, "expired console tokens deleted"),
             Err(e) => tracing::warn!(error = %e, "purging expired tokens failed"),
         }
         let kept_from = now.saturating_sub(crate::store::REVOCATION_LOG_SECS);
-        if let Err(e) = self.store.purge_revocations(kept_from).await {
+        if let Err(e) = self.tokens.purge_revocations(kept_from).await {
             tracing::warn!(error = %e, "purging old revocations failed");
         }
         let days = self.retention_days.load(Ordering::Relaxed);
         if days > 0 {
             let before = now.saturating_sub(i64::from(days) * 86_400);
-            match self.store.purge_sessions(before).await {
+            match self.log.purge_sessions(before).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(
                     deleted = n,

@@ -41,7 +41,7 @@ use crate::edge;
 use crate::inventory::{Credential, Grant, Lapse};
 use crate::limits::{Attempt, FailureLimiter, Refused};
 use crate::service::{RedeemError, TokenService};
-use crate::store::{Cause, NewSession, Redemption, SessionEnd, Store};
+use crate::store::{Cause, NewSession, Redemption, SessionEnd, SessionLog, TokenStore};
 use crate::websocket::stream::{Reader, Writer};
 use crate::websocket::upgrade;
 
@@ -98,22 +98,27 @@ pub struct Settings {
 }
 
 pub struct Proxy {
-    store: Arc<dyn Store>,
+    /// Where the sessions are recorded.
+    log: Arc<dyn SessionLog>,
+    /// The revocations a new session catches up with.
+    tokens: Arc<dyn TokenStore>,
     service: Arc<TokenService>,
     sessions: Arc<Sessions>,
     settings: Settings,
 }
 
 impl Proxy {
-    /// `service` redeems tokens; `store` records the sessions.
+    /// `service` redeems tokens; `log` records the sessions.
     pub fn new(
-        store: Arc<dyn Store>,
+        log: Arc<dyn SessionLog>,
+        tokens: Arc<dyn TokenStore>,
         service: Arc<TokenService>,
         sessions: Arc<Sessions>,
         settings: Settings,
     ) -> Proxy {
         Proxy {
-            store,
+            log,
+            tokens,
             service,
             sessions,
             settings,
@@ -126,7 +131,7 @@ impl Proxy {
     pub async fn close_rows_left_open(&self) {
         let node = &self.settings.node;
         match self
-            .store
+            .log
             .close_orphaned_sessions(node, crate::now_unix())
             .await
         {
@@ -531,7 +536,7 @@ async fn open(
         .map_err(Refusal::TooMany)?;
     // A revocation made since the token was redeemed ends the session
     // before it starts; one made while it is set up ends it at once.
-    enforce::catch_up(proxy.store.as_ref(), &registration, None).await;
+    enforce::catch_up(proxy.tokens.as_ref(), &registration, None).await;
     let mut stop = registration.stop.clone();
     let tcp = tokio::select! {
         biased;
@@ -617,7 +622,7 @@ async fn relay_session(
         node: proxy.settings.node.clone(),
         started_at,
     };
-    let session_id = match proxy.store.open_session(&record).await {
+    let session_id = match proxy.log.open_session(&record).await {
         Ok(id) => Some(id),
         Err(e) => {
             tracing::warn!(error = %e, "could not record the session start");
@@ -628,7 +633,7 @@ async fn relay_session(
         session = session_id, vm_id = r.vm_id, user = %r.user_name, %client,
         node = %proxy.settings.node, "console session started"
     );
-    enforce::catch_up(proxy.store.as_ref(), &registration, session_id).await;
+    enforce::catch_up(proxy.tokens.as_ref(), &registration, session_id).await;
 
     let writer = tokio::sync::Mutex::new(writer);
     let (mut tcp_rx, mut tcp_tx) = tcp.into_split();
@@ -660,12 +665,12 @@ async fn relay_session(
         reason: end.record(),
     };
     if let Some(id) = session_id
-        && let Err(e) = proxy.store.close_session(id, &end_record).await
+        && let Err(e) = proxy.log.close_session(id, &end_record).await
     {
         tracing::warn!(error = %e, session = id, "could not record the session end; retrying");
         // The database may be back in a moment (a lock, a failover): try a
         // few more times in the background, bounded.
-        let store = Arc::clone(&proxy.store);
+        let store = Arc::clone(&proxy.log);
         let record = end_record.clone();
         tokio::spawn(async move {
             for delay in [1u64, 2, 4, 8, 16] {

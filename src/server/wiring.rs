@@ -66,7 +66,8 @@ impl Node {
             }
         };
         let service = Arc::new(TokenService::new(
-            Arc::clone(&store),
+            store.clone(),
+            store.clone(),
             Arc::clone(&inventory),
             secrets.clone(),
             cfg.policy(),
@@ -129,7 +130,8 @@ impl Node {
         app = app.layer(axum::middleware::from_fn(crate::metrics::track_api));
         if cfg.role.serves_proxy() {
             let proxy = Arc::new(Proxy::new(
-                Arc::clone(&store),
+                store.clone(),
+                store.clone(),
                 Arc::clone(&service),
                 Arc::clone(&sessions),
                 proxy::Settings {
