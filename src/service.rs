@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use serde::Serialize;
 
 use crate::inventory::{Console, Credential, Grant, Inventory, InventoryError, Verdict};
-use crate::secrets::Secrets;
+use crate::secrets::{Secrets, SecretsError};
 use crate::store::{
     Cause, NewToken, Redemption, Revocation, Revoked, SessionFilter, SessionLog, SessionRecord,
     StoreError, TokenStore,
@@ -61,9 +61,19 @@ pub enum RedeemError {
     /// The VM is no longer where the token points.
     #[error("the VM moved since the token was minted")]
     Moved,
-    /// The store or the inventory cannot be asked.
+    /// The store cannot be asked.
     #[error("unavailable: {0}")]
-    Unavailable(String),
+    Store(#[from] StoreError),
+    /// The inventory cannot tell where the VM is.
+    #[error("unavailable: {0}")]
+    Inventory(#[from] InventoryError),
+    /// A sealed secret of the token does not open with this node's key.
+    #[error("unavailable: {what}: {source}")]
+    Secret {
+        what: &'static str,
+        #[source]
+        source: SecretsError,
+    },
 }
 
 /// Why a request failed. Each API maps the kinds to its own codes and
@@ -314,27 +324,31 @@ impl TokenService {
         let mut r = self
             .tokens
             .redeem(&hash, crate::now_unix())
-            .await
-            .map_err(|e| RedeemError::Unavailable(e.to_string()))?
+            .await?
             .ok_or(RedeemError::Invalid)?;
         crate::metrics::global().token_redeemed();
         tracing::debug!(token = %token::fingerprint(&hash), token_id = r.token_id, "token redeemed");
         let here = self
             .inventory
             .still_at(r.vm_id, &r.target_host, r.target_port)
-            .await
-            .map_err(|e| RedeemError::Unavailable(e.to_string()))?;
+            .await?;
         if !here {
             return Err(RedeemError::Moved);
         }
         r.vnc_password = self
             .secrets
             .open_opt(r.vnc_password.as_deref())
-            .map_err(|e| RedeemError::Unavailable(format!("stored VNC password: {e}")))?;
-        r.caller_session = self
-            .secrets
-            .open_opt(r.caller_session.as_deref())
-            .map_err(|e| RedeemError::Unavailable(format!("stored caller session: {e}")))?;
+            .map_err(|source| RedeemError::Secret {
+                what: "stored VNC password",
+                source,
+            })?;
+        r.caller_session =
+            self.secrets
+                .open_opt(r.caller_session.as_deref())
+                .map_err(|source| RedeemError::Secret {
+                    what: "stored caller session",
+                    source,
+                })?;
         Ok(r)
     }
 
@@ -358,7 +372,9 @@ impl TokenService {
                 metrics().refused(Refused::Moved);
                 Ok(None)
             }
-            Err(RedeemError::Unavailable(why)) => Err(ServiceError::Unavailable(why)),
+            Err(RedeemError::Store(e)) => Err(e.into()),
+            Err(RedeemError::Inventory(e)) => Err(e.into()),
+            Err(e @ RedeemError::Secret { .. }) => Err(ServiceError::Unavailable(e.to_string())),
         }
     }
 

@@ -513,7 +513,9 @@ async fn open(
     let r = redeemed.map_err(|e| match e {
         RedeemError::Invalid => Refusal::BadToken,
         RedeemError::Moved => Refusal::Moved,
-        RedeemError::Unavailable(why) => Refusal::StoreDown(why),
+        e @ (RedeemError::Store(_) | RedeemError::Inventory(_) | RedeemError::Secret { .. }) => {
+            Refusal::StoreDown(e.to_string())
+        }
     })?;
     tracing::debug!(%client, token_id = r.token_id, vm_id = r.vm_id, "console token accepted");
     let caller = r
