@@ -27,24 +27,45 @@ const MINT_PATH: &str = "/api/v1/vms/1/console-tokens";
 // Helpers
 // ---------------------------------------------------------------------------
 
-async fn scrape(port: u16) -> String {
-    let r = http_request(port, "GET", "/metrics", &[], b"").await;
-    assert_eq!(r.status, 200);
-    String::from_utf8(r.body).expect("metrics are UTF-8")
-}
-
-/// The value of one series in a scrape (0 when absent).
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// A TCP connection to the broker from the local address `src`.
 async fn connect_from(src: &str, port: u16) -> std::io::Result<TcpStream> {
     let socket = TcpSocket::new_v4()?;
     socket.bind(SocketAddr::new(src.parse().unwrap(), 0))?;
     socket.connect(([127, 0, 0, 1], port).into()).await
+}
+
+/// A mint request (no body) as `user` from 127.0.0.1; `None` if there is
+/// no complete answer within `limit`.
+async fn mint_request(port: u16, user: &str, pw: &str, limit: Duration) -> Option<Answer> {
+    let auth = basic_auth(user, pw);
+    request(
+        None,
+        port,
+        "POST",
+        MINT_PATH,
+        &[("Authorization", auth)],
+        b"",
+        limit,
+    )
+    .await
+}
+
+/// `GET /healthz` from `src` (127.0.0.1 if `None`), answered within [`STEP`].
+async fn healthz(src: Option<&str>, port: u16) -> Answer {
+    request(src, port, "GET", "/healthz", &[], b"", STEP)
+        .await
+        .expect("an answer to GET /healthz")
+}
+
+/// `n` connections from 127.0.0.1 that send nothing, held long enough for
+/// the broker to count them.
+async fn idle_connections(n: usize, port: u16) -> Vec<TcpStream> {
+    let mut conns = Vec::new();
+    for _ in 0..n {
+        conns.push(connect_from("127.0.0.1", port).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    conns
 }
 
 struct Answer {
@@ -75,14 +96,7 @@ async fn request(
 ) -> Option<Answer> {
     let fut = async {
         let mut s = connect_from(src.unwrap_or("127.0.0.1"), port).await.ok()?;
-        let mut req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {}\r\n",
-            body.len()
-        );
-        for (k, v) in headers {
-            req.push_str(&format!("{k}: {v}\r\n"));
-        }
-        req.push_str("\r\n");
+        let req = request_head(port, method, path, headers, body.len());
         s.write_all(req.as_bytes()).await.ok()?;
         s.write_all(body).await.ok()?;
         parse_answer(&read_all(&mut s).await)
@@ -173,16 +187,7 @@ fn pct(sorted: &[Duration], p: usize) -> Duration {
 /// if it did not succeed within `limit`.
 async fn timed_mint(port: u16, limit: Duration) -> Option<Duration> {
     let t = Instant::now();
-    let a = request(
-        None,
-        port,
-        "POST",
-        MINT_PATH,
-        &[("Authorization", basic_auth(USER, USER_PW))],
-        b"",
-        limit,
-    )
-    .await?;
+    let a = mint_request(port, USER, USER_PW, limit).await?;
     (a.status == 201).then(|| t.elapsed())
 }
 
@@ -255,18 +260,9 @@ async fn concurrent_wrong_passwords_are_charged_before_they_are_checked() {
     let tasks: Vec<_> = (0..FLOOD)
         .map(|i| {
             tokio::spawn(async move {
-                let auth = basic_auth(USER, &format!("wrong-{i}"));
-                request(
-                    None,
-                    port,
-                    "POST",
-                    MINT_PATH,
-                    &[("Authorization", auth)],
-                    b"",
-                    Duration::from_secs(90),
-                )
-                .await
-                .map(|a| a.status)
+                mint_request(port, USER, &format!("wrong-{i}"), Duration::from_secs(90))
+                    .await
+                    .map(|a| a.status)
             })
         })
         .collect();
@@ -299,17 +295,7 @@ async fn concurrent_wrong_passwords_are_charged_before_they_are_checked() {
         "{answers:?}"
     );
     // The budget is spent: even the right password is refused, unchecked.
-    let a = request(
-        None,
-        port,
-        "POST",
-        MINT_PATH,
-        &[("Authorization", basic_auth(USER, USER_PW))],
-        b"",
-        STEP,
-    )
-    .await
-    .unwrap();
+    let a = mint_request(port, USER, USER_PW, STEP).await.unwrap();
     assert_eq!(a.status, 429);
 }
 
@@ -396,17 +382,9 @@ async fn unknown_users_are_answered_as_slowly_as_known_ones() {
     let port = broker.port;
     let attempt = |user: String| async move {
         let t = Instant::now();
-        let a = request(
-            None,
-            port,
-            "POST",
-            MINT_PATH,
-            &[("Authorization", basic_auth(&user, "not-the-password"))],
-            b"",
-            STEP,
-        )
-        .await
-        .expect("an answer");
+        let a = mint_request(port, &user, "not-the-password", STEP)
+            .await
+            .expect("an answer");
         assert_eq!(a.status, 401);
         t.elapsed()
     };
@@ -744,14 +722,8 @@ async fn slow_body_attack(config: &str, open_files: Option<u64>, cap: usize) {
 async fn connection_caps_refuse_clearly_and_look_through_trusted_proxies() {
     let direct = Broker::start("[http]\nmax_connections_per_address = 3\n");
     let port = direct.port;
-    let mut idle = Vec::new();
-    for _ in 0..3 {
-        idle.push(connect_from("127.0.0.1", port).await.unwrap());
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let a = request(None, port, "GET", "/healthz", &[], b"", STEP)
-        .await
-        .expect("an answer");
+    let idle = idle_connections(3, port).await;
+    let a = healthz(None, port).await;
     assert_eq!(a.status, 503, "{}", String::from_utf8_lossy(&a.body));
     assert_eq!(a.header("retry-after"), Some("5"));
     let mut ws = Ws::connect(port, "/websockify?token=x", &WsOptions::default())
@@ -764,15 +736,11 @@ async fn connection_caps_refuse_clearly_and_look_through_trusted_proxies() {
     assert_eq!(code, 4429);
     assert!(reason.contains("too many connections"), "{reason}");
     // Another address is not affected; and a freed place is free again.
-    let a = request(Some("127.0.0.3"), port, "GET", "/healthz", &[], b"", STEP)
-        .await
-        .unwrap();
+    let a = healthz(Some("127.0.0.3"), port).await;
     assert_eq!(a.status, 200);
     drop(idle);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let a = request(None, port, "GET", "/healthz", &[], b"", STEP)
-        .await
-        .unwrap();
+    let a = healthz(None, port).await;
     assert_eq!(a.status, 200);
 
     // Behind a trusted proxy.
@@ -780,14 +748,8 @@ async fn connection_caps_refuse_clearly_and_look_through_trusted_proxies() {
         "[http]\ntrusted_proxies = [\"127.0.0.1\"]\nmax_connections_per_address = 3\nbody_timeout_ms = 20000\n",
     );
     let port = behind.port;
-    let mut proxy_conns = Vec::new();
-    for _ in 0..6 {
-        proxy_conns.push(connect_from("127.0.0.1", port).await.unwrap());
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let a = request(None, port, "GET", "/healthz", &[], b"", STEP)
-        .await
-        .unwrap();
+    let proxy_conns = idle_connections(6, port).await;
+    let a = healthz(None, port).await;
     assert_eq!(a.status, 200, "the proxy itself is not one capped client");
     // Three slow requests in progress for one forwarded client...
     let mut slow = Vec::new();

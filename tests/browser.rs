@@ -94,6 +94,19 @@ fn shot(name: &str) -> PathBuf {
     p
 }
 
+/// Opens `url` on the console page until it is in `state`; the page's
+/// result, and where its screenshot `shot_name` went.
+async fn open_console_page(url: &str, state: &str, shot_name: &str) -> (Value, PathBuf) {
+    let png = shot(shot_name);
+    let timeout = PAGE_TIMEOUT_MS.to_string();
+    let r = run_node(
+        "open_console.mjs",
+        &[url, png.to_str().unwrap(), state, &timeout],
+    )
+    .await;
+    (r, png)
+}
+
 /// Asserts the console page connected and shows something.
 fn assert_console_connected(r: &Value, shot_path: &Path) {
     assert_eq!(r["state"], "connected", "page result: {r:#}");
@@ -118,17 +131,7 @@ async fn the_console_page_shows_a_qemu_vm() {
         format!("{}/console#token={}", broker.base_url(), t.token)
     );
 
-    let png = shot("console-qemu.png");
-    let r = run_node(
-        "open_console.mjs",
-        &[
-            &t.url,
-            png.to_str().unwrap(),
-            "connected",
-            &PAGE_TIMEOUT_MS.to_string(),
-        ],
-    )
-    .await;
+    let (r, png) = open_console_page(&t.url, "connected", "console-qemu.png").await;
     assert_console_connected(&r, &png);
     assert_eq!(r["status"], "Connected: QEMU", "{r:#}");
     // The page dropped the token from the address bar.
@@ -149,17 +152,7 @@ async fn the_console_page_explains_an_expired_link() {
     })
     .await;
 
-    let png = shot("console-expired.png");
-    let r = run_node(
-        "open_console.mjs",
-        &[
-            &t.url,
-            png.to_str().unwrap(),
-            "failed",
-            &PAGE_TIMEOUT_MS.to_string(),
-        ],
-    )
-    .await;
+    let (r, png) = open_console_page(&t.url, "failed", "console-expired.png").await;
     assert_eq!(r["state"], "failed", "{r:#}");
     assert_eq!(r["status"], EXPIRED_MESSAGE, "{r:#}");
     assert_png(&png);
@@ -251,11 +244,7 @@ async fn the_readme_quickstart_opens_a_working_console() {
     let build_log = artifacts_dir().join("quickstart-demo.stderr.log");
     let build_turn = RELEASE_BUILD.lock().await;
     let mut cmd = Command::new("scripts/demo");
-    for (k, _) in std::env::vars() {
-        if k.starts_with("VNCBROKER_") {
-            cmd.env_remove(k);
-        }
-    }
+    clean_env(&mut cmd);
     let child = cmd
         .args(["--listen", "127.0.0.1:0"])
         .current_dir(repo_root())
@@ -318,17 +307,7 @@ async fn the_readme_quickstart_opens_a_working_console() {
         "console URL {url:?}"
     );
 
-    let png = shot("console-demo.png");
-    let r = run_node(
-        "open_console.mjs",
-        &[
-            &url,
-            png.to_str().unwrap(),
-            "connected",
-            &PAGE_TIMEOUT_MS.to_string(),
-        ],
-    )
-    .await;
+    let (r, png) = open_console_page(&url, "connected", "console-demo.png").await;
     assert_console_connected(&r, &png);
     assert!(demo.0.try_wait().unwrap().is_none(), "the demo died");
     drop(demo);
@@ -402,11 +381,7 @@ fn clean_clone(dest: &Path) {
 /// Runs the installed binary in `cwd`, with input on stdin; returns stdout.
 fn run_installed(bin: &Path, cwd: &Path, args: &[&str], stdin: Option<&str>) -> String {
     let mut cmd = Command::new(bin);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("VNCBROKER_") {
-            cmd.env_remove(k);
-        }
-    }
+    clean_env(&mut cmd);
     let mut child = cmd
         .args(args)
         .current_dir(cwd)
@@ -504,56 +479,21 @@ async fn an_installed_binary_alone_serves_a_working_console() {
     run_installed(
         &bin,
         cwd,
-        &[
-            "vm",
-            "add",
-            "1",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &port,
-            "--owner",
-            USER,
-            "--password-stdin",
-        ],
+        &vm_add_password_args("1", &port, USER),
         Some(QEMU_PW),
     );
 
     let log_path = artifacts_dir().join("installed-serve.stderr.log");
     let mut cmd = Command::new(&bin);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("VNCBROKER_") {
-            cmd.env_remove(k);
-        }
-    }
-    let child = cmd
-        .args(["serve", "--listen", "127.0.0.1:0"])
+    clean_env(&mut cmd);
+    cmd.args(["serve", "--listen", "127.0.0.1:0"])
         .current_dir(cwd)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
         .stderr(File::create(&log_path).unwrap())
-        .process_group(0)
-        .spawn()
-        .expect("spawning the installed vncbroker serve");
+        .process_group(0);
+    let (child, addr) = spawn_serve(&mut cmd, &log_path, START_TIMEOUT)
+        .unwrap_or_else(|e| panic!("the installed vncbroker serve did not start: {e}"));
     let mut serve = Group(child);
-    let stdout = serve.0.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut lines = BufReader::new(stdout).lines();
-        let _ = tx.send(lines.next());
-        for _ in lines {}
-    });
-    let first = match rx.recv_timeout(START_TIMEOUT) {
-        Ok(Some(Ok(line))) => line,
-        other => panic!(
-            "serve printed no first line ({other:?}):\n{}",
-            String::from_utf8_lossy(&read_file(&log_path))
-        ),
-    };
-    let broker_port: u16 = first
-        .strip_prefix("listening on 127.0.0.1:")
-        .and_then(|p| p.trim().parse().ok())
-        .unwrap_or_else(|| panic!("first line {first:?}"));
+    let broker_port = addr.port();
 
     // The page and noVNC come from memory, with their caching.
     let get = |path: String| async move { http_request(broker_port, "GET", &path, &[], b"").await };
@@ -591,14 +531,7 @@ async fn an_installed_binary_alone_serves_a_working_console() {
     .await;
     assert_eq!(again.status, 304, "{rfb_path} with If-None-Match {etag}");
 
-    let r = http_request(
-        broker_port,
-        "POST",
-        "/api/v1/vms/1/console-tokens",
-        &[("Authorization", basic_auth(USER, USER_PW))],
-        b"",
-    )
-    .await;
+    let r = post_mint(broker_port, 1, USER, USER_PW).await;
     assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
     let minted: Value = serde_json::from_slice(&r.body).unwrap();
     let url = minted["url"].as_str().unwrap().to_owned();
@@ -607,17 +540,7 @@ async fn an_installed_binary_alone_serves_a_working_console() {
         "{url}"
     );
 
-    let png = shot("console-installed.png");
-    let r = run_node(
-        "open_console.mjs",
-        &[
-            &url,
-            png.to_str().unwrap(),
-            "connected",
-            &PAGE_TIMEOUT_MS.to_string(),
-        ],
-    )
-    .await;
+    let (r, png) = open_console_page(&url, "connected", "console-installed.png").await;
     assert_console_connected(&r, &png);
     assert_eq!(r["status"], "Connected: QEMU", "{r:#}");
     assert!(serve.0.try_wait().unwrap().is_none(), "serve died");

@@ -7,13 +7,15 @@
 //! `@` and `:`, and is given in the URL's user part, as `?password=`, and as
 //! a keyword; no log line, `/metrics` answer or error message may show it.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use testkit::pg::{PgOptions, PgServer, TLS_HOST, TestPki};
-use testkit::{START_TIMEOUT, USER, USER_PW, basic_auth, http_request, stop_child};
+use testkit::{
+    START_TIMEOUT, USER, USER_PW, clean_env, http_request, post_mint, spawn_serve, stop_child,
+    vm_add_password_args,
+};
 
 /// The binary under test.
 const BIN: &str = env!("CARGO_BIN_EXE_vncbroker");
@@ -128,15 +130,6 @@ fn toml_string(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
-fn clean(cmd: &mut Command) -> &mut Command {
-    for (k, _) in std::env::vars() {
-        if k.starts_with("VNCBROKER_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd
-}
-
 fn run(dir: &Path, config: &Path, args: &[&str], stdin: Option<&str>) -> Output {
     run_with(dir, config, args, stdin, &[])
 }
@@ -149,7 +142,7 @@ fn run_with(
     env: &[(&str, &Path)],
 ) -> Output {
     use std::io::Write;
-    let mut child = clean(&mut Command::new(BIN))
+    let mut child = clean_env(&mut Command::new(BIN))
         .envs(env.iter().copied())
         .args(args)
         .arg("--config")
@@ -217,39 +210,19 @@ impl Serve {
     fn start(db: &TlsDb, database: &str) -> Serve {
         let config = db.config(database);
         let log = db.dir.path().join("serve.log");
-        let mut child = clean(&mut Command::new(BIN))
+        let mut cmd = Command::new(BIN);
+        clean_env(&mut cmd)
             .args(["serve", "--listen", "127.0.0.1:0", "--config"])
             .arg(&config)
             .env("RUST_LOG", "debug")
             .current_dir(db.dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            let _ = tx.send(lines.next());
-            for _ in lines {}
-        });
-        let first = rx.recv_timeout(START_TIMEOUT);
-        let port = match &first {
-            Ok(Some(Ok(line))) => line
-                .strip_prefix("listening on 127.0.0.1:")
-                .and_then(|p| p.trim().parse().ok()),
-            _ => None,
-        };
-        match port {
-            Some(port) => Serve { child, port, log },
-            None => {
-                stop_child(&mut child, Duration::from_secs(2));
-                panic!(
-                    "serve did not start: {}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
+            .stderr(std::fs::File::create(&log).unwrap());
+        let (child, addr) = spawn_serve(&mut cmd, &log, START_TIMEOUT)
+            .unwrap_or_else(|e| panic!("serve did not start: {e}"));
+        Serve {
+            child,
+            port: addr.port(),
+            log,
         }
     }
 
@@ -265,15 +238,7 @@ impl Drop for Serve {
 }
 
 async fn mint(port: u16, vm: i64) -> u16 {
-    http_request(
-        port,
-        "POST",
-        &format!("/api/v1/vms/{vm}/console-tokens"),
-        &[("Authorization", basic_auth(USER, USER_PW))],
-        b"",
-    )
-    .await
-    .status
+    post_mint(port, vm, USER, USER_PW).await.status
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -308,18 +273,7 @@ async fn verify_full_connects_over_tls_and_the_password_never_shows() {
         "vm add",
         &db.cli(
             &forms[1],
-            &[
-                "vm",
-                "add",
-                "7",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "5907",
-                "--owner",
-                USER,
-                "--password-stdin",
-            ],
+            &vm_add_password_args("7", "5907", USER),
             Some("vnc-Pw-7"),
         ),
     );

@@ -14,7 +14,6 @@
 //! the proxy a plain passthrough, so every byte can be accounted for.
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -168,45 +167,22 @@ impl Node {
         let log_path = dir.join(format!("{name}.stderr.log"));
         let log = std::fs::File::create(&log_path).unwrap();
         let mut cmd = Command::new(BIN);
-        without_overrides(&mut cmd)
+        clean_env(&mut cmd)
             .args(["serve", "--config"])
             .arg(config)
             .args(["--database", db_url, "--listen", "127.0.0.1:0"])
             .args(["--node-name", name])
             .env("RUST_LOG", "info")
             .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
             .stderr(Stdio::from(log));
-        let mut child = cmd.spawn().expect("spawning vncbroker serve");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            let _ = tx.send(lines.next());
-            for _ in lines {}
-        });
-        let mut node = Node {
+        let (child, addr) = spawn_serve(&mut cmd, &log_path, START_TIMEOUT)
+            .unwrap_or_else(|e| panic!("node {name} did not start: {e}"));
+        Node {
             name: name.to_owned(),
-            port: 0,
+            port: addr.port(),
             log_path,
             child,
-        };
-        let first = rx.recv_timeout(START_TIMEOUT);
-        let port = match &first {
-            Ok(Some(Ok(line))) => line
-                .strip_prefix("listening on 127.0.0.1:")
-                .and_then(|p| p.trim().parse::<u16>().ok()),
-            _ => None,
-        };
-        match port {
-            Some(p) => node.port = p,
-            None => panic!(
-                "node {name} did not start ({first:?}); log:\n{}",
-                tail(&node.log())
-            ),
         }
-        node
     }
 
     fn pid(&self) -> u32 {
@@ -236,28 +212,11 @@ impl Drop for Node {
     }
 }
 
-fn without_overrides(cmd: &mut Command) -> &mut Command {
-    for (k, _) in std::env::vars() {
-        if k.starts_with("VNCBROKER_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd
-}
-
-fn tail(s: &str) -> &str {
-    let mut start = s.len().saturating_sub(6000);
-    while !s.is_char_boundary(start) {
-        start += 1;
-    }
-    &s[start..]
-}
-
 /// Runs a `vncbroker` admin command against `db_url`.
 fn cli(dir: &Path, config: &Path, db_url: &str, args: &[&str], stdin: Option<&str>) -> String {
     use std::io::Write;
     let mut cmd = Command::new(BIN);
-    without_overrides(&mut cmd)
+    clean_env(&mut cmd)
         .args(args)
         .arg("--config")
         .arg(config)
@@ -417,20 +376,7 @@ fn app_fds(pid: u32, db_port: Option<u16>) -> (usize, String) {
 
 /// The fd count once it has held still for half a second.
 async fn steady_fds(pid: u32, db_port: Option<u16>) -> usize {
-    let mut last = app_fds(pid, db_port).0;
-    let mut steady = 0;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while steady < 5 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let now = app_fds(pid, db_port).0;
-        if now == last {
-            steady += 1;
-        } else {
-            steady = 0;
-            last = now;
-        }
-    }
-    last
+    steady_count(|| app_fds(pid, db_port).0).await
 }
 
 /// Waits until the process holds at most `baseline` fds (database
@@ -463,26 +409,15 @@ fn rss(pid: u32) -> u64 {
 }
 
 /// A series' value in the node's `/metrics` (0 when absent).
-async fn metric(port: u16, series: &str) -> f64 {
-    let r = http_request(port, "GET", "/metrics", &[], b"").await;
-    assert_eq!(r.status, 200);
-    String::from_utf8_lossy(&r.body)
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
+async fn metric_on(port: u16, series: &str) -> f64 {
+    metric(&scrape(port).await, series)
 }
 
 /// Waits for `vncbroker_sessions_active` to be 0 on the node at `port`.
 async fn no_live_sessions(port: u16, what: &str) {
     let deadline = Instant::now() + STEP;
     loop {
-        let n = metric(port, "vncbroker_sessions_active").await;
+        let n = metric_on(port, "vncbroker_sessions_active").await;
         if n == 0.0 {
             return;
         }
@@ -562,6 +497,20 @@ fn row_of<'a>(rows: &'a [SessionRow], node: &str, addr: &str) -> &'a SessionRow 
         .unwrap_or_else(|| panic!("no session row for {addr} on {node}: {rows:#?}"))
 }
 
+/// Each session from an `(addr, sent)` pair ended as its client closed it,
+/// with `sent` bytes each way (the server echoes).
+fn assert_echoed_and_closed(rows: &[SessionRow], ends: &[(String, u64)]) {
+    for (addr, sent) in ends {
+        let r = row_of(rows, NODE, addr);
+        assert_eq!(r.close_reason.as_deref(), Some("client closed"), "{r:?}");
+        assert_eq!(
+            (r.bytes_to_client as u64, r.bytes_to_server as u64),
+            (*sent, *sent),
+            "{r:?}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------
 // 1. A node killed with SIGKILL
 // ---------------------------------------------------------------------------
@@ -590,17 +539,7 @@ async fn a_killed_node(db_url: &str, db_port: Option<u16>) {
         dir.path(),
         &config,
         db_url,
-        &[
-            "vm",
-            "add",
-            "1",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &echo_port,
-            "--owner",
-            USER,
-        ],
+        &vm_add_args("1", &echo_port, USER),
         None,
     );
     let mut a = Node::start(dir.path(), &config, db_url, "node-a");
@@ -828,7 +767,10 @@ async fn a_locked_sqlite_file_refuses_new_consoles_with_4503_and_running_session
         (echo.live() == 1).then_some(())
     })
     .await;
-    assert_eq!(metric(broker.port, "vncbroker_sessions_active").await, 1.0);
+    assert_eq!(
+        metric_on(broker.port, "vncbroker_sessions_active").await,
+        1.0
+    );
 
     lock.execute_batch("ROLLBACK").unwrap();
     drop(lock);
@@ -849,16 +791,7 @@ async fn a_locked_sqlite_file_refuses_new_consoles_with_4503_and_running_session
             .then_some(rows)
     })
     .await;
-    for (addr, sent) in &ends {
-        let r = row_of(&rows, NODE, addr);
-        assert!(r.ended_at.is_some(), "{r:?}");
-        assert_eq!(r.close_reason.as_deref(), Some("client closed"), "{r:?}");
-        assert_eq!(
-            (r.bytes_to_client as u64, r.bytes_to_server as u64),
-            (*sent, *sent),
-            "{r:?}"
-        );
-    }
+    assert_echoed_and_closed(&rows, &ends);
     // The end that could not be written at first was written by the retry.
     let r = row_of(&rows, NODE, &s2_addr);
     assert!(r.ended_at.is_some(), "{r:?}");
@@ -867,7 +800,7 @@ async fn a_locked_sqlite_file_refuses_new_consoles_with_4503_and_running_session
 
     let port = broker.port;
     assert_eq!(
-        metric(
+        metric_on(
             port,
             "vncbroker_tokens_refused_total{reason=\"store_unavailable\"}"
         )
@@ -875,7 +808,7 @@ async fn a_locked_sqlite_file_refuses_new_consoles_with_4503_and_running_session
         2.0
     );
     assert_eq!(
-        metric(
+        metric_on(
             port,
             "vncbroker_store_errors_total{op=\"redeem\",kind=\"unavailable\"}"
         )
@@ -883,7 +816,7 @@ async fn a_locked_sqlite_file_refuses_new_consoles_with_4503_and_running_session
         2.0
     );
     assert_eq!(
-        metric(
+        metric_on(
             port,
             "vncbroker_store_errors_total{op=\"close_session\",kind=\"unavailable\"}"
         )
@@ -1170,15 +1103,7 @@ async fn clients_that_vanish_without_a_close_frame_end_their_sessions_and_backen
     // ...and records the ends.
     let rows = broker.ended_sessions(4).await;
     assert!(gone.elapsed() < STEP);
-    for (addr, sent) in &expect {
-        let r = row_of(&rows, NODE, addr);
-        assert_eq!(r.close_reason.as_deref(), Some("client closed"), "{r:?}");
-        assert_eq!(
-            (r.bytes_to_client as u64, r.bytes_to_server as u64),
-            (*sent, *sent),
-            "{r:?}"
-        );
-    }
+    assert_echoed_and_closed(&rows, &expect);
     let r = row_of(&rows, NODE, &flooded_addr);
     assert_eq!(r.close_reason.as_deref(), Some("client closed"), "{r:?}");
     assert_eq!(r.bytes_to_server, 0, "{r:?}");

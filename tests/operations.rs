@@ -32,6 +32,7 @@ async fn get(port: u16, path: &str) -> (u16, String) {
     (r.status, String::from_utf8_lossy(&r.body).into_owned())
 }
 
+/// [`testkit::scrape`], and the answer is in Prometheus' text format.
 async fn scrape(port: u16) -> String {
     let r = http_request(port, "GET", "/metrics", &[], b"").await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
@@ -43,19 +44,6 @@ async fn scrape(port: u16) -> String {
         .unwrap_or("");
     assert!(ctype.starts_with("text/plain; version=0.0.4"), "{ctype}");
     String::from_utf8(r.body).expect("metrics are UTF-8")
-}
-
-/// The value of a series such as `name{a="b"}`; 0 when absent.
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
 }
 
 /// Sends `data` and expects it echoed back.
@@ -326,14 +314,7 @@ async fn sigterm_drains_live_sessions_then_closes_them_with_1001_and_exits_0() {
     .err()
     .expect("a new WebSocket must be refused while draining");
     assert!(err.contains("503"), "{err}");
-    let r = http_request(
-        broker.port,
-        "POST",
-        "/api/v1/vms/1/console-tokens",
-        &[("Authorization", basic_auth(USER, USER_PW))],
-        b"",
-    )
-    .await;
+    let r = post_mint(broker.port, 1, USER, USER_PW).await;
     assert_eq!(r.status, 503);
     assert_eq!(get(broker.port, "/healthz").await, (200, "ok".into()));
     let m = scrape(broker.port).await;
@@ -449,30 +430,19 @@ async fn sighup_reloads_token_lifetimes_and_keeps_the_running_config_when_the_ne
 fn openssl_cert(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     let cert = dir.join(format!("{name}.crt"));
     let key = dir.join(format!("{name}.key"));
-    let out = Command::new("openssl")
-        .args([
-            "req",
+    testkit::pg::openssl_ec_req(
+        dir,
+        &[
             "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
             "-days",
             "2",
             "-subj",
-        ])
-        .arg(format!("/CN=vncbroker-{name}"))
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("running openssl");
-    assert!(
-        out.status.success(),
-        "openssl req: {}",
-        String::from_utf8_lossy(&out.stderr)
+            &format!("/CN=vncbroker-{name}"),
+            "-keyout",
+            key.to_str().unwrap(),
+            "-out",
+            cert.to_str().unwrap(),
+        ],
     );
     (cert, key)
 }

@@ -17,20 +17,17 @@ async fn warm_baseline(broker: &Broker, vm: i64) -> usize {
         .await;
     assert_eq!(ws.expect_close(STEP).await.0, 4401);
     drop(ws);
-    let mut last = broker.fd_count();
-    let mut steady = 0;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while steady < 5 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let now = broker.fd_count();
-        if now == last {
-            steady += 1;
-        } else {
-            steady = 0;
-            last = now;
-        }
-    }
-    last
+    steady_count(|| broker.fd_count()).await
+}
+
+/// A broker with VM 1 = an Xvnc with a stored password, warmed up; and
+/// its fd baseline.
+async fn xvnc_setup() -> (Xvnc, Broker, usize) {
+    let xvnc = Xvnc::start(VNC_PW);
+    let broker = Broker::start("");
+    broker.add_vm(1, xvnc.port, Some(VNC_PW));
+    let baseline = warm_baseline(&broker, 1).await;
+    (xvnc, broker, baseline)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -133,14 +130,8 @@ async fn a_server_that_never_speaks_gives_4504_after_the_handshake_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_text_frame_mid_session_closes_with_1003() {
-    let xvnc = Xvnc::start(VNC_PW);
-    let broker = Broker::start("");
-    broker.add_vm(1, xvnc.port, Some(VNC_PW));
-    let baseline = warm_baseline(&broker, 1).await;
-
-    let t = broker.mint_default(1).await;
-    let mut ws = broker.ws_token(&t.token).await;
-    rfb_handshake(&mut ws).await.expect("handshake");
+    let (_xvnc, broker, baseline) = xvnc_setup().await;
+    let (_, mut ws) = broker.open_console(1).await;
     ws.send_text("this is not RFB").await.unwrap();
     let (code, reason) = ws.expect_close(STEP).await;
     assert_eq!(code, 1003, "reason: {reason}");
@@ -159,11 +150,7 @@ async fn a_text_frame_mid_session_closes_with_1003() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_text_frame_during_the_handshake_closes_with_1003() {
-    let xvnc = Xvnc::start(VNC_PW);
-    let broker = Broker::start("");
-    broker.add_vm(1, xvnc.port, Some(VNC_PW));
-    let baseline = warm_baseline(&broker, 1).await;
-
+    let (_xvnc, broker, baseline) = xvnc_setup().await;
     let t = broker.mint_default(1).await;
     let mut ws = broker.ws_token(&t.token).await;
     assert_eq!(ws.read_exact(12).await.unwrap(), b"RFB 003.008\n");
@@ -226,14 +213,8 @@ async fn half_an_http_request_is_dropped_after_the_header_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_vanishes_mid_session_ends_its_session() {
-    let xvnc = Xvnc::start(VNC_PW);
-    let broker = Broker::start("");
-    broker.add_vm(1, xvnc.port, Some(VNC_PW));
-    let baseline = warm_baseline(&broker, 1).await;
-
-    let t = broker.mint_default(1).await;
-    let mut ws = broker.ws_token(&t.token).await;
-    rfb_handshake(&mut ws).await.expect("handshake");
+    let (_xvnc, broker, baseline) = xvnc_setup().await;
+    let (_, ws) = broker.open_console(1).await;
     poll_until("the session row", STEP, || {
         (broker.sessions().len() == 1).then_some(())
     })
@@ -251,11 +232,8 @@ async fn a_client_that_vanishes_mid_session_ends_its_session() {
     broker_still_serves(&broker).await;
 }
 
+/// A new session opens after the vanished one.
 async fn broker_still_serves(broker: &Broker) {
-    let t = broker.mint_default(1).await;
-    let mut ws = broker.ws_token(&t.token).await;
-    rfb_handshake(&mut ws)
-        .await
-        .expect("a new session after the vanished one");
+    let (_, mut ws) = broker.open_console(1).await;
     ws.close_normal().await;
 }

@@ -147,9 +147,7 @@ async fn an_expired_token_is_refused_like_an_unknown_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_ends_a_live_session_with_4410_within_2_seconds() {
     let (_xvnc, broker) = setup("");
-    let t = broker.mint_default(1).await;
-    let mut ws = broker.ws_token(&t.token).await;
-    rfb_handshake(&mut ws).await.expect("handshake");
+    let (t, mut ws) = broker.open_console(1).await;
     poll_until("the session row", STEP, || {
         (broker.sessions().len() == 1).then_some(())
     })

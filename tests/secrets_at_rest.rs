@@ -6,13 +6,16 @@
 //! Every `vncbroker` here runs under `sh -c 'umask ...; exec ...'`, so the
 //! umask is the child's own and the test process keeps its own.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use testkit::{START_TIMEOUT, USER, USER_PW, basic_auth, http_request, stop_child};
+use testkit::{
+    START_TIMEOUT, USER, USER_PW, clean_env, post_mint, spawn_serve, stop_child, vm_add_args,
+    vm_add_password_args,
+};
 
 /// The binary under test.
 const BIN: &str = env!("CARGO_BIN_EXE_vncbroker");
@@ -46,11 +49,7 @@ fn vncbroker(dir: &Path, umask: &str, args: &[&str], stdin: Option<&str>) -> Out
 
 fn command(dir: &Path, umask: &str, args: &[&str]) -> Command {
     let mut cmd = Command::new("sh");
-    for (k, _) in std::env::vars() {
-        if k.starts_with("VNCBROKER_") {
-            cmd.env_remove(k);
-        }
-    }
+    clean_env(&mut cmd);
     cmd.arg("-c")
         .arg("umask \"$1\"; shift; exec \"$@\"")
         .arg("sh")
@@ -95,35 +94,14 @@ struct Serve {
 impl Serve {
     fn start(dir: &Path, umask: &str) -> Serve {
         let log = dir.join("serve.log");
-        let mut child = command(dir, umask, &["serve", "--listen", "127.0.0.1:0"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("spawning vncbroker serve");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            let _ = tx.send(lines.next());
-            for _ in lines {}
-        });
-        let first = rx.recv_timeout(START_TIMEOUT);
-        let port = match &first {
-            Ok(Some(Ok(line))) => line
-                .strip_prefix("listening on 127.0.0.1:")
-                .and_then(|p| p.trim().parse().ok()),
-            _ => None,
-        };
-        match port {
-            Some(port) => Serve { child, port, log },
-            None => {
-                stop_child(&mut child, Duration::from_secs(2));
-                panic!(
-                    "serve did not start ({first:?}): {}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
+        let mut cmd = command(dir, umask, &["serve", "--listen", "127.0.0.1:0"]);
+        cmd.stderr(std::fs::File::create(&log).expect("log file"));
+        let (child, addr) = spawn_serve(&mut cmd, &log, START_TIMEOUT)
+            .unwrap_or_else(|e| panic!("serve did not start: {e}"));
+        Serve {
+            child,
+            port: addr.port(),
+            log,
         }
     }
 }
@@ -140,22 +118,20 @@ impl Drop for Serve {
     }
 }
 
+fn add_user(dir: &Path, umask: &str) -> Output {
+    vncbroker(
+        dir,
+        umask,
+        &["user", "add", USER, "--password-stdin"],
+        Some(USER_PW),
+    )
+}
+
 fn add_vm_with_password(dir: &Path, umask: &str) -> Output {
     vncbroker(
         dir,
         umask,
-        &[
-            "vm",
-            "add",
-            "7",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "5907",
-            "--owner",
-            USER,
-            "--password-stdin",
-        ],
+        &vm_add_password_args("7", "5907", USER),
         Some("vnc-Pw-7"),
     )
 }
@@ -165,23 +141,11 @@ async fn the_sqlite_files_are_owner_only_whatever_the_umask() {
     for umask in ["000", "022"] {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        ok(&vncbroker(
-            d,
-            umask,
-            &["user", "add", USER, "--password-stdin"],
-            Some(USER_PW),
-        ));
+        ok(&add_user(d, umask));
         ok(&add_vm_with_password(d, umask));
         let serve = Serve::start(d, umask);
         // A write, so the WAL holds a token row and a session-free mint.
-        let r = http_request(
-            serve.port,
-            "POST",
-            "/api/v1/vms/7/console-tokens",
-            &[("Authorization", basic_auth(USER, USER_PW))],
-            b"",
-        )
-        .await;
+        let r = post_mint(serve.port, 7, USER, USER_PW).await;
         assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
         for name in [
             "vncbroker.db",
@@ -205,12 +169,7 @@ async fn the_sqlite_files_are_owner_only_whatever_the_umask() {
 async fn a_database_made_readable_earlier_is_closed_to_others_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    ok(&vncbroker(
-        d,
-        "022",
-        &["user", "add", USER, "--password-stdin"],
-        Some(USER_PW),
-    ));
+    ok(&add_user(d, "022"));
     let db = d.join("vncbroker.db");
     std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
     let _serve = Serve::start(d, "022");
@@ -224,12 +183,7 @@ async fn a_database_made_readable_earlier_is_closed_to_others_at_start() {
 fn a_lost_key_file_is_an_error_when_the_database_holds_sealed_passwords() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    ok(&vncbroker(
-        d,
-        "077",
-        &["user", "add", USER, "--password-stdin"],
-        Some(USER_PW),
-    ));
+    ok(&add_user(d, "077"));
     ok(&add_vm_with_password(d, "077"));
     let key = d.join("vncbroker.key");
     let original = std::fs::read(&key).expect("the key file was generated");
@@ -300,28 +254,8 @@ fn a_lost_key_file_is_an_error_when_the_database_holds_sealed_passwords() {
 fn a_database_without_sealed_passwords_gets_a_new_key() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    ok(&vncbroker(
-        d,
-        "022",
-        &["user", "add", USER, "--password-stdin"],
-        Some(USER_PW),
-    ));
-    ok(&vncbroker(
-        d,
-        "022",
-        &[
-            "vm",
-            "add",
-            "8",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "5908",
-            "--owner",
-            USER,
-        ],
-        None,
-    ));
+    ok(&add_user(d, "022"));
+    ok(&vncbroker(d, "022", &vm_add_args("8", "5908", USER), None));
     let key = d.join("vncbroker.key");
     assert!(!key.exists());
     // Nothing sealed yet: the first password sealed creates the key.

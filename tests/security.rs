@@ -387,14 +387,7 @@ async fn failed_attempts_are_limited_per_address() {
     assert_eq!(status, 429);
 
     // Wrong passwords share the address's budget: the API answers 429.
-    let r = http_request(
-        broker.port,
-        "POST",
-        "/api/v1/vms/1/console-tokens",
-        &[("Authorization", basic_auth(USER, USER_PW))],
-        b"",
-    )
-    .await;
+    let r = post_mint(broker.port, 1, USER, USER_PW).await;
     assert_eq!(r.status, 429, "{}", String::from_utf8_lossy(&r.body));
     let call = format!(
         "<methodCall><methodName>one.vm.novnctoken</methodName><params><param><value><string>{USER}:{USER_PW}</string></value></param><param><value><int>1</int></value></param></params></methodCall>"
@@ -418,17 +411,7 @@ async fn failed_attempts_are_limited_per_address() {
 async fn wrong_passwords_use_up_the_budget() {
     let broker = Broker::start("[http]\nfailures_per_minute = 2\nfailure_delay_ms = 100\n");
     broker.add_vm(1, closed_port(), None);
-    let mint = |pw: &'static str| async move {
-        http_request(
-            broker.port,
-            "POST",
-            "/api/v1/vms/1/console-tokens",
-            &[("Authorization", basic_auth(USER, pw))],
-            b"",
-        )
-        .await
-        .status
-    };
+    let mint = |pw: &'static str| async move { post_mint(broker.port, 1, USER, pw).await.status };
     assert_eq!(mint("wrong-1").await, 401);
     assert_eq!(mint("wrong-2").await, 401);
     assert_eq!(mint(USER_PW).await, 429);
@@ -564,14 +547,7 @@ async fn no_secret_reaches_the_logs() {
             let _ = rfb_handshake(&mut ws).await;
         }
         // A wrong password, a wrong token, a revocation, an expired token.
-        let wrong = http_request(
-            broker.port,
-            "POST",
-            "/api/v1/vms/1/console-tokens",
-            &[("Authorization", basic_auth(USER, "not-the-Pw-4711"))],
-            b"",
-        )
-        .await;
+        let wrong = post_mint(broker.port, 1, USER, "not-the-Pw-4711").await;
         assert_eq!(wrong.status, 401);
         secrets.push("not-the-Pw-4711".into());
         let mut ws = broker.ws_token(&unknown_token()).await;

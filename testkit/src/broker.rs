@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use serde_json::Value;
 
-use crate::http::{basic_auth, http_request};
+use crate::http::{HttpResponse, basic_auth, http_request};
 use crate::process::{clean_env, fd_count, signal, stop_child, tail};
+use crate::rfb::rfb_handshake;
 use crate::sqlite::{SessionRow, sqlite_session_rows};
 use crate::ws::{Ws, WsOptions};
 use crate::{START_TIMEOUT, STEP, poll_until};
@@ -105,6 +106,38 @@ pub fn vm_add_args<'a>(id: &'a str, port: &'a str, owner: &'a str) -> Vec<&'a st
         "--owner",
         owner,
     ]
+}
+
+/// [`vm_add_args`], and the VNC password comes on stdin, to be sealed.
+pub fn vm_add_password_args<'a>(id: &'a str, port: &'a str, owner: &'a str) -> Vec<&'a str> {
+    let mut args = vm_add_args(id, port, owner);
+    args.push("--password-stdin");
+    args
+}
+
+/// Asks `port`'s JSON API for a token for `vm` as `user`, with no body,
+/// and returns the answer as it is: for tests that expect a refusal.
+pub async fn post_mint(port: u16, vm: i64, user: &str, pw: &str) -> HttpResponse {
+    http_request(
+        port,
+        "POST",
+        &format!("/api/v1/vms/{vm}/console-tokens"),
+        &[("Authorization", basic_auth(user, pw))],
+        b"",
+    )
+    .await
+}
+
+/// The JSON body of `r`, which must have `status`; `what` names the call.
+fn json_answer(r: &HttpResponse, status: u16, what: &str) -> Value {
+    assert_eq!(
+        r.status,
+        status,
+        "{what} failed: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    serde_json::from_slice(&r.body)
+        .unwrap_or_else(|e| panic!("{what}: the answer is not JSON: {e}"))
 }
 
 /// Runs a CLI subcommand of `bin` against `config` (if given) and `db_url`
@@ -329,10 +362,10 @@ impl Broker {
     /// VNC password stored if given.
     pub fn add_vm(&self, id: i64, port: u16, vnc_password: Option<&str>) {
         let (id_s, port_s) = (id.to_string(), port.to_string());
-        let mut args = vm_add_args(&id_s, &port_s, USER);
-        if vnc_password.is_some() {
-            args.push("--password-stdin");
-        }
+        let args = match vnc_password {
+            Some(_) => vm_add_password_args(&id_s, &port_s, USER),
+            None => vm_add_args(&id_s, &port_s, USER),
+        };
         self.cli(&args, vnc_password);
     }
 
@@ -362,13 +395,7 @@ impl Broker {
             body.as_bytes(),
         )
         .await;
-        assert_eq!(
-            r.status,
-            201,
-            "minting for VM {vm} failed: {}",
-            String::from_utf8_lossy(&r.body)
-        );
-        let v: Value = serde_json::from_slice(&r.body).expect("mint response is JSON");
+        let v = json_answer(&r, 201, &format!("minting for VM {vm}"));
         let m = Minted::from_json(&v);
         assert_eq!(m.vm_id, vm);
         assert_eq!(m.single_use, single_use);
@@ -390,13 +417,7 @@ impl Broker {
             b"",
         )
         .await;
-        assert_eq!(
-            r.status,
-            200,
-            "revoking VM {vm} failed: {}",
-            String::from_utf8_lossy(&r.body)
-        );
-        let v: Value = serde_json::from_slice(&r.body).expect("revoke response is JSON");
+        let v = json_answer(&r, 200, &format!("revoking VM {vm}"));
         v["revoked"]
             .as_i64()
             .unwrap_or_else(|| panic!("no revoked count in {v}"))
@@ -419,6 +440,17 @@ impl Broker {
         )
         .await
         .unwrap_or_else(|e| panic!("WebSocket with a token: {e}"))
+    }
+
+    /// Mints a default token for `vm` and opens its console through the
+    /// RFB handshake: a live session, for tests about what happens next.
+    pub async fn open_console(&self, vm: i64) -> (Minted, Ws) {
+        let t = self.mint_default(vm).await;
+        let mut ws = self.ws_token(&t.token).await;
+        rfb_handshake(&mut ws)
+            .await
+            .unwrap_or_else(|e| panic!("the RFB handshake for VM {vm}: {e}"));
+        (t, ws)
     }
 
     /// All rows of the `sessions` table, oldest first.

@@ -30,14 +30,7 @@ pub async fn http_request(
 ) -> HttpResponse {
     let fut = async {
         let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
-        let mut req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {}\r\n",
-            body.len()
-        );
-        for (k, v) in headers {
-            req.push_str(&format!("{k}: {v}\r\n"));
-        }
-        req.push_str("\r\n");
+        let req = request_head(port, method, path, headers, body.len());
         s.write_all(req.as_bytes()).await?;
         s.write_all(body).await?;
         let mut raw = Vec::new();
@@ -54,6 +47,45 @@ pub async fn http_request(
             String::from_utf8_lossy(&raw)
         )
     })
+}
+
+/// The head of a one-shot request (`Connection: close`) with a body of
+/// `body_len` bytes, for clients that send it over their own connection.
+pub fn request_head(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body_len: usize,
+) -> String {
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {body_len}\r\n"
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req
+}
+
+/// `GET /metrics`, which must answer 200 in UTF-8.
+pub async fn scrape(port: u16) -> String {
+    let r = http_request(port, "GET", "/metrics", &[], b"").await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    String::from_utf8(r.body).expect("metrics are UTF-8")
+}
+
+/// The value of a series such as `name{a="b"}` in a scrape; 0 when absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
 }
 
 fn parse_response(raw: &[u8]) -> Option<HttpResponse> {

@@ -22,10 +22,13 @@ pub mod xvnc;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-pub use broker::{Broker, Minted, NODE, USER, USER_PW, bin, unknown_token};
-pub use http::{HttpResponse, basic_auth, http_request};
+pub use broker::{
+    Broker, Minted, NODE, USER, USER_PW, bin, post_mint, spawn_serve, unknown_token, vm_add_args,
+    vm_add_password_args,
+};
+pub use http::{HttpResponse, basic_auth, http_request, metric, request_head, scrape};
 pub use net::{TinyServer, closed_port, free_port, port_open};
-pub use process::{fd_count, stop_child, stop_group};
+pub use process::{clean_env, fd_count, steady_count, stop_child, stop_group, tail};
 pub use qemu::Qemu;
 pub use rfb::{ServerInit, rfb_handshake};
 pub use sqlite::{SessionRow, sqlite_session_rows};

@@ -22,7 +22,7 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -497,42 +497,36 @@ impl TestPki {
             .expect("a temp dir for certificates");
         let pki = TestPki { dir };
         for ca in ["ca", "other-ca"] {
-            pki.openssl(&[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                &format!("{ca}.key"),
-                "-out",
-                &format!("{ca}.pem"),
-                "-days",
-                "2",
-                "-subj",
-                &format!("/CN=vncbroker test {ca}"),
-                "-addext",
-                "basicConstraints=critical,CA:TRUE",
-                "-addext",
-                "keyUsage=critical,keyCertSign,cRLSign",
-            ]);
+            openssl_ec_req(
+                pki.dir.path(),
+                &[
+                    "-x509",
+                    "-keyout",
+                    &format!("{ca}.key"),
+                    "-out",
+                    &format!("{ca}.pem"),
+                    "-days",
+                    "2",
+                    "-subj",
+                    &format!("/CN=vncbroker test {ca}"),
+                    "-addext",
+                    "basicConstraints=critical,CA:TRUE",
+                    "-addext",
+                    "keyUsage=critical,keyCertSign,cRLSign",
+                ],
+            );
         }
-        pki.openssl(&[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            &format!("/CN={TLS_HOST}"),
-        ]);
+        openssl_ec_req(
+            pki.dir.path(),
+            &[
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                &format!("/CN={TLS_HOST}"),
+            ],
+        );
         std::fs::write(
             pki.dir.path().join("server.ext"),
             format!(
@@ -541,38 +535,27 @@ impl TestPki {
             ),
         )
         .expect("writing the certificate extensions");
-        pki.openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            "server.ext",
-            "-out",
-            "server.pem",
-        ]);
-        pki
-    }
-
-    fn openssl(&self, args: &[&str]) {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(self.dir.path())
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("running openssl (Debian: apt-get install openssl): {e}"));
-        assert!(
-            out.status.success(),
-            "openssl {args:?} failed: {}",
-            show(&out)
+        openssl(
+            pki.dir.path(),
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                "server.ext",
+                "-out",
+                "server.pem",
+            ],
         );
+        pki
     }
 
     /// The CA that signed the server certificate.
@@ -598,6 +581,35 @@ impl Default for TestPki {
     fn default() -> Self {
         TestPki::new()
     }
+}
+
+/// `openssl req` with a new unencrypted P-256 key, run in `dir`; the rest
+/// of the request (`-x509`, subject, file names) comes in `args`.
+pub fn openssl_ec_req(dir: &Path, args: &[&str]) {
+    let mut all = vec![
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    all.extend_from_slice(args);
+    openssl(dir, &all);
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running openssl (Debian: apt-get install openssl): {e}"));
+    assert!(
+        out.status.success(),
+        "openssl {args:?} failed: {}",
+        show(&out)
+    );
 }
 
 /// The pids whose parent is `pid`.

@@ -75,3 +75,23 @@ pub fn tail(s: &str) -> &str {
     }
     &s[start..]
 }
+
+/// Samples `count` every 100 ms until it reads the same five times in a
+/// row (15 s at most), and returns the last reading: a baseline that lazily
+/// opened resources no longer move.
+pub async fn steady_count(mut count: impl FnMut() -> usize) -> usize {
+    let mut last = count();
+    let mut steady = 0;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while steady < 5 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = count();
+        if now == last {
+            steady += 1;
+        } else {
+            steady = 0;
+            last = now;
+        }
+    }
+    last
+}
