@@ -1767,21 +1767,7 @@ async fn postgres_section(
             "session setup, PostgreSQL, 4 clients",
             empty.show(),
         ));
-        let mut m = Vec::new();
-        for _ in 0..sc.reps {
-            m.push(mint_rate(broker.addr, 4, sc.secs).await?);
-        }
-        let mints = median(&mut m);
-        rep.rows.push(Row::new(
-            "token minting, XML-RPC keep-alive, PostgreSQL, 4 connections",
-            format!("{mints:.0}/s"),
-        ));
-        rep.goals.push(goal(
-            "token minting, PostgreSQL",
-            "≥ 2000/s",
-            format!("{mints:.0}/s"),
-            Some(mints >= 2000.0),
-        ));
+        mint_section(rep, sc, broker.addr, "PostgreSQL", 2000.0).await?;
         let took = fill_postgres(&pg.url, sc.fill).await?;
         session_setup(&via, 4, 0.5).await?;
         let full = setups(&[&via], sc.reps, sc.secs, None).await?.remove(0);
@@ -2138,6 +2124,33 @@ async fn run(opts: &Opts, work: &Path) -> anyhow::Result<()> {
     }
 }
 
+/// The mint rate on `backend`, the median of the repetitions, against its
+/// goal of `goal` per second.
+async fn mint_section(
+    rep: &mut Report,
+    sc: &Scale,
+    addr: SocketAddr,
+    backend: &str,
+    goal_rate: f64,
+) -> anyhow::Result<()> {
+    let mut m = Vec::new();
+    for _ in 0..sc.reps {
+        m.push(mint_rate(addr, 4, sc.secs).await?);
+    }
+    let mints = median(&mut m);
+    rep.rows.push(Row::new(
+        format!("token minting, XML-RPC keep-alive, {backend}, 4 connections"),
+        format!("{mints:.0}/s"),
+    ));
+    rep.goals.push(goal(
+        &format!("token minting, {backend}"),
+        &format!("≥ {goal_rate:.0}/s"),
+        format!("{mints:.0}/s"),
+        Some(mints >= goal_rate),
+    ));
+    Ok(())
+}
+
 /// The main SQLite broker: throughput, round trips and session setup beside
 /// direct TCP and websockify, the mint rate, and the full token table.
 async fn sqlite_sections(
@@ -2156,21 +2169,7 @@ async fn sqlite_sections(
         proxy_section(rep, sc, targets, &broker, wsfy).await?;
 
         eprintln!("measuring the mint rate on SQLite");
-        let mut m = Vec::new();
-        for _ in 0..sc.reps {
-            m.push(mint_rate(broker.addr, 4, sc.secs).await?);
-        }
-        let mints = median(&mut m);
-        rep.rows.push(Row::new(
-            "token minting, XML-RPC keep-alive, SQLite, 4 connections",
-            format!("{mints:.0}/s"),
-        ));
-        rep.goals.push(goal(
-            "token minting, SQLite",
-            "≥ 5000/s",
-            format!("{mints:.0}/s"),
-            Some(mints >= 5000.0),
-        ));
+        mint_section(rep, sc, broker.addr, "SQLite", 5000.0).await?;
     }
     if opts.runs("sqlite") {
         eprintln!(
