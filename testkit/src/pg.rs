@@ -188,14 +188,15 @@ impl PgServer {
             .and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<u32>().ok()))
     }
 
-    /// Sends `signal` (e.g. `KILL`, `STOP`) to the postmaster, then to each
-    /// of its children (every backend leads a session of its own, so a
-    /// process group would not reach them); false if it could not.
+    /// Sends `signal` (e.g. `KILL`, `STOP`) to each of the postmaster's
+    /// children (every backend leads a session of its own, so a process
+    /// group would not reach them), then to the postmaster; false if it
+    /// could not.
     fn signal_all(&self, signal: &str) -> bool {
         let Some(pid) = self.postmaster_pid() else {
             return false;
         };
-        let send = |pid: u32| {
+        let send = |signal: &str, pid: u32| {
             Command::new("kill")
                 .args([&format!("-{signal}"), &pid.to_string()])
                 .stdout(Stdio::null())
@@ -203,12 +204,16 @@ impl PgServer {
                 .status()
                 .is_ok_and(|s| s.success())
         };
-        // The postmaster first: stopped or dead, it forks no more children.
-        let sent = send(pid);
-        for child in children_of(pid) {
-            send(child);
+        // The postmaster is stopped first, so it forks no more children
+        // while they are listed, and is signalled last: once it is dead its
+        // children belong to init and can no longer be found by parent.
+        if signal != "CONT" && !send("STOP", pid) {
+            return false;
         }
-        sent
+        for child in children_of(pid) {
+            send(signal, child);
+        }
+        send(signal, pid)
     }
 
     /// Stops every process of the server with SIGSTOP: a hung server, whose
