@@ -15,8 +15,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::ApiState;
-use crate::inventory::Credential;
-use crate::inventory::InventoryError;
+use crate::inventory::{Credential, InventoryError};
 use crate::limits::{Attempt, Refused};
 use crate::service::{MintRequest, ServiceError};
 use crate::store::SessionFilter;
@@ -91,9 +90,12 @@ impl From<ServiceError> for ApiError {
             ServiceError::NoSuchSession(_) => (StatusCode::NOT_FOUND, "not_found"),
             ServiceError::SessionOver(_) => (StatusCode::CONFLICT, "session_ended"),
             ServiceError::BadParameter(_) => (StatusCode::BAD_REQUEST, "bad_request"),
-            _ if e.is_unavailable() => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ServiceError::Store(_) | ServiceError::Unavailable(_) | ServiceError::Internal(_) => {
-                (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+                if e.is_unavailable() {
+                    (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+                } else {
+                    (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+                }
             }
         };
         ApiError::new(status, code, super::client_message(&e))

@@ -76,7 +76,7 @@ impl Node {
         self.ops.start_draining();
         connections.begin();
         let timeout = self.ops.drain_timeout();
-        let sessions = &self.ops.sessions;
+        let sessions = &self.sessions;
         tracing::info!(
             live_sessions = sessions.count(),
             drain_timeout_secs = timeout.as_secs(),

@@ -26,7 +26,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(3);
 pub(super) struct Ops {
     health: Arc<dyn Health>,
     service: Arc<TokenService>,
-    pub sessions: Arc<Sessions>,
+    sessions: Arc<Sessions>,
     draining: AtomicBool,
     drain_timeout_secs: AtomicU64,
     /// The TLS acceptor; a SIGHUP swaps in one with the files read again.
