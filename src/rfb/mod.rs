@@ -9,9 +9,17 @@
 //! - [`SecurityProxy`]: the security-proxy handshake, a server towards the
 //!   browser and a client towards the VNC server.
 //! - [`vncauth`]: VNC Authentication's challenge-response.
+//! - [`client_messages`]: the session phase from the browser to the VNC
+//!   server, filtered by the console's rules (view-only, clipboard,
+//!   encodings).
+//! - [`server_messages`]: the session phase from the VNC server to the
+//!   browser, parsed so cut texts can be dropped by policy without losing
+//!   the message boundaries.
 
+pub mod client_messages;
 mod security_proxy;
 pub mod server;
+pub mod server_messages;
 #[cfg(test)]
 mod testing;
 pub mod vncauth;
