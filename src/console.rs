@@ -1,6 +1,8 @@
 //! The console page: `GET /console` opens a VM's screen in the browser with
 //! noVNC's RFB module, for the token in the URL fragment (`#token=...`) or
-//! query (`?token=...`).
+//! query (`?token=...`). `GET /replay` plays a session recording
+//! (the `recording` module) with the same RFB module, for a replay token in
+//! the fragment.
 //!
 //! The page (`web/`) and the noVNC modules it imports (`vendor/novnc/`, a
 //! copy of the `@novnc/novnc` npm package pinned in `package-lock.json`) are
@@ -13,7 +15,7 @@
 //! Caching: the built-in noVNC under `/novnc/<version>/` is immutable, as
 //! its version names its content; the page's assets (`/static/`) and noVNC
 //! under `/novnc/` are revalidated with their ETag; the page itself is never
-//! stored, as its URL carries the token.
+//! stored, as its URL carries the token (the replay page likewise).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -47,8 +49,8 @@ pub struct OverrideError {
     pub why: String,
 }
 
-/// Routes for the page (`/console`), its assets (`/static/`) and noVNC
-/// (`/novnc/`), from the binary or from the override directories.
+/// Routes for the pages (`/console`, `/replay`), their assets (`/static/`)
+/// and noVNC (`/novnc/`), from the binary or from the override directories.
 pub fn router(web_root: Option<&str>, novnc_root: Option<&str>) -> Result<Router, OverrideError> {
     let web = Files::new(WEB_FILES, web_root, "web_root", "console.html")?;
     let novnc = Files::new(NOVNC_FILES, novnc_root, "novnc_root", "core/rfb.js")?;
@@ -59,7 +61,8 @@ pub fn router(web_root: Option<&str>, novnc_root: Option<&str>) -> Result<Router
         "console page"
     );
     Ok(Router::new()
-        .route("/console", get(page))
+        .route("/console", get(console_page))
+        .route("/replay", get(replay_page))
         .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .route("/static/{*path}", get(static_file))
         .route("/novnc/{*path}", get(novnc_file))
@@ -227,12 +230,21 @@ fn content_type(name: &str) -> &'static str {
     }
 }
 
-async fn page(State(console): State<Arc<Console>>) -> Response {
-    let Some(html) = console.web.get("console.html").await else {
-        tracing::error!(dir = %console.web.describe(), "console page missing");
+async fn console_page(State(console): State<Arc<Console>>) -> Response {
+    page(&console, "console.html").await
+}
+
+/// The replay of a session recording; its URL carries a token too.
+async fn replay_page(State(console): State<Arc<Console>>) -> Response {
+    page(&console, "replay.html").await
+}
+
+async fn page(console: &Console, name: &'static str) -> Response {
+    let Some(html) = console.web.get(name).await else {
+        tracing::error!(dir = %console.web.describe(), page = name, "page missing");
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            "the console page is missing from proxy.web_root",
+            format!("{name} is missing from proxy.web_root"),
         )
             .into_response();
     };
@@ -447,6 +459,48 @@ mod tests {
         ] {
             assert_eq!(get(&app, missing, None).await.status, 404, "{missing}");
         }
+    }
+
+    #[tokio::test]
+    async fn the_replay_page_is_served_like_the_console_page() {
+        let app = router(None, None).unwrap();
+        let console = get(&app, "/console", None).await;
+        let replay = get(&app, "/replay", None).await;
+        assert_eq!(replay.status, 200);
+        assert_eq!(replay.body, built_in(WEB_FILES, "replay.html"));
+        for name in [
+            header::CONTENT_TYPE,
+            header::CACHE_CONTROL,
+            header::REFERRER_POLICY,
+            header::X_CONTENT_TYPE_OPTIONS,
+            header::X_FRAME_OPTIONS,
+        ] {
+            assert!(!replay.header(name.clone()).is_empty(), "{name}");
+            assert_eq!(
+                replay.header(name.clone()),
+                console.header(name.clone()),
+                "{name}"
+            );
+        }
+        assert_eq!(replay.header(header::CACHE_CONTROL), "no-store");
+        assert!(replay.headers.get(header::ETAG).is_none());
+        for path in ["/static/replay.js", "/static/replay.css"] {
+            let r = get(&app, path, None).await;
+            assert_eq!(r.status, 200, "{path}");
+            assert_eq!(r.header(header::CACHE_CONTROL), "no-cache", "{path}");
+        }
+        let js = built_in(WEB_FILES, "replay.js");
+        let js = std::str::from_utf8(&js).unwrap();
+        let import = format!("from '/novnc/{NOVNC_VERSION}/core/rfb.js'");
+        assert!(js.contains(&import), "web/replay.js lacks {import}");
+
+        // An override without a replay page says so, and still serves the
+        // console.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("console.html"), "<p>restyled</p>").unwrap();
+        let app = router(Some(dir.path().to_str().unwrap()), None).unwrap();
+        assert_eq!(get(&app, "/replay", None).await.status, 503);
+        assert_eq!(get(&app, "/console", None).await.status, 200);
     }
 
     #[test]
