@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::Config;
 use crate::inventory::{Console, LocalInventory};
+use crate::policy::{Clipboard, Control, VmPolicy};
 use crate::service::{MintRequest, TokenService};
 use crate::store::{self, Cause, Registry, Revocation, Revoked, Vm};
 
@@ -75,6 +76,9 @@ pub enum Command {
     /// Console tokens.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Session recordings.
+    #[command(subcommand)]
+    Recording(RecordingCmd),
     /// List recorded console sessions, newest first; `sessions end ID`
     /// ends one.
     #[command(args_conflicts_with_subcommands = true)]
@@ -97,6 +101,9 @@ pub struct SessionsList {
     /// Only sessions started since: Unix seconds, or an age such as 90s, 30m, 12h, 7d.
     #[arg(long, value_name = "T", value_parser = parse_since)]
     since: Option<i64>,
+    /// Only live sessions: who is on each VM now, in control or watching.
+    #[arg(long)]
+    live: bool,
     /// At most this many.
     #[arg(long, default_value_t = 100)]
     limit: u32,
@@ -183,6 +190,17 @@ pub enum VmCmd {
         /// Other users who may open the console.
         #[arg(long, value_delimiter = ',', value_name = "USER,...")]
         allow: Vec<String>,
+        /// Control sessions: shared (several at once), exclusive (one at a
+        /// time; view-only sessions always join), or default.
+        #[arg(long, value_parser = setting::<Control>, value_name = "shared|exclusive|default")]
+        control: Option<Setting<Control>>,
+        /// Which way clipboard text may go: both, to-vm, from-vm, none, or
+        /// default (`[proxy] clipboard`).
+        #[arg(long, value_parser = setting::<Clipboard>, value_name = "both|to-vm|from-vm|none|default")]
+        clipboard: Option<Setting<Clipboard>>,
+        /// Record its sessions: yes, no, or default (`[recording] default`).
+        #[arg(long, value_parser = setting::<Flag>, value_name = "yes|no|default")]
+        record: Option<Setting<Flag>>,
     },
     /// List VMs.
     List,
@@ -205,6 +223,17 @@ pub enum VmCmd {
         /// Remove the stored VNC password.
         #[arg(long)]
         no_password: bool,
+        /// Control sessions: shared (several at once), exclusive (one at a
+        /// time; view-only sessions always join), or default.
+        #[arg(long, value_parser = setting::<Control>, value_name = "shared|exclusive|default")]
+        control: Option<Setting<Control>>,
+        /// Which way clipboard text may go: both, to-vm, from-vm, none, or
+        /// default (`[proxy] clipboard`).
+        #[arg(long, value_parser = setting::<Clipboard>, value_name = "both|to-vm|from-vm|none|default")]
+        clipboard: Option<Setting<Clipboard>>,
+        /// Record its sessions: yes, no, or default (`[recording] default`).
+        #[arg(long, value_parser = setting::<Flag>, value_name = "yes|no|default")]
+        record: Option<Setting<Flag>>,
     },
     /// Let more users open a VM's console.
     Allow {
@@ -224,6 +253,13 @@ pub enum VmCmd {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum RecordingCmd {
+    /// Write session ID's recording, decompressed, to FILE (`-` for
+    /// standard output), for offline tools; the format is in the README.
+    Export { id: i64, file: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum TokenCmd {
     /// Mint a console token as the local administrator; prints the API's JSON.
     Mint {
@@ -234,7 +270,58 @@ pub enum TokenCmd {
         /// The token opens one session only.
         #[arg(long)]
         single_use: bool,
+        /// The session may watch but not act: the proxy forwards no input
+        /// and no clipboard to the VM.
+        #[arg(long)]
+        view_only: bool,
     },
+}
+
+/// A VM setting on the command line: a value, or `default` to take the
+/// broker's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Setting<T>(Option<T>);
+
+/// A yes/no setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flag(bool);
+
+impl std::str::FromStr for Flag {
+    type Err = crate::policy::BadValue;
+    fn from_str(s: &str) -> Result<Flag, Self::Err> {
+        crate::policy::parse_flag("record", s).map(Flag)
+    }
+}
+
+fn setting<T>(s: &str) -> Result<Setting<T>, String>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    if s.trim().eq_ignore_ascii_case("default") {
+        return Ok(Setting(None));
+    }
+    s.parse()
+        .map(|v| Setting(Some(v)))
+        .map_err(|e: T::Err| e.to_string())
+}
+
+/// Applies the policy flags given on the command line to `policy`.
+fn apply_settings(
+    policy: &mut VmPolicy,
+    control: Option<Setting<Control>>,
+    clipboard: Option<Setting<Clipboard>>,
+    record: Option<Setting<Flag>>,
+) {
+    if let Some(Setting(c)) = control {
+        policy.control = c;
+    }
+    if let Some(Setting(c)) = clipboard {
+        policy.clipboard = c;
+    }
+    if let Some(Setting(r)) = record {
+        policy.record = r.map(|f| f.0);
+    }
 }
 
 /// Entry point of the binary.
@@ -351,6 +438,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Command::User(cmd) => user(&cfg, cmd).await,
             Command::Vm(cmd) => vm(&cfg, cmd).await,
             Command::Token(cmd) => token(&cfg, cmd).await,
+            Command::Recording(RecordingCmd::Export { id, file }) => {
+                export_recording(&cfg, id, &file).await
+            }
             Command::Sessions {
                 action: Some(SessionsCmd::End { id }),
                 ..
@@ -360,6 +450,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     vm_id: list.vm,
                     user: list.user,
                     since: list.since,
+                    live: list.live,
                     limit: list.limit,
                 };
                 sessions(&cfg, filter, list.json).await
@@ -462,6 +553,9 @@ async fn vm(cfg: &Config, cmd: VmCmd) -> anyhow::Result<()> {
             name,
             password_stdin,
             allow,
+            control,
+            clipboard,
+            record,
         } => {
             if host.trim().is_empty() {
                 bail!("--host must not be empty");
@@ -481,7 +575,10 @@ async fn vm(cfg: &Config, cmd: VmCmd) -> anyhow::Result<()> {
                 vnc_password,
                 owner,
                 allowed: allow.into_iter().filter(|a| !a.is_empty()).collect(),
+                policy: VmPolicy::default(),
             };
+            let mut vm = vm;
+            apply_settings(&mut vm.policy, control, clipboard, record);
             store.add_vm(&vm).await?;
             println!("vm {id} added");
         }
@@ -489,13 +586,14 @@ async fn vm(cfg: &Config, cmd: VmCmd) -> anyhow::Result<()> {
             let mut out = std::io::stdout().lock();
             writeln!(
                 out,
-                "{:<8} {:<20} {:<28} {:<16} {:<8} ALLOWED",
-                "ID", "NAME", "VNC", "OWNER", "PASSWORD"
+                "{:<8} {:<20} {:<28} {:<16} {:<8} {:<10} {:<10} {:<8} ALLOWED",
+                "ID", "NAME", "VNC", "OWNER", "PASSWORD", "CONTROL", "CLIPBOARD", "RECORD"
             )?;
+            let or_default = |s: Option<&str>| s.unwrap_or("default").to_owned();
             for v in store.vms().await? {
                 writeln!(
                     out,
-                    "{:<8} {:<20} {:<28} {:<16} {:<8} {}",
+                    "{:<8} {:<20} {:<28} {:<16} {:<8} {:<10} {:<10} {:<8} {}",
                     v.id,
                     v.name,
                     format!("{}:{}", v.vnc_host, v.vnc_port),
@@ -505,6 +603,9 @@ async fn vm(cfg: &Config, cmd: VmCmd) -> anyhow::Result<()> {
                     } else {
                         "no"
                     },
+                    or_default(v.policy.control.map(Control::as_str)),
+                    or_default(v.policy.clipboard.map(Clipboard::as_str)),
+                    or_default(v.policy.record.map(|r| if r { "yes" } else { "no" })),
                     v.allowed.join(",")
                 )?;
             }
@@ -517,6 +618,9 @@ async fn vm(cfg: &Config, cmd: VmCmd) -> anyhow::Result<()> {
             name,
             password_stdin,
             no_password,
+            control,
+            clipboard,
+            record,
         } => {
             let mut vm = store
                 .vm(id)
@@ -544,6 +648,7 @@ async fn vm(cfg: &Config, cmd: VmCmd) -> anyhow::Result<()> {
             } else if no_password {
                 vm.vnc_password = None;
             }
+            apply_settings(&mut vm.policy, control, clipboard, record);
             update_vm(store.as_ref(), &vm).await?;
         }
         VmCmd::Allow { id, users } | VmCmd::Disallow { id, users } if users.is_empty() => {
@@ -607,11 +712,44 @@ async fn end_session(cfg: &Config, id: i64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `recording export ID FILE`, from this node's `[recording] dir`.
+async fn export_recording(cfg: &Config, id: i64, file: &std::path::Path) -> anyhow::Result<()> {
+    let dir = cfg
+        .recording
+        .dir
+        .as_deref()
+        .context("no [recording] dir is set in the configuration")?;
+    let path = crate::recording::path_for(std::path::Path::new(dir), id);
+    if !path.is_file() {
+        bail!("no recording of session {id} in {dir} (recorded on another node, or purged?)");
+    }
+    let file = file.to_owned();
+    let written = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
+        if file.as_os_str() == "-" {
+            let mut out = std::io::stdout().lock();
+            return Ok(crate::recording::decompress_to(&path, &mut out)?);
+        }
+        let mut out = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&file)
+            .with_context(|| format!("creating {}", file.display()))?;
+        let n = crate::recording::decompress_to(&path, &mut out)?;
+        out.sync_all()?;
+        eprintln!("session {id}: {n} bytes written to {}", file.display());
+        Ok(n)
+    })
+    .await??;
+    let _ = written;
+    Ok(())
+}
+
 async fn token(cfg: &Config, cmd: TokenCmd) -> anyhow::Result<()> {
     let TokenCmd::Mint {
         vm_id,
         ttl,
         single_use,
+        view_only,
     } = cmd;
     let store = store::open(&cfg.database).await?;
     let vm = store
@@ -625,6 +763,7 @@ async fn token(cfg: &Config, cmd: TokenCmd) -> anyhow::Result<()> {
         host: vm.vnc_host,
         port: vm.vnc_port,
         vnc_password: secrets.open_opt(vm.vnc_password.as_deref())?,
+        policy: vm.policy,
         recheck_as: None,
     };
     let public_url = cfg
@@ -645,12 +784,14 @@ async fn token(cfg: &Config, cmd: TokenCmd) -> anyhow::Result<()> {
         cfg.policy(),
         &public_url,
     );
+    service.set_defaults(cfg.session_defaults());
     let minted = service
         .mint_for_console(
             console,
             MintRequest {
                 ttl,
                 single_use: single_use.then_some(true),
+                view_only,
             },
         )
         .await?;
@@ -672,9 +813,24 @@ async fn sessions(
     }
     writeln!(
         out,
-        "{:<8} {:<6} {:<12} {:<22} {:<18} {:<11} {:<9} {:>12} {:>10}  REASON",
-        "ID", "VM", "USER", "CLIENT", "NODE", "STARTED", "DURATION", "TO CLIENT", "TO SERVER"
+        "{:<8} {:<6} {:<12} {:<22} {:<18} {:<11} {:<9} {:<7} {:>12} {:>10} {:>6} {:>7} {:>9} {:>9} {:<10}  REASON",
+        "ID",
+        "VM",
+        "USER",
+        "CLIENT",
+        "NODE",
+        "STARTED",
+        "DURATION",
+        "MODE",
+        "TO CLIENT",
+        "TO SERVER",
+        "KEYS",
+        "POINTER",
+        "CLIP>VM",
+        "CLIP<VM",
+        "RECORDING"
     )?;
+    let count = |n: Option<u64>| n.map_or_else(|| "-".to_owned(), |n| n.to_string());
     for s in list {
         let duration = match s.ended_at {
             Some(end) => format!("{}s", end - s.started_at),
@@ -682,7 +838,7 @@ async fn sessions(
         };
         writeln!(
             out,
-            "{:<8} {:<6} {:<12} {:<22} {:<18} {:<11} {:<9} {:>12} {:>10}  {}",
+            "{:<8} {:<6} {:<12} {:<22} {:<18} {:<11} {:<9} {:<7} {:>12} {:>10} {:>6} {:>7} {:>9} {:>9} {:<10}  {}",
             s.id,
             s.vm_id,
             s.user,
@@ -690,8 +846,14 @@ async fn sessions(
             s.node,
             s.started_at,
             duration,
+            if s.view_only { "view" } else { "control" },
             s.bytes_to_client,
             s.bytes_to_server,
+            count(s.key_events),
+            count(s.pointer_events),
+            count(s.clipboard_bytes_to_vm),
+            count(s.clipboard_bytes_from_vm),
+            s.recording_state.map_or("-", |r| r.as_str()),
             s.close_reason.unwrap_or_default()
         )?;
     }

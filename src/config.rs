@@ -37,6 +37,45 @@ pub struct Config {
     pub log: LogConfig,
     pub server: ServerConfig,
     pub sessions: SessionsConfig,
+    pub recording: RecordingConfig,
+}
+
+/// Session recordings: what the browser received, compressed, one file per
+/// recorded session.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RecordingConfig {
+    /// Where this node writes recordings (mode 0700, files 0600). Unset: no
+    /// recording; a session that must be recorded is then handled as
+    /// `required` says.
+    pub dir: Option<String>,
+    /// Whether sessions of VMs that do not say are recorded.
+    pub default: bool,
+    /// A recording that cannot be written (no directory, the disk full, the
+    /// writer behind) ends its session; otherwise the recording is marked
+    /// incomplete and the session goes on.
+    pub required: bool,
+    /// Recordings older than this are deleted, in days (0: never).
+    pub retention_days: u32,
+    /// Whether a session's own user may download and replay its recording
+    /// (admins always may).
+    pub owner_can_view: bool,
+    /// Most bytes of one session waiting to be written; beyond that the
+    /// writer is behind.
+    pub queue_bytes: usize,
+}
+
+impl Default for RecordingConfig {
+    fn default() -> Self {
+        RecordingConfig {
+            dir: None,
+            default: false,
+            required: false,
+            retention_days: 30,
+            owner_can_view: false,
+            queue_bytes: 8 << 20,
+        }
+    }
 }
 
 /// Where the key that seals stored VNC passwords lives.
@@ -292,6 +331,12 @@ pub struct ProxyConfig {
     /// Directory of a noVNC (the @novnc/novnc npm package) to serve under
     /// /novnc/ instead of the one built into the binary.
     pub novnc_root: Option<String>,
+    /// Which way clipboard text may go for VMs that do not say: both,
+    /// to-vm, from-vm or none.
+    pub clipboard: crate::policy::Clipboard,
+    /// Longest clipboard text passed either way, in bytes; a longer one is
+    /// dropped (and counted), the session goes on.
+    pub max_clipboard_bytes: u32,
 }
 
 impl Default for ProxyConfig {
@@ -315,6 +360,8 @@ impl Default for ProxyConfig {
             pong_timeout_secs: 90,
             client_write_timeout_secs: 30,
             novnc_root: None,
+            clipboard: crate::policy::Clipboard::Both,
+            max_clipboard_bytes: 1 << 20,
         }
     }
 }
@@ -372,6 +419,7 @@ impl Default for Config {
             log: LogConfig::default(),
             server: ServerConfig::default(),
             sessions: SessionsConfig::default(),
+            recording: RecordingConfig::default(),
         }
     }
 }
@@ -572,6 +620,11 @@ impl Config {
                 "proxy.pong_timeout_secs must exceed proxy.ping_interval_secs".into(),
             ));
         }
+        if self.recording.queue_bytes < 64 * 1024 {
+            return Err(ConfigError::Invalid(
+                "recording.queue_bytes must be at least 65536".into(),
+            ));
+        }
         if p.max_message_bytes < 4096 {
             return Err(ConfigError::Invalid(
                 "proxy.max_message_bytes must be at least 4096".into(),
@@ -591,6 +644,14 @@ impl Config {
             )));
         }
         Ok(())
+    }
+
+    /// What sessions of VMs without their own settings follow.
+    pub fn session_defaults(&self) -> crate::policy::Defaults {
+        crate::policy::Defaults {
+            clipboard: self.proxy.clipboard,
+            record: self.recording.default,
+        }
     }
 
     pub fn policy(&self) -> Policy {

@@ -12,7 +12,7 @@
 //! ```text
 //! cli → demo → server → {api, proxy, console} → {service, config}
 //!     → {inventory, store, token, auth} → {xmlrpc, websocket, rfb, edge}
-//!     → {metrics, limits, secrets, tls, logging, shutdown}
+//!     → {metrics, limits, secrets, tls, logging, shutdown, policy, recording}
 //! ```
 //!
 //! - [`cli`]: the `vncbroker` command line (serve, demo, user, vm, token,
@@ -52,11 +52,15 @@
 //!   the client's address and scheme through trusted reverse proxies.
 //! - [`metrics`]: Prometheus counters and histograms for `/metrics`, on
 //!   `prometheus-client`; a leaf that the other modules report into.
+//! - [`policy`]: what a session may do (view only, exclusive control,
+//!   clipboard direction, recording), from VM settings and defaults.
 //! - [`limits`]: per-address budgets of failed attempts, connection caps.
 //! - [`secrets`]: VNC passwords sealed at rest, and the key file.
 //! - [`tls`]: HTTPS/WSS on the listener with rustls.
 //! - [`logging`]: the `tracing` subscriber, and its level on reload.
 //! - [`shutdown`]: the stop signals, and the notice and wait of a drain.
+//! - [`recording`]: session recordings, zstd-compressed files of what the
+//!   browser received, written off the relay's path, and their reader.
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -71,7 +75,9 @@ pub mod inventory;
 pub mod limits;
 pub mod logging;
 pub mod metrics;
+pub mod policy;
 pub mod proxy;
+pub mod recording;
 pub mod rfb;
 pub mod secrets;
 pub mod server;

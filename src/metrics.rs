@@ -59,6 +59,10 @@ pub enum SessionOutcome {
     ClientUnresponsive,
     TimeLimit,
     TokenExpired,
+    /// The VNC server sent a message the proxy could not follow.
+    ServerProtocolError,
+    /// A required recording could not be written.
+    RecordingFailed,
 }
 
 impl SessionOutcome {
@@ -78,6 +82,8 @@ impl SessionOutcome {
         SessionOutcome::ClientUnresponsive,
         SessionOutcome::TimeLimit,
         SessionOutcome::TokenExpired,
+        SessionOutcome::ServerProtocolError,
+        SessionOutcome::RecordingFailed,
     ];
 
     pub fn label(self) -> &'static str {
@@ -96,6 +102,8 @@ impl SessionOutcome {
             SessionOutcome::ClientUnresponsive => "client_unresponsive",
             SessionOutcome::TimeLimit => "time_limit",
             SessionOutcome::TokenExpired => "token_expired",
+            SessionOutcome::ServerProtocolError => "server_protocol_error",
+            SessionOutcome::RecordingFailed => "recording_failed",
         }
     }
 }
@@ -121,6 +129,10 @@ pub enum Refused {
     HandshakeTimeout,
     /// Access was withdrawn while the session was being set up.
     Withdrawn,
+    /// The VM is exclusive and another control session is live.
+    ControlTaken,
+    /// The session must be recorded and its recording could not start.
+    RecordingUnavailable,
 }
 
 impl Refused {
@@ -135,6 +147,8 @@ impl Refused {
         Refused::VncHandshake,
         Refused::HandshakeTimeout,
         Refused::Withdrawn,
+        Refused::ControlTaken,
+        Refused::RecordingUnavailable,
     ];
 
     /// Token refusals go to `vncbroker_tokens_refused_total`; failures after
@@ -157,6 +171,8 @@ impl Refused {
             Refused::VncHandshake => "vnc_handshake",
             Refused::HandshakeTimeout => "handshake_timeout",
             Refused::Withdrawn => "withdrawn",
+            Refused::ControlTaken => "control_taken",
+            Refused::RecordingUnavailable => "recording_unavailable",
         }
     }
 }
@@ -189,6 +205,11 @@ struct OutcomeLabel {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabel {
+    direction: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -284,6 +305,9 @@ pub struct Metrics {
     sessions_failed: Family<ReasonLabel, Counter>,
     bytes_to_client: Counter,
     bytes_to_server: Counter,
+    clipboard_dropped: Family<DirectionLabel, Counter>,
+    input_dropped: Counter,
+    recordings: Family<OutcomeLabel, Counter>,
     tokens_minted: Counter,
     recheck_failures: Counter,
     tokens_redeemed: Counter,
@@ -340,6 +364,9 @@ impl Metrics {
             sessions_failed: Family::default(),
             bytes_to_client: Counter::default(),
             bytes_to_server: Counter::default(),
+            clipboard_dropped: Family::default(),
+            input_dropped: Counter::default(),
+            recordings: Family::default(),
             tokens_minted: Counter::default(),
             recheck_failures: Counter::default(),
             tokens_redeemed: Counter::default(),
@@ -393,6 +420,21 @@ impl Metrics {
             "vncbroker_bytes_to_server",
             "Bytes relayed from browsers to VNC servers",
             m.bytes_to_server.clone(),
+        );
+        r.register(
+            "vncbroker_clipboard_dropped",
+            "Clipboard transfers the proxy dropped (policy, or over the size limit), by direction",
+            m.clipboard_dropped.clone(),
+        );
+        r.register(
+            "vncbroker_input_dropped",
+            "Input messages from view-only sessions that the proxy did not forward",
+            m.input_dropped.clone(),
+        );
+        r.register(
+            "vncbroker_recordings",
+            "Session recordings finished, by outcome (complete, incomplete, failed)",
+            m.recordings.clone(),
         );
         r.register(
             "vncbroker_tokens_minted",
@@ -485,6 +527,15 @@ impl Metrics {
         for reason in CONNECTION_REFUSALS {
             drop(m.connections_refused.get_or_create(&ReasonLabel { reason }));
         }
+        for direction in ["to_vm", "from_vm"] {
+            drop(
+                m.clipboard_dropped
+                    .get_or_create(&DirectionLabel { direction }),
+            );
+        }
+        for outcome in ["complete", "incomplete", "failed"] {
+            drop(m.recordings.get_or_create(&OutcomeLabel { outcome }));
+        }
         for kind in HTTP_TIMEOUTS {
             drop(m.http_timeouts.get_or_create(&KindLabel { kind }));
         }
@@ -562,6 +613,29 @@ impl Metrics {
     /// Bytes relayed from the browser to the VNC server.
     pub fn bytes_to_server(&self, n: usize) {
         self.bytes_to_server.inc_by(n as u64);
+    }
+
+    /// Clipboard transfers dropped in one direction.
+    pub fn clipboard_dropped(&self, to_vm: u64, from_vm: u64) {
+        for (direction, n) in [("to_vm", to_vm), ("from_vm", from_vm)] {
+            if n > 0 {
+                self.clipboard_dropped
+                    .get_or_create(&DirectionLabel { direction })
+                    .inc_by(n);
+            }
+        }
+    }
+
+    /// Input messages of a view-only session that were not forwarded.
+    pub fn input_dropped(&self, n: u64) {
+        self.input_dropped.inc_by(n);
+    }
+
+    /// A recording finished: `complete`, `incomplete` or `failed`.
+    pub fn recording_finished(&self, outcome: &'static str) {
+        self.recordings
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
     }
 
     pub fn token_minted(&self) {

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use serde::Serialize;
 
 use crate::inventory::{Console, Credential, Grant, Inventory, InventoryError, Verdict};
+use crate::policy::{Defaults, SessionPolicy};
 use crate::secrets::{Secrets, SecretsError};
 use crate::store::{
     Cause, NewToken, Redemption, Revocation, Revoked, SessionFilter, SessionLog, SessionRecord,
@@ -25,6 +26,8 @@ const MINT_ATTEMPTS: usize = 3;
 pub struct MintRequest {
     pub ttl: Option<i64>,
     pub single_use: Option<bool>,
+    /// The session may watch but not act: no input, no clipboard to the VM.
+    pub view_only: bool,
 }
 
 /// A minted token as both APIs return it.
@@ -37,6 +40,7 @@ pub struct Minted {
     pub ttl: i64,
     pub vm_id: i64,
     pub single_use: bool,
+    pub view_only: bool,
 }
 
 impl std::fmt::Debug for Minted {
@@ -91,6 +95,12 @@ pub enum ServiceError {
     NoSuchSession(i64),
     #[error("console session [{0}] has already ended")]
     SessionOver(i64),
+    /// The caller may see the session but not this about it.
+    #[error("{0}")]
+    NotAllowed(String),
+    /// The session has no recording this node can serve.
+    #[error("console session [{id}] has no recording here: {why}")]
+    NoRecording { id: i64, why: String },
     #[error(transparent)]
     Store(#[from] StoreError),
     /// A backend (the store, the inventory) cannot be asked just now.
@@ -120,9 +130,40 @@ pub struct TokenService {
     secrets: Secrets,
     /// Replaced on a configuration reload (SIGHUP).
     policy: std::sync::RwLock<Policy>,
+    /// What sessions of VMs without their own settings follow; replaced on
+    /// a reload.
+    defaults: std::sync::RwLock<Defaults>,
     retention_days: AtomicU32,
+    recordings: std::sync::RwLock<Recordings>,
     public_url: String,
 }
+
+/// Where this node keeps recordings and who may see them.
+#[derive(Debug, Clone, Default)]
+pub struct Recordings {
+    pub dir: Option<std::path::PathBuf>,
+    /// A session's own user may download and replay it (admins always may).
+    pub owner_can_view: bool,
+    /// Recordings older than this many days are deleted (0: never).
+    pub retention_days: u32,
+}
+
+/// A replay token as the API returns it.
+#[derive(Serialize, Clone)]
+pub struct ReplayToken {
+    pub token: String,
+    /// The replay page with the token in its fragment, which browsers do
+    /// not send to servers or put in logs.
+    pub url: String,
+    pub session_id: i64,
+    pub expires_at: i64,
+}
+
+/// How long a replay token opens its recording.
+pub const REPLAY_TOKEN_SECS: i64 = 300;
+
+/// What a replay token says, before it is sealed.
+const REPLAY_PREFIX: &str = "replay:v1:";
 
 impl TokenService {
     /// `secrets` seals the VNC password each token carries for the proxy.
@@ -140,7 +181,9 @@ impl TokenService {
             inventory,
             secrets,
             policy: std::sync::RwLock::new(policy),
+            defaults: std::sync::RwLock::new(Defaults::default()),
             retention_days: AtomicU32::new(0),
+            recordings: std::sync::RwLock::new(Recordings::default()),
             public_url: public_url.trim_end_matches('/').to_owned(),
         }
     }
@@ -154,6 +197,15 @@ impl TokenService {
         *self.policy.write().unwrap_or_else(|e| e.into_inner()) = policy;
     }
 
+    /// Applies new session defaults (clipboard, recording) to later mints.
+    pub fn set_defaults(&self, defaults: Defaults) {
+        *self.defaults.write().unwrap_or_else(|e| e.into_inner()) = defaults;
+    }
+
+    fn defaults(&self) -> Defaults {
+        *self.defaults.read().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Mints a token for `vm_id` if `cred` may open its console.
     pub async fn mint(
         &self,
@@ -164,7 +216,7 @@ impl TokenService {
         // Parameters are checked before anything costly happens.
         let (ttl, single_use) = self.lifetime(req)?;
         let console = self.inventory.console(cred, vm_id).await?;
-        self.mint_for(console, ttl, single_use).await
+        self.mint_for(console, ttl, single_use, req.view_only).await
     }
 
     /// Mints a token for a console the caller already resolved (the local
@@ -175,7 +227,7 @@ impl TokenService {
         req: MintRequest,
     ) -> Result<Minted, ServiceError> {
         let (ttl, single_use) = self.lifetime(req)?;
-        self.mint_for(console, ttl, single_use).await
+        self.mint_for(console, ttl, single_use, req.view_only).await
     }
 
     /// The ttl and single-use flag a request gets under the current policy.
@@ -192,8 +244,10 @@ impl TokenService {
         console: Console,
         ttl: i64,
         single_use: bool,
+        view_only: bool,
     ) -> Result<Minted, ServiceError> {
         let now = crate::now_unix();
+        let policy = SessionPolicy::resolve(console.policy, self.defaults(), view_only);
         let expires_at = now.saturating_add(ttl);
         let vnc_password = self
             .secrets
@@ -219,6 +273,7 @@ impl TokenService {
                 expires_at,
                 single_use,
                 caller_session: caller_session.clone(),
+                policy,
             };
             match self.tokens.insert_token(&row).await {
                 Ok(id) => {
@@ -229,10 +284,18 @@ impl TokenService {
                         user = %console.user,
                         ttl,
                         single_use,
+                        view_only,
                         "console token minted"
                     );
                     crate::metrics::global().token_minted();
-                    return Ok(self.minted(token, expires_at, ttl, console.vm_id, single_use));
+                    return Ok(self.minted(
+                        token,
+                        expires_at,
+                        ttl,
+                        console.vm_id,
+                        single_use,
+                        view_only,
+                    ));
                 }
                 Err(StoreError::Conflict { .. }) => continue,
                 Err(e) => return Err(e.into()),
@@ -250,6 +313,7 @@ impl TokenService {
         ttl: i64,
         vm_id: i64,
         single_use: bool,
+        view_only: bool,
     ) -> Minted {
         let text = token.into_string();
         Minted {
@@ -260,6 +324,7 @@ impl TokenService {
             ttl,
             vm_id,
             single_use,
+            view_only,
         }
     }
 
@@ -383,6 +448,127 @@ impl TokenService {
         self.inventory.recheck(vm_id, grants).await
     }
 
+    /// Where recordings are, and who may see them.
+    pub fn set_recordings(&self, recordings: Recordings) {
+        *self.recordings.write().unwrap_or_else(|e| e.into_inner()) = recordings;
+    }
+
+    /// How long recordings are kept (0: for ever); replaced on a reload.
+    pub fn set_recording_retention_days(&self, days: u32) {
+        self.recordings
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retention_days = days;
+    }
+
+    fn recordings(&self) -> Recordings {
+        self.recordings
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The file of session `id`'s recording, if `cred` may see it: admins
+    /// may, the session's own user where `owner_can_view` says so.
+    pub async fn recording(
+        &self,
+        cred: &Credential,
+        id: i64,
+    ) -> Result<std::path::PathBuf, ServiceError> {
+        let who = self.inventory.authenticate(cred).await?;
+        let record = self
+            .log
+            .session(id)
+            .await?
+            .filter(|s| who.admin || s.user == who.name)
+            .ok_or(ServiceError::NoSuchSession(id))?;
+        let rec = self.recordings();
+        if !who.admin && !rec.owner_can_view {
+            return Err(ServiceError::NotAllowed(format!(
+                "only administrators may see the recording of console session [{id}]"
+            )));
+        }
+        self.recording_file(&record, &rec)
+    }
+
+    fn recording_file(
+        &self,
+        record: &SessionRecord,
+        rec: &Recordings,
+    ) -> Result<std::path::PathBuf, ServiceError> {
+        let id = record.id;
+        if !record.recording {
+            return Err(ServiceError::NoRecording {
+                id,
+                why: "the session was not recorded".into(),
+            });
+        }
+        let dir = rec
+            .dir
+            .as_deref()
+            .ok_or_else(|| ServiceError::NoRecording {
+                id,
+                why: "this node has no [recording] dir".into(),
+            })?;
+        let path = crate::recording::path_for(dir, id);
+        if !path.is_file() {
+            return Err(ServiceError::NoRecording {
+                id,
+                why: format!(
+                    "it was recorded on node {:?}, or deleted by the retention",
+                    record.node
+                ),
+            });
+        }
+        Ok(path)
+    }
+
+    /// A short-lived token that opens session `id`'s recording on the
+    /// replay page, for a caller who may see it. It is sealed with the
+    /// nodes' shared key, so any node with the recording can check it.
+    pub async fn replay_token(
+        &self,
+        cred: &Credential,
+        id: i64,
+    ) -> Result<ReplayToken, ServiceError> {
+        self.recording(cred, id).await?;
+        let expires_at = crate::now_unix().saturating_add(REPLAY_TOKEN_SECS);
+        let token = self
+            .secrets
+            .seal(&format!("{REPLAY_PREFIX}{id}:{expires_at}"))
+            .map_err(|e| ServiceError::Unavailable(format!("replay tokens need the key: {e}")))?;
+        Ok(ReplayToken {
+            url: format!("{}/replay#token={token}", self.public_url),
+            token,
+            session_id: id,
+            expires_at,
+        })
+    }
+
+    /// The recording a replay token opens; `None` if the token is not one,
+    /// or has expired.
+    pub async fn replay(&self, token: &str) -> Result<Option<std::path::PathBuf>, ServiceError> {
+        let Ok(plain) = self.secrets.open(token) else {
+            return Ok(None);
+        };
+        let Some((id, expires_at)) = plain
+            .strip_prefix(REPLAY_PREFIX)
+            .and_then(|rest| rest.split_once(':'))
+            .and_then(|(id, exp)| Some((id.parse::<i64>().ok()?, exp.parse::<i64>().ok()?)))
+        else {
+            return Ok(None);
+        };
+        if !crate::token::is_live(expires_at, crate::now_unix()) {
+            return Ok(None);
+        }
+        let record = self
+            .log
+            .session(id)
+            .await?
+            .ok_or(ServiceError::NoSuchSession(id))?;
+        self.recording_file(&record, &self.recordings()).map(Some)
+    }
+
     /// How long ended session records are kept (0: for ever); replaced on a
     /// configuration reload.
     pub fn set_retention_days(&self, days: u32) {
@@ -414,6 +600,23 @@ impl TokenService {
                     "old session records deleted"
                 ),
                 Err(e) => tracing::warn!(error = %e, "deleting old session records failed"),
+            }
+        }
+        let rec = self.recordings();
+        if let (Some(dir), days) = (rec.dir, rec.retention_days)
+            && days > 0
+        {
+            let before = std::time::SystemTime::now()
+                - std::time::Duration::from_secs(u64::from(days) * 86_400);
+            let done =
+                tokio::task::spawn_blocking(move || crate::recording::purge(&dir, before)).await;
+            match done {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => {
+                    tracing::info!(deleted = n, retention_days = days, "old recordings deleted")
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "deleting old recordings failed"),
+                Err(e) => tracing::warn!(error = %e, "deleting old recordings failed"),
             }
         }
     }

@@ -28,6 +28,8 @@ const OPENAPI: &str = include_str!("openapi.json");
 struct MintBody {
     ttl: Option<i64>,
     single_use: Option<bool>,
+    #[serde(default)]
+    view_only: bool,
 }
 
 /// A JSON error: status, a stable machine code, a human message.
@@ -89,6 +91,8 @@ impl From<ServiceError> for ApiError {
             },
             ServiceError::NoSuchSession(_) => (StatusCode::NOT_FOUND, "not_found"),
             ServiceError::SessionOver(_) => (StatusCode::CONFLICT, "session_ended"),
+            ServiceError::NotAllowed(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ServiceError::NoRecording { .. } => (StatusCode::NOT_FOUND, "no_recording"),
             ServiceError::BadParameter(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ServiceError::Store(_) | ServiceError::Unavailable(_) | ServiceError::Internal(_) => {
                 if e.is_unavailable() {
@@ -229,6 +233,7 @@ pub async fn mint(
     let request = MintRequest {
         ttl: body.ttl,
         single_use: body.single_use,
+        view_only: body.view_only,
     };
     let minted = crate::auth::CLIENT
         .scope(ip, state.service.mint(&cred, vm_id, request))
@@ -284,6 +289,9 @@ pub struct SessionsQuery {
     vm_id: Option<i64>,
     user: Option<String>,
     since: Option<i64>,
+    /// Only live sessions: who is on a VM now, in control or watching.
+    #[serde(default)]
+    live: bool,
     limit: Option<u32>,
 }
 
@@ -303,6 +311,7 @@ pub async fn sessions(
         vm_id: q.vm_id,
         user: q.user,
         since: q.since,
+        live: q.live,
         limit: q.limit.unwrap_or(100).min(MAX_SESSIONS_LISTED),
     };
     let list = crate::auth::CLIENT
@@ -310,6 +319,140 @@ pub async fn sessions(
         .await;
     settle(attempt, &list);
     Ok(Json(json!({ "sessions": list? })).into_response())
+}
+
+fn session_id(id: &str) -> Result<i64, ApiError> {
+    id.parse().map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "the session id must be an integer",
+        )
+    })
+}
+
+/// `GET /api/v1/sessions/{id}/recording`: the recording file as written
+/// (zstd; `vncbroker recording export` or `zstd -d` decompresses it).
+pub async fn recording(
+    State(state): State<ApiState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let id = session_id(&id)?;
+    let (cred, attempt, ip) = login(&state, peer, &headers).await?;
+    let path = crate::auth::CLIENT
+        .scope(ip, state.service.recording(&cred, id))
+        .await;
+    settle(attempt, &path);
+    let file = tokio::fs::File::open(path?).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no_recording",
+            format!("the recording cannot be read: {e}"),
+        )
+    })?;
+    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(file));
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/zstd"),
+            ),
+            (
+                header::CONTENT_DISPOSITION,
+                HeaderValue::from_str(&format!("attachment; filename=\"session-{id}.vncrec.zst\""))
+                    .unwrap_or(HeaderValue::from_static("attachment")),
+            ),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+/// `POST /api/v1/sessions/{id}/replay-tokens`: a short-lived token for the
+/// replay page, so no credential goes into a URL.
+pub async fn replay_token(
+    State(state): State<ApiState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let id = session_id(&id)?;
+    let (cred, attempt, ip) = login(&state, peer, &headers).await?;
+    let token = crate::auth::CLIENT
+        .scope(ip, state.service.replay_token(&cred, id))
+        .await;
+    settle(attempt, &token);
+    Ok((StatusCode::CREATED, Json(token?)).into_response())
+}
+
+/// `GET /api/v1/replay/data` with `Authorization: Bearer <replay token>`:
+/// the recording decompressed, for the replay page (browsers cannot
+/// decompress zstd).
+pub async fn replay_data(
+    State(state): State<ApiState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let ip = state.client_ip(peer, &headers);
+    let attempt = state.limiter.begin(ip).await.map_err(|why| {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_requests",
+            why.to_string(),
+        )
+    })?;
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(token) = token else {
+        attempt.refund();
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a replay token is needed: Authorization: Bearer <token>",
+        ));
+    };
+    let path = match state.service.replay(token).await {
+        Ok(Some(path)) => {
+            attempt.refund();
+            path
+        }
+        Ok(None) => {
+            attempt.fail();
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "the replay token is invalid or has expired; ask for a new one",
+            ));
+        }
+        Err(e) => {
+            attempt.refund();
+            return Err(e.into());
+        }
+    };
+    // Decompressed on a blocking thread into a pipe whose bound holds it
+    // back while the client reads slowly.
+    let (rd, wr) = tokio::io::duplex(64 * 1024);
+    tokio::task::spawn_blocking(move || {
+        let mut out = tokio_util::io::SyncIoBridge::new(wr);
+        if let Err(e) = crate::recording::decompress_to(&path, &mut out) {
+            tracing::warn!(error = %e, path = %path.display(), "replaying a recording failed");
+        }
+    });
+    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(rd));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        body,
+    )
+        .into_response())
 }
 
 pub async fn openapi() -> Response {

@@ -50,6 +50,12 @@ pub fn router(state: ApiState, max_body: usize) -> Router {
         )
         .route("/api/v1/sessions", get(json::sessions))
         .route("/api/v1/sessions/{id}", delete(json::end_session))
+        .route("/api/v1/sessions/{id}/recording", get(json::recording))
+        .route(
+            "/api/v1/sessions/{id}/replay-tokens",
+            post(json::replay_token),
+        )
+        .route("/api/v1/replay/data", get(json::replay_data))
         .route("/api/v1/openapi.json", get(json::openapi))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)

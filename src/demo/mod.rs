@@ -80,6 +80,7 @@ pub async fn run(mut cfg: Config, data_dir: Option<PathBuf>) -> anyhow::Result<(
             vnc_password: Some(secrets.seal(&vnc_password)?),
             owner: DEMO_USER.into(),
             allowed: vec![],
+            policy: Default::default(),
         })
         .await?;
     drop(store);

@@ -138,6 +138,7 @@ impl Inventory for LocalInventory {
             vm_id,
             host: vm.vnc_host,
             port: vm.vnc_port,
+            policy: vm.policy,
             vnc_password: self
                 .secrets
                 .open_opt(vm.vnc_password.as_deref())

@@ -49,6 +49,8 @@ pub struct Console {
     pub host: String,
     pub port: u16,
     pub vnc_password: Option<String>,
+    /// The VM's own console settings.
+    pub policy: crate::policy::VmPolicy,
     /// The caller's credential, where the inventory re-checks live
     /// sessions with the caller's own rights (it is then kept, sealed, with
     /// the token).
@@ -99,6 +101,7 @@ impl std::fmt::Debug for Console {
             .field("host", &self.host)
             .field("port", &self.port)
             .field("vnc_password", &self.vnc_password.as_ref().map(|_| "<set>"))
+            .field("policy", &self.policy)
             .field("recheck_as", &self.recheck_as)
             .finish()
     }

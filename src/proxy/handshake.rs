@@ -30,29 +30,59 @@ pub enum HandshakeError {
     ServerIo(String),
 }
 
-/// Runs the handshake; on success every byte that arrived past its end has
-/// already been forwarded, so the caller starts relaying at once.
+/// What the handshake leaves to the relay: the bytes each side sent past
+/// its end (ClientInit, ServerInit and on), and what the browser was sent.
+#[derive(Debug, Default)]
+pub struct Leftovers {
+    pub to_server: Vec<u8>,
+    pub to_client: Vec<u8>,
+    /// The handshake as the browser received it, where `keep_sent` asked.
+    pub sent_to_client: Vec<u8>,
+}
+
+/// Runs the handshake with `password`, or, without one, with a server that
+/// asks for none. The bytes past its end are handed back, not forwarded:
+/// the caller's relay is the first to see them.
 pub async fn secure<R, W>(
     reader: &mut Reader<R>,
     writer: &mut Writer<W>,
     tcp: &mut TcpStream,
-    password: &str,
-) -> Result<(), HandshakeError>
+    password: Option<&str>,
+    keep_sent: bool,
+) -> Result<Leftovers, HandshakeError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut sp = SecurityProxy::new(password.as_bytes().to_vec());
+    let mut sp = match password {
+        Some(p) => SecurityProxy::new(p.as_bytes().to_vec()),
+        None => SecurityProxy::without_password(),
+    };
     let mut buf = [0u8; 4096];
+    let mut sent = Vec::new();
     loop {
         if sp.is_done() {
+            // The handshake's last words first; only then what each side
+            // sent past its end.
+            write_server(tcp, &sp.take_to_server()).await?;
+            let out = sp.take_to_client();
+            if keep_sent {
+                sent.extend_from_slice(&out);
+            }
+            send_client(writer, &out).await?;
             let (to_server, to_client) = sp.take_leftovers();
-            write_server(tcp, &to_server).await?;
-            send_client(writer, &to_client).await?;
-            return Ok(());
+            return Ok(Leftovers {
+                to_server,
+                to_client,
+                sent_to_client: sent,
+            });
         }
         write_server(tcp, &sp.take_to_server()).await?;
-        send_client(writer, &sp.take_to_client()).await?;
+        let out = sp.take_to_client();
+        if keep_sent {
+            sent.extend_from_slice(&out);
+        }
+        send_client(writer, &out).await?;
         let (want_server, want_client) = (sp.wants_server(), sp.wants_client());
         if !want_server && !want_client {
             return Err(RfbError::Protocol("handshake stalled").into());

@@ -5,6 +5,8 @@
 //! - [`handshake`]: the RFB security proxy over live connections, so the VNC
 //!   password stays with the broker.
 //! - [`relay`]: the byte loop between WebSocket and TCP.
+//! - [`inspect`]: what the relay does with a session whose messages it
+//!   follows (view-only, clipboard policy, input counts, recording).
 //! - [`sessions`]: this node's live sessions, and which revocations apply to
 //!   them.
 //! - [`enforce`]: the jobs that end sessions the revocation log or the
@@ -17,6 +19,7 @@
 
 pub mod enforce;
 pub mod handshake;
+pub mod inspect;
 pub mod relay;
 pub mod request;
 pub mod sessions;
@@ -41,7 +44,9 @@ use crate::edge;
 use crate::inventory::{Credential, Grant, Lapse};
 use crate::limits::{Attempt, FailureLimiter, Refused};
 use crate::service::{RedeemError, TokenService};
-use crate::store::{Cause, NewSession, Redemption, SessionEnd, SessionLog, TokenStore};
+use crate::store::{
+    Cause, NewSession, Opened, RecordingState, Redemption, SessionEnd, SessionLog, TokenStore,
+};
 use crate::websocket::stream::{Reader, Writer};
 use crate::websocket::upgrade;
 
@@ -66,11 +71,23 @@ pub mod close {
     pub const REVOKED: u16 = 4410;
     pub const TIME_LIMIT: u16 = 4411;
     pub const EXPIRED: u16 = 4412;
+    pub const IN_USE: u16 = 4423;
     pub const TOO_MANY: u16 = 4429;
     pub const VNC_HANDSHAKE: u16 = 4500;
     pub const UNREACHABLE: u16 = 4502;
     pub const UNAVAILABLE: u16 = 4503;
     pub const TIMEOUT: u16 = 4504;
+    pub const RECORDING: u16 = 4507;
+}
+
+/// Where and how this node records sessions, from `[recording]`.
+#[derive(Debug, Clone, Default)]
+pub struct RecordingSettings {
+    /// Unset: this node records nothing.
+    pub dir: Option<std::path::PathBuf>,
+    /// A recording that cannot start or stops early ends its session.
+    pub required: bool,
+    pub queue_bytes: usize,
 }
 
 /// Proxy settings, from the `[proxy]` config section.
@@ -95,6 +112,9 @@ pub struct Settings {
     /// A write to the browser (one WebSocket frame) that does not finish
     /// within this long ends the session: the browser stopped reading.
     pub client_write_timeout: Option<Duration>,
+    /// Longest clipboard text passed either way.
+    pub max_clipboard: u32,
+    pub recording: RecordingSettings,
 }
 
 pub struct Proxy {
@@ -159,6 +179,10 @@ enum Refusal {
     Unreachable(String),
     Handshake(handshake::HandshakeError),
     HandshakeTimeout,
+    /// The VM is exclusive and someone else is in control.
+    ControlTaken,
+    /// The session must be recorded and its recording could not start.
+    RecordingUnavailable(String),
 }
 
 impl Refusal {
@@ -175,13 +199,17 @@ impl Refusal {
             Refusal::Unreachable(_) => M::Unreachable,
             Refusal::Handshake(_) => M::VncHandshake,
             Refusal::HandshakeTimeout => M::HandshakeTimeout,
+            Refusal::ControlTaken => M::ControlTaken,
+            Refusal::RecordingUnavailable(_) => M::RecordingUnavailable,
         }
     }
 
     /// Operator-facing detail for the log; never sent to the client.
     fn detail(&self) -> String {
         match self {
-            Refusal::StoreDown(e) | Refusal::Unreachable(e) => e.clone(),
+            Refusal::StoreDown(e) | Refusal::Unreachable(e) | Refusal::RecordingUnavailable(e) => {
+                e.clone()
+            }
             Refusal::Handshake(e) => e.to_string(),
             other => format!("{other:?}"),
         }
@@ -230,6 +258,16 @@ impl Refusal {
                 close::TIMEOUT,
                 "console unavailable: the VNC handshake timed out".into(),
             ),
+            Refusal::ControlTaken => (
+                close::IN_USE,
+                "console in use: someone else has control of this VM; a view-only link can join"
+                    .into(),
+            ),
+            Refusal::RecordingUnavailable(_) => (
+                close::RECORDING,
+                "console unavailable: this session must be recorded and the recording could not start"
+                    .into(),
+            ),
         }
     }
 }
@@ -260,6 +298,18 @@ impl End {
                 close::EXPIRED,
                 "session ended: the console link expired".into(),
             ),
+            End::ClientRfb(e) => (
+                close::PROTOCOL,
+                trim_reason(&format!("RFB protocol error: {e}")),
+            ),
+            End::ServerRfb(e) => (
+                close::VNC_HANDSHAKE,
+                trim_reason(&format!("session ended: {e}")),
+            ),
+            End::RecordingFailed(_) => (
+                close::RECORDING,
+                "session ended: its recording could not be written".into(),
+            ),
         }
     }
 
@@ -277,6 +327,9 @@ impl End {
             End::WriteTimeout => "client stopped reading".into(),
             End::MaxDuration => "time limit".into(),
             End::TokenExpired => "token expired".into(),
+            End::ClientRfb(e) => format!("client RFB error: {e}"),
+            End::ServerRfb(e) => format!("server RFB error: {e}"),
+            End::RecordingFailed(e) => format!("recording failed: {e}"),
         }
     }
 }
@@ -468,34 +521,39 @@ async fn session(
     )
     .await
     {
-        Ok((redemption, tcp, registration)) => {
+        Ok((redemption, tcp, left, registration)) => {
             relay_session(
                 &proxy,
                 reader,
                 writer,
                 tcp,
+                left,
                 redemption,
                 registration,
                 client,
             )
             .await
         }
-        Err(refusal) => {
-            crate::metrics::global().refused(refusal.metric());
-            let (code, reason) = refusal.close();
-            tracing::info!(%client, code, detail = %refusal.detail(), "console connection refused");
-            let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                let _ = writer.close(code, &reason).await;
-                let _ = writer.shutdown().await;
-            })
-            .await;
-        }
+        Err(refusal) => refuse(writer, refusal, client).await,
     }
 }
 
+/// Turns the browser away with the refusal's close code and reason.
+async fn refuse(mut writer: WsWriter, refusal: Refusal, client: SocketAddr) {
+    crate::metrics::global().refused(refusal.metric());
+    let (code, reason) = refusal.close();
+    tracing::info!(%client, code, detail = %refusal.detail(), "console connection refused");
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = writer.close(code, &reason).await;
+        let _ = writer.shutdown().await;
+    })
+    .await;
+}
+
 /// Redeems the token, connects to its target and runs the RFB security
-/// handshake if a password is stored. `attempt` is the failure charged for
-/// the token, kept if it is bad and refunded otherwise.
+/// handshake if a password is stored or the session's messages are to be
+/// followed. `attempt` is the failure charged for the token, kept if it is
+/// bad and refunded otherwise.
 async fn open(
     proxy: &Proxy,
     reader: &mut WsReader,
@@ -503,7 +561,15 @@ async fn open(
     token: Option<&str>,
     client: SocketAddr,
     attempt: Attempt,
-) -> Result<(Redemption, TcpStream, sessions::Registration), Refusal> {
+) -> Result<
+    (
+        Redemption,
+        TcpStream,
+        Option<handshake::Leftovers>,
+        sessions::Registration,
+    ),
+    Refusal,
+> {
     let token = token.ok_or(Refusal::NoToken)?;
     let redeemed = proxy.service.redeem(token).await;
     match &redeemed {
@@ -540,22 +606,24 @@ async fn open(
     // before it starts; one made while it is set up ends it at once.
     enforce::catch_up(proxy.tokens.as_ref(), &registration, None).await;
     let mut stop = registration.stop.clone();
-    let tcp = tokio::select! {
+    let (tcp, left) = tokio::select! {
         biased;
         why = sessions::stopped(&mut stop) => return Err(Refusal::Stopped(why)),
         tcp = connect_and_secure(proxy, reader, writer, &r) => tcp?,
     };
-    Ok((r, tcp, registration))
+    Ok((r, tcp, left, registration))
 }
 
 /// Connects to the token's target and runs the RFB security handshake if a
-/// password is stored.
+/// password is stored or the policy needs the session's messages followed
+/// (which the proxy can do only from their first byte). The leftovers are
+/// `None` for a session left to the browser's own handshake.
 async fn connect_and_secure(
     proxy: &Proxy,
     reader: &mut WsReader,
     writer: &mut WsWriter,
     r: &Redemption,
-) -> Result<TcpStream, Refusal> {
+) -> Result<(TcpStream, Option<handshake::Leftovers>), Refusal> {
     let target = (r.target_host.as_str(), r.target_port);
     let mut tcp = match tokio::time::timeout(
         proxy.settings.connect_timeout,
@@ -568,26 +636,29 @@ async fn connect_and_secure(
         Err(_) => return Err(Refusal::Unreachable("connect timed out".into())),
     };
     let _ = tcp.set_nodelay(true);
-    if let Some(password) = &r.vnc_password {
-        match tokio::time::timeout(
-            proxy.settings.handshake_timeout,
-            handshake::secure(reader, writer, &mut tcp, password),
-        )
-        .await
-        {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(Refusal::Handshake(e)),
-            Err(_) => return Err(Refusal::HandshakeTimeout),
-        }
+    let password = r.vnc_password.as_deref();
+    if password.is_none() && !r.policy.needs_inspection() {
+        return Ok((tcp, None));
     }
-    Ok(tcp)
+    match tokio::time::timeout(
+        proxy.settings.handshake_timeout,
+        handshake::secure(reader, writer, &mut tcp, password, r.policy.record),
+    )
+    .await
+    {
+        Ok(Ok(left)) => Ok((tcp, Some(left))),
+        Ok(Err(e)) => Err(Refusal::Handshake(e)),
+        Err(_) => Err(Refusal::HandshakeTimeout),
+    }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn relay_session(
     proxy: &Proxy,
     mut reader: WsReader,
-    writer: WsWriter,
+    mut writer: WsWriter,
     tcp: TcpStream,
+    left: Option<handshake::Leftovers>,
     r: Redemption,
     mut registration: sessions::Registration,
     client: SocketAddr,
@@ -616,6 +687,7 @@ async fn relay_session(
             .flatten()
             .min_by_key(|d| d.0),
     };
+    let policy = r.policy;
     let record = NewSession {
         token_id: r.token_id,
         vm_id: r.vm_id,
@@ -623,33 +695,89 @@ async fn relay_session(
         client_addr: client.to_string(),
         node: proxy.settings.node.clone(),
         started_at,
+        view_only: policy.view_only,
+        exclusive: policy.exclusive,
+        recording: policy.record,
     };
     let session_id = match proxy.log.open_session(&record).await {
-        Ok(id) => Some(id),
+        Ok(Opened::Session(id)) => Some(id),
+        Ok(Opened::ControlTaken) => return refuse(writer, Refusal::ControlTaken, client).await,
+        // Exclusive control cannot be vouched for without the store.
+        Err(e) if policy.exclusive && !policy.view_only => {
+            return refuse(writer, Refusal::StoreDown(e.to_string()), client).await;
+        }
         Err(e) => {
             tracing::warn!(error = %e, "could not record the session start");
             None
         }
     };
+    let mut recorder = None;
+    let mut recording = policy.record.then_some(RecordingState::Incomplete);
+    if policy.record {
+        match start_recording(proxy, &r, session_id, client, started_at) {
+            Ok(rec) => {
+                recorder = Some(rec);
+                recording = Some(RecordingState::Recording);
+            }
+            Err(why) if set.recording.required => {
+                crate::metrics::global().recording_finished("failed");
+                if let Some(id) = session_id {
+                    let _ = proxy
+                        .log
+                        .close_session(id, &refused_end(&why, recording))
+                        .await;
+                }
+                return refuse(writer, Refusal::RecordingUnavailable(why), client).await;
+            }
+            Err(why) => {
+                crate::metrics::global().recording_finished("failed");
+                tracing::warn!(session = session_id, reason = %why, "session not recorded; it goes on")
+            }
+        }
+    }
     tracing::info!(
         session = session_id, vm_id = r.vm_id, user = %r.user_name, %client,
-        node = %proxy.settings.node, "console session started"
+        node = %proxy.settings.node, view_only = policy.view_only,
+        inspected = left.is_some(), recording = recorder.is_some(),
+        "console session started"
     );
     enforce::catch_up(proxy.tokens.as_ref(), &registration, session_id).await;
 
-    let writer = tokio::sync::Mutex::new(writer);
     let (mut tcp_rx, mut tcp_tx) = tcp.into_split();
     let mut counts = Counts::default();
-    let end = relay::run(
-        &mut reader,
-        &writer,
-        &mut tcp_rx,
-        &mut tcp_tx,
-        &mut registration.stop,
-        timers,
-        &mut counts,
-    )
-    .await;
+    let mut sides = left.as_ref().map(|_| {
+        inspect::sides(
+            &policy,
+            set.max_clipboard,
+            recorder.take(),
+            set.recording.required,
+        )
+    });
+    // What each side sent past the handshake goes through the session's
+    // rules first, like everything after it.
+    let first = match (&left, sides.as_mut()) {
+        (Some(left), Some((up, down))) => {
+            first_bytes(left, up, down, &mut writer, &mut tcp_tx, &mut counts).await
+        }
+        _ => Ok(()),
+    };
+    let writer = tokio::sync::Mutex::new(writer);
+    let end = match first {
+        Err(end) => end,
+        Ok(()) => {
+            relay::run(
+                &mut reader,
+                &writer,
+                &mut tcp_rx,
+                &mut tcp_tx,
+                &mut registration.stop,
+                timers,
+                &mut counts,
+                sides.as_mut().map(|(u, d)| (u, d)),
+            )
+            .await
+        }
+    };
 
     let (code, reason) = end.close();
     let mut writer = writer.into_inner();
@@ -660,11 +788,31 @@ async fn relay_session(
     .await;
     let _ = tcp_tx.shutdown().await;
     crate::metrics::global().session_ended(end.outcome(), started.elapsed());
+    let audit = sides.as_ref().map(|(up, down)| inspect::audit(up, down));
+    if let Some((_, down)) = sides.as_mut() {
+        let stopped_early = down.recording_stopped().is_some();
+        if let Some(rec) = down.take_recorder() {
+            let outcome = rec.finish().await;
+            let complete = outcome.complete && !stopped_early;
+            crate::metrics::global().recording_finished(if complete {
+                "complete"
+            } else {
+                "incomplete"
+            });
+            recording = Some(if complete {
+                RecordingState::Complete
+            } else {
+                RecordingState::Incomplete
+            });
+        }
+    }
     let end_record = SessionEnd {
         ended_at: crate::now_unix(),
         bytes_to_client: counts.to_client,
         bytes_to_server: counts.to_server,
         reason: end.record(),
+        audit,
+        recording,
     };
     if let Some(id) = session_id
         && let Err(e) = proxy.log.close_session(id, &end_record).await
@@ -691,9 +839,84 @@ async fn relay_session(
         session = session_id, vm_id = r.vm_id, user = %r.user_name, %client,
         node = %proxy.settings.node, duration_ms = started.elapsed().as_millis() as u64,
         bytes_to_client = counts.to_client, bytes_to_server = counts.to_server,
+        key_events = audit.map(|a| a.key_events),
+        pointer_events = audit.map(|a| a.pointer_events),
         reason = %end_record.reason, "console session ended"
     );
     // Unregistered only once the end is recorded, so a draining server that
     // waits for its sessions to go also waits for their records.
     drop(registration);
+}
+
+/// The end recorded for a session turned away after its row was opened.
+fn refused_end(why: &str, recording: Option<RecordingState>) -> SessionEnd {
+    SessionEnd {
+        ended_at: crate::now_unix(),
+        bytes_to_client: 0,
+        bytes_to_server: 0,
+        reason: format!("recording could not start: {why}"),
+        audit: None,
+        recording,
+    }
+}
+
+/// Starts the session's recording: the file is named by the session id
+/// alone, so a session without a row cannot be recorded.
+fn start_recording(
+    proxy: &Proxy,
+    r: &Redemption,
+    session_id: Option<i64>,
+    client: SocketAddr,
+    started_at: i64,
+) -> Result<crate::recording::Recorder, String> {
+    let set = &proxy.settings.recording;
+    let dir = set
+        .dir
+        .as_deref()
+        .ok_or("no [recording] dir is set on this node")?;
+    let id = session_id.ok_or("the session row could not be written")?;
+    let header = crate::recording::Header {
+        version: 1,
+        session_id: id,
+        vm_id: r.vm_id,
+        user: r.user_name.clone(),
+        node: proxy.settings.node.clone(),
+        client_addr: client.to_string(),
+        started_at,
+        started_at_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0),
+    };
+    crate::recording::Recorder::start(dir, &header, set.queue_bytes).map_err(|e| e.to_string())
+}
+
+/// Sends what each side sent past the handshake through the session's
+/// rules, and records the handshake the browser saw.
+async fn first_bytes(
+    left: &handshake::Leftovers,
+    up: &mut inspect::Upstream,
+    down: &mut inspect::Downstream,
+    writer: &mut WsWriter,
+    tcp_tx: &mut tokio::net::tcp::OwnedWriteHalf,
+    counts: &mut Counts,
+) -> Result<(), End> {
+    down.record_sent(&left.sent_to_client)?;
+    let to_server = up.pass(&left.to_server)?;
+    if !to_server.is_empty() {
+        tcp_tx
+            .write_all(to_server)
+            .await
+            .map_err(|e| End::ServerError(e.to_string()))?;
+        counts.to_server += to_server.len() as u64;
+    }
+    let to_client = down.pass(&left.to_client)?;
+    if !to_client.is_empty() {
+        writer
+            .send_binary(to_client)
+            .await
+            .map_err(|_| End::ClientClosed)?;
+        counts.to_client += to_client.len() as u64;
+    }
+    Ok(())
 }

@@ -21,6 +21,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Mutex, Notify, watch};
 use tokio::time::Instant;
 
+use super::inspect::{Broken, Downstream, Upstream};
 use super::sessions::Stop;
 use crate::metrics::SessionOutcome;
 use crate::websocket::frame::OpCode;
@@ -55,6 +56,12 @@ pub enum End {
     /// A write to the browser did not finish within the write timeout:
     /// the browser stopped reading.
     WriteTimeout,
+    /// The browser sent an RFB message the proxy could not follow.
+    ClientRfb(String),
+    /// The VNC server sent an RFB message the proxy could not follow.
+    ServerRfb(String),
+    /// A required recording could not be written.
+    RecordingFailed(String),
 }
 
 impl End {
@@ -64,7 +71,11 @@ impl End {
         match self {
             End::ClientClosed => SessionOutcome::ClientClosed,
             End::ServerClosed => SessionOutcome::ServerClosed,
-            End::TextFrame | End::ClientProtocol { .. } => SessionOutcome::ClientProtocolError,
+            End::TextFrame | End::ClientProtocol { .. } | End::ClientRfb(_) => {
+                SessionOutcome::ClientProtocolError
+            }
+            End::ServerRfb(_) => SessionOutcome::ServerProtocolError,
+            End::RecordingFailed(_) => SessionOutcome::RecordingFailed,
             End::ServerError(_) => SessionOutcome::ServerError,
             End::Stopped(Stop::Revoked(_)) => SessionOutcome::Revoked,
             End::Stopped(Stop::Lapsed(Lapse::AccessLost | Lapse::CredentialRejected)) => {
@@ -129,7 +140,20 @@ where
     done.map_err(|_| End::ClientClosed)
 }
 
-/// Relays until either side ends, `stop` fires or a timer runs out.
+impl From<Broken> for End {
+    fn from(b: Broken) -> End {
+        match b {
+            Broken::Client(e) => End::ClientRfb(e.to_string()),
+            Broken::Server(e) => End::ServerRfb(e.to_string()),
+            Broken::Recording(e) => End::RecordingFailed(e.to_string()),
+        }
+    }
+}
+
+/// Relays until either side ends, `stop` fires or a timer runs out. With
+/// `inspect`, each side's bytes go through it; without, they pass as they
+/// are.
+#[allow(clippy::too_many_arguments)]
 pub async fn run<R, W>(
     reader: &mut Reader<R>,
     writer: &Mutex<Writer<W>>,
@@ -138,6 +162,7 @@ pub async fn run<R, W>(
     stop: &mut watch::Receiver<Option<Stop>>,
     timers: Timers,
     counts: &mut Counts,
+    inspect: Option<(&mut Upstream, &mut Downstream)>,
 ) -> End
 where
     R: AsyncRead + Unpin,
@@ -155,6 +180,10 @@ where
     let alive = AtomicU64::new(0);
     let ping_due = Notify::new();
     let write_limit = timers.write_timeout;
+    let (mut upstream, mut downstream) = match inspect {
+        Some((u, d)) => (Some(u), Some(d)),
+        None => (None, None),
+    };
     let down = async {
         // Allocated when the server first sends, so idle sessions hold none.
         let mut buf = Vec::new();
@@ -168,7 +197,18 @@ where
             match tcp_rx.try_read(&mut buf) {
                 Ok(0) => return End::ServerClosed,
                 Ok(n) => {
-                    let data = &buf[..n];
+                    let data = match downstream.as_deref_mut() {
+                        None => &buf[..n],
+                        Some(d) => match d.pass(&buf[..n]) {
+                            Ok(out) => out,
+                            Err(broken) => return broken.into(),
+                        },
+                    };
+                    let n = data.len();
+                    if n == 0 {
+                        active.store(since(), Ordering::Relaxed);
+                        continue;
+                    }
                     if let Err(end) = write_to_client(writer, write_limit, |mut w| async move {
                         w.send_binary(data).await
                     })
@@ -192,6 +232,16 @@ where
             match event {
                 Ok(Event::Data(data)) => {
                     active.store(since(), Ordering::Relaxed);
+                    let data = match upstream.as_deref_mut() {
+                        None => data,
+                        Some(u) => match u.pass(data) {
+                            Ok(out) => out,
+                            Err(broken) => return broken.into(),
+                        },
+                    };
+                    if data.is_empty() {
+                        continue;
+                    }
                     if let Err(e) = tcp_tx.write_all(data).await {
                         return End::ServerError(e.to_string());
                     }

@@ -79,6 +79,12 @@ pub enum RfbError {
     /// The browser chose a security type other than 1 (None).
     #[error("the browser chose security type {0}, but only type 1 (None) was offered")]
     ClientSecurityType(u8),
+    /// The server asks for a password and none is stored (see
+    /// [`SecurityProxy::without_password`]).
+    #[error(
+        "the VNC server asks for a password and none is stored for this VM; view-only, clipboard-restricted and recorded sessions need the VM's VNC password stored in the broker, or a server without authentication"
+    )]
+    PasswordNeeded,
     /// Any other violation of the protocol by either side.
     #[error("RFB protocol error: {0}")]
     Protocol(&'static str),
@@ -121,6 +127,8 @@ enum ServerState {
 /// closing: it then contains a failure message the browser can show.
 pub struct SecurityProxy {
     password: Vec<u8>,
+    /// No password is stored: only a server that asks for none will do.
+    none_only: bool,
     server_state: ServerState,
     /// Version spoken with the server; meaningful once past `ServerState::Version`.
     server_minor: Minor,
@@ -158,6 +166,7 @@ impl SecurityProxy {
     pub fn new(password: Vec<u8>) -> Self {
         SecurityProxy {
             password,
+            none_only: false,
             server_state: ServerState::Version,
             server_minor: Minor::V8,
             server_in: Inbox::default(),
@@ -165,6 +174,16 @@ impl SecurityProxy {
             client: ServerHandshake::deferred(Security::none()),
             failed: None,
         }
+    }
+
+    /// Creates a proxy for a server that asks for no authentication, so
+    /// that the session's messages can be followed from their first byte;
+    /// a server that wants a password is refused with
+    /// [`RfbError::PasswordNeeded`].
+    pub fn without_password() -> Self {
+        let mut proxy = SecurityProxy::new(Vec::new());
+        proxy.none_only = true;
+        proxy
     }
 
     /// Feed bytes received from the VNC server.
@@ -276,6 +295,13 @@ impl SecurityProxy {
                     return Ok(false);
                 };
                 let offered: Vec<u32> = types.iter().map(|&t| u32::from(t)).collect();
+                if self.none_only && !offered.contains(&u32::from(SEC_NONE)) {
+                    return Err(if offered.contains(&u32::from(SEC_VNC_AUTH)) {
+                        RfbError::PasswordNeeded
+                    } else {
+                        RfbError::NoCommonSecurityType { offered }
+                    });
+                }
                 let Some(choice) = choose(&offered, !self.password.is_empty()) else {
                     return Err(RfbError::NoCommonSecurityType { offered });
                 };
@@ -301,6 +327,9 @@ impl SecurityProxy {
                     return Err(RfbError::NoCommonSecurityType {
                         offered: vec![kind],
                     });
+                }
+                if self.none_only && kind == u32::from(SEC_VNC_AUTH) {
+                    return Err(RfbError::PasswordNeeded);
                 }
                 self.server_in.consume(4);
                 if kind == u32::from(SEC_NONE) {

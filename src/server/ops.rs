@@ -44,6 +44,8 @@ impl Ops {
         tls: Option<TlsAcceptor>,
     ) -> Ops {
         service.set_retention_days(cfg.sessions.retention_days);
+        service.set_defaults(cfg.session_defaults());
+        service.set_recording_retention_days(cfg.recording.retention_days);
         Ops {
             health,
             service: Arc::clone(service),
@@ -99,6 +101,9 @@ impl Ops {
             wanted.tls = old.tls.clone();
         }
         self.service.set_policy(new.policy());
+        self.service.set_defaults(new.session_defaults());
+        self.service
+            .set_recording_retention_days(wanted.recording_retention_days);
         self.service.set_retention_days(wanted.retention_days);
         self.drain_timeout_secs
             .store(wanted.drain_timeout_secs, Ordering::Relaxed);

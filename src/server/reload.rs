@@ -12,6 +12,10 @@ pub(super) struct Reloadable {
     pub log_level: String,
     pub drain_timeout_secs: u64,
     pub retention_days: u32,
+    /// Session defaults, for tokens minted after the reload.
+    pub clipboard: crate::policy::Clipboard,
+    pub record_default: bool,
+    pub recording_retention_days: u32,
     /// The certificate and key files are read again; turning TLS on or off
     /// needs a restart.
     pub tls: TlsConfig,
@@ -26,6 +30,9 @@ impl Reloadable {
             log_level: cfg.log.level.clone(),
             drain_timeout_secs: cfg.server.drain_timeout_secs,
             retention_days: cfg.sessions.retention_days,
+            clipboard: cfg.proxy.clipboard,
+            record_default: cfg.recording.default,
+            recording_retention_days: cfg.recording.retention_days,
             tls: cfg.tls.clone(),
         }
     }
@@ -38,6 +45,9 @@ impl Reloadable {
         cfg.log.level = self.log_level;
         cfg.server.drain_timeout_secs = self.drain_timeout_secs;
         cfg.sessions.retention_days = self.retention_days;
+        cfg.proxy.clipboard = self.clipboard;
+        cfg.recording.default = self.record_default;
+        cfg.recording.retention_days = self.recording_retention_days;
         cfg.tls = self.tls;
     }
 
@@ -81,6 +91,7 @@ pub(super) fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     check("[inventory]", a.inventory != b.inventory);
     check("[websockify_api]", a.websockify_api != b.websockify_api);
     check("log.format", a.log != b.log);
+    check("[recording]", a.recording != b.recording);
     if changed.is_empty() && a != b {
         changed.push("other settings");
     }

@@ -73,6 +73,11 @@ impl Node {
             cfg.policy(),
             &public_url,
         ));
+        service.set_recordings(crate::service::Recordings {
+            dir: cfg.recording.dir.as_ref().map(std::path::PathBuf::from),
+            owner_can_view: cfg.recording.owner_can_view,
+            retention_days: cfg.recording.retention_days,
+        });
         let sessions = Arc::new(Sessions::with_limits(SessionLimits {
             total: cfg.proxy.max_sessions,
             per_vm: cfg.proxy.max_sessions_per_vm,
@@ -161,6 +166,12 @@ impl Node {
                     ping_interval: secs(cfg.proxy.ping_interval_secs),
                     pong_timeout: Duration::from_secs(cfg.proxy.pong_timeout_secs),
                     client_write_timeout: secs(cfg.proxy.client_write_timeout_secs),
+                    max_clipboard: cfg.proxy.max_clipboard_bytes,
+                    recording: proxy::RecordingSettings {
+                        dir: cfg.recording.dir.as_ref().map(std::path::PathBuf::from),
+                        required: cfg.recording.required,
+                        queue_bytes: cfg.recording.queue_bytes,
+                    },
                 },
             ));
             proxy.close_rows_left_open().await;

@@ -25,6 +25,7 @@ pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 pub use timed::{StoreOp, TimedStore};
 
+pub use crate::policy::{SessionPolicy, VmPolicy};
 use crate::token::TokenHash;
 
 /// Errors callers branch on: a duplicate is retried or reported, an
@@ -145,6 +146,8 @@ pub struct NewToken {
     /// The caller's session string, sealed, for inventories that re-check
     /// live sessions with the caller's own rights.
     pub caller_session: Option<String>,
+    /// The rules its session follows.
+    pub policy: SessionPolicy,
 }
 
 /// A user of the local registry.
@@ -167,6 +170,8 @@ pub struct Vm {
     pub owner: String,
     /// Users other than the owner who may open the console.
     pub allowed: Vec<String>,
+    /// Its console settings; unset ones take the broker's defaults.
+    pub policy: VmPolicy,
 }
 
 impl std::fmt::Debug for Vm {
@@ -179,6 +184,7 @@ impl std::fmt::Debug for Vm {
             .field("vnc_password", &self.vnc_password.as_ref().map(|_| "<set>"))
             .field("owner", &self.owner)
             .field("allowed", &self.allowed)
+            .field("policy", &self.policy)
             .finish()
     }
 }
@@ -199,6 +205,8 @@ pub struct Redemption {
     /// The last revocation the store had recorded when the token was
     /// redeemed: the session is subject to every later one.
     pub revocation_seq: i64,
+    /// The rules the session follows, as minted.
+    pub policy: SessionPolicy,
 }
 
 impl std::fmt::Debug for Redemption {
@@ -218,6 +226,7 @@ impl std::fmt::Debug for Redemption {
                 &self.caller_session.as_ref().map(|_| "<set>"),
             )
             .field("revocation_seq", &self.revocation_seq)
+            .field("policy", &self.policy)
             .finish()
     }
 }
@@ -406,6 +415,70 @@ pub struct NewSession {
     pub client_addr: String,
     pub node: String,
     pub started_at: i64,
+    pub view_only: bool,
+    /// The VM takes one control session at a time: a control session opens
+    /// only if no other is live, wherever it runs.
+    pub exclusive: bool,
+    pub recording: bool,
+}
+
+/// Whether a session row was opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opened {
+    Session(i64),
+    /// The VM is exclusive and another control session is live.
+    ControlTaken,
+}
+
+impl Opened {
+    /// The new row's id, unless the session was turned away.
+    pub fn id(self) -> Option<i64> {
+        match self {
+            Opened::Session(id) => Some(id),
+            Opened::ControlTaken => None,
+        }
+    }
+}
+
+/// What the proxy saw of a session's input, where it followed the
+/// messages. Keystroke contents are never kept, only counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Audit {
+    pub key_events: u64,
+    pub pointer_events: u64,
+    pub clipboard_bytes_to_vm: u64,
+    /// Known only where the VNC server's stream was parsed.
+    pub clipboard_bytes_from_vm: Option<u64>,
+}
+
+/// How a session's recording went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordingState {
+    /// The session is live and being recorded.
+    Recording,
+    Complete,
+    /// It stopped early (the writer fell behind, the disk failed, the node
+    /// died): it holds the session up to that point.
+    Incomplete,
+}
+
+impl RecordingState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordingState::Recording => "recording",
+            RecordingState::Complete => "complete",
+            RecordingState::Incomplete => "incomplete",
+        }
+    }
+
+    pub fn parse(s: &str) -> RecordingState {
+        match s {
+            "recording" => RecordingState::Recording,
+            "complete" => RecordingState::Complete,
+            _ => RecordingState::Incomplete,
+        }
+    }
 }
 
 /// How a proxied session ended.
@@ -415,6 +488,9 @@ pub struct SessionEnd {
     pub bytes_to_client: u64,
     pub bytes_to_server: u64,
     pub reason: String,
+    /// `None` for a session relayed without following its messages.
+    pub audit: Option<Audit>,
+    pub recording: Option<RecordingState>,
 }
 
 /// A recorded session, as `vncbroker sessions` and the API list them.
@@ -430,6 +506,16 @@ pub struct SessionRecord {
     pub bytes_to_client: u64,
     pub bytes_to_server: u64,
     pub close_reason: Option<String>,
+    pub view_only: bool,
+    /// The input counts; `null` while live, and for a session relayed
+    /// without following its messages.
+    pub key_events: Option<u64>,
+    pub pointer_events: Option<u64>,
+    pub clipboard_bytes_to_vm: Option<u64>,
+    pub clipboard_bytes_from_vm: Option<u64>,
+    /// Whether the session was recorded.
+    pub recording: bool,
+    pub recording_state: Option<RecordingState>,
 }
 
 /// Which sessions to list; newest first, at most `limit`.
@@ -439,6 +525,8 @@ pub struct SessionFilter {
     pub user: Option<String>,
     /// Only sessions started at or after this Unix time.
     pub since: Option<i64>,
+    /// Only live sessions.
+    pub live: bool,
     pub limit: u32,
 }
 
@@ -486,8 +574,10 @@ pub trait TokenStore: Send + Sync {
 /// The record of proxied sessions: the proxy writes it, operators read it.
 #[async_trait]
 pub trait SessionLog: Send + Sync {
-    /// Records the start of a proxied session; returns its id.
-    async fn open_session(&self, session: &NewSession) -> Result<i64, StoreError>;
+    /// Records the start of a proxied session. For an exclusive control
+    /// session, checks and records in one step that no other control
+    /// session of the VM is live, so two nodes cannot both let one in.
+    async fn open_session(&self, session: &NewSession) -> Result<Opened, StoreError>;
     /// Records the end of a proxied session.
     async fn close_session(&self, id: i64, end: &SessionEnd) -> Result<(), StoreError>;
     /// Ends the rows `node` left open (it was killed, or lost the database

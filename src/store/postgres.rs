@@ -40,10 +40,11 @@ use super::conninfo::{ConnInfo, SslMode};
 use super::pgtls::{self, Connector};
 use super::sql;
 use super::{
-    Cause, Health, NewSession, NewToken, RecordedRevocation, Redemption, Registry, Revocation,
-    Revoked, SessionEnd, SessionFilter, SessionLog, SessionRecord, StoreError, TokenStore, User,
-    Vm, to_i64, to_u64,
+    Cause, Health, NewSession, NewToken, Opened, RecordedRevocation, RecordingState, Redemption,
+    Registry, Revocation, Revoked, SessionEnd, SessionFilter, SessionLog, SessionPolicy,
+    SessionRecord, StoreError, TokenStore, User, Vm, VmPolicy, to_i64, to_u64,
 };
+use crate::policy::{Clipboard, Control};
 use crate::token::TokenHash;
 
 /// Versioned migrations, applied in order; `schema_migrations` records the
@@ -54,11 +55,20 @@ const MIGRATIONS: &[(i64, &str)] = &[
         2,
         include_str!("../../migrations/postgres/0002_revocations.sql"),
     ),
+    (
+        3,
+        include_str!("../../migrations/postgres/0003_session_control.sql"),
+    ),
 ];
 
 /// The advisory lock that serialises migrations of nodes starting at once
 /// ("vncbrokr" in ASCII).
 const MIGRATION_LOCK: i64 = 0x766e_6362_726f_6b72;
+
+/// The first key of the advisory locks that serialise the control sessions
+/// of exclusive VMs (the second is the VM id, wrapped to 32 bits: two VMs
+/// that share a lock only wait for each other a moment).
+const EXCLUSIVE_LOCK: i32 = 0x766e_6362;
 
 /// The channel revocations are announced on; the payload is the seq.
 pub const REVOCATION_CHANNEL: &str = "vncbroker_revoked";
@@ -447,7 +457,8 @@ fn port(p: i32, what: &str) -> Result<u16, StoreError> {
 const VM_COLUMNS: &str = "SELECT v.id, v.name, v.vnc_host, v.vnc_port, v.vnc_password, u.name,
             COALESCE((SELECT array_agg(au.name ORDER BY au.name COLLATE \"C\")
                       FROM vm_users a JOIN users au ON au.id = a.user_id
-                      WHERE a.vm_id = v.id), '{}')
+                      WHERE a.vm_id = v.id), '{}'),
+            v.control, v.clipboard, v.record
      FROM vms v JOIN users u ON u.id = v.owner_id";
 
 fn vm_row(r: &Row) -> Result<Vm, StoreError> {
@@ -460,6 +471,12 @@ fn vm_row(r: &Row) -> Result<Vm, StoreError> {
         vnc_password: r.get(4),
         owner: r.get(5),
         allowed: r.get(6),
+        // An unknown value (a newer version's) reads as unset.
+        policy: VmPolicy {
+            control: r.get::<_, Option<String>>(7).and_then(|c| c.parse().ok()),
+            clipboard: r.get::<_, Option<String>>(8).and_then(|c| c.parse().ok()),
+            record: r.get(9),
+        },
     })
 }
 
@@ -475,6 +492,16 @@ fn session_row(r: &Row) -> SessionRecord {
         bytes_to_client: to_u64(r.get::<_, i64>(7)),
         bytes_to_server: to_u64(r.get::<_, i64>(8)),
         close_reason: r.get(9),
+        view_only: r.get(10),
+        key_events: r.get::<_, Option<i64>>(11).map(to_u64),
+        pointer_events: r.get::<_, Option<i64>>(12).map(to_u64),
+        clipboard_bytes_to_vm: r.get::<_, Option<i64>>(13).map(to_u64),
+        clipboard_bytes_from_vm: r.get::<_, Option<i64>>(14).map(to_u64),
+        recording: r.get::<_, Option<String>>(15).is_some(),
+        recording_state: r
+            .get::<_, Option<String>>(15)
+            .as_deref()
+            .map(RecordingState::parse),
     }
 }
 
@@ -593,6 +620,10 @@ impl TokenStore for PgStore {
                         &t.expires_at,
                         &t.single_use,
                         &t.caller_session,
+                        &t.policy.view_only,
+                        &t.policy.exclusive,
+                        &t.policy.clipboard.as_str(),
+                        &t.policy.record,
                     ],
                 )
                 .await
@@ -632,7 +663,8 @@ impl TokenStore for PgStore {
                      WHERE token_hash = $1 AND revoked_at IS NULL AND expires_at > $2
                        AND (NOT single_use OR used_at IS NULL)
                      RETURNING id, vm_id, target_host, target_port, vnc_password, user_name,
-                               expires_at, caller_session, (SELECT seq FROM seen)",
+                               expires_at, caller_session, (SELECT seq FROM seen),
+                               view_only, exclusive, clipboard, record",
                 )
                 .await
                 .map_err(pg_err)?;
@@ -654,6 +686,13 @@ impl TokenStore for PgStore {
                 expires_at: r.get(6),
                 caller_session: r.get(7),
                 revocation_seq: r.get(8),
+                policy: SessionPolicy {
+                    view_only: r.get(9),
+                    exclusive: r.get(10),
+                    // An unknown value (a newer version's) blocks both ways.
+                    clipboard: r.get::<_, String>(11).parse().unwrap_or(Clipboard::None),
+                    record: r.get(12),
+                },
             }))
         })
     }
@@ -729,8 +768,50 @@ impl TokenStore for PgStore {
 
 #[async_trait]
 impl SessionLog for PgStore {
-    async fn open_session(&self, s: &NewSession) -> Result<i64, StoreError> {
+    async fn open_session(&self, s: &NewSession) -> Result<Opened, StoreError> {
+        let recording = s.recording.then_some(RecordingState::Recording.as_str());
         with_conn!(self, |c| {
+            if s.exclusive && !s.view_only {
+                // The VM's lock serialises the check and the insert of
+                // control sessions from every node, until commit.
+                let tx = c.transaction().await.map_err(pg_err)?;
+                tx.execute(
+                    "SELECT pg_advisory_xact_lock($1, $2)",
+                    &[&EXCLUSIVE_LOCK, &(s.vm_id as i32)],
+                )
+                .await
+                .map_err(pg_err)?;
+                let taken = tx
+                    .query_opt(
+                        "SELECT 1 FROM sessions
+                         WHERE vm_id = $1 AND ended_at IS NULL AND NOT view_only LIMIT 1",
+                        &[&s.vm_id],
+                    )
+                    .await
+                    .map_err(pg_err)?
+                    .is_some();
+                if taken {
+                    return Ok(Opened::ControlTaken);
+                }
+                let row = tx
+                    .query_one(
+                        sql::INSERT_SESSION_RETURNING_ID,
+                        &[
+                            &s.token_id,
+                            &s.vm_id,
+                            &s.user_name,
+                            &s.client_addr,
+                            &s.node,
+                            &s.started_at,
+                            &s.view_only,
+                            &recording,
+                        ],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                tx.commit().await.map_err(pg_err)?;
+                return Ok(Opened::Session(row.get(0)));
+            }
             let st = c
                 .prepare_cached(sql::INSERT_SESSION_RETURNING_ID)
                 .await
@@ -745,24 +826,20 @@ impl SessionLog for PgStore {
                         &s.client_addr,
                         &s.node,
                         &s.started_at,
+                        &s.view_only,
+                        &recording,
                     ],
                 )
                 .await
                 .map_err(pg_err)?;
-            Ok(row.get(0))
+            Ok(Opened::Session(row.get(0)))
         })
     }
 
     async fn close_session(&self, id: i64, end: &SessionEnd) -> Result<(), StoreError> {
         with_conn!(self, |c| {
-            let st = c
-                .prepare_cached(
-                    "UPDATE sessions SET ended_at = $2, bytes_to_client = $3, bytes_to_server = $4,
-                                         close_reason = $5
-                     WHERE id = $1",
-                )
-                .await
-                .map_err(pg_err)?;
+            let st = c.prepare_cached(sql::CLOSE_SESSION).await.map_err(pg_err)?;
+            let audit = end.audit;
             c.execute(
                 &st,
                 &[
@@ -771,6 +848,11 @@ impl SessionLog for PgStore {
                     &to_i64(end.bytes_to_client),
                     &to_i64(end.bytes_to_server),
                     &end.reason,
+                    &audit.map(|a| to_i64(a.key_events)),
+                    &audit.map(|a| to_i64(a.pointer_events)),
+                    &audit.map(|a| to_i64(a.clipboard_bytes_to_vm)),
+                    &audit.and_then(|a| a.clipboard_bytes_from_vm).map(to_i64),
+                    &end.recording.map(RecordingState::as_str),
                 ],
             )
             .await
@@ -782,19 +864,21 @@ impl SessionLog for PgStore {
     async fn sessions(&self, f: &SessionFilter) -> Result<Vec<SessionRecord>, StoreError> {
         with_conn!(self, |c| {
             let st = c
-                .prepare_cached(
-                    "SELECT id, vm_id, user_name, client_addr, node, started_at, ended_at,
-                            bytes_to_client, bytes_to_server, close_reason
-                     FROM sessions
-                     WHERE ($1::BIGINT IS NULL OR vm_id = $1)
+                .prepare_cached(&format!(
+                    "{}WHERE ($1::BIGINT IS NULL OR vm_id = $1)
                        AND ($2::TEXT IS NULL OR user_name = $2)
                        AND ($3::BIGINT IS NULL OR started_at >= $3)
-                     ORDER BY started_at DESC, id DESC LIMIT $4",
-                )
+                       AND (NOT $4::BOOLEAN OR ended_at IS NULL)
+                     ORDER BY started_at DESC, id DESC LIMIT $5",
+                    sql::SESSION_COLUMNS
+                ))
                 .await
                 .map_err(pg_err)?;
             let rows = c
-                .query(&st, &[&f.vm_id, &f.user, &f.since, &i64::from(f.limit)])
+                .query(
+                    &st,
+                    &[&f.vm_id, &f.user, &f.since, &f.live, &i64::from(f.limit)],
+                )
                 .await
                 .map_err(pg_err)?;
             Ok(rows.iter().map(session_row).collect())
@@ -815,10 +899,7 @@ impl SessionLog for PgStore {
     async fn close_orphaned_sessions(&self, node: &str, now: i64) -> Result<u64, StoreError> {
         with_conn!(self, |c| {
             let st = c
-                .prepare_cached(
-                    "UPDATE sessions SET ended_at = $2, close_reason = 'node restarted'
-                     WHERE node = $1 AND ended_at IS NULL",
-                )
+                .prepare_cached(sql::CLOSE_ORPHANED_SESSIONS)
                 .await
                 .map_err(pg_err)?;
             c.execute(&st, &[&node, &now]).await.map_err(pg_err)
@@ -946,8 +1027,9 @@ impl Registry for PgStore {
                 .ok_or_else(|| StoreError::not_found(format!("user {:?}", vm.owner)))?
                 .get(0);
             tx.execute(
-                "INSERT INTO vms (id, name, vnc_host, vnc_port, vnc_password, owner_id, created_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                "INSERT INTO vms (id, name, vnc_host, vnc_port, vnc_password, owner_id, created_at,
+                                  control, clipboard, record)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
                 &[
                     &vm.id,
                     &vm.name,
@@ -956,6 +1038,9 @@ impl Registry for PgStore {
                     &vm.vnc_password,
                     &owner,
                     &now,
+                    &vm.policy.control.map(Control::as_str),
+                    &vm.policy.clipboard.map(Clipboard::as_str),
+                    &vm.policy.record,
                 ],
             )
             .await
@@ -993,7 +1078,7 @@ impl Registry for PgStore {
                 .get(0);
             tx.execute(
                 "UPDATE vms SET name = $2, vnc_host = $3, vnc_port = $4, vnc_password = $5,
-                                owner_id = $6
+                                owner_id = $6, control = $7, clipboard = $8, record = $9
                  WHERE id = $1",
                 &[
                     &vm.id,
@@ -1002,6 +1087,9 @@ impl Registry for PgStore {
                     &i32::from(vm.vnc_port),
                     &vm.vnc_password,
                     &owner,
+                    &vm.policy.control.map(Control::as_str),
+                    &vm.policy.clipboard.map(Clipboard::as_str),
+                    &vm.policy.record,
                 ],
             )
             .await
@@ -1277,7 +1365,7 @@ mod tests {
             .await
             .unwrap();
         let versions: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
-        assert_eq!(versions, vec![1, 2]);
+        assert_eq!(versions, vec![1, 2, 3]);
         // Pooled connections carry the statement timeout.
         let timeout: String = c
             .query_one("SHOW statement_timeout", &[])

@@ -7,15 +7,27 @@
 macro_rules! insert_token {
     () => {
         "INSERT INTO tokens (token_hash, vm_id, target_host, target_port, vnc_password,
-                             user_name, created_at, expires_at, single_use, caller_session)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+                             user_name, created_at, expires_at, single_use, caller_session,
+                             view_only, exclusive, clipboard, record)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
     };
 }
 
 macro_rules! insert_session {
     () => {
-        "INSERT INTO sessions (token_id, vm_id, user_name, client_addr, node, started_at)
-         VALUES ($1, $2, $3, $4, $5, $6)"
+        "INSERT INTO sessions (token_id, vm_id, user_name, client_addr, node, started_at,
+                               view_only, recording)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+    };
+}
+
+/// The columns both backends' session rows are read from, in this order.
+macro_rules! session_columns {
+    () => {
+        "SELECT id, vm_id, user_name, client_addr, node, started_at, ended_at,
+                bytes_to_client, bytes_to_server, close_reason, view_only, key_events,
+                pointer_events, clipboard_bytes_to_vm, clipboard_bytes_from_vm, recording
+         FROM sessions "
     };
 }
 
@@ -30,11 +42,22 @@ pub(super) const PURGE_REVOCATIONS: &str = "DELETE FROM revocations WHERE create
 
 pub(super) const INSERT_SESSION: &str = insert_session!();
 pub(super) const INSERT_SESSION_RETURNING_ID: &str = concat!(insert_session!(), " RETURNING id");
-/// The columns both backends' session rows are read from, in this order.
-pub(super) const SESSION_BY_ID: &str =
-    "SELECT id, vm_id, user_name, client_addr, node, started_at, ended_at,
-            bytes_to_client, bytes_to_server, close_reason
-     FROM sessions WHERE id = $1";
+pub(super) const SESSION_BY_ID: &str = concat!(session_columns!(), "WHERE id = $1");
+pub(super) const SESSION_COLUMNS: &str = session_columns!();
+/// The end of a session, with what the proxy saw of it. It names `$2`
+/// first: SQLite runs it with explicit numbers.
+pub(super) const CLOSE_SESSION: &str =
+    "UPDATE sessions SET ended_at = $2, bytes_to_client = $3, bytes_to_server = $4,
+                         close_reason = $5, key_events = $6, pointer_events = $7,
+                         clipboard_bytes_to_vm = $8, clipboard_bytes_from_vm = $9,
+                         recording = $10
+     WHERE id = $1";
+/// Rows a node left open: they end now, and so does a recording they had
+/// running. It names `$2` first: SQLite runs it with explicit numbers.
+pub(super) const CLOSE_ORPHANED_SESSIONS: &str =
+    "UPDATE sessions SET ended_at = $2, close_reason = 'node restarted',
+                         recording = CASE WHEN recording IS NULL THEN NULL ELSE 'incomplete' END
+     WHERE node = $1 AND ended_at IS NULL";
 
 pub(super) const USER_ID: &str = "SELECT id FROM users WHERE name = $1";
 pub(super) const USER_BY_NAME: &str =

@@ -12,19 +12,39 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 
 use super::sql;
 use super::{
-    Cause, Health, NewSession, NewToken, RecordedRevocation, Redemption, Registry, Revocation,
-    Revoked, SessionEnd, SessionFilter, SessionLog, SessionRecord, StoreError, TokenStore, User,
-    Vm, to_i64, to_u64,
+    Cause, Health, NewSession, NewToken, Opened, RecordedRevocation, RecordingState, Redemption,
+    Registry, Revocation, Revoked, SessionEnd, SessionFilter, SessionLog, SessionPolicy,
+    SessionRecord, StoreError, TokenStore, User, Vm, VmPolicy, to_i64, to_u64,
 };
+use crate::policy::{Clipboard, Control};
 use crate::token::TokenHash;
 
 /// Versioned migrations, applied in order; `PRAGMA user_version` records the
 /// last one applied.
+/// A shared statement that names a later parameter first, with SQLite's
+/// explicit numbers (`?2`), which bind by number rather than by order.
+fn numbered(sql: &str) -> String {
+    sql.replace('$', "?")
+}
+
+/// A control session of an exclusive VM: inserted only while no other
+/// control session of the VM is live.
+const INSERT_EXCLUSIVE_SESSION: &str =
+    "INSERT INTO sessions (token_id, vm_id, user_name, client_addr, node, started_at,
+                           view_only, recording)
+     SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8
+     WHERE NOT EXISTS (SELECT 1 FROM sessions
+                       WHERE vm_id = ?2 AND ended_at IS NULL AND view_only = 0)";
+
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/sqlite/0001_init.sql")),
     (
         2,
         include_str!("../../migrations/sqlite/0002_revocations.sql"),
+    ),
+    (
+        3,
+        include_str!("../../migrations/sqlite/0003_session_control.sql"),
     ),
 ];
 
@@ -186,7 +206,8 @@ fn user_id(conn: &Connection, name: &str) -> Result<i64, StoreError> {
 fn load_vm(conn: &Connection, id: i64) -> Result<Option<Vm>, StoreError> {
     let row = conn
         .query_row(
-            "SELECT v.name, v.vnc_host, v.vnc_port, v.vnc_password, u.name
+            "SELECT v.name, v.vnc_host, v.vnc_port, v.vnc_password, u.name,
+                    v.control, v.clipboard, v.record
              FROM vms v JOIN users u ON u.id = v.owner_id WHERE v.id = ?1",
             [id],
             |r| {
@@ -196,12 +217,13 @@ fn load_vm(conn: &Connection, id: i64) -> Result<Option<Vm>, StoreError> {
                     r.get::<_, i64>(2)?,
                     r.get::<_, Option<String>>(3)?,
                     r.get::<_, String>(4)?,
+                    vm_policy(r.get(5)?, r.get(6)?, r.get(7)?),
                 ))
             },
         )
         .optional()
         .map_err(map_err)?;
-    let Some((name, vnc_host, vnc_port, vnc_password, owner)) = row else {
+    let Some((name, vnc_host, vnc_port, vnc_password, owner, policy)) = row else {
         return Ok(None);
     };
     let mut stmt = conn
@@ -224,6 +246,7 @@ fn load_vm(conn: &Connection, id: i64) -> Result<Option<Vm>, StoreError> {
         vnc_password,
         owner,
         allowed,
+        policy,
     }))
 }
 
@@ -265,7 +288,27 @@ fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
         bytes_to_client: to_u64(r.get::<_, i64>(7)?),
         bytes_to_server: to_u64(r.get::<_, i64>(8)?),
         close_reason: r.get(9)?,
+        view_only: r.get(10)?,
+        key_events: r.get::<_, Option<i64>>(11)?.map(to_u64),
+        pointer_events: r.get::<_, Option<i64>>(12)?.map(to_u64),
+        clipboard_bytes_to_vm: r.get::<_, Option<i64>>(13)?.map(to_u64),
+        clipboard_bytes_from_vm: r.get::<_, Option<i64>>(14)?.map(to_u64),
+        recording: r.get::<_, Option<String>>(15)?.is_some(),
+        recording_state: r
+            .get::<_, Option<String>>(15)?
+            .as_deref()
+            .map(RecordingState::parse),
     })
+}
+
+/// A VM's settings as stored; an unknown value (a newer version's) reads
+/// as unset, taking the default.
+fn vm_policy(control: Option<String>, clipboard: Option<String>, record: Option<bool>) -> VmPolicy {
+    VmPolicy {
+        control: control.and_then(|c| c.parse().ok()),
+        clipboard: clipboard.and_then(|c| c.parse().ok()),
+        record,
+    }
 }
 
 /// Records `r` inside the caller's transaction: revokes the tokens it
@@ -336,6 +379,10 @@ impl TokenStore for SqliteStore {
                         t.expires_at,
                         t.single_use,
                         t.caller_session,
+                        t.policy.view_only,
+                        t.policy.exclusive,
+                        t.policy.clipboard.as_str(),
+                        t.policy.record,
                     ])
                 })
                 .map_err(map_err)?;
@@ -374,7 +421,7 @@ impl TokenStore for SqliteStore {
                  WHERE token_hash = ?1 AND revoked_at IS NULL AND expires_at > ?2
                    AND (single_use = 0 OR used_at IS NULL)
                  RETURNING id, vm_id, target_host, target_port, vnc_password, user_name,
-                           expires_at, caller_session",
+                           expires_at, caller_session, view_only, exclusive, clipboard, record",
             )
             .and_then(|mut s| {
                 s.query_row(params![&hash[..], now], |r| {
@@ -388,6 +435,13 @@ impl TokenStore for SqliteStore {
                         expires_at: r.get(6)?,
                         caller_session: r.get(7)?,
                         revocation_seq,
+                        policy: SessionPolicy {
+                            view_only: r.get(8)?,
+                            exclusive: r.get(9)?,
+                            // An unknown value (a newer version's) blocks both ways.
+                            clipboard: r.get::<_, String>(10)?.parse().unwrap_or(Clipboard::None),
+                            record: r.get(11)?,
+                        },
                     })
                 })
                 .optional()
@@ -462,10 +516,20 @@ impl Health for SqliteStore {
 
 #[async_trait]
 impl SessionLog for SqliteStore {
-    async fn open_session(&self, s: &NewSession) -> Result<i64, StoreError> {
+    async fn open_session(&self, s: &NewSession) -> Result<Opened, StoreError> {
         let s = s.clone();
         self.with(move |c| {
-            c.prepare_cached(sql::INSERT_SESSION)
+            // One statement: SQLite runs it alone, so the check and the
+            // insert cannot be split by another node's insert.
+            let exclusive = s.exclusive && !s.view_only;
+            let sql = if exclusive {
+                INSERT_EXCLUSIVE_SESSION
+            } else {
+                sql::INSERT_SESSION
+            };
+            let recording = s.recording.then_some(RecordingState::Recording.as_str());
+            let n = c
+                .prepare_cached(sql)
                 .and_then(|mut st| {
                     st.execute(params![
                         s.token_id,
@@ -473,11 +537,16 @@ impl SessionLog for SqliteStore {
                         s.user_name,
                         s.client_addr,
                         s.node,
-                        s.started_at
+                        s.started_at,
+                        s.view_only,
+                        recording,
                     ])
                 })
                 .map_err(map_err)?;
-            Ok(c.last_insert_rowid())
+            if n == 0 {
+                return Ok(Opened::ControlTaken);
+            }
+            Ok(Opened::Session(c.last_insert_rowid()))
         })
         .await
     }
@@ -485,21 +554,23 @@ impl SessionLog for SqliteStore {
     async fn close_session(&self, id: i64, end: &SessionEnd) -> Result<(), StoreError> {
         let end = end.clone();
         self.with(move |c| {
-            c.prepare_cached(
-                "UPDATE sessions SET ended_at = ?2, bytes_to_client = ?3, bytes_to_server = ?4,
-                                     close_reason = ?5
-                 WHERE id = ?1",
-            )
-            .and_then(|mut st| {
-                st.execute(params![
-                    id,
-                    end.ended_at,
-                    to_i64(end.bytes_to_client),
-                    to_i64(end.bytes_to_server),
-                    end.reason
-                ])
-            })
-            .map_err(map_err)?;
+            let audit = end.audit;
+            c.prepare_cached(&numbered(sql::CLOSE_SESSION))
+                .and_then(|mut st| {
+                    st.execute(params![
+                        id,
+                        end.ended_at,
+                        to_i64(end.bytes_to_client),
+                        to_i64(end.bytes_to_server),
+                        end.reason,
+                        audit.map(|a| to_i64(a.key_events)),
+                        audit.map(|a| to_i64(a.pointer_events)),
+                        audit.map(|a| to_i64(a.clipboard_bytes_to_vm)),
+                        audit.and_then(|a| a.clipboard_bytes_from_vm).map(to_i64),
+                        end.recording.map(RecordingState::as_str),
+                    ])
+                })
+                .map_err(map_err)?;
             Ok(())
         })
         .await
@@ -509,17 +580,18 @@ impl SessionLog for SqliteStore {
         let f = filter.clone();
         self.with(move |c| {
             let mut stmt = c
-                .prepare_cached(
-                    "SELECT id, vm_id, user_name, client_addr, node, started_at, ended_at,
-                            bytes_to_client, bytes_to_server, close_reason
-                     FROM sessions
-                     WHERE (?1 IS NULL OR vm_id = ?1) AND (?2 IS NULL OR user_name = ?2)
-                       AND (?3 IS NULL OR started_at >= ?3)
-                     ORDER BY started_at DESC, id DESC LIMIT ?4",
-                )
+                .prepare_cached(&format!(
+                    "{}WHERE (?1 IS NULL OR vm_id = ?1) AND (?2 IS NULL OR user_name = ?2)
+                       AND (?3 IS NULL OR started_at >= ?3) AND (?4 = 0 OR ended_at IS NULL)
+                     ORDER BY started_at DESC, id DESC LIMIT ?5",
+                    sql::SESSION_COLUMNS
+                ))
                 .map_err(map_err)?;
             let rows = stmt
-                .query_map(params![f.vm_id, f.user, f.since, f.limit], session_row)
+                .query_map(
+                    params![f.vm_id, f.user, f.since, f.live, f.limit],
+                    session_row,
+                )
                 .map_err(map_err)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(map_err)
         })
@@ -539,11 +611,7 @@ impl SessionLog for SqliteStore {
         let node = node.to_owned();
         self.with(move |c| {
             let n = c
-                .execute(
-                    "UPDATE sessions SET ended_at = ?2, close_reason = 'node restarted'
-                     WHERE node = ?1 AND ended_at IS NULL",
-                    params![node, now],
-                )
+                .execute(&numbered(sql::CLOSE_ORPHANED_SESSIONS), params![node, now])
                 .map_err(map_err)?;
             Ok(n as u64)
         })
@@ -685,8 +753,9 @@ impl Registry for SqliteStore {
             let tx = c.transaction().map_err(map_err)?;
             let owner = user_id(&tx, &vm.owner)?;
             tx.execute(
-                "INSERT INTO vms (id, name, vnc_host, vnc_port, vnc_password, owner_id, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO vms (id, name, vnc_host, vnc_port, vnc_password, owner_id, created_at,
+                                  control, clipboard, record)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 params![
                     vm.id,
                     vm.name,
@@ -694,7 +763,10 @@ impl Registry for SqliteStore {
                     vm.vnc_port,
                     vm.vnc_password,
                     owner,
-                    now
+                    now,
+                    vm.policy.control.map(Control::as_str),
+                    vm.policy.clipboard.map(Clipboard::as_str),
+                    vm.policy.record,
                 ],
             )
             .map_err(|e| match map_err(e) {
@@ -720,7 +792,7 @@ impl Registry for SqliteStore {
             let owner = user_id(&tx, &vm.owner)?;
             tx.execute(
                 "UPDATE vms SET name = ?2, vnc_host = ?3, vnc_port = ?4, vnc_password = ?5,
-                                owner_id = ?6
+                                owner_id = ?6, control = ?7, clipboard = ?8, record = ?9
                  WHERE id = ?1",
                 params![
                     vm.id,
@@ -728,7 +800,10 @@ impl Registry for SqliteStore {
                     vm.vnc_host,
                     vm.vnc_port,
                     vm.vnc_password,
-                    owner
+                    owner,
+                    vm.policy.control.map(Control::as_str),
+                    vm.policy.clipboard.map(Clipboard::as_str),
+                    vm.policy.record,
                 ],
             )
             .map_err(map_err)?;
@@ -841,19 +916,44 @@ mod tests {
             client_addr: "127.0.0.1:1".into(),
             node: "n".into(),
             started_at,
+            view_only: false,
+            exclusive: false,
+            recording: false,
         };
         let end = |ended_at| SessionEnd {
             ended_at,
             bytes_to_client: 0,
             bytes_to_server: 0,
             reason: "client closed".into(),
+            audit: None,
+            recording: None,
         };
-        let old = s.open_session(&open(100)).await.unwrap();
+        let old = s
+            .open_session(&open(100))
+            .await
+            .unwrap()
+            .id()
+            .expect("opened");
         s.close_session(old, &end(200)).await.unwrap();
-        let _old_but_live = s.open_session(&open(100)).await.unwrap();
-        let recent = s.open_session(&open(900)).await.unwrap();
+        let _old_but_live = s
+            .open_session(&open(100))
+            .await
+            .unwrap()
+            .id()
+            .expect("opened");
+        let recent = s
+            .open_session(&open(900))
+            .await
+            .unwrap()
+            .id()
+            .expect("opened");
         s.close_session(recent, &end(1000)).await.unwrap();
-        let ended_at_cutoff = s.open_session(&open(400)).await.unwrap();
+        let ended_at_cutoff = s
+            .open_session(&open(400))
+            .await
+            .unwrap()
+            .id()
+            .expect("opened");
         s.close_session(ended_at_cutoff, &end(500)).await.unwrap();
 
         assert_eq!(s.purge_sessions(500).await.unwrap(), 1);

@@ -85,6 +85,7 @@ backend_tests!(
 
 fn token(text: &str, vm: i64, expires_at: i64) -> NewToken {
     NewToken {
+        policy: Default::default(),
         hash: hash_token(text),
         vm_id: vm,
         target_host: "127.0.0.1".into(),
@@ -100,6 +101,7 @@ fn token(text: &str, vm: i64, expires_at: i64) -> NewToken {
 
 fn single_use(text: &str, vm: i64, expires_at: i64) -> NewToken {
     NewToken {
+        policy: Default::default(),
         single_use: true,
         ..token(text, vm, expires_at)
     }
@@ -119,6 +121,7 @@ async fn revoke_vm(s: &dyn Store, vm: i64) -> u64 {
 
 fn vm(id: i64, owner: &str, allowed: &[&str]) -> Vm {
     Vm {
+        policy: Default::default(),
         id,
         name: format!("vm-{id}"),
         vnc_host: "10.0.0.1".into(),
@@ -131,6 +134,9 @@ fn vm(id: i64, owner: &str, allowed: &[&str]) -> Vm {
 
 fn session(vm_id: i64, user: &str, node: &str, started_at: i64) -> NewSession {
     NewSession {
+        view_only: false,
+        exclusive: false,
+        recording: false,
         token_id: 1,
         vm_id,
         user_name: user.into(),
@@ -163,6 +169,7 @@ async fn redemption_rules(f: Fixture) {
     let s = &*f.store;
     let now = crate::now_unix();
     let reusable = NewToken {
+        policy: Default::default(),
         target_host: "vnc.example".into(),
         target_port: 65535,
         vnc_password: Some("pw".into()),
@@ -183,6 +190,7 @@ async fn redemption_rules(f: Fixture) {
     assert_eq!(
         r,
         Redemption {
+            policy: Default::default(),
             token_id: reusable_id,
             vm_id: 7,
             target_host: "vnc.example".into(),
@@ -354,11 +362,16 @@ async fn vms_need_existing_users_and_removal_revokes_their_tokens(f: Fixture) {
     let id = s.insert_token(&token("t", 7, now + 600)).await.unwrap();
     s.insert_token(&token("t3", 3, now + 600)).await.unwrap();
     s.open_session(&NewSession {
+        view_only: false,
+        exclusive: false,
+        recording: false,
         token_id: id,
         ..session(7, "alice", "n1", now)
     })
     .await
-    .unwrap();
+    .unwrap()
+    .id()
+    .expect("opened");
     let done = s.remove_vm(7).await.unwrap().expect("removed");
     assert_eq!((done.tokens, done.sessions), (1, 1));
     assert!(s.remove_vm(7).await.unwrap().is_none());
@@ -381,13 +394,27 @@ async fn sessions_are_recorded_listed_and_filtered(f: Fixture) {
     let a = s
         .open_session(&session(7, "alice", "n1", 10))
         .await
-        .unwrap();
-    let b = s.open_session(&session(8, "bob", "n2", 20)).await.unwrap();
-    let c = s.open_session(&session(7, "bob", "n1", 20)).await.unwrap();
+        .unwrap()
+        .id()
+        .expect("opened");
+    let b = s
+        .open_session(&session(8, "bob", "n2", 20))
+        .await
+        .unwrap()
+        .id()
+        .expect("opened");
+    let c = s
+        .open_session(&session(7, "bob", "n1", 20))
+        .await
+        .unwrap()
+        .id()
+        .expect("opened");
     let big = 5_000_000_000u64;
     s.close_session(
         a,
         &SessionEnd {
+            audit: None,
+            recording: None,
             ended_at: 30,
             bytes_to_client: big,
             bytes_to_server: 6,
@@ -403,6 +430,13 @@ async fn sessions_are_recorded_listed_and_filtered(f: Fixture) {
     assert_eq!(
         all[2],
         SessionRecord {
+            view_only: false,
+            key_events: None,
+            pointer_events: None,
+            clipboard_bytes_to_vm: None,
+            clipboard_bytes_from_vm: None,
+            recording: false,
+            recording_state: None,
             id: a,
             vm_id: 7,
             user: "alice".into(),
@@ -475,6 +509,7 @@ async fn sessions_are_recorded_listed_and_filtered(f: Fixture) {
                 vm_id: Some(7),
                 user: Some("bob".into()),
                 since: Some(20),
+                live: false,
                 limit: 10,
             },
             vec![c],
@@ -489,6 +524,8 @@ async fn sessions_are_recorded_listed_and_filtered(f: Fixture) {
     s.close_session(
         9999,
         &SessionEnd {
+            audit: None,
+            recording: None,
             ended_at: 1,
             bytes_to_client: 0,
             bytes_to_server: 0,
@@ -555,15 +592,27 @@ async fn revoking_counts_live_sessions_and_covers_every_token_kind(f: Fixture) {
         .unwrap();
     let live = s
         .open_session(&NewSession {
+            view_only: false,
+            exclusive: false,
+            recording: false,
             token_id: used.token_id,
             ..session(7, "alice", "n1", now)
         })
         .await
-        .unwrap();
-    let ended = s.open_session(&session(7, "bob", "n2", now)).await.unwrap();
+        .unwrap()
+        .id()
+        .expect("opened");
+    let ended = s
+        .open_session(&session(7, "bob", "n2", now))
+        .await
+        .unwrap()
+        .id()
+        .expect("opened");
     s.close_session(
         ended,
         &SessionEnd {
+            audit: None,
+            recording: None,
             ended_at: now,
             bytes_to_client: 0,
             bytes_to_server: 0,
@@ -574,7 +623,9 @@ async fn revoking_counts_live_sessions_and_covers_every_token_kind(f: Fixture) {
     .unwrap();
     s.open_session(&session(8, "alice", "n1", now))
         .await
-        .unwrap();
+        .unwrap()
+        .id()
+        .expect("opened");
     // The used single-use token opened a live session: the revocation ends
     // it though no token was live.
     let done = s.revoke(&Revocation::vm(7, Cause::Revoked)).await.unwrap();
@@ -605,6 +656,7 @@ async fn changing_a_vm_withdraws_access_in_the_same_transaction(f: Fixture) {
     }
     s.add_vm(&vm(7, "alice", &["bob", "carol"])).await.unwrap();
     let mint = |text: &str, user: &str| NewToken {
+        policy: Default::default(),
         user_name: user.into(),
         ..token(text, 7, now + 600)
     };
@@ -664,12 +716,17 @@ async fn removing_a_user_revokes_their_tokens_and_sessions(f: Fixture) {
     s.add_user("bob", "h", false).await.unwrap();
     s.add_vm(&vm(7, "alice", &["bob"])).await.unwrap();
     s.insert_token(&NewToken {
+        policy: Default::default(),
         user_name: "bob".into(),
         ..token("b", 7, now + 600)
     })
     .await
     .unwrap();
-    s.open_session(&session(7, "bob", "n1", now)).await.unwrap();
+    s.open_session(&session(7, "bob", "n1", now))
+        .await
+        .unwrap()
+        .id()
+        .expect("opened");
     let err = s.remove_user("alice").await.unwrap_err();
     assert!(
         matches!(err, StoreError::Conflict { .. }),
@@ -732,6 +789,8 @@ async fn a_second_handle_sees_the_same_data(f: Fixture) {
 async fn purge_sessions_deletes_only_sessions_that_ended_before_the_cutoff(f: Fixture) {
     let s = &*f.store;
     let ended = |ended_at| SessionEnd {
+        audit: None,
+        recording: None,
         ended_at,
         bytes_to_client: 1,
         bytes_to_server: 1,
@@ -740,21 +799,29 @@ async fn purge_sessions_deletes_only_sessions_that_ended_before_the_cutoff(f: Fi
     let old = s
         .open_session(&session(1, "alice", "n1", 100))
         .await
-        .unwrap();
+        .unwrap()
+        .id()
+        .expect("opened");
     s.close_session(old, &ended(200)).await.unwrap();
     let ended_late = s
         .open_session(&session(1, "alice", "n1", 100))
         .await
-        .unwrap();
+        .unwrap()
+        .id()
+        .expect("opened");
     s.close_session(ended_late, &ended(600)).await.unwrap();
     let live = s
         .open_session(&session(1, "alice", "n2", 100))
         .await
-        .unwrap();
+        .unwrap()
+        .id()
+        .expect("opened");
     let recent = s
         .open_session(&session(1, "alice", "n2", 700))
         .await
-        .unwrap();
+        .unwrap()
+        .id()
+        .expect("opened");
     s.close_session(recent, &ended(800)).await.unwrap();
     assert_eq!(s.purge_sessions(500).await.unwrap(), 1);
     assert_eq!(s.purge_sessions(500).await.unwrap(), 0);
@@ -772,6 +839,9 @@ async fn purge_sessions_deletes_only_sessions_that_ended_before_the_cutoff(f: Fi
 async fn orphaned_sessions_of_a_node_are_closed(f: Fixture) {
     let s = &*f.store;
     let open = |node: &str| NewSession {
+        view_only: false,
+        exclusive: false,
+        recording: false,
         token_id: 1,
         vm_id: 1,
         user_name: "alice".into(),
@@ -779,16 +849,33 @@ async fn orphaned_sessions_of_a_node_are_closed(f: Fixture) {
         node: node.into(),
         started_at: 10,
     };
-    let a = s.open_session(&open("a")).await.unwrap();
-    let done = s.open_session(&open("a")).await.unwrap();
+    let a = s
+        .open_session(&open("a"))
+        .await
+        .unwrap()
+        .id()
+        .expect("opened");
+    let done = s
+        .open_session(&open("a"))
+        .await
+        .unwrap()
+        .id()
+        .expect("opened");
     let end = SessionEnd {
+        audit: None,
+        recording: None,
         ended_at: 11,
         bytes_to_client: 1,
         bytes_to_server: 2,
         reason: "client closed".into(),
     };
     s.close_session(done, &end).await.unwrap();
-    let b = s.open_session(&open("b")).await.unwrap();
+    let b = s
+        .open_session(&open("b"))
+        .await
+        .unwrap()
+        .id()
+        .expect("opened");
     assert_eq!(s.close_orphaned_sessions("a", 50).await.unwrap(), 1);
     assert_eq!(s.close_orphaned_sessions("a", 60).await.unwrap(), 0);
     let all = s
@@ -817,8 +904,15 @@ async fn ping_answers(f: Fixture) {
 /// at the maximum, never wrapped to a negative number that reads as 0.
 async fn byte_counts_past_the_column_range_are_kept_at_the_maximum(f: Fixture) {
     let s = &*f.store;
-    let id = s.open_session(&session(1, "alice", "a", 10)).await.unwrap();
+    let id = s
+        .open_session(&session(1, "alice", "a", 10))
+        .await
+        .unwrap()
+        .id()
+        .expect("opened");
     let end = SessionEnd {
+        audit: None,
+        recording: None,
         ended_at: 11,
         bytes_to_client: u64::MAX,
         bytes_to_server: 5,

@@ -165,7 +165,7 @@ impl SessionLog for TimedStore {
         self.timed(StoreOp::Session, self.inner.session(id)).await
     }
 
-    async fn open_session(&self, session: &NewSession) -> Result<i64, StoreError> {
+    async fn open_session(&self, session: &NewSession) -> Result<super::Opened, StoreError> {
         self.timed(StoreOp::OpenSession, self.inner.open_session(session))
             .await
     }

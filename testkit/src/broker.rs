@@ -207,6 +207,7 @@ pub struct Minted {
     pub ttl: i64,
     pub vm_id: i64,
     pub single_use: bool,
+    pub view_only: bool,
 }
 
 impl Minted {
@@ -230,6 +231,9 @@ impl Minted {
             single_use: v["single_use"]
                 .as_bool()
                 .unwrap_or_else(|| panic!("mint response lacks single_use: {v}")),
+            view_only: v["view_only"]
+                .as_bool()
+                .unwrap_or_else(|| panic!("mint response lacks view_only: {v}")),
         }
     }
 }
@@ -400,6 +404,36 @@ impl Broker {
         assert_eq!(m.vm_id, vm);
         assert_eq!(m.single_use, single_use);
         m
+    }
+
+    /// Mints a reusable, view-only token as [`USER`].
+    pub async fn mint_view_only(&self, vm: i64) -> Minted {
+        let r = http_request(
+            self.port,
+            "POST",
+            &format!("/api/v1/vms/{vm}/console-tokens"),
+            &[
+                ("Authorization", basic_auth(USER, USER_PW)),
+                ("Content-Type", "application/json".into()),
+            ],
+            br#"{"view_only": true}"#,
+        )
+        .await;
+        let m = Minted::from_json(&json_answer(&r, 201, "minting a view-only token"));
+        assert!(m.view_only, "{m:?}");
+        m
+    }
+
+    /// A GET on the JSON API as `user`.
+    pub async fn api_get(&self, path: &str, user: &str, pw: &str) -> HttpResponse {
+        http_request(
+            self.port,
+            "GET",
+            path,
+            &[("Authorization", basic_auth(user, pw))],
+            b"",
+        )
+        .await
     }
 
     /// Mints as [`USER`], reusable, default lifetime.

@@ -206,8 +206,9 @@ impl Failure {
                 I::Oned { code, .. } => *code,
                 I::Unavailable(_) | I::Busy => code::INTERNAL,
             },
-            ServiceError::NoSuchSession(_) => code::NO_EXISTS,
+            ServiceError::NoSuchSession(_) | ServiceError::NoRecording { .. } => code::NO_EXISTS,
             ServiceError::SessionOver(_) => code::ACTION,
+            ServiceError::NotAllowed(_) => code::AUTHORIZATION,
             ServiceError::BadParameter(_) => code::XML_RPC_API,
             ServiceError::Store(_) | ServiceError::Unavailable(_) | ServiceError::Internal(_) => {
                 code::INTERNAL
@@ -285,7 +286,7 @@ fn session_and_vm(params: &[Value], max: usize) -> Result<(Credential, i64), Fai
 }
 
 async fn novnctoken(state: &ApiState, params: &[Value]) -> Result<Value, Failure> {
-    let (cred, vm_id) = session_and_vm(params, 4)?;
+    let (cred, vm_id) = session_and_vm(params, 5)?;
     let ttl = match params.get(2) {
         None => None,
         Some(Value::Int(t)) => Some(*t),
@@ -306,9 +307,24 @@ async fn novnctoken(state: &ApiState, params: &[Value]) -> Result<Value, Failure
             )));
         }
     };
+    let view_only = match params.get(4) {
+        None => false,
+        Some(Value::Bool(b)) => *b,
+        Some(other) => {
+            return Err(bad_param(format!(
+                "Parameter 5 (view_only) must be a boolean, got {}",
+                other.type_name()
+            )));
+        }
+    };
+    let request = MintRequest {
+        ttl,
+        single_use,
+        view_only,
+    };
     let minted = state
         .service
-        .mint(&cred, vm_id, MintRequest { ttl, single_use })
+        .mint(&cred, vm_id, request)
         .await
         .map_err(|e| Failure::from_service(e, vm_id))?;
     Ok(minted_value(minted))
@@ -335,6 +351,7 @@ fn minted_value(m: Minted) -> Value {
         ("ttl".into(), Value::Int(m.ttl)),
         ("vm_id".into(), Value::Int(m.vm_id)),
         ("single_use".into(), Value::Bool(m.single_use)),
+        ("view_only".into(), Value::Bool(m.view_only)),
     ])
 }
 

@@ -236,12 +236,17 @@ impl Inventory for OpenNebulaInventory {
             ConsoleError::NoVnc(why) => InventoryError::NoConsole { vm_id, why },
             ConsoleError::NotLive(why) => InventoryError::NotAvailable { vm_id, why },
         })?;
+        let policy = doc.policy().map_err(|e| InventoryError::NotAvailable {
+            vm_id,
+            why: format!("TEMPLATE/VNCBROKER: {e}"),
+        })?;
         Ok(Console {
             user: cred.user.clone(),
             vm_id,
             host: target.host,
             port: target.port,
             vnc_password: target.password,
+            policy,
             // oned alone knows the caller's rights (ownership, groups,
             // ACLs), so live sessions are re-checked with their session.
             recheck_as: Some(cred.clone()),

@@ -27,6 +27,12 @@ pub struct VmDoc {
     pub graphics_passwd: Option<String>,
     /// HOSTNAME of the last history record: where the VM runs now.
     pub hostname: Option<String>,
+    /// The broker's settings in the VM template's `VNCBROKER` vector
+    /// (`CONTROL`, `CLIPBOARD`, `RECORD`), as written. Only TEMPLATE is
+    /// read: the VM's owner can edit USER_TEMPLATE.
+    pub broker_control: Option<String>,
+    pub broker_clipboard: Option<String>,
+    pub broker_record: Option<String>,
 }
 
 impl std::fmt::Debug for VmDoc {
@@ -43,6 +49,9 @@ impl std::fmt::Debug for VmDoc {
                 &self.graphics_passwd.as_ref().map(|_| "<set>"),
             )
             .field("hostname", &self.hostname)
+            .field("broker_control", &self.broker_control)
+            .field("broker_clipboard", &self.broker_clipboard)
+            .field("broker_record", &self.broker_record)
             .finish()
     }
 }
@@ -138,6 +147,11 @@ pub fn parse(xml: &str) -> Result<VmDoc, DocError> {
                     ["VM", "TEMPLATE", "GRAPHICS", "TYPE"] => doc.graphics_type = Some(value),
                     ["VM", "TEMPLATE", "GRAPHICS", "PORT"] => doc.graphics_port = Some(value),
                     ["VM", "TEMPLATE", "GRAPHICS", "PASSWD"] => doc.graphics_passwd = Some(value),
+                    ["VM", "TEMPLATE", "VNCBROKER", "CONTROL"] => doc.broker_control = Some(value),
+                    ["VM", "TEMPLATE", "VNCBROKER", "CLIPBOARD"] => {
+                        doc.broker_clipboard = Some(value)
+                    }
+                    ["VM", "TEMPLATE", "VNCBROKER", "RECORD"] => doc.broker_record = Some(value),
                     ["VM", "HISTORY_RECORDS", "HISTORY", "SEQ"] | ["VM", "HISTORY", "SEQ"] => {
                         if let Some(h) = current.as_mut() {
                             h.seq = value.parse().ok();
@@ -224,6 +238,25 @@ impl std::fmt::Debug for VncTarget {
 }
 
 impl VmDoc {
+    /// The broker's settings from the template's `VNCBROKER` vector; a value
+    /// that names nothing known is an error, never silently the default.
+    pub fn policy(&self) -> Result<crate::policy::VmPolicy, crate::policy::BadValue> {
+        use crate::policy::{VmPolicy, parse_flag};
+        Ok(VmPolicy {
+            control: self.broker_control.as_deref().map(str::parse).transpose()?,
+            clipboard: self
+                .broker_clipboard
+                .as_deref()
+                .map(str::parse)
+                .transpose()?,
+            record: self
+                .broker_record
+                .as_deref()
+                .map(|r| parse_flag("record", r))
+                .transpose()?,
+        })
+    }
+
     /// The VNC console of this VM, or why there is none.
     pub fn vnc_target(&self) -> Result<VncTarget, ConsoleError> {
         match self.graphics_type.as_deref() {

@@ -1,0 +1,206 @@
+//! What the relay does with a session whose messages it follows: the
+//! browser's through [`ClientFilter`] (view-only, clipboard to the VM,
+//! input counts), the VNC server's through [`ServerFilter`] where the
+//! policy needs it (clipboard from the VM), and what the browser receives
+//! into the session's [`Recorder`].
+//!
+//! A session whose policy needs none of this is not inspected at all: the
+//! relay then passes bytes without looking at them.
+
+use std::sync::{Arc, Mutex};
+
+use crate::policy::SessionPolicy;
+use crate::recording::{Recorder, Stopped};
+use crate::rfb::client_messages::{ClientFilter, ClientRules, ClientStreamError};
+use crate::rfb::server_messages::{self, ServerFilter, ServerRules, ServerStreamError};
+use crate::rfb::wire::PixelFormat;
+use crate::store::Audit;
+
+/// Why an inspected relay must end.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Broken {
+    #[error("{0}")]
+    Client(#[from] ClientStreamError),
+    #[error("{0}")]
+    Server(#[from] ServerStreamError),
+    /// A required recording stopped.
+    #[error("{0}")]
+    Recording(Stopped),
+}
+
+/// The browser's pixel format as forwarded to the server, handed from the
+/// upstream side to the downstream parser.
+type Format = Arc<Mutex<Option<PixelFormat>>>;
+
+/// The browser-to-server side.
+pub struct Upstream {
+    filter: ClientFilter,
+    out: Vec<u8>,
+    format: Option<Format>,
+}
+
+/// The server-to-browser side.
+pub struct Downstream {
+    filter: Option<ServerFilter>,
+    out: Vec<u8>,
+    format: Option<Format>,
+    recorder: Option<Recorder>,
+    /// Whether a stopped recording ends the session.
+    required: bool,
+    /// Set once a recording stopped early and the session went on.
+    recording_stopped: Option<Stopped>,
+}
+
+/// The two sides of an inspected session.
+pub fn sides(
+    policy: &SessionPolicy,
+    max_clipboard: u32,
+    recorder: Option<Recorder>,
+    required: bool,
+) -> (Upstream, Downstream) {
+    let parse_server = policy.needs_server_parsing();
+    let format: Option<Format> = parse_server.then(Format::default);
+    let client = ClientFilter::new(ClientRules {
+        view_only: policy.view_only,
+        // A viewer must never disconnect the person in control, and a
+        // control session must not drop the viewers: always shared.
+        force_shared: true,
+        clipboard_to_vm: policy.clipboard.to_vm() && !policy.view_only,
+        max_clipboard,
+        parseable: parse_server.then_some(server_messages::can_parse as fn(i32) -> bool),
+    });
+    let server = parse_server.then(|| {
+        ServerFilter::new(ServerRules {
+            clipboard_from_vm: policy.clipboard.from_vm(),
+            max_clipboard,
+        })
+    });
+    (
+        Upstream {
+            filter: client,
+            out: Vec::new(),
+            format: format.clone(),
+        },
+        Downstream {
+            filter: server,
+            out: Vec::new(),
+            format,
+            recorder,
+            required,
+            recording_stopped: None,
+        },
+    )
+}
+
+/// A scratch buffer that gave back a large message's room once done, so
+/// an idle session does not keep it.
+fn trim(out: &mut Vec<u8>) {
+    out.clear();
+    if out.capacity() > 64 * 1024 {
+        out.shrink_to(64 * 1024);
+    }
+}
+
+impl Upstream {
+    /// What goes to the server for `data` from the browser.
+    pub fn pass(&mut self, data: &[u8]) -> Result<&[u8], Broken> {
+        trim(&mut self.out);
+        self.filter.feed(data, &mut self.out)?;
+        if let Some(shared) = &self.format
+            && let Some(pf) = self.filter.take_pixel_format()
+        {
+            *shared.lock().unwrap_or_else(|e| e.into_inner()) = Some(pf);
+        }
+        Ok(&self.out)
+    }
+}
+
+impl Downstream {
+    /// What goes to the browser for `data` from the server (recorded on
+    /// the way, when the session is).
+    pub fn pass<'a>(&'a mut self, data: &'a [u8]) -> Result<&'a [u8], Broken> {
+        let sent: &[u8] = match &mut self.filter {
+            Some(filter) => {
+                if let Some(shared) = &self.format
+                    && let Some(pf) = shared.lock().unwrap_or_else(|e| e.into_inner()).take()
+                {
+                    filter.set_pixel_format(pf);
+                }
+                trim(&mut self.out);
+                filter.feed(data, &mut self.out)?;
+                &self.out
+            }
+            None => data,
+        };
+        record(
+            &mut self.recorder,
+            &mut self.recording_stopped,
+            self.required,
+            sent,
+        )?;
+        Ok(sent)
+    }
+
+    /// Records what the browser was sent outside the relay (the proxy's
+    /// side of the handshake).
+    pub fn record_sent(&mut self, data: &[u8]) -> Result<(), Broken> {
+        record(
+            &mut self.recorder,
+            &mut self.recording_stopped,
+            self.required,
+            data,
+        )
+    }
+
+    /// Takes the recorder, to finish it once the session is over.
+    pub fn take_recorder(&mut self) -> Option<Recorder> {
+        self.recorder.take()
+    }
+
+    /// Why the recording stopped early, if it did and the session went on.
+    pub fn recording_stopped(&self) -> Option<&Stopped> {
+        self.recording_stopped.as_ref()
+    }
+}
+
+fn record(
+    recorder: &mut Option<Recorder>,
+    stopped: &mut Option<Stopped>,
+    required: bool,
+    data: &[u8],
+) -> Result<(), Broken> {
+    if data.is_empty() || stopped.is_some() {
+        return Ok(());
+    }
+    let Some(rec) = recorder.as_mut() else {
+        return Ok(());
+    };
+    match rec.record(data) {
+        Ok(()) => Ok(()),
+        Err(why) => {
+            tracing::warn!(reason = %why, required, "session recording stopped");
+            *stopped = Some(why.clone());
+            if required {
+                Err(Broken::Recording(why))
+            } else {
+                Ok(())
+            }
+        }
+    }
+}
+
+/// What the proxy saw of a session, for its row, and the drops for
+/// `/metrics`.
+pub fn audit(up: &Upstream, down: &Downstream) -> Audit {
+    let input = up.filter.counts();
+    let output = down.filter.as_ref().map(|f| f.counts());
+    let dropped_from_vm = output.map_or(0, |o| o.dropped_clipboard);
+    crate::metrics::global().clipboard_dropped(input.dropped_clipboard, dropped_from_vm);
+    crate::metrics::global().input_dropped(input.dropped_input);
+    Audit {
+        key_events: input.key_events,
+        pointer_events: input.pointer_events,
+        clipboard_bytes_to_vm: input.clipboard_bytes_to_vm,
+        clipboard_bytes_from_vm: output.map(|o| o.clipboard_bytes_from_vm),
+    }
+}
