@@ -1,6 +1,7 @@
 //! What a person sees: headless Chromium (through playwright-core) on the
-//! console page, on stock noVNC's vnc.html, on the README quickstart, and on
-//! a binary installed with `cargo install` and run with nothing beside it.
+//! console page (control and view-only links), on the replay page, on stock
+//! noVNC's vnc.html, on the README quickstart, and on a binary installed
+//! with `cargo install` and run with nothing beside it.
 //!
 //! Screenshots land in `<repo>/test-artifacts/`.
 
@@ -559,4 +560,243 @@ async fn an_installed_binary_alone_serves_a_working_console() {
         log.contains("console page") && log.contains("built in"),
         "{log}"
     );
+}
+
+/// Runs `console_input.mjs` on `url`: what the page offers, and what it put
+/// on its WebSocket when used as a person would, then when forced.
+async fn try_input(url: &str, shot_name: &str) -> (Value, PathBuf) {
+    let png = shot(shot_name);
+    let r = run_node(
+        "console_input.mjs",
+        &[url, png.to_str().unwrap(), &PAGE_TIMEOUT_MS.to_string()],
+    )
+    .await;
+    (r, png)
+}
+
+/// The row `sessions --json` gives for session `id`, once it has ended.
+async fn ended_session_json(broker: &Broker, id: i64) -> Value {
+    poll_until(&format!("session {id} ended"), STEP, || {
+        let out = broker.cli(&["sessions", "--json"], None);
+        let rows: Vec<Value> = serde_json::from_str(&out).ok()?;
+        rows.into_iter()
+            .find(|r| r["id"] == id && !r["ended_at"].is_null())
+    })
+    .await
+}
+
+fn wire_count(r: &Value, phase: &str, what: &str) -> u64 {
+    assert!(
+        r[phase]["error"].is_null(),
+        "the page's stream could not be followed ({phase}): {r:#}"
+    );
+    r[phase][what]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {phase}.{what}: {r:#}"))
+}
+
+/// A view-only link: the page says so and offers no Ctrl-Alt-Del, and when
+/// a modified page sends keys and pointer events anyway, the broker forwards
+/// none of them. A control link on the same VM, used the same way, does
+/// reach the VM, so the counters are not trivially zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_only_link_shows_view_only_and_the_page_cannot_type() {
+    let qemu = Qemu::start(QEMU_PW);
+    let broker = Broker::start("");
+    broker.add_vm(1, qemu.port, Some(QEMU_PW));
+
+    let viewer = broker.mint_view_only(1).await;
+    assert_eq!(
+        viewer.url,
+        format!(
+            "{}/console#token={}&view_only=1",
+            broker.base_url(),
+            viewer.token
+        )
+    );
+    let (r, png) = try_input(&viewer.url, "console-view-only.png").await;
+    assert_console_connected(&r, &png);
+    assert_eq!(r["ui"]["badgeVisible"], true, "no view-only badge: {r:#}");
+    assert_eq!(r["ui"]["badgeText"], "View only", "{r:#}");
+    assert_eq!(r["ui"]["cadVisible"], false, "Ctrl-Alt-Del offered: {r:#}");
+    assert_eq!(r["ui"]["bodyViewOnly"], "true", "{r:#}");
+    assert_eq!(r["ui"]["rfbViewOnly"], true, "{r:#}");
+    assert_eq!(r["asPerson"]["version"], "RFB 003.008\n", "{r:#}");
+    // The page itself sent no input...
+    assert_eq!(wire_count(&r, "asPerson", "keys"), 0, "{r:#}");
+    assert_eq!(wire_count(&r, "asPerson", "pointers"), 0, "{r:#}");
+    // ...and forced to, it did: two sendKey presses and releases, "xyz"
+    // typed, a click and moves.
+    let forced_keys = wire_count(&r, "forced", "keys");
+    let forced_pointers = wire_count(&r, "forced", "pointers");
+    assert!(
+        forced_keys >= 10,
+        "the forced page sent {forced_keys} keys: {r:#}"
+    );
+    assert!(
+        forced_pointers >= 2,
+        "the forced page sent {forced_pointers} pointer events: {r:#}"
+    );
+    let forced_input = forced_keys
+        + forced_pointers
+        + wire_count(&r, "forced", "cutTexts")
+        + wire_count(&r, "forced", "otherInput");
+
+    let rows = broker.ended_sessions(1).await;
+    let row = ended_session_json(&broker, rows[0].id).await;
+    assert_eq!(row["view_only"], true, "{row}");
+    assert_eq!(row["key_events"], 0, "{row}");
+    assert_eq!(row["pointer_events"], 0, "{row}");
+    assert_eq!(row["clipboard_bytes_to_vm"], 0, "{row}");
+    // Every input message the page sent was dropped by the broker.
+    let dropped = metric(&scrape(broker.port).await, "vncbroker_input_dropped_total");
+    assert_eq!(dropped, forced_input as f64, "dropped input vs sent: {r:#}");
+
+    // A control link: no badge, Ctrl-Alt-Del offered, and typing arrives.
+    let control = broker.mint_default(1).await;
+    let (r, png) = try_input(&control.url, "console-control-input.png").await;
+    assert_console_connected(&r, &png);
+    assert_eq!(
+        r["ui"]["badgeVisible"], false,
+        "view-only badge shown: {r:#}"
+    );
+    assert_eq!(r["ui"]["cadVisible"], true, "{r:#}");
+    assert!(r["ui"]["bodyViewOnly"].is_null(), "{r:#}");
+    assert_eq!(r["ui"]["rfbViewOnly"], false, "{r:#}");
+    let typed_keys = wire_count(&r, "asPerson", "keys");
+    assert!(
+        typed_keys >= 6,
+        "typing \"abc\" sent {typed_keys} keys: {r:#}"
+    );
+    let keys = wire_count(&r, "forced", "keys");
+    let pointers = wire_count(&r, "forced", "pointers");
+
+    let rows = broker.ended_sessions(2).await;
+    let row = ended_session_json(&broker, rows[1].id).await;
+    assert_eq!(row["view_only"], false, "{row}");
+    assert_eq!(row["key_events"], keys, "every key the page sent: {row}");
+    assert_eq!(
+        row["pointer_events"], pointers,
+        "every pointer event: {row}"
+    );
+    let dropped_after = metric(&scrape(broker.port).await, "vncbroker_input_dropped_total");
+    assert_eq!(
+        dropped_after, dropped,
+        "the control session's input was dropped"
+    );
+}
+
+/// The pixels of a comparison that differ, the fraction of the screen they
+/// are, and how many of the live screen's pixels are not black.
+fn differing_pixels(cmp: &Value, what: &str, r: &Value) -> (u64, f64, u64) {
+    let differing = cmp["differing"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{what}: the screens differ in size: {r:#}"));
+    let total = cmp["total"].as_u64().unwrap_or(0);
+    assert!(total > 0, "{what}: an empty screen: {r:#}");
+    let lit = cmp["lit"].as_u64().unwrap_or(0);
+    (differing, differing as f64 / total as f64, lit)
+}
+
+/// A recorded session on QEMU, watched in the console page, then replayed
+/// by an admin's replay link in the replay page: at the end of the replay
+/// (played through, and sought to) the screen is the one the person saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_qemu_session_replays_the_same_screen_in_chromium() {
+    let qemu = Qemu::start(QEMU_PW);
+    let rec_dir = tempfile::tempdir().unwrap();
+    let dir = rec_dir.path().join("recordings");
+    let broker = Broker::start(&format!("[recording]\ndir = \"{}\"\n", dir.display()));
+    broker.add_user("root", "rootpw", true);
+    broker.add_vm(4, qemu.port, Some(QEMU_PW));
+    broker.cli(&["vm", "set", "4", "--record", "yes"], None);
+
+    let t = broker.mint_default(4).await;
+    let live_page = shot("replay-live-page.png");
+    let live_canvas = shot("replay-live-canvas.png");
+    let r = run_node(
+        "console_canvas.mjs",
+        &[
+            &t.url,
+            live_page.to_str().unwrap(),
+            live_canvas.to_str().unwrap(),
+            "2000",
+            &PAGE_TIMEOUT_MS.to_string(),
+        ],
+    )
+    .await;
+    assert_console_connected(&r, &live_page);
+    assert_eq!(r["saved"], true, "{r:#}");
+    assert_png(&live_canvas);
+    let (live_w, live_h) = (&r["canvas"]["w"], &r["canvas"]["h"]);
+
+    let rows = broker.ended_sessions(1).await;
+    let id = rows[0].id;
+    let row = ended_session_json(&broker, id).await;
+    assert_eq!(row["recording"], true, "{row}");
+    assert_eq!(row["recording_state"], "complete", "{row}");
+
+    let resp = http_request(
+        broker.port,
+        "POST",
+        &format!("/api/v1/sessions/{id}/replay-tokens"),
+        &[("Authorization", basic_auth("root", "rootpw"))],
+        b"",
+    )
+    .await;
+    assert_eq!(resp.status, 201, "{}", String::from_utf8_lossy(&resp.body));
+    let v: Value = serde_json::from_slice(&resp.body).unwrap();
+    let token = v["token"].as_str().unwrap();
+    let url = v["url"].as_str().unwrap();
+    assert_eq!(url, format!("{}/replay#token={token}", broker.base_url()));
+    assert_eq!(v["session_id"], id, "{v}");
+
+    let replay_page = shot("replay-page.png");
+    let replay_canvas = shot("replay-replayed-canvas.png");
+    let r = run_node(
+        "replay_compare.mjs",
+        &[
+            url,
+            live_canvas.to_str().unwrap(),
+            replay_page.to_str().unwrap(),
+            replay_canvas.to_str().unwrap(),
+            &PAGE_TIMEOUT_MS.to_string(),
+        ],
+    )
+    .await;
+    assert_png(&replay_page);
+    assert_eq!(r["state"], "ended", "the replay did not end: {r:#}");
+    let states: Vec<&str> = r["states"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    assert!(
+        states.starts_with(&["loading", "playing"]) && states.contains(&"ended"),
+        "states {states:?}: {r:#}"
+    );
+    assert_eq!(r["status"], "End of recording", "{r:#}");
+    assert_eq!(r["complete"], "complete", "{r:#}");
+    // The session lasted the page's 2 s of settling at least.
+    let duration = r["duration"].as_f64().unwrap_or(0.0);
+    assert!(duration >= 2000.0, "a {duration} ms recording: {r:#}");
+    assert!(!r["location"].as_str().unwrap_or_default().contains(token));
+    assert_eq!(r["saved"], true, "{r:#}");
+    assert_png(&replay_canvas);
+
+    // Played to its end, then sought to its end: the screen of the session.
+    for what in ["played", "sought"] {
+        let cmp = &r[what];
+        assert_eq!((&cmp["w"], &cmp["h"]), (live_w, live_h), "{what}: {r:#}");
+        let (n, fraction, lit) = differing_pixels(cmp, what, &r);
+        // Text on black: fewer than 1% of the pixels differ (the text
+        // cursor blinks), and far fewer than the text has, so a blank or
+        // shifted screen cannot pass.
+        assert!(
+            fraction < 0.01 && n * 10 < lit,
+            "{what}: {n} pixels ({:.3}%) differ from the live screen, whose text has {lit}: {r:#}",
+            fraction * 100.0
+        );
+    }
+    assert_eq!(r["afterSeekStart"]["position"], 0, "{r:#}");
+    assert_eq!(r["afterSeekEnd"]["state"], "ended", "{r:#}");
 }

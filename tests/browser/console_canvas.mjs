@@ -1,0 +1,70 @@
+// Opens a console page in headless Chromium, waits until it is connected and
+// painted, lets the screen settle, and saves the canvas at its own size (the
+// framebuffer, not the scaled view) as a PNG.
+// Usage: node tests/browser/console_canvas.mjs URL SCREENSHOT.png CANVAS.png [settle-ms] [timeout-ms]
+// Prints one JSON line: {"state", "status", "canvas": {w, h}, "nonBlank", "saved"}
+import { writeFileSync } from 'node:fs';
+import { chromium } from 'playwright-core';
+
+const [url, shot, canvasPng, settleArg = '2000', timeoutArg = '20000'] = process.argv.slice(2);
+if (!url || !shot || !canvasPng) {
+  console.error('usage: console_canvas.mjs URL SCREENSHOT CANVAS [settle-ms] [timeout-ms]');
+  process.exit(2);
+}
+const timeout = Number(timeoutArg);
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+         '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+});
+let result = {};
+try {
+  const page = await browser.newPage({ viewport: { width: 1024, height: 700 } });
+  const logs = [];
+  page.on('console', (m) => logs.push(m.type() + ': ' + m.text()));
+  page.on('pageerror', (e) => logs.push('pageerror: ' + e.message));
+  await page.goto(url);
+  try {
+    await page.waitForFunction(() => document.body.dataset.state === 'connected', null, { timeout });
+  } catch (_) { /* reported below */ }
+  const canvasPainted = () => {
+    const c = document.querySelector('#screen canvas');
+    if (!c || !c.width || !c.height) return false;
+    try {
+      const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+      for (let i = 0; i < d.length; i += 4) {
+        if (d[i] || d[i + 1] || d[i + 2]) return true;
+      }
+    } catch (_) { /* unreadable canvas counts as blank */ }
+    return false;
+  };
+  result.saved = false;
+  if (await page.evaluate(() => document.body.dataset.state) === 'connected') {
+    try {
+      await page.waitForFunction(canvasPainted, null, { timeout, polling: 100 });
+    } catch (_) { /* reported as nonBlank: false */ }
+    await page.waitForTimeout(Number(settleArg));
+    const dataUrl = await page.evaluate(() => {
+      const c = document.querySelector('#screen canvas');
+      return c ? c.toDataURL('image/png') : null;
+    });
+    if (dataUrl && dataUrl.startsWith('data:image/png;base64,')) {
+      writeFileSync(canvasPng, Buffer.from(dataUrl.slice('data:image/png;base64,'.length), 'base64'));
+      result.saved = true;
+    }
+  }
+  result.nonBlank = await page.evaluate(canvasPainted);
+  Object.assign(result, await page.evaluate(() => {
+    const c = document.querySelector('#screen canvas');
+    return {
+      state: document.body.dataset.state,
+      status: document.getElementById('status').textContent,
+      canvas: { w: c ? c.width : 0, h: c ? c.height : 0 },
+    };
+  }));
+  await page.screenshot({ path: shot });
+  result.logs = logs.slice(-20);
+} finally {
+  await browser.close();
+}
+console.log(JSON.stringify(result));
