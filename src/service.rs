@@ -316,8 +316,11 @@ impl TokenService {
         view_only: bool,
     ) -> Minted {
         let text = token.into_string();
+        // The page stops offering input on a view-only link; the proxy
+        // enforces it whatever the page does.
+        let mode = if view_only { "&view_only=1" } else { "" };
         Minted {
-            url: format!("{}/console#token={}", self.public_url, text),
+            url: format!("{}/console#token={}{mode}", self.public_url, text),
             path: format!("websockify?token={text}"),
             token: text,
             expires_at,

@@ -6,12 +6,15 @@ const statusEl = document.getElementById('status');
 const cadButton = document.getElementById('cad');
 const fullscreenButton = document.getElementById('fullscreen');
 const screen = document.getElementById('screen');
+const modeEl = document.getElementById('mode');
 
 // What each close code from the proxy means to a person.
 const CLOSE_MESSAGES = {
   4400: 'No console token in this link.',
   4401: 'This console link is invalid or has expired. Ask for a new one.',
   4409: 'The VM moved since this link was made. Ask for a new one.',
+  4423: 'Someone else has control of this console. A view-only link can still watch.',
+  4507: 'This console must be recorded, and the recording could not be written.',
   4410: 'Console access was revoked.',
   4500: 'The VM console refused the connection.',
   4502: 'The VM console is not reachable right now.',
@@ -31,6 +34,14 @@ function tokenFromUrl() {
   return new URLSearchParams(window.location.search).get('token');
 }
 
+// Whether the link is view-only. The broker enforces it whatever the page
+// does; the page only stops offering input and says so.
+function viewOnlyFromUrl() {
+  const flag = (params) => params.get('view_only') === '1';
+  return flag(new URLSearchParams(window.location.hash.slice(1))) ||
+         flag(new URLSearchParams(window.location.search));
+}
+
 function describeClose(ev) {
   const known = CLOSE_MESSAGES[ev.code];
   if (known) return known;
@@ -40,6 +51,7 @@ function describeClose(ev) {
 
 function start() {
   const token = tokenFromUrl();
+  const viewOnly = viewOnlyFromUrl();
   if (!token) {
     setState('failed', CLOSE_MESSAGES[4400]);
     return;
@@ -60,6 +72,12 @@ function start() {
   rfb.scaleViewport = true;
   rfb.resizeSession = false;
   rfb.focusOnClick = true;
+  rfb.viewOnly = viewOnly;
+  if (viewOnly) {
+    modeEl.hidden = false;
+    document.body.dataset.viewOnly = 'true';
+    cadButton.hidden = true;
+  }
   window.vncbrokerRfb = rfb;
 
   let desktopName = '';
