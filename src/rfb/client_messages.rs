@@ -48,6 +48,9 @@ use super::wire::PixelFormat;
 
 /// Most encodings one SetEncodings may list; more is a protocol error (noVNC
 /// sends about 30, and the whole message is held to be rewritten).
+/// Extended Clipboard action bit: the message carries clipboard data.
+const EXT_PROVIDE: u32 = 1 << 28;
+
 pub const MAX_ENCODINGS: u16 = 1024;
 
 /// Most bytes held between two feeds: a SetEncodings at the bound, the
@@ -169,8 +172,9 @@ enum Kind {
     Pointer,
     /// Dropped for view-only, not counted otherwise: SetDesktopSize, xvp.
     OtherInput,
-    /// ClientCutText with its length field.
-    CutText(i32),
+    /// ClientCutText: its size, and for the Extended Clipboard form its
+    /// flags (0 for plain text).
+    CutText { size: u32, flags: u32 },
 }
 
 /// How far a message's header is known.
@@ -370,7 +374,27 @@ impl ClientFilter {
                 Some(l) if l < 0 && l.unsigned_abs() < 4 => Err(
                     ClientStreamError::ExtendedClipboardTooShort(l.unsigned_abs()),
                 ),
-                Some(l) => ready(8, l.unsigned_abs(), Kind::CutText(l)),
+                // The Extended Clipboard form's flags say whether it carries
+                // text (provide) or only negotiates.
+                Some(l) if l < 0 => match peek_u32(b, 8) {
+                    None => Ok(Header::Need(12)),
+                    Some(flags) => ready(
+                        12,
+                        l.unsigned_abs() - 4,
+                        Kind::CutText {
+                            size: l.unsigned_abs(),
+                            flags,
+                        },
+                    ),
+                },
+                Some(l) => ready(
+                    8,
+                    l.unsigned_abs(),
+                    Kind::CutText {
+                        size: l.unsigned_abs(),
+                        flags: 0,
+                    },
+                ),
             },
             150 => ready(1, 9, Kind::Control),
             248 => match b.get(8) {
@@ -413,7 +437,9 @@ impl ClientFilter {
                 Verdict::Forward
             }
             Kind::Encodings => Verdict::Rewrite,
-            Kind::Key | Kind::Pointer | Kind::OtherInput | Kind::CutText(_) if rules.view_only => {
+            Kind::Key | Kind::Pointer | Kind::OtherInput | Kind::CutText { .. }
+                if rules.view_only =>
+            {
                 counts.dropped_input += 1;
                 Verdict::Drop
             }
@@ -426,13 +452,22 @@ impl ClientFilter {
                 Verdict::Forward
             }
             Kind::OtherInput => Verdict::Forward,
-            Kind::CutText(len) => {
-                let size = len.unsigned_abs();
+            Kind::CutText { size, flags } => {
+                // Only text counts: a plain cut text, or an Extended
+                // Clipboard provide (its payload after the flags); the
+                // capability, request, peek and notify messages carry none.
+                let text = match flags {
+                    0 => Some(size),
+                    f if f & EXT_PROVIDE != 0 => Some(size.saturating_sub(4)),
+                    _ => None,
+                };
                 if rules.clipboard_to_vm && size <= rules.max_clipboard {
-                    counts.clipboard_bytes_to_vm += u64::from(size);
+                    counts.clipboard_bytes_to_vm += u64::from(text.unwrap_or(0));
                     Verdict::Forward
                 } else {
-                    counts.dropped_clipboard += 1;
+                    if text.is_some() {
+                        counts.dropped_clipboard += 1;
+                    }
                     Verdict::Drop
                 }
             }
@@ -741,7 +776,8 @@ mod tests {
             InputCounts {
                 key_events: 3,
                 pointer_events: 2,
-                clipboard_bytes_to_vm: 5 + 7,
+                // "hello", and the provide's payload after its flags.
+                clipboard_bytes_to_vm: 5 + 3,
                 dropped_input: 0,
                 dropped_clipboard: 0,
             }
@@ -814,7 +850,8 @@ mod tests {
             ])
         );
         assert_eq!(r.counts.dropped_clipboard, 4);
-        assert_eq!(r.counts.clipboard_bytes_to_vm, 10);
+        // "hello"; the forwarded extended message is no provide, so no text.
+        assert_eq!(r.counts.clipboard_bytes_to_vm, 5);
         assert_eq!((r.counts.key_events, r.counts.pointer_events), (1, 1));
     }
 

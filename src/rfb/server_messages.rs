@@ -44,6 +44,9 @@ use super::wire::PixelFormat;
 
 /// Longest desktop name (ServerInit or DesktopName) accepted, in bytes; it
 /// is kept for [`ServerFilter::name`], so it must be bounded.
+/// Extended Clipboard action bit: the message carries clipboard data.
+const EXT_PROVIDE: u32 = 1 << 28;
+
 pub const MAX_DESKTOP_NAME: u32 = 64 * 1024;
 
 /// Longest ServerFence payload RFB allows.
@@ -226,6 +229,8 @@ enum Piece {
     ColourMap,
     /// ServerCutText: 3 pad, i32 length. Held back, not forwarded at once.
     CutText,
+    /// The Extended Clipboard form's u32 flags, after its held header.
+    CutTextFlags,
     /// ServerFence: 3 pad, u32 flags, u8 length.
     Fence,
     /// xvp: pad, version, code.
@@ -268,7 +273,11 @@ impl Piece {
             Piece::Fence | Piece::H264 => 8,
             Piece::CutText => 7,
             Piece::ColourMap => 5,
-            Piece::QemuAudioLen | Piece::DataLen | Piece::NameLen | Piece::ExtDesktop => 4,
+            Piece::QemuAudioLen
+            | Piece::DataLen
+            | Piece::NameLen
+            | Piece::ExtDesktop
+            | Piece::CutTextFlags => 4,
             Piece::Rre => 4,
             Piece::Update | Piece::Xvp => 3,
             Piece::QemuAudioOp => 2,
@@ -350,6 +359,8 @@ pub struct ServerFilter {
     subrect_len: u64,
     counts: ServerCounts,
     failed: Option<ServerStreamError>,
+    /// An Extended Clipboard message's held header while its flags are read.
+    cut_head: [u8; 7],
 }
 
 impl ServerFilter {
@@ -371,6 +382,7 @@ impl ServerFilter {
             tile_y: 0,
             subrect_len: 0,
             counts: ServerCounts::default(),
+            cut_head: [0; 7],
             failed: None,
         }
     }
@@ -490,7 +502,7 @@ impl ServerFilter {
                 }
             }
             State::Read(piece) => {
-                let forward = piece != Piece::CutText;
+                let forward = !matches!(piece, Piece::CutText | Piece::CutTextFlags);
                 if let Some(h) = self.gather(rest, piece.len(), forward, out) {
                     self.piece(piece, &h, out)?;
                 }
@@ -625,6 +637,12 @@ impl ServerFilter {
                     return Err(E::CutTextLength);
                 }
                 let size = len.unsigned_abs();
+                if len <= -4 {
+                    // Whether it carries text is in its flags.
+                    self.cut_head.copy_from_slice(&h[..7]);
+                    self.state = State::Read(Piece::CutTextFlags);
+                    return Ok(());
+                }
                 let keep = self.rules.clipboard_from_vm && size <= self.rules.max_clipboard;
                 let body = if keep {
                     out.push(3);
@@ -635,6 +653,27 @@ impl ServerFilter {
                     Body::Drop
                 };
                 self.skip(u64::from(size), body, After::Message);
+            }
+            Piece::CutTextFlags => {
+                let head = self.cut_head;
+                let size = i32::from_be_bytes([head[3], head[4], head[5], head[6]]).unsigned_abs();
+                let flags = u32_at(0);
+                // Only a provide carries text; capabilities, requests,
+                // peeks and notifications negotiate.
+                let provide = flags & EXT_PROVIDE != 0;
+                let keep = self.rules.clipboard_from_vm && size <= self.rules.max_clipboard;
+                let body = if keep {
+                    out.push(3);
+                    out.extend_from_slice(&head);
+                    out.extend_from_slice(&h[..4]);
+                    if provide { Body::Clipboard } else { Body::Forward }
+                } else {
+                    if provide {
+                        self.counts.dropped_clipboard += 1;
+                    }
+                    Body::Drop
+                };
+                self.skip(u64::from(size - 4), body, After::Message);
             }
             Piece::Fence => {
                 let len = h[7];
@@ -1125,7 +1164,9 @@ mod tests {
     fn allowed_stream_passes_byte_for_byte() {
         let segments = stream();
         let data = whole(&segments);
-        let cut_bytes = 17 + 24;
+        // The plain text; the stream's Extended Clipboard message only
+        // negotiates (no provide flag), so it carries no text.
+        let cut_bytes = 17;
         for chunk in CHUNKS {
             let (out, counts, result, f) = run(ALLOW, &data, chunk);
             assert_eq!(result, Ok(()), "chunk {chunk}");
@@ -1145,6 +1186,22 @@ mod tests {
     }
 
     #[test]
+    fn only_extended_clipboard_provides_count_as_text() {
+        let provide = extended_cut(&[0x10, 0, 0, 1, b'a', b'b', b'c']);
+        let caps = extended_cut(&[0x01, 0, 0, 1, 0, 0, 0, 16]);
+        let data = cat(&[&init(1, 1, RGB16, b""), &caps, &provide]);
+        for chunk in CHUNKS {
+            let (out, counts, result, _) = run(ALLOW, &data, chunk);
+            assert_eq!(result, Ok(()));
+            assert_eq!(out, data, "chunk {chunk}");
+            assert_eq!(counts.clipboard_bytes_from_vm, 3, "chunk {chunk}");
+            let (out, counts, _, _) = run(BLOCK, &data, chunk);
+            assert_eq!(out, init(1, 1, RGB16, b""), "chunk {chunk}");
+            assert_eq!(counts.dropped_clipboard, 1, "chunk {chunk}: the provide only");
+        }
+    }
+
+    #[test]
     fn blocked_stream_loses_only_cut_texts() {
         let segments = stream();
         let data = whole(&segments);
@@ -1157,7 +1214,7 @@ mod tests {
                 counts,
                 ServerCounts {
                     clipboard_bytes_from_vm: 0,
-                    dropped_clipboard: 3
+                    dropped_clipboard: 2
                 }
             );
         }
@@ -1323,8 +1380,11 @@ mod tests {
             assert_eq!(
                 counts,
                 ServerCounts {
-                    clipboard_bytes_from_vm: 10,
-                    dropped_clipboard: 3
+                    // "12345"; the forwarded extended message is no provide.
+                    clipboard_bytes_from_vm: 5,
+                    // "123456" and the 100,000 bytes; the dropped extended
+                    // message carried no text.
+                    dropped_clipboard: 2
                 }
             );
         }
