@@ -413,6 +413,46 @@ mod tests {
     }
 
     #[test]
+    fn broker_policy_comes_from_the_template_only() {
+        use crate::policy::{Clipboard, Control, VmPolicy};
+        let doc = |template: &str, user: &str| {
+            format!(
+                "<VM><STATE>3</STATE><LCM_STATE>3</LCM_STATE><TEMPLATE>{template}</TEMPLATE>\
+                 <USER_TEMPLATE>{user}</USER_TEMPLATE></VM>"
+            )
+        };
+        let set = "<VNCBROKER><CONTROL><![CDATA[exclusive]]></CONTROL>\
+                   <CLIPBOARD>TO-VM</CLIPBOARD><RECORD>YES</RECORD></VNCBROKER>";
+        let p = parse(&doc(set, "")).unwrap().policy().unwrap();
+        assert_eq!(
+            p,
+            VmPolicy {
+                control: Some(Control::Exclusive),
+                clipboard: Some(Clipboard::ToVm),
+                record: Some(true),
+            }
+        );
+        // The owner can edit USER_TEMPLATE: it never loosens anything.
+        let loose = "<VNCBROKER><CLIPBOARD>both</CLIPBOARD><RECORD>no</RECORD></VNCBROKER>";
+        let p = parse(&doc("", loose)).unwrap().policy().unwrap();
+        assert_eq!(p, VmPolicy::default());
+        let e = parse(&doc(
+            "<VNCBROKER><CLIPBOARD>sideways</CLIPBOARD></VNCBROKER>",
+            "",
+        ))
+        .unwrap()
+        .policy()
+        .unwrap_err();
+        assert!(e.to_string().contains("both, to-vm, from-vm, none"), "{e}");
+        assert!(
+            parse(&doc("<VNCBROKER><RECORD>maybe</RECORD></VNCBROKER>", ""))
+                .unwrap()
+                .policy()
+                .is_err()
+        );
+    }
+
+    #[test]
     fn console_type_checks() {
         for g in ["<PORT>5900</PORT><TYPE>SPICE</TYPE>", "<PORT>5900</PORT>"] {
             assert!(matches!(
