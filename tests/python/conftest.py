@@ -10,17 +10,20 @@ Binary: $VNCBROKER_BIN, default <repo>/target/debug/vncbroker.
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import re
 import selectors
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import xmlrpc.client
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +46,7 @@ PASSWORDS = {
 }
 VNC_PASSWORD_VM9 = "vncPw9Qr"  # VNC passwords are at most 8 significant chars
 
-TOKEN_FIELDS = {"token", "url", "path", "expires_at", "ttl", "vm_id", "single_use"}
+TOKEN_FIELDS = {"token", "url", "path", "expires_at", "ttl", "vm_id", "single_use", "view_only"}
 TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{43}")
 
 # Codes of oned-style error arrays.
@@ -395,7 +398,7 @@ def _per_test_timeout():
 
 
 def check_token_result(res, vm_id: int, ttl: int = DEFAULT_TTL, single_use: bool = False,
-                       now: float | None = None) -> None:
+                       now: float | None = None, view_only: bool = False) -> None:
     """Assert a token result (XML-RPC struct / JSON object / CLI output) follows the contract."""
     assert isinstance(res, dict), f"expected a struct/object, got {type(res).__name__}: {res!r}"
     assert set(res) == TOKEN_FIELDS, f"fields differ: got {sorted(res)}, want {sorted(TOKEN_FIELDS)}"
@@ -404,14 +407,32 @@ def check_token_result(res, vm_id: int, ttl: int = DEFAULT_TTL, single_use: bool
     assert TOKEN_RE.fullmatch(token), f"token is not 43 chars of base64url: {token!r}"
     # 43 base64url chars = 32 bytes exactly, no padding.
     assert len(base64.urlsafe_b64decode(token + "=")) == 32
-    assert isinstance(res["url"], str) and res["url"] == f"{PUBLIC_URL}/console#token={token}"
+    # A view-only link tells the console page so (the proxy enforces it regardless).
+    mode = "&view_only=1" if view_only else ""
+    assert isinstance(res["url"], str) and res["url"] == f"{PUBLIC_URL}/console#token={token}{mode}", res["url"]
     assert isinstance(res["path"], str) and res["path"] == f"websockify?token={token}"
     for k in ("expires_at", "ttl", "vm_id"):
         assert isinstance(res[k], int) and not isinstance(res[k], bool), f"{k} is not an int: {res[k]!r}"
     assert isinstance(res["single_use"], bool), f"single_use is not a bool: {res['single_use']!r}"
+    assert isinstance(res["view_only"], bool), f"view_only is not a bool: {res['view_only']!r}"
     assert res["vm_id"] == vm_id
     assert res["ttl"] == ttl
     assert res["single_use"] is single_use
+    assert res["view_only"] is view_only
     now = time.time() if now is None else now
     assert abs(res["expires_at"] - (now + ttl)) <= 5, \
         f"expires_at {res['expires_at']} not ~ now+{ttl} ({now + ttl:.0f})"
+
+
+TOKEN_POLICY_COLUMNS = ("view_only", "exclusive", "clipboard", "record")
+
+
+def token_policy(db_path: Path, token: str) -> dict | None:
+    """The session policy stored in a token's row (view_only, exclusive,
+    clipboard, record), looked up by sha256(token); None if there is no row."""
+    h = hashlib.sha256(token.encode()).digest()
+    with closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)) as c:
+        row = c.execute(
+            f"SELECT {', '.join(TOKEN_POLICY_COLUMNS)} FROM tokens WHERE token_hash = ?", (h,)
+        ).fetchone()
+    return None if row is None else dict(zip(TOKEN_POLICY_COLUMNS, row))

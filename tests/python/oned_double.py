@@ -84,6 +84,10 @@ class VmSpec:
     delay:     seconds one.vm.info sleeps before answering for this VM
     service_delay: the same, only when oneadmin asks (the broker's service
                session), so the caller's own calls stay fast
+    vncbroker: attributes of a TEMPLATE/VNCBROKER vector (the broker's
+               console policy: CONTROL, CLIPBOARD, RECORD), None for none
+    user_vncbroker: the same vector in USER_TEMPLATE, which the VM's owner
+               can edit (and the broker must ignore)
     """
 
     vm_id: int
@@ -98,6 +102,8 @@ class VmSpec:
     delay: float = 0.0
     service_delay: float = 0.0
     name: str | None = None
+    vncbroker: dict[str, str] | None = None
+    user_vncbroker: dict[str, str] | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -186,6 +192,71 @@ def _history(doc: str, spec: VmSpec) -> str:
     return doc[:m.start()] + joiner.join(records) + doc[m.end():]
 
 
+def _indent_step(block: str) -> str:
+    """The fixture's indentation step, from its CONTEXT vector and first child."""
+    m = re.search(r"\n([ \t]*)<CONTEXT>\n([ \t]*)<", block)
+    if m is None or not m.group(2).startswith(m.group(1)):
+        raise AssertionError("fixture edit: cannot tell the indentation step from CONTEXT")
+    return m.group(2)[len(m.group(1)):]
+
+
+def _vector(name: str, attrs: dict[str, str], *, cdata: bool, indent: str | None, step: str) -> str:
+    """A template vector attribute in the fixture's style: its children sorted
+    by name (as oned keeps template attributes), CDATA values if the
+    fixture's template has them, one line or indented like the fixture."""
+    def value(v) -> str:
+        return f"<![CDATA[{v}]]>" if cdata else escape(str(v))
+
+    items = [f"<{k}>{value(v)}</{k}>" for k, v in sorted(attrs.items())]
+    if indent is None:
+        return f"<{name}>{''.join(items)}</{name}>"
+    inner = "".join(f"\n{indent}{step}{item}" for item in items)
+    return f"<{name}>{inner}\n{indent}</{name}>"
+
+
+def _vncbroker(doc: str, spec: VmSpec) -> str:
+    """Adds the VNCBROKER vector to TEMPLATE and/or USER_TEMPLATE."""
+    if spec.vncbroker is None and spec.user_vncbroker is None:
+        return doc
+    t = re.search(r"<TEMPLATE>(.*?)</TEMPLATE>", doc, flags=re.S)
+    if t is None:
+        raise AssertionError(f"form {spec.form!r} has no TEMPLATE")
+    block = t.group(1)
+    cdata = _uses_cdata(block)
+    pretty = "\n" in block
+    step = _indent_step(block) if pretty else ""
+    if spec.vncbroker is not None:
+        # VNCBROKER sorts right after VMID, the last attribute of every fixture's TEMPLATE.
+        vm = list(re.finditer(r"(\n([ \t]*))?<VMID>.*?</VMID>", block))
+        if len(vm) != 1:
+            raise AssertionError(f"form {spec.form!r}: expected one TEMPLATE/VMID, found {len(vm)}")
+        vm = vm[0]
+        rest = block[vm.end():]
+        if rest.strip():
+            raise AssertionError(f"form {spec.form!r}: TEMPLATE/VMID is not the last attribute")
+        indent = vm.group(2) if pretty else None
+        vec = _vector("VNCBROKER", spec.vncbroker, cdata=cdata, indent=indent, step=step)
+        block = block[:vm.end()] + (f"\n{indent}" if pretty else "") + vec + rest
+        doc = doc[:t.start(1)] + block + doc[t.end(1):]
+    if spec.user_vncbroker is not None:
+        m = re.search(r"(\n([ \t]*))?<USER_TEMPLATE/>", doc)
+        if m is not None:
+            # An empty USER_TEMPLATE (document 03) gets its first attribute.
+            indent = m.group(2) if pretty else None
+            child = None if indent is None else indent + step
+            vec = _vector("VNCBROKER", spec.user_vncbroker, cdata=cdata, indent=child, step=step)
+            body = f"\n{child}{vec}\n{indent}" if pretty else vec
+            return doc[:m.end() - len("<USER_TEMPLATE/>")] + f"<USER_TEMPLATE>{body}</USER_TEMPLATE>" + doc[m.end():]
+        m = re.search(r"(\n([ \t]*))?</USER_TEMPLATE>", doc)
+        if m is None:
+            raise AssertionError(f"form {spec.form!r} has no USER_TEMPLATE")
+        # VNCBROKER sorts after the fixtures' user attributes (ARCH; QUATTOR, SCHED_MESSAGE).
+        child = None if not pretty else m.group(2) + step
+        vec = _vector("VNCBROKER", spec.user_vncbroker, cdata=cdata, indent=child, step=step)
+        doc = doc[:m.start()] + (f"\n{child}" if pretty else "") + vec + doc[m.start():]
+    return doc
+
+
 def build_vm_document(spec: VmSpec) -> str:
     """The one.vm.info document for spec, from its fixture file."""
     if spec.form not in FORMS:
@@ -213,6 +284,7 @@ def build_vm_document(spec: VmSpec) -> str:
         doc = _set_value(doc, "LCM_STATE", spec.lcm_state)
     doc = _graphics(doc, spec)
     doc = _history(doc, spec)
+    doc = _vncbroker(doc, spec)
     return doc
 
 

@@ -15,6 +15,7 @@ from conftest import (
     basic,
     check_token_result,
     record_token,
+    token_policy,
 )
 
 T = 10  # request timeout
@@ -54,6 +55,26 @@ def test_mint_with_only_single_use(broker):
     r = requests.post(url(broker, 7), auth=basic("alice"), json={"single_use": True}, timeout=T)
     assert r.status_code == 201, r.text
     check_token_result(record_token(r.json()), vm_id=7, ttl=DEFAULT_TTL, single_use=True)
+
+
+@pytest.mark.parametrize("view_only", [True, False, None], ids=["true", "false", "absent"])
+def test_mint_view_only(broker, view_only):
+    body = {"ttl": 120} if view_only is None else {"ttl": 120, "view_only": view_only}
+    r = requests.post(url(broker, 7), auth=basic("alice"), json=body, timeout=T)
+    assert r.status_code == 201, r.text
+    res = record_token(r.json())
+    check_token_result(res, vm_id=7, ttl=120, view_only=bool(view_only))
+    assert token_policy(broker.db_path, res["token"])["view_only"] == (1 if view_only else 0)
+
+
+@pytest.mark.parametrize("value,shown", [("yes", 'string "yes"'), (1, "integer `1`")], ids=["string", "int"])
+def test_mint_view_only_not_a_boolean_400(broker, value, shown):
+    r = requests.post(url(broker, 7), auth=basic("alice"), json={"view_only": value}, timeout=T)
+    err = assert_json_error(r, 400)
+    assert err["code"] == "bad_request", err
+    # The message says what was wrong: the value given and that a boolean was expected.
+    assert err["message"].startswith("invalid JSON body: "), err
+    assert shown in err["message"] and "expected a boolean" in err["message"], err
 
 
 def test_mint_without_body(broker):
@@ -219,6 +240,11 @@ def test_cli_token_mint_json(broker):
     p = broker.env.cli("token", "mint", "9", "--ttl", "120", "--single-use")
     res = json.loads(p.stdout)
     check_token_result(record_token(res), vm_id=9, ttl=120, single_use=True)
+
+    p = broker.env.cli("token", "mint", "9", "--view-only")
+    res = json.loads(p.stdout)
+    check_token_result(record_token(res), vm_id=9, ttl=DEFAULT_TTL, view_only=True)
+    assert token_policy(broker.db_path, res["token"])["view_only"] == 1
 
 
 def test_cli_token_mint_errors(broker):

@@ -34,6 +34,7 @@ from conftest import (
     PASSWORDS,
     TimeoutTransport,
     check_token_result,
+    token_policy,
 )
 from oned_double import LIVE_LCM_STATES, OnedDouble
 from vnc_helpers import WsClient, Xvnc, free_port
@@ -194,6 +195,98 @@ def test_oned_refusals_pass_through(broker_factory, oned):
     # The caller's password never reaches the log.
     log = b.log_text()
     assert PW["alice"] not in log and PW["bob"] not in log
+
+
+# ---------------------------------------------------------------------------
+# The console policy in TEMPLATE/VNCBROKER
+
+def policy(view_only=0, exclusive=0, clipboard="both", record=0) -> dict:
+    return {"view_only": view_only, "exclusive": exclusive, "clipboard": clipboard, "record": record}
+
+
+@pytest.mark.parametrize("form", ["raw", "pretty", "onedock"])
+def test_template_vncbroker_policy(broker_factory, oned, form):
+    oned.add_vm(7, form=form, owner="alice", port=5907, hosts=["h7"],
+                vncbroker={"CLIPBOARD": "to-vm", "RECORD": "YES", "CONTROL": "exclusive"})
+    oned.add_vm(8, form=form, owner="alice", port=5908, hosts=["h8"])
+    doc = oned.document(7)
+    assert "<VNCBROKER>" in doc and "<VNCBROKER>" not in oned.document(8)
+    b = start_on(broker_factory, oned.url)
+
+    res = one(b, "alice").vm.novnctoken(7)
+    check_token_result(res, vm_id=7)
+    assert token_policy(b.db_path, res["token"]) == policy(exclusive=1, clipboard="to-vm", record=1)
+    # The caller's view-only choice comes on top of the VM's policy.
+    res = one(b, "alice").vm.novnctoken(7, 0, False, True)
+    check_token_result(res, vm_id=7, view_only=True)
+    assert token_policy(b.db_path, res["token"]) == policy(view_only=1, exclusive=1, clipboard="to-vm", record=1)
+    r = api_mint(b, 7, "alice", view_only=True)
+    assert r.status_code == 201, r.text
+    check_token_result(r.json(), vm_id=7, view_only=True)
+    assert token_policy(b.db_path, r.json()["token"]) == policy(view_only=1, exclusive=1, clipboard="to-vm",
+                                                                 record=1)
+    # A VM without the vector takes the config's defaults.
+    res = one(b, "alice").vm.novnctoken(8)
+    assert token_policy(b.db_path, res["token"]) == policy()
+
+
+@pytest.mark.parametrize("values,expected", [
+    ({"CLIPBOARD": "none"}, policy(clipboard="none")),
+    ({"CLIPBOARD": "FROM-VM", "CONTROL": "Shared", "RECORD": "no"}, policy(clipboard="from-vm")),
+    ({"RECORD": "yes"}, policy(record=1)),
+    ({"CONTROL": "EXCLUSIVE"}, policy(exclusive=1)),
+])
+def test_template_vncbroker_partial_and_any_case(broker_factory, oned, values, expected):
+    oned.add_vm(7, form="raw", owner="alice", port=5907, vncbroker=values)
+    b = start_on(broker_factory, oned.url)
+    res = one(b, "alice").vm.novnctoken(7)
+    assert token_policy(b.db_path, res["token"]) == expected
+
+
+@pytest.mark.parametrize("form", ["raw", "pretty", "onedock"])
+def test_user_template_vncbroker_is_ignored(broker_factory, oned, form):
+    """USER_TEMPLATE is the VM owner's to edit: its VNCBROKER vector (even an
+    invalid one) neither grants nor takes away anything."""
+    oned.add_vm(7, form=form, owner="alice", port=5907,
+                user_vncbroker={"CLIPBOARD": "both", "RECORD": "NO", "CONTROL": "shared"},
+                vncbroker={"CLIPBOARD": "none", "RECORD": "YES", "CONTROL": "exclusive"})
+    oned.add_vm(8, form=form, owner="alice", port=5908,
+                user_vncbroker={"CLIPBOARD": "none", "RECORD": "YES", "CONTROL": "exclusive"})
+    oned.add_vm(9, form=form, owner="alice", port=5909, user_vncbroker={"CLIPBOARD": "sideways"})
+    template, user_template = oned.document(8).split("<USER_TEMPLATE>")
+    assert "<VNCBROKER>" not in template and "<VNCBROKER>" in user_template
+    b = start_on(broker_factory, oned.url)
+    res = one(b, "alice").vm.novnctoken(7)
+    assert token_policy(b.db_path, res["token"]) == policy(exclusive=1, clipboard="none", record=1)
+    res = one(b, "alice").vm.novnctoken(8)
+    assert token_policy(b.db_path, res["token"]) == policy()
+    res = one(b, "alice").vm.novnctoken(9)
+    check_token_result(res, vm_id=9)
+    assert token_policy(b.db_path, res["token"]) == policy()
+
+
+@pytest.mark.parametrize("values,what,accepted", [
+    ({"CLIPBOARD": "sideways"}, "clipboard", "both, to-vm, from-vm, none"),
+    ({"CONTROL": "sideways", "CLIPBOARD": "none"}, "control", "shared, exclusive"),
+    ({"RECORD": "sometimes"}, "record", "yes, no"),
+])
+def test_invalid_template_vncbroker_is_refused(broker_factory, oned, values, what, accepted):
+    oned.add_vm(7, form="pretty", owner="alice", port=5907, vncbroker=values)
+    b = start_on(broker_factory, oned.url)
+    bad = next(v for k, v in values.items() if k.lower() == what)
+
+    with pytest.raises(pyone.OneActionException) as ei:
+        one(b, "alice").vm.novnctoken(7)
+    assert "TEMPLATE/VNCBROKER" in str(ei.value), str(ei.value)
+    res = raw_rpc(b).one.vm.novnctoken(sess("alice"), 7)
+    assert res[0] is False and res[2] == E_ACTION, res
+    assert res[1].startswith("[one.vm.novnctoken] "), res
+    msg = res[1]
+    assert "TEMPLATE/VNCBROKER" in msg and f"{what} must be one of {accepted}" in msg and bad in msg, msg
+    assert not msg.startswith("[one.vm.novnctoken] [one.vm.info]"), msg
+    err = json_error(api_mint(b, 7, "alice", view_only=True), 409, "console_unavailable")
+    assert "TEMPLATE/VNCBROKER" in err["message"] and accepted in err["message"], err
+    assert token_count(b, 7) == 0
 
 
 # ---------------------------------------------------------------------------

@@ -129,7 +129,9 @@ def test_revoke_success_array(broker):
         pytest.param(("seven",), id="vm_id-string"),
         pytest.param((), id="missing-vm_id"),
         pytest.param((7, "60"), id="ttl-string"),
-        pytest.param((7, 60, True, "extra"), id="too-many-params"),
+        pytest.param((7, 60, True, False, "extra"), id="too-many-params"),
+        pytest.param((7, 60, True, "yes"), id="view_only-string"),
+        pytest.param((7, 60, True, 1), id="view_only-int"),
         pytest.param((7.5,), id="vm_id-double"),
         pytest.param(([7],), id="vm_id-array"),
         pytest.param(({"id": 7},), id="vm_id-struct"),
@@ -139,6 +141,38 @@ def test_revoke_success_array(broker):
 def test_bad_params_code(broker, params):
     res = broker.xmlrpc().one.vm.novnctoken(session("alice"), *params)
     assert_error(res, "one.vm.novnctoken", E_API)
+
+
+@pytest.mark.parametrize(
+    "params,message",
+    [
+        pytest.param((7, 60, "yes"), "Parameter 4 (single_use) must be a boolean, got string",
+                     id="single_use-string"),
+        pytest.param((7, 60, True, "yes"), "Parameter 5 (view_only) must be a boolean, got string",
+                     id="view_only-string"),
+        pytest.param((7, 0, False, 1), "Parameter 5 (view_only) must be a boolean, got int",
+                     id="view_only-int"),
+        pytest.param((7, 0, False, [True]), "Parameter 5 (view_only) must be a boolean, got array",
+                     id="view_only-array"),
+        pytest.param((7, 60, True, False, True), "Wrong number of parameters: expected 2 to 5, got 6",
+                     id="six-params"),
+    ],
+)
+def test_bad_param_messages(broker, params, message):
+    """The exact error array, as oned answers a parameter it cannot take:
+    [False, "[method] message", 0x1000], with no object id."""
+    res = broker.xmlrpc().one.vm.novnctoken(session("alice"), *params)
+    assert res == [False, f"[one.vm.novnctoken] {message}", E_API], res
+
+
+def test_view_only_success_array(broker):
+    p = broker.xmlrpc()
+    res = p.one.vm.novnctoken(session("alice"), 7, 0, False, True)
+    assert isinstance(res, list) and len(res) == 3 and res[0] is True and res[2] == 0, res
+    check_token_result(record_token(res[1]), vm_id=7, ttl=DEFAULT_TTL, single_use=False, view_only=True)
+    res = p.one.vm.novnctoken(session("alice"), 7, 45, True, False)
+    assert res[0] is True, res
+    check_token_result(record_token(res[1]), vm_id=7, ttl=45, single_use=True, view_only=False)
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from conftest import (
     VNC_PASSWORD_VM9,
     check_token_result,
     record_token,
+    token_policy,
 )
 
 
@@ -50,6 +51,42 @@ def test_novnctoken_explicit_single_use_false(broker):
 def test_novnctoken_ttl_only(broker):
     res = mint(one(broker, "alice"), 7, 90)
     check_token_result(res, vm_id=7, ttl=90, single_use=False)
+
+
+def test_novnctoken_view_only(broker):
+    # pyone passes the fifth boolean through unchanged; ttl 0 means the default.
+    res = mint(one(broker, "alice"), 7, 0, False, True)
+    check_token_result(res, vm_id=7, ttl=DEFAULT_TTL, single_use=False, view_only=True)
+    assert res["url"].endswith("&view_only=1"), res["url"]
+    # VM 7 has no settings of its own: the config's defaults, plus view-only.
+    assert token_policy(broker.db_path, res["token"]) == {
+        "view_only": 1, "exclusive": 0, "clipboard": "both", "record": 0}
+
+
+def test_novnctoken_view_only_false(broker):
+    res = mint(one(broker, "alice"), 7, 60, True, False)
+    check_token_result(res, vm_id=7, ttl=60, single_use=True, view_only=False)
+    assert token_policy(broker.db_path, res["token"])["view_only"] == 0
+
+
+def test_novnctoken_without_view_only_is_not_view_only(broker):
+    res = mint(one(broker, "alice"), 7, 60, True)
+    check_token_result(res, vm_id=7, ttl=60, single_use=True)
+    assert token_policy(broker.db_path, res["token"])["view_only"] == 0
+
+
+def test_novnctoken_view_only_not_a_boolean(broker):
+    with pytest.raises(pyone.OneApiException) as ei:
+        one(broker, "alice").vm.novnctoken(7, 0, False, "yes")
+    assert str(ei.value) == "[one.vm.novnctoken] Parameter 5 (view_only) must be a boolean, got string", \
+        str(ei.value)
+
+
+def test_novnctoken_six_parameters(broker):
+    with pytest.raises(pyone.OneApiException) as ei:
+        one(broker, "alice").vm.novnctoken(7, 0, False, True, True)
+    assert str(ei.value) == "[one.vm.novnctoken] Wrong number of parameters: expected 2 to 5, got 6", \
+        str(ei.value)
 
 
 def test_allowed_user_can_mint(broker):
