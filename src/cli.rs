@@ -303,7 +303,7 @@ where
     }
     s.parse()
         .map(|v| Setting(Some(v)))
-        .map_err(|e: T::Err| e.to_string())
+        .map_err(|e: T::Err| format!("{e}, or default"))
 }
 
 /// Applies the policy flags given on the command line to `policy`.

@@ -66,8 +66,10 @@ const MESSAGE_COST: usize = 64;
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
 /// How long a quiet session keeps its compressor before the frame ends.
 const IDLE_CLOSE: Duration = Duration::from_secs(5);
-/// zstd's default: fast enough for a busy screen, and VNC compresses well.
-const LEVEL: i32 = 3;
+/// zstd's fastest regular level: the writer must keep up with the relay
+/// (it falls behind at level 3 on a fast, noisy screen), and screens still
+/// compress well at it.
+const LEVEL: i32 = 1;
 
 /// Who and what a recording is of; the first thing in the file.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]

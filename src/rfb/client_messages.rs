@@ -48,6 +48,25 @@ use super::wire::PixelFormat;
 
 /// Most encodings one SetEncodings may list; more is a protocol error (noVNC
 /// sends about 30, and the whole message is held to be rewritten).
+/// The length of the run of whole KeyEvents (8 bytes) and PointerEvents
+/// (6 bytes) at the start of `b`, and how many of each it holds.
+fn event_run(b: &[u8]) -> (usize, u64, u64) {
+    let (mut i, mut keys, mut pointers) = (0, 0u64, 0u64);
+    loop {
+        match b.get(i) {
+            Some(4) if b.len() - i >= 8 => {
+                i += 8;
+                keys += 1;
+            }
+            Some(5) if b.len() - i >= 6 => {
+                i += 6;
+                pointers += 1;
+            }
+            _ => return (i, keys, pointers),
+        }
+    }
+}
+
 /// Extended Clipboard action bit: the message carries clipboard data.
 const EXT_PROVIDE: u32 = 1 << 28;
 
@@ -174,7 +193,10 @@ enum Kind {
     OtherInput,
     /// ClientCutText: its size, and for the Extended Clipboard form its
     /// flags (0 for plain text).
-    CutText { size: u32, flags: u32 },
+    CutText {
+        size: u32,
+        flags: u32,
+    },
 }
 
 /// How far a message's header is known.
@@ -267,6 +289,17 @@ impl ClientFilter {
                     State::Body { remaining, forward }
                 };
                 continue;
+            }
+            // Input events are most of a session's messages and have fixed
+            // lengths: a run of them is counted and passed in one sweep.
+            if self.state == State::Message && !self.rules.view_only {
+                let (n, keys, pointers) = event_run(rest);
+                if n > 0 {
+                    self.counts.key_events += keys;
+                    self.counts.pointer_events += pointers;
+                    pos += n;
+                    continue;
+                }
             }
             let header = match self.header(rest) {
                 Ok(header) => header,
