@@ -14,7 +14,11 @@
 //!   unprivileged user when run as root), unless DATABASE_URL names one, and
 //!   a second broker on it;
 //! - fresh brokers for the idle-session memory measurement, one and then two
-//!   `serve` processes on one SQLite file.
+//!   `serve` processes on one SQLite file;
+//! - a broker for the session-control measurement, with a recording
+//!   directory, whose VMs point at RFB-speaking targets (a framebuffer
+//!   source, a sink and an update-request echo) with and without the session
+//!   policies (stored password, view-only token, clipboard none, recording).
 //!
 //! Every path is driven by this process's own load client, repetitions
 //! interleaved (direct, websockify, vncbroker, direct, ...), so figures are
@@ -23,7 +27,7 @@
 //! rerun) goes to standard output and, with `--out FILE`, to FILE.
 //!
 //! Usage: vncbroker-bench [--quick] [--broker PATH] [--websockify PATH] [--out FILE]
-//!                        [--only proxy|sqlite|postgres|idle]...
+//!                        [--only proxy|sqlite|postgres|idle|session-control]...
 //!
 //! For investigating: `--only` runs some sections; VNCBROKER_BENCH_LOG sets
 //! the brokers' log filter; VNCBROKER_BENCH_BROKER_ENV="NAME=VALUE ..." adds
@@ -68,7 +72,7 @@ impl Opts {
 }
 
 const USAGE: &str = "usage: vncbroker-bench [--quick] [--broker PATH] [--websockify PATH] [--out FILE]\n\
-     \x20      [--only proxy|sqlite|postgres|idle]...";
+     \x20      [--only proxy|sqlite|postgres|idle|session-control]...";
 
 fn parse_args() -> anyhow::Result<Opts> {
     let mut opts = Opts {
@@ -94,7 +98,8 @@ fn parse_args() -> anyhow::Result<Opts> {
             "--out" => opts.out = Some(args.next().context("--out FILE")?.into()),
             "--only" => {
                 let s = args.next().context("--only SECTION")?;
-                if !["proxy", "sqlite", "postgres", "idle"].contains(&s.as_str()) {
+                if !["proxy", "sqlite", "postgres", "idle", "session-control"].contains(&s.as_str())
+                {
                     bail!("unknown section {s:?}\n{USAGE}");
                 }
                 opts.only.push(s);
@@ -247,17 +252,172 @@ async fn silent_server(open: Arc<AtomicU64>) -> anyhow::Result<SocketAddr> {
     Ok(addr)
 }
 
-/// Answers each connection with the sink's byte count and the number of
-/// silent connections open (8 bytes each, big-endian).
-async fn stats_server(count: Arc<AtomicU64>, open: Arc<AtomicU64>) -> anyhow::Result<SocketAddr> {
+/// Answers each connection with the sink's byte count, the number of
+/// silent connections open and the RFB sink's byte count (8 bytes each,
+/// big-endian).
+async fn stats_server(
+    count: Arc<AtomicU64>,
+    open: Arc<AtomicU64>,
+    rfb_count: Arc<AtomicU64>,
+) -> anyhow::Result<SocketAddr> {
     let l = TcpListener::bind("127.0.0.1:0").await?;
     let addr = l.local_addr()?;
     tokio::spawn(accept_loop(l, move |mut s| {
-        let mut b = [0u8; 16];
+        let mut b = [0u8; 24];
         b[..8].copy_from_slice(&count.load(Ordering::Relaxed).to_be_bytes());
-        b[8..].copy_from_slice(&open.load(Ordering::Relaxed).to_be_bytes());
+        b[8..16].copy_from_slice(&open.load(Ordering::Relaxed).to_be_bytes());
+        b[16..].copy_from_slice(&rfb_count.load(Ordering::Relaxed).to_be_bytes());
         tokio::spawn(async move {
             let _ = s.write_all(&b).await;
+        });
+    }));
+    Ok(addr)
+}
+
+/// The framebuffer the RFB targets announce.
+const RFB_WIDTH: u16 = 1024;
+const RFB_HEIGHT: u16 = 768;
+/// The side of the RFB source's square Raw rectangles: 128 × 128 pixels of
+/// 4 bytes, 64 KiB of pixel data per FramebufferUpdate.
+const RFB_TILE: u16 = 128;
+/// Distinct FramebufferUpdates the RFB source cycles through (4 MiB, more
+/// than a level-3 zstd window, so a recording cannot just point back at the
+/// previous copy).
+const RFB_POOL: usize = 64;
+
+/// What an RFB target does once the handshake is over.
+#[derive(Clone, Copy)]
+enum RfbMode {
+    /// FramebufferUpdates of one 128 × 128 Raw rectangle, as fast as the
+    /// connection takes them.
+    Source,
+    /// Reads and counts everything.
+    Sink,
+    /// Answers each 10-byte FramebufferUpdateRequest with a 20-byte
+    /// FramebufferUpdate of one 1 × 1 Raw rectangle.
+    Echo,
+}
+
+/// ServerInit: 1024 × 768, 32 bpp, depth 24, true colour, little-endian
+/// 0x00RRGGBB, named "bench".
+fn server_init() -> Vec<u8> {
+    let mut b = Vec::with_capacity(29);
+    b.extend_from_slice(&RFB_WIDTH.to_be_bytes());
+    b.extend_from_slice(&RFB_HEIGHT.to_be_bytes());
+    // bits-per-pixel, depth, big-endian, true-colour
+    b.extend_from_slice(&[32, 24, 0, 1]);
+    // red, green, blue max; red, green, blue shift; 3 padding bytes
+    for _ in 0..3 {
+        b.extend_from_slice(&255u16.to_be_bytes());
+    }
+    b.extend_from_slice(&[16, 8, 0, 0, 0, 0]);
+    b.extend_from_slice(&5u32.to_be_bytes());
+    b.extend_from_slice(b"bench");
+    b
+}
+
+/// The server's side of an RFB 3.8 handshake with security type None.
+async fn rfb_server_handshake(s: &mut TcpStream) -> std::io::Result<()> {
+    s.write_all(b"RFB 003.008\n").await?;
+    let mut version = [0u8; 12];
+    s.read_exact(&mut version).await?;
+    s.write_all(&[1, 1]).await?;
+    let mut choice = [0u8; 1];
+    s.read_exact(&mut choice).await?;
+    if choice[0] != 1 {
+        return Err(std::io::Error::other(
+            "security type other than None chosen",
+        ));
+    }
+    s.write_all(&0u32.to_be_bytes()).await?;
+    let mut client_init = [0u8; 1];
+    s.read_exact(&mut client_init).await?;
+    s.write_all(&server_init()).await
+}
+
+/// A FramebufferUpdate header with one rectangle, Raw.
+fn update_head(x: u16, y: u16, w: u16, h: u16) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[2..4].copy_from_slice(&1u16.to_be_bytes());
+    b[4..6].copy_from_slice(&x.to_be_bytes());
+    b[6..8].copy_from_slice(&y.to_be_bytes());
+    b[8..10].copy_from_slice(&w.to_be_bytes());
+    b[10..12].copy_from_slice(&h.to_be_bytes());
+    // encoding 0: Raw
+    b
+}
+
+/// The RFB source's updates: tiles across the screen, each pixel a random
+/// 24-bit colour (its padding byte zero), like an already-compressed
+/// encoding for a recording's compressor.
+fn source_pool() -> Vec<Vec<u8>> {
+    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+    let cols = RFB_WIDTH / RFB_TILE;
+    let rows = RFB_HEIGHT / RFB_TILE;
+    let px = usize::from(RFB_TILE) * usize::from(RFB_TILE);
+    (0..RFB_POOL)
+        .map(|i| {
+            let i = i as u16;
+            let (x, y) = ((i % cols) * RFB_TILE, ((i / cols) % rows) * RFB_TILE);
+            let mut m = Vec::with_capacity(16 + px * 4);
+            m.extend_from_slice(&update_head(x, y, RFB_TILE, RFB_TILE));
+            for _ in 0..px {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let c = (rng >> 20) as u32 & 0x00FF_FFFF;
+                m.extend_from_slice(&c.to_le_bytes());
+            }
+            m
+        })
+        .collect()
+}
+
+/// A VNC server that speaks RFB: the handshake, then `mode`. `count` is
+/// the sink's byte counter.
+async fn rfb_server(mode: RfbMode, count: Arc<AtomicU64>) -> anyhow::Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    let pool = Arc::new(match mode {
+        RfbMode::Source => source_pool(),
+        _ => Vec::new(),
+    });
+    tokio::spawn(accept_loop(l, move |mut s| {
+        let _ = s.set_nodelay(true);
+        let (count, pool) = (Arc::clone(&count), Arc::clone(&pool));
+        tokio::spawn(async move {
+            if rfb_server_handshake(&mut s).await.is_err() {
+                return;
+            }
+            match mode {
+                RfbMode::Source => {
+                    for m in pool.iter().cycle() {
+                        if s.write_all(m).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                RfbMode::Sink => {
+                    let mut buf = vec![0u8; 256 * 1024];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        count.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                }
+                RfbMode::Echo => {
+                    let mut answer = update_head(0, 0, 1, 1).to_vec();
+                    answer.extend_from_slice(&[0x33, 0x66, 0x99, 0]);
+                    let mut s = BufReader::new(s);
+                    let mut req = [0u8; 10];
+                    while s.read_exact(&mut req).await.is_ok() {
+                        if req[0] != 3 || s.get_mut().write_all(&answer).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
         });
     }));
     Ok(addr)
@@ -268,13 +428,17 @@ async fn stats_server(count: Arc<AtomicU64>, open: Arc<AtomicU64>) -> anyhow::Re
 async fn run_targets() -> anyhow::Result<()> {
     let count = Arc::new(AtomicU64::new(0));
     let open = Arc::new(AtomicU64::new(0));
+    let rfb_count = Arc::new(AtomicU64::new(0));
     let ports = [
         source_server().await?,
         sink_server(Arc::clone(&count)).await?,
         echo_server(false).await?,
         echo_server(true).await?,
         silent_server(Arc::clone(&open)).await?,
-        stats_server(count, open).await?,
+        stats_server(count, open, Arc::clone(&rfb_count)).await?,
+        rfb_server(RfbMode::Source, Arc::clone(&rfb_count)).await?,
+        rfb_server(RfbMode::Sink, Arc::clone(&rfb_count)).await?,
+        rfb_server(RfbMode::Echo, rfb_count).await?,
     ];
     let line: Vec<String> = ports.iter().map(|a| a.port().to_string()).collect();
     println!("ports {}", line.join(" "));
@@ -292,6 +456,9 @@ struct Targets {
     greet: SocketAddr,
     silent: SocketAddr,
     stats: SocketAddr,
+    rfb_source: SocketAddr,
+    rfb_sink: SocketAddr,
+    rfb_echo: SocketAddr,
 }
 
 impl Targets {
@@ -325,19 +492,32 @@ impl Targets {
             greet: at(3)?,
             silent: at(4)?,
             stats: at(5)?,
+            rfb_source: at(6)?,
+            rfb_sink: at(7)?,
+            rfb_echo: at(8)?,
             child,
         })
     }
 
     /// (bytes the sink received, silent connections open).
     async fn stats(&self) -> anyhow::Result<(u64, u64)> {
+        let b = self.all_stats().await?;
+        Ok((b[0], b[1]))
+    }
+
+    /// Bytes the RFB sink received past its handshakes.
+    async fn rfb_sunk(&self) -> anyhow::Result<u64> {
+        Ok(self.all_stats().await?[2])
+    }
+
+    async fn all_stats(&self) -> anyhow::Result<[u64; 3]> {
         let mut s = TcpStream::connect(self.stats).await?;
-        let mut b = [0u8; 16];
+        let mut b = [0u8; 24];
         s.read_exact(&mut b).await?;
-        Ok((
-            u64::from_be_bytes(b[..8].try_into()?),
-            u64::from_be_bytes(b[8..].try_into()?),
-        ))
+        let at = |i: usize| -> anyhow::Result<u64> {
+            Ok(u64::from_be_bytes(b[i * 8..i * 8 + 8].try_into()?))
+        };
+        Ok([at(0)?, at(1)?, at(2)?])
     }
 
     /// Waits until exactly `want` silent connections are open.
@@ -406,8 +586,21 @@ impl Broker {
         name: &str,
         level: &str,
     ) -> anyhow::Result<Broker> {
+        Broker::spawn_configured(bin, db, dir, name, level, "").await
+    }
+
+    /// The same, with `extra` (more TOML sections) after the bench's
+    /// configuration.
+    async fn spawn_configured(
+        bin: &Path,
+        db: &str,
+        dir: &Path,
+        name: &str,
+        level: &str,
+        extra: &str,
+    ) -> anyhow::Result<Broker> {
         let cfg = dir.join(format!("{name}.toml"));
-        std::fs::write(&cfg, BROKER_CONFIG)?;
+        std::fs::write(&cfg, format!("{BROKER_CONFIG}{extra}"))?;
         let log = dir.join(format!("{name}.log"));
         let mut cmd = std::process::Command::new(bin);
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--node-name", name])
@@ -894,12 +1087,47 @@ impl Ws {
         self.wr.write_all(masked_payload).await?;
         Ok(())
     }
+
+    /// Sends `data` in one binary frame, masking it here.
+    async fn send_plain(&mut self, data: &[u8]) -> anyhow::Result<()> {
+        self.send_masked(&mask(data)).await
+    }
+
+    /// Fills `out` from the payloads of the frames that arrive; what is
+    /// left of the last frame stays buffered.
+    async fn read_exact(&mut self, out: &mut [u8]) -> anyhow::Result<()> {
+        let mut got = 0;
+        while got < out.len() {
+            match self.fr.next().await? {
+                Ev::Data(a, b) => {
+                    let n = (b - a).min(out.len() - got);
+                    out[got..got + n].copy_from_slice(&self.fr.buf[a..a + n]);
+                    if b - a > n {
+                        self.fr.unread(b - a - n);
+                    }
+                    got += n;
+                }
+                Ev::Ping(_) => {}
+                Ev::Close(code, reason) => bail!("the broker closed the session: {code} {reason}"),
+                Ev::Eof => bail!("the broker closed the connection"),
+            }
+        }
+        Ok(())
+    }
 }
 
 const MASK: [u8; 4] = [0x37, 0xFA, 0x21, 0x3D];
 
 fn masked(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i as u8) ^ MASK[i % 4]).collect()
+}
+
+/// `data` masked with `MASK`, as a frame's payload goes on the wire.
+fn mask(data: &[u8]) -> Vec<u8> {
+    data.iter()
+        .enumerate()
+        .map(|(i, b)| b ^ MASK[i % 4])
+        .collect()
 }
 
 /// How a measurement reaches its target: straight over TCP, or through a
@@ -1479,6 +1707,9 @@ struct Report {
     rows: Vec<Row>,
     goals: Vec<Goal>,
     memory: Vec<Mem>,
+    /// The session-control table and what it says about itself.
+    session: Vec<ScRow>,
+    session_notes: Vec<String>,
     notes: Vec<String>,
     websockify_version: Option<String>,
     postgres_version: Option<String>,
@@ -1780,6 +2011,511 @@ async fn postgres_section(
     result
 }
 
+// ---------------------------------------------------------------- session control
+
+/// The session policies measured against the plain relay, each on VMs of
+/// its own on one broker.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Policy {
+    /// No password stored, no policy: relayed without looking at it.
+    Plain,
+    /// A VNC password stored: the proxy runs the security handshake and
+    /// follows (and counts) the browser's messages.
+    Password,
+    /// A view-only token on a VM with a stored password: input is dropped.
+    ViewOnly,
+    /// `--clipboard none`: the server's stream is parsed too.
+    ClipboardNone,
+    /// `--record yes`: what the browser receives is recorded.
+    Recorded,
+}
+
+impl Policy {
+    const ALL: [Policy; 5] = [
+        Policy::Plain,
+        Policy::Password,
+        Policy::ViewOnly,
+        Policy::ClipboardNone,
+        Policy::Recorded,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Policy::Plain => "plain relay",
+            Policy::Password => "password stored",
+            Policy::ViewOnly => "view-only token",
+            Policy::ClipboardNone => "clipboard none",
+            Policy::Recorded => "recorded",
+        }
+    }
+
+    /// Its VM for `mode` (0 source, 1 sink, 2 echo).
+    fn vm(self, mode: usize) -> i64 {
+        100 + 10 * self as i64 + mode as i64
+    }
+
+    fn password(self) -> bool {
+        matches!(self, Policy::Password | Policy::ViewOnly)
+    }
+}
+
+/// One line of the session-control table: a figure per policy, in
+/// [`Policy::ALL`]'s order.
+struct ScRow {
+    measure: String,
+    cells: Vec<String>,
+}
+
+/// A session-control broker: its VMs, and a token for each.
+struct ScBroker {
+    broker: Broker,
+    /// Tokens by policy and mode.
+    tokens: Vec<[String; 3]>,
+}
+
+impl ScBroker {
+    async fn start(bin: &Path, work: &Path, targets: &Targets) -> anyhow::Result<ScBroker> {
+        let rec_dir = work.join("recordings");
+        // A JSON string is a TOML basic string for any path.
+        let extra = format!(
+            "[recording]\ndir = {}\n",
+            serde_json::to_string(&rec_dir.to_string_lossy())?
+        );
+        let db = sqlite_url(&work.join("session-control.db"));
+        let broker = Broker::spawn_configured(
+            bin,
+            &db,
+            work,
+            "session-control",
+            &broker_log_level(),
+            &extra,
+        )
+        .await?;
+        broker.cli(
+            &["user", "add", "bench", "--admin", "--password-stdin"],
+            Some("benchpw"),
+        )?;
+        let mut tokens = Vec::new();
+        for p in Policy::ALL {
+            let mut mine: [String; 3] = Default::default();
+            for (mode, target) in [targets.rfb_source, targets.rfb_sink, targets.rfb_echo]
+                .into_iter()
+                .enumerate()
+            {
+                let (id, port) = (p.vm(mode).to_string(), target.port().to_string());
+                let mut args = testkit::broker::vm_add_args(&id, &port, "bench");
+                if p.password() {
+                    args.push("--password-stdin");
+                }
+                match p {
+                    Policy::ClipboardNone => args.extend(["--clipboard", "none"]),
+                    Policy::Recorded => args.extend(["--record", "yes"]),
+                    _ => {}
+                }
+                broker.cli(&args, p.password().then_some("benchvnc"))?;
+                let mut mint = vec!["token", "mint", &id, "--ttl", "86400"];
+                if p == Policy::ViewOnly {
+                    mint.push("--view-only");
+                }
+                let v: serde_json::Value = serde_json::from_str(&broker.cli(&mint, None)?)?;
+                mine[mode] = v["token"].as_str().context("token")?.to_owned();
+            }
+            tokens.push(mine);
+        }
+        Ok(ScBroker { broker, tokens })
+    }
+
+    fn token(&self, p: Policy, mode: usize) -> &str {
+        &self.tokens[p as usize][mode]
+    }
+
+    /// The session rows of `vm`, once every one has ended and its
+    /// recording is no longer being written (or after 15 s).
+    async fn ended_sessions(&self, vm: i64) -> anyhow::Result<Vec<serde_json::Value>> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let out = self.broker.cli(
+                &[
+                    "sessions",
+                    "--vm",
+                    &vm.to_string(),
+                    "--json",
+                    "--limit",
+                    "10000",
+                ],
+                None,
+            )?;
+            let rows: Vec<serde_json::Value> = serde_json::from_str(&out)?;
+            let live = rows.iter().any(|r| {
+                r["ended_at"].is_null() || r["recording_state"].as_str() == Some("recording")
+            });
+            if !live || Instant::now() > deadline {
+                return Ok(rows);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Connects through the broker and goes through the RFB handshake as a
+/// browser does (RFB 3.8, security type None, shared), up to the end of
+/// ServerInit.
+async fn rfb_connect(addr: SocketAddr, token: &str, cap: usize) -> anyhow::Result<Ws> {
+    let mut ws = Ws::connect(addr, token, cap).await?;
+    let mut version = [0u8; 12];
+    ws.read_exact(&mut version).await?;
+    if !version.starts_with(b"RFB 003.") {
+        bail!(
+            "not an RFB version: {:?}",
+            String::from_utf8_lossy(&version)
+        );
+    }
+    ws.send_plain(b"RFB 003.008\n").await?;
+    let mut n = [0u8; 1];
+    ws.read_exact(&mut n).await?;
+    let mut types = vec![0u8; usize::from(n[0])];
+    ws.read_exact(&mut types).await?;
+    if !types.contains(&1) {
+        bail!("security types {types:?} offered, None expected");
+    }
+    ws.send_plain(&[1]).await?;
+    let mut result = [0u8; 4];
+    ws.read_exact(&mut result).await?;
+    if result != [0; 4] {
+        bail!("SecurityResult {result:?}");
+    }
+    ws.send_plain(&[1]).await?;
+    let mut init = [0u8; 24];
+    ws.read_exact(&mut init).await?;
+    let name_len = u32::from_be_bytes(init[20..24].try_into()?) as usize;
+    if name_len > 4096 {
+        bail!("a desktop name of {name_len} bytes");
+    }
+    let mut name = vec![0u8; name_len];
+    ws.read_exact(&mut name).await?;
+    Ok(ws)
+}
+
+/// Bytes per second of FramebufferUpdates read from an RFB session.
+async fn rfb_download(addr: SocketAddr, token: &str, secs: f64) -> anyhow::Result<f64> {
+    let total = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (t, s, token) = (Arc::clone(&total), Arc::clone(&stop), token.to_owned());
+    let task = tokio::spawn(async move {
+        let mut ws = rfb_connect(addr, &token, 256 * 1024).await?;
+        while !s.load(Ordering::Relaxed) {
+            let n = ws.read_payload().await?;
+            if n == 0 {
+                bail!("the session ended while downloading");
+            }
+            t.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        anyhow::Ok(())
+    });
+    rate_of(&total, Duration::from_millis(200), secs, &stop, vec![task]).await
+}
+
+/// `len` bytes of whole PointerEvents moving across the screen.
+fn pointer_events(len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
+    for i in 0..len / 6 {
+        let (x, y) = ((i * 7 % 1024) as u16, (i * 5 % 768) as u16);
+        out.push(5);
+        out.push(0);
+        out.extend_from_slice(&x.to_be_bytes());
+        out.extend_from_slice(&y.to_be_bytes());
+    }
+    out
+}
+
+/// Messages of `msg` bytes of PointerEvents sent for `secs`: (bytes per
+/// second arriving at the RFB sink, bytes per second the client got off).
+async fn rfb_upload(
+    addr: SocketAddr,
+    token: &str,
+    targets: &Targets,
+    msg: usize,
+    secs: f64,
+) -> anyhow::Result<(f64, f64)> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let (st, se, token) = (Arc::clone(&stop), Arc::clone(&sent), token.to_owned());
+    let task = tokio::spawn(async move {
+        let mut ws = rfb_connect(addr, &token, 4096).await?;
+        let payload = mask(&pointer_events(msg));
+        while !st.load(Ordering::Relaxed) {
+            ws.send_masked(&payload).await?;
+            se.fetch_add(payload.len() as u64, Ordering::Relaxed);
+        }
+        anyhow::Ok(())
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t0 = Instant::now();
+    let (b0, s0) = (targets.rfb_sunk().await?, sent.load(Ordering::Relaxed));
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    let (b1, s1) = (targets.rfb_sunk().await?, sent.load(Ordering::Relaxed));
+    let took = t0.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    if task.is_finished() {
+        task.await??;
+    } else {
+        task.abort();
+    }
+    Ok(((b1 - b0) as f64 / took, (s1 - s0) as f64 / took))
+}
+
+/// Round trips of a FramebufferUpdateRequest (10 bytes) and its
+/// FramebufferUpdate (20 bytes), in microseconds.
+async fn rfb_round_trips(addr: SocketAddr, token: &str, count: usize) -> anyhow::Result<Vec<f64>> {
+    let mut ws = rfb_connect(addr, token, 4096).await?;
+    // Incremental, at (0, 0), 1 × 1.
+    let request = mask(&[3, 1, 0, 0, 0, 0, 0, 1, 0, 1]);
+    let mut answer = [0u8; 20];
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        let t = Instant::now();
+        ws.send_masked(&request).await?;
+        ws.read_exact(&mut answer).await?;
+        out.push(t.elapsed().as_secs_f64() * 1e6);
+        if answer[0] != 0 {
+            bail!(
+                "message type {} where a FramebufferUpdate was due",
+                answer[0]
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// How the recordings of `vm`'s sessions ended, as "2 of 3 complete, 1
+/// incomplete", and whether any stopped early.
+fn recording_summary(rows: &[serde_json::Value]) -> (String, bool) {
+    let state = |want: &str| {
+        rows.iter()
+            .filter(|r| r["recording_state"].as_str() == Some(want))
+            .count()
+    };
+    let (complete, incomplete) = (state("complete"), state("incomplete"));
+    let mut s = format!("{complete} of {} complete", rows.len());
+    if incomplete > 0 {
+        let _ = write!(s, ", {incomplete} incomplete (the writer fell behind)");
+    }
+    let other = rows.len() - complete - incomplete;
+    if other > 0 {
+        let _ = write!(s, ", {other} without a final state");
+    }
+    (s, complete < rows.len())
+}
+
+/// Each repetition's order of the policies: rotated by one every time, so
+/// none is always measured first.
+fn rotation(rep: usize) -> impl Iterator<Item = Policy> {
+    let n = Policy::ALL.len();
+    (0..n).map(move |i| Policy::ALL[(rep + i) % n])
+}
+
+/// A recorded session's figure, saying so when its recording stopped early
+/// (the rest of the session was relayed unrecorded).
+fn behind(fig: String, fell_behind: bool) -> String {
+    if fell_behind {
+        format!("{fig}; the recording fell behind and stopped")
+    } else {
+        fig
+    }
+}
+
+/// The session policies' cost against the plain relay: download, upload
+/// and round trips through one broker, each policy on VMs of its own, the
+/// repetitions interleaved across policies.
+async fn session_control_section(
+    rep: &mut Report,
+    sc: &Scale,
+    bin: &Path,
+    work: &Path,
+    targets: &Targets,
+) -> anyhow::Result<()> {
+    let scb = ScBroker::start(bin, work, targets).await?;
+    let addr = scb.broker.addr;
+    let (reps, secs) = (sc.reps, sc.secs);
+    let n = Policy::ALL.len();
+    let others = [Policy::ViewOnly, Policy::ClipboardNone, Policy::Recorded];
+    let times = |r: f64| format!("{r:.2}×");
+    // Recording outcomes per measure, for the notes.
+    let mut recorded = Vec::new();
+
+    // Download.
+    let mut down = vec![Vec::new(); n];
+    for r in 0..reps {
+        for p in rotation(r) {
+            down[p as usize].push(rfb_download(addr, scb.token(p, 0), secs).await?);
+        }
+    }
+    let down: Vec<f64> = down.iter_mut().map(|v| median(v)).collect();
+    let plain = down[0];
+    let (summary, down_behind) =
+        recording_summary(&scb.ended_sessions(Policy::Recorded.vm(0)).await?);
+    recorded.push(("download", summary));
+    rep.session.push(ScRow {
+        measure: "download, 1 connection, 128 × 128 Raw updates".into(),
+        cells: Policy::ALL
+            .iter()
+            .map(|&p| match p {
+                Policy::Plain => mib(plain),
+                _ => behind(
+                    format!(
+                        "{} ({})",
+                        mib(down[p as usize]),
+                        times(down[p as usize] / plain)
+                    ),
+                    p == Policy::Recorded && down_behind,
+                ),
+            })
+            .collect(),
+    });
+
+    // Upload.
+    let mut up_ratio = vec![Vec::new(); n];
+    for msg in [1020usize, 65532] {
+        let (mut arrived, mut sent) = (vec![Vec::new(); n], vec![Vec::new(); n]);
+        for r in 0..reps {
+            for p in rotation(r) {
+                let (a, s) = rfb_upload(addr, scb.token(p, 1), targets, msg, secs).await?;
+                arrived[p as usize].push(a);
+                sent[p as usize].push(s);
+            }
+        }
+        let arrived: Vec<f64> = arrived.iter_mut().map(|v| median(v)).collect();
+        let sent: Vec<f64> = sent.iter_mut().map(|v| median(v)).collect();
+        let plain = arrived[0];
+        let kib = if msg < 4096 { "1 KiB" } else { "64 KiB" };
+        rep.session.push(ScRow {
+            measure: format!("upload, {kib} messages of PointerEvents ({msg} bytes)"),
+            cells: Policy::ALL
+                .iter()
+                .map(|&p| {
+                    let i = p as usize;
+                    match p {
+                        Policy::Plain => mib(plain),
+                        Policy::ViewOnly => format!(
+                            "input dropped: {} taken from the browser, {} reached the VM",
+                            mib(sent[i]),
+                            mib(arrived[i])
+                        ),
+                        _ => format!("{} ({})", mib(arrived[i]), times(arrived[i] / plain)),
+                    }
+                })
+                .collect(),
+        });
+        for p in Policy::ALL {
+            up_ratio[p as usize].push((kib, arrived[p as usize] / plain));
+        }
+        if arrived[Policy::ViewOnly as usize] > 0.0 {
+            rep.notes.push(format!(
+                "Session control: {} of PointerEvents from a view-only session reached the VM ({kib} messages).",
+                mib(arrived[Policy::ViewOnly as usize])
+            ));
+        }
+    }
+    let (summary, up_behind) =
+        recording_summary(&scb.ended_sessions(Policy::Recorded.vm(1)).await?);
+    recorded.push(("upload", summary));
+    if up_behind {
+        for r in rep.session.iter_mut().rev().take(2) {
+            let c = &mut r.cells[Policy::Recorded as usize];
+            *c = behind(std::mem::take(c), true);
+        }
+    }
+    // The control session's rows count the input the proxy followed.
+    let rows = scb.ended_sessions(Policy::Password.vm(1)).await?;
+    let counted: u64 = rows
+        .iter()
+        .filter_map(|r| r["pointer_events"].as_u64())
+        .sum();
+
+    // Round trips: each policy's samples taken in interleaved slices.
+    let slice = (sc.rtt_count / reps).max(1);
+    let mut rtt = vec![Vec::new(); n];
+    for r in 0..reps {
+        for p in rotation(r) {
+            rtt[p as usize].extend(rfb_round_trips(addr, scb.token(p, 2), slice).await?);
+        }
+    }
+    let rtt: Vec<(f64, f64)> = rtt
+        .iter_mut()
+        .map(|v| (percentile(v, 0.5), percentile(v, 0.99)))
+        .collect();
+    let plain50 = rtt[0].0;
+    let (summary, rtt_behind) =
+        recording_summary(&scb.ended_sessions(Policy::Recorded.vm(2)).await?);
+    recorded.push(("round trip", summary));
+    rep.session.push(ScRow {
+        measure: "round trip, FramebufferUpdateRequest → 1 × 1 update (p50 / p99)".into(),
+        cells: Policy::ALL
+            .iter()
+            .map(|&p| {
+                let (p50, p99) = rtt[p as usize];
+                let fig = format!("{p50:.1} / {p99:.1} µs");
+                match p {
+                    Policy::Plain => fig,
+                    _ => behind(
+                        format!("{fig} ({} of plain's p50)", times(p50 / plain50)),
+                        p == Policy::Recorded && rtt_behind,
+                    ),
+                }
+            })
+            .collect(),
+    });
+
+    // The goals: each policy keeps 0.8× of the plain session.
+    for p in others {
+        let i = p as usize;
+        let d = down[i] / plain;
+        let recorded_here = |b: bool| p == Policy::Recorded && b;
+        rep.goals.push(goal(
+            &format!("{} session, download", p.label()),
+            "≥ 0.8× the plain session",
+            behind(times(d), recorded_here(down_behind)),
+            Some(d >= 0.8),
+        ));
+        if p != Policy::ViewOnly {
+            let figs: Vec<String> = up_ratio[i]
+                .iter()
+                .map(|(kib, r)| format!("{kib} {}", times(*r)))
+                .collect();
+            rep.goals.push(goal(
+                &format!("{} session, upload", p.label()),
+                "≥ 0.8× the plain session",
+                behind(figs.join(", "), recorded_here(up_behind)),
+                Some(up_ratio[i].iter().all(|(_, r)| *r >= 0.8)),
+            ));
+        }
+        let r = plain50 / rtt[i].0;
+        rep.goals.push(goal(
+            &format!("{} session, round trip", p.label()),
+            "≥ 0.8× the plain session (p50 at most 1.25× its time)",
+            behind(
+                format!("{} ({:.1} vs {:.1} µs)", times(r), rtt[i].0, plain50),
+                recorded_here(rtt_behind),
+            ),
+            Some(r >= 0.8),
+        ));
+    }
+    let shown: Vec<String> = recorded
+        .iter()
+        .map(|(what, s)| format!("{what}: {s}"))
+        .collect();
+    rep.session_notes.push(format!(
+        "Recordings of the recorded sessions, from their rows (`vncbroker sessions --json`, `recording_state`): {}.",
+        shown.join("; ")
+    ));
+    rep.session_notes.push(format!(
+        "The password-stored upload sessions' rows counted {} PointerEvents followed by the proxy.",
+        thousands(counted as usize)
+    ));
+    scb.broker.stop().await;
+    Ok(())
+}
+
 /// Broker RSS with idle sessions: one process, then two on one SQLite file.
 async fn idle_section(
     rep: &mut Report,
@@ -2030,6 +2766,15 @@ async fn run(opts: &Opts, work: &Path) -> anyhow::Result<()> {
     {
         rep.notes.push(format!("SQLite measurements failed: {e:#}"));
         failed.push(e);
+    }
+
+    if opts.runs("session-control") {
+        eprintln!("measuring the session policies against the plain relay");
+        if let Err(e) = session_control_section(&mut rep, &sc, &opts.broker, work, &targets).await {
+            rep.notes
+                .push(format!("Session-control measurements failed: {e:#}"));
+            failed.push(e);
+        }
     }
 
     if opts.runs("postgres") {
@@ -2299,6 +3044,26 @@ fn render(
             "| {} | {} | {} | {} | {} | {} |",
             r.measure, r.direct, r.websockify, r.broker, r.vs_direct, r.vs_websockify
         );
+    }
+    if !rep.session.is_empty() {
+        let _ = writeln!(md, "\n## Session control\n");
+        let _ = writeln!(
+            md,
+            "The session policies against the plain relay, all on one vncbroker, each on VMs of its own whose stand-in VNC servers speak RFB 3.8 (security type None; ServerInit 1024 × 768, 32 bpp). The bench's client does the browser's handshake through the proxy (RFB 3.8, None, shared ClientInit) before each measurement, then: download reads FramebufferUpdates of one 128 × 128 Raw rectangle (64 KiB of random 24-bit pixels, from a pool of 64 distinct updates) sent as fast as the connection takes them; upload sends masked messages of whole PointerEvents (1020 and 65532 bytes), counted at the VNC server; a round trip is one 10-byte FramebufferUpdateRequest answered by a 20-byte update of a 1 × 1 Raw rectangle. Plain relay: no password stored and no policy, relayed without looking at it (the VNC server and the client do the handshake between them). Password stored: the proxy runs the security handshake (picking None, the only type offered) and follows and counts the browser's messages. View-only token: a token minted with `--view-only` on a VM with a stored password; input is dropped, so its upload shows the rate at which the proxy took and dropped it. Clipboard none: `--clipboard none` (no password), so the server's stream is parsed too, to drop cut texts. Recorded: `--record yes` (no password) with a `[recording] dir` and the default 8 MiB queue; when the writer falls behind, the recording stops, is marked incomplete and the session goes on unrecorded, so a figure marked so is mostly that of the unrecorded relay (the recordings' states are below). Medians of {} interleaved repetition(s) of {:.1} s (the policies in turn, their order rotated at each repetition); round trips pool {} samples per policy. In brackets: the ratio to the plain relay (for round trips, the variant's p50 time over the plain relay's).\n",
+            sc.reps, sc.secs, sc.rtt_count
+        );
+        let _ = write!(md, "| measure |");
+        for p in Policy::ALL {
+            let _ = write!(md, " {} |", p.label());
+        }
+        let _ = writeln!(md, "\n|---|---|---|---|---|---|");
+        for r in &rep.session {
+            let _ = writeln!(md, "| {} | {} |", r.measure, r.cells.join(" | "));
+        }
+        let _ = writeln!(md);
+        for n in &rep.session_notes {
+            let _ = writeln!(md, "- {n}");
+        }
     }
     let _ = writeln!(md, "\n## Memory with idle sessions\n");
     let _ = writeln!(
