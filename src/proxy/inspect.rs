@@ -204,3 +204,64 @@ pub fn audit(up: &Upstream, down: &Downstream) -> Audit {
         clipboard_bytes_from_vm: output.map(|o| o.clipboard_bytes_from_vm),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Clipboard;
+
+    #[test]
+    fn each_side_follows_only_what_the_policy_needs() {
+        let viewer = SessionPolicy {
+            view_only: true,
+            ..SessionPolicy::default()
+        };
+        let (mut up, mut down) = sides(&viewer, 1024, None, false);
+        assert!(
+            down.filter.is_none(),
+            "a viewer's server stream is not parsed"
+        );
+        // ClientInit forced shared, then a key event and a screen request.
+        let mut input = vec![0u8, 4, 1, 0, 0, 0, 0, 0, 0x61];
+        input.extend_from_slice(&[3, 0, 0, 0, 0, 0, 0, 16, 0, 16]);
+        assert_eq!(
+            up.pass(&input).unwrap(),
+            [1, 3, 0, 0, 0, 0, 0, 0, 16, 0, 16]
+        );
+        // Anything from the server passes untouched, whatever it is.
+        assert_eq!(down.pass(b"\xffnot rfb").unwrap(), b"\xffnot rfb");
+        let seen = audit(&up, &down);
+        assert_eq!(seen.key_events, 0);
+        assert_eq!(seen.clipboard_bytes_from_vm, None);
+
+        let blocked = SessionPolicy {
+            clipboard: Clipboard::ToVm,
+            ..SessionPolicy::default()
+        };
+        let (mut up, mut down) = sides(&blocked, 1024, None, false);
+        assert!(down.filter.is_some());
+        // The browser's pixel format reaches the server parser: a 16 bpp
+        // raw 1x1 rectangle is 2 bytes.
+        let mut pf = vec![
+            0u8, 0, 0, 0, 16, 16, 0, 1, 0, 31, 0, 63, 0, 31, 11, 5, 0, 0, 0, 0,
+        ];
+        pf.insert(0, 1); // ClientInit first
+        up.pass(&pf).unwrap();
+        let mut init = vec![
+            0, 1, 0, 1, 32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16, 8, 0, 0, 0, 0,
+        ];
+        init.extend_from_slice(&0u32.to_be_bytes());
+        let mut update = vec![0u8, 0, 0, 1, 0, 0, 0, 0, 0, 1, 0, 1, 0, 0, 0, 0, 7, 7];
+        let cut = [3u8, 0, 0, 0, 0, 0, 0, 2, b'h', b'i'];
+        update.extend_from_slice(&cut);
+        update.push(2); // Bell: still in sync after the 2-byte pixel
+        let mut all = init.clone();
+        all.extend_from_slice(&update);
+        let out = down.pass(&all).unwrap().to_vec();
+        let mut expected = init;
+        expected.extend_from_slice(&update[..18]);
+        expected.push(2);
+        assert_eq!(out, expected, "the cut text from the VM is gone");
+        assert_eq!(audit(&up, &down).clipboard_bytes_from_vm, Some(0));
+    }
+}

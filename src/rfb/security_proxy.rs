@@ -544,6 +544,39 @@ mod tests {
     }
 
     #[test]
+    fn without_a_password_only_a_server_that_asks_for_none_will_do() {
+        // Offered None as well: None is chosen, and the browser goes on.
+        let mut p = SecurityProxy::without_password();
+        p.feed_server(V8).unwrap();
+        assert_eq!(p.take_to_server(), V8);
+        p.feed_client(V8).unwrap();
+        p.feed_server(&[2, 2, 1]).unwrap();
+        assert_eq!(p.take_to_server(), [1]);
+        p.feed_server(OK).unwrap();
+        p.feed_client(&[1]).unwrap();
+        assert!(p.is_done());
+        // Only VNC Authentication: refused, saying why, in 3.8 and 3.3.
+        let mut p = SecurityProxy::without_password();
+        p.feed_server(V8).unwrap();
+        assert_eq!(p.feed_server(&[1, 2]), Err(RfbError::PasswordNeeded));
+        let mut p = SecurityProxy::without_password();
+        p.feed_server(V3).unwrap();
+        assert_eq!(p.feed_server(&[0, 0, 0, 2]), Err(RfbError::PasswordNeeded));
+        assert!(
+            RfbError::PasswordNeeded
+                .to_string()
+                .contains("password stored")
+        );
+        // Neither: the usual error.
+        let mut p = SecurityProxy::without_password();
+        p.feed_server(V8).unwrap();
+        assert!(matches!(
+            p.feed_server(&[1, 19]),
+            Err(RfbError::NoCommonSecurityType { .. })
+        ));
+    }
+
+    #[test]
     fn happy_path_38_server_38_client() {
         let o = run(PW, &happy_88());
         assert_eq!(o.result, Ok(()));
