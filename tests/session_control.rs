@@ -606,3 +606,111 @@ async fn a_full_disk_ends_a_required_recording_and_marks_an_optional_one_incompl
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_followed_session_rewrites_encodings_and_ends_on_messages_it_cannot_parse() {
+    let xvnc = Xvnc::start(XVNC_PW);
+    let broker = Broker::start("");
+    broker.add_vm(6, xvnc.port, Some(XVNC_PW));
+    broker.cli(&["vm", "set", "6", "--clipboard", "to-vm"], None);
+
+    // What noVNC asks for, including encodings the proxy does not follow
+    // (JPEG, the VMware cursor, ExtendedMouseButtons). TigerVNC would use
+    // its VMware cursor if asked; the session surviving screen updates
+    // shows the request was rewritten.
+    let t = broker.mint_default(6).await;
+    let mut ws = broker.ws_token(&t.token).await;
+    handshake_shared(&mut ws, 1).await.unwrap();
+    let encodings: [i32; 12] = [1, 7, -260, 16, 21, 5, 0, -239, 0x574d5664, -316, -223, -308];
+    let mut set = vec![2, 0];
+    set.extend_from_slice(&(encodings.len() as u16).to_be_bytes());
+    for e in encodings {
+        set.extend_from_slice(&e.to_be_bytes());
+    }
+    ws.send(&set).await.unwrap();
+    for incremental in [0u8, 1, 1] {
+        ws.send(&[3, incremental, 0, 0, 0, 0, 0x03, 0x20, 0x02, 0x58])
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Still alive: a paste goes through.
+    ws.send(&client_cut_text("still-here")).await.unwrap();
+    poll_until("the paste after the screen updates", STEP, || {
+        (x_clipboard(&xvnc) == "still-here").then_some(())
+    })
+    .await;
+
+    // A message type that does not exist ends the session with 1002.
+    ws.send(&[77, 1, 2, 3]).await.unwrap();
+    let (code, reason) = ws.expect_close(STEP).await;
+    assert_eq!(code, 1002, "{reason}");
+    assert!(reason.contains("unknown RFB message type 77"), "{reason}");
+    let rows = broker.ended_sessions(1).await;
+    let reason = rows[0].close_reason.clone().unwrap_or_default();
+    assert!(reason.contains("client RFB error"), "{reason}");
+}
+
+/// A VNC server without authentication whose screen update is in an
+/// encoding nobody asked for: the proxy must end the session rather than
+/// lose track of the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vnc_server_that_sends_what_the_proxy_cannot_follow_is_cut_off_with_4500() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = TinyServer::start(|mut s| async move {
+        let _ = s.write_all(b"RFB 003.008\n").await;
+        let mut buf = [0u8; 64];
+        let _ = s.read_exact(&mut buf[..12]).await;
+        let _ = s.write_all(&[1, 1]).await;
+        let _ = s.read_exact(&mut buf[..1]).await;
+        let _ = s.write_all(&[0, 0, 0, 0]).await;
+        let _ = s.read_exact(&mut buf[..1]).await; // ClientInit
+        let mut init = vec![
+            0x02, 0x80, 0x01, 0xe0, 32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16, 8, 0, 0, 0, 0,
+        ];
+        init.extend_from_slice(&4u32.to_be_bytes());
+        init.extend_from_slice(b"fake");
+        let _ = s.write_all(&init).await;
+        // One rectangle in encoding 21 (JPEG), which has no length field.
+        let _ = s
+            .write_all(&[
+                0, 0, 0, 1, 0, 0, 0, 0, 0, 16, 0, 16, 0, 0, 0, 21, 0xff, 0xd8,
+            ])
+            .await;
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+    let broker = Broker::start("");
+    broker.add_vm(7, server.port, None);
+    broker.cli(&["vm", "set", "7", "--clipboard", "none"], None);
+    let t = broker.mint_default(7).await;
+    let mut ws = broker.ws_token(&t.token).await;
+    handshake_shared(&mut ws, 1).await.unwrap();
+    let (code, reason) = ws.expect_close(STEP).await;
+    assert_eq!(code, 4500, "{reason}");
+    assert!(reason.contains("encoding 21 (JPEG)"), "{reason}");
+    let rows = broker.ended_sessions(1).await;
+    let reason = rows[0].close_reason.clone().unwrap_or_default();
+    assert!(reason.contains("server RFB error"), "{reason}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_session_to_a_server_that_wants_a_password_needs_it_stored() {
+    let xvnc = Xvnc::start(XVNC_PW);
+    let broker = Broker::start("");
+    broker.add_vm(8, xvnc.port, None);
+    let viewer = broker.mint_view_only(8).await;
+    let mut ws = broker.ws_token(&viewer.token).await;
+    let (code, reason) = ws.expect_close(STEP).await;
+    assert_eq!(code, 4500, "{reason}");
+    assert!(reason.contains("password"), "{reason}");
+    // Without a rule to enforce, the browser's own handshake passes as ever.
+    let t = broker.mint_default(8).await;
+    let mut ws = broker.ws_token(&t.token).await;
+    assert_eq!(ws.read_exact(12).await.unwrap(), b"RFB 003.008\n");
+    ws.close_normal().await;
+}

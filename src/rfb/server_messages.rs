@@ -666,7 +666,11 @@ impl ServerFilter {
                     out.push(3);
                     out.extend_from_slice(&head);
                     out.extend_from_slice(&h[..4]);
-                    if provide { Body::Clipboard } else { Body::Forward }
+                    if provide {
+                        Body::Clipboard
+                    } else {
+                        Body::Forward
+                    }
                 } else {
                     if provide {
                         self.counts.dropped_clipboard += 1;
@@ -1197,7 +1201,10 @@ mod tests {
             assert_eq!(counts.clipboard_bytes_from_vm, 3, "chunk {chunk}");
             let (out, counts, _, _) = run(BLOCK, &data, chunk);
             assert_eq!(out, init(1, 1, RGB16, b""), "chunk {chunk}");
-            assert_eq!(counts.dropped_clipboard, 1, "chunk {chunk}: the provide only");
+            assert_eq!(
+                counts.dropped_clipboard, 1,
+                "chunk {chunk}: the provide only"
+            );
         }
     }
 
