@@ -347,9 +347,13 @@ impl TokenService {
         Ok(done)
     }
 
-    /// Ends one live session on whichever node runs it: admins may end any,
-    /// a user their own.
-    pub async fn end_session(&self, cred: &Credential, id: i64) -> Result<Revoked, ServiceError> {
+    /// The caller and session `id`, if the caller may see it: admins see
+    /// every session, a user their own.
+    async fn visible_session(
+        &self,
+        cred: &Credential,
+        id: i64,
+    ) -> Result<(crate::inventory::Principal, SessionRecord), ServiceError> {
         let who = self.inventory.authenticate(cred).await?;
         let record = self
             .log
@@ -357,6 +361,13 @@ impl TokenService {
             .await?
             .filter(|s| who.admin || s.user == who.name)
             .ok_or(ServiceError::NoSuchSession(id))?;
+        Ok((who, record))
+    }
+
+    /// Ends one live session on whichever node runs it: admins may end any,
+    /// a user their own.
+    pub async fn end_session(&self, cred: &Credential, id: i64) -> Result<Revoked, ServiceError> {
+        let (who, record) = self.visible_session(cred, id).await?;
         if record.ended_at.is_some() {
             return Err(ServiceError::SessionOver(id));
         }
@@ -478,13 +489,7 @@ impl TokenService {
         cred: &Credential,
         id: i64,
     ) -> Result<std::path::PathBuf, ServiceError> {
-        let who = self.inventory.authenticate(cred).await?;
-        let record = self
-            .log
-            .session(id)
-            .await?
-            .filter(|s| who.admin || s.user == who.name)
-            .ok_or(ServiceError::NoSuchSession(id))?;
+        let (who, record) = self.visible_session(cred, id).await?;
         let rec = self.recordings();
         if !who.admin && !rec.owner_can_view {
             return Err(ServiceError::NotAllowed(format!(

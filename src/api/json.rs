@@ -191,14 +191,23 @@ fn settle<T>(attempt: Attempt, result: &Result<T, ServiceError>) {
     }
 }
 
-fn vm_id(raw: &str) -> Result<i64, ApiError> {
+/// An id in the path (`what`: "VM", "session"), or a 400 saying so.
+fn path_id(raw: &str, what: &str) -> Result<i64, ApiError> {
     raw.parse::<i64>().map_err(|_| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "bad_request",
-            "the VM id must be an integer",
+            format!("the {what} id must be an integer"),
         )
     })
+}
+
+fn vm_id(raw: &str) -> Result<i64, ApiError> {
+    path_id(raw, "VM")
+}
+
+fn session_id(raw: &str) -> Result<i64, ApiError> {
+    path_id(raw, "session")
 }
 
 pub async fn mint(
@@ -266,13 +275,7 @@ pub async fn end_session(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let id: i64 = id.parse().map_err(|_| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "the session id must be an integer",
-        )
-    })?;
+    let id = session_id(&id)?;
     let (cred, attempt, ip) = login(&state, peer, &headers).await?;
     let done = crate::auth::CLIENT
         .scope(ip, state.service.end_session(&cred, id))
@@ -319,16 +322,6 @@ pub async fn sessions(
         .await;
     settle(attempt, &list);
     Ok(Json(json!({ "sessions": list? })).into_response())
-}
-
-fn session_id(id: &str) -> Result<i64, ApiError> {
-    id.parse().map_err(|_| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "the session id must be an integer",
-        )
-    })
 }
 
 /// `GET /api/v1/sessions/{id}/recording`: the recording file as written

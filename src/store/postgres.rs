@@ -770,6 +770,16 @@ impl TokenStore for PgStore {
 impl SessionLog for PgStore {
     async fn open_session(&self, s: &NewSession) -> Result<Opened, StoreError> {
         let recording = s.recording.then_some(RecordingState::Recording.as_str());
+        let row: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
+            &s.token_id,
+            &s.vm_id,
+            &s.user_name,
+            &s.client_addr,
+            &s.node,
+            &s.started_at,
+            &s.view_only,
+            &recording,
+        ];
         with_conn!(self, |c| {
             if s.exclusive && !s.view_only {
                 // The VM's lock serialises the check and the insert of
@@ -793,46 +803,19 @@ impl SessionLog for PgStore {
                 if taken {
                     return Ok(Opened::ControlTaken);
                 }
-                let row = tx
-                    .query_one(
-                        sql::INSERT_SESSION_RETURNING_ID,
-                        &[
-                            &s.token_id,
-                            &s.vm_id,
-                            &s.user_name,
-                            &s.client_addr,
-                            &s.node,
-                            &s.started_at,
-                            &s.view_only,
-                            &recording,
-                        ],
-                    )
+                let id = tx
+                    .query_one(sql::INSERT_SESSION_RETURNING_ID, &row)
                     .await
                     .map_err(pg_err)?;
                 tx.commit().await.map_err(pg_err)?;
-                return Ok(Opened::Session(row.get(0)));
+                return Ok(Opened::Session(id.get(0)));
             }
             let st = c
                 .prepare_cached(sql::INSERT_SESSION_RETURNING_ID)
                 .await
                 .map_err(pg_err)?;
-            let row = c
-                .query_one(
-                    &st,
-                    &[
-                        &s.token_id,
-                        &s.vm_id,
-                        &s.user_name,
-                        &s.client_addr,
-                        &s.node,
-                        &s.started_at,
-                        &s.view_only,
-                        &recording,
-                    ],
-                )
-                .await
-                .map_err(pg_err)?;
-            Ok(Opened::Session(row.get(0)))
+            let id = c.query_one(&st, &row).await.map_err(pg_err)?;
+            Ok(Opened::Session(id.get(0)))
         })
     }
 

@@ -61,6 +61,8 @@ macro_rules! backend_tests {
 }
 
 backend_tests!(
+    an_exclusive_vm_takes_one_control_session_from_any_node,
+    policies_and_audit_are_kept,
     duplicate_token_hash_is_a_conflict,
     redemption_rules,
     single_use_race_has_one_winner,
@@ -1020,4 +1022,156 @@ async fn sqlite_has_no_revocation_signal() {
     assert!(f.store.revocation_signal().is_none());
     let pg = postgres_fixture().await;
     assert!(pg.store.revocation_signal().is_some());
+}
+
+async fn an_exclusive_vm_takes_one_control_session_from_any_node(f: Fixture) {
+    let s = &*f.store;
+    let other = open(&f.url).await.unwrap();
+    let control = NewSession {
+        exclusive: true,
+        ..session(7, "alice", "n1", 10)
+    };
+    let first = s.open_session(&control).await.unwrap();
+    assert!(matches!(first, Opened::Session(_)));
+    // Another node, another user: still taken.
+    let bob = NewSession {
+        user_name: "bob".into(),
+        node: "n2".into(),
+        ..control.clone()
+    };
+    assert_eq!(
+        other.open_session(&bob).await.unwrap(),
+        Opened::ControlTaken
+    );
+    // Viewers always join; another VM is not concerned.
+    let viewer = NewSession {
+        view_only: true,
+        ..bob.clone()
+    };
+    assert!(other.open_session(&viewer).await.unwrap().id().is_some());
+    let elsewhere = NewSession {
+        vm_id: 8,
+        ..bob.clone()
+    };
+    assert!(other.open_session(&elsewhere).await.unwrap().id().is_some());
+    // Once the first ends, control is free, and of many nodes racing for
+    // it exactly one wins.
+    let end = SessionEnd {
+        ended_at: 20,
+        bytes_to_client: 0,
+        bytes_to_server: 0,
+        reason: "client closed".into(),
+        audit: None,
+        recording: None,
+    };
+    s.close_session(first.id().unwrap(), &end).await.unwrap();
+    let stores: Vec<Arc<dyn Store>> = vec![Arc::clone(&f.store), other];
+    let mut racers = Vec::new();
+    for i in 0..8 {
+        let store = Arc::clone(&stores[i % 2]);
+        let open = NewSession {
+            node: format!("n{i}"),
+            ..control.clone()
+        };
+        racers.push(tokio::spawn(async move {
+            store.open_session(&open).await.unwrap()
+        }));
+    }
+    let mut won = 0;
+    for r in racers {
+        if r.await.unwrap().id().is_some() {
+            won += 1;
+        }
+    }
+    assert_eq!(won, 1, "exactly one control session opens");
+}
+
+async fn policies_and_audit_are_kept(f: Fixture) {
+    use crate::policy::{Clipboard, Control};
+    let s = &*f.store;
+    let policy = SessionPolicy {
+        view_only: true,
+        exclusive: true,
+        clipboard: Clipboard::FromVm,
+        record: true,
+    };
+    s.insert_token(&NewToken {
+        policy,
+        ..token("policy-token", 7, i64::MAX)
+    })
+    .await
+    .unwrap();
+    let r = s
+        .redeem(&hash_token("policy-token"), 1)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.policy, policy);
+
+    s.add_user("alice", "h", false).await.unwrap();
+    let mut v = vm(7, "alice", &[]);
+    v.policy = VmPolicy {
+        control: Some(Control::Exclusive),
+        clipboard: None,
+        record: Some(false),
+    };
+    s.add_vm(&v).await.unwrap();
+    assert_eq!(s.vm(7).await.unwrap().unwrap().policy, v.policy);
+    v.policy.clipboard = Some(Clipboard::None);
+    v.policy.control = None;
+    // A new policy is no new console: nothing is revoked.
+    assert_eq!(s.update_vm(&v).await.unwrap(), Some(Revoked::default()));
+    assert_eq!(s.vm(7).await.unwrap().unwrap().policy, v.policy);
+
+    let recorded = NewSession {
+        view_only: true,
+        recording: true,
+        ..session(7, "alice", "n1", 10)
+    };
+    let id = s.open_session(&recorded).await.unwrap().id().unwrap();
+    let live = s.session(id).await.unwrap().unwrap();
+    assert!(live.view_only && live.recording);
+    assert_eq!(live.recording_state, Some(RecordingState::Recording));
+    assert_eq!(live.key_events, None);
+    let audit = Audit {
+        key_events: 3,
+        pointer_events: 4,
+        clipboard_bytes_to_vm: 5,
+        clipboard_bytes_from_vm: None,
+    };
+    s.close_session(
+        id,
+        &SessionEnd {
+            ended_at: 20,
+            bytes_to_client: 1,
+            bytes_to_server: 2,
+            reason: "client closed".into(),
+            audit: Some(audit),
+            recording: Some(RecordingState::Complete),
+        },
+    )
+    .await
+    .unwrap();
+    let done = s.session(id).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            done.key_events,
+            done.pointer_events,
+            done.clipboard_bytes_to_vm
+        ),
+        (Some(3), Some(4), Some(5))
+    );
+    assert_eq!(done.clipboard_bytes_from_vm, None);
+    assert_eq!(done.recording_state, Some(RecordingState::Complete));
+    // A recording a node left running when it died is incomplete.
+    let left = s.open_session(&recorded).await.unwrap().id().unwrap();
+    s.close_orphaned_sessions("n1", 30).await.unwrap();
+    let orphan = s.session(left).await.unwrap().unwrap();
+    assert_eq!(orphan.recording_state, Some(RecordingState::Incomplete));
+    // The live filter lists only what is live.
+    let live_only = SessionFilter {
+        live: true,
+        ..filter(10)
+    };
+    assert!(s.sessions(&live_only).await.unwrap().is_empty());
 }

@@ -4,7 +4,7 @@
 // Usage: node tests/browser/console_canvas.mjs URL SCREENSHOT.png CANVAS.png [settle-ms] [timeout-ms]
 // Prints one JSON line: {"state", "status", "canvas": {w, h}, "nonBlank", "saved"}
 import { writeFileSync } from 'node:fs';
-import { chromium } from 'playwright-core';
+import { launch, openPage, screenPainted } from './common.mjs';
 
 const [url, shot, canvasPng, settleArg = '2000', timeoutArg = '20000'] = process.argv.slice(2);
 if (!url || !shot || !canvasPng) {
@@ -12,32 +12,15 @@ if (!url || !shot || !canvasPng) {
   process.exit(2);
 }
 const timeout = Number(timeoutArg);
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-         '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-});
+const browser = await launch();
 let result = {};
 try {
-  const page = await browser.newPage({ viewport: { width: 1024, height: 700 } });
-  const logs = [];
-  page.on('console', (m) => logs.push(m.type() + ': ' + m.text()));
-  page.on('pageerror', (e) => logs.push('pageerror: ' + e.message));
+  const { page, logs } = await openPage(browser);
   await page.goto(url);
   try {
     await page.waitForFunction(() => document.body.dataset.state === 'connected', null, { timeout });
   } catch (_) { /* reported below */ }
-  const canvasPainted = () => {
-    const c = document.querySelector('#screen canvas');
-    if (!c || !c.width || !c.height) return false;
-    try {
-      const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-      for (let i = 0; i < d.length; i += 4) {
-        if (d[i] || d[i + 1] || d[i + 2]) return true;
-      }
-    } catch (_) { /* unreadable canvas counts as blank */ }
-    return false;
-  };
+  const canvasPainted = screenPainted;
   result.saved = false;
   if (await page.evaluate(() => document.body.dataset.state) === 'connected') {
     try {

@@ -6,7 +6,7 @@
 // "connected" means <html> has the noVNC_connected class or #noVNC_status
 // says "Connected"; once connected it also waits (same timeout) for a
 // non-black pixel on the canvas.
-import { chromium } from 'playwright-core';
+import { launch, openPage } from './common.mjs';
 
 const [url, shot, timeoutArg = '20000'] = process.argv.slice(2);
 if (!url || !shot) {
@@ -14,17 +14,10 @@ if (!url || !shot) {
   process.exit(2);
 }
 const timeout = Number(timeoutArg);
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-         '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-});
+const browser = await launch();
 let result = {};
 try {
-  const page = await browser.newPage({ viewport: { width: 1024, height: 700 } });
-  const logs = [];
-  page.on('console', (m) => logs.push(m.type() + ': ' + m.text()));
-  page.on('pageerror', (e) => logs.push('pageerror: ' + e.message));
+  const { page, logs } = await openPage(browser);
   await page.goto(url);
   const isConnected = () => {
     if (document.documentElement.classList.contains('noVNC_connected')) return true;

@@ -12,7 +12,7 @@
 // pixels. A comparison is retried for a few
 // seconds while pixels still differ, as noVNC may still be drawing.
 import { readFileSync, writeFileSync } from 'node:fs';
-import { chromium } from 'playwright-core';
+import { launch, openPage } from './common.mjs';
 
 const [url, refPng, shot, canvasPng, timeoutArg = '20000'] = process.argv.slice(2);
 if (!url || !refPng || !shot || !canvasPng) {
@@ -69,17 +69,10 @@ async function compare(ref) {
   return out;
 }
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-         '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-});
+const browser = await launch();
 let result = {};
 try {
-  const page = await browser.newPage({ viewport: { width: 1024, height: 760 } });
-  const logs = [];
-  page.on('console', (m) => logs.push(m.type() + ': ' + m.text()));
-  page.on('pageerror', (e) => logs.push('pageerror: ' + e.message));
+  const { page, logs } = await openPage(browser, 760);
   await page.addInitScript(watchStates);
   await page.goto(url);
   // Compares until nothing differs, for up to 5 s; the last comparison.
