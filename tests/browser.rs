@@ -800,3 +800,54 @@ async fn a_recorded_qemu_session_replays_the_same_screen_in_chromium() {
     assert_eq!(r["afterSeekStart"]["position"], 0, "{r:#}");
     assert_eq!(r["afterSeekEnd"]["state"], "ended", "{r:#}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typing_reaches_an_xvnc_desktop_by_keyboard_and_by_type_text() {
+    let xvnc = Xvnc::start(QEMU_PW);
+    let typewriter = Typewriter::start(&xvnc);
+    typewriter.wait_for_window(&xvnc).await;
+    let broker = Broker::start("");
+    broker.add_vm(1, xvnc.port, Some(QEMU_PW));
+    let t = broker.mint_default(1).await;
+    let png = shot("console-type-text.png");
+    // Letters, digits, capitals, punctuation, a tab, a Latin-1 letter and
+    // a second line: what a pasted command looks like.
+    let panel_text = "echo Typed-By-Panel 42;\tok\u{e9}\nsecond line";
+    let r = run_node(
+        "type_text.mjs",
+        &[
+            &t.url,
+            png.to_str().unwrap(),
+            "keyboardtyping",
+            panel_text,
+            &PAGE_TIMEOUT_MS.to_string(),
+        ],
+    )
+    .await;
+    assert!(r["error"].is_null(), "{r:#}");
+    assert_eq!(r["state"], "connected", "{r:#}");
+    assert_eq!(r["typeToggle"]["hidden"], false, "{r:#}");
+    assert_eq!(r["progressState"], "done", "{r:#}");
+    assert_eq!(
+        r["progress"],
+        format!("Typed {0} of {0} characters", panel_text.chars().count()),
+        "{r:#}"
+    );
+    assert_eq!(r["tooLongState"], "refused", "{r:#}");
+    assert!(
+        r["tooLong"].as_str().unwrap().contains("at most 10000"),
+        "{r:#}"
+    );
+    // The panel's text ends without a newline: the xterm's shell has the
+    // first two lines; the last one is still in its line buffer.
+    poll_until("the typed lines in the xterm", STEP, || {
+        let typed = typewriter.typed();
+        (typed.contains("keyboardtyping\n") && typed.contains("Typed-By-Panel")).then_some(typed)
+    })
+    .await;
+    let typed = typewriter.typed();
+    assert_eq!(
+        typed, "keyboardtyping\necho Typed-By-Panel 42;\tok\u{e9}\n",
+        "what the xterm read"
+    );
+}

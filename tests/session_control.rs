@@ -16,65 +16,6 @@ use testkit::*;
 const XVNC_PW: &str = "sc7Pw3Xq";
 const QEMU_PW: &str = "qc4Rw8Lm";
 
-/// An xterm on the Xvnc desktop whose shell writes every line it reads to
-/// a file: what reaches the desktop's keyboard ends up there.
-struct Typewriter {
-    child: Child,
-    out: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Typewriter {
-    fn start(xvnc: &Xvnc) -> Typewriter {
-        let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("typed.txt");
-        let child = Command::new("xterm")
-            .args(["-display", &format!(":{}", xvnc.display)])
-            .args(["-geometry", "120x44+0+0", "-e", "sh", "-c"])
-            .arg(format!("exec cat > '{}'", out.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting xterm");
-        Typewriter {
-            child,
-            out,
-            _dir: dir,
-        }
-    }
-
-    /// Waits until the xterm's window is on the desktop.
-    async fn wait_for_window(&self, xvnc: &Xvnc) {
-        let display = format!(":{}", xvnc.display);
-        poll_until("the xterm window", STEP, || {
-            let out = Command::new("xwininfo")
-                .args(["-display", &display, "-root", "-tree"])
-                .output()
-                .ok()?;
-            String::from_utf8_lossy(&out.stdout)
-                .contains("XTerm")
-                .then_some(())
-        })
-        .await;
-        // Its shell has started once the output file exists.
-        poll_until("the xterm's shell", STEP, || {
-            self.out.exists().then_some(())
-        })
-        .await;
-    }
-
-    fn typed(&self) -> String {
-        std::fs::read_to_string(&self.out).unwrap_or_default()
-    }
-}
-
-impl Drop for Typewriter {
-    fn drop(&mut self) {
-        stop_child(&mut self.child, Duration::from_secs(3));
-    }
-}
-
 fn key(keysym: u32, down: bool) -> Vec<u8> {
     let mut m = vec![4, u8::from(down), 0, 0];
     m.extend_from_slice(&keysym.to_be_bytes());

@@ -1,12 +1,15 @@
 // The console page: opens the VM console for the token in the URL through
 // the broker's WebSocket proxy, with noVNC's RFB module.
 import RFB from '/novnc/1.7.0/core/rfb.js';
+import { setupTypePanel } from '/static/typing.js';
 
 const statusEl = document.getElementById('status');
 const cadButton = document.getElementById('cad');
 const fullscreenButton = document.getElementById('fullscreen');
 const screen = document.getElementById('screen');
 const modeEl = document.getElementById('mode');
+let liveRfb = null;
+const typePanel = setupTypePanel(() => liveRfb);
 
 // What each close code from the proxy means to a person.
 const CLOSE_MESSAGES = {
@@ -77,6 +80,7 @@ function start() {
     modeEl.hidden = false;
     document.body.dataset.viewOnly = 'true';
     cadButton.hidden = true;
+    typePanel.hide();
   }
   window.vncbrokerRfb = rfb;
 
@@ -84,6 +88,8 @@ function start() {
   rfb.addEventListener('connect', () => {
     setState('connected', desktopName ? 'Connected: ' + desktopName : 'Connected');
     cadButton.disabled = false;
+    liveRfb = rfb;
+    typePanel.enable(!viewOnly);
     rfb.focus();
   });
   rfb.addEventListener('desktopname', (ev) => {
@@ -98,6 +104,8 @@ function start() {
   });
   rfb.addEventListener('disconnect', (ev) => {
     cadButton.disabled = true;
+    liveRfb = null;
+    typePanel.enable(false);
     // The close event may land just after noVNC's own handling.
     setTimeout(() => {
       if (document.body.dataset.state === 'failed' && !closeEvent) return;

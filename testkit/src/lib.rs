@@ -33,7 +33,7 @@ pub use qemu::Qemu;
 pub use rfb::{ServerInit, rfb_handshake};
 pub use sqlite::{SessionRow, sqlite_session_rows};
 pub use ws::{Ws, WsEnd, WsOptions};
-pub use xvnc::Xvnc;
+pub use xvnc::{Typewriter, Xvnc};
 
 /// How long a broker, QEMU or Xvnc may take to come up on a loaded machine.
 pub const START_TIMEOUT: Duration = Duration::from_secs(40);
