@@ -51,7 +51,11 @@ pub struct OverrideError {
 
 /// Routes for the pages (`/console`, `/replay`), their assets (`/static/`)
 /// and noVNC (`/novnc/`), from the binary or from the override directories.
-pub fn router(web_root: Option<&str>, novnc_root: Option<&str>) -> Result<Router, OverrideError> {
+pub fn router(
+    web_root: Option<&str>,
+    novnc_root: Option<&str>,
+    frame_ancestors: &[crate::edge::Origin],
+) -> Result<Router, OverrideError> {
     let web = Files::new(WEB_FILES, web_root, "web_root", "console.html")?;
     let novnc = Files::new(NOVNC_FILES, novnc_root, "novnc_root", "core/rfb.js")?;
     tracing::info!(
@@ -66,12 +70,40 @@ pub fn router(web_root: Option<&str>, novnc_root: Option<&str>) -> Result<Router
         .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .route("/static/{*path}", get(static_file))
         .route("/novnc/{*path}", get(novnc_file))
-        .with_state(Arc::new(Console { web, novnc })))
+        .with_state(Arc::new(Console {
+            web,
+            novnc,
+            framing: Framing::of(frame_ancestors),
+        })))
 }
 
 struct Console {
     web: Files,
     novnc: Files,
+    framing: Framing,
+}
+
+/// Who may frame the pages: this origin, and the portals in
+/// `proxy.allowed_origins`, as a CSP `frame-ancestors`; nothing else.
+struct Framing {
+    csp: HeaderValue,
+    /// Only this origin: X-Frame-Options says so too, for old browsers.
+    same_origin_only: bool,
+}
+
+impl Framing {
+    fn of(origins: &[crate::edge::Origin]) -> Framing {
+        let mut csp = String::from("frame-ancestors 'self'");
+        for o in origins {
+            csp.push_str(&format!(" {}://{}:{}", o.scheme, o.host, o.port));
+        }
+        Framing {
+            // Origins are validated by their parser: no spaces or quotes.
+            csp: HeaderValue::from_str(&csp)
+                .unwrap_or(HeaderValue::from_static("frame-ancestors 'self'")),
+            same_origin_only: origins.is_empty(),
+        }
+    }
 }
 
 /// A file as it is served: its bytes, type and validator.
@@ -248,7 +280,7 @@ async fn page(console: &Console, name: &'static str) -> Response {
         )
             .into_response();
     };
-    (
+    let mut resp = (
         [
             (header::CONTENT_TYPE, "text/html; charset=utf-8"),
             // Its URL carries the token: keep no copy anywhere.
@@ -256,11 +288,19 @@ async fn page(console: &Console, name: &'static str) -> Response {
             // The token travels in the fragment; never leak the URL onward.
             (header::REFERRER_POLICY, "no-referrer"),
             (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-            (header::X_FRAME_OPTIONS, "SAMEORIGIN"),
         ],
         html.body,
     )
-        .into_response()
+        .into_response();
+    let headers = resp.headers_mut();
+    headers.insert(header::CONTENT_SECURITY_POLICY, console.framing.csp.clone());
+    if console.framing.same_origin_only {
+        headers.insert(
+            header::X_FRAME_OPTIONS,
+            HeaderValue::from_static("SAMEORIGIN"),
+        );
+    }
+    resp
 }
 
 async fn static_file(
@@ -392,7 +432,7 @@ mod tests {
 
     #[tokio::test]
     async fn built_in_files_with_their_types_and_caching() {
-        let app = router(None, None).unwrap();
+        let app = router(None, None, &[]).unwrap();
         let v = NOVNC_VERSION;
 
         let page = get(&app, "/console", None).await;
@@ -463,7 +503,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_replay_page_is_served_like_the_console_page() {
-        let app = router(None, None).unwrap();
+        let app = router(None, None, &[]).unwrap();
         let console = get(&app, "/console", None).await;
         let replay = get(&app, "/replay", None).await;
         assert_eq!(replay.status, 200);
@@ -498,9 +538,33 @@ mod tests {
         // console.
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("console.html"), "<p>restyled</p>").unwrap();
-        let app = router(Some(dir.path().to_str().unwrap()), None).unwrap();
+        let app = router(Some(dir.path().to_str().unwrap()), None, &[]).unwrap();
         assert_eq!(get(&app, "/replay", None).await.status, 503);
         assert_eq!(get(&app, "/console", None).await.status, 200);
+    }
+
+    #[tokio::test]
+    async fn only_this_origin_and_the_allowed_portals_may_frame_the_pages() {
+        let alone = router(None, None, &[]).unwrap();
+        let page = get(&alone, "/console", None).await;
+        assert_eq!(
+            page.header(header::CONTENT_SECURITY_POLICY),
+            "frame-ancestors 'self'"
+        );
+        assert_eq!(page.header(header::X_FRAME_OPTIONS), "SAMEORIGIN");
+        let portals = ["https://portal.example.com", "http://127.0.0.1:8080"]
+            .map(|o| crate::edge::Origin::parse(o).unwrap());
+        let framed = router(None, None, &portals).unwrap();
+        for path in ["/console", "/replay"] {
+            let page = get(&framed, path, None).await;
+            assert_eq!(
+                page.header(header::CONTENT_SECURITY_POLICY),
+                "frame-ancestors 'self' https://portal.example.com:443 http://127.0.0.1:8080",
+                "{path}"
+            );
+            // X-Frame-Options cannot name other origins; the CSP rules.
+            assert_eq!(page.header(header::X_FRAME_OPTIONS), "", "{path}");
+        }
     }
 
     #[test]
@@ -513,7 +577,7 @@ mod tests {
 
     #[tokio::test]
     async fn if_none_match_with_the_etag_gets_304() {
-        let app = router(None, None).unwrap();
+        let app = router(None, None, &[]).unwrap();
         let path = format!("/novnc/{NOVNC_VERSION}/core/rfb.js");
         let first = get(&app, &path, None).await;
         let etag = first.header(header::ETAG).to_owned();
@@ -545,7 +609,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("console.html"), "<p>restyled</p>").unwrap();
         std::fs::write(dir.path().join("console.js"), "let a = 1;").unwrap();
-        let app = router(Some(dir.path().to_str().unwrap()), None).unwrap();
+        let app = router(Some(dir.path().to_str().unwrap()), None, &[]).unwrap();
 
         let page = get(&app, "/console", None).await;
         assert_eq!(page.status, 200);
@@ -579,7 +643,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("core")).unwrap();
         std::fs::write(dir.path().join("core/rfb.js"), "export default 1;").unwrap();
-        let app = router(None, Some(dir.path().to_str().unwrap())).unwrap();
+        let app = router(None, Some(dir.path().to_str().unwrap()), &[]).unwrap();
         for path in [
             format!("/novnc/{NOVNC_VERSION}/core/rfb.js"),
             "/novnc/core/rfb.js".to_owned(),
@@ -610,7 +674,7 @@ mod tests {
             (None, Some("/nonexistent/novnc"), "proxy.novnc_root"),
         ];
         for (web, novnc, want) in cases {
-            let Err(err) = router(web, novnc) else {
+            let Err(err) = router(web, novnc, &[]) else {
                 panic!("{web:?} {novnc:?} accepted");
             };
             let text = err.to_string();

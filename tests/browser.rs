@@ -851,3 +851,65 @@ async fn typing_reaches_an_xvnc_desktop_by_keyboard_and_by_type_text() {
         "what the xterm read"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allowed_portal_frames_the_console_gets_its_events_and_drives_it_and_another_cannot() {
+    let xvnc = Xvnc::start(QEMU_PW);
+    let typewriter = Typewriter::start(&xvnc);
+    typewriter.wait_for_window(&xvnc).await;
+    let (portal, other) = (
+        format!("http://127.0.0.1:{}", free_port()),
+        format!("http://127.0.0.1:{}", free_port()),
+    );
+    let broker = Broker::start(&format!("[proxy]\nallowed_origins = [\"{portal}\"]\n"));
+    broker.add_vm(1, xvnc.port, Some(QEMU_PW));
+
+    let t = broker.mint_default(1).await;
+    let png = shot("embed-allowed-portal.png");
+    let r = run_node(
+        "embed_portal.mjs",
+        &[&t.url, &portal, "from the portal\n", png.to_str().unwrap()],
+    )
+    .await;
+    assert!(r["error"].is_null(), "{r:#}");
+    assert_eq!(r["frameLoaded"], true, "{r:#}");
+    let states: Vec<&str> = r["states"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s.as_str())
+        .collect();
+    assert!(states.contains(&"connected"), "{r:#}");
+    poll_until("the portal's text in the xterm", STEP, || {
+        typewriter
+            .typed()
+            .contains("from the portal\n")
+            .then_some(())
+    })
+    .await;
+
+    // The same page on an origin the broker does not list: the browser
+    // refuses the frame (CSP frame-ancestors), no event reaches the page
+    // and its command types nothing.
+    let t = broker.mint_default(1).await;
+    let png = shot("embed-other-portal.png");
+    let r = run_node(
+        "embed_portal.mjs",
+        &[
+            &t.url,
+            &other,
+            "from elsewhere\n",
+            png.to_str().unwrap(),
+            "5000",
+        ],
+    )
+    .await;
+    assert!(r["error"].is_null(), "{r:#}");
+    assert_eq!(r["frameLoaded"], false, "{r:#}");
+    assert_eq!(r["events"], serde_json::json!([]), "{r:#}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !typewriter.typed().contains("elsewhere"),
+        "a command from a portal not allowed was typed"
+    );
+}

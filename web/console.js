@@ -1,7 +1,7 @@
 // The console page: opens the VM console for the token in the URL through
 // the broker's WebSocket proxy, with noVNC's RFB module.
 import RFB from '/novnc/1.7.0/core/rfb.js';
-import { setupTypePanel } from '/static/typing.js';
+import { setupTypePanel, typeText, typeMaxChars } from '/static/typing.js';
 
 const statusEl = document.getElementById('status');
 const cadButton = document.getElementById('cad');
@@ -26,9 +26,21 @@ const CLOSE_MESSAGES = {
   1003: 'The connection was closed: unsupported data.',
 };
 
-function setState(state, text) {
+// The portal that frames this page, if one does. Only the origins the
+// broker allows can frame it (its CSP frame-ancestors), so this is one of
+// them; events go to it alone and commands come from it alone.
+const parentOrigin = (window.parent !== window && window.location.ancestorOrigins &&
+                      window.location.ancestorOrigins.length)
+  ? window.location.ancestorOrigins[0] : null;
+
+function notifyParent(msg) {
+  if (parentOrigin) window.parent.postMessage(msg, parentOrigin);
+}
+
+function setState(state, text, code = null) {
   document.body.dataset.state = state;
   statusEl.textContent = text;
+  notifyParent({ type: 'vncbroker:state', state, code, reason: text });
 }
 
 function tokenFromUrl() {
@@ -112,11 +124,39 @@ function start() {
       const text = closeEvent ? describeClose(closeEvent)
                               : (ev.detail.clean ? 'Disconnected.' : 'Connection lost.');
       const failed = !closeEvent || closeEvent.code !== 1000;
-      setState(failed ? 'failed' : 'disconnected', text);
+      setState(failed ? 'failed' : 'disconnected', text, closeEvent ? closeEvent.code : null);
     }, 50);
   });
 
   cadButton.addEventListener('click', () => rfb.sendCtrlAltDel());
+
+  // Commands from the framing portal. The broker enforces view-only
+  // whatever the page does; the page also ignores input commands then.
+  window.addEventListener('message', (ev) => {
+    if (!parentOrigin || ev.origin !== parentOrigin || ev.source !== window.parent) return;
+    const cmd = ev.data || {};
+    const live = liveRfb;
+    switch (cmd.type) {
+      case 'vncbroker:ctrl-alt-del':
+        if (live && !viewOnly) live.sendCtrlAltDel();
+        break;
+      case 'vncbroker:type': {
+        const text = typeof cmd.text === 'string' ? cmd.text : '';
+        if (live && !viewOnly && text && Array.from(text).length <= typeMaxChars()) {
+          typeText(live, text, () => {});
+        }
+        break;
+      }
+      case 'vncbroker:disconnect':
+        if (live) live.disconnect();
+        break;
+      case 'vncbroker:scale':
+        rfb.scaleViewport = cmd.mode !== 'actual';
+        break;
+      default:
+        break;
+    }
+  });
 }
 
 fullscreenButton.addEventListener('click', () => {

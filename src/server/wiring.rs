@@ -187,11 +187,18 @@ impl Node {
                     every,
                 )));
             }
+            let portals: Vec<crate::edge::Origin> = cfg
+                .proxy
+                .allowed_origins
+                .iter()
+                .filter_map(|o| crate::edge::Origin::parse(o))
+                .collect();
             app = app
                 .merge(proxy::router(Arc::clone(&proxy)))
                 .merge(crate::console::router(
                     cfg.proxy.web_root.as_deref(),
                     cfg.proxy.novnc_root.as_deref(),
+                    &portals,
                 )?)
                 .fallback(any(proxy::upgrade_any_path).with_state(proxy));
         }
