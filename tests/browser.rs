@@ -913,3 +913,49 @@ async fn an_allowed_portal_frames_the_console_gets_its_events_and_drives_it_and_
         "a command from a portal not allowed was typed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_keys_menu_sends_sticky_ctrl_esc_tab_and_ctrl_alt_f2() {
+    let xvnc = Xvnc::start(QEMU_PW);
+    let typewriter = Typewriter::start_raw(&xvnc);
+    typewriter.wait_for_window(&xvnc).await;
+    let broker = Broker::start("");
+    broker.add_vm(1, xvnc.port, Some(QEMU_PW));
+    let t = broker.mint_default(1).await;
+    let png = shot("console-keys-menu.png");
+    let r = run_node(
+        "keys_menu.mjs",
+        &[&t.url, png.to_str().unwrap(), &PAGE_TIMEOUT_MS.to_string()],
+    )
+    .await;
+    assert!(r["error"].is_null(), "{r:#}");
+    assert_eq!(r["state"], "connected", "{r:#}");
+    assert_eq!(r["ctrlPressed"], "true", "{r:#}");
+    assert_eq!(r["ctrlPressedAfter"], "false", "Ctrl stayed down: {r:#}");
+    let menu = r["menuButtons"].to_string();
+    for key in [
+        "Ctrl",
+        "Alt",
+        "Super",
+        "Esc",
+        "Tab",
+        "PrintScreen",
+        "Ctrl-Alt-F12",
+    ] {
+        assert!(menu.contains(key), "{key} missing from {menu}");
+    }
+    // Ctrl-C, Esc, Tab, then xterm's sequence for F2 with modifiers,
+    // ESC [ 1 ; m Q, where m - 1 has the bits of Ctrl (4) and Alt (2).
+    // (Xvnc adds Shift to reach Alt_L in its keymap: m is 8, not 7.)
+    let got = poll_until("the keys in the raw terminal", STEP, || {
+        let got = typewriter.bytes();
+        (got.len() >= 9).then_some(got)
+    })
+    .await;
+    let shown = String::from_utf8_lossy(&got).into_owned();
+    assert_eq!(&got[..7], b"\x03\x1b\x09\x1b[1;", "{shown:?}");
+    assert_eq!(got.len(), 9, "{shown:?}");
+    assert_eq!(got[8], b'Q', "F2: {shown:?}");
+    let modifiers = got[7].wrapping_sub(b'0').wrapping_sub(1);
+    assert_eq!(modifiers & 6, 6, "Ctrl and Alt held for F2: {shown:?}");
+}

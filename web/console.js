@@ -2,6 +2,7 @@
 // the broker's WebSocket proxy, with noVNC's RFB module.
 import RFB from '/novnc/1.7.0/core/rfb.js';
 import { setupTypePanel, typeText, typeMaxChars } from '/static/typing.js';
+import { setupKeysMenu } from '/static/keys.js';
 
 const statusEl = document.getElementById('status');
 const cadButton = document.getElementById('cad');
@@ -10,6 +11,7 @@ const screen = document.getElementById('screen');
 const modeEl = document.getElementById('mode');
 let liveRfb = null;
 const typePanel = setupTypePanel(() => liveRfb);
+const keysMenu = setupKeysMenu(() => liveRfb);
 
 // What each close code from the proxy means to a person.
 const CLOSE_MESSAGES = {
@@ -93,6 +95,7 @@ function start() {
     document.body.dataset.viewOnly = 'true';
     cadButton.hidden = true;
     typePanel.hide();
+    keysMenu.hide();
   }
   window.vncbrokerRfb = rfb;
 
@@ -102,6 +105,7 @@ function start() {
     cadButton.disabled = false;
     liveRfb = rfb;
     typePanel.enable(!viewOnly);
+    keysMenu.enable(!viewOnly);
     rfb.focus();
   });
   rfb.addEventListener('desktopname', (ev) => {
@@ -118,6 +122,7 @@ function start() {
     cadButton.disabled = true;
     liveRfb = null;
     typePanel.enable(false);
+    keysMenu.enable(false);
     // The close event may land just after noVNC's own handling.
     setTimeout(() => {
       if (document.body.dataset.state === 'failed' && !closeEvent) return;

@@ -161,12 +161,22 @@ pub struct Typewriter {
 
 impl Typewriter {
     pub fn start(xvnc: &Xvnc) -> Typewriter {
+        Typewriter::with_tty(xvnc, "")
+    }
+
+    /// With the terminal raw: every byte a key makes (Ctrl-C, Esc, the
+    /// escape sequences of function keys) reaches the file at once.
+    pub fn start_raw(xvnc: &Xvnc) -> Typewriter {
+        Typewriter::with_tty(xvnc, "stty raw -echo; ")
+    }
+
+    fn with_tty(xvnc: &Xvnc, stty: &str) -> Typewriter {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("typed.txt");
         let child = Command::new("xterm")
             .args(["-display", &format!(":{}", xvnc.display)])
             .args(["-geometry", "120x44+0+0", "-e", "sh", "-c"])
-            .arg(format!("exec cat > '{}'", out.display()))
+            .arg(format!("{stty}exec cat > '{}'", out.display()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -201,6 +211,11 @@ impl Typewriter {
 
     pub fn typed(&self) -> String {
         std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+
+    /// What the terminal read, as bytes.
+    pub fn bytes(&self) -> Vec<u8> {
+        std::fs::read(&self.out).unwrap_or_default()
     }
 }
 
