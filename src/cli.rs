@@ -724,7 +724,7 @@ async fn export_recording(cfg: &Config, id: i64, file: &std::path::Path) -> anyh
         bail!("no recording of session {id} in {dir} (recorded on another node, or purged?)");
     }
     let file = file.to_owned();
-    let written = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
+    tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
         if file.as_os_str() == "-" {
             let mut out = std::io::stdout().lock();
             return Ok(crate::recording::decompress_to(&path, &mut out)?);
@@ -740,7 +740,6 @@ async fn export_recording(cfg: &Config, id: i64, file: &std::path::Path) -> anyh
         Ok(n)
     })
     .await??;
-    let _ = written;
     Ok(())
 }
 

@@ -736,16 +736,7 @@ async fn a_recorded_qemu_session_replays_the_same_screen_in_chromium() {
     assert_eq!(row["recording"], true, "{row}");
     assert_eq!(row["recording_state"], "complete", "{row}");
 
-    let resp = http_request(
-        broker.port,
-        "POST",
-        &format!("/api/v1/sessions/{id}/replay-tokens"),
-        &[("Authorization", basic_auth("root", "rootpw"))],
-        b"",
-    )
-    .await;
-    assert_eq!(resp.status, 201, "{}", String::from_utf8_lossy(&resp.body));
-    let v: Value = serde_json::from_slice(&resp.body).unwrap();
+    let v = broker.replay_token(id, "root", "rootpw").await;
     let token = v["token"].as_str().unwrap();
     let url = v["url"].as_str().unwrap();
     assert_eq!(url, format!("{}/replay#token={token}", broker.base_url()));

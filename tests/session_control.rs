@@ -432,16 +432,7 @@ async fn a_recorded_session_is_written_0600_downloaded_by_admins_and_replayed_by
     );
 
     // A replay token opens the same stream, without credentials.
-    let r = http_request(
-        broker.port,
-        "POST",
-        &format!("/api/v1/sessions/{id}/replay-tokens"),
-        &[("Authorization", basic_auth("root", "rootpw"))],
-        b"",
-    )
-    .await;
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
-    let v: Value = serde_json::from_slice(&r.body).unwrap();
+    let v = broker.replay_token(id, "root", "rootpw").await;
     let token = v["token"].as_str().unwrap().to_owned();
     assert!(v["url"].as_str().unwrap().contains("/replay#token="), "{v}");
     let r = http_request(

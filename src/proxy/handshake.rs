@@ -61,15 +61,15 @@ where
     let mut buf = [0u8; 4096];
     let mut sent = Vec::new();
     loop {
+        write_server(tcp, &sp.take_to_server()).await?;
+        let out = sp.take_to_client();
+        if keep_sent {
+            sent.extend_from_slice(&out);
+        }
+        send_client(writer, &out).await?;
         if sp.is_done() {
-            // The handshake's last words first; only then what each side
-            // sent past its end.
-            write_server(tcp, &sp.take_to_server()).await?;
-            let out = sp.take_to_client();
-            if keep_sent {
-                sent.extend_from_slice(&out);
-            }
-            send_client(writer, &out).await?;
+            // The handshake's own output is out; what is left is what each
+            // side sent past its end.
             let (to_server, to_client) = sp.take_leftovers();
             return Ok(Leftovers {
                 to_server,
@@ -77,12 +77,6 @@ where
                 sent_to_client: sent,
             });
         }
-        write_server(tcp, &sp.take_to_server()).await?;
-        let out = sp.take_to_client();
-        if keep_sent {
-            sent.extend_from_slice(&out);
-        }
-        send_client(writer, &out).await?;
         let (want_server, want_client) = (sp.wants_server(), sp.wants_client());
         if !want_server && !want_client {
             return Err(RfbError::Protocol("handshake stalled").into());

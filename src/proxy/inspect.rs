@@ -44,11 +44,40 @@ pub struct Downstream {
     filter: Option<ServerFilter>,
     out: Vec<u8>,
     format: Option<Format>,
+    tap: Tap,
+}
+
+/// Where what the browser receives is recorded, if the session is.
+struct Tap {
     recorder: Option<Recorder>,
     /// Whether a stopped recording ends the session.
     required: bool,
-    /// Set once a recording stopped early and the session went on.
-    recording_stopped: Option<Stopped>,
+    /// The recording stopped early and the session went on: the recorder
+    /// knows it too, and says so when it is finished.
+    stopped: bool,
+}
+
+impl Tap {
+    fn record(&mut self, data: &[u8]) -> Result<(), Broken> {
+        let Some(rec) = self.recorder.as_mut().filter(|_| !self.stopped) else {
+            return Ok(());
+        };
+        if data.is_empty() {
+            return Ok(());
+        }
+        match rec.record(data) {
+            Ok(()) => Ok(()),
+            Err(why) => {
+                tracing::warn!(reason = %why, required = self.required, "session recording stopped");
+                self.stopped = true;
+                if self.required {
+                    Err(Broken::Recording(why))
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
 }
 
 /// The two sides of an inspected session.
@@ -85,9 +114,11 @@ pub fn sides(
             filter: server,
             out: Vec::new(),
             format,
-            recorder,
-            required,
-            recording_stopped: None,
+            tap: Tap {
+                recorder,
+                required,
+                stopped: false,
+            },
         },
     )
 }
@@ -132,60 +163,19 @@ impl Downstream {
             }
             None => data,
         };
-        record(
-            &mut self.recorder,
-            &mut self.recording_stopped,
-            self.required,
-            sent,
-        )?;
+        self.tap.record(sent)?;
         Ok(sent)
     }
 
     /// Records what the browser was sent outside the relay (the proxy's
     /// side of the handshake).
     pub fn record_sent(&mut self, data: &[u8]) -> Result<(), Broken> {
-        record(
-            &mut self.recorder,
-            &mut self.recording_stopped,
-            self.required,
-            data,
-        )
+        self.tap.record(data)
     }
 
     /// Takes the recorder, to finish it once the session is over.
     pub fn take_recorder(&mut self) -> Option<Recorder> {
-        self.recorder.take()
-    }
-
-    /// Why the recording stopped early, if it did and the session went on.
-    pub fn recording_stopped(&self) -> Option<&Stopped> {
-        self.recording_stopped.as_ref()
-    }
-}
-
-fn record(
-    recorder: &mut Option<Recorder>,
-    stopped: &mut Option<Stopped>,
-    required: bool,
-    data: &[u8],
-) -> Result<(), Broken> {
-    if data.is_empty() || stopped.is_some() {
-        return Ok(());
-    }
-    let Some(rec) = recorder.as_mut() else {
-        return Ok(());
-    };
-    match rec.record(data) {
-        Ok(()) => Ok(()),
-        Err(why) => {
-            tracing::warn!(reason = %why, required, "session recording stopped");
-            *stopped = Some(why.clone());
-            if required {
-                Err(Broken::Recording(why))
-            } else {
-                Ok(())
-            }
-        }
+        self.tap.recorder.take()
     }
 }
 

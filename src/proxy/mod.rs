@@ -789,22 +789,15 @@ async fn relay_session(
     let _ = tcp_tx.shutdown().await;
     crate::metrics::global().session_ended(end.outcome(), started.elapsed());
     let audit = sides.as_ref().map(|(up, down)| inspect::audit(up, down));
-    if let Some((_, down)) = sides.as_mut() {
-        let stopped_early = down.recording_stopped().is_some();
-        if let Some(rec) = down.take_recorder() {
-            let outcome = rec.finish().await;
-            let complete = outcome.complete && !stopped_early;
-            crate::metrics::global().recording_finished(if complete {
-                "complete"
-            } else {
-                "incomplete"
-            });
-            recording = Some(if complete {
-                RecordingState::Complete
-            } else {
-                RecordingState::Incomplete
-            });
-        }
+    if let Some(rec) = sides.as_mut().and_then(|(_, down)| down.take_recorder()) {
+        // Incomplete too when the recording stopped early.
+        let (state, label) = if rec.finish().await.complete {
+            (RecordingState::Complete, "complete")
+        } else {
+            (RecordingState::Incomplete, "incomplete")
+        };
+        crate::metrics::global().recording_finished(label);
+        recording = Some(state);
     }
     let end_record = SessionEnd {
         ended_at: crate::now_unix(),

@@ -134,6 +134,13 @@ impl Node {
         // The routes so far are the APIs': count and time their requests.
         app = app.layer(axum::middleware::from_fn(crate::metrics::track_api));
         if cfg.role.serves_proxy() {
+            // The portals that may open consoles may also frame the page.
+            let portals: Vec<crate::edge::Origin> = cfg
+                .proxy
+                .allowed_origins
+                .iter()
+                .filter_map(|o| crate::edge::Origin::parse(o))
+                .collect();
             let proxy = Arc::new(Proxy::new(
                 store.clone(),
                 store.clone(),
@@ -149,12 +156,7 @@ impl Node {
                             .public_url
                             .as_deref()
                             .and_then(crate::edge::Origin::parse),
-                        allowed: cfg
-                            .proxy
-                            .allowed_origins
-                            .iter()
-                            .filter_map(|o| crate::edge::Origin::parse(o))
-                            .collect(),
+                        allowed: portals.clone(),
                         allow_missing: cfg.proxy.allow_missing_origin,
                     },
                     trusted_proxies: cfg.http.trusted_proxies.clone(),
@@ -187,12 +189,6 @@ impl Node {
                     every,
                 )));
             }
-            let portals: Vec<crate::edge::Origin> = cfg
-                .proxy
-                .allowed_origins
-                .iter()
-                .filter_map(|o| crate::edge::Origin::parse(o))
-                .collect();
             app = app
                 .merge(proxy::router(Arc::clone(&proxy)))
                 .merge(crate::console::router(

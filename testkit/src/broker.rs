@@ -424,6 +424,20 @@ impl Broker {
         m
     }
 
+    /// Mints a replay token for session `id` as `user` (an admin): the
+    /// API's answer, `{token, url, session_id, expires_at}`.
+    pub async fn replay_token(&self, id: i64, user: &str, pw: &str) -> Value {
+        let r = http_request(
+            self.port,
+            "POST",
+            &format!("/api/v1/sessions/{id}/replay-tokens"),
+            &[("Authorization", basic_auth(user, pw))],
+            b"",
+        )
+        .await;
+        json_answer(&r, 201, &format!("a replay token for session {id}"))
+    }
+
     /// A GET on the JSON API as `user`.
     pub async fn api_get(&self, path: &str, user: &str, pw: &str) -> HttpResponse {
         http_request(

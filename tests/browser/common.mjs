@@ -33,3 +33,13 @@ export function screenPainted() {
   } catch (_) { /* unreadable canvas counts as blank */ }
   return false;
 }
+
+// Runs in the page: the console page's state, status line and canvas size.
+export function consoleSummary() {
+  const c = document.querySelector('#screen canvas');
+  return {
+    state: document.body.dataset.state,
+    status: document.getElementById('status').textContent,
+    canvas: { w: c ? c.width : 0, h: c ? c.height : 0 },
+  };
+}

@@ -4,7 +4,7 @@
 // Usage: node tests/browser/console_canvas.mjs URL SCREENSHOT.png CANVAS.png [settle-ms] [timeout-ms]
 // Prints one JSON line: {"state", "status", "canvas": {w, h}, "nonBlank", "saved"}
 import { writeFileSync } from 'node:fs';
-import { launch, openPage, screenPainted } from './common.mjs';
+import { launch, openPage, screenPainted, consoleSummary } from './common.mjs';
 
 const [url, shot, canvasPng, settleArg = '2000', timeoutArg = '20000'] = process.argv.slice(2);
 if (!url || !shot || !canvasPng) {
@@ -37,14 +37,7 @@ try {
     }
   }
   result.nonBlank = await page.evaluate(canvasPainted);
-  Object.assign(result, await page.evaluate(() => {
-    const c = document.querySelector('#screen canvas');
-    return {
-      state: document.body.dataset.state,
-      status: document.getElementById('status').textContent,
-      canvas: { w: c ? c.width : 0, h: c ? c.height : 0 },
-    };
-  }));
+  Object.assign(result, await page.evaluate(consoleSummary));
   await page.screenshot({ path: shot });
   result.logs = logs.slice(-20);
 } finally {

@@ -13,7 +13,7 @@
 // where WIRE = {"version", "keys", "pointers", "cutTexts", "extendedCutTexts",
 // "otherInput", "messages", "error"} counts what the page had sent in all by
 // then (cutTexts includes the Extended Clipboard ones).
-import { launch, openPage, screenPainted } from './common.mjs';
+import { launch, openPage, screenPainted, consoleSummary } from './common.mjs';
 
 const [url, shot, timeoutArg = '20000'] = process.argv.slice(2);
 if (!url || !shot) {
@@ -143,14 +143,7 @@ try {
     await page.waitForTimeout(500);
   }
   result.forced = await page.evaluate(() => window.__wire());
-  Object.assign(result, await page.evaluate(() => {
-    const c = document.querySelector('#screen canvas');
-    return {
-      state: document.body.dataset.state,
-      status: document.getElementById('status').textContent,
-      canvas: { w: c ? c.width : 0, h: c ? c.height : 0 },
-    };
-  }));
+  Object.assign(result, await page.evaluate(consoleSummary));
   await page.screenshot({ path: shot });
   result.logs = logs.slice(-20);
 } finally {
