@@ -337,6 +337,9 @@ pub struct ProxyConfig {
     /// Longest clipboard text passed either way, in bytes; a longer one is
     /// dropped (and counted), the session goes on.
     pub max_clipboard_bytes: u32,
+    /// How long after its connection drops a single-use token's console
+    /// may come back with its reconnect ticket, in seconds (0: no tickets).
+    pub reconnect_grace_secs: u64,
 }
 
 impl Default for ProxyConfig {
@@ -362,6 +365,7 @@ impl Default for ProxyConfig {
             novnc_root: None,
             clipboard: crate::policy::Clipboard::Both,
             max_clipboard_bytes: 1 << 20,
+            reconnect_grace_secs: 30,
         }
     }
 }

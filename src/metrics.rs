@@ -46,6 +46,8 @@ const SESSION_BUCKETS: &[f64] = &[
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SessionOutcome {
     ClientClosed,
+    /// The browser's connection went away without a WebSocket close.
+    ClientLost,
     ServerClosed,
     ClientProtocolError,
     ServerError,
@@ -69,6 +71,7 @@ impl SessionOutcome {
     /// Every outcome, each a series from the first scrape.
     pub const ALL: &[SessionOutcome] = &[
         SessionOutcome::ClientClosed,
+        SessionOutcome::ClientLost,
         SessionOutcome::ServerClosed,
         SessionOutcome::ClientProtocolError,
         SessionOutcome::ServerError,
@@ -89,6 +92,7 @@ impl SessionOutcome {
     pub fn label(self) -> &'static str {
         match self {
             SessionOutcome::ClientClosed => "client_closed",
+            SessionOutcome::ClientLost => "client_lost",
             SessionOutcome::ServerClosed => "server_closed",
             SessionOutcome::ClientProtocolError => "client_protocol_error",
             SessionOutcome::ServerError => "server_error",
@@ -133,6 +137,8 @@ pub enum Refused {
     ControlTaken,
     /// The session must be recorded and its recording could not start.
     RecordingUnavailable,
+    /// A reconnect ticket came back before the broker saw its session drop.
+    ReconnectPending,
 }
 
 impl Refused {
@@ -149,6 +155,7 @@ impl Refused {
         Refused::Withdrawn,
         Refused::ControlTaken,
         Refused::RecordingUnavailable,
+        Refused::ReconnectPending,
     ];
 
     /// Token refusals go to `vncbroker_tokens_refused_total`; failures after
@@ -173,6 +180,7 @@ impl Refused {
             Refused::Withdrawn => "withdrawn",
             Refused::ControlTaken => "control_taken",
             Refused::RecordingUnavailable => "recording_unavailable",
+            Refused::ReconnectPending => "reconnect_pending",
         }
     }
 }

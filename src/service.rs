@@ -12,8 +12,8 @@ use crate::inventory::{Console, Credential, Grant, Inventory, InventoryError, Ve
 use crate::policy::{Defaults, SessionPolicy};
 use crate::secrets::{Secrets, SecretsError};
 use crate::store::{
-    Cause, NewToken, Redemption, Revocation, Revoked, SessionFilter, SessionLog, SessionRecord,
-    StoreError, TokenStore,
+    Cause, NewToken, Redemption, Resumed, Revocation, Revoked, SessionFilter, SessionLog,
+    SessionRecord, StoreError, Ticket, TokenStore,
 };
 use crate::token::{self, Policy, Token};
 
@@ -62,6 +62,10 @@ pub enum RedeemError {
     /// Unknown, expired, revoked or used up: callers never say which.
     #[error("token invalid or expired")]
     Invalid,
+    /// A reconnect ticket whose session the broker still sees live: the
+    /// drop has not been noticed yet.
+    #[error("the console's previous connection is still open")]
+    Pending,
     /// The VM is no longer where the token points.
     #[error("the VM moved since the token was minted")]
     Moved,
@@ -146,6 +150,22 @@ pub struct Recordings {
     pub owner_can_view: bool,
     /// Recordings older than this many days are deleted (0: never).
     pub retention_days: u32,
+}
+
+/// What the console page is told about its session once it is up.
+#[derive(Serialize, Clone, Debug, PartialEq, Eq)]
+pub struct ConsoleSession {
+    pub view_only: bool,
+    pub clipboard: &'static str,
+    pub single_use: bool,
+    pub expires_at: i64,
+    /// When the caller's newest live session of the token started, if it
+    /// has one from this address.
+    pub started_at: Option<i64>,
+    /// The reconnect ticket, for a single-use token's live session: it goes
+    /// into an HttpOnly cookie, never into the answer's body or a log.
+    #[serde(skip)]
+    pub ticket: Option<String>,
 }
 
 /// A replay token as the API returns it.
@@ -400,13 +420,94 @@ impl TokenService {
             return Err(RedeemError::Invalid);
         }
         let hash = token::hash_token(token_text);
-        let mut r = self
+        let r = self
             .tokens
             .redeem(&hash, crate::now_unix())
             .await?
             .ok_or(RedeemError::Invalid)?;
         crate::metrics::global().token_redeemed();
         tracing::debug!(token = %token::fingerprint(&hash), token_id = r.token_id, "token redeemed");
+        self.settle(r).await
+    }
+
+    /// Reopens a single-use token's console with the reconnect ticket its
+    /// dropped session held: the new session, and the one it continues.
+    pub async fn resume(
+        &self,
+        token_text: &str,
+        ticket: &str,
+        client: std::net::IpAddr,
+    ) -> Result<(Redemption, i64), RedeemError> {
+        if !token::looks_like_token(token_text) || !token::looks_like_token(ticket) {
+            return Err(RedeemError::Invalid);
+        }
+        let hash = token::hash_token(token_text);
+        let resumed = self
+            .tokens
+            .resume(
+                &hash,
+                &token::hash_token(ticket),
+                &client.to_string(),
+                crate::now_unix(),
+            )
+            .await?;
+        match resumed {
+            Resumed::Session { redemption, from } => {
+                tracing::debug!(token = %token::fingerprint(&hash), from, "console resumed with a reconnect ticket");
+                Ok((self.settle(redemption).await?, from))
+            }
+            Resumed::Pending => Err(RedeemError::Pending),
+            Resumed::Invalid => Err(RedeemError::Invalid),
+        }
+    }
+
+    /// What the console page of `token_text` is told once its session is
+    /// up; for a single-use token's live session from `client`, with a new
+    /// reconnect ticket (replacing the one it had). `None`: the token opens
+    /// nothing.
+    pub async fn console_session(
+        &self,
+        token_text: &str,
+        client: std::net::IpAddr,
+    ) -> Result<Option<ConsoleSession>, ServiceError> {
+        if !token::looks_like_token(token_text) {
+            return Ok(None);
+        }
+        let hash = token::hash_token(token_text);
+        let Some(view) = self.tokens.console(&hash, crate::now_unix()).await? else {
+            return Ok(None);
+        };
+        let mine = view.live.iter().find(|s| {
+            s.client_addr
+                .parse::<std::net::SocketAddr>()
+                .is_ok_and(|a| a.ip() == client)
+        });
+        let mut ticket = None;
+        if let (true, Some(session)) = (view.single_use, mine) {
+            let t = Token::generate()
+                .map_err(|e| ServiceError::Internal(format!("no OS randomness: {e}")))?;
+            self.tokens
+                .set_ticket(&Ticket {
+                    hash: t.hash(),
+                    session_id: session.id,
+                    token_id: view.token_id,
+                    client_ip: client.to_string(),
+                })
+                .await?;
+            ticket = Some(t.into_string());
+        }
+        Ok(Some(ConsoleSession {
+            view_only: view.policy.view_only,
+            clipboard: view.policy.clipboard.as_str(),
+            single_use: view.single_use,
+            expires_at: view.expires_at,
+            started_at: mine.map(|s| s.started_at),
+            ticket,
+        }))
+    }
+
+    /// The checks and unsealing every redeemed token goes through.
+    async fn settle(&self, mut r: Redemption) -> Result<Redemption, RedeemError> {
         let here = self
             .inventory
             .still_at(r.vm_id, &r.target_host, r.target_port)
@@ -443,7 +544,7 @@ impl TokenService {
                 tracing::info!(vm_id = r.vm_id, user = %r.user_name, "token redeemed for an outside proxy");
                 Ok(Some((r.target_host, r.target_port)))
             }
-            Err(RedeemError::Invalid) => {
+            Err(RedeemError::Invalid | RedeemError::Pending) => {
                 metrics().refused(Refused::InvalidToken);
                 Ok(None)
             }

@@ -279,7 +279,7 @@ async fn session_rows(db_url: &str) -> Vec<SessionRow> {
     let rows = client
         .query(
             "SELECT id, token_id, vm_id, user_name, client_addr, node, started_at, ended_at,
-                    bytes_to_client, bytes_to_server, close_reason
+                    bytes_to_client, bytes_to_server, close_reason, resumed_from
                FROM sessions ORDER BY id",
             &[],
         )
@@ -300,6 +300,7 @@ async fn session_rows(db_url: &str) -> Vec<SessionRow> {
             bytes_to_client: r.get(8),
             bytes_to_server: r.get(9),
             close_reason: r.get(10),
+            resumed_from: r.get(11),
         })
         .collect()
 }
@@ -497,12 +498,12 @@ fn row_of<'a>(rows: &'a [SessionRow], node: &str, addr: &str) -> &'a SessionRow 
         .unwrap_or_else(|| panic!("no session row for {addr} on {node}: {rows:#?}"))
 }
 
-/// Each session from an `(addr, sent)` pair ended as its client closed it,
-/// with `sent` bytes each way (the server echoes).
-fn assert_echoed_and_closed(rows: &[SessionRow], ends: &[(String, u64)]) {
+/// Each session from an `(addr, sent)` pair ended for `reason`, with `sent`
+/// bytes each way (the server echoes).
+fn assert_echoed_and_ended(rows: &[SessionRow], ends: &[(String, u64)], reason: &str) {
     for (addr, sent) in ends {
         let r = row_of(rows, NODE, addr);
-        assert_eq!(r.close_reason.as_deref(), Some("client closed"), "{r:?}");
+        assert_eq!(r.close_reason.as_deref(), Some(reason), "{r:?}");
         assert_eq!(
             (r.bytes_to_client as u64, r.bytes_to_server as u64),
             (*sent, *sent),
@@ -791,7 +792,7 @@ async fn a_locked_sqlite_file_refuses_new_consoles_with_4503_and_running_session
             .then_some(rows)
     })
     .await;
-    assert_echoed_and_closed(&rows, &ends);
+    assert_echoed_and_ended(&rows, &ends, "client closed");
     // The end that could not be written at first was written by the retry.
     let r = row_of(&rows, NODE, &s2_addr);
     assert!(r.ended_at.is_some(), "{r:?}");
@@ -1103,9 +1104,13 @@ async fn clients_that_vanish_without_a_close_frame_end_their_sessions_and_backen
     // ...and records the ends.
     let rows = broker.ended_sessions(4).await;
     assert!(gone.elapsed() < STEP);
-    assert_echoed_and_closed(&rows, &expect);
+    assert_echoed_and_ended(&rows, &expect, "client connection lost");
     let r = row_of(&rows, NODE, &flooded_addr);
-    assert_eq!(r.close_reason.as_deref(), Some("client closed"), "{r:?}");
+    assert_eq!(
+        r.close_reason.as_deref(),
+        Some("client connection lost"),
+        "{r:?}"
+    );
     assert_eq!(r.bytes_to_server, 0, "{r:?}");
     // What the proxy handed to the kernel: at least what arrived, at most
     // what the server wrote.

@@ -206,6 +206,7 @@ async fn the_token_may_come_in_a_cookie_or_on_any_path() {
     let opts = WsOptions {
         protocols: vec!["binary".into()],
         cookie: Some(format!("theme=dark; token={}", t.token)),
+        ..WsOptions::default()
     };
     let mut ws = Ws::connect(broker.port, "/websockify", &opts)
         .await

@@ -2,6 +2,8 @@
 //! redeems console tokens.
 //!
 //! - [`request`]: where a request carries its token (query or cookie).
+//! - [`reconnect`]: the console page's session answer, and the reconnect
+//!   tickets that bring a single-use token's console back after a drop.
 //! - [`handshake`]: the RFB security proxy over live connections, so the VNC
 //!   password stays with the broker.
 //! - [`relay`]: the byte loop between WebSocket and TCP.
@@ -20,6 +22,7 @@
 pub mod enforce;
 pub mod handshake;
 pub mod inspect;
+pub mod reconnect;
 pub mod relay;
 pub mod request;
 pub mod sessions;
@@ -45,7 +48,8 @@ use crate::inventory::{Credential, Grant, Lapse};
 use crate::limits::{Attempt, FailureLimiter, Refused};
 use crate::service::{RedeemError, TokenService};
 use crate::store::{
-    Cause, NewSession, Opened, RecordingState, Redemption, SessionEnd, SessionLog, TokenStore,
+    Cause, NewSession, Opened, RecordingState, Redemption, SessionEnd, SessionLog, TicketEnd,
+    TokenStore,
 };
 use crate::websocket::stream::{Reader, Writer};
 use crate::websocket::upgrade;
@@ -72,6 +76,7 @@ pub mod close {
     pub const TIME_LIMIT: u16 = 4411;
     pub const EXPIRED: u16 = 4412;
     pub const IN_USE: u16 = 4423;
+    pub const RECONNECT_PENDING: u16 = 4425;
     pub const TOO_MANY: u16 = 4429;
     pub const VNC_HANDSHAKE: u16 = 4500;
     pub const UNREACHABLE: u16 = 4502;
@@ -107,6 +112,9 @@ pub struct Settings {
     pub idle_timeout: Option<Duration>,
     pub max_session: Option<Duration>,
     pub end_at_token_expiry: bool,
+    /// Seconds a dropped single-use console may come back with its ticket
+    /// (0: no tickets).
+    pub reconnect_grace: u64,
     pub ping_interval: Option<Duration>,
     pub pong_timeout: Duration,
     /// A write to the browser (one WebSocket frame) that does not finish
@@ -183,6 +191,8 @@ enum Refusal {
     ControlTaken,
     /// The session must be recorded and its recording could not start.
     RecordingUnavailable(String),
+    /// A reconnect ticket whose session this broker still sees live.
+    ReconnectPending,
 }
 
 impl Refusal {
@@ -201,6 +211,7 @@ impl Refusal {
             Refusal::HandshakeTimeout => M::HandshakeTimeout,
             Refusal::ControlTaken => M::ControlTaken,
             Refusal::RecordingUnavailable(_) => M::RecordingUnavailable,
+            Refusal::ReconnectPending => M::ReconnectPending,
         }
     }
 
@@ -268,6 +279,10 @@ impl Refusal {
                 "console unavailable: this session must be recorded and the recording could not start"
                     .into(),
             ),
+            Refusal::ReconnectPending => (
+                close::RECONNECT_PENDING,
+                "reconnecting: the previous connection is still open, try again in a moment".into(),
+            ),
         }
     }
 }
@@ -276,6 +291,7 @@ impl End {
     fn close(&self) -> (u16, String) {
         match self {
             End::ClientClosed => (close::NORMAL, "client closed".into()),
+            End::ClientLost => (close::NORMAL, "client connection lost".into()),
             End::ServerClosed => (close::NORMAL, "the VNC server closed the connection".into()),
             End::TextFrame => (
                 close::UNSUPPORTED_DATA,
@@ -317,6 +333,7 @@ impl End {
     fn record(&self) -> String {
         match self {
             End::ClientClosed => "client closed".into(),
+            End::ClientLost => "client connection lost".into(),
             End::ServerClosed => "server closed".into(),
             End::TextFrame => "client sent a text frame".into(),
             End::ClientProtocol { detail, .. } => format!("client protocol error: {detail}"),
@@ -397,6 +414,10 @@ fn trim_reason(s: &str) -> String {
 pub fn router(proxy: Arc<Proxy>) -> Router {
     Router::new()
         .route("/websockify", any(upgrade))
+        .route(
+            "/console/session",
+            axum::routing::post(reconnect::console_session),
+        )
         .with_state(proxy)
 }
 
@@ -481,17 +502,24 @@ async fn accept(proxy: Arc<Proxy>, peer: SocketAddr, req: Request) -> Response<B
             return (StatusCode::TOO_MANY_REQUESTS, why.to_string()).into_response();
         }
     };
-    let token = request::token(
-        parts.uri.query(),
+    let cookies = || {
         parts
             .headers
             .get_all(header::COOKIE)
             .iter()
-            .map(|v| v.as_bytes()),
-    );
+            .map(|v| v.as_bytes())
+    };
+    let token = request::token(parts.uri.query(), cookies());
+    let ticket = token.as_deref().and_then(|t| {
+        request::cookie(
+            &reconnect::cookie_name(&crate::token::hash_token(t)),
+            cookies(),
+        )
+    });
+    let asked = Asked { token, ticket };
     tokio::spawn(async move {
         match on_upgrade.await {
-            Ok(upgraded) => session(proxy, TokioIo::new(upgraded), token, client, attempt).await,
+            Ok(upgraded) => session(proxy, TokioIo::new(upgraded), asked, client, attempt).await,
             Err(e) => {
                 attempt.refund();
                 tracing::debug!(%client, error = %e, "WebSocket upgrade failed")
@@ -501,39 +529,19 @@ async fn accept(proxy: Arc<Proxy>, peer: SocketAddr, req: Request) -> Response<B
     accepted.response()
 }
 
-async fn session(
-    proxy: Arc<Proxy>,
-    io: Io,
+/// What a WebSocket request brought: its token, and the reconnect ticket
+/// the browser holds for that token's console.
+struct Asked {
     token: Option<String>,
-    client: SocketAddr,
-    attempt: Attempt,
-) {
+    ticket: Option<String>,
+}
+
+async fn session(proxy: Arc<Proxy>, io: Io, asked: Asked, client: SocketAddr, attempt: Attempt) {
     let (rd, wr) = tokio::io::split(io);
     let mut reader = Reader::new(rd, proxy.settings.max_message_bytes as u64);
     let mut writer = Writer::new(wr);
-    match open(
-        &proxy,
-        &mut reader,
-        &mut writer,
-        token.as_deref(),
-        client,
-        attempt,
-    )
-    .await
-    {
-        Ok((redemption, tcp, left, registration)) => {
-            relay_session(
-                &proxy,
-                reader,
-                writer,
-                tcp,
-                left,
-                redemption,
-                registration,
-                client,
-            )
-            .await
-        }
+    match open(&proxy, &mut reader, &mut writer, &asked, client, attempt).await {
+        Ok(opened) => relay_session(&proxy, reader, writer, opened, client).await,
         Err(refusal) => refuse(writer, refusal, client).await,
     }
 }
@@ -558,26 +566,29 @@ async fn open(
     proxy: &Proxy,
     reader: &mut WsReader,
     writer: &mut WsWriter,
-    token: Option<&str>,
+    asked: &Asked,
     client: SocketAddr,
     attempt: Attempt,
-) -> Result<
-    (
-        Redemption,
-        TcpStream,
-        Option<handshake::Leftovers>,
-        sessions::Registration,
-    ),
-    Refusal,
-> {
-    let token = token.ok_or(Refusal::NoToken)?;
-    let redeemed = proxy.service.redeem(token).await;
+) -> Result<Ready, Refusal> {
+    let token = asked.token.as_deref().ok_or(Refusal::NoToken)?;
+    let mut redeemed = proxy.service.redeem(token).await.map(|r| (r, None));
+    // A used single-use token comes back only with its console's ticket.
+    if let (Err(RedeemError::Invalid), Some(ticket)) = (&redeemed, &asked.ticket)
+        && proxy.settings.reconnect_grace > 0
+    {
+        redeemed = proxy
+            .service
+            .resume(token, ticket, client.ip())
+            .await
+            .map(|(r, from)| (r, Some(from)));
+    }
     match &redeemed {
         Err(RedeemError::Invalid) => attempt.fail(),
         _ => attempt.refund(),
     }
-    let r = redeemed.map_err(|e| match e {
+    let (r, resumed_from) = redeemed.map_err(|e| match e {
         RedeemError::Invalid => Refusal::BadToken,
+        RedeemError::Pending => Refusal::ReconnectPending,
         RedeemError::Moved => Refusal::Moved,
         e @ (RedeemError::Store(_) | RedeemError::Inventory(_) | RedeemError::Secret { .. }) => {
             Refusal::StoreDown(e.to_string())
@@ -611,7 +622,24 @@ async fn open(
         why = sessions::stopped(&mut stop) => return Err(Refusal::Stopped(why)),
         tcp = connect_and_secure(proxy, reader, writer, &r) => tcp?,
     };
-    Ok((r, tcp, left, registration))
+    Ok(Ready {
+        redemption: r,
+        resumed_from,
+        tcp,
+        left,
+        registration,
+    })
+}
+
+/// A session ready to relay.
+struct Ready {
+    redemption: Redemption,
+    /// The session it continues, when a reconnect ticket opened it.
+    resumed_from: Option<i64>,
+    tcp: TcpStream,
+    /// `None` for a session left to the browser's own handshake.
+    left: Option<handshake::Leftovers>,
+    registration: sessions::Registration,
 }
 
 /// Connects to the token's target and runs the RFB security handshake if a
@@ -652,17 +680,20 @@ async fn connect_and_secure(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn relay_session(
     proxy: &Proxy,
     mut reader: WsReader,
     mut writer: WsWriter,
-    tcp: TcpStream,
-    left: Option<handshake::Leftovers>,
-    r: Redemption,
-    mut registration: sessions::Registration,
+    ready: Ready,
     client: SocketAddr,
 ) {
+    let Ready {
+        redemption: r,
+        resumed_from,
+        tcp,
+        left,
+        mut registration,
+    } = ready;
     let started_at = crate::now_unix();
     let started = std::time::Instant::now();
     let set = &proxy.settings;
@@ -698,6 +729,7 @@ async fn relay_session(
         view_only: policy.view_only,
         exclusive: policy.exclusive,
         recording: policy.record,
+        resumed_from,
     };
     let session_id = match proxy.log.open_session(&record).await {
         Ok(Opened::Session(id)) => Some(id),
@@ -737,7 +769,7 @@ async fn relay_session(
     }
     tracing::info!(
         session = session_id, vm_id = r.vm_id, user = %r.user_name, %client,
-        node = %proxy.settings.node, view_only = policy.view_only,
+        node = %proxy.settings.node, view_only = policy.view_only, resumed_from,
         inspected = left.is_some(), recording = recorder.is_some(),
         "console session started"
     );
@@ -806,6 +838,15 @@ async fn relay_session(
         reason: end.record(),
         audit,
         recording,
+        ticket: if !r.single_use {
+            TicketEnd::NoTicket
+        } else if reconnect::is_drop(&end) && set.reconnect_grace > 0 {
+            TicketEnd::ValidUntil(
+                crate::now_unix().saturating_add(set.reconnect_grace.min(86_400) as i64),
+            )
+        } else {
+            TicketEnd::Void
+        },
     };
     if let Some(id) = session_id
         && let Err(e) = proxy.log.close_session(id, &end_record).await
@@ -850,6 +891,7 @@ fn refused_end(why: &str, recording: Option<RecordingState>) -> SessionEnd {
         reason: format!("recording could not start: {why}"),
         audit: None,
         recording,
+        ticket: TicketEnd::Void,
     }
 }
 
@@ -908,7 +950,7 @@ async fn first_bytes(
         writer
             .send_binary(to_client)
             .await
-            .map_err(|_| End::ClientClosed)?;
+            .map_err(|_| End::ClientLost)?;
         counts.to_client += to_client.len() as u64;
     }
     Ok(())

@@ -33,8 +33,11 @@ pub const READ_CHUNK: usize = 64 * 1024;
 /// How a relay ended. Each maps to one close code and reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum End {
-    /// The browser closed, or its connection went away.
+    /// The browser closed the WebSocket.
     ClientClosed,
+    /// The browser's connection went away without a close: a network drop,
+    /// a killed tab. Its console may reconnect.
+    ClientLost,
     /// The VNC server closed its connection.
     ServerClosed,
     /// The browser sent a text frame; only binary is spoken here.
@@ -70,6 +73,7 @@ impl End {
         use crate::inventory::Lapse;
         match self {
             End::ClientClosed => SessionOutcome::ClientClosed,
+            End::ClientLost => SessionOutcome::ClientLost,
             End::ServerClosed => SessionOutcome::ServerClosed,
             End::TextFrame | End::ClientProtocol { .. } | End::ClientRfb(_) => {
                 SessionOutcome::ClientProtocolError
@@ -137,7 +141,7 @@ where
             .map_err(|_| End::WriteTimeout)?,
         None => op.await,
     };
-    done.map_err(|_| End::ClientClosed)
+    done.map_err(|_| End::ClientLost)
 }
 
 impl From<Broken> for End {
@@ -258,9 +262,8 @@ where
                     }
                 }
                 Ok(Event::Pong) => {}
-                Ok(Event::Close(_)) | Err(ReadError::Eof) | Err(ReadError::Io(_)) => {
-                    return End::ClientClosed;
-                }
+                Ok(Event::Close(_)) => return End::ClientClosed,
+                Err(ReadError::Eof) | Err(ReadError::Io(_)) => return End::ClientLost,
                 Ok(Event::Text) => return End::TextFrame,
                 Err(ReadError::Frame(e)) => {
                     return End::ClientProtocol {

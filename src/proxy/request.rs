@@ -13,7 +13,13 @@ pub fn token<'a>(query: Option<&str>, cookies: impl Iterator<Item = &'a [u8]>) -
     if let Some(t) = query.and_then(from_query) {
         return Some(t);
     }
-    cookies.filter_map(from_cookie_header).next()
+    cookie("token", cookies)
+}
+
+/// The value of cookie `name`, from a request's `Cookie` headers; empty
+/// values count as absent.
+pub fn cookie<'a>(name: &str, mut cookies: impl Iterator<Item = &'a [u8]>) -> Option<String> {
+    cookies.find_map(|raw| from_cookie_header(name, raw))
 }
 
 fn from_query(query: &str) -> Option<String> {
@@ -26,15 +32,15 @@ fn from_query(query: &str) -> Option<String> {
         .filter(|v| !v.is_empty())
 }
 
-/// Reads `token=...` from one Cookie header; malformed pairs are skipped.
-fn from_cookie_header(raw: &[u8]) -> Option<String> {
+/// Reads `name=...` from one Cookie header; malformed pairs are skipped.
+fn from_cookie_header(name: &str, raw: &[u8]) -> Option<String> {
     if raw.len() > MAX_SCAN {
         return None;
     }
     let text = std::str::from_utf8(raw).ok()?;
     text.split(';').find_map(|pair| {
         let (k, v) = pair.split_once('=')?;
-        if k.trim() != "token" {
+        if k.trim() != name {
             return None;
         }
         let v = v.trim().trim_matches('"');
@@ -64,6 +70,18 @@ mod tests {
             Some("q".into())
         );
         assert_eq!(t(None, &["token="]), None);
+    }
+
+    #[test]
+    fn named_cookie() {
+        let headers = [
+            "a=1; vncbroker_reconnect_ab=t1",
+            "vncbroker_reconnect_cd=t2",
+        ];
+        let get = |name| cookie(name, headers.iter().map(|c| c.as_bytes()));
+        assert_eq!(get("vncbroker_reconnect_ab"), Some("t1".into()));
+        assert_eq!(get("vncbroker_reconnect_cd"), Some("t2".into()));
+        assert_eq!(get("vncbroker_reconnect"), None);
     }
 
     #[test]

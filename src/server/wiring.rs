@@ -165,6 +165,7 @@ impl Node {
                     idle_timeout: secs(cfg.proxy.idle_timeout_secs),
                     max_session: secs(cfg.proxy.max_session_secs),
                     end_at_token_expiry: cfg.proxy.end_at_token_expiry,
+                    reconnect_grace: cfg.proxy.reconnect_grace_secs,
                     ping_interval: secs(cfg.proxy.ping_interval_secs),
                     pong_timeout: Duration::from_secs(cfg.proxy.pong_timeout_secs),
                     client_write_timeout: secs(cfg.proxy.client_write_timeout_secs),

@@ -189,6 +189,49 @@ impl std::fmt::Debug for Vm {
     }
 }
 
+/// What the console page is told about its token, and the live sessions
+/// it may hold a reconnect ticket for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsoleView {
+    pub token_id: i64,
+    pub single_use: bool,
+    pub expires_at: i64,
+    pub policy: SessionPolicy,
+    /// The token's live sessions, newest first.
+    pub live: Vec<LiveSession>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveSession {
+    pub id: i64,
+    pub client_addr: String,
+    pub started_at: i64,
+}
+
+/// A reconnect ticket as it is stored: only its hash. It reopens a
+/// single-use token's console once, from the address it was given to,
+/// within the grace after its session dropped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ticket {
+    pub hash: TokenHash,
+    pub session_id: i64,
+    pub token_id: i64,
+    pub client_ip: String,
+}
+
+/// What a reconnect ticket opened.
+#[derive(Debug)]
+pub enum Resumed {
+    /// A new session of the token, continuing session `from`.
+    Session { redemption: Redemption, from: i64 },
+    /// The ticket's session is still live: the broker has not yet seen the
+    /// connection drop.
+    Pending,
+    /// Unknown, used, past its grace, for another address, or its token was
+    /// revoked or expired.
+    Invalid,
+}
+
 /// What a redeemed token opens: the target fixed at mint time.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Redemption {
@@ -207,6 +250,8 @@ pub struct Redemption {
     pub revocation_seq: i64,
     /// The rules the session follows, as minted.
     pub policy: SessionPolicy,
+    /// Opens one session only: its console reconnects with a ticket.
+    pub single_use: bool,
 }
 
 impl std::fmt::Debug for Redemption {
@@ -227,6 +272,7 @@ impl std::fmt::Debug for Redemption {
             )
             .field("revocation_seq", &self.revocation_seq)
             .field("policy", &self.policy)
+            .field("single_use", &self.single_use)
             .finish()
     }
 }
@@ -420,6 +466,8 @@ pub struct NewSession {
     /// only if no other is live, wherever it runs.
     pub exclusive: bool,
     pub recording: bool,
+    /// The session this one continues, reopened with a reconnect ticket.
+    pub resumed_from: Option<i64>,
 }
 
 /// Whether a session row was opened.
@@ -491,6 +539,19 @@ pub struct SessionEnd {
     /// `None` for a session relayed without following its messages.
     pub audit: Option<Audit>,
     pub recording: Option<RecordingState>,
+    /// What becomes of the session's reconnect ticket.
+    pub ticket: TicketEnd,
+}
+
+/// What becomes of a session's reconnect ticket as it ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TicketEnd {
+    /// The session cannot have one (its token is reusable).
+    NoTicket,
+    /// It ended for good: the ticket goes.
+    Void,
+    /// Its connection dropped: the ticket is valid until then (Unix time).
+    ValidUntil(i64),
 }
 
 /// A recorded session, as `vncbroker sessions` and the API list them.
@@ -516,6 +577,8 @@ pub struct SessionRecord {
     /// Whether the session was recorded.
     pub recording: bool,
     pub recording_state: Option<RecordingState>,
+    /// The session this one continues, reopened with a reconnect ticket.
+    pub resumed_from: Option<i64>,
 }
 
 /// Which sessions to list; newest first, at most `limit`.
@@ -563,6 +626,21 @@ pub trait TokenStore: Send + Sync {
     /// Deletes revocations recorded before `before` (Unix time); returns how
     /// many.
     async fn purge_revocations(&self, before: i64) -> Result<u64, StoreError>;
+
+    /// The token's rules and live sessions, without redeeming it: `None` if
+    /// it is unknown, expired or revoked.
+    async fn console(&self, hash: &TokenHash, now: i64) -> Result<Option<ConsoleView>, StoreError>;
+    /// Stores a live session's reconnect ticket, replacing the one it had.
+    async fn set_ticket(&self, ticket: &Ticket) -> Result<(), StoreError>;
+    /// Redeems a reconnect ticket for a new session of the single-use token
+    /// `token`, atomically and once.
+    async fn resume(
+        &self,
+        token: &TokenHash,
+        ticket: &TokenHash,
+        client_ip: &str,
+        now: i64,
+    ) -> Result<Resumed, StoreError>;
 
     /// Woken whenever any node revokes tokens, if the backend can tell
     /// (PostgreSQL's `NOTIFY`); `None` where it cannot. Proxies still look

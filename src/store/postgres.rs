@@ -40,9 +40,10 @@ use super::conninfo::{ConnInfo, SslMode};
 use super::pgtls::{self, Connector};
 use super::sql;
 use super::{
-    Cause, Health, NewSession, NewToken, Opened, RecordedRevocation, RecordingState, Redemption,
-    Registry, Revocation, Revoked, SessionEnd, SessionFilter, SessionLog, SessionPolicy,
-    SessionRecord, StoreError, TokenStore, User, Vm, VmPolicy, to_i64, to_u64,
+    Cause, ConsoleView, Health, LiveSession, NewSession, NewToken, Opened, RecordedRevocation,
+    RecordingState, Redemption, Registry, Resumed, Revocation, Revoked, SessionEnd, SessionFilter,
+    SessionLog, SessionPolicy, SessionRecord, StoreError, Ticket, TicketEnd, TokenStore, User, Vm,
+    VmPolicy, to_i64, to_u64,
 };
 use crate::policy::{Clipboard, Control};
 use crate::token::TokenHash;
@@ -58,6 +59,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (
         3,
         include_str!("../../migrations/postgres/0003_session_control.sql"),
+    ),
+    (
+        4,
+        include_str!("../../migrations/postgres/0004_reconnect_tickets.sql"),
     ),
 ];
 
@@ -502,6 +507,40 @@ fn session_row(r: &Row) -> SessionRecord {
             .get::<_, Option<String>>(15)
             .as_deref()
             .map(RecordingState::parse),
+        resumed_from: r.get(16),
+    }
+}
+
+/// A token row read with `sql::REDEMPTION_COLUMNS`.
+fn redemption_row(r: &Row, revocation_seq: i64) -> Result<Redemption, StoreError> {
+    let token_id: i64 = r.get(0);
+    Ok(Redemption {
+        token_id,
+        vm_id: r.get(1),
+        target_host: r.get(2),
+        target_port: port(r.get(3), &format!("token {token_id}"))?,
+        vnc_password: r.get(4),
+        user_name: r.get(5),
+        expires_at: r.get(6),
+        caller_session: r.get(7),
+        revocation_seq,
+        policy: policy_row(r, 8),
+        single_use: r.get(12),
+    })
+}
+
+/// A token's session rules, from four columns starting at `at`: view_only,
+/// exclusive, clipboard, record.
+fn policy_row(r: &Row, at: usize) -> SessionPolicy {
+    SessionPolicy {
+        view_only: r.get(at),
+        exclusive: r.get(at + 1),
+        // An unknown value (a newer version's) blocks both ways.
+        clipboard: r
+            .get::<_, String>(at + 2)
+            .parse()
+            .unwrap_or(Clipboard::None),
+        record: r.get(at + 3),
     }
 }
 
@@ -644,7 +683,11 @@ impl TokenStore for PgStore {
     async fn purge_expired(&self, before: i64) -> Result<u64, StoreError> {
         with_conn!(self, |c| {
             let st = c.prepare_cached(sql::PURGE_TOKENS).await.map_err(pg_err)?;
-            c.execute(&st, &[&before]).await.map_err(pg_err)
+            let n = c.execute(&st, &[&before]).await.map_err(pg_err)?;
+            c.execute(sql::PURGE_TICKETS, &[&before])
+                .await
+                .map_err(pg_err)?;
+            Ok(n)
         })
     }
 
@@ -657,15 +700,14 @@ impl TokenStore for PgStore {
             // the row is taken: a revocation committed later has a later seq
             // and applies to the session.
             let st = c
-                .prepare_cached(
+                .prepare_cached(&format!(
                     "WITH seen AS (SELECT COALESCE(max(seq), 0)::BIGINT AS seq FROM revocations)
                      UPDATE tokens SET used_at = COALESCE(used_at, $2)
                      WHERE token_hash = $1 AND revoked_at IS NULL AND expires_at > $2
                        AND (NOT single_use OR used_at IS NULL)
-                     RETURNING id, vm_id, target_host, target_port, vnc_password, user_name,
-                               expires_at, caller_session, (SELECT seq FROM seen),
-                               view_only, exclusive, clipboard, record",
-                )
+                     RETURNING {}, (SELECT seq FROM seen)",
+                    sql::REDEMPTION_COLUMNS
+                ))
                 .await
                 .map_err(pg_err)?;
             let Some(r) = c
@@ -675,25 +717,7 @@ impl TokenStore for PgStore {
             else {
                 return Ok(None);
             };
-            let token_id: i64 = r.get(0);
-            Ok(Some(Redemption {
-                token_id,
-                vm_id: r.get(1),
-                target_host: r.get(2),
-                target_port: port(r.get(3), &format!("token {token_id}"))?,
-                vnc_password: r.get(4),
-                user_name: r.get(5),
-                expires_at: r.get(6),
-                caller_session: r.get(7),
-                revocation_seq: r.get(8),
-                policy: SessionPolicy {
-                    view_only: r.get(9),
-                    exclusive: r.get(10),
-                    // An unknown value (a newer version's) blocks both ways.
-                    clipboard: r.get::<_, String>(11).parse().unwrap_or(Clipboard::None),
-                    record: r.get(12),
-                },
-            }))
+            Ok(Some(redemption_row(&r, r.get(13))?))
         })
     }
 
@@ -744,6 +768,108 @@ impl TokenStore for PgStore {
         })
     }
 
+    async fn console(&self, hash: &TokenHash, now: i64) -> Result<Option<ConsoleView>, StoreError> {
+        with_conn!(self, |c| {
+            let st = c.prepare_cached(sql::CONSOLE_TOKEN).await.map_err(pg_err)?;
+            let Some(t) = c
+                .query_opt(&st, &[&&hash[..], &now])
+                .await
+                .map_err(pg_err)?
+            else {
+                return Ok(None);
+            };
+            let token_id: i64 = t.get(0);
+            let st = c
+                .prepare_cached(sql::LIVE_SESSIONS_OF_TOKEN)
+                .await
+                .map_err(pg_err)?;
+            let live = c
+                .query(&st, &[&token_id])
+                .await
+                .map_err(pg_err)?
+                .iter()
+                .map(|r| LiveSession {
+                    id: r.get(0),
+                    client_addr: r.get(1),
+                    started_at: r.get(2),
+                })
+                .collect();
+            Ok(Some(ConsoleView {
+                token_id,
+                single_use: t.get(1),
+                expires_at: t.get(2),
+                policy: policy_row(&t, 3),
+                live,
+            }))
+        })
+    }
+
+    async fn set_ticket(&self, t: &Ticket) -> Result<(), StoreError> {
+        with_conn!(self, |c| {
+            c.execute(
+                "INSERT INTO reconnect_tickets (ticket_hash, session_id, token_id, client_ip)
+                 SELECT $1::BYTEA, $2::BIGINT, $3::BIGINT, $4::TEXT
+                 WHERE EXISTS (SELECT 1 FROM sessions WHERE id = $2 AND ended_at IS NULL)
+                 ON CONFLICT (session_id) DO UPDATE
+                   SET ticket_hash = excluded.ticket_hash, client_ip = excluded.client_ip,
+                       valid_until = NULL",
+                &[&&t.hash[..], &t.session_id, &t.token_id, &t.client_ip],
+            )
+            .await
+            .map_err(pg_err)?;
+            Ok(())
+        })
+    }
+
+    async fn resume(
+        &self,
+        token: &TokenHash,
+        ticket: &TokenHash,
+        client_ip: &str,
+        now: i64,
+    ) -> Result<Resumed, StoreError> {
+        with_conn!(self, |c| {
+            let seq: i64 = c
+                .query_one("SELECT COALESCE(max(seq), 0)::BIGINT FROM revocations", &[])
+                .await
+                .map_err(pg_err)?
+                .get(0);
+            let taken = c
+                .query_opt(
+                    sql::TAKE_TICKET,
+                    &[&&ticket[..], &client_ip, &now, &&token[..]],
+                )
+                .await
+                .map_err(pg_err)?;
+            let Some(taken) = taken else {
+                let pending = c
+                    .query_opt(
+                        sql::PENDING_TICKET,
+                        &[&&ticket[..], &client_ip, &&token[..], &now],
+                    )
+                    .await
+                    .map_err(pg_err)?
+                    .is_some();
+                return Ok(if pending {
+                    Resumed::Pending
+                } else {
+                    Resumed::Invalid
+                });
+            };
+            let (from, token_id): (i64, i64) = (taken.get(0), taken.get(1));
+            let st = c.prepare_cached(sql::TOKEN_BY_ID).await.map_err(pg_err)?;
+            Ok(
+                match c.query_opt(&st, &[&token_id]).await.map_err(pg_err)? {
+                    Some(r) => Resumed::Session {
+                        redemption: redemption_row(&r, seq)?,
+                        from,
+                    },
+                    None => Resumed::Invalid,
+                },
+            )
+        })
+    }
+
     fn revocation_signal(&self) -> Option<Arc<Notify>> {
         let signal = self.signal.get_or_init(|| {
             let signal = Arc::new(Notify::new());
@@ -770,7 +896,7 @@ impl TokenStore for PgStore {
 impl SessionLog for PgStore {
     async fn open_session(&self, s: &NewSession) -> Result<Opened, StoreError> {
         let recording = s.recording.then_some(RecordingState::Recording.as_str());
-        let row: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
+        let row: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
             &s.token_id,
             &s.vm_id,
             &s.user_name,
@@ -779,6 +905,7 @@ impl SessionLog for PgStore {
             &s.started_at,
             &s.view_only,
             &recording,
+            &s.resumed_from,
         ];
         with_conn!(self, |c| {
             if s.exclusive && !s.view_only {
@@ -840,6 +967,17 @@ impl SessionLog for PgStore {
             )
             .await
             .map_err(pg_err)?;
+            match end.ticket {
+                TicketEnd::NoTicket => {}
+                TicketEnd::Void => {
+                    c.execute(sql::VOID_TICKET, &[&id]).await.map_err(pg_err)?;
+                }
+                TicketEnd::ValidUntil(until) => {
+                    c.execute(sql::ARM_TICKET, &[&id, &until])
+                        .await
+                        .map_err(pg_err)?;
+                }
+            }
             Ok(())
         })
     }
@@ -881,11 +1019,16 @@ impl SessionLog for PgStore {
 
     async fn close_orphaned_sessions(&self, node: &str, now: i64) -> Result<u64, StoreError> {
         with_conn!(self, |c| {
-            let st = c
-                .prepare_cached(sql::CLOSE_ORPHANED_SESSIONS)
+            let tx = c.transaction().await.map_err(pg_err)?;
+            tx.execute(sql::VOID_ORPHANED_TICKETS, &[&node])
                 .await
                 .map_err(pg_err)?;
-            c.execute(&st, &[&node, &now]).await.map_err(pg_err)
+            let n = tx
+                .execute(sql::CLOSE_ORPHANED_SESSIONS, &[&node, &now])
+                .await
+                .map_err(pg_err)?;
+            tx.commit().await.map_err(pg_err)?;
+            Ok(n)
         })
     }
 
@@ -1348,7 +1491,7 @@ mod tests {
             .await
             .unwrap();
         let versions: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
-        assert_eq!(versions, vec![1, 2, 3]);
+        assert_eq!(versions, vec![1, 2, 3, 4]);
         // Pooled connections carry the statement timeout.
         let timeout: String = c
             .query_one("SHOW statement_timeout", &[])

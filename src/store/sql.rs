@@ -16,8 +16,8 @@ macro_rules! insert_token {
 macro_rules! insert_session {
     () => {
         "INSERT INTO sessions (token_id, vm_id, user_name, client_addr, node, started_at,
-                               view_only, recording)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+                               view_only, recording, resumed_from)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
     };
 }
 
@@ -26,7 +26,8 @@ macro_rules! session_columns {
     () => {
         "SELECT id, vm_id, user_name, client_addr, node, started_at, ended_at,
                 bytes_to_client, bytes_to_server, close_reason, view_only, key_events,
-                pointer_events, clipboard_bytes_to_vm, clipboard_bytes_from_vm, recording
+                pointer_events, clipboard_bytes_to_vm, clipboard_bytes_from_vm, recording,
+                resumed_from
          FROM sessions "
     };
 }
@@ -58,6 +59,48 @@ pub(super) const CLOSE_ORPHANED_SESSIONS: &str =
     "UPDATE sessions SET ended_at = $2, close_reason = 'node restarted',
                          recording = CASE WHEN recording IS NULL THEN NULL ELSE 'incomplete' END
      WHERE node = $1 AND ended_at IS NULL";
+
+/// What the console page is told about a token it holds.
+pub(super) const CONSOLE_TOKEN: &str =
+    "SELECT id, single_use, expires_at, view_only, exclusive, clipboard, record FROM tokens
+     WHERE token_hash = $1 AND revoked_at IS NULL AND expires_at > $2";
+pub(super) const LIVE_SESSIONS_OF_TOKEN: &str = "SELECT id, client_addr, started_at FROM sessions
+     WHERE token_id = $1 AND ended_at IS NULL ORDER BY started_at DESC, id DESC LIMIT 16";
+/// Takes a ticket whose session dropped, within its grace, for a token
+/// that still opens consoles.
+pub(super) const TAKE_TICKET: &str = "DELETE FROM reconnect_tickets
+     WHERE ticket_hash = $1 AND client_ip = $2 AND valid_until IS NOT NULL AND valid_until > $3
+       AND token_id = (SELECT id FROM tokens
+                       WHERE token_hash = $4 AND revoked_at IS NULL AND expires_at > $3)
+     RETURNING session_id, token_id";
+/// A ticket whose session is still live.
+pub(super) const PENDING_TICKET: &str =
+    "SELECT 1 FROM reconnect_tickets r JOIN tokens t ON t.id = r.token_id
+     WHERE r.ticket_hash = $1 AND r.client_ip = $2 AND r.valid_until IS NULL
+       AND t.token_hash = $3 AND t.revoked_at IS NULL AND t.expires_at > $4";
+/// The redemption columns, in the order the backends read them.
+macro_rules! redemption_columns {
+    () => {
+        "id, vm_id, target_host, target_port, vnc_password, user_name, expires_at,
+         caller_session, view_only, exclusive, clipboard, record, single_use"
+    };
+}
+pub(super) const REDEMPTION_COLUMNS: &str = redemption_columns!();
+pub(super) const TOKEN_BY_ID: &str = concat!(
+    "SELECT ",
+    redemption_columns!(),
+    " FROM tokens WHERE id = $1"
+);
+/// A dropped session's ticket is valid until `$2`.
+pub(super) const ARM_TICKET: &str =
+    "UPDATE reconnect_tickets SET valid_until = $2 WHERE session_id = $1";
+pub(super) const VOID_TICKET: &str = "DELETE FROM reconnect_tickets WHERE session_id = $1";
+/// Tickets past their grace, or whose token is gone.
+pub(super) const PURGE_TICKETS: &str = "DELETE FROM reconnect_tickets
+     WHERE valid_until <= $1 OR token_id NOT IN (SELECT id FROM tokens)";
+/// The tickets of the rows a node left open: they never become valid.
+pub(super) const VOID_ORPHANED_TICKETS: &str = "DELETE FROM reconnect_tickets
+     WHERE session_id IN (SELECT id FROM sessions WHERE node = $1 AND ended_at IS NULL)";
 
 pub(super) const USER_ID: &str = "SELECT id FROM users WHERE name = $1";
 pub(super) const USER_BY_NAME: &str =

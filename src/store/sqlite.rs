@@ -12,9 +12,10 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 
 use super::sql;
 use super::{
-    Cause, Health, NewSession, NewToken, Opened, RecordedRevocation, RecordingState, Redemption,
-    Registry, Revocation, Revoked, SessionEnd, SessionFilter, SessionLog, SessionPolicy,
-    SessionRecord, StoreError, TokenStore, User, Vm, VmPolicy, to_i64, to_u64,
+    Cause, ConsoleView, Health, LiveSession, NewSession, NewToken, Opened, RecordedRevocation,
+    RecordingState, Redemption, Registry, Resumed, Revocation, Revoked, SessionEnd, SessionFilter,
+    SessionLog, SessionPolicy, SessionRecord, StoreError, Ticket, TicketEnd, TokenStore, User, Vm,
+    VmPolicy, to_i64, to_u64,
 };
 use crate::policy::{Clipboard, Control};
 use crate::token::TokenHash;
@@ -31,10 +32,17 @@ fn numbered(sql: &str) -> String {
 /// control session of the VM is live.
 const INSERT_EXCLUSIVE_SESSION: &str =
     "INSERT INTO sessions (token_id, vm_id, user_name, client_addr, node, started_at,
-                           view_only, recording)
-     SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8
+                           view_only, recording, resumed_from)
+     SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9
      WHERE NOT EXISTS (SELECT 1 FROM sessions
                        WHERE vm_id = ?2 AND ended_at IS NULL AND view_only = 0)";
+
+/// A live session's ticket, replacing the one it had.
+const SET_TICKET: &str =
+    "INSERT INTO reconnect_tickets (ticket_hash, session_id, token_id, client_ip)
+     SELECT ?1, ?2, ?3, ?4 WHERE EXISTS (SELECT 1 FROM sessions WHERE id = ?2 AND ended_at IS NULL)
+     ON CONFLICT (session_id) DO UPDATE
+       SET ticket_hash = excluded.ticket_hash, client_ip = excluded.client_ip, valid_until = NULL";
 
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/sqlite/0001_init.sql")),
@@ -45,6 +53,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (
         3,
         include_str!("../../migrations/sqlite/0003_session_control.sql"),
+    ),
+    (
+        4,
+        include_str!("../../migrations/sqlite/0004_reconnect_tickets.sql"),
     ),
 ];
 
@@ -298,6 +310,39 @@ fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
             .get::<_, Option<String>>(15)?
             .as_deref()
             .map(RecordingState::parse),
+        resumed_from: r.get(16)?,
+    })
+}
+
+/// A token row read with `sql::REDEMPTION_COLUMNS`.
+fn redemption_row(r: &rusqlite::Row<'_>, revocation_seq: i64) -> rusqlite::Result<Redemption> {
+    Ok(Redemption {
+        token_id: r.get(0)?,
+        vm_id: r.get(1)?,
+        target_host: r.get(2)?,
+        target_port: r.get(3)?,
+        vnc_password: r.get(4)?,
+        user_name: r.get(5)?,
+        expires_at: r.get(6)?,
+        caller_session: r.get(7)?,
+        revocation_seq,
+        policy: policy_row(r, 8)?,
+        single_use: r.get(12)?,
+    })
+}
+
+/// A token's session rules, from four columns starting at `at`: view_only,
+/// exclusive, clipboard, record.
+fn policy_row(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<SessionPolicy> {
+    Ok(SessionPolicy {
+        view_only: r.get(at)?,
+        exclusive: r.get(at + 1)?,
+        // An unknown value (a newer version's) blocks both ways.
+        clipboard: r
+            .get::<_, String>(at + 2)?
+            .parse()
+            .unwrap_or(Clipboard::None),
+        record: r.get(at + 3)?,
     })
 }
 
@@ -405,6 +450,7 @@ impl TokenStore for SqliteStore {
     async fn purge_expired(&self, before: i64) -> Result<u64, StoreError> {
         self.with(move |c| {
             let n = c.execute(sql::PURGE_TOKENS, [before]).map_err(map_err)?;
+            c.execute(sql::PURGE_TICKETS, [before]).map_err(map_err)?;
             Ok(n as u64)
         })
         .await
@@ -416,33 +462,16 @@ impl TokenStore for SqliteStore {
             // Read before the token is taken: a revocation that lands in
             // between is then later than the session's view, so it applies.
             let revocation_seq = last_seq(c)?;
-            c.prepare_cached(
+            c.prepare_cached(&format!(
                 "UPDATE tokens SET used_at = COALESCE(used_at, ?2)
                  WHERE token_hash = ?1 AND revoked_at IS NULL AND expires_at > ?2
                    AND (single_use = 0 OR used_at IS NULL)
-                 RETURNING id, vm_id, target_host, target_port, vnc_password, user_name,
-                           expires_at, caller_session, view_only, exclusive, clipboard, record",
-            )
+                 RETURNING {}",
+                sql::REDEMPTION_COLUMNS
+            ))
             .and_then(|mut s| {
                 s.query_row(params![&hash[..], now], |r| {
-                    Ok(Redemption {
-                        token_id: r.get(0)?,
-                        vm_id: r.get(1)?,
-                        target_host: r.get(2)?,
-                        target_port: r.get(3)?,
-                        vnc_password: r.get(4)?,
-                        user_name: r.get(5)?,
-                        expires_at: r.get(6)?,
-                        caller_session: r.get(7)?,
-                        revocation_seq,
-                        policy: SessionPolicy {
-                            view_only: r.get(8)?,
-                            exclusive: r.get(9)?,
-                            // An unknown value (a newer version's) blocks both ways.
-                            clipboard: r.get::<_, String>(10)?.parse().unwrap_or(Clipboard::None),
-                            record: r.get(11)?,
-                        },
-                    })
+                    redemption_row(r, revocation_seq)
                 })
                 .optional()
             })
@@ -487,6 +516,103 @@ impl TokenStore for SqliteStore {
                 .execute(sql::PURGE_REVOCATIONS, [before])
                 .map_err(map_err)?;
             Ok(n as u64)
+        })
+        .await
+    }
+
+    async fn console(&self, hash: &TokenHash, now: i64) -> Result<Option<ConsoleView>, StoreError> {
+        let hash = *hash;
+        self.with(move |c| {
+            let token = c
+                .prepare_cached(sql::CONSOLE_TOKEN)
+                .and_then(|mut st| {
+                    st.query_row(params![&hash[..], now], |r| {
+                        Ok((r.get::<_, i64>(0)?, r.get(1)?, r.get(2)?, policy_row(r, 3)?))
+                    })
+                    .optional()
+                })
+                .map_err(map_err)?;
+            let Some((token_id, single_use, expires_at, policy)) = token else {
+                return Ok(None);
+            };
+            let live = c
+                .prepare_cached(sql::LIVE_SESSIONS_OF_TOKEN)
+                .and_then(|mut st| {
+                    st.query_map([token_id], |r| {
+                        Ok(LiveSession {
+                            id: r.get(0)?,
+                            client_addr: r.get(1)?,
+                            started_at: r.get(2)?,
+                        })
+                    })?
+                    .collect::<Result<Vec<_>, _>>()
+                })
+                .map_err(map_err)?;
+            Ok(Some(ConsoleView {
+                token_id,
+                single_use,
+                expires_at,
+                policy,
+                live,
+            }))
+        })
+        .await
+    }
+
+    async fn set_ticket(&self, t: &Ticket) -> Result<(), StoreError> {
+        let t = t.clone();
+        self.with(move |c| {
+            c.prepare_cached(SET_TICKET)
+                .and_then(|mut st| {
+                    st.execute(params![&t.hash[..], t.session_id, t.token_id, t.client_ip])
+                })
+                .map_err(map_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn resume(
+        &self,
+        token: &TokenHash,
+        ticket: &TokenHash,
+        client_ip: &str,
+        now: i64,
+    ) -> Result<Resumed, StoreError> {
+        let (token, ticket, ip) = (*token, *ticket, client_ip.to_owned());
+        self.with(move |c| {
+            let revocation_seq = last_seq(c)?;
+            let taken = c
+                .prepare_cached(&numbered(sql::TAKE_TICKET))
+                .and_then(|mut st| {
+                    st.query_row(params![&ticket[..], ip, now, &token[..]], |r| {
+                        Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+                    })
+                    .optional()
+                })
+                .map_err(map_err)?;
+            let Some((from, token_id)) = taken else {
+                let pending = c
+                    .prepare_cached(sql::PENDING_TICKET)
+                    .and_then(|mut st| st.exists(params![&ticket[..], ip, &token[..], now]))
+                    .map_err(map_err)?;
+                return Ok(if pending {
+                    Resumed::Pending
+                } else {
+                    Resumed::Invalid
+                });
+            };
+            let redemption = c
+                .prepare_cached(sql::TOKEN_BY_ID)
+                .and_then(|mut st| {
+                    st.query_row([token_id], |r| redemption_row(r, revocation_seq))
+                        .optional()
+                })
+                .map_err(map_err)?;
+            Ok(match redemption {
+                Some(redemption) => Resumed::Session { redemption, from },
+                None => Resumed::Invalid,
+            })
         })
         .await
     }
@@ -540,6 +666,7 @@ impl SessionLog for SqliteStore {
                         s.started_at,
                         s.view_only,
                         recording,
+                        s.resumed_from,
                     ])
                 })
                 .map_err(map_err)?;
@@ -555,7 +682,8 @@ impl SessionLog for SqliteStore {
         let end = end.clone();
         self.with(move |c| {
             let audit = end.audit;
-            c.prepare_cached(&numbered(sql::CLOSE_SESSION))
+            let tx = c.transaction().map_err(map_err)?;
+            tx.prepare_cached(&numbered(sql::CLOSE_SESSION))
                 .and_then(|mut st| {
                     st.execute(params![
                         id,
@@ -571,6 +699,15 @@ impl SessionLog for SqliteStore {
                     ])
                 })
                 .map_err(map_err)?;
+            match end.ticket {
+                TicketEnd::NoTicket => Ok(0),
+                TicketEnd::Void => tx.execute(sql::VOID_TICKET, [id]),
+                TicketEnd::ValidUntil(until) => {
+                    tx.execute(&numbered(sql::ARM_TICKET), params![id, until])
+                }
+            }
+            .map_err(map_err)?;
+            tx.commit().map_err(map_err)?;
             Ok(())
         })
         .await
@@ -610,9 +747,13 @@ impl SessionLog for SqliteStore {
     async fn close_orphaned_sessions(&self, node: &str, now: i64) -> Result<u64, StoreError> {
         let node = node.to_owned();
         self.with(move |c| {
-            let n = c
+            let tx = c.transaction().map_err(map_err)?;
+            tx.execute(sql::VOID_ORPHANED_TICKETS, [&node])
+                .map_err(map_err)?;
+            let n = tx
                 .execute(&numbered(sql::CLOSE_ORPHANED_SESSIONS), params![node, now])
                 .map_err(map_err)?;
+            tx.commit().map_err(map_err)?;
             Ok(n as u64)
         })
         .await
@@ -910,6 +1051,7 @@ mod tests {
             .unwrap();
         s.ping().await.unwrap();
         let open = |started_at| NewSession {
+            resumed_from: None,
             token_id: 1,
             vm_id: 1,
             user_name: "alice".into(),
@@ -921,6 +1063,7 @@ mod tests {
             recording: false,
         };
         let end = |ended_at| SessionEnd {
+            ticket: TicketEnd::NoTicket,
             ended_at,
             bytes_to_client: 0,
             bytes_to_server: 0,

@@ -83,6 +83,8 @@ backend_tests!(
     byte_counts_past_the_column_range_are_kept_at_the_maximum,
     errors_keep_the_database_error_as_their_source,
     orphaned_sessions_of_a_node_are_closed,
+    a_reconnect_ticket_reopens_a_dropped_console_once,
+    a_reconnect_ticket_is_void_after_a_close_a_revocation_or_a_new_ticket,
 );
 
 fn token(text: &str, vm: i64, expires_at: i64) -> NewToken {
@@ -136,6 +138,7 @@ fn vm(id: i64, owner: &str, allowed: &[&str]) -> Vm {
 
 fn session(vm_id: i64, user: &str, node: &str, started_at: i64) -> NewSession {
     NewSession {
+        resumed_from: None,
         view_only: false,
         exclusive: false,
         recording: false,
@@ -192,6 +195,7 @@ async fn redemption_rules(f: Fixture) {
     assert_eq!(
         r,
         Redemption {
+            single_use: false,
             policy: Default::default(),
             token_id: reusable_id,
             vm_id: 7,
@@ -415,6 +419,7 @@ async fn sessions_are_recorded_listed_and_filtered(f: Fixture) {
     s.close_session(
         a,
         &SessionEnd {
+            ticket: TicketEnd::NoTicket,
             audit: None,
             recording: None,
             ended_at: 30,
@@ -432,6 +437,7 @@ async fn sessions_are_recorded_listed_and_filtered(f: Fixture) {
     assert_eq!(
         all[2],
         SessionRecord {
+            resumed_from: None,
             view_only: false,
             key_events: None,
             pointer_events: None,
@@ -526,6 +532,7 @@ async fn sessions_are_recorded_listed_and_filtered(f: Fixture) {
     s.close_session(
         9999,
         &SessionEnd {
+            ticket: TicketEnd::NoTicket,
             audit: None,
             recording: None,
             ended_at: 1,
@@ -613,6 +620,7 @@ async fn revoking_counts_live_sessions_and_covers_every_token_kind(f: Fixture) {
     s.close_session(
         ended,
         &SessionEnd {
+            ticket: TicketEnd::NoTicket,
             audit: None,
             recording: None,
             ended_at: now,
@@ -791,6 +799,7 @@ async fn a_second_handle_sees_the_same_data(f: Fixture) {
 async fn purge_sessions_deletes_only_sessions_that_ended_before_the_cutoff(f: Fixture) {
     let s = &*f.store;
     let ended = |ended_at| SessionEnd {
+        ticket: TicketEnd::NoTicket,
         audit: None,
         recording: None,
         ended_at,
@@ -841,6 +850,7 @@ async fn purge_sessions_deletes_only_sessions_that_ended_before_the_cutoff(f: Fi
 async fn orphaned_sessions_of_a_node_are_closed(f: Fixture) {
     let s = &*f.store;
     let open = |node: &str| NewSession {
+        resumed_from: None,
         view_only: false,
         exclusive: false,
         recording: false,
@@ -864,6 +874,7 @@ async fn orphaned_sessions_of_a_node_are_closed(f: Fixture) {
         .id()
         .expect("opened");
     let end = SessionEnd {
+        ticket: TicketEnd::NoTicket,
         audit: None,
         recording: None,
         ended_at: 11,
@@ -913,6 +924,7 @@ async fn byte_counts_past_the_column_range_are_kept_at_the_maximum(f: Fixture) {
         .id()
         .expect("opened");
     let end = SessionEnd {
+        ticket: TicketEnd::NoTicket,
         audit: None,
         recording: None,
         ended_at: 11,
@@ -1057,6 +1069,7 @@ async fn an_exclusive_vm_takes_one_control_session_from_any_node(f: Fixture) {
     // Once the first ends, control is free, and of many nodes racing for
     // it exactly one wins.
     let end = SessionEnd {
+        ticket: TicketEnd::NoTicket,
         ended_at: 20,
         bytes_to_client: 0,
         bytes_to_server: 0,
@@ -1142,6 +1155,7 @@ async fn policies_and_audit_are_kept(f: Fixture) {
     s.close_session(
         id,
         &SessionEnd {
+            ticket: TicketEnd::NoTicket,
             ended_at: 20,
             bytes_to_client: 1,
             bytes_to_server: 2,
@@ -1174,4 +1188,182 @@ async fn policies_and_audit_are_kept(f: Fixture) {
         ..filter(10)
     };
     assert!(s.sessions(&live_only).await.unwrap().is_empty());
+}
+
+/// A single-use token redeemed into a live session from 127.0.0.1, with the
+/// ticket `ticket`: (token id, session id).
+async fn ticketed_session(s: &dyn Store, text: &str, ticket: &str, now: i64) -> (i64, i64) {
+    let token_id = s
+        .insert_token(&single_use(text, 3, now + 600))
+        .await
+        .unwrap();
+    assert!(redeems(s, text, now).await);
+    let sid = s
+        .open_session(&NewSession {
+            token_id,
+            ..session(3, "alice", "n1", now)
+        })
+        .await
+        .unwrap()
+        .id()
+        .unwrap();
+    s.set_ticket(&Ticket {
+        hash: hash_token(ticket),
+        session_id: sid,
+        token_id,
+        client_ip: "127.0.0.1".into(),
+    })
+    .await
+    .unwrap();
+    (token_id, sid)
+}
+
+fn ended(at: i64, ticket: TicketEnd) -> SessionEnd {
+    SessionEnd {
+        ended_at: at,
+        bytes_to_client: 0,
+        bytes_to_server: 0,
+        reason: "client connection lost".into(),
+        audit: None,
+        recording: None,
+        ticket,
+    }
+}
+
+async fn resume(s: &dyn Store, text: &str, ticket: &str, ip: &str, now: i64) -> Resumed {
+    s.resume(&hash_token(text), &hash_token(ticket), ip, now)
+        .await
+        .unwrap()
+}
+
+async fn a_reconnect_ticket_reopens_a_dropped_console_once(f: Fixture) {
+    let s = &*f.store;
+    let now = 1000;
+    let (token_id, sid) = ticketed_session(s, "tok", "tick", now).await;
+    let view = s.console(&hash_token("tok"), now).await.unwrap().unwrap();
+    assert!(view.single_use);
+    assert_eq!(view.token_id, token_id);
+    assert_eq!(view.live.len(), 1);
+    assert_eq!(view.live[0].id, sid);
+    assert!(s.console(&hash_token("nope"), now).await.unwrap().is_none());
+    // The used token itself opens nothing more.
+    assert!(!redeems(s, "tok", now).await);
+    // While the session is live, the ticket waits.
+    assert!(matches!(
+        resume(s, "tok", "tick", "127.0.0.1", now).await,
+        Resumed::Pending
+    ));
+    s.close_session(sid, &ended(now + 5, TicketEnd::ValidUntil(now + 35)))
+        .await
+        .unwrap();
+    // Another address, another token, another ticket, or past the grace: no.
+    for (text, ticket, ip, at) in [
+        ("tok", "tick", "127.0.0.2", now + 6),
+        ("other", "tick", "127.0.0.1", now + 6),
+        ("tok", "tack", "127.0.0.1", now + 6),
+        ("tok", "tick", "127.0.0.1", now + 35),
+    ] {
+        assert!(
+            matches!(resume(s, text, ticket, ip, at).await, Resumed::Invalid),
+            "{text} {ticket} {ip} {at}"
+        );
+    }
+    match resume(s, "tok", "tick", "127.0.0.1", now + 6).await {
+        Resumed::Session { redemption, from } => {
+            assert_eq!(from, sid);
+            assert_eq!(redemption.token_id, token_id);
+            assert_eq!(redemption.vm_id, 3);
+            assert!(redemption.single_use);
+        }
+        other => panic!("not resumed: {other:?}"),
+    }
+    // Once.
+    assert!(matches!(
+        resume(s, "tok", "tick", "127.0.0.1", now + 7).await,
+        Resumed::Invalid
+    ));
+    // The next session names the one it continues.
+    let next = s
+        .open_session(&NewSession {
+            token_id,
+            resumed_from: Some(sid),
+            ..session(3, "alice", "n2", now + 6)
+        })
+        .await
+        .unwrap()
+        .id()
+        .unwrap();
+    let row = s.session(next).await.unwrap().unwrap();
+    assert_eq!(row.resumed_from, Some(sid));
+    assert_eq!(s.session(sid).await.unwrap().unwrap().resumed_from, None);
+}
+
+async fn a_reconnect_ticket_is_void_after_a_close_a_revocation_or_a_new_ticket(f: Fixture) {
+    let s = &*f.store;
+    let now = 1000;
+    // Closed for good: the ticket goes with the session.
+    let (_, sid) = ticketed_session(s, "closed", "t1", now).await;
+    s.close_session(sid, &ended(now + 1, TicketEnd::Void))
+        .await
+        .unwrap();
+    assert!(matches!(
+        resume(s, "closed", "t1", "127.0.0.1", now + 2).await,
+        Resumed::Invalid
+    ));
+    // Revoked in the grace.
+    let (_, sid) = ticketed_session(s, "revoked", "t2", now).await;
+    s.close_session(sid, &ended(now + 1, TicketEnd::ValidUntil(now + 30)))
+        .await
+        .unwrap();
+    revoke_vm(s, 3).await;
+    assert!(matches!(
+        resume(s, "revoked", "t2", "127.0.0.1", now + 2).await,
+        Resumed::Invalid
+    ));
+    // A new ticket replaces the old one.
+    let (token_id, sid) = ticketed_session(s, "renewed", "t3", now).await;
+    s.set_ticket(&Ticket {
+        hash: hash_token("t4"),
+        session_id: sid,
+        token_id,
+        client_ip: "127.0.0.1".into(),
+    })
+    .await
+    .unwrap();
+    s.close_session(sid, &ended(now + 1, TicketEnd::ValidUntil(now + 30)))
+        .await
+        .unwrap();
+    assert!(matches!(
+        resume(s, "renewed", "t3", "127.0.0.1", now + 2).await,
+        Resumed::Invalid
+    ));
+    assert!(matches!(
+        resume(s, "renewed", "t4", "127.0.0.1", now + 2).await,
+        Resumed::Session { .. }
+    ));
+    // An ended session takes no ticket; a node's orphaned rows lose theirs.
+    s.set_ticket(&Ticket {
+        hash: hash_token("t5"),
+        session_id: sid,
+        token_id,
+        client_ip: "127.0.0.1".into(),
+    })
+    .await
+    .unwrap();
+    assert!(matches!(
+        resume(s, "renewed", "t5", "127.0.0.1", now + 2).await,
+        Resumed::Invalid
+    ));
+    let (_, _orphan) = ticketed_session(s, "orphan", "t6", now).await;
+    assert!(matches!(
+        resume(s, "orphan", "t6", "127.0.0.1", now + 2).await,
+        Resumed::Pending
+    ));
+    s.close_orphaned_sessions("n1", now + 3).await.unwrap();
+    assert!(matches!(
+        resume(s, "orphan", "t6", "127.0.0.1", now + 4).await,
+        Resumed::Invalid
+    ));
+    // Purging expired tokens takes their tickets too.
+    assert!(s.purge_expired(now + 10_000).await.unwrap() > 0);
 }

@@ -7,8 +7,9 @@ use std::time::Instant;
 use async_trait::async_trait;
 
 use super::{
-    Health, NewSession, NewToken, RecordedRevocation, Redemption, Registry, Revocation, Revoked,
-    SessionEnd, SessionFilter, SessionLog, SessionRecord, Store, StoreError, TokenStore, User, Vm,
+    ConsoleView, Health, NewSession, NewToken, RecordedRevocation, Redemption, Registry, Resumed,
+    Revocation, Revoked, SessionEnd, SessionFilter, SessionLog, SessionRecord, Store, StoreError,
+    Ticket, TokenStore, User, Vm,
 };
 use crate::metrics::{Metrics, global};
 use crate::token::TokenHash;
@@ -20,6 +21,9 @@ pub enum StoreOp {
     Revoke,
     PurgeExpired,
     Redeem,
+    Console,
+    SetTicket,
+    Resume,
     RevocationsAfter,
     LastRevocation,
     PurgeRevocations,
@@ -51,6 +55,9 @@ impl StoreOp {
             StoreOp::Revoke => "revoke",
             StoreOp::PurgeExpired => "purge_expired",
             StoreOp::Redeem => "redeem",
+            StoreOp::Console => "console",
+            StoreOp::SetTicket => "set_ticket",
+            StoreOp::Resume => "resume",
             StoreOp::RevocationsAfter => "revocations_after",
             StoreOp::LastRevocation => "last_revocation",
             StoreOp::PurgeRevocations => "purge_revocations",
@@ -127,6 +134,30 @@ impl TokenStore for TimedStore {
     async fn redeem(&self, hash: &TokenHash, now: i64) -> Result<Option<Redemption>, StoreError> {
         self.timed(StoreOp::Redeem, self.inner.redeem(hash, now))
             .await
+    }
+
+    async fn console(&self, hash: &TokenHash, now: i64) -> Result<Option<ConsoleView>, StoreError> {
+        self.timed(StoreOp::Console, self.inner.console(hash, now))
+            .await
+    }
+
+    async fn set_ticket(&self, ticket: &Ticket) -> Result<(), StoreError> {
+        self.timed(StoreOp::SetTicket, self.inner.set_ticket(ticket))
+            .await
+    }
+
+    async fn resume(
+        &self,
+        token: &TokenHash,
+        ticket: &TokenHash,
+        client_ip: &str,
+        now: i64,
+    ) -> Result<Resumed, StoreError> {
+        self.timed(
+            StoreOp::Resume,
+            self.inner.resume(token, ticket, client_ip, now),
+        )
+        .await
     }
 
     async fn revocations_after(

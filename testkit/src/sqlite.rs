@@ -17,6 +17,8 @@ pub struct SessionRow {
     pub bytes_to_client: i64,
     pub bytes_to_server: i64,
     pub close_reason: Option<String>,
+    /// The session this one continues, reopened with a reconnect ticket.
+    pub resumed_from: Option<i64>,
 }
 
 /// All rows of the `sessions` table of an SQLite database, oldest first.
@@ -28,7 +30,7 @@ pub fn sqlite_session_rows(path: &Path) -> Vec<SessionRow> {
     let mut st = conn
         .prepare(
             "SELECT id, token_id, vm_id, user_name, client_addr, node, started_at, ended_at,
-                    bytes_to_client, bytes_to_server, close_reason
+                    bytes_to_client, bytes_to_server, close_reason, resumed_from
                FROM sessions ORDER BY id",
         )
         .unwrap();
@@ -45,6 +47,7 @@ pub fn sqlite_session_rows(path: &Path) -> Vec<SessionRow> {
             bytes_to_client: r.get(8)?,
             bytes_to_server: r.get(9)?,
             close_reason: r.get(10)?,
+            resumed_from: r.get(11)?,
         })
     })
     .unwrap()

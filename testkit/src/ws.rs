@@ -18,13 +18,16 @@ pub struct WsOptions {
     pub protocols: Vec<String>,
     /// A `Cookie` header.
     pub cookie: Option<String>,
+    /// The address to connect from (another loopback address, say), if not
+    /// the system's choice.
+    pub from: Option<std::net::IpAddr>,
 }
 
 impl WsOptions {
     pub fn binary() -> WsOptions {
         WsOptions {
             protocols: vec!["binary".into()],
-            cookie: None,
+            ..WsOptions::default()
         }
     }
 }
@@ -79,9 +82,18 @@ impl Ws {
                 .insert("Cookie", HeaderValue::from_str(c).unwrap());
         }
         let fut = async {
-            let tcp = TcpStream::connect(("127.0.0.1", port))
-                .await
-                .map_err(|e| format!("connect: {e}"))?;
+            let to = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+            let tcp = match opts.from {
+                None => TcpStream::connect(to).await,
+                Some(ip) => {
+                    let socket = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+                    socket
+                        .bind(std::net::SocketAddr::new(ip, 0))
+                        .map_err(|e| format!("bind {ip}: {e}"))?;
+                    socket.connect(to).await
+                }
+            }
+            .map_err(|e| format!("connect: {e}"))?;
             tokio_tungstenite::client_async(req, tcp)
                 .await
                 .map_err(|e| format!("WebSocket handshake: {e}"))
