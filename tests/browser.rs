@@ -950,3 +950,123 @@ async fn the_keys_menu_sends_sticky_ctrl_esc_tab_and_ctrl_alt_f2() {
     let modifiers = got[7].wrapping_sub(b'0').wrapping_sub(1);
     assert_eq!(modifiers & 6, 6, "Ctrl and Alt held for F2: {shown:?}");
 }
+
+/// A broker with VM 1 on an Xvnc, reached by the page through a relay whose
+/// connections the test cuts (the relay's origin is allowed).
+async fn broker_behind_a_cut_relay(extra_toml: &str) -> (Xvnc, Broker, CutRelay) {
+    let xvnc = Xvnc::start(QEMU_PW);
+    let relay_port = free_port();
+    let broker = Broker::start(&format!(
+        "[proxy]\nallowed_origins = [\"http://127.0.0.1:{relay_port}\"]\n{extra_toml}"
+    ));
+    broker.add_vm(1, xvnc.port, Some(QEMU_PW));
+    let relay = CutRelay::start_on(relay_port, broker.port).await;
+    (xvnc, broker, relay)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_page_comes_back_after_its_connection_is_cut_on_reusable_and_single_use_links()
+{
+    let (_xvnc, broker, relay) = broker_behind_a_cut_relay("max_session_secs = 3600\n").await;
+    let control = format!("http://127.0.0.1:{}", relay.control_port);
+    for single_use in [false, true] {
+        let t = broker.mint(1, USER, USER_PW, None, single_use).await;
+        let url = format!("http://127.0.0.1:{}/console#token={}", relay.port, t.token);
+        let before = broker.sessions().len();
+        let r = run_node(
+            "reconnect.mjs",
+            &[&url, &control, "cut", "", "", &PAGE_TIMEOUT_MS.to_string()],
+        )
+        .await;
+        assert!(r["error"].is_null(), "single_use {single_use}: {r:#}");
+        assert_eq!(r["back"], true, "{r:#}");
+        assert!(
+            r["cut"].as_u64().unwrap_or(0) >= 1,
+            "nothing was cut: {r:#}"
+        );
+        let states = r["states"].to_string();
+        assert!(states.contains("reconnecting"), "{states}");
+        let down = r["statusWhileDown"].as_str().unwrap_or_default();
+        assert!(
+            down.contains("connection to the console was lost") || down == "Reconnecting…",
+            "{down:?}"
+        );
+        assert_eq!(r["final"]["state"], "connected", "{r:#}");
+        assert!(
+            r["remaining"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("Ends in"),
+            "{r:#}"
+        );
+        // The ticket is a cookie page scripts cannot read, for single-use
+        // links alone.
+        assert_eq!(r["scriptSeesTicket"], false, "{r:#}");
+        let cookies = r["ticketCookie"].as_array().unwrap();
+        if single_use {
+            assert_eq!(cookies.len(), 1, "{r:#}");
+            assert_eq!(cookies[0]["httpOnly"], true, "{r:#}");
+            assert_eq!(cookies[0]["secure"], true, "{r:#}");
+            assert_eq!(cookies[0]["sameSite"], "Strict", "{r:#}");
+            assert_eq!(cookies[0]["path"], "/websockify", "{r:#}");
+        } else {
+            assert!(cookies.is_empty(), "{r:#}");
+        }
+        // Two sessions of the same token; the single-use one continues the
+        // first in its row.
+        let rows: Vec<_> = broker.ended_sessions(before + 2).await[before..].to_vec();
+        assert_eq!(rows[0].token_id, rows[1].token_id);
+        assert_eq!(
+            rows[0].close_reason.as_deref(),
+            Some("client connection lost")
+        );
+        assert_eq!(
+            rows[1].resumed_from,
+            single_use.then_some(rows[0].id),
+            "{rows:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_console_says_so_and_does_not_reconnect() {
+    let (_xvnc, broker, relay) = broker_behind_a_cut_relay("").await;
+    let control = format!("http://127.0.0.1:{}", relay.control_port);
+    let revoke = format!("{}/api/v1/vms/1/console-tokens", broker.base_url());
+    let cred = format!("{USER}:{USER_PW}");
+    for single_use in [false, true] {
+        let t = broker.mint(1, USER, USER_PW, None, single_use).await;
+        let url = format!("http://127.0.0.1:{}/console#token={}", relay.port, t.token);
+        let before = broker.sessions().len();
+        let r = run_node(
+            "reconnect.mjs",
+            &[
+                &url,
+                &control,
+                "revoke",
+                &revoke,
+                &cred,
+                &PAGE_TIMEOUT_MS.to_string(),
+            ],
+        )
+        .await;
+        assert!(r["error"].is_null(), "{r:#}");
+        assert_eq!(r["revokeStatus"], 200, "{r:#}");
+        assert_eq!(r["final"]["state"], "failed", "{r:#}");
+        assert_eq!(r["final"]["status"], "Console access was revoked.", "{r:#}");
+        assert_eq!(r["reconnectButton"], Value::Null, "{r:#}");
+        let states: Vec<&str> = r["states"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|s| s.as_str())
+            .collect();
+        assert_eq!(states.last(), Some(&"failed"), "{states:?}");
+        assert!(
+            !states.contains(&"reconnecting"),
+            "the page tried to reconnect: {states:?}"
+        );
+        let rows = broker.ended_sessions(before + 1).await;
+        assert_eq!(rows.len(), before + 1, "a second session opened: {rows:?}");
+    }
+}

@@ -1,32 +1,23 @@
 // The console page: opens the VM console for the token in the URL through
-// the broker's WebSocket proxy, with noVNC's RFB module.
+// the broker's WebSocket proxy, with noVNC's RFB module, and brings it back
+// after a dropped connection.
 import RFB from '/novnc/1.7.0/core/rfb.js';
 import { setupTypePanel, typeText, typeMaxChars } from '/static/typing.js';
 import { setupKeysMenu } from '/static/keys.js';
+import {
+  describeClose, reconnectsAfter, retryableAfter, backoffSecs, timeLeft,
+} from '/static/closing.js';
 
 const statusEl = document.getElementById('status');
 const cadButton = document.getElementById('cad');
 const fullscreenButton = document.getElementById('fullscreen');
+const reconnectButton = document.getElementById('reconnect');
+const remainingEl = document.getElementById('remaining');
 const screen = document.getElementById('screen');
 const modeEl = document.getElementById('mode');
 let liveRfb = null;
 const typePanel = setupTypePanel(() => liveRfb);
 const keysMenu = setupKeysMenu(() => liveRfb);
-
-// What each close code from the proxy means to a person.
-const CLOSE_MESSAGES = {
-  4400: 'No console token in this link.',
-  4401: 'This console link is invalid or has expired. Ask for a new one.',
-  4409: 'The VM moved since this link was made. Ask for a new one.',
-  4423: 'Someone else has control of this console. A view-only link can still watch.',
-  4507: 'This console must be recorded, and the recording could not be written.',
-  4410: 'Console access was revoked.',
-  4500: 'The VM console refused the connection.',
-  4502: 'The VM console is not reachable right now.',
-  4503: 'The console service is temporarily unavailable. Try again shortly.',
-  4504: 'The VM console did not answer in time.',
-  1003: 'The connection was closed: unsupported data.',
-};
 
 // The portal that frames this page, if one does. Only the origins the
 // broker allows can frame it (its CSP frame-ancestors), so this is one of
@@ -39,42 +30,140 @@ function notifyParent(msg) {
   if (parentOrigin) window.parent.postMessage(msg, parentOrigin);
 }
 
-function setState(state, text, code = null) {
+// `state` is the page's own (CSS, tests); the portal is told one of
+// connecting, connected, disconnected or failed.
+function setState(state, text, code = null, extra = {}) {
   document.body.dataset.state = state;
   statusEl.textContent = text;
-  notifyParent({ type: 'vncbroker:state', state, code, reason: text });
+  const told = state === 'reconnecting' ? 'disconnected' : state;
+  notifyParent({ type: 'vncbroker:state', state: told, code, reason: text, ...extra });
 }
 
-function tokenFromUrl() {
-  const fromHash = new URLSearchParams(window.location.hash.slice(1)).get('token');
-  if (fromHash) return fromHash;
-  return new URLSearchParams(window.location.search).get('token');
+function fromUrl(name) {
+  const hash = new URLSearchParams(window.location.hash.slice(1));
+  return hash.get(name) ?? new URLSearchParams(window.location.search).get(name);
 }
 
+const token = fromUrl('token');
 // Whether the link is view-only. The broker enforces it whatever the page
 // does; the page only stops offering input and says so.
-function viewOnlyFromUrl() {
-  const flag = (params) => params.get('view_only') === '1';
-  return flag(new URLSearchParams(window.location.hash.slice(1))) ||
-         flag(new URLSearchParams(window.location.search));
+const viewOnly = fromUrl('view_only') === '1';
+
+// What the broker told the page about its session (POST /console/session).
+let session = null;
+let everConnected = false;
+let userClosed = false;
+let attempts = 0;
+let droppedAt = null;
+let retryTimer = null;
+let countdown = null;
+
+const now = () => Date.now() / 1000;
+
+// Whether the token may still open the console: a reusable one while it
+// lives, a single-use one with its reconnect ticket within the grace.
+function tokenMayReopen() {
+  if (!session) return false;
+  if (now() >= session.expires_at) return false;
+  if (!session.single_use) return true;
+  return session.reconnect_ticket && droppedAt !== null &&
+         now() < droppedAt + session.reconnect_grace_secs;
 }
 
-function describeClose(ev) {
-  const known = CLOSE_MESSAGES[ev.code];
-  if (known) return known;
-  if (ev.reason) return 'Disconnected: ' + ev.reason;
-  return ev.code === 1000 ? 'Disconnected.' : 'Disconnected (code ' + ev.code + ').';
+async function askSession() {
+  try {
+    const r = await fetch('/console/session', {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json' },
+      body: JSON.stringify({ token }),
+      credentials: 'same-origin',
+      cache: 'no-store',
+    });
+    if (!r.ok) return;
+    session = await r.json();
+    window.vncbrokerSession = session;
+    document.dispatchEvent(new CustomEvent('vncbroker:session', { detail: session }));
+    showRemaining();
+  } catch (_) {
+    // The console works without it; it only cannot reconnect a single-use link.
+  }
 }
 
-function start() {
-  const token = tokenFromUrl();
-  const viewOnly = viewOnlyFromUrl();
-  if (!token) {
-    setState('failed', CLOSE_MESSAGES[4400]);
+// "Ends in 14 min" while the broker will end the session.
+let remainingTimer = null;
+function showRemaining() {
+  clearInterval(remainingTimer);
+  const endsAt = session && session.ends_at;
+  remainingEl.hidden = !endsAt || document.body.dataset.state !== 'connected';
+  if (remainingEl.hidden) return;
+  const tick = () => {
+    const left = endsAt - now();
+    remainingEl.textContent = 'Ends in ' + timeLeft(left);
+    remainingEl.dataset.soon = left < 120 ? 'true' : 'false';
+  };
+  tick();
+  remainingTimer = setInterval(tick, 1000);
+}
+
+function clearRetry() {
+  clearTimeout(retryTimer);
+  clearInterval(countdown);
+  retryTimer = countdown = null;
+}
+
+function offerReconnect(label) {
+  reconnectButton.textContent = label;
+  reconnectButton.hidden = false;
+}
+
+// Waits out the backoff, saying so, then connects again.
+function scheduleReconnect(code, reason) {
+  const wait = backoffSecs(attempts++);
+  const due = now() + wait;
+  const say = () => {
+    const left = Math.max(0, Math.ceil(due - now()));
+    setState('reconnecting', describeClose(code, reason) + ' Reconnecting in ' + left + ' s…',
+             code, { reconnecting: true });
+  };
+  say();
+  countdown = setInterval(say, 1000);
+  retryTimer = setTimeout(connect, wait * 1000);
+  offerReconnect('Reconnect now');
+}
+
+function ended(code, reason) {
+  liveRfb = null;
+  cadButton.disabled = true;
+  typePanel.enable(false);
+  keysMenu.enable(false);
+  remainingEl.hidden = true;
+  if (userClosed) {
+    setState('disconnected', 'Disconnected.', code);
+    if (everConnected && (tokenMayReopen() || (session && !session.single_use))) offerReconnect('Reconnect');
     return;
   }
-  // Keep the token out of the address bar once read.
-  history.replaceState(null, '', window.location.pathname);
+  // The grace of a single-use link's ticket runs from the first drop.
+  if (everConnected && droppedAt === null) droppedAt = now();
+  if (everConnected && reconnectsAfter(code) && tokenMayReopen()) {
+    scheduleReconnect(code, reason);
+    return;
+  }
+  let text = describeClose(code, reason);
+  if (code === 4401 && everConnected && session && session.single_use) {
+    text = 'This link was for one session and it could not be reopened. Ask for a new one.';
+  }
+  setState(code === 1000 ? 'disconnected' : 'failed', text, code);
+  // Trying again by hand: a reusable link that still lives, or any link
+  // before it ever connected (the VM may be starting).
+  const mayTry = everConnected ? tokenMayReopen() : true;
+  if (retryableAfter(code) && mayTry) offerReconnect('Reconnect');
+}
+
+function connect() {
+  clearRetry();
+  reconnectButton.hidden = true;
+  userClosed = false;
+  setState('connecting', everConnected ? 'Reconnecting…' : 'Connecting…');
 
   const scheme = window.location.protocol === 'https:' ? 'wss' : 'ws';
   const url = scheme + '://' + window.location.host + '/websockify?token=' +
@@ -90,23 +179,21 @@ function start() {
   rfb.resizeSession = false;
   rfb.focusOnClick = true;
   rfb.viewOnly = viewOnly;
-  if (viewOnly) {
-    modeEl.hidden = false;
-    document.body.dataset.viewOnly = 'true';
-    cadButton.hidden = true;
-    typePanel.hide();
-    keysMenu.hide();
-  }
   window.vncbrokerRfb = rfb;
 
   let desktopName = '';
+  let refused = false;
   rfb.addEventListener('connect', () => {
+    everConnected = true;
+    attempts = 0;
+    droppedAt = null;
     setState('connected', desktopName ? 'Connected: ' + desktopName : 'Connected');
     cadButton.disabled = false;
     liveRfb = rfb;
     typePanel.enable(!viewOnly);
     keysMenu.enable(!viewOnly);
     rfb.focus();
+    askSession();
   });
   rfb.addEventListener('desktopname', (ev) => {
     desktopName = ev.detail.name;
@@ -116,24 +203,42 @@ function start() {
     document.title = ev.detail.name + ' - Console';
   });
   rfb.addEventListener('securityfailure', (ev) => {
-    setState('failed', 'Authentication failed: ' + (ev.detail.reason || 'refused by the VM console'));
+    refused = true;
+    setState('failed', 'The VM console refused the sign-in: ' +
+             (ev.detail.reason || 'authentication failed'));
   });
-  rfb.addEventListener('disconnect', (ev) => {
-    cadButton.disabled = true;
-    liveRfb = null;
-    typePanel.enable(false);
-    keysMenu.enable(false);
+  rfb.addEventListener('disconnect', () => {
     // The close event may land just after noVNC's own handling.
     setTimeout(() => {
-      if (document.body.dataset.state === 'failed' && !closeEvent) return;
-      const text = closeEvent ? describeClose(closeEvent)
-                              : (ev.detail.clean ? 'Disconnected.' : 'Connection lost.');
-      const failed = !closeEvent || closeEvent.code !== 1000;
-      setState(failed ? 'failed' : 'disconnected', text, closeEvent ? closeEvent.code : null);
+      if (refused && !closeEvent) {
+        liveRfb = null;
+        return;
+      }
+      ended(closeEvent ? closeEvent.code : 1006, closeEvent ? closeEvent.reason : '');
     }, 50);
   });
+  return rfb;
+}
 
-  cadButton.addEventListener('click', () => rfb.sendCtrlAltDel());
+function start() {
+  if (!token) {
+    setState('failed', describeClose(4400));
+    return;
+  }
+  // Keep the token out of the address bar once read.
+  history.replaceState(null, '', window.location.pathname);
+  if (viewOnly) {
+    modeEl.hidden = false;
+    document.body.dataset.viewOnly = 'true';
+    cadButton.hidden = true;
+    typePanel.hide();
+    keysMenu.hide();
+  }
+  cadButton.addEventListener('click', () => { if (liveRfb) liveRfb.sendCtrlAltDel(); });
+  reconnectButton.addEventListener('click', () => {
+    attempts = 0;
+    connect();
+  });
 
   // Commands from the framing portal. The broker enforces view-only
   // whatever the page does; the page also ignores input commands then.
@@ -153,15 +258,19 @@ function start() {
         break;
       }
       case 'vncbroker:disconnect':
+        clearRetry();
+        userClosed = true;
         if (live) live.disconnect();
+        else ended(1000, '');
         break;
       case 'vncbroker:scale':
-        rfb.scaleViewport = cmd.mode !== 'actual';
+        if (window.vncbrokerRfb) window.vncbrokerRfb.scaleViewport = cmd.mode !== 'actual';
         break;
       default:
         break;
     }
   });
+  connect();
 }
 
 fullscreenButton.addEventListener('click', () => {

@@ -27,7 +27,7 @@ pub use broker::{
     vm_add_password_args,
 };
 pub use http::{HttpResponse, basic_auth, http_request, metric, request_head, scrape};
-pub use net::{TinyServer, closed_port, free_port, port_open};
+pub use net::{CutRelay, TinyServer, closed_port, free_port, port_open};
 pub use process::{clean_env, fd_count, steady_count, stop_child, stop_group, tail};
 pub use qemu::Qemu;
 pub use rfb::{ServerInit, rfb_handshake};
