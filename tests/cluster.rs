@@ -444,6 +444,29 @@ async fn sessions(port: u16, who: (&str, &str)) -> Vec<(i64, String, String)> {
     out
 }
 
+/// Every session's id and the one it continues, oldest first.
+async fn linked_sessions(port: u16, who: (&str, &str)) -> Vec<(i64, Option<i64>)> {
+    let auth = basic(who);
+    let (status, text) = http(
+        port,
+        "GET",
+        "/api/v1/sessions",
+        &[("Authorization", &auth)],
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let mut out: Vec<(i64, Option<i64>)> = v["sessions"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no sessions array: {v}"))
+        .iter()
+        .map(|s| (s["id"].as_i64().unwrap(), s["resumed_from"].as_i64()))
+        .collect();
+    out.sort();
+    out
+}
+
 /// `one.vm.novnctoken` over XML-RPC; returns the raw response.
 async fn xmlrpc_mint(port: u16, who: (&str, &str), vm: i64) -> (u16, String) {
     let body = format!(
@@ -482,12 +505,20 @@ enum Frame {
 impl Ws {
     /// Upgrades `/websockify?token=...`; panics unless the answer is 101.
     async fn connect(port: u16, token: &str) -> Ws {
+        Ws::connect_with(port, token, None).await
+    }
+
+    /// The same, with a `Cookie` header.
+    async fn connect_with(port: u16, token: &str, cookie: Option<&str>) -> Ws {
         let mut tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let cookie = cookie
+            .map(|c| format!("Cookie: {c}\r\n"))
+            .unwrap_or_default();
         let req = format!(
             "GET /websockify?token={token} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\
              Upgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
-             Sec-WebSocket-Protocol: binary\r\n\r\n"
+             Sec-WebSocket-Protocol: binary\r\n{cookie}\r\n"
         );
         tcp.write_all(req.as_bytes()).await.unwrap();
         let mut ws = Ws {
@@ -650,6 +681,33 @@ async fn console(port: u16, token: &str) -> Result<Ws, u16> {
         Frame::Close(code, _) => Err(code),
         Frame::Eof => panic!("the proxy closed without a close frame"),
     }
+}
+
+/// Asks `port` for the console page's session answer; the reconnect
+/// ticket's `name=value`.
+async fn reconnect_ticket(port: u16, token: &str) -> String {
+    let exchange = async {
+        let mut tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let body = json!({ "token": token }).to_string();
+        let req = format!(
+            "POST /console/session HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        tcp.write_all(req.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        tcp.read_to_end(&mut raw).await.unwrap();
+        String::from_utf8_lossy(&raw).into_owned()
+    };
+    let text = tokio::time::timeout(STEP, exchange)
+        .await
+        .expect("no answer");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text.lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .and_then(|c| c.split(';').next())
+        .unwrap_or_else(|| panic!("no ticket in {text}"))
+        .to_owned()
 }
 
 /// A console session that must open, with a working relay.
@@ -1096,4 +1154,58 @@ async fn failover(failure: Failure) {
     if failure == Failure::Hung {
         primary.kill_9();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_use_console_comes_back_on_another_node_after_a_drop_or_a_drain() {
+    let db = TestDb::create("cluster_reconnect").await;
+    let mut c = Cluster::start(&db.url, 1, 2, 1000).await;
+    let once = c
+        .mint(ALICE, VM_ALICE, json!({"ttl": 600, "single_use": true}))
+        .await;
+    let (a, b) = (c.proxies[0].port, c.proxies[1].port);
+
+    // Dropped on A: back on B with the ticket A gave.
+    let ws = open_console(&c.proxies[0], &once.token).await;
+    let ticket = reconnect_ticket(a, &once.token).await;
+    drop(ws);
+    let mut back = None;
+    for _ in 0..50 {
+        let mut ws = Ws::connect_with(b, &once.token, Some(&ticket)).await;
+        match ws.frame(STEP).await {
+            Frame::Data(_) => {
+                back = Some(ws);
+                break;
+            }
+            // A has not recorded the drop yet.
+            Frame::Close(4425, _) => tokio::time::sleep(Duration::from_millis(100)).await,
+            other => panic!("the ticket did not reopen the console on B: {other:?}"),
+        }
+    }
+    let mut on_b = back.expect("still pending after 5 s");
+    on_b.echo(b"back on node B").await;
+
+    // B drains (a second SIGTERM closes its sessions with 1001): back on A.
+    let ticket = reconnect_ticket(b, &once.token).await;
+    let node_b = c.proxies.remove(1);
+    let pid = node_b.child.id().to_string();
+    for _ in 0..2 {
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(on_b.close_code(Duration::from_secs(40)).await, 1001);
+    drop(node_b);
+    let mut on_a = Ws::connect_with(a, &once.token, Some(&ticket)).await;
+    assert!(
+        matches!(on_a.frame(STEP).await, Frame::Data(_)),
+        "the ticket did not reopen the console on A after B drained"
+    );
+    on_a.close().await;
+
+    // Three rows, each continuing the one before.
+    let rows = linked_sessions(c.api_port(), ADMIN).await;
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    assert_eq!(rows[0].1, None);
+    assert_eq!(rows[1].1, Some(rows[0].0));
+    assert_eq!(rows[2].1, Some(rows[1].0));
 }
