@@ -313,3 +313,18 @@ async fn the_answer_tells_the_page_its_rules_and_limits_and_refuses_bad_asks() {
     assert_eq!(r.status, 413);
     ws.close_normal().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_ended_by_its_time_limit_does_not_come_back() {
+    let (_xvnc, broker) = setup("[proxy]\nmax_session_secs = 2\n");
+    let t = broker.mint(1, USER, USER_PW, None, true).await;
+    let mut ws = opens(&broker, &t.token, None, None).await;
+    let (told, cookie) = ticket(&broker, &t.token).await;
+    assert!(told["ends_at"].as_i64().is_some(), "{told}");
+    assert_eq!(ws.expect_close(STEP).await.0, 4411);
+    broker.ended_sessions(1).await;
+    assert_eq!(
+        refused(&broker, &t.token, Some(&cookie), None).await,
+        (4401, INVALID.into())
+    );
+}
