@@ -1070,3 +1070,77 @@ async fn a_revoked_console_says_so_and_does_not_reconnect() {
         assert_eq!(rows.len(), before + 1, "a second session opened: {rows:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clipboard_panel_copies_both_ways_and_a_vm_with_the_clipboard_off_gets_nothing() {
+    let xvnc = Xvnc::start(QEMU_PW);
+    let broker = Broker::start("");
+    broker.add_vm(1, xvnc.port, Some(QEMU_PW));
+    for mode in ["both", "none"] {
+        if mode == "none" {
+            broker.cli(&["vm", "set", "1", "--clipboard", "none"], None);
+        }
+        xvnc.set_clipboard("before");
+        let t = broker.mint_default(1).await;
+        let dir = tempfile::tempdir().unwrap();
+        let sent = dir.path().join("sent");
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let page = async {
+            let r = run_node(
+                "clipboard.mjs",
+                &[
+                    &t.url,
+                    dir.path().to_str().unwrap(),
+                    mode,
+                    &PAGE_TIMEOUT_MS.to_string(),
+                ],
+            )
+            .await;
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            r
+        };
+        // The desktop's side: what arrived once the page sent, then a text
+        // copied on the desktop, again until the page is done.
+        let desktop = async {
+            let until = Instant::now() + Duration::from_millis(2 * PAGE_TIMEOUT_MS);
+            while !sent.exists() && !done.load(std::sync::atomic::Ordering::SeqCst) {
+                assert!(Instant::now() < until, "the page never sent");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let mut arrived = String::new();
+            for _ in 0..40 {
+                arrived = xvnc.clipboard();
+                if arrived != "before" {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            while !done.load(std::sync::atomic::Ordering::SeqCst) && Instant::now() < until {
+                xvnc.set_clipboard("from the VM 456");
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+            }
+            arrived
+        };
+        let (r, arrived) = tokio::join!(page, desktop);
+        assert!(r["error"].is_null(), "{mode}: {r:#}");
+        assert_eq!(r["state"], "connected", "{r:#}");
+        if mode == "both" {
+            assert_eq!(arrived, "to the VM 123", "{r:#}");
+            assert_eq!(r["shown"], "from the VM 456", "{r:#}");
+            assert_eq!(r["sendDisabled"], false, "{r:#}");
+        } else {
+            assert_eq!(r["policy"], "none", "{r:#}");
+            assert_eq!(
+                arrived, "before",
+                "the broker let a blocked text reach the VM"
+            );
+            assert_eq!(r["fromVm"], serde_json::json!([]), "{r:#}");
+            assert_eq!(r["shown"], "", "{r:#}");
+            assert_eq!(r["sendDisabled"], true, "{r:#}");
+            assert_eq!(
+                r["note"], "The clipboard is turned off for this console.",
+                "{r:#}"
+            );
+        }
+    }
+}

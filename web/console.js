@@ -4,6 +4,8 @@
 import RFB from '/novnc/1.7.0/core/rfb.js';
 import { setupTypePanel, typeText, typeMaxChars } from '/static/typing.js';
 import { setupKeysMenu } from '/static/keys.js';
+import { setupClipboardPanel } from '/static/clipboard.js';
+import { setupView } from '/static/view.js';
 import {
   describeClose, reconnectsAfter, retryableAfter, backoffSecs, timeLeft,
 } from '/static/closing.js';
@@ -18,6 +20,7 @@ const modeEl = document.getElementById('mode');
 let liveRfb = null;
 const typePanel = setupTypePanel(() => liveRfb);
 const keysMenu = setupKeysMenu(() => liveRfb);
+const view = setupView();
 
 // The portal that frames this page, if one does. Only the origins the
 // broker allows can frame it (its CSP frame-ancestors), so this is one of
@@ -29,6 +32,10 @@ const parentOrigin = (window.parent !== window && window.location.ancestorOrigin
 function notifyParent(msg) {
   if (parentOrigin) window.parent.postMessage(msg, parentOrigin);
 }
+
+const clipboardPanel = setupClipboardPanel(() => liveRfb, {
+  onFromVm: (text) => notifyParent({ type: 'vncbroker:clipboard', text }),
+});
 
 // `state` is the page's own (CSS, tests); the portal is told one of
 // connecting, connected, disconnected or failed.
@@ -82,6 +89,7 @@ async function askSession() {
     if (!r.ok) return;
     session = await r.json();
     window.vncbrokerSession = session;
+    clipboardPanel.setPolicy(session.clipboard);
     document.dispatchEvent(new CustomEvent('vncbroker:session', { detail: session }));
     showRemaining();
   } catch (_) {
@@ -136,6 +144,7 @@ function ended(code, reason) {
   cadButton.disabled = true;
   typePanel.enable(false);
   keysMenu.enable(false);
+  clipboardPanel.enable(false);
   remainingEl.hidden = true;
   if (userClosed) {
     setState('disconnected', 'Disconnected.', code);
@@ -175,8 +184,8 @@ function connect() {
   ws.addEventListener('close', (ev) => { closeEvent = ev; });
 
   const rfb = new RFB(screen, ws);
-  rfb.scaleViewport = true;
-  rfb.resizeSession = false;
+  view.attach(rfb);
+  clipboardPanel.attach(rfb);
   rfb.focusOnClick = true;
   rfb.viewOnly = viewOnly;
   window.vncbrokerRfb = rfb;
@@ -192,6 +201,7 @@ function connect() {
     liveRfb = rfb;
     typePanel.enable(!viewOnly);
     keysMenu.enable(!viewOnly);
+    clipboardPanel.enable(!viewOnly);
     rfb.focus();
     askSession();
   });
@@ -233,6 +243,7 @@ function start() {
     cadButton.hidden = true;
     typePanel.hide();
     keysMenu.hide();
+    clipboardPanel.hide();
   }
   cadButton.addEventListener('click', () => { if (liveRfb) liveRfb.sendCtrlAltDel(); });
   reconnectButton.addEventListener('click', () => {
@@ -263,8 +274,11 @@ function start() {
         if (live) live.disconnect();
         else ended(1000, '');
         break;
+      case 'vncbroker:clipboard':
+        if (live && !viewOnly && typeof cmd.text === 'string') clipboardPanel.send(cmd.text);
+        break;
       case 'vncbroker:scale':
-        if (window.vncbrokerRfb) window.vncbrokerRfb.scaleViewport = cmd.mode !== 'actual';
+        view.choose(cmd.mode);
         break;
       default:
         break;

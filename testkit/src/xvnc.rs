@@ -141,6 +141,34 @@ impl Xvnc {
     pub fn accepted(&self) -> usize {
         self.log().matches("Connections: accepted:").count()
     }
+
+    /// The desktop's CLIPBOARD selection (xclip), empty if none.
+    pub fn clipboard(&self) -> String {
+        Command::new("xclip")
+            .args(["-display", &format!(":{}", self.display)])
+            .args(["-o", "-selection", "clipboard"])
+            .stderr(Stdio::null())
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Puts `text` on the desktop's CLIPBOARD selection, as an application
+    /// copying it would (xclip keeps it until another owner takes it).
+    pub fn set_clipboard(&self, text: &str) {
+        let mut child = Command::new("xclip")
+            .args(["-display", &format!(":{}", self.display)])
+            .args(["-i", "-selection", "clipboard"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting xclip");
+        if let Some(mut stdin) = child.stdin.take() {
+            let _ = stdin.write_all(text.as_bytes());
+        }
+        let _ = child.wait();
+    }
 }
 
 impl Drop for Xvnc {
