@@ -1144,3 +1144,95 @@ async fn the_clipboard_panel_copies_both_ways_and_a_vm_with_the_clipboard_off_ge
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_keys_menu_sends_ctrl_alt_f2_to_qemu() {
+    let qemu = Qemu::start_tracing_keys(QEMU_PW);
+    let broker = Broker::start("");
+    broker.add_vm(1, qemu.port, Some(QEMU_PW));
+    let t = broker.mint_default(1).await;
+    let png = shot("console-keys-menu-qemu.png");
+    let r = run_node(
+        "keys_menu.mjs",
+        &[&t.url, png.to_str().unwrap(), &PAGE_TIMEOUT_MS.to_string()],
+    )
+    .await;
+    assert!(r["error"].is_null(), "{r:#}");
+    // QEMU's PS/2 keyboard got F2 (qcode 63) down with Ctrl and Alt held
+    // (its modifier bits 0x1 and 0x4)...
+    let log = poll_until("QEMU's keyboard to get Ctrl-Alt-F2", STEP, || {
+        let log = qemu.log();
+        log.lines()
+            .any(|l| {
+                l.starts_with("ps2_keyboard_event")
+                    && l.contains("qcode 63 down 1")
+                    && l.contains("modifiers 0x5")
+            })
+            .then_some(log)
+    })
+    .await;
+    // ...from QEMU's extended key events, which carry the scancodes
+    // (Ctrl 0x1d, Alt 0x38, F2 0x3c): no keymap takes part.
+    let ext: Vec<&str> = log
+        .lines()
+        .filter(|l| l.starts_with("vnc_key_event_ext down 1"))
+        .collect();
+    for key in [
+        "keycode 0x1d [ctrl]",
+        "keycode 0x38 [alt]",
+        "keycode 0x3c [f2]",
+    ] {
+        assert!(ext.iter().any(|l| l.contains(key)), "{key} not in {ext:#?}");
+    }
+    assert!(
+        !log.contains("vnc_key_event_map"),
+        "a key went through QEMU's keymap: {log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_screen_fits_shows_actual_size_resizes_the_vm_and_the_page_works_at_phone_width() {
+    let xvnc = Xvnc::start(QEMU_PW);
+    let typewriter = Typewriter::start(&xvnc);
+    typewriter.wait_for_window(&xvnc).await;
+    let broker = Broker::start("");
+    broker.add_vm(1, xvnc.port, Some(QEMU_PW));
+    let t = broker.mint_default(1).await;
+    let png = shot("console-page.png");
+    let r = run_node(
+        "view.mjs",
+        &[&t.url, png.to_str().unwrap(), &PAGE_TIMEOUT_MS.to_string()],
+    )
+    .await;
+    assert!(r["error"].is_null(), "{r:#}");
+    let size = |k: &str, i: usize, what: &str| r[k][what][i].as_u64().unwrap_or(0);
+    // Fit: the 800x600 desktop scaled into a 640-wide window.
+    assert_eq!(
+        (size("fit", 0, "fb"), size("fit", 1, "fb")),
+        (800, 600),
+        "{r:#}"
+    );
+    assert!(size("fit", 0, "shown") < 800, "not scaled down: {r:#}");
+    assert_eq!(r["fit"]["scrolls"], false, "{r:#}");
+    // Actual size: one pixel each, with scrollbars; kept after a reload.
+    for k in ["actual", "afterReload"] {
+        assert_eq!(size(k, 0, "shown"), 800, "{k}: {r:#}");
+        assert_eq!(r[k]["scrolls"], true, "{k}: {r:#}");
+        assert_eq!(r[k]["mode"], "actual", "{k}: {r:#}");
+    }
+    // Remote resize: Xvnc's desktop took the window's width.
+    let w = size("remote", 0, "fb");
+    assert!(w > 0 && w <= 640, "{r:#}");
+    assert_eq!(r["remoteNote"], Value::Null, "{r:#}");
+    // Phone width.
+    assert_eq!(r["phone"]["offscreen"], serde_json::json!([]), "{r:#}");
+    assert!(
+        r["phone"]["scrollWidth"].as_u64() <= r["phone"]["innerWidth"].as_u64(),
+        "{r:#}"
+    );
+    assert!(
+        r["phone"]["canvasWidth"].as_u64().unwrap_or(0) > 300,
+        "{r:#}"
+    );
+    assert_png(&png);
+}

@@ -22,9 +22,34 @@ pub struct Qemu {
 
 impl Qemu {
     pub fn start(password: &str) -> Qemu {
+        Qemu::start_with(password, &[])
+    }
+
+    /// With QEMU's trace of the key events its VNC server takes and its
+    /// PS/2 keyboard gets, in [`Qemu::log`]: what reached the VM.
+    pub fn start_tracing_keys(password: &str) -> Qemu {
+        Qemu::start_with(
+            password,
+            &[
+                "-trace",
+                "vnc_key_event_ext",
+                "-trace",
+                "vnc_key_event_map",
+                "-trace",
+                "ps2_keyboard_event",
+            ],
+        )
+    }
+
+    /// QEMU's standard error: its messages and traces.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    fn start_with(password: &str, extra: &[&str]) -> Qemu {
         let mut last_err = String::new();
         for _ in 0..4 {
-            match Qemu::try_start(password) {
+            match Qemu::try_start(password, extra) {
                 Ok(q) => return q,
                 Err(e) => last_err = e,
             }
@@ -32,7 +57,7 @@ impl Qemu {
         panic!("QEMU did not start: {last_err}");
     }
 
-    fn try_start(password: &str) -> Result<Qemu, String> {
+    fn try_start(password: &str, extra: &[&str]) -> Result<Qemu, String> {
         let dir = tempfile::Builder::new()
             .prefix("vncbroker-qemu-")
             .tempdir()
@@ -63,6 +88,7 @@ impl Qemu {
                 "-qmp",
                 &format!("unix:{},server=on,wait=off", qmp.display()),
             ])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(File::create(&log_path).unwrap()))
