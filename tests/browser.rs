@@ -857,12 +857,44 @@ async fn an_allowed_portal_frames_the_console_gets_its_events_and_drives_it_and_
 
     let t = broker.mint_default(1).await;
     let png = shot("embed-allowed-portal.png");
-    let r = run_node(
-        "embed_portal.mjs",
-        &[&t.url, &portal, "from the portal\n", png.to_str().unwrap()],
-    )
-    .await;
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let page = async {
+        let r = run_node(
+            "embed_portal.mjs",
+            &[&t.url, &portal, "from the portal\n", png.to_str().unwrap()],
+        )
+        .await;
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        r
+    };
+    // Once the portal's clipboard text is on the desktop, copy another.
+    let desktop = async {
+        let mut arrived = false;
+        while !done.load(std::sync::atomic::Ordering::SeqCst) {
+            if !arrived && xvnc.clipboard() == "portal clipboard 789" {
+                arrived = true;
+            }
+            if arrived {
+                xvnc.set_clipboard("copied in the VM");
+                tokio::time::sleep(Duration::from_millis(1000)).await;
+            } else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        arrived
+    };
+    let (r, clipboard_arrived) = tokio::join!(page, desktop);
     assert!(r["error"].is_null(), "{r:#}");
+    assert!(
+        clipboard_arrived,
+        "the portal's clipboard command did not reach the VM"
+    );
+    let copied = r["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["type"] == "vncbroker:clipboard" && e["text"] == "copied in the VM");
+    assert!(copied, "no clipboard event for the portal: {r:#}");
     assert_eq!(r["frameLoaded"], true, "{r:#}");
     let states: Vec<&str> = r["states"]
         .as_array()

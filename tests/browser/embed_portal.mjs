@@ -1,6 +1,6 @@
 // A portal page on PORTAL_ORIGIN (http://127.0.0.1:PORT, served here)
 // frames the console URL with the broker's /static/embed.js, records the events the console posts to it, and
-// once connected drives "type" through postMessage.
+// once connected drives "type" and "clipboard" through postMessage.
 // Usage: node tests/browser/embed_portal.mjs CONSOLE_URL PORTAL_ORIGIN TEXT SCREENSHOT.png [wait-ms]
 // Prints one JSON line: {"states": [...], "events": [...], "frameLoaded": bool}
 import { createServer } from 'node:http';
@@ -49,6 +49,13 @@ try {
   if (await page.evaluate(connected)) {
     await page.evaluate((t) => window.send({ type: 'vncbroker:type', text: t }), text);
     await page.waitForTimeout(2000);
+    // The clipboard both ways: a command into the VM's clipboard, then the
+    // event for what the VM copies (the test copies on the desktop once
+    // the command's text arrived there).
+    await page.evaluate(() => window.send({ type: 'vncbroker:clipboard', text: 'portal clipboard 789' }));
+    await page.waitForFunction(
+      () => window.events.some((e) => e.type === 'vncbroker:clipboard' && e.text === 'copied in the VM'),
+      null, { timeout: wait }).catch(() => {});
   } else {
     // A frame that did not load must not take commands either.
     await page.evaluate((t) => window.send({ type: 'vncbroker:type', text: t }), text).catch(() => {});
