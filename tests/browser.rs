@@ -108,6 +108,15 @@ async fn open_console_page(url: &str, state: &str, shot_name: &str) -> (Value, P
     (r, png)
 }
 
+/// Runs `script URL SCREENSHOT TIMEOUT` on a console URL; its result, and
+/// where its screenshot `shot_name` went.
+async fn run_page(script: &str, url: &str, shot_name: &str) -> (Value, PathBuf) {
+    let png = shot(shot_name);
+    let timeout = PAGE_TIMEOUT_MS.to_string();
+    let r = run_node(script, &[url, png.to_str().unwrap(), &timeout]).await;
+    (r, png)
+}
+
 /// Asserts the console page connected and shows something.
 fn assert_console_connected(r: &Value, shot_path: &Path) {
     assert_eq!(r["state"], "connected", "page result: {r:#}");
@@ -945,13 +954,9 @@ async fn the_keys_menu_sends_sticky_ctrl_esc_tab_and_ctrl_alt_f2() {
     let broker = Broker::start("");
     broker.add_vm(1, xvnc.port, Some(QEMU_PW));
     let t = broker.mint_default(1).await;
-    let png = shot("console-keys-menu.png");
-    let r = run_node(
-        "keys_menu.mjs",
-        &[&t.url, png.to_str().unwrap(), &PAGE_TIMEOUT_MS.to_string()],
-    )
-    .await;
+    let (r, png) = run_page("keys_menu.mjs", &t.url, "console-keys-menu.png").await;
     assert!(r["error"].is_null(), "{r:#}");
+    assert_png(&png);
     assert_eq!(r["state"], "connected", "{r:#}");
     assert_eq!(r["ctrlPressed"], "true", "{r:#}");
     assert_eq!(r["ctrlPressedAfter"], "false", "Ctrl stayed down: {r:#}");
@@ -1183,13 +1188,9 @@ async fn the_keys_menu_sends_ctrl_alt_f2_to_qemu() {
     let broker = Broker::start("");
     broker.add_vm(1, qemu.port, Some(QEMU_PW));
     let t = broker.mint_default(1).await;
-    let png = shot("console-keys-menu-qemu.png");
-    let r = run_node(
-        "keys_menu.mjs",
-        &[&t.url, png.to_str().unwrap(), &PAGE_TIMEOUT_MS.to_string()],
-    )
-    .await;
+    let (r, png) = run_page("keys_menu.mjs", &t.url, "console-keys-menu-qemu.png").await;
     assert!(r["error"].is_null(), "{r:#}");
+    assert_png(&png);
     // QEMU's PS/2 keyboard got F2 (qcode 63) down with Ctrl and Alt held
     // (its modifier bits 0x1 and 0x4)...
     let log = poll_until("QEMU's keyboard to get Ctrl-Alt-F2", STEP, || {
@@ -1230,12 +1231,7 @@ async fn the_screen_fits_shows_actual_size_resizes_the_vm_and_the_page_works_at_
     let broker = Broker::start("");
     broker.add_vm(1, xvnc.port, Some(QEMU_PW));
     let t = broker.mint_default(1).await;
-    let png = shot("console-page.png");
-    let r = run_node(
-        "view.mjs",
-        &[&t.url, png.to_str().unwrap(), &PAGE_TIMEOUT_MS.to_string()],
-    )
-    .await;
+    let (r, png) = run_page("view.mjs", &t.url, "console-page.png").await;
     assert!(r["error"].is_null(), "{r:#}");
     let size = |k: &str, i: usize, what: &str| r[k][what][i].as_u64().unwrap_or(0);
     // Fit: the 800x600 desktop scaled into a 640-wide window.

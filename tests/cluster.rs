@@ -417,20 +417,8 @@ async fn revoke_json(port: u16, who: (&str, &str), vm: i64) -> (u16, Value) {
 
 /// `GET /api/v1/sessions` as `who`: (vm, user, node) of each session, sorted.
 async fn sessions(port: u16, who: (&str, &str)) -> Vec<(i64, String, String)> {
-    let auth = basic(who);
-    let (status, text) = http(
-        port,
-        "GET",
-        "/api/v1/sessions",
-        &[("Authorization", &auth)],
-        "",
-    )
-    .await;
-    assert_eq!(status, 200, "{text}");
-    let v: Value = serde_json::from_str(&text).unwrap();
-    let mut out: Vec<(i64, String, String)> = v["sessions"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no sessions array: {v}"))
+    let mut out: Vec<(i64, String, String)> = session_list(port, who)
+        .await
         .iter()
         .map(|s| {
             (
@@ -444,8 +432,8 @@ async fn sessions(port: u16, who: (&str, &str)) -> Vec<(i64, String, String)> {
     out
 }
 
-/// Every session's id and the one it continues, oldest first.
-async fn linked_sessions(port: u16, who: (&str, &str)) -> Vec<(i64, Option<i64>)> {
+/// `GET /api/v1/sessions` as `who`: the sessions' JSON.
+async fn session_list(port: u16, who: (&str, &str)) -> Vec<Value> {
     let auth = basic(who);
     let (status, text) = http(
         port,
@@ -457,9 +445,16 @@ async fn linked_sessions(port: u16, who: (&str, &str)) -> Vec<(i64, Option<i64>)
     .await;
     assert_eq!(status, 200, "{text}");
     let v: Value = serde_json::from_str(&text).unwrap();
-    let mut out: Vec<(i64, Option<i64>)> = v["sessions"]
+    v["sessions"]
         .as_array()
         .unwrap_or_else(|| panic!("no sessions array: {v}"))
+        .clone()
+}
+
+/// Every session's id and the one it continues, oldest first.
+async fn linked_sessions(port: u16, who: (&str, &str)) -> Vec<(i64, Option<i64>)> {
+    let mut out: Vec<(i64, Option<i64>)> = session_list(port, who)
+        .await
         .iter()
         .map(|s| (s["id"].as_i64().unwrap(), s["resumed_from"].as_i64()))
         .collect();
