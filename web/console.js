@@ -151,8 +151,10 @@ function ended(code, reason) {
     if (everConnected && (tokenMayReopen() || (session && !session.single_use))) offerReconnect('Reconnect');
     return;
   }
-  // The grace of a single-use link's ticket runs from the first drop.
-  if (everConnected && droppedAt === null) droppedAt = now();
+  // The grace of a single-use link's ticket runs from the drop, as the
+  // broker sees it: while it still holds the old session (4425), the grace
+  // has not begun.
+  if (everConnected && (droppedAt === null || code === 4425)) droppedAt = now();
   if (everConnected && reconnectsAfter(code) && tokenMayReopen()) {
     scheduleReconnect(code, reason);
     return;
