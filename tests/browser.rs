@@ -1113,10 +1113,8 @@ async fn the_clipboard_panel_copies_both_ways_and_a_vm_with_the_clipboard_off_ge
     let xvnc = Xvnc::start(QEMU_PW);
     let broker = Broker::start("");
     broker.add_vm(1, xvnc.port, Some(QEMU_PW));
-    for mode in ["both", "none"] {
-        if mode == "none" {
-            broker.cli(&["vm", "set", "1", "--clipboard", "none"], None);
-        }
+    for mode in ["both", "to-vm", "from-vm", "none"] {
+        broker.cli(&["vm", "set", "1", "--clipboard", mode], None);
         xvnc.set_clipboard("before");
         let t = broker.mint_default(1).await;
         let dir = tempfile::tempdir().unwrap();
@@ -1161,10 +1159,30 @@ async fn the_clipboard_panel_copies_both_ways_and_a_vm_with_the_clipboard_off_ge
         let (r, arrived) = tokio::join!(page, desktop);
         assert!(r["error"].is_null(), "{mode}: {r:#}");
         assert_eq!(r["state"], "connected", "{r:#}");
+        assert_eq!(r["policy"], mode, "{r:#}");
         if mode == "both" {
             assert_eq!(arrived, "to the VM 123", "{r:#}");
             assert_eq!(r["shown"], "from the VM 456", "{r:#}");
             assert_eq!(r["sendDisabled"], false, "{r:#}");
+        } else if mode == "to-vm" {
+            assert_eq!(arrived, "to the VM 123", "{r:#}");
+            assert_eq!(r["fromVm"], serde_json::json!([]), "{r:#}");
+            assert_eq!(r["shown"], "to the VM 123", "the VM's text showed: {r:#}");
+            assert_eq!(
+                r["note"], "Copying from the VM is turned off for this console.",
+                "{r:#}"
+            );
+        } else if mode == "from-vm" {
+            assert_eq!(
+                arrived, "before",
+                "the broker let a blocked text reach the VM"
+            );
+            assert_eq!(r["shown"], "from the VM 456", "{r:#}");
+            assert_eq!(r["sendDisabled"], true, "{r:#}");
+            assert_eq!(
+                r["note"], "Copying to the VM is turned off for this console.",
+                "{r:#}"
+            );
         } else {
             assert_eq!(r["policy"], "none", "{r:#}");
             assert_eq!(

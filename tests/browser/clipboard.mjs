@@ -3,7 +3,8 @@
 // VM's text shown in it. Mode "none": the panel says the clipboard is off,
 // a send forced past the page, and the VM's text never shown.
 // Coordination with the test: the script writes DIR/sent once it sent.
-// Usage: node tests/browser/clipboard.mjs URL DIR both|none [timeout-ms]
+// Modes "to-vm" and "from-vm": one way goes, the other does not.
+// Usage: node tests/browser/clipboard.mjs URL DIR both|to-vm|from-vm|none [timeout-ms]
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { launch, openPage } from './common.mjs';
@@ -36,11 +37,23 @@ try {
     await page.waitForFunction(
       () => document.getElementById('clip-text').value === 'from the VM 456', null, { timeout });
     result.shown = await page.inputValue('#clip-text');
+  } else if (mode === 'to-vm') {
+    // Text to the VM goes; what the VM copies must never show.
+    await page.fill('#clip-text', 'to the VM 123');
+    await page.click('#clip-send');
+    writeFileSync(join(dir, 'sent'), '');
+    await page.waitForTimeout(5000);
+    result.shown = await page.inputValue('#clip-text');
   } else {
     // Past the page, straight into the RFB stream: the broker must drop it.
     await page.evaluate(() => window.vncbrokerRfb.clipboardPasteFrom('forced to the VM'));
     writeFileSync(join(dir, 'sent'), '');
-    await page.waitForTimeout(5000);
+    if (mode === 'from-vm') {
+      await page.waitForFunction(
+        () => document.getElementById('clip-text').value === 'from the VM 456', null, { timeout });
+    } else {
+      await page.waitForTimeout(5000);
+    }
     result.shown = await page.inputValue('#clip-text');
   }
   result.fromVm = await page.evaluate(() => window.__fromVm);
