@@ -287,6 +287,12 @@ async fn sigterm_drains_live_sessions_then_closes_them_with_1001_and_exits_0() {
     roundtrip(&mut ws, b"before").await;
     assert_eq!(get(broker.port, "/readyz").await.0, 200);
 
+    // A probe's connection made just before the drain, its request not
+    // sent yet.
+    let mut early = tokio::net::TcpStream::connect(("127.0.0.1", broker.port))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let t0 = Instant::now();
     broker.signal("-TERM");
     // Readiness goes false at once.
@@ -301,6 +307,24 @@ async fn sigterm_drains_live_sessions_then_closes_them_with_1001_and_exits_0() {
             "/readyz still {status} {body:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The early connection still gets its answer.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        early
+            .write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(STEP, early.read_to_end(&mut answer))
+            .await
+            .expect("no answer on the early connection")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 503") && answer.ends_with("draining"),
+            "{answer:?}"
+        );
     }
     // The live session keeps relaying during the drain.
     roundtrip(&mut ws, b"during the drain").await;

@@ -133,6 +133,15 @@ impl Connection {
             tokio::select! {
                 r = conn.as_mut() => r,
                 _ = draining.stopping() => {
+                    // Accepted just before the drain, its first request not
+                    // in yet: it still gets its answer (a probe, typically);
+                    // the header timeout bounds the wait.
+                    if clock.requests() == 0 {
+                        tokio::select! {
+                            r = conn.as_mut() => return r,
+                            _ = clock.first() => {}
+                        }
+                    }
                     conn.as_mut().graceful_shutdown();
                     conn.as_mut().await
                 }
@@ -305,6 +314,24 @@ impl Clock {
         st.1 = Some(tokio::time::Instant::now());
         self.started.notify_waiters();
         st.0
+    }
+
+    /// How many requests the connection has begun.
+    fn requests(&self) -> u64 {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner).0
+    }
+
+    /// Completes once the connection's first request has begun.
+    async fn first(&self) {
+        loop {
+            let started = self.started.notified();
+            let mut started = std::pin::pin!(started);
+            started.as_mut().enable();
+            if self.requests() > 0 {
+                return;
+            }
+            started.await;
+        }
     }
 
     fn finish(&self, seq: u64) {
