@@ -225,7 +225,10 @@ async fn a_client_that_vanishes_mid_session_ends_its_session() {
 
     let rows = broker.ended_sessions(1).await;
     assert!(rows[0].ended_at.is_some());
-    assert_eq!(rows[0].close_reason.as_deref(), Some("client connection lost"));
+    assert_eq!(
+        rows[0].close_reason.as_deref(),
+        Some("client connection lost")
+    );
     broker
         .assert_fds_settle(baseline, "after a vanished client")
         .await;

@@ -3,9 +3,10 @@
 //!
 //! Each direction is its own loop and awaits its write before reading
 //! again, so a slow reader on either side stops reads on the other
-//! (backpressure) and no queue grows. Buffers are fixed per session; in
-//! steady state nothing is allocated per message: payloads are unmasked in
-//! place and written with their frame header in one vectored write.
+//! (backpressure) and no queue grows. Large buffers are lent to a session
+//! only while its bytes flow (see [`crate::websocket::pool`]); nothing is
+//! allocated per message: payloads are unmasked in place and written with
+//! their frame header in one vectored write.
 //!
 //! The session's limits (idle, ping answers, maximum length, token expiry)
 //! are checked in a loop that never touches the connection to the browser:
@@ -25,10 +26,11 @@ use super::inspect::{Broken, Downstream, Upstream};
 use super::sessions::Stop;
 use crate::metrics::SessionOutcome;
 use crate::websocket::frame::OpCode;
+use crate::websocket::pool::Lent;
 use crate::websocket::stream::{Event, ReadError, Reader, Writer};
 
 /// Largest chunk read from the VNC server into one WebSocket frame.
-pub const READ_CHUNK: usize = 64 * 1024;
+pub const READ_CHUNK: usize = crate::websocket::pool::BIG;
 
 /// How a relay ended. Each maps to one close code and reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -189,43 +191,43 @@ where
         None => (None, None),
     };
     let down = async {
-        // Allocated when the server first sends, so idle sessions hold none.
-        let mut buf = Vec::new();
         loop {
             if let Err(e) = tcp_rx.readable().await {
                 return End::ServerError(e.to_string());
             }
-            if buf.is_empty() {
-                buf = vec![0u8; READ_CHUNK];
-            }
-            match tcp_rx.try_read(&mut buf) {
-                Ok(0) => return End::ServerClosed,
-                Ok(n) => {
-                    let data = match downstream.as_deref_mut() {
-                        None => &buf[..n],
-                        Some(d) => match d.pass(&buf[..n]) {
-                            Ok(out) => out,
-                            Err(broken) => return broken.into(),
-                        },
-                    };
-                    let n = data.len();
-                    if n == 0 {
+            // Lent while the server is sending, back as soon as it pauses:
+            // an idle session holds no download buffer.
+            let mut buf = Lent::take();
+            loop {
+                match tcp_rx.try_read(&mut buf) {
+                    Ok(0) => return End::ServerClosed,
+                    Ok(n) => {
+                        let data = match downstream.as_deref_mut() {
+                            None => &buf[..n],
+                            Some(d) => match d.pass(&buf[..n]) {
+                                Ok(out) => out,
+                                Err(broken) => return broken.into(),
+                            },
+                        };
+                        let n = data.len();
+                        if n == 0 {
+                            active.store(since(), Ordering::Relaxed);
+                            continue;
+                        }
+                        if let Err(end) = write_to_client(writer, write_limit, |mut w| async move {
+                            w.send_binary(data).await
+                        })
+                        .await
+                        {
+                            return end;
+                        }
+                        *to_client += n as u64;
+                        crate::metrics::global().bytes_to_client(n);
                         active.store(since(), Ordering::Relaxed);
-                        continue;
                     }
-                    if let Err(end) = write_to_client(writer, write_limit, |mut w| async move {
-                        w.send_binary(data).await
-                    })
-                    .await
-                    {
-                        return end;
-                    }
-                    *to_client += n as u64;
-                    crate::metrics::global().bytes_to_client(n);
-                    active.store(since(), Ordering::Relaxed);
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => return End::ServerError(e.to_string()),
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return End::ServerError(e.to_string()),
             }
         }
     };

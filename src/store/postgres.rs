@@ -693,31 +693,42 @@ impl TokenStore for PgStore {
 
     async fn redeem(&self, hash: &TokenHash, now: i64) -> Result<Option<Redemption>, StoreError> {
         with_conn!(self, |c| {
-            // One statement: of concurrent redemptions of a single-use token,
-            // the first to lock the row wins; the others re-check the
-            // condition on the updated row and match nothing.
             // The revocation seq is read in the statement's snapshot, before
             // the row is taken: a revocation committed later has a later seq
-            // and applies to the session.
-            let st = c
+            // and applies to the session. A reusable token already used is
+            // redeemed by the read alone, which commits nothing.
+            let read = c
                 .prepare_cached(&format!(
-                    "WITH seen AS (SELECT COALESCE(max(seq), 0)::BIGINT AS seq FROM revocations)
-                     UPDATE tokens SET used_at = COALESCE(used_at, $2)
-                     WHERE token_hash = $1 AND revoked_at IS NULL AND expires_at > $2
-                       AND (NOT single_use OR used_at IS NULL)
-                     RETURNING {}, (SELECT seq FROM seen)",
-                    sql::REDEMPTION_COLUMNS
+                    "SELECT {}, used_at, (SELECT COALESCE(max(seq), 0)::BIGINT FROM revocations)
+                     FROM tokens {}",
+                    sql::REDEMPTION_COLUMNS,
+                    sql::REDEEMABLE_WHERE
                 ))
                 .await
                 .map_err(pg_err)?;
             let Some(r) = c
-                .query_opt(&st, &[&&hash[..], &now])
+                .query_opt(&read, &[&&hash[..], &now])
                 .await
                 .map_err(pg_err)?
             else {
                 return Ok(None);
             };
-            Ok(Some(redemption_row(&r, r.get(13))?))
+            let seq: i64 = r.get(14);
+            if r.get::<_, Option<i64>>(13).is_some() {
+                return Ok(Some(redemption_row(&r, seq)?));
+            }
+            // A first use: one statement, so of concurrent redemptions of a
+            // single-use token the first to lock the row wins and the others
+            // re-check the condition on the updated row and match nothing.
+            let take = c.prepare_cached(sql::FIRST_USE).await.map_err(pg_err)?;
+            let Some(r) = c
+                .query_opt(&take, &[&&hash[..], &now])
+                .await
+                .map_err(pg_err)?
+            else {
+                return Ok(None);
+            };
+            Ok(Some(redemption_row(&r, seq)?))
         })
     }
 

@@ -86,6 +86,32 @@ macro_rules! redemption_columns {
     };
 }
 pub(super) const REDEMPTION_COLUMNS: &str = redemption_columns!();
+/// Tokens that open a console now.
+macro_rules! redeemable_where {
+    () => {
+        "WHERE token_hash = $1 AND revoked_at IS NULL AND expires_at > $2
+           AND (NOT single_use OR used_at IS NULL)"
+    };
+}
+pub(super) const REDEEMABLE_WHERE: &str = redeemable_where!();
+/// A token that opens a console now, with its first use (`used_at`) last.
+/// A reusable token already used is redeemed by this read alone; only a
+/// first use is written.
+pub(super) const REDEEMABLE: &str = concat!(
+    "SELECT ",
+    redemption_columns!(),
+    ", used_at FROM tokens ",
+    redeemable_where!()
+);
+
+/// Marks a token's first use and reads it, in one statement: of concurrent
+/// first redemptions of a single-use token, one matches.
+pub(super) const FIRST_USE: &str = concat!(
+    "UPDATE tokens SET used_at = COALESCE(used_at, $2) ",
+    redeemable_where!(),
+    " RETURNING ",
+    redemption_columns!()
+);
 pub(super) const TOKEN_BY_ID: &str = concat!(
     "SELECT ",
     redemption_columns!(),

@@ -462,20 +462,31 @@ impl TokenStore for SqliteStore {
             // Read before the token is taken: a revocation that lands in
             // between is then later than the session's view, so it applies.
             let revocation_seq = last_seq(c)?;
-            c.prepare_cached(&format!(
-                "UPDATE tokens SET used_at = COALESCE(used_at, ?2)
-                 WHERE token_hash = ?1 AND revoked_at IS NULL AND expires_at > ?2
-                   AND (single_use = 0 OR used_at IS NULL)
-                 RETURNING {}",
-                sql::REDEMPTION_COLUMNS
-            ))
-            .and_then(|mut s| {
-                s.query_row(params![&hash[..], now], |r| {
-                    redemption_row(r, revocation_seq)
+            let found = c
+                .prepare_cached(&numbered(sql::REDEEMABLE))
+                .and_then(|mut s| {
+                    s.query_row(params![&hash[..], now], |r| {
+                        Ok((
+                            redemption_row(r, revocation_seq)?,
+                            r.get::<_, Option<i64>>(13)?,
+                        ))
+                    })
+                    .optional()
                 })
-                .optional()
-            })
-            .map_err(map_err)
+                .map_err(map_err)?;
+            match found {
+                None => Ok(None),
+                Some((r, Some(_first_used))) => Ok(Some(r)),
+                Some((_, None)) => c
+                    .prepare_cached(&numbered(sql::FIRST_USE))
+                    .and_then(|mut s| {
+                        s.query_row(params![&hash[..], now], |r| {
+                            redemption_row(r, revocation_seq)
+                        })
+                        .optional()
+                    })
+                    .map_err(map_err),
+            }
         })
         .await
     }

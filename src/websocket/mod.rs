@@ -14,5 +14,6 @@
 //! reads that can be raced against the VNC socket without losing bytes.
 
 pub mod frame;
+pub mod pool;
 pub mod stream;
 pub mod upgrade;

@@ -4,16 +4,53 @@
 //! completed, so it can sit in a `select!` beside the VNC socket.
 
 use std::io::{self, IoSlice};
+use std::ops::{Deref, DerefMut};
+use std::pin::Pin;
+use std::task::Poll;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::frame::{self, FrameError, OpCode};
+use super::pool::{self, Lent};
 
-/// Most bytes buffered from the browser. Browser-to-server traffic is input
-/// events and the odd clipboard; larger frames stream through in pieces.
-pub const READ_BUF: usize = 8 * 1024;
-/// The buffer an idle session starts with; it grows when a read fills it.
-const FIRST_BUF: usize = 512;
+/// Most bytes buffered from the browser: one lent buffer. Larger frames
+/// stream through in pieces.
+pub const READ_BUF: usize = pool::BIG;
+/// The buffer of a quiet session: input events, pings and frame headers
+/// fit. A read that fills it swaps it for a lent [`READ_BUF`] one, given
+/// back once a read would wait with nothing left in it.
+const SMALL_BUF: usize = 512;
+
+/// The reader's buffer: its own small one, or a lent large one.
+enum Buf {
+    Small(Box<[u8; SMALL_BUF]>),
+    Lent(Lent),
+}
+
+impl Buf {
+    fn small() -> Buf {
+        Buf::Small(Box::new([0u8; SMALL_BUF]))
+    }
+}
+
+impl Deref for Buf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Buf::Small(b) => &b[..],
+            Buf::Lent(b) => b,
+        }
+    }
+}
+
+impl DerefMut for Buf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        match self {
+            Buf::Small(b) => &mut b[..],
+            Buf::Lent(b) => b,
+        }
+    }
+}
 
 /// One thing the browser sent.
 #[derive(Debug, PartialEq, Eq)]
@@ -61,7 +98,7 @@ enum Found {
 
 pub struct Reader<R> {
     io: R,
-    buf: Box<[u8]>,
+    buf: Buf,
     start: usize,
     end: usize,
     state: State,
@@ -74,7 +111,7 @@ impl<R: AsyncRead + Unpin> Reader<R> {
     pub fn new(io: R, max_frame: u64) -> Reader<R> {
         Reader {
             io,
-            buf: vec![0u8; FIRST_BUF].into_boxed_slice(),
+            buf: Buf::small(),
             start: 0,
             end: 0,
             state: State::Header,
@@ -208,19 +245,36 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             self.end -= self.start;
             self.start = 0;
         }
-        let want = self.buf.len() - self.end;
-        let n = self.io.read(&mut self.buf[self.end..]).await?;
+        let (n, room) = std::future::poll_fn(|cx| {
+            let mut read = ReadBuf::new(&mut self.buf[self.end..]);
+            match Pin::new(&mut self.io).poll_read(cx, &mut read) {
+                Poll::Ready(done) => {
+                    Poll::Ready(done.map(|()| (read.filled().len(), read.capacity())))
+                }
+                Poll::Pending => {
+                    // The browser went quiet with nothing buffered: the
+                    // lent buffer goes back.
+                    if self.start == self.end && matches!(self.buf, Buf::Lent(_)) {
+                        self.buf = Buf::small();
+                        self.start = 0;
+                        self.end = 0;
+                    }
+                    Poll::Pending
+                }
+            }
+        })
+        .await?;
         if n == 0 {
             return Err(ReadError::Eof);
         }
         self.end += n;
-        // A read that filled the buffer: more is coming, so grow it (up to
-        // READ_BUF). Idle sessions keep the small one.
-        if n == want && self.buf.len() < READ_BUF {
-            let mut bigger = vec![0u8; (self.buf.len() * 4).min(READ_BUF)].into_boxed_slice();
+        // A read that filled the small buffer: more is coming, so borrow a
+        // large one for the burst.
+        if n == room && matches!(self.buf, Buf::Small(_)) {
+            let mut big = Buf::Lent(Lent::take());
             let live = self.end - self.start;
-            bigger[..live].copy_from_slice(&self.buf[self.start..self.end]);
-            self.buf = bigger;
+            big[..live].copy_from_slice(&self.buf[self.start..self.end]);
+            self.buf = big;
             self.start = 0;
             self.end = live;
         }
@@ -284,6 +338,8 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+    use tokio::io::AsyncReadExt;
 
     fn masked(opcode: u8, fin: bool, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
         let mut v = vec![(u8::from(fin) << 7) | opcode];
@@ -384,6 +440,42 @@ mod tests {
         assert_eq!(got, expected);
         assert!(chunks <= 3, "{chunks} chunks for 8 frames");
         assert_eq!(r.next().await.unwrap(), Event::Ping(b"p"));
+    }
+
+    #[tokio::test]
+    async fn a_burst_borrows_a_large_buffer_and_a_quiet_reader_gives_it_back() {
+        let (mut tx, rx) = tokio::io::duplex(1 << 17);
+        let mut r = Reader::new(rx, 1 << 20);
+        let burst: Vec<u8> = (0..40_000u32).map(|i| (i % 253) as u8).collect();
+        tx.write_all(&masked(0x2, true, &burst[..30_000], [3, 1, 4, 1]))
+            .await
+            .unwrap();
+        tx.write_all(&masked(0x0, true, &burst[30_000..], [5, 9, 2, 6]))
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let mut largest = 0;
+        while got.len() < burst.len() {
+            let Event::Data(d) = r.next().await.unwrap() else {
+                panic!("expected data");
+            };
+            largest = largest.max(d.len());
+            got.extend_from_slice(d);
+        }
+        assert_eq!(got, burst);
+        assert!(largest > SMALL_BUF, "largest chunk {largest}");
+        assert!(matches!(r.buf, Buf::Lent(_)));
+        // Nothing more comes: the reader waits, and the lent buffer is back.
+        let waited = tokio::time::timeout(Duration::from_millis(20), r.next()).await;
+        assert!(waited.is_err());
+        assert!(matches!(r.buf, Buf::Small(_)));
+        // A frame cut in two around the wait comes through whole.
+        let next = masked(0x2, true, b"after the quiet", [8, 8, 8, 8]);
+        tx.write_all(&next[..4]).await.unwrap();
+        let waited = tokio::time::timeout(Duration::from_millis(20), r.next()).await;
+        assert!(waited.is_err());
+        tx.write_all(&next[4..]).await.unwrap();
+        assert_eq!(r.next().await.unwrap(), Event::Data(b"after the quiet"));
     }
 
     #[tokio::test]
