@@ -540,9 +540,21 @@ async fn session(proxy: Arc<Proxy>, io: Io, asked: Asked, client: SocketAddr, at
     let (rd, wr) = tokio::io::split(io);
     let mut reader = Reader::new(rd, proxy.settings.max_message_bytes as u64);
     let mut writer = Writer::new(wr);
-    match open(&proxy, &mut reader, &mut writer, &asked, client, attempt).await {
+    // The set-up's state is boxed, and freed once the session is up: a
+    // future's size is that of its largest state, and an idle session should
+    // hold only what relaying needs.
+    let opened = Box::pin(open(
+        &proxy,
+        &mut reader,
+        &mut writer,
+        &asked,
+        client,
+        attempt,
+    ))
+    .await;
+    match opened {
         Ok(opened) => relay_session(&proxy, reader, writer, opened, client).await,
-        Err(refusal) => refuse(writer, refusal, client).await,
+        Err(refusal) => Box::pin(refuse(writer, refusal, client)).await,
     }
 }
 
@@ -733,10 +745,12 @@ async fn relay_session(
     };
     let session_id = match proxy.log.open_session(&record).await {
         Ok(Opened::Session(id)) => Some(id),
-        Ok(Opened::ControlTaken) => return refuse(writer, Refusal::ControlTaken, client).await,
+        Ok(Opened::ControlTaken) => {
+            return Box::pin(refuse(writer, Refusal::ControlTaken, client)).await;
+        }
         // Exclusive control cannot be vouched for without the store.
         Err(e) if policy.exclusive && !policy.view_only => {
-            return refuse(writer, Refusal::StoreDown(e.to_string()), client).await;
+            return Box::pin(refuse(writer, Refusal::StoreDown(e.to_string()), client)).await;
         }
         Err(e) => {
             tracing::warn!(error = %e, "could not record the session start");
@@ -759,7 +773,7 @@ async fn relay_session(
                         .close_session(id, &refused_end(&why, recording))
                         .await;
                 }
-                return refuse(writer, Refusal::RecordingUnavailable(why), client).await;
+                return Box::pin(refuse(writer, Refusal::RecordingUnavailable(why), client)).await;
             }
             Err(why) => {
                 crate::metrics::global().recording_finished("failed");
@@ -773,7 +787,12 @@ async fn relay_session(
         inspected = left.is_some(), recording = recorder.is_some(),
         "console session started"
     );
-    enforce::catch_up(proxy.tokens.as_ref(), &registration, session_id).await;
+    Box::pin(enforce::catch_up(
+        proxy.tokens.as_ref(),
+        &registration,
+        session_id,
+    ))
+    .await;
 
     let (mut tcp_rx, mut tcp_tx) = tcp.into_split();
     let mut counts = Counts::default();
@@ -789,7 +808,15 @@ async fn relay_session(
     // rules first, like everything after it.
     let first = match (&left, sides.as_mut()) {
         (Some(left), Some((up, down))) => {
-            first_bytes(left, up, down, &mut writer, &mut tcp_tx, &mut counts).await
+            Box::pin(first_bytes(
+                left,
+                up,
+                down,
+                &mut writer,
+                &mut tcp_tx,
+                &mut counts,
+            ))
+            .await
         }
         _ => Ok(()),
     };
@@ -813,17 +840,18 @@ async fn relay_session(
 
     let (code, reason) = end.close();
     let mut writer = writer.into_inner();
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+    // What follows the relay is boxed (see `session`).
+    let _ = Box::pin(tokio::time::timeout(Duration::from_secs(2), async {
         let _ = writer.close(code, &reason).await;
         let _ = writer.shutdown().await;
-    })
+    }))
     .await;
     let _ = tcp_tx.shutdown().await;
     crate::metrics::global().session_ended(end.outcome(), started.elapsed());
     let audit = sides.as_ref().map(|(up, down)| inspect::audit(up, down));
     if let Some(rec) = sides.as_mut().and_then(|(_, down)| down.take_recorder()) {
         // Incomplete too when the recording stopped early.
-        let (state, label) = if rec.finish().await.complete {
+        let (state, label) = if Box::pin(rec.finish()).await.complete {
             (RecordingState::Complete, "complete")
         } else {
             (RecordingState::Incomplete, "incomplete")

@@ -146,6 +146,21 @@ where
     done.map_err(|_| End::ClientLost)
 }
 
+/// [`write_to_client`], boxed: the session's future then holds only a
+/// pointer for a write that is not under way, and an idle session stays
+/// small.
+fn boxed_write<'w, W, F>(
+    writer: &'w Mutex<Writer<W>>,
+    limit: Option<Duration>,
+    write: impl FnOnce(tokio::sync::MutexGuard<'w, Writer<W>>) -> F + 'w,
+) -> std::pin::Pin<Box<impl std::future::Future<Output = Result<(), End>> + 'w>>
+where
+    W: AsyncWrite + Unpin,
+    F: std::future::Future<Output = std::io::Result<()>> + 'w,
+{
+    Box::pin(write_to_client(writer, limit, write))
+}
+
 impl From<Broken> for End {
     fn from(b: Broken) -> End {
         match b {
@@ -214,7 +229,7 @@ where
                             active.store(since(), Ordering::Relaxed);
                             continue;
                         }
-                        if let Err(end) = write_to_client(writer, write_limit, |mut w| async move {
+                        if let Err(end) = boxed_write(writer, write_limit, |mut w| async move {
                             w.send_binary(data).await
                         })
                         .await
@@ -255,7 +270,7 @@ where
                     crate::metrics::global().bytes_to_server(data.len());
                 }
                 Ok(Event::Ping(p)) => {
-                    if let Err(end) = write_to_client(writer, write_limit, |mut w| async move {
+                    if let Err(end) = boxed_write(writer, write_limit, |mut w| async move {
                         w.send(OpCode::Pong, p).await
                     })
                     .await
@@ -289,7 +304,7 @@ where
     let pinger = async {
         loop {
             ping_due.notified().await;
-            if let Err(end) = write_to_client(writer, write_limit, |mut w| async move {
+            if let Err(end) = boxed_write(writer, write_limit, |mut w| async move {
                 w.send(OpCode::Ping, b"vncbroker").await
             })
             .await
