@@ -1,5 +1,7 @@
-//! vncbroker-bench: measures the proxy against a direct TCP connection and
-//! against websockify 0.13 (the reference peer) on this machine, and the
+//! vncbroker-bench: measures the proxy against a direct TCP connection,
+//! against a plain relay (socat, the limit of a process that only copies
+//! bytes) and against websockify 0.13 (the reference peer) on this machine,
+//! plain and over TLS, with the proxies' CPU time per GiB relayed; and the
 //! token service's session setup and mint rates on SQLite and PostgreSQL.
 //!
 //! In one run it starts:
@@ -7,9 +9,16 @@
 //!   greeting and silent servers standing in for VNC servers, so the direct
 //!   path crosses processes just as the proxied ones do;
 //! - a release `vncbroker serve` on a fresh SQLite database;
+//! - the plain relay: `socat -b65536 TCP-LISTEN:PORT,fork TCP:TARGET`, one
+//!   listener per target (source, sink, echo, greeting), in one process
+//!   group;
 //! - websockify 0.13.0 with the TokenFile plugin, one token per target
 //!   (found in .venv, /tmp/pv or target/bench-venv, else installed into
 //!   target/bench-venv with pip; `--quick` skips it when it is missing);
+//! - for the TLS section, a CA and a server certificate made with openssl
+//!   in the work directory, and a vncbroker with `[tls]`, a websockify with
+//!   `--cert`/`--key` and socat with OPENSSL-LISTEN, all with that
+//!   certificate; the load client speaks TLS with rustls, trusting that CA;
 //! - a private PostgreSQL server (initdb and pg_ctl on a temp dir, as an
 //!   unprivileged user when run as root), unless DATABASE_URL names one, and
 //!   a second broker on it;
@@ -21,13 +30,16 @@
 //!   policies (stored password, view-only token, clipboard none, recording).
 //!
 //! Every path is driven by this process's own load client, repetitions
-//! interleaved (direct, websockify, vncbroker, direct, ...), so figures are
-//! ratios taken under the same conditions; the medians are reported. The
+//! interleaved (direct, relay, websockify, vncbroker, direct, ...), so
+//! figures are ratios taken under the same conditions; the medians are
+//! reported. Around each throughput measurement's timed window the proxy's
+//! CPU time is read from /proc (its process, or every process of its
+//! group for the forking peers), for CPU seconds per GiB moved. The
 //! Markdown report (machine, versions, results, targets met or missed, how to
 //! rerun) goes to standard output and, with `--out FILE`, to FILE.
 //!
 //! Usage: vncbroker-bench [--quick] [--broker PATH] [--websockify PATH] [--out FILE]
-//!                        [--only proxy|sqlite|postgres|idle|session-control]...
+//!                        [--only proxy|sqlite|postgres|idle|session-control|tls]...
 //!
 //! For investigating: `--only` runs some sections; VNCBROKER_BENCH_LOG sets
 //! the brokers' log filter; VNCBROKER_BENCH_BROKER_ENV="NAME=VALUE ..." adds
@@ -2097,6 +2109,7 @@ impl Row {
 /// One line of the CPU table: seconds of CPU per GiB moved, by proxy.
 struct CpuRow {
     measure: String,
+    tls: bool,
     relay: Option<f64>,
     websockify: Option<f64>,
     broker: Option<f64>,
@@ -2411,33 +2424,40 @@ fn flow_rows(
     let cpu = |i: usize| f[i].and_then(|x| x.cpu);
     rep.cpu.push(CpuRow {
         measure: format!("{}{measure}", if tls { "TLS: " } else { "" }),
+        tls,
         relay: cpu(RELAY),
         websockify: cpu(WSFY),
         broker: cpu(BROKER),
     });
-    let relay = if tls {
-        "the TLS relay"
-    } else {
-        "the plain relay"
-    };
-    let (fig, met) = match (cpu(BROKER), cpu(RELAY)) {
-        (Some(b), Some(r)) => (
-            format!("{} vs {} ({})", cpu_gib(b), cpu_gib(r), ratio(b, r)),
-            Some(b <= 1.1 * r),
-        ),
-        (Some(b), None) => (format!("{}; the relay not measured", cpu_gib(b)), None),
-        _ => ("not measured".into(), None),
-    };
-    rep.goals.push(goal(
-        &format!(
-            "CPU per GiB relayed, {}{measure}",
-            if tls { "TLS, " } else { "" }
-        ),
-        &format!("≤ 1.1× {relay}'s"),
-        fig,
-        met,
-    ));
     f
+}
+
+/// The CPU goals, one per row of the CPU table: vncbroker's CPU per GiB at
+/// most 1.1× the relay's (the TLS relay's over TLS).
+fn cpu_goals(rep: &mut Report) {
+    let mut goals = Vec::new();
+    for r in &rep.cpu {
+        let relay = if r.tls {
+            "the TLS relay"
+        } else {
+            "the plain relay"
+        };
+        let (fig, met) = match (r.broker, r.relay) {
+            (Some(b), Some(x)) => (
+                format!("{} vs {} ({})", cpu_gib(b), cpu_gib(x), ratio(b, x)),
+                Some(b <= 1.1 * x),
+            ),
+            (Some(b), None) => (format!("{}; the relay not measured", cpu_gib(b)), None),
+            _ => ("not measured".into(), None),
+        };
+        goals.push(goal(
+            &format!("CPU per GiB relayed, {}", r.measure),
+            &format!("≤ 1.1× {relay}'s"),
+            fig,
+            met,
+        ));
+    }
+    rep.goals.extend(goals);
 }
 
 fn cpu_gib(secs: f64) -> String {
@@ -3809,6 +3829,7 @@ async fn run(opts: &Opts, work: &Path) -> anyhow::Result<()> {
     }
     drop(wsfy);
 
+    cpu_goals(&mut rep);
     let md = render(
         &rep,
         &sc,
@@ -3970,7 +3991,7 @@ fn render(
     );
     let _ = writeln!(
         md,
-        "- {} run: each figure is the median of {} interleaved repetition(s) of {:.1} s (direct, websockify, vncbroker in turn); round trips pool {} samples per path; idle-session memory is measured once. The whole run took {:.0} s.",
+        "- {} run: each figure is the median of {} interleaved repetition(s) of {:.1} s (direct, plain relay, websockify, vncbroker in turn); round trips pool {} samples per path; idle-session memory is measured once. The whole run took {:.0} s.",
         if sc.quick {
             "Quick (`--quick`)"
         } else {
@@ -3983,7 +4004,7 @@ fn render(
     );
     let _ = writeln!(
         md,
-        "- Rerun: `scripts/bench` (builds release, writes BENCHMARKS.md); `scripts/bench --quick --out /tmp/bench.md` for a check under a minute. Needs python3 with venv (websockify is installed into target/bench-venv when missing), initdb/pg_ctl (or DATABASE_URL), and prlimit.\n"
+        "- Rerun: `scripts/bench` (builds release, writes BENCHMARKS.md); `scripts/bench --quick --out /tmp/bench.md` for a check under a minute. Needs python3 with venv (websockify is installed into target/bench-venv when missing), socat, openssl, initdb/pg_ctl (or DATABASE_URL), and prlimit.\n"
     );
 
     let _ = writeln!(md, "## Targets\n");
@@ -4112,9 +4133,12 @@ fn render(
     }
     let _ = writeln!(md, "\n## Method\n");
     for line in [
-        "Stand-in VNC servers (source, sink, echo, greeting, silent) run in a child process of the bench; direct TCP, websockify and vncbroker reach the same ones, driven by the bench's own client.",
-        "Download: 64 KiB writes from the source read for the measured time after a 200 ms warm-up. Upload: masked binary frames of the size given, counted at the sink. Round trip: one 16-byte message echoed at a time; measured as the processes fall, then again with every process involved (bench, stand-in servers, broker, websockify) pinned to one CPU with taskset, which leaves out the cost of waking a process on the other CPU (large in a virtual machine).",
-        "Session setup: 4 clients in a loop of connect, WebSocket upgrade, token redemption, backend connect and the server's first byte (the RFB greeting); the token is reusable, so every setup writes the token and session rows. Direct TCP is connect and first byte.",
+        "Stand-in VNC servers (source, sink, echo, greeting, silent) run in a child process of the bench; direct TCP, the plain relay, websockify and vncbroker reach the same ones, driven by the bench's own client.",
+        "Plain relay: socat with a 64 KiB buffer (`socat -b65536 TCP-LISTEN:PORT,bind=127.0.0.1,reuseaddr,fork TCP:TARGET`), one listener per stand-in target, forking a process per connection; the client sends and receives raw bytes through it, with no WebSocket framing and no token, so it is the cost of a second process copying the bytes, the floor for any proxy. Its upload sends raw writes of the same sizes as the WebSocket messages; its session setup is connect, socat's fork and connect to the target, and the greeting.",
+        "Download: 64 KiB writes from the source read for the measured time after a 200 ms warm-up. Upload: masked binary frames of the size given (raw writes of that size for direct TCP and the relay), counted at the sink. Round trip: one 16-byte message echoed at a time; measured as the processes fall, then again with every process involved (bench, stand-in servers, broker, relay, websockify) pinned to one CPU with taskset, which leaves out the cost of waking a process on the other CPU (large in a virtual machine).",
+        "Session setup: 1 client, then 4, in a loop of connect, WebSocket upgrade, token redemption, backend connect and the server's first byte (the RFB greeting); the token is reusable, so every setup writes the token and session rows. Direct TCP is connect and first byte. Rates are medians of the repetitions, p50 and p99 over all their setups; \"p50 over direct TCP\" is vncbroker's p50 less direct TCP's. The PostgreSQL rows (4 clients) are compared with 1539/s, the figure in BENCHMARKS.md before these measures were added.",
+        "TLS: WSS download (1 connection) and upload (64 KiB and 1 KiB masked messages) through vncbroker with `[tls] cert`/`key` and websockify with `--cert`/`--key`; the TLS relay is socat's `OPENSSL-LISTEN:PORT,cert=…,key=…,verify=0,reuseaddr,fork` to the same targets, raw bytes in TLS (the same sizes for upload). One P-256 certificate for 127.0.0.1, signed by a CA made for the run, serves all three; the client is rustls (ring), trusting that CA alone, so each side pays for TLS as a browser's connection would make it.",
+        "CPU per GiB relayed: user + system time (utime + stime in /proc/PID/stat, in clock ticks from `getconf CLK_TCK`) of the proxy, read just before and just after each throughput measurement's timed window, while its connections are open, over the payload bytes that window moved. vncbroker: its `serve` process, every thread. websockify and socat: every live process in their process group (the listener and the process forked for each connection), each one's time since the first reading (a process started since counts from zero). Medians of the repetitions; tick granularity (10 ms) makes --quick figures coarse.",
         "Minting: one.vm.novnctoken over XML-RPC with HTTP keep-alive from 4 connections (the password check is cached, as in production).",
         "The full-table measurement writes unrelated live tokens (random 32-byte hashes) straight into the running broker's database with SQL, then measures session setup again on the same broker.",
     ] {
