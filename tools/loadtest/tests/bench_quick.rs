@@ -27,19 +27,22 @@ fn quick_benchmark_writes_a_report_with_every_row() {
         "## Run",
         "## Targets",
         "## Results",
+        "## TLS",
+        "## CPU per GiB relayed",
         "## Memory with idle sessions",
     ] {
         assert!(md.lines().any(|l| l == heading), "no {heading:?} in:\n{md}");
     }
     let rows: Vec<&str> = md.lines().filter(|l| l.starts_with("| ")).collect();
     for row in [
-        // Results, beside direct TCP and websockify.
+        // Results, beside direct TCP, the plain relay and websockify.
         "download, 1 connection, 64 KiB writes |",
         "download, 16 connections, 64 KiB writes |",
         "upload, 1 KiB masked messages |",
         "upload, 64 KiB masked messages |",
         "round trip, 16-byte echo (p50 / p99) |",
         "round trip, 16-byte echo, all processes on one CPU (p50 / p99) |",
+        "session setup, SQLite, 1 client |",
         "session setup, SQLite, 4 clients |",
         "token minting, XML-RPC keep-alive, SQLite, 4 connections |",
         "session setup, SQLite, empty token table, 4 clients |",
@@ -52,8 +55,24 @@ fn quick_benchmark_writes_a_report_with_every_row() {
         "round trip, 16-byte echo, all processes on one CPU |",
         "token minting, SQLite |",
         "token minting, PostgreSQL |",
-        "session setup, SQLite, rate |",
-        "session setup, SQLite, p99 latency |",
+        "session setup, SQLite, 1 client, rate |",
+        "session setup, SQLite, 1 client, p50 over direct TCP |",
+        "session setup, SQLite, 4 clients, rate |",
+        "session setup, SQLite, 4 clients, p50 over direct TCP |",
+        "session setup, SQLite, 4 clients, p99 latency |",
+        "session setup, PostgreSQL, 4 clients, no regression |",
+        "upload, 64 KiB masked messages | ≥ 0.9× the plain relay",
+        "upload, 1 KiB masked messages | ≥ 0.8× the plain relay",
+        "WSS download, 1 connection, 64 KiB writes | ≥ 1.0× the TLS relay",
+        "WSS upload, 64 KiB masked messages | ≥ 1.5× websockify",
+        "CPU per GiB relayed, download, 1 connection, 64 KiB writes |",
+        "CPU per GiB relayed, TLS: WSS upload, 1 KiB masked messages |",
+        // TLS.
+        "WSS download, 1 connection, 64 KiB writes |",
+        "WSS upload, 64 KiB masked messages |",
+        "WSS upload, 1 KiB masked messages |",
+        // CPU.
+        "TLS: WSS download, 1 connection, 64 KiB writes |",
         "session setup, SQLite, 20,000 tokens vs empty table |",
         "memory per idle session at 500 |",
         // Memory.
@@ -67,13 +86,13 @@ fn quick_benchmark_writes_a_report_with_every_row() {
             "no row {row:?} in:\n{md}"
         );
     }
-    // Each results row has all six columns.
+    // Each results row has all eight columns.
     let results = md
         .split("## Results")
         .nth(1)
         .and_then(|s| s.split("## ").next())
         .expect("results section");
     for line in results.lines().filter(|l| l.starts_with("| ")) {
-        assert_eq!(line.matches(" | ").count(), 5, "malformed row {line:?}");
+        assert_eq!(line.matches(" | ").count(), 7, "malformed row {line:?}");
     }
 }

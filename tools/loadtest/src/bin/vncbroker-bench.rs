@@ -1,5 +1,7 @@
-//! vncbroker-bench: measures the proxy against a direct TCP connection and
-//! against websockify 0.13 (the reference peer) on this machine, and the
+//! vncbroker-bench: measures the proxy against a direct TCP connection,
+//! against a plain relay (socat, the limit of a process that only copies
+//! bytes) and against websockify 0.13 (the reference peer) on this machine,
+//! plain and over TLS, with the proxies' CPU time per GiB relayed; and the
 //! token service's session setup and mint rates on SQLite and PostgreSQL.
 //!
 //! In one run it starts:
@@ -7,9 +9,16 @@
 //!   greeting and silent servers standing in for VNC servers, so the direct
 //!   path crosses processes just as the proxied ones do;
 //! - a release `vncbroker serve` on a fresh SQLite database;
+//! - the plain relay: `socat -b65536 TCP-LISTEN:PORT,fork TCP:TARGET`, one
+//!   listener per target (source, sink, echo, greeting), in one process
+//!   group;
 //! - websockify 0.13.0 with the TokenFile plugin, one token per target
 //!   (found in .venv, /tmp/pv or target/bench-venv, else installed into
 //!   target/bench-venv with pip; `--quick` skips it when it is missing);
+//! - for the TLS section, a CA and a server certificate made with openssl
+//!   in the work directory, and a vncbroker with `[tls]`, a websockify with
+//!   `--cert`/`--key` and socat with OPENSSL-LISTEN, all with that
+//!   certificate; the load client speaks TLS with rustls, trusting that CA;
 //! - a private PostgreSQL server (initdb and pg_ctl on a temp dir, as an
 //!   unprivileged user when run as root), unless DATABASE_URL names one, and
 //!   a second broker on it;
@@ -21,13 +30,16 @@
 //!   policies (stored password, view-only token, clipboard none, recording).
 //!
 //! Every path is driven by this process's own load client, repetitions
-//! interleaved (direct, websockify, vncbroker, direct, ...), so figures are
-//! ratios taken under the same conditions; the medians are reported. The
+//! interleaved (direct, relay, websockify, vncbroker, direct, ...), so
+//! figures are ratios taken under the same conditions; the medians are
+//! reported. Around each throughput measurement's timed window the proxy's
+//! CPU time is read from /proc (its process, or every process of its
+//! group for the forking peers), for CPU seconds per GiB moved. The
 //! Markdown report (machine, versions, results, targets met or missed, how to
 //! rerun) goes to standard output and, with `--out FILE`, to FILE.
 //!
 //! Usage: vncbroker-bench [--quick] [--broker PATH] [--websockify PATH] [--out FILE]
-//!                        [--only proxy|sqlite|postgres|idle|session-control]...
+//!                        [--only proxy|sqlite|postgres|idle|session-control|tls]...
 //!
 //! For investigating: `--only` runs some sections; VNCBROKER_BENCH_LOG sets
 //! the brokers' log filter; VNCBROKER_BENCH_BROKER_ENV="NAME=VALUE ..." adds
@@ -46,8 +58,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use testkit::frames::{self, Ev, FrameReader};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
 /// The source tree this binary was built from: .venv and target/ are here.
@@ -72,7 +83,7 @@ impl Opts {
 }
 
 const USAGE: &str = "usage: vncbroker-bench [--quick] [--broker PATH] [--websockify PATH] [--out FILE]\n\
-     \x20      [--only proxy|sqlite|postgres|idle|session-control]...";
+     \x20      [--only proxy|sqlite|postgres|idle|session-control|tls]...";
 
 fn parse_args() -> anyhow::Result<Opts> {
     let mut opts = Opts {
@@ -98,7 +109,15 @@ fn parse_args() -> anyhow::Result<Opts> {
             "--out" => opts.out = Some(args.next().context("--out FILE")?.into()),
             "--only" => {
                 let s = args.next().context("--only SECTION")?;
-                if !["proxy", "sqlite", "postgres", "idle", "session-control"].contains(&s.as_str())
+                if ![
+                    "proxy",
+                    "sqlite",
+                    "postgres",
+                    "idle",
+                    "session-control",
+                    "tls",
+                ]
+                .contains(&s.as_str())
                 {
                     bail!("unknown section {s:?}\n{USAGE}");
                 }
@@ -735,6 +754,7 @@ impl Websockify {
         bin: &Path,
         version: String,
         tokens: &[(&str, SocketAddr)],
+        extra: &[&std::ffi::OsStr],
     ) -> anyhow::Result<Websockify> {
         let dir = tempfile::Builder::new()
             .prefix("vncbroker-bench-websockify-")
@@ -750,6 +770,7 @@ impl Websockify {
         let child = std::process::Command::new(bin)
             .args(["--token-plugin", "TokenFile", "--token-source"])
             .arg(&token_dir)
+            .args(extra)
             .arg(format!("127.0.0.1:{port}"))
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
@@ -840,6 +861,254 @@ impl Drop for Websockify {
             .stderr(Stdio::null())
             .status();
         let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------- the plain relay
+
+/// The socat that stands for a plain relay: `socat -b65536`, one forking
+/// listener per target, all in one process group (each connection is a
+/// process of its own), killed as a group at the end.
+struct Relay {
+    children: Vec<std::process::Child>,
+    /// The listener for each target, by name.
+    ports: Vec<(String, SocketAddr)>,
+    version: String,
+}
+
+const SOCAT: &str = "/usr/bin/socat";
+
+impl Relay {
+    /// Starts a listener per target; with `tls` (cert, key), OPENSSL-LISTEN.
+    async fn start(
+        targets: &[(&str, SocketAddr)],
+        tls: Option<(&Path, &Path)>,
+    ) -> anyhow::Result<Relay> {
+        let bin = if Path::new(SOCAT).is_file() {
+            SOCAT
+        } else {
+            "socat"
+        };
+        let version = first_line_matching(bin, &["-V"], "socat version")
+            .map(|l| {
+                l.split_whitespace()
+                    .nth(2)
+                    .unwrap_or("unknown version")
+                    .to_owned()
+            })
+            .context("socat is not installed (Debian: apt-get install socat)")?;
+        let mut r = Relay {
+            children: Vec::new(),
+            ports: Vec::new(),
+            version,
+        };
+        for (name, target) in targets {
+            let port = testkit::free_port();
+            let listen = match tls {
+                Some((cert, key)) => format!(
+                    "OPENSSL-LISTEN:{port},bind=127.0.0.1,cert={},key={},verify=0,reuseaddr,fork",
+                    cert.display(),
+                    key.display()
+                ),
+                None => format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork"),
+            };
+            let group = r.children.first().map_or(0, |c| c.id() as i32);
+            let child = std::process::Command::new(bin)
+                .arg("-b65536")
+                .arg(&listen)
+                .arg(format!("TCP:{target}"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .process_group(group)
+                .spawn()
+                .with_context(|| format!("starting {bin}"))?;
+            if group == 0 {
+                // Should this process die without dropping it, end the group.
+                watchdog(&format!("-{}", child.id()), child.id(), "socat");
+            }
+            r.children.push(child);
+            r.ports
+                .push(((*name).to_owned(), SocketAddr::from(([127, 0, 0, 1], port))));
+        }
+        // Listening: a port taken shows in /proc/net/tcp; a test connection
+        // would start a relay process for nothing.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !r.ports.iter().all(|(_, a)| listening(a.port())) {
+            for c in &mut r.children {
+                if let Some(status) = c.try_wait()? {
+                    bail!("socat exited ({status})");
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("socat did not listen within 10 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(r)
+    }
+
+    fn addr(&self, name: &str) -> anyhow::Result<SocketAddr> {
+        self.ports
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
+            .with_context(|| format!("no relay listener for {name}"))
+    }
+
+    fn via(&self, name: &str) -> anyhow::Result<Via> {
+        Ok(Via::Relay(self.addr(name)?))
+    }
+
+    fn pgid(&self) -> u32 {
+        self.children.first().map_or(0, |c| c.id())
+    }
+
+    /// The listeners (their connection processes are forked from them).
+    fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(|c| c.id()).collect()
+    }
+
+    /// Waits until only the listeners are left: socat lingers half a second
+    /// after one side closes (its -t default).
+    async fn wait_alone(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while group_pids(self.pgid()).len() > self.children.len() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let group = format!("-{}", self.pgid());
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", "--", &group])
+            .stderr(Stdio::null())
+            .status();
+        for c in &mut self.children {
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Whether something listens on 127.0.0.1:`port` (from /proc/net/tcp).
+fn listening(port: u16) -> bool {
+    let want = format!("0100007F:{port:04X}");
+    std::fs::read_to_string("/proc/net/tcp").is_ok_and(|t| {
+        t.lines().skip(1).any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.get(1) == Some(&want.as_str()) && f.get(3) == Some(&"0A")
+        })
+    })
+}
+
+/// The first line of `cmd args`' output (standard output, else standard
+/// error) that contains `mark`.
+fn first_line_matching(cmd: &str, args: &[&str], mark: &str) -> Option<String> {
+    let out = std::process::Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines()
+        .find(|l| l.contains(mark))
+        .map(|l| l.trim().to_owned())
+}
+
+/// A CA and a server certificate for 127.0.0.1 that it signed, made with
+/// openssl in `dir`: (CA, server certificate, server key), PEM.
+fn make_certs(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
+    let run = |args: &[&str]| -> anyhow::Result<()> {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .output()
+            .context("running openssl (Debian: apt-get install openssl)")?;
+        if !out.status.success() {
+            bail!(
+                "openssl {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    };
+    let ec = [
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let with =
+        |more: &[&str]| -> Vec<String> { ec.iter().chain(more).map(|s| (*s).to_owned()).collect() };
+    let ca = with(&[
+        "-x509",
+        "-keyout",
+        "bench-ca.key",
+        "-out",
+        "bench-ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=vncbroker bench CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    run(&ca.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let req = with(&[
+        "-keyout",
+        "bench-server.key",
+        "-out",
+        "bench-server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    run(&req.iter().map(String::as_str).collect::<Vec<_>>())?;
+    std::fs::write(
+        dir.join("bench-server.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+         keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )?;
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "bench-server.csr",
+        "-CA",
+        "bench-ca.pem",
+        "-CAkey",
+        "bench-ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "bench-server.ext",
+        "-out",
+        "bench-server.pem",
+    ])?;
+    Ok((
+        dir.join("bench-ca.pem"),
+        dir.join("bench-server.pem"),
+        dir.join("bench-server.key"),
+    ))
+}
+
+/// Waits until the peers' connection processes of the last measurement
+/// are gone, so they take no CPU from the next one.
+async fn settle_peers(relay: Option<&Relay>, wsfy: Option<&Websockify>) {
+    settle(wsfy).await;
+    if let Some(r) = relay {
+        r.wait_alone(Duration::from_secs(5)).await;
     }
 }
 
@@ -1056,17 +1325,89 @@ fn now_unix() -> i64 {
 
 // ---------------------------------------------------------------- WebSocket client
 
+/// A byte stream the client reads and writes: TCP, or TLS over TCP.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+type Reader = Box<dyn AsyncRead + Unpin + Send>;
+type Writer = Box<dyn AsyncWrite + Unpin + Send>;
+
+/// The frame reader of a plain or a TLS connection.
+enum Frames {
+    Tcp(FrameReader<tokio::net::tcp::OwnedReadHalf>),
+    Tls(FrameReader<Reader>),
+}
+
+impl Frames {
+    async fn next(&mut self) -> Result<Ev, frames::FrameError> {
+        match self {
+            Frames::Tcp(f) => f.next().await,
+            Frames::Tls(f) => f.next().await,
+        }
+    }
+
+    fn buf(&self) -> &[u8] {
+        match self {
+            Frames::Tcp(f) => &f.buf,
+            Frames::Tls(f) => &f.buf,
+        }
+    }
+
+    fn unread(&mut self, n: usize) {
+        match self {
+            Frames::Tcp(f) => f.unread(n),
+            Frames::Tls(f) => f.unread(n),
+        }
+    }
+}
+
 /// The kit's raw client: upgrade, masked binary frames out, frames in.
 struct Ws {
-    fr: FrameReader<OwnedReadHalf>,
-    wr: OwnedWriteHalf,
+    fr: Frames,
+    wr: Writer,
 }
 
 impl Ws {
     /// Connects with a receive buffer of `cap` bytes.
     async fn connect(addr: SocketAddr, token: &str, cap: usize) -> anyhow::Result<Ws> {
         let (fr, wr) = frames::connect(addr, token, cap).await?;
-        Ok(Ws { fr, wr })
+        Ok(Ws {
+            fr: Frames::Tcp(fr),
+            wr: Box::new(wr),
+        })
+    }
+
+    /// The same over TLS (WSS): the upgrade request written and its
+    /// response head read byte by byte, so no frame byte is read past it.
+    async fn connect_tls(
+        addr: SocketAddr,
+        token: &str,
+        cap: usize,
+        tls: &tokio_rustls::TlsConnector,
+    ) -> anyhow::Result<Ws> {
+        let mut s = tls_connect(addr, tls).await?;
+        s.write_all(frames::upgrade_request(addr, token).as_bytes())
+            .await?;
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            if head.len() > 8192 {
+                bail!("upgrade response too long");
+            }
+            let mut b = [0u8; 1];
+            if s.read(&mut b).await? == 0 {
+                bail!("closed during the upgrade");
+            }
+            head.push(b[0]);
+        }
+        if !head.starts_with(b"HTTP/1.1 101") {
+            bail!("upgrade refused: {}", String::from_utf8_lossy(&head));
+        }
+        let (rd, wr) = tokio::io::split(s);
+        let rd: Reader = Box::new(rd);
+        Ok(Ws {
+            fr: Frames::Tls(FrameReader::new(rd, cap)),
+            wr: Box::new(wr),
+        })
     }
 
     /// Reads payload bytes; returns how many arrived (0 on close).
@@ -1101,7 +1442,7 @@ impl Ws {
             match self.fr.next().await? {
                 Ev::Data(a, b) => {
                     let n = (b - a).min(out.len() - got);
-                    out[got..got + n].copy_from_slice(&self.fr.buf[a..a + n]);
+                    out[got..got + n].copy_from_slice(&self.fr.buf()[a..a + n]);
                     if b - a > n {
                         self.fr.unread(b - a - n);
                     }
@@ -1130,12 +1471,175 @@ fn mask(data: &[u8]) -> Vec<u8> {
         .collect()
 }
 
-/// How a measurement reaches its target: straight over TCP, or through a
-/// WebSocket proxy (vncbroker or websockify) with a token.
+/// How a measurement reaches its target: straight over TCP, through the
+/// plain relay (socat, raw TCP), or through a WebSocket proxy (vncbroker or
+/// websockify) with a token; the last two also over TLS.
 #[derive(Clone)]
 enum Via {
     Direct(SocketAddr),
+    Relay(SocketAddr),
     Ws(SocketAddr, String),
+    /// Raw bytes in TLS: the TLS relay.
+    Tls(SocketAddr, Arc<tokio_rustls::TlsConnector>),
+    /// WebSocket over TLS.
+    Wss(SocketAddr, String, Arc<tokio_rustls::TlsConnector>),
+}
+
+/// An open connection on a [`Via`]: raw bytes, or WebSocket frames.
+enum Conn {
+    Raw(Box<dyn Io>),
+    Ws(Ws),
+}
+
+impl Via {
+    /// Connects; `nodelay` for raw TCP (the WebSocket client always sets
+    /// it), `cap` the WebSocket receive buffer.
+    async fn open(&self, cap: usize, nodelay: bool) -> anyhow::Result<Conn> {
+        Ok(match self {
+            Via::Direct(addr) | Via::Relay(addr) => {
+                let s = TcpStream::connect(addr).await?;
+                s.set_nodelay(nodelay)?;
+                Conn::Raw(Box::new(s))
+            }
+            Via::Tls(addr, tls) => Conn::Raw(Box::new(tls_connect(*addr, tls).await?)),
+            Via::Ws(addr, token) => Conn::Ws(Ws::connect(*addr, token, cap).await?),
+            Via::Wss(addr, token, tls) => Conn::Ws(Ws::connect_tls(*addr, token, cap, tls).await?),
+        })
+    }
+}
+
+/// A TLS connection to 127.0.0.1 (TCP_NODELAY, as the WebSocket client).
+async fn tls_connect(
+    addr: SocketAddr,
+    tls: &tokio_rustls::TlsConnector,
+) -> anyhow::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    Ok(tls.connect(name, tcp).await?)
+}
+
+/// A TLS client that trusts `ca` (PEM) alone.
+fn tls_connector(ca: &Path) -> anyhow::Result<tokio_rustls::TlsConnector> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca)? {
+        roots.add(cert?)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// The protocol version and cipher suite a TLS connection to `addr`
+/// settles on, for the notes.
+async fn tls_suite(addr: SocketAddr, tls: &tokio_rustls::TlsConnector) -> String {
+    match tls_connect(addr, tls).await {
+        Ok(s) => {
+            let (_, c) = s.get_ref();
+            let v = c
+                .protocol_version()
+                .map_or("?".into(), |v| format!("{v:?}"));
+            let suite = c
+                .negotiated_cipher_suite()
+                .map_or("?".into(), |cs| format!("{:?}", cs.suite()));
+            format!("{v} {suite}")
+        }
+        Err(e) => format!("handshake failed: {e:#}"),
+    }
+}
+
+// ---------------------------------------------------------------- CPU time
+
+/// Whose CPU time a measurement takes: one process (with its threads), or
+/// every process of a process group (websockify and socat fork one per
+/// connection).
+#[derive(Clone, Copy)]
+enum Proc {
+    Pid(u32),
+    Group(u32),
+}
+
+/// Clock ticks per second of /proc/PID/stat's times, from `getconf CLK_TCK`
+/// (100 if that fails).
+fn clock_ticks() -> f64 {
+    static TCK: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TCK.get_or_init(|| {
+        first_line("getconf", &["CLK_TCK"])
+            .and_then(|s| s.parse::<f64>().ok())
+            .filter(|t| *t > 0.0)
+            .unwrap_or(100.0)
+    })
+}
+
+/// A process's stat fields after "(comm)": state, ppid, pgrp, ...
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 1..];
+    Some(after.split_whitespace().map(str::to_owned).collect())
+}
+
+/// user + system ticks of a process's stat fields (utime, stime).
+fn ticks_of(fields: &[String]) -> u64 {
+    let at = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    at(11) + at(12)
+}
+
+/// user + system ticks of each process `p` covers, by pid.
+fn cpu_ticks(p: Proc) -> std::collections::HashMap<u32, u64> {
+    let mut out = std::collections::HashMap::new();
+    match p {
+        Proc::Pid(pid) => {
+            if let Some(f) = stat_fields(pid) {
+                out.insert(pid, ticks_of(&f));
+            }
+        }
+        Proc::Group(pgid) => {
+            for pid in group_pids(pgid) {
+                if let Some(f) = stat_fields(pid) {
+                    out.insert(pid, ticks_of(&f));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The live (not zombie) processes of process group `pgid`.
+fn group_pids(pgid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Some(f) = stat_fields(pid) else {
+            continue;
+        };
+        if f.get(2).and_then(|g| g.parse::<u32>().ok()) == Some(pgid)
+            && f.first().is_some_and(|s| s != "Z")
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// CPU seconds spent since `before` by the processes `p` covers now (a
+/// process started since counts from zero).
+fn cpu_since(p: Proc, before: &std::collections::HashMap<u32, u64>) -> f64 {
+    let ticks: u64 = cpu_ticks(p)
+        .iter()
+        .map(|(pid, t)| t.saturating_sub(before.get(pid).copied().unwrap_or(0)))
+        .sum();
+    ticks as f64 / clock_ticks()
 }
 
 // ---------------------------------------------------------------- measurements
@@ -1154,17 +1658,27 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
     v[i.min(v.len() - 1)]
 }
 
-/// Bytes per second read over `conns` connections for `secs`.
-async fn download(via: &Via, conns: usize, secs: f64) -> anyhow::Result<f64> {
+/// A throughput figure: payload bytes per second, and the proxy's CPU
+/// seconds per GiB moved when its processes were sampled.
+#[derive(Clone, Copy)]
+struct Flow {
+    rate: f64,
+    cpu: Option<f64>,
+}
+
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+
+/// Bytes per second read over `conns` connections for `secs`; the CPU time
+/// of `cpu` sampled around the same window.
+async fn download(via: &Via, conns: usize, secs: f64, cpu: Option<Proc>) -> anyhow::Result<Flow> {
     let total = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for _ in 0..conns {
         let (total, stop, via) = (Arc::clone(&total), Arc::clone(&stop), via.clone());
         tasks.push(tokio::spawn(async move {
-            match via {
-                Via::Ws(addr, t) => {
-                    let mut ws = Ws::connect(addr, &t, 256 * 1024).await?;
+            match via.open(256 * 1024, false).await? {
+                Conn::Ws(mut ws) => {
                     while !stop.load(Ordering::Relaxed) {
                         let n = ws.read_payload().await?;
                         if n == 0 {
@@ -1173,8 +1687,7 @@ async fn download(via: &Via, conns: usize, secs: f64) -> anyhow::Result<f64> {
                         total.fetch_add(n as u64, Ordering::Relaxed);
                     }
                 }
-                Via::Direct(addr) => {
-                    let mut s = TcpStream::connect(addr).await?;
+                Conn::Raw(mut s) => {
                     let mut buf = vec![0u8; 256 * 1024];
                     while !stop.load(Ordering::Relaxed) {
                         let n = s.read(&mut buf).await?;
@@ -1188,7 +1701,7 @@ async fn download(via: &Via, conns: usize, secs: f64) -> anyhow::Result<f64> {
             anyhow::Ok(())
         }));
     }
-    rate_of(&total, Duration::from_millis(200), secs, &stop, tasks).await
+    rate_cpu(&total, Duration::from_millis(200), secs, &stop, tasks, cpu).await
 }
 
 /// How fast `count` grows per second over `secs`, after `warmup`; then
@@ -1201,11 +1714,26 @@ async fn rate_of(
     stop: &AtomicBool,
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
 ) -> anyhow::Result<f64> {
+    Ok(rate_cpu(count, warmup, secs, stop, tasks, None).await?.rate)
+}
+
+/// The same, with the CPU time of `cpu` over the window, per GiB counted.
+async fn rate_cpu(
+    count: &AtomicU64,
+    warmup: Duration,
+    secs: f64,
+    stop: &AtomicBool,
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    cpu: Option<Proc>,
+) -> anyhow::Result<Flow> {
     tokio::time::sleep(warmup).await;
+    let cpu0 = cpu.map(cpu_ticks);
     let t0 = Instant::now();
     let c0 = count.load(Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-    let rate = (count.load(Ordering::Relaxed) - c0) as f64 / t0.elapsed().as_secs_f64();
+    let moved = (count.load(Ordering::Relaxed) - c0) as f64;
+    let took = t0.elapsed().as_secs_f64();
+    let spent = cpu.zip(cpu0.as_ref()).map(|(p, c0)| cpu_since(p, c0));
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         if t.is_finished() {
@@ -1214,24 +1742,33 @@ async fn rate_of(
             t.abort();
         }
     }
-    Ok(rate)
+    Ok(Flow {
+        rate: moved / took,
+        cpu: spent.filter(|_| moved > 0.0).map(|c| c / (moved / GIB)),
+    })
 }
 
-/// Bytes per second the sink receives when the client sends `msg`-byte messages.
-async fn upload(via: &Via, targets: &Targets, msg: usize, secs: f64) -> anyhow::Result<f64> {
+/// Bytes per second the sink receives when the client sends `msg`-byte
+/// messages (WebSocket frames, or writes of raw bytes); the CPU time of
+/// `cpu` sampled around the same window.
+async fn upload(
+    via: &Via,
+    targets: &Targets,
+    msg: usize,
+    secs: f64,
+    cpu: Option<Proc>,
+) -> anyhow::Result<Flow> {
     let stop = Arc::new(AtomicBool::new(false));
     let (via, stop2) = (via.clone(), Arc::clone(&stop));
     let task = tokio::spawn(async move {
-        match via {
-            Via::Ws(addr, t) => {
-                let mut ws = Ws::connect(addr, &t, 4096).await?;
+        match via.open(4096, false).await? {
+            Conn::Ws(mut ws) => {
                 let payload = masked(msg);
                 while !stop2.load(Ordering::Relaxed) {
                     ws.send_masked(&payload).await?;
                 }
             }
-            Via::Direct(addr) => {
-                let mut s = TcpStream::connect(addr).await?;
+            Conn::Raw(mut s) => {
                 let payload = vec![1u8; msg];
                 while !stop2.load(Ordering::Relaxed) {
                     s.write_all(&payload).await?;
@@ -1241,25 +1778,30 @@ async fn upload(via: &Via, targets: &Targets, msg: usize, secs: f64) -> anyhow::
         anyhow::Ok(())
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
+    let cpu0 = cpu.map(cpu_ticks);
     let t0 = Instant::now();
     let b0 = targets.stats().await?.0;
     tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-    let rate = (targets.stats().await?.0 - b0) as f64 / t0.elapsed().as_secs_f64();
+    let moved = (targets.stats().await?.0 - b0) as f64;
+    let took = t0.elapsed().as_secs_f64();
+    let spent = cpu.zip(cpu0.as_ref()).map(|(p, c0)| cpu_since(p, c0));
     stop.store(true, Ordering::Relaxed);
     if task.is_finished() {
         task.await??;
     } else {
         task.abort();
     }
-    Ok(rate)
+    Ok(Flow {
+        rate: moved / took,
+        cpu: spent.filter(|_| moved > 0.0).map(|c| c / (moved / GIB)),
+    })
 }
 
 /// Round-trip times of a 16-byte echo, in microseconds.
 async fn round_trips(via: &Via, count: usize) -> anyhow::Result<Vec<f64>> {
     let mut out = Vec::with_capacity(count);
-    match via {
-        Via::Ws(addr, token) => {
-            let mut ws = Ws::connect(*addr, token, 4096).await?;
+    match via.open(4096, true).await? {
+        Conn::Ws(mut ws) => {
             let payload = masked(16);
             for _ in 0..count {
                 let t = Instant::now();
@@ -1275,9 +1817,7 @@ async fn round_trips(via: &Via, count: usize) -> anyhow::Result<Vec<f64>> {
                 out.push(t.elapsed().as_secs_f64() * 1e6);
             }
         }
-        Via::Direct(addr) => {
-            let mut s = TcpStream::connect(addr).await?;
-            s.set_nodelay(true)?;
+        Conn::Raw(mut s) => {
             let mut buf = [0u8; 16];
             for _ in 0..count {
                 let t = Instant::now();
@@ -1292,7 +1832,8 @@ async fn round_trips(via: &Via, count: usize) -> anyhow::Result<Vec<f64>> {
 
 /// Session setups (connect, upgrade, token redemption, backend connect,
 /// first byte from the VNC server) with `conc` clients for `secs`:
-/// (per second, latencies in ms).
+/// (per second, latencies in ms). Raw paths: connect and the 12-byte
+/// greeting.
 async fn session_setup(via: &Via, conc: usize, secs: f64) -> anyhow::Result<(f64, Vec<f64>)> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
@@ -1302,15 +1843,13 @@ async fn session_setup(via: &Via, conc: usize, secs: f64) -> anyhow::Result<(f64
             let mut lat = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 let t = Instant::now();
-                match &via {
-                    Via::Ws(addr, token) => {
-                        let mut ws = Ws::connect(*addr, token, 4096).await?;
+                match via.open(4096, false).await? {
+                    Conn::Ws(mut ws) => {
                         if ws.read_payload().await? == 0 {
                             bail!("session refused");
                         }
                     }
-                    Via::Direct(addr) => {
-                        let mut s = TcpStream::connect(addr).await?;
+                    Conn::Raw(mut s) => {
                         let mut b = [0u8; 12];
                         s.read_exact(&mut b).await?;
                     }
@@ -1544,9 +2083,11 @@ fn raise_fd_limit() -> Option<(u64, u64)> {
 struct Row {
     measure: String,
     direct: String,
+    relay: String,
     websockify: String,
     broker: String,
     vs_direct: String,
+    vs_relay: String,
     vs_websockify: String,
 }
 
@@ -1555,12 +2096,23 @@ impl Row {
         Row {
             measure: measure.into(),
             direct: "-".into(),
+            relay: "-".into(),
             websockify: "-".into(),
             broker: broker.into(),
             vs_direct: "-".into(),
+            vs_relay: "-".into(),
             vs_websockify: "-".into(),
         }
     }
+}
+
+/// One line of the CPU table: seconds of CPU per GiB moved, by proxy.
+struct CpuRow {
+    measure: String,
+    tls: bool,
+    relay: Option<f64>,
+    websockify: Option<f64>,
+    broker: Option<f64>,
 }
 
 /// One target from the issue, beside the figure measured.
@@ -1705,6 +2257,11 @@ fn yes_no(met: Option<bool>) -> &'static str {
 #[derive(Default)]
 struct Report {
     rows: Vec<Row>,
+    /// The TLS table (its direct columns unused).
+    tls: Vec<Row>,
+    cpu: Vec<CpuRow>,
+    tls_notes: Vec<String>,
+    relay_version: Option<String>,
     goals: Vec<Goal>,
     memory: Vec<Mem>,
     /// The session-control table and what it says about itself.
@@ -1715,44 +2272,236 @@ struct Report {
     postgres_version: Option<String>,
 }
 
-/// Measurements on the main SQLite broker, beside direct TCP and websockify.
+/// The paths compared, in the order each repetition measures them.
+const DIRECT: usize = 0;
+const RELAY: usize = 1;
+const WSFY: usize = 2;
+const BROKER: usize = 3;
+const PATH_NAMES: [&str; 4] = ["direct TCP", "the relay (socat)", "websockify", "vncbroker"];
+
+/// One measurement's paths: how each reaches the target (None: not run)
+/// and whose CPU time to sample; the peers, to let their connection
+/// processes end between measurements.
+struct Paths<'a> {
+    vias: [Option<Via>; 4],
+    procs: [Option<Proc>; 4],
+    relay: Option<&'a Relay>,
+    wsfy: Option<&'a Websockify>,
+}
+
+impl<'a> Paths<'a> {
+    /// The plain-TCP paths to target `name` (`vm` on the broker).
+    fn plain(
+        targets: &Targets,
+        name: &str,
+        vm: i64,
+        broker: &Broker,
+        relay: Option<&'a Relay>,
+        wsfy: Option<&'a Websockify>,
+    ) -> anyhow::Result<Paths<'a>> {
+        let direct = match name {
+            "source" => targets.source,
+            "sink" => targets.sink,
+            "echo" => targets.echo,
+            _ => targets.greet,
+        };
+        Ok(Paths {
+            vias: [
+                Some(Via::Direct(direct)),
+                relay.and_then(|r| r.via(name).ok()),
+                wsfy.map(|w| w.via(name)),
+                Some(broker.via(vm)?),
+            ],
+            procs: [
+                None,
+                relay.map(|r| Proc::Group(r.pgid())),
+                wsfy.map(|w| Proc::Group(w.pgid())),
+                Some(Proc::Pid(broker.pid()?)),
+            ],
+            relay,
+            wsfy,
+        })
+    }
+}
+
+/// Runs `f` on each path in turn, `reps` times: each path's results. A
+/// peer (relay, websockify) that fails is left out from then on, with a
+/// note; a failure on direct TCP or vncbroker is the measurement's.
+async fn interleave<T, F, Fut>(
+    rep: &mut Report,
+    what: &str,
+    reps: usize,
+    paths: &Paths<'_>,
+    mut f: F,
+) -> anyhow::Result<[Option<Vec<T>>; 4]>
+where
+    F: FnMut(Via, Option<Proc>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let mut out: [Option<Vec<T>>; 4] = Default::default();
+    for (o, v) in out.iter_mut().zip(&paths.vias) {
+        if v.is_some() {
+            *o = Some(Vec::new());
+        }
+    }
+    for _ in 0..reps {
+        for i in 0..4 {
+            let Some(via) = &paths.vias[i] else { continue };
+            if out[i].is_none() {
+                continue;
+            }
+            let r = f(via.clone(), paths.procs[i]).await;
+            let peer = i == RELAY || i == WSFY;
+            if peer {
+                settle_peers(paths.relay, paths.wsfy).await;
+            }
+            match r {
+                Ok(v) => {
+                    if let Some(o) = &mut out[i] {
+                        o.push(v);
+                    }
+                }
+                Err(e) if peer => {
+                    rep.notes
+                        .push(format!("{what}: {} failed: {e:#}", PATH_NAMES[i]));
+                    out[i] = None;
+                }
+                Err(e) => return Err(e.context(format!("{what}, {}", PATH_NAMES[i]))),
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The medians of a path's throughput figures (rate and CPU separately).
+fn flow_median(v: &Option<Vec<Flow>>) -> Option<Flow> {
+    let v = v.as_ref().filter(|v| !v.is_empty())?;
+    let mut r: Vec<f64> = v.iter().map(|f| f.rate).collect();
+    let mut c: Vec<f64> = v.iter().filter_map(|f| f.cpu).collect();
+    Some(Flow {
+        rate: median(&mut r),
+        cpu: (!c.is_empty()).then(|| median(&mut c)),
+    })
+}
+
+fn or_not_run<T>(v: Option<T>, f: impl Fn(T) -> String) -> String {
+    v.map_or("not run".into(), f)
+}
+
+/// A throughput row of the Results (or TLS) table, and the CPU row beside
+/// it; (relay, websockify, vncbroker) figures returned for the goals.
+fn flow_rows(
+    rep: &mut Report,
+    measure: &str,
+    res: &[Option<Vec<Flow>>; 4],
+    tls: bool,
+) -> [Option<Flow>; 4] {
+    let f: [Option<Flow>; 4] = std::array::from_fn(|i| flow_median(&res[i]));
+    let b = f[BROKER].map_or(f64::NAN, |b| b.rate);
+    let row = Row {
+        measure: measure.to_owned(),
+        direct: if tls {
+            "-".into()
+        } else {
+            or_not_run(f[DIRECT], |d| mib(d.rate))
+        },
+        relay: or_not_run(f[RELAY], |r| mib(r.rate)),
+        websockify: or_not_run(f[WSFY], |w| mib(w.rate)),
+        broker: or_not_run(f[BROKER], |b| mib(b.rate)),
+        vs_direct: if tls {
+            "-".into()
+        } else {
+            or_not_run(f[DIRECT], |d| ratio(b, d.rate))
+        },
+        vs_relay: or_not_run(f[RELAY], |r| ratio(b, r.rate)),
+        vs_websockify: or_not_run(f[WSFY], |w| ratio(b, w.rate)),
+    };
+    if tls {
+        rep.tls.push(row);
+    } else {
+        rep.rows.push(row);
+    }
+    let cpu = |i: usize| f[i].and_then(|x| x.cpu);
+    rep.cpu.push(CpuRow {
+        measure: format!("{}{measure}", if tls { "TLS: " } else { "" }),
+        tls,
+        relay: cpu(RELAY),
+        websockify: cpu(WSFY),
+        broker: cpu(BROKER),
+    });
+    f
+}
+
+/// The CPU goals, one per row of the CPU table: vncbroker's CPU per GiB at
+/// most 1.1× the relay's (the TLS relay's over TLS).
+fn cpu_goals(rep: &mut Report) {
+    let mut goals = Vec::new();
+    for r in &rep.cpu {
+        let relay = if r.tls {
+            "the TLS relay"
+        } else {
+            "the plain relay"
+        };
+        let (fig, met) = match (r.broker, r.relay) {
+            (Some(b), Some(x)) => (
+                format!("{} vs {} ({})", cpu_gib(b), cpu_gib(x), ratio(b, x)),
+                Some(b <= 1.1 * x),
+            ),
+            (Some(b), None) => (format!("{}; the relay not measured", cpu_gib(b)), None),
+            _ => ("not measured".into(), None),
+        };
+        goals.push(goal(
+            &format!("CPU per GiB relayed, {}", r.measure),
+            &format!("≤ 1.1× {relay}'s"),
+            fig,
+            met,
+        ));
+    }
+    rep.goals.extend(goals);
+}
+
+fn cpu_gib(secs: f64) -> String {
+    format!("{secs:.2} s/GiB")
+}
+
+/// A goal of vncbroker's rate at least `times` × a peer's.
+fn ratio_goal(rep: &mut Report, what: &str, target: &str, b: f64, peer: Option<f64>, times: f64) {
+    rep.goals.push(goal(
+        what,
+        target,
+        peer.map_or("not run".into(), |p| ratio(b, p)),
+        peer.map(|p| b >= times * p),
+    ));
+}
+
+/// Measurements on the main SQLite broker, beside direct TCP, the plain
+/// relay and websockify.
 async fn proxy_section(
     rep: &mut Report,
     sc: &Scale,
     targets: &Targets,
     broker: &Broker,
+    relay: Option<&Relay>,
     wsfy: Option<&Websockify>,
-) -> anyhow::Result<Setup> {
+) -> anyhow::Result<()> {
     let (reps, secs) = (sc.reps, sc.secs);
-    let wcol = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map_or("not run".into(), f);
 
     for conns in [1usize, 16] {
-        let (d_via, b_via) = (Via::Direct(targets.source), broker.via(VM_SOURCE)?);
-        let w_via = wsfy.map(|w| w.via("source"));
-        let (mut d, mut w, mut b) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..reps {
-            d.push(download(&d_via, conns, secs).await?);
-            if let Some(v) = &w_via {
-                w.push(download(v, conns, secs).await?);
-                settle(wsfy).await;
-            }
-            b.push(download(&b_via, conns, secs).await?);
-        }
-        let (d, b) = (median(&mut d), median(&mut b));
-        let w = (!w.is_empty()).then(|| median(&mut w));
+        let paths = Paths::plain(targets, "source", VM_SOURCE, broker, relay, wsfy)?;
         let name = if conns == 1 {
             "download, 1 connection, 64 KiB writes".to_owned()
         } else {
             format!("download, {conns} connections, 64 KiB writes")
         };
-        rep.rows.push(Row {
-            measure: name.clone(),
-            direct: mib(d),
-            websockify: wcol(w, &mib),
-            broker: mib(b),
-            vs_direct: ratio(b, d),
-            vs_websockify: wcol(w, &|w| ratio(b, w)),
-        });
+        let res = interleave(rep, &name, reps, &paths, |via, p| async move {
+            download(&via, conns, secs, p).await
+        })
+        .await?;
+        let f = flow_rows(rep, &name, &res, false);
+        let (b, d) = (
+            f[BROKER].map_or(f64::NAN, |x| x.rate),
+            f[DIRECT].map_or(f64::NAN, |x| x.rate),
+        );
         rep.goals.push(goal(
             &name,
             "≥ 0.9× direct",
@@ -1762,56 +2511,50 @@ async fn proxy_section(
     }
 
     for msg in [1024usize, 64 * 1024] {
-        let (d_via, b_via) = (Via::Direct(targets.sink), broker.via(VM_SINK)?);
-        let w_via = wsfy.map(|w| w.via("sink"));
-        let (mut d, mut w, mut b) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..reps {
-            d.push(upload(&d_via, targets, msg, secs).await?);
-            if let Some(v) = &w_via {
-                w.push(upload(v, targets, msg, secs).await?);
-                settle(wsfy).await;
-            }
-            b.push(upload(&b_via, targets, msg, secs).await?);
-        }
-        let (d, b) = (median(&mut d), median(&mut b));
-        let w = (!w.is_empty()).then(|| median(&mut w));
+        let paths = Paths::plain(targets, "sink", VM_SINK, broker, relay, wsfy)?;
         let name = format!("upload, {} KiB masked messages", msg / 1024);
-        rep.rows.push(Row {
-            measure: name.clone(),
-            direct: mib(d),
-            websockify: wcol(w, &mib),
-            broker: mib(b),
-            vs_direct: ratio(b, d),
-            vs_websockify: wcol(w, &|w| ratio(b, w)),
-        });
+        let res = interleave(rep, &name, reps, &paths, |via, p| async move {
+            upload(&via, targets, msg, secs, p).await
+        })
+        .await?;
+        let f = flow_rows(rep, &name, &res, false);
+        let rate = |i: usize| f[i].map(|x| x.rate);
+        let b = rate(BROKER).unwrap_or(f64::NAN);
         if msg == 1024 {
-            rep.goals.push(goal(
+            ratio_goal(rep, &name, "≥ 3× websockify", b, rate(WSFY), 3.0);
+            ratio_goal(
+                rep,
                 &name,
-                "≥ 3× websockify",
-                w.map_or("websockify not run".into(), |w| ratio(b, w)),
-                w.map(|w| b >= 3.0 * w),
-            ));
+                "≥ 0.8× the plain relay (1 KiB writes)",
+                b,
+                rate(RELAY),
+                0.8,
+            );
         } else {
-            rep.goals.push(goal(
+            ratio_goal(rep, &name, "≥ 0.8× direct", b, rate(DIRECT), 0.8);
+            ratio_goal(
+                rep,
                 &name,
-                "≥ 0.8× direct",
-                ratio(b, d),
-                Some(b >= 0.8 * d),
-            ));
+                "≥ 0.9× the plain relay (64 KiB writes)",
+                b,
+                rate(RELAY),
+                0.9,
+            );
         }
     }
 
     // Round trips: the samples of each path, taken in interleaved slices;
     // then again with every process on one CPU, which takes the cost of
     // waking a process on the other CPU out of the figures.
-    round_trip_rows(rep, sc, targets, broker, wsfy, false).await?;
+    round_trip_rows(rep, sc, targets, broker, relay, wsfy, false).await?;
     let mut pids = vec![std::process::id(), broker.pid()?];
     pids.extend(targets.child.id());
     pids.extend(wsfy.map(Websockify::pgid));
+    pids.extend(relay.map(Relay::pids).unwrap_or_default());
     let all = cpus_allowed();
     let one = all.split([',', '-']).next().unwrap_or("0").to_owned();
     if pin(&pids, &one) {
-        let r = round_trip_rows(rep, sc, targets, broker, wsfy, true).await;
+        let r = round_trip_rows(rep, sc, targets, broker, relay, wsfy, true).await;
         pin(&pids, &all);
         r?;
     } else {
@@ -1821,41 +2564,86 @@ async fn proxy_section(
         ));
     }
 
-    // Session setup on the (nearly) empty token table.
-    let d_via = Via::Direct(targets.greet);
-    let b_via = broker.via(VM_GREET)?;
-    let w_via = wsfy.map(|w| w.via("greet"));
-    let mut vias = vec![&d_via, &b_via];
-    if let Some(v) = &w_via {
-        vias.push(v);
+    // Session setup on the (nearly) empty token table, with one client and
+    // with four.
+    for conc in [1usize, 4] {
+        let paths = Paths::plain(targets, "greet", VM_GREET, broker, relay, wsfy)?;
+        let clients = if conc == 1 {
+            "1 client".to_owned()
+        } else {
+            format!("{conc} clients")
+        };
+        let name = format!("session setup, SQLite, {clients}");
+        let res = interleave(rep, &name, reps, &paths, |via, _| async move {
+            session_setup(&via, conc, secs).await
+        })
+        .await?;
+        let s: [Option<Setup>; 4] = std::array::from_fn(|i| {
+            res[i].as_ref().filter(|v| !v.is_empty()).map(|runs| {
+                let mut rates: Vec<f64> = runs.iter().map(|r| r.0).collect();
+                let mut lats: Vec<f64> = runs.iter().flat_map(|r| r.1.iter().copied()).collect();
+                Setup {
+                    rate: median(&mut rates),
+                    p50: percentile(&mut lats, 0.5),
+                    p99: percentile(&mut lats, 0.99),
+                }
+            })
+        });
+        let (Some(b), Some(d)) = (&s[BROKER], &s[DIRECT]) else {
+            bail!("{name}: no figures");
+        };
+        let over = b.p50 - d.p50;
+        rep.rows.push(Row {
+            measure: name.clone(),
+            direct: d.show(),
+            relay: or_not_run(s[RELAY].as_ref(), Setup::show),
+            websockify: or_not_run(s[WSFY].as_ref(), Setup::show),
+            broker: b.show(),
+            vs_direct: format!("{} rate; p50 {over:+.2} ms", ratio(b.rate, d.rate)),
+            vs_relay: or_not_run(s[RELAY].as_ref(), |r| {
+                format!(
+                    "{} rate; p50 {:+.2} ms",
+                    ratio(b.rate, r.rate),
+                    b.p50 - r.p50
+                )
+            }),
+            vs_websockify: or_not_run(s[WSFY].as_ref(), |w| {
+                format!("{} rate", ratio(b.rate, w.rate))
+            }),
+        });
+        let (want, goal_rate) = if conc == 1 {
+            ("≥ 2,000/s", 2000.0)
+        } else {
+            ("≥ 5,000/s", 5000.0)
+        };
+        rep.goals.push(goal(
+            &format!("session setup, SQLite, {clients}, rate"),
+            want,
+            format!("{:.0}/s", b.rate),
+            Some(b.rate >= goal_rate),
+        ));
+        rep.goals.push(goal(
+            &format!("session setup, SQLite, {clients}, p50 over direct TCP"),
+            "≤ 0.5 ms",
+            format!("{over:+.2} ms (p50 {:.2} vs {:.2} ms)", b.p50, d.p50),
+            Some(over <= 0.5),
+        ));
+        if conc == 4 {
+            rep.goals.push(goal(
+                "session setup, SQLite, 4 clients, rate (the first goal)",
+                "≥ 1000/s",
+                format!("{:.0}/s", b.rate),
+                Some(b.rate >= 1000.0),
+            ));
+            rep.goals.push(goal(
+                "session setup, SQLite, 4 clients, p99 latency",
+                "≤ 10 ms",
+                format!("{:.2} ms", b.p99),
+                Some(b.p99 <= 10.0),
+            ));
+        }
     }
-    let mut s = setups(&vias, reps, secs, wsfy).await?;
-    let w = (s.len() > 2).then(|| s.remove(2));
-    let b = s.remove(1);
-    let d = s.remove(0);
-    rep.rows.push(Row {
-        measure: "session setup, SQLite, 4 clients".into(),
-        direct: d.show(),
-        websockify: w.as_ref().map_or("not run".into(), Setup::show),
-        broker: b.show(),
-        vs_direct: format!("{} rate", ratio(b.rate, d.rate)),
-        vs_websockify: w.as_ref().map_or("not run".into(), |w| {
-            format!("{} rate", ratio(b.rate, w.rate))
-        }),
-    });
-    rep.goals.push(goal(
-        "session setup, SQLite, rate",
-        "≥ 1000/s",
-        format!("{:.0}/s", b.rate),
-        Some(b.rate >= 1000.0),
-    ));
-    rep.goals.push(goal(
-        "session setup, SQLite, p99 latency",
-        "≤ 10 ms",
-        format!("{:.2} ms", b.p99),
-        Some(b.p99 <= 10.0),
-    ));
-    Ok(b)
+    Ok(())
 }
 
 /// Round-trip rows and the target: each path's samples taken in
@@ -1865,43 +2653,45 @@ async fn round_trip_rows(
     sc: &Scale,
     targets: &Targets,
     broker: &Broker,
+    relay: Option<&Relay>,
     wsfy: Option<&Websockify>,
     pinned: bool,
 ) -> anyhow::Result<()> {
-    let reps = sc.reps;
-    let (d_via, b_via) = (Via::Direct(targets.echo), broker.via(VM_ECHO)?);
-    let w_via = wsfy.map(|w| w.via("echo"));
-    let slice = (sc.rtt_count / reps).max(1);
-    let (mut d, mut w, mut b) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..reps {
-        d.extend(round_trips(&d_via, slice).await?);
-        if let Some(v) = &w_via {
-            w.extend(round_trips(v, slice).await?);
-            settle(wsfy).await;
-        }
-        b.extend(round_trips(&b_via, slice).await?);
-    }
-    let (d50, d99) = (percentile(&mut d, 0.5), percentile(&mut d, 0.99));
-    let (b50, b99) = (percentile(&mut b, 0.5), percentile(&mut b, 0.99));
-    let w = (!w.is_empty()).then(|| (percentile(&mut w, 0.5), percentile(&mut w, 0.99)));
-    let show = |p50: f64, p99: f64| format!("{p50:.1} / {p99:.1} µs");
+    let paths = Paths::plain(targets, "echo", VM_ECHO, broker, relay, wsfy)?;
+    let slice = (sc.rtt_count / sc.reps).max(1);
     let how = if pinned {
         ", all processes on one CPU"
     } else {
         ""
     };
+    let name = format!("round trip, 16-byte echo{how}");
+    let res = interleave(rep, &name, sc.reps, &paths, |via, _| async move {
+        round_trips(&via, slice).await
+    })
+    .await?;
+    let p: [Option<(f64, f64)>; 4] = std::array::from_fn(|i| {
+        res[i].as_ref().filter(|v| !v.is_empty()).map(|v| {
+            let mut all: Vec<f64> = v.concat();
+            (percentile(&mut all, 0.5), percentile(&mut all, 0.99))
+        })
+    });
+    let (Some((b50, b99)), Some((d50, d99))) = (p[BROKER], p[DIRECT]) else {
+        bail!("{name}: no figures");
+    };
+    let show = |(p50, p99): (f64, f64)| format!("{p50:.1} / {p99:.1} µs");
+    let added = |(o50, _): (f64, f64)| format!("{:+.1} µs at p50", b50 - o50);
     rep.rows.push(Row {
-        measure: format!("round trip, 16-byte echo{how} (p50 / p99)"),
-        direct: show(d50, d99),
-        websockify: w.map_or("not run".into(), |(a, b)| show(a, b)),
-        broker: show(b50, b99),
-        vs_direct: format!("{:+.1} µs at p50", b50 - d50),
-        vs_websockify: w.map_or("not run".into(), |(w50, _)| {
-            format!("{:+.1} µs at p50", b50 - w50)
-        }),
+        measure: format!("{name} (p50 / p99)"),
+        direct: show((d50, d99)),
+        relay: or_not_run(p[RELAY], show),
+        websockify: or_not_run(p[WSFY], show),
+        broker: show((b50, b99)),
+        vs_direct: added((d50, d99)),
+        vs_relay: or_not_run(p[RELAY], added),
+        vs_websockify: or_not_run(p[WSFY], added),
     });
     rep.goals.push(goal(
-        &format!("round trip, 16-byte echo{how}"),
+        &name,
         "≤ 25 µs added at p50 over direct",
         format!("{:+.1} µs", b50 - d50),
         Some(b50 - d50 <= 25.0),
@@ -1979,6 +2769,10 @@ fn full_table_row(
     ));
 }
 
+/// PostgreSQL session setup with 4 clients in the BENCHMARKS.md before the
+/// relay, TLS and CPU measurements were added: the figure not to regress.
+const PG_SETUP_BEFORE: f64 = 1539.0;
+
 /// Session setup and minting on PostgreSQL.
 async fn postgres_section(
     rep: &mut Report,
@@ -1997,6 +2791,12 @@ async fn postgres_section(
         rep.rows.push(Row::new(
             "session setup, PostgreSQL, 4 clients",
             empty.show(),
+        ));
+        rep.goals.push(goal(
+            "session setup, PostgreSQL, 4 clients, no regression",
+            &format!("≥ {PG_SETUP_BEFORE:.0}/s (the previous BENCHMARKS.md)"),
+            format!("{:.0}/s", empty.rate),
+            Some(empty.rate >= PG_SETUP_BEFORE),
         ));
         mint_section(rep, sc, broker.addr, "PostgreSQL", 2000.0).await?;
         let took = fill_postgres(&pg.url, sc.fill).await?;
@@ -2671,23 +3471,12 @@ async fn idle_websockify(
 
 /// Finds websockify 0.13, installing it in a full run; starts it.
 async fn start_websockify(opts: &Opts, rep: &mut Report, targets: &Targets) -> Option<Websockify> {
-    let found = match locate_websockify(opts.websockify.as_deref()) {
-        Some(f) => Some(f),
-        None if opts.quick => {
-            rep.notes.push(format!(
-                "websockify {WEBSOCKIFY_VERSION} is not installed: skipped in --quick \
-                 (a full run installs it into target/bench-venv)."
-            ));
+    let found = match find_websockify(opts) {
+        Ok(f) => Some(f),
+        Err(why) => {
+            rep.notes.push(why);
             None
         }
-        None => match install_websockify() {
-            Ok(bin) => Some((bin, WEBSOCKIFY_VERSION.to_owned())),
-            Err(e) => {
-                rep.notes
-                    .push(format!("websockify could not be installed: {e:#}"));
-                None
-            }
-        },
     };
     let (bin, version) = found?;
     let tokens = [
@@ -2697,7 +3486,7 @@ async fn start_websockify(opts: &Opts, rep: &mut Report, targets: &Targets) -> O
         ("greet", targets.greet),
         ("silent", targets.silent),
     ];
-    match Websockify::start(&bin, version, &tokens).await {
+    match Websockify::start(&bin, version, &tokens, &[]).await {
         Ok(w) => {
             rep.websockify_version = Some(w.version.clone());
             rep.notes.push(format!(
@@ -2708,6 +3497,170 @@ async fn start_websockify(opts: &Opts, rep: &mut Report, targets: &Targets) -> O
         }
         Err(e) => {
             rep.notes.push(format!("websockify did not start: {e:#}"));
+            None
+        }
+    }
+}
+
+/// websockify 0.13, found, or installed in a full run; or why not.
+fn find_websockify(opts: &Opts) -> Result<(PathBuf, String), String> {
+    match locate_websockify(opts.websockify.as_deref()) {
+        Some(f) => Ok(f),
+        None if opts.quick => Err(format!(
+            "websockify {WEBSOCKIFY_VERSION} is not installed: skipped in --quick \
+             (a full run installs it into target/bench-venv)."
+        )),
+        None => install_websockify()
+            .map(|bin| (bin, WEBSOCKIFY_VERSION.to_owned()))
+            .map_err(|e| format!("websockify could not be installed: {e:#}")),
+    }
+}
+
+/// WSS download and upload through vncbroker and websockify, each with the
+/// same certificate, against socat's TLS relay; the proxies' CPU per GiB.
+async fn tls_section(
+    opts: &Opts,
+    rep: &mut Report,
+    sc: &Scale,
+    work: &Path,
+    targets: &Targets,
+) -> anyhow::Result<()> {
+    let (reps, secs) = (sc.reps, sc.secs);
+    let (ca, cert, key) = make_certs(work)?;
+    let tls = Arc::new(tls_connector(&ca)?);
+    // A JSON string is a TOML basic string for any path.
+    let json = |p: &Path| serde_json::to_string(&p.to_string_lossy());
+    let extra = format!("[tls]\ncert = {}\nkey = {}\n", json(&cert)?, json(&key)?);
+    let broker = Broker::spawn_configured(
+        &opts.broker,
+        &sqlite_url(&work.join("tls.db")),
+        work,
+        "tls",
+        &broker_log_level(),
+        &extra,
+    )
+    .await?;
+    broker.setup(targets)?;
+    let list = [("source", targets.source), ("sink", targets.sink)];
+    let relay = match Relay::start(&list, Some((&cert, &key))).await {
+        Ok(r) => Some(r),
+        Err(e) => {
+            rep.tls_notes
+                .push(format!("The TLS relay (socat) did not start: {e:#}"));
+            None
+        }
+    };
+    let wsfy = match find_websockify(opts) {
+        Ok((bin, version)) => {
+            let args = [
+                std::ffi::OsStr::new("--cert"),
+                cert.as_os_str(),
+                std::ffi::OsStr::new("--key"),
+                key.as_os_str(),
+            ];
+            match Websockify::start(&bin, version, &list, &args).await {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    rep.tls_notes
+                        .push(format!("websockify with TLS did not start: {e:#}"));
+                    None
+                }
+            }
+        }
+        Err(why) => {
+            rep.tls_notes.push(why);
+            None
+        }
+    };
+    let relay_at = |name: &str| relay.as_ref().and_then(|r| r.addr(name).ok());
+    let paths = |name: &str, vm: i64| -> anyhow::Result<Paths<'_>> {
+        Ok(Paths {
+            vias: [
+                None,
+                relay_at(name).map(|a| Via::Tls(a, Arc::clone(&tls))),
+                wsfy.as_ref()
+                    .map(|w| Via::Wss(w.addr, name.to_owned(), Arc::clone(&tls))),
+                Some(Via::Wss(broker.addr, broker.mint(vm)?, Arc::clone(&tls))),
+            ],
+            procs: [
+                None,
+                relay.as_ref().map(|r| Proc::Group(r.pgid())),
+                wsfy.as_ref().map(|w| Proc::Group(w.pgid())),
+                Some(Proc::Pid(broker.pid()?)),
+            ],
+            relay: relay.as_ref(),
+            wsfy: wsfy.as_ref(),
+        })
+    };
+
+    let mut suites = vec![format!("vncbroker {}", tls_suite(broker.addr, &tls).await)];
+    if let Some(w) = &wsfy {
+        suites.push(format!("websockify {}", tls_suite(w.addr, &tls).await));
+    }
+    if let Some(a) = relay_at("source") {
+        suites.push(format!("socat {}", tls_suite(a, &tls).await));
+    }
+    rep.tls_notes.push(format!(
+        "Negotiated with the bench's client: {}.",
+        suites.join("; ")
+    ));
+    settle_peers(relay.as_ref(), wsfy.as_ref()).await;
+
+    let name = "WSS download, 1 connection, 64 KiB writes";
+    let res = interleave(
+        rep,
+        name,
+        reps,
+        &paths("source", VM_SOURCE)?,
+        |via, p| async move { download(&via, 1, secs, p).await },
+    )
+    .await?;
+    let f = flow_rows(rep, name, &res, true);
+    tls_goals(rep, name, &f);
+
+    for msg in [64 * 1024usize, 1024] {
+        let name = format!("WSS upload, {} KiB masked messages", msg / 1024);
+        let res = interleave(
+            rep,
+            &name,
+            reps,
+            &paths("sink", VM_SINK)?,
+            |via, p| async move { upload(&via, targets, msg, secs, p).await },
+        )
+        .await?;
+        let f = flow_rows(rep, &name, &res, true);
+        tls_goals(rep, &name, &f);
+    }
+    drop(wsfy);
+    drop(relay);
+    broker.stop().await;
+    Ok(())
+}
+
+/// The TLS goals: vncbroker ≥ 1.0× the TLS relay and ≥ 1.5× websockify.
+fn tls_goals(rep: &mut Report, name: &str, f: &[Option<Flow>; 4]) {
+    let rate = |i: usize| f[i].map(|x| x.rate);
+    let b = rate(BROKER).unwrap_or(f64::NAN);
+    ratio_goal(rep, name, "≥ 1.0× the TLS relay", b, rate(RELAY), 1.0);
+    ratio_goal(rep, name, "≥ 1.5× websockify", b, rate(WSFY), 1.5);
+}
+
+/// The plain relay, one socat listener per stand-in target.
+async fn start_relay(rep: &mut Report, targets: &Targets) -> Option<Relay> {
+    let list = [
+        ("source", targets.source),
+        ("sink", targets.sink),
+        ("echo", targets.echo),
+        ("greet", targets.greet),
+    ];
+    match Relay::start(&list, None).await {
+        Ok(r) => {
+            rep.relay_version = Some(r.version.clone());
+            Some(r)
+        }
+        Err(e) => {
+            rep.notes
+                .push(format!("The plain relay (socat) did not start: {e:#}"));
             None
         }
     }
@@ -2761,11 +3714,36 @@ async fn run(opts: &Opts, work: &Path) -> anyhow::Result<()> {
         None
     };
 
+    let relay = if opts.runs("proxy") {
+        start_relay(&mut rep, &targets).await
+    } else {
+        None
+    };
+
     if (opts.runs("proxy") || opts.runs("sqlite"))
-        && let Err(e) = sqlite_sections(opts, &mut rep, &sc, work, &targets, wsfy.as_ref()).await
+        && let Err(e) = sqlite_sections(
+            opts,
+            &mut rep,
+            &sc,
+            work,
+            &targets,
+            relay.as_ref(),
+            wsfy.as_ref(),
+        )
+        .await
     {
         rep.notes.push(format!("SQLite measurements failed: {e:#}"));
         failed.push(e);
+    }
+
+    drop(relay);
+
+    if opts.runs("tls") {
+        eprintln!("measuring over TLS");
+        if let Err(e) = tls_section(opts, &mut rep, &sc, work, &targets).await {
+            rep.notes.push(format!("TLS measurements failed: {e:#}"));
+            failed.push(e);
+        }
     }
 
     if opts.runs("session-control") {
@@ -2806,6 +3784,15 @@ async fn run(opts: &Opts, work: &Path) -> anyhow::Result<()> {
                     None,
                 ));
             }
+            let pg_goal = "session setup, PostgreSQL, 4 clients, no regression";
+            if !rep.goals.iter().any(|g| g.what == pg_goal) {
+                rep.goals.push(goal(
+                    pg_goal,
+                    &format!("≥ {PG_SETUP_BEFORE:.0}/s (the previous BENCHMARKS.md)"),
+                    "not run".into(),
+                    None,
+                ));
+            }
             failed.push(e);
         }
     }
@@ -2842,6 +3829,7 @@ async fn run(opts: &Opts, work: &Path) -> anyhow::Result<()> {
     }
     drop(wsfy);
 
+    cpu_goals(&mut rep);
     let md = render(
         &rep,
         &sc,
@@ -2904,6 +3892,7 @@ async fn sqlite_sections(
     sc: &Scale,
     work: &Path,
     targets: &Targets,
+    relay: Option<&Relay>,
     wsfy: Option<&Websockify>,
 ) -> anyhow::Result<()> {
     let main_db = work.join("main.db");
@@ -2911,7 +3900,7 @@ async fn sqlite_sections(
         Broker::create(&opts.broker, &sqlite_url(&main_db), work, "sqlite", targets).await?;
     if opts.runs("proxy") {
         eprintln!("measuring throughput, round trips and session setup");
-        proxy_section(rep, sc, targets, &broker, wsfy).await?;
+        proxy_section(rep, sc, targets, &broker, relay, wsfy).await?;
 
         eprintln!("measuring the mint rate on SQLite");
         mint_section(rep, sc, broker.addr, "SQLite", 5000.0).await?;
@@ -3002,7 +3991,7 @@ fn render(
     );
     let _ = writeln!(
         md,
-        "- {} run: each figure is the median of {} interleaved repetition(s) of {:.1} s (direct, websockify, vncbroker in turn); round trips pool {} samples per path; idle-session memory is measured once. The whole run took {:.0} s.",
+        "- {} run: each figure is the median of {} interleaved repetition(s) of {:.1} s (direct, plain relay, websockify, vncbroker in turn); round trips pool {} samples per path; idle-session memory is measured once. The whole run took {:.0} s.",
         if sc.quick {
             "Quick (`--quick`)"
         } else {
@@ -3015,7 +4004,7 @@ fn render(
     );
     let _ = writeln!(
         md,
-        "- Rerun: `scripts/bench` (builds release, writes BENCHMARKS.md); `scripts/bench --quick --out /tmp/bench.md` for a check under a minute. Needs python3 with venv (websockify is installed into target/bench-venv when missing), initdb/pg_ctl (or DATABASE_URL), and prlimit.\n"
+        "- Rerun: `scripts/bench` (builds release, writes BENCHMARKS.md); `scripts/bench --quick --out /tmp/bench.md` for a check under a minute. Needs python3 with venv (websockify is installed into target/bench-venv when missing), socat, openssl, initdb/pg_ctl (or DATABASE_URL), and prlimit.\n"
     );
 
     let _ = writeln!(md, "## Targets\n");
@@ -3033,17 +4022,78 @@ fn render(
     let met = rep.goals.iter().filter(|g| g.met == Some(true)).count();
     let _ = writeln!(md, "\n{met} of {} targets met.\n", rep.goals.len());
 
+    let rv = rep
+        .relay_version
+        .as_deref()
+        .map_or("socat -b65536, not run".to_owned(), |v| {
+            format!("socat {v} -b65536")
+        });
     let _ = writeln!(md, "## Results\n");
     let _ = writeln!(
         md,
-        "| measure | direct TCP | websockify {wv} | vncbroker | vncbroker vs direct | vncbroker vs websockify |\n|---|---|---|---|---|---|"
+        "| measure | direct TCP | plain relay ({rv}) | websockify {wv} | vncbroker | vncbroker vs direct | vncbroker vs relay | vncbroker vs websockify |\n|---|---|---|---|---|---|---|---|"
     );
     for r in &rep.rows {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} |",
-            r.measure, r.direct, r.websockify, r.broker, r.vs_direct, r.vs_websockify
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.measure,
+            r.direct,
+            r.relay,
+            r.websockify,
+            r.broker,
+            r.vs_direct,
+            r.vs_relay,
+            r.vs_websockify
         );
+    }
+    if !rep.tls.is_empty() {
+        let _ = writeln!(md, "\n## TLS\n");
+        let _ = writeln!(
+            md,
+            "WSS through vncbroker (`[tls] cert`/`key`) and websockify (`--cert`/`--key`), against socat's `OPENSSL-LISTEN` (`-b65536`, `verify=0`) relaying raw bytes in TLS, the TLS relay; one certificate (P-256, signed by a CA the bench's rustls client trusts alone) for all three. Medians of {} interleaved repetition(s) of {:.1} s (relay, websockify, vncbroker in turn).\n",
+            sc.reps, sc.secs
+        );
+        let _ = writeln!(
+            md,
+            "| measure | TLS relay (socat OPENSSL-LISTEN) | websockify {wv} | vncbroker | vncbroker vs relay | vncbroker vs websockify |\n|---|---|---|---|---|---|"
+        );
+        for r in &rep.tls {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} |",
+                r.measure, r.relay, r.websockify, r.broker, r.vs_relay, r.vs_websockify
+            );
+        }
+        for n in &rep.tls_notes {
+            let _ = writeln!(md, "\n- {n}");
+        }
+    }
+    if !rep.cpu.is_empty() {
+        let _ = writeln!(md, "\n## CPU per GiB relayed\n");
+        let _ = writeln!(
+            md,
+            "User + system CPU seconds of the proxy per GiB of payload moved, from /proc/PID/stat (utime + stime, {} ticks a second) read just before and just after each timed window while its connections are open: vncbroker's `serve` process (all its threads); websockify and socat, every process of their process group (each forks a process per connection). The medians of the repetitions. The bench's own client and the stand-in servers are not counted.\n",
+            clock_ticks()
+        );
+        let _ = writeln!(
+            md,
+            "| measure | relay (socat) | websockify {wv} | vncbroker | vncbroker vs relay |\n|---|---|---|---|---|"
+        );
+        let c = |v: Option<f64>| v.map_or("-".into(), cpu_gib);
+        for r in &rep.cpu {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} |",
+                r.measure,
+                c(r.relay),
+                c(r.websockify),
+                c(r.broker),
+                r.broker
+                    .zip(r.relay)
+                    .map_or("-".into(), |(b, r)| ratio(b, r))
+            );
+        }
     }
     if !rep.session.is_empty() {
         let _ = writeln!(md, "\n## Session control\n");
@@ -3083,9 +4133,12 @@ fn render(
     }
     let _ = writeln!(md, "\n## Method\n");
     for line in [
-        "Stand-in VNC servers (source, sink, echo, greeting, silent) run in a child process of the bench; direct TCP, websockify and vncbroker reach the same ones, driven by the bench's own client.",
-        "Download: 64 KiB writes from the source read for the measured time after a 200 ms warm-up. Upload: masked binary frames of the size given, counted at the sink. Round trip: one 16-byte message echoed at a time; measured as the processes fall, then again with every process involved (bench, stand-in servers, broker, websockify) pinned to one CPU with taskset, which leaves out the cost of waking a process on the other CPU (large in a virtual machine).",
-        "Session setup: 4 clients in a loop of connect, WebSocket upgrade, token redemption, backend connect and the server's first byte (the RFB greeting); the token is reusable, so every setup writes the token and session rows. Direct TCP is connect and first byte.",
+        "Stand-in VNC servers (source, sink, echo, greeting, silent) run in a child process of the bench; direct TCP, the plain relay, websockify and vncbroker reach the same ones, driven by the bench's own client.",
+        "Plain relay: socat with a 64 KiB buffer (`socat -b65536 TCP-LISTEN:PORT,bind=127.0.0.1,reuseaddr,fork TCP:TARGET`), one listener per stand-in target, forking a process per connection; the client sends and receives raw bytes through it, with no WebSocket framing and no token, so it is the cost of a second process copying the bytes, the floor for any proxy. Its upload sends raw writes of the same sizes as the WebSocket messages; its session setup is connect, socat's fork and connect to the target, and the greeting.",
+        "Download: 64 KiB writes from the source read for the measured time after a 200 ms warm-up. Upload: masked binary frames of the size given (raw writes of that size for direct TCP and the relay), counted at the sink. Round trip: one 16-byte message echoed at a time; measured as the processes fall, then again with every process involved (bench, stand-in servers, broker, relay, websockify) pinned to one CPU with taskset, which leaves out the cost of waking a process on the other CPU (large in a virtual machine).",
+        "Session setup: 1 client, then 4, in a loop of connect, WebSocket upgrade, token redemption, backend connect and the server's first byte (the RFB greeting); the token is reusable, so every setup writes the token and session rows. Direct TCP is connect and first byte. Rates are medians of the repetitions, p50 and p99 over all their setups; \"p50 over direct TCP\" is vncbroker's p50 less direct TCP's. The PostgreSQL rows (4 clients) are compared with 1539/s, the figure in BENCHMARKS.md before these measures were added.",
+        "TLS: WSS download (1 connection) and upload (64 KiB and 1 KiB masked messages) through vncbroker with `[tls] cert`/`key` and websockify with `--cert`/`--key`; the TLS relay is socat's `OPENSSL-LISTEN:PORT,cert=…,key=…,verify=0,reuseaddr,fork` to the same targets, raw bytes in TLS (the same sizes for upload). One P-256 certificate for 127.0.0.1, signed by a CA made for the run, serves all three; the client is rustls (ring), trusting that CA alone, so each side pays for TLS as a browser's connection would make it.",
+        "CPU per GiB relayed: user + system time (utime + stime in /proc/PID/stat, in clock ticks from `getconf CLK_TCK`) of the proxy, read just before and just after each throughput measurement's timed window, while its connections are open, over the payload bytes that window moved. vncbroker: its `serve` process, every thread. websockify and socat: every live process in their process group (the listener and the process forked for each connection), each one's time since the first reading (a process started since counts from zero). Medians of the repetitions; tick granularity (10 ms) makes --quick figures coarse.",
         "Minting: one.vm.novnctoken over XML-RPC with HTTP keep-alive from 4 connections (the password check is cached, as in production).",
         "The full-table measurement writes unrelated live tokens (random 32-byte hashes) straight into the running broker's database with SQL, then measures session setup again on the same broker.",
     ] {
