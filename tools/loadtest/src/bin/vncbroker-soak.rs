@@ -406,6 +406,15 @@ impl Rng {
     fn jitter(&mut self, mean_ms: u64) -> Duration {
         Duration::from_millis(self.below(2 * mean_ms + 1))
     }
+
+    /// The time left of a `jitter(mean_ms)` pause seen from a random
+    /// moment (density falling linearly from 2/(2 x mean) to 0): the first
+    /// pause of a stream, so that sessions start as they will go on rather
+    /// than all waiting a whole pause first.
+    fn residual(&mut self, mean_ms: u64) -> Duration {
+        let span = 2.0 * mean_ms as f64;
+        Duration::from_secs_f64(span * (1.0 - (1.0 - self.unit()).sqrt()) / 1000.0)
+    }
 }
 
 /// The byte stream of one direction of one session.
@@ -721,6 +730,15 @@ impl Pace {
         }
     }
 
+    /// The mean pause between bursts, clusters or chunks, in ms.
+    fn mean_gap(&self, sh: &Shape) -> u64 {
+        match self {
+            Pace::Random => sh.interval_ms,
+            Pace::Updates { .. } => sh.update_every_ms,
+            Pace::Input { .. } => sh.input_every_ms,
+        }
+    }
+
     /// The pause before the next write, and its size.
     fn next(&mut self, sh: &Shape, rng: &mut Rng) -> (Duration, usize) {
         match self {
@@ -759,6 +777,8 @@ impl Pace {
 struct Outgoing {
     stream: Stream,
     pace: Pace,
+    /// Nothing sent yet.
+    first: bool,
     acc: u64,
     chunk: Vec<u8>,
     stop: watch::Receiver<bool>,
@@ -769,6 +789,7 @@ impl Outgoing {
         Outgoing {
             stream: Stream::new(session, up),
             pace: Pace::new(cfg.shape.traffic, up),
+            first: true,
             acc: SUM0,
             chunk: Vec::with_capacity(cfg.shape.largest_write()),
             stop: cfg.stop.clone(),
@@ -778,7 +799,10 @@ impl Outgoing {
     /// After the pause its pattern asks for, the next write of the stream;
     /// `None` once the run says stop.
     async fn next(&mut self, cfg: &WorkerCfg, rng: &mut Rng) -> Option<&[u8]> {
-        let (pause, n) = self.pace.next(&cfg.shape, rng);
+        let (mut pause, n) = self.pace.next(&cfg.shape, rng);
+        if std::mem::take(&mut self.first) {
+            pause = rng.residual(self.pace.mean_gap(&cfg.shape));
+        }
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
             _ = stopped(&mut self.stop) => return None,
@@ -2551,7 +2575,7 @@ impl Markdown<'_> {
             Traffic::Random => "client-to-server chunks",
         };
         md.push_str(&format!(
-            "- {}: {} client to server and {} server to client; {} client to server and {} server to client over {:.0} s of steady state, with {} {what} timed ({:.0} per second).\n",
+            "- {}: {} client to server and {} server to client; {} client to server and {} server to client over {:.0} s of steady state, with {} {what} timed ({} per second).\n",
             o.shape.describe(),
             mib_total(self.up),
             mib_total(self.down),
@@ -2559,7 +2583,7 @@ impl Markdown<'_> {
             steady(self.steady_down),
             self.secs,
             thousands(self.latency.n),
-            self.latency.n as f64 / self.secs,
+            thousands((self.latency.n as f64 / self.secs).round() as u64),
         ));
 
         // Checks.
@@ -2773,6 +2797,17 @@ mod tests {
             let (_, n) = up.next(&sh, &mut rng);
             assert!(n == POINTER_EVENT || n == KEY_EVENT, "event of {n}");
         }
+    }
+
+    #[test]
+    fn first_pauses_average_two_thirds_of_the_mean() {
+        // The residual of a pause uniform in [0, 2m] has mean 2m/3.
+        let mut rng = Rng(11);
+        let n = 100_000;
+        let total: f64 = (0..n).map(|_| rng.residual(900).as_secs_f64()).sum();
+        let mean_ms = total / n as f64 * 1000.0;
+        assert!((590.0..=610.0).contains(&mean_ms), "mean {mean_ms}");
+        assert!((0..1000).all(|_| rng.residual(900) <= Duration::from_millis(1800)));
     }
 
     #[test]
