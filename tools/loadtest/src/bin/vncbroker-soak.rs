@@ -162,11 +162,12 @@ impl Shape {
         }
     }
 
-    /// The largest write either side makes.
-    fn largest_write(&self) -> usize {
-        match self.traffic {
-            Traffic::Vnc => self.update_max.max(8),
-            Traffic::Random => self.max_chunk,
+    /// The largest write of one direction.
+    fn largest_write(&self, up: bool) -> usize {
+        match (self.traffic, up) {
+            (Traffic::Vnc, true) => KEY_EVENT.max(POINTER_EVENT),
+            (Traffic::Vnc, false) => self.update_max,
+            (Traffic::Random, _) => self.max_chunk,
         }
     }
 
@@ -791,7 +792,7 @@ impl Outgoing {
             pace: Pace::new(cfg.shape.traffic, up),
             first: true,
             acc: SUM0,
-            chunk: Vec::with_capacity(cfg.shape.largest_write()),
+            chunk: Vec::with_capacity(cfg.shape.largest_write(up)),
             stop: cfg.stop.clone(),
         }
     }
