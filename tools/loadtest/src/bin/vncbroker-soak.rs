@@ -36,7 +36,10 @@
 //!   before the client's write to the moment the target has read its last
 //!   byte; each worker keeps a histogram (about 1.5% wide buckets) and hands
 //!   it over at the end, and the orchestrator merges them into
-//!   p50/p99/p99.9/max;
+//!   p50/p99/p99.9/max. Both ends run in the worker, so its own scheduling
+//!   is part of the figure: each worker also records how late a 10 ms sleep
+//!   of its wakes up over the same time (its event-loop lag), reported
+//!   alongside;
 //! - at the end both sides stop sending, wait until everything sent has
 //!   arrived, and the client closes with a close frame; the target must then
 //!   see the proxy's FIN. The broker's session rows must say "client closed"
@@ -559,6 +562,25 @@ fn count_bytes(broker: usize, up: bool, n: usize) {
 static MEASURING: AtomicBool = AtomicBool::new(false);
 /// The latencies of the timed writes.
 static LATENCY: Mutex<Hist> = Mutex::new(Hist::new());
+/// How late a short sleep of the worker wakes up, over the same time: the
+/// part of the latency that is this process's own scheduling.
+static LAG: Mutex<Hist> = Mutex::new(Hist::new());
+/// The sleep whose lateness is `LAG`.
+const LAG_PROBE: Duration = Duration::from_millis(10);
+
+/// Sleeps `LAG_PROBE` over and over and records how late it wakes while
+/// the run is measuring.
+async fn probe_lag() {
+    loop {
+        let t = Instant::now();
+        tokio::time::sleep(LAG_PROBE).await;
+        if MEASURING.load(Relaxed) {
+            LAG.lock()
+                .unwrap()
+                .record(t.elapsed().saturating_sub(LAG_PROBE));
+        }
+    }
+}
 
 /// A histogram of durations in microseconds: exact below 128 µs, then 64
 /// buckets per power of two (each at most 1/64 of its values wide). Two
@@ -1258,8 +1280,11 @@ fn stats_line() -> String {
     )
 }
 
-fn latency_line() -> String {
-    format!("latency {}", LATENCY.lock().unwrap().encode())
+fn latency_lines() -> [String; 2] {
+    [
+        format!("latency {}", LATENCY.lock().unwrap().encode()),
+        format!("lag {}", LAG.lock().unwrap().encode()),
+    ]
 }
 
 fn say(line: &str) {
@@ -1296,6 +1321,7 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         })
         .collect();
     let sessions = Arc::new(sessions);
+    tokio::spawn(probe_lag());
     tokio::spawn(run_target(
         listener,
         args.first,
@@ -1338,6 +1364,7 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
                 // The steady phase: time the writes from now on.
                 Some(l) if l.trim() == "measure start" => {
                     *LATENCY.lock().unwrap() = Hist::new();
+                    *LAG.lock().unwrap() = Hist::new();
                     MEASURING.store(true, Relaxed);
                 }
                 Some(l) if l.trim() == "measure stop" => MEASURING.store(false, Relaxed),
@@ -1388,7 +1415,9 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     out.flush()?;
     say(&stats_line());
     // Every timed write has arrived (or its session failed) by now.
-    say(&latency_line());
+    for l in latency_lines() {
+        say(&l);
+    }
     say(&format!("done failed={failed} corrupt={corrupt}"));
     Ok(())
 }
@@ -1524,6 +1553,7 @@ struct WorkerState {
     ready: Option<String>,
     stats: HashMap<String, u64>,
     latency: Option<Hist>,
+    lag: Option<Hist>,
     done: Option<String>,
 }
 
@@ -1579,6 +1609,8 @@ async fn start_worker(
                     .collect();
             } else if let Some(r) = line.strip_prefix("latency ") {
                 s.latency = Hist::decode(r);
+            } else if let Some(r) = line.strip_prefix("lag ") {
+                s.lag = Hist::decode(r);
             } else if let Some(r) = line.strip_prefix("done ") {
                 s.done = Some(r.to_owned());
             }
@@ -2246,11 +2278,16 @@ fn report(
         .collect();
     let worker_cpu_pct = (to.worker_cpu - from.worker_cpu) / secs * 100.0;
     let mut latency = Hist::new();
+    let mut lag = Hist::new();
     let mut latency_missing = 0;
     for w in &run.workers {
-        match &w.state.lock().unwrap().latency {
-            Some(h) => latency.merge(h),
-            None => latency_missing += 1,
+        let st = w.state.lock().unwrap();
+        match (&st.latency, &st.lag) {
+            (Some(h), Some(l)) => {
+                latency.merge(h);
+                lag.merge(l);
+            }
+            _ => latency_missing += 1,
         }
     }
     if latency_missing > 0 {
@@ -2266,6 +2303,11 @@ fn report(
         "latency of {what} (client write to the target's read of the last byte), {} timed over the steady state: {}",
         latency.n,
         latency_words(&latency)
+    );
+    println!(
+        "client processes' own scheduling: a {} ms sleep woke late by {}",
+        LAG_PROBE.as_millis(),
+        latency_words(&lag)
     );
     println!(
         "CPU over the steady state ({} ticks/s; % of one core):",
@@ -2391,6 +2433,7 @@ fn report(
             node_cpu: &node_cpu,
             worker_cpu_pct,
             latency: &latency,
+            lag: &lag,
             per_node: &results
                 .iter()
                 .filter(|r| !r["addr"].as_str().unwrap_or("").is_empty())
@@ -2511,6 +2554,8 @@ struct Markdown<'a> {
     node_cpu: &'a [(f64, f64, u64)],
     worker_cpu_pct: f64,
     latency: &'a Hist,
+    /// The client processes' event-loop lag over the same time.
+    lag: &'a Hist,
     /// Sessions opened on each node.
     per_node: &'a [u64],
 }
@@ -2683,9 +2728,11 @@ impl Markdown<'_> {
             Traffic::Random => ("Client-to-server chunk latency", "a chunk"),
         };
         md.push_str(&format!(
-            "- {first}, from the client's write of {sent} to the VNC server stand-in's read of its last byte, over the {} timed in the steady state: {}. Both ends run in the client processes, so this includes their own scheduling under the load.\n",
+            "- {first}, from the client's write of {sent} to the VNC server stand-in's read of its last byte, over the {} timed in the steady state: {}. Both ends run in the client processes, so this includes their own scheduling under the load: over the same time a {} ms sleep there woke late by {}.\n",
             thousands(self.latency.n),
             latency_words(self.latency),
+            LAG_PROBE.as_millis(),
+            latency_words(self.lag),
         ));
 
         if !run.problems.is_empty() {
