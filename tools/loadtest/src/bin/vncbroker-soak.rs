@@ -1970,7 +1970,20 @@ async fn drive(
         run.workers.push(w);
         first += count;
     }
-    // The brokers at rest, before any session.
+    // The brokers at rest, before any session: past their start-up work
+    // (a broker makes its dummy password hash, about 19 MiB of argon2
+    // memory, on a thread of its own), once RSS holds still for 0.5 s.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last: Vec<u64> = run.brokers.iter().map(|b| rss_bytes(b.pid)).collect();
+    let mut still_since = Instant::now();
+    while Instant::now() < deadline && still_since.elapsed() < Duration::from_millis(500) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now: Vec<u64> = run.brokers.iter().map(|b| rss_bytes(b.pid)).collect();
+        if now != last {
+            still_since = Instant::now();
+            last = now;
+        }
+    }
     run.sample(Phase::Idle).await;
     let idle_fds: Vec<usize> = run.samples[0].fds.clone();
     // Each worker's target becomes a VM with a reusable token.
