@@ -1685,6 +1685,8 @@ struct Run {
     samples: Vec<Sample>,
     started: Instant,
     problems: Vec<String>,
+    /// The machine's load averages (1, 5, 15 min) as the run began.
+    load_start: Option<String>,
 }
 
 impl Run {
@@ -1903,6 +1905,7 @@ async fn orchestrate(o: Opts) -> anyhow::Result<bool> {
         samples: Vec::new(),
         started: Instant::now(),
         problems: Vec::new(),
+        load_start: load_average(),
     };
     let (int_tx, mut interrupt) = watch::channel(false);
     tokio::spawn(async move {
@@ -2244,6 +2247,11 @@ fn report(
     println!();
     println!("==================== soak summary ====================");
     println!(
+        "load average (1/5/15 min): {} at the start, {} now",
+        run.load_start.as_deref().unwrap_or("?"),
+        load_average().as_deref().unwrap_or("?")
+    );
+    println!(
         "sessions: {} requested, {opened} opened ({retries} retried attempts), {} failed",
         o.sessions,
         failed.len()
@@ -2537,6 +2545,12 @@ fn per_node<T: PartialEq>(v: &[T], show: impl Fn(&T) -> String) -> String {
     }
 }
 
+/// The 1, 5 and 15 minute load averages, "2.10 2.30 2.04".
+fn load_average() -> Option<String> {
+    let s = std::fs::read_to_string("/proc/loadavg").ok()?;
+    Some(s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+}
+
 /// The output of a command run here, trimmed, if it worked.
 fn command_output(cmd: &str, args: &[&str]) -> Option<String> {
     let out = std::process::Command::new(cmd).args(args).output().ok()?;
@@ -2600,8 +2614,10 @@ impl Markdown<'_> {
         let mut md = String::new();
         md.push_str("## Soak\n\n");
         md.push_str(&format!(
-            "From `scripts/soak` ({} sessions, {minutes}; kept when `scripts/bench` rewrites the sections above), run on {date} at commit {commit} on this machine:\n\n",
+            "From `scripts/soak` ({} sessions, {minutes}; kept when `scripts/bench` rewrites the sections above), run on {date} at commit {commit} on this machine (load average, 1/5/15 min, {} at the start and {} at the end; the machine is shared):\n\n",
             thousands(o.sessions as u64),
+            run.load_start.as_deref().unwrap_or("?"),
+            load_average().as_deref().unwrap_or("?"),
         ));
 
         // Sessions.
