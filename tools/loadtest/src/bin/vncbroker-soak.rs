@@ -1,6 +1,7 @@
-//! vncbroker-soak: many concurrent console sessions with random traffic both
-//! ways for a long time, checking that every byte arrives in order and that
-//! the brokers' memory and file descriptors stay flat.
+//! vncbroker-soak: many concurrent console sessions with traffic both ways
+//! for a long time, checking that every byte arrives in order, that the
+//! brokers' memory and file descriptors stay flat, and measuring the
+//! brokers' CPU and the latency of input events under that load.
 //!
 //! Run it through `scripts/soak`, which builds release binaries and raises
 //! the open-files limit. The default run is 10,000 sessions for 10 minutes.
@@ -14,23 +15,52 @@
 //!
 //! - the client sends an 8-byte session number, the target answers with the
 //!   same 8 bytes; from then on each side sends a pseudo-random stream seeded
-//!   by the session and direction, in random-sized chunks at random times,
-//!   and the other side checks every byte (and a running checksum) against
-//!   the same stream;
+//!   by the session and direction, and the other side checks every byte (and
+//!   a running checksum) against the same stream;
+//! - `--traffic vnc` (the default) shapes the writes like a VNC session's:
+//!   the target sends bursts of 1..`--burst-updates` (3) framebuffer
+//!   updates of `--update-min`..`--update-max` (1 KiB..64 KiB, log-uniform),
+//!   a burst every 0..2x `--update-every-ms` (15000) ms, a few ms between
+//!   the updates of a burst (or `--down-rate MIB_PER_S` sets the burst
+//!   interval from a total server-to-client rate over all sessions); the
+//!   client sends input events, each in a WebSocket message of its own:
+//!   clusters of 1..`--input-cluster` (5) 6-byte PointerEvents (a mouse
+//!   move, 8..25 ms apart) or 8-byte KeyEvents (typing, 40..160 ms apart), a
+//!   cluster every 0..2x `--input-every-ms` (1000) ms. The defaults give
+//!   about 20 MiB/s down for 10,000 sessions and 2.7 input events per
+//!   second per session;
+//! - `--traffic random` sends chunks of 1..`--max-chunk` bytes
+//!   (log-uniform) every 0..2x `--interval-ms` ms in each direction;
+//! - input latency: every client-to-server write (an input event, or a
+//!   chunk in random mode) made during the steady phase is timed from just
+//!   before the client's write to the moment the target has read its last
+//!   byte; each worker keeps a histogram (about 1.5% wide buckets) and hands
+//!   it over at the end, and the orchestrator merges them into
+//!   p50/p99/p99.9/max. Both ends run in the worker, so its own scheduling
+//!   is part of the figure: each worker also records how late a 10 ms sleep
+//!   of its wakes up over the same time (its event-loop lag), reported
+//!   alongside;
 //! - at the end both sides stop sending, wait until everything sent has
 //!   arrived, and the client closes with a close frame; the target must then
 //!   see the proxy's FIN. The broker's session rows must say "client closed"
 //!   with exactly the bytes each side sent.
 //!
-//! The orchestrator samples each broker's RSS, fd count and
-//! `vncbroker_sessions_active` every 10 s, prints a summary, and exits
-//! non-zero on any loss, mismatch, failed session or dead process. It stops
-//! every process it started (workers also exit when its pipe to them
-//! closes).
+//! The orchestrator samples each broker's RSS, fd count, CPU time (utime +
+//! stime from /proc/PID/stat, in `getconf CLK_TCK` ticks) and
+//! `vncbroker_sessions_active`, and the workers' CPU time, every 10 s;
+//! prints a summary (with each node's CPU % of one core and CPU seconds per
+//! GiB relayed over the steady state, the workers' CPU, and the input
+//! latency); writes it as the "Soak" section of BENCHMARKS.md to `--out
+//! FILE` when asked; and exits non-zero on any loss, mismatch, failed
+//! session or dead process. It stops every process it started (workers also
+//! exit when its pipe to them closes).
 //!
 //! Usage: vncbroker-soak [--sessions N] [--minutes M] [--brokers B]
-//!        [--per-worker N] [--interval-ms MS] [--max-chunk BYTES]
-//!        [--ramp-rate PER_SEC] [--broker PATH] [--keep]
+//!        [--per-worker N] [--traffic vnc|random] [--update-every-ms MS]
+//!        [--burst-updates N] [--update-min BYTES] [--update-max BYTES]
+//!        [--down-rate MIB_PER_S] [--input-every-ms MS] [--input-cluster N]
+//!        [--interval-ms MS] [--max-chunk BYTES] [--ramp-rate PER_SEC]
+//!        [--max-rss-growth-pct P] [--out FILE] [--broker PATH] [--keep]
 
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -62,14 +92,195 @@ const HEADER: u64 = 8;
 
 // ---------------------------------------------------------------- options
 
+/// How the sessions' writes are sized and timed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Traffic {
+    /// Framebuffer-update bursts down, small input events up.
+    Vnc,
+    /// Random-sized chunks at random times, both ways alike.
+    Random,
+}
+
+impl std::str::FromStr for Traffic {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<Traffic> {
+        match s {
+            "vnc" => Ok(Traffic::Vnc),
+            "random" => Ok(Traffic::Random),
+            other => bail!("--traffic is vnc or random, not {other:?}"),
+        }
+    }
+}
+
+impl Traffic {
+    fn name(self) -> &'static str {
+        match self {
+            Traffic::Vnc => "vnc",
+            Traffic::Random => "random",
+        }
+    }
+}
+
+/// The shape of the traffic, as a worker needs it.
+#[derive(Clone, Debug)]
+struct Shape {
+    traffic: Traffic,
+    /// Random: the mean pause between chunks, and the largest chunk.
+    interval_ms: u64,
+    max_chunk: usize,
+    /// VNC, server to client: the mean pause between bursts, the most
+    /// updates in a burst, and the update sizes.
+    update_every_ms: u64,
+    burst_updates: u64,
+    update_min: usize,
+    update_max: usize,
+    /// VNC, client to server: the mean pause between clusters of input
+    /// events, and the most events in a cluster.
+    input_every_ms: u64,
+    input_cluster: u64,
+}
+
+impl Shape {
+    /// The mean size of an update (log-uniform between the bounds).
+    fn mean_update(&self) -> f64 {
+        let (a, b) = (self.update_min as f64, self.update_max as f64);
+        if b > a { (b - a) / (b / a).ln() } else { a }
+    }
+
+    /// The mean bytes of a burst of updates.
+    fn mean_burst(&self) -> f64 {
+        (1 + self.burst_updates) as f64 / 2.0 * self.mean_update()
+    }
+
+    /// The server-to-client bytes per second of one session, about.
+    fn down_per_session(&self) -> f64 {
+        match self.traffic {
+            Traffic::Vnc => self.mean_burst() / (self.update_every_ms.max(1) as f64 / 1000.0),
+            Traffic::Random => {
+                let m = self.max_chunk as f64;
+                let mean = if m > 1.0 { (m - 1.0) / m.ln() } else { 1.0 };
+                mean / (self.interval_ms.max(1) as f64 / 1000.0)
+            }
+        }
+    }
+
+    /// The largest write of one direction.
+    fn largest_write(&self, up: bool) -> usize {
+        match (self.traffic, up) {
+            (Traffic::Vnc, true) => KEY_EVENT.max(POINTER_EVENT),
+            (Traffic::Vnc, false) => self.update_max,
+            (Traffic::Random, _) => self.max_chunk,
+        }
+    }
+
+    /// The worker arguments that carry it.
+    fn args(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        let mut put = |k: &str, x: String| {
+            v.push(k.to_owned());
+            v.push(x);
+        };
+        put("--traffic", self.traffic.name().into());
+        put("--interval-ms", self.interval_ms.to_string());
+        put("--max-chunk", self.max_chunk.to_string());
+        put("--update-every-ms", self.update_every_ms.to_string());
+        put("--burst-updates", self.burst_updates.to_string());
+        put("--update-min", self.update_min.to_string());
+        put("--update-max", self.update_max.to_string());
+        put("--input-every-ms", self.input_every_ms.to_string());
+        put("--input-cluster", self.input_cluster.to_string());
+        v
+    }
+
+    /// Takes a worker argument that belongs to it; false if it is not one.
+    fn set(&mut self, name: &str, v: &str) -> anyhow::Result<bool> {
+        match name {
+            "--traffic" => self.traffic = v.parse()?,
+            "--interval-ms" => self.interval_ms = v.parse()?,
+            "--max-chunk" => self.max_chunk = v.parse()?,
+            "--update-every-ms" => self.update_every_ms = v.parse()?,
+            "--burst-updates" => self.burst_updates = v.parse()?,
+            "--update-min" => self.update_min = v.parse()?,
+            "--update-max" => self.update_max = v.parse()?,
+            "--input-every-ms" => self.input_every_ms = v.parse()?,
+            "--input-cluster" => self.input_cluster = v.parse()?,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// The traffic, in words, for the banner and the report.
+    fn describe(&self) -> String {
+        match self.traffic {
+            Traffic::Vnc => format!(
+                "VNC-shaped traffic: server to client, bursts of 1 to {} framebuffer updates of {} to {} (log-uniform) about every {} per session; client to server, clusters of 1 to {} input events (6-byte PointerEvents 8 to 25 ms apart, or 8-byte KeyEvents 40 to 160 ms apart), a message each, about every {}",
+                self.burst_updates,
+                size_words(self.update_min),
+                size_words(self.update_max),
+                duration_words(self.update_every_ms),
+                self.input_cluster,
+                duration_words(self.input_every_ms),
+            ),
+            Traffic::Random => format!(
+                "Random traffic both ways, chunks of 1 B to {} about every {} per session and direction",
+                size_words(self.max_chunk),
+                duration_words(self.interval_ms),
+            ),
+        }
+    }
+}
+
+impl Default for Shape {
+    fn default() -> Shape {
+        Shape {
+            traffic: Traffic::Vnc,
+            interval_ms: 1_000,
+            max_chunk: 16 * 1024,
+            update_every_ms: 15_000,
+            burst_updates: 3,
+            update_min: 1024,
+            update_max: 64 * 1024,
+            input_every_ms: 1_000,
+            input_cluster: 5,
+        }
+    }
+}
+
+/// 1024 → "1 KiB", 65536 → "64 KiB", 100 → "100 B".
+fn size_words(b: usize) -> String {
+    if b >= 1 << 20 && b.is_multiple_of(1 << 20) {
+        format!("{} MiB", b >> 20)
+    } else if b >= 1024 && b.is_multiple_of(1024) {
+        format!("{} KiB", b >> 10)
+    } else {
+        format!("{b} B")
+    }
+}
+
+/// 1000 → "second", 15000 → "15 s", 250 → "250 ms".
+fn duration_words(ms: u64) -> String {
+    if ms == 1000 {
+        "second".into()
+    } else if ms >= 1000 && ms.is_multiple_of(1000) {
+        format!("{} s", ms / 1000)
+    } else if ms >= 1000 {
+        format!("{:.1} s", ms as f64 / 1000.0)
+    } else {
+        format!("{ms} ms")
+    }
+}
+
 #[derive(Clone, Debug)]
 struct Opts {
     sessions: usize,
     minutes: f64,
     brokers: usize,
     per_worker: usize,
-    interval_ms: u64,
-    max_chunk: usize,
+    shape: Shape,
+    /// A total server-to-client rate (MiB/s) to set the burst interval from.
+    down_rate: Option<f64>,
+    out: Option<PathBuf>,
     ramp_rate: f64,
     broker: PathBuf,
     keep: bool,
@@ -78,9 +289,14 @@ struct Opts {
 
 fn usage() -> &'static str {
     "usage: vncbroker-soak [--sessions N (10000)] [--minutes M (10)] [--brokers B (2)]\n\
-     \x20      [--per-worker N (2500)] [--interval-ms MS (1000)] [--max-chunk BYTES (16384)]\n\
+     \x20      [--per-worker N (2500)] [--traffic vnc|random (vnc)]\n\
+     \x20  vnc:    [--update-every-ms MS (15000)] [--burst-updates N (3)]\n\
+     \x20          [--update-min BYTES (1024)] [--update-max BYTES (65536)]\n\
+     \x20          [--down-rate MIB_PER_S (sets --update-every-ms from the session count)]\n\
+     \x20          [--input-every-ms MS (1000)] [--input-cluster N (5)]\n\
+     \x20  random: [--interval-ms MS (1000)] [--max-chunk BYTES (16384)]\n\
      \x20      [--ramp-rate SESSIONS_PER_SEC (500)] [--max-rss-growth-pct P (10)]\n\
-     \x20      [--broker PATH] [--keep]"
+     \x20      [--out FILE (the Soak section of BENCHMARKS.md)] [--broker PATH] [--keep]"
 }
 
 fn parse_opts(mut args: impl Iterator<Item = String>) -> anyhow::Result<Opts> {
@@ -89,8 +305,9 @@ fn parse_opts(mut args: impl Iterator<Item = String>) -> anyhow::Result<Opts> {
         minutes: 10.0,
         brokers: 2,
         per_worker: 2_500,
-        interval_ms: 1_000,
-        max_chunk: 16 * 1024,
+        shape: Shape::default(),
+        down_rate: None,
+        out: None,
         ramp_rate: 500.0,
         broker: std::env::current_exe()?
             .parent()
@@ -106,8 +323,14 @@ fn parse_opts(mut args: impl Iterator<Item = String>) -> anyhow::Result<Opts> {
             "--minutes" => o.minutes = val(&a)?.parse()?,
             "--brokers" => o.brokers = val(&a)?.parse()?,
             "--per-worker" => o.per_worker = val(&a)?.parse()?,
-            "--interval-ms" => o.interval_ms = val(&a)?.parse()?,
-            "--max-chunk" => o.max_chunk = val(&a)?.parse()?,
+            "--traffic" | "--interval-ms" | "--max-chunk" | "--update-every-ms"
+            | "--burst-updates" | "--update-min" | "--update-max" | "--input-every-ms"
+            | "--input-cluster" => {
+                let v = val(&a)?;
+                o.shape.set(&a, &v)?;
+            }
+            "--down-rate" => o.down_rate = Some(val(&a)?.parse()?),
+            "--out" => o.out = Some(val(&a)?.into()),
             "--ramp-rate" => o.ramp_rate = val(&a)?.parse()?,
             "--max-rss-growth-pct" => o.max_rss_growth_pct = val(&a)?.parse()?,
             "--broker" => o.broker = val(&a)?.into(),
@@ -119,8 +342,23 @@ fn parse_opts(mut args: impl Iterator<Item = String>) -> anyhow::Result<Opts> {
             other => bail!("unknown argument {other:?}\n{}", usage()),
         }
     }
-    if o.sessions == 0 || o.brokers == 0 || o.per_worker == 0 || o.max_chunk == 0 {
+    if o.sessions == 0 || o.brokers == 0 || o.per_worker == 0 || o.shape.max_chunk == 0 {
         bail!("--sessions, --brokers, --per-worker and --max-chunk must be positive");
+    }
+    let sh = &mut o.shape;
+    if sh.burst_updates == 0 || sh.input_cluster == 0 || sh.update_min == 0 {
+        bail!("--burst-updates, --input-cluster and --update-min must be positive");
+    }
+    if sh.update_max < sh.update_min {
+        bail!("--update-max must be at least --update-min");
+    }
+    if let Some(rate) = o.down_rate {
+        if rate.is_nan() || rate <= 0.0 {
+            bail!("--down-rate must be positive");
+        }
+        // Bursts often enough that all the sessions together send `rate`.
+        let per_session = rate * 1048576.0 / o.sessions as f64;
+        sh.update_every_ms = ((sh.mean_burst() / per_session * 1000.0).round() as u64).max(1);
     }
     if o.ramp_rate <= 0.0 || o.minutes < 0.0 {
         bail!("--ramp-rate must be positive and --minutes not negative");
@@ -147,10 +385,39 @@ impl Rng {
         self.next() % n.max(1)
     }
 
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
     /// Log-uniform in [1, max]: mostly small writes, now and then a big one.
     fn chunk(&mut self, max: usize) -> usize {
-        let u = (self.next() >> 11) as f64 / (1u64 << 53) as f64;
-        ((max as f64).powf(u) as usize).clamp(1, max)
+        self.log_uniform(1, max)
+    }
+
+    /// Log-uniform in [lo, hi].
+    fn log_uniform(&mut self, lo: usize, hi: usize) -> usize {
+        let (a, b) = (lo.max(1) as f64, hi.max(lo).max(1) as f64);
+        ((a * (b / a).powf(self.unit())) as usize).clamp(lo, hi.max(lo))
+    }
+
+    /// Uniform in [lo, hi] milliseconds.
+    fn ms_between(&mut self, lo: u64, hi: u64) -> Duration {
+        Duration::from_millis(lo + self.below(hi.saturating_sub(lo) + 1))
+    }
+
+    /// A random pause with mean `mean_ms`: uniform in [0, 2 x mean].
+    fn jitter(&mut self, mean_ms: u64) -> Duration {
+        Duration::from_millis(self.below(2 * mean_ms + 1))
+    }
+
+    /// The time left of a `jitter(mean_ms)` pause seen from a random
+    /// moment (density falling linearly from 2/(2 x mean) to 0): the first
+    /// pause of a stream, so that sessions start as they will go on rather
+    /// than all waiting a whole pause first.
+    fn residual(&mut self, mean_ms: u64) -> Duration {
+        let span = 2.0 * mean_ms as f64;
+        Duration::from_secs_f64(span * (1.0 - (1.0 - self.unit()).sqrt()) / 1000.0)
     }
 }
 
@@ -214,6 +481,9 @@ struct Session {
     target_eof: AtomicBool,
     /// Bytes differed from the stream (checksum failure).
     corrupt: AtomicBool,
+    /// Client-to-server writes on their way: the stream offset just past
+    /// each one's last byte, and when it was sent if it is being timed.
+    inflight: Mutex<std::collections::VecDeque<(u64, Option<Instant>)>>,
     /// The first thing that went wrong.
     error: Mutex<Option<String>>,
 }
@@ -236,6 +506,7 @@ impl Session {
             closing: AtomicBool::new(false),
             target_eof: AtomicBool::new(false),
             corrupt: AtomicBool::new(false),
+            inflight: Mutex::new(std::collections::VecDeque::new()),
             error: Mutex::new(None),
         }
     }
@@ -278,6 +549,153 @@ static STATS: Stats = Stats {
     errors: AtomicU64::new(0),
 };
 
+/// Bytes relayed per broker, [client to server, server to client].
+static BROKER_BYTES: std::sync::OnceLock<Vec<[AtomicU64; 2]>> = std::sync::OnceLock::new();
+
+fn count_bytes(broker: usize, up: bool, n: usize) {
+    if let Some(b) = BROKER_BYTES.get().and_then(|v| v.get(broker)) {
+        b[usize::from(!up)].fetch_add(n as u64, Relaxed);
+    }
+}
+
+/// Whether client-to-server writes are being timed (the steady phase).
+static MEASURING: AtomicBool = AtomicBool::new(false);
+/// The latencies of the timed writes.
+static LATENCY: Mutex<Hist> = Mutex::new(Hist::new());
+/// How late a short sleep of the worker wakes up, over the same time: the
+/// part of the latency that is this process's own scheduling.
+static LAG: Mutex<Hist> = Mutex::new(Hist::new());
+/// The sleep whose lateness is `LAG`.
+const LAG_PROBE: Duration = Duration::from_millis(10);
+
+/// Sleeps `LAG_PROBE` over and over and records how late it wakes while
+/// the run is measuring.
+async fn probe_lag() {
+    loop {
+        let t = Instant::now();
+        tokio::time::sleep(LAG_PROBE).await;
+        if MEASURING.load(Relaxed) {
+            LAG.lock()
+                .unwrap()
+                .record(t.elapsed().saturating_sub(LAG_PROBE));
+        }
+    }
+}
+
+/// A histogram of durations in microseconds: exact below 128 µs, then 64
+/// buckets per power of two (each at most 1/64 of its values wide). Two
+/// histograms merge by adding their counts, so percentiles over many
+/// processes come from all their samples.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Hist {
+    counts: Vec<u64>,
+    n: u64,
+    max_us: u64,
+}
+
+impl Hist {
+    const fn new() -> Hist {
+        Hist {
+            counts: Vec::new(),
+            n: 0,
+            max_us: 0,
+        }
+    }
+
+    fn bucket(us: u64) -> usize {
+        if us < 128 {
+            return us as usize;
+        }
+        let e = 63 - us.leading_zeros() as usize; // 7 and up
+        let sub = ((us >> (e - 6)) & 63) as usize;
+        128 + (e - 7) * 64 + sub
+    }
+
+    /// The smallest and largest value of bucket `i`.
+    fn bounds(i: usize) -> (u64, u64) {
+        if i < 128 {
+            return (i as u64, i as u64);
+        }
+        let e = (i - 128) / 64 + 7;
+        let sub = ((i - 128) % 64) as u64;
+        let lo = (64 + sub) << (e - 6);
+        (lo, lo + (1u64 << (e - 6)) - 1)
+    }
+
+    fn record(&mut self, d: Duration) {
+        let us = d.as_micros().min(u64::MAX as u128) as u64;
+        let i = Hist::bucket(us);
+        if self.counts.len() <= i {
+            self.counts.resize(i + 1, 0);
+        }
+        self.counts[i] += 1;
+        self.n += 1;
+        self.max_us = self.max_us.max(us);
+    }
+
+    fn merge(&mut self, other: &Hist) {
+        if self.counts.len() < other.counts.len() {
+            self.counts.resize(other.counts.len(), 0);
+        }
+        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
+            *a += b;
+        }
+        self.n += other.n;
+        self.max_us = self.max_us.max(other.max_us);
+    }
+
+    /// The value at quantile `q` (0..1), in microseconds: the middle of
+    /// the bucket holding the sample of that rank, never above the maximum.
+    fn quantile(&self, q: f64) -> Option<f64> {
+        if self.n == 0 {
+            return None;
+        }
+        let rank = ((q * self.n as f64).ceil() as u64).clamp(1, self.n);
+        let mut seen = 0;
+        for (i, &c) in self.counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                let (lo, hi) = Hist::bounds(i);
+                return Some(((lo + hi) as f64 / 2.0).min(self.max_us as f64));
+            }
+        }
+        Some(self.max_us as f64)
+    }
+
+    /// `n=.. max=.. BUCKET:COUNT ...`, the non-empty buckets only.
+    fn encode(&self) -> String {
+        let mut s = format!("n={} max={}", self.n, self.max_us);
+        for (i, &c) in self.counts.iter().enumerate() {
+            if c > 0 {
+                s.push_str(&format!(" {i}:{c}"));
+            }
+        }
+        s
+    }
+
+    fn decode(s: &str) -> Option<Hist> {
+        let mut h = Hist::new();
+        for f in s.split_whitespace() {
+            if let Some(v) = f.strip_prefix("n=") {
+                h.n = v.parse().ok()?;
+            } else if let Some(v) = f.strip_prefix("max=") {
+                h.max_us = v.parse().ok()?;
+            } else {
+                let (i, c) = f.split_once(':')?;
+                let (i, c): (usize, u64) = (i.parse().ok()?, c.parse().ok()?);
+                if i > 128 + 57 * 64 {
+                    return None;
+                }
+                if h.counts.len() <= i {
+                    h.counts.resize(i + 1, 0);
+                }
+                h.counts[i] += c;
+            }
+        }
+        (h.counts.iter().sum::<u64>() == h.n).then_some(h)
+    }
+}
+
 /// Hands out evenly spaced start times (opening and closing are paced).
 struct Pacer {
     next: Mutex<tokio::time::Instant>,
@@ -304,16 +722,76 @@ impl Pacer {
 }
 
 struct WorkerCfg {
-    interval: Duration,
-    max_chunk: usize,
+    shape: Shape,
     stop: watch::Receiver<bool>,
 }
 
-impl WorkerCfg {
-    /// A random pause with mean `interval`.
-    fn pause(&self, rng: &mut Rng) -> Duration {
-        let ms = self.interval.as_millis() as u64;
-        Duration::from_millis(rng.below(2 * ms + 1))
+/// Where one direction is in its pattern of writes.
+enum Pace {
+    /// Chunks of random size at random times.
+    Random,
+    /// Framebuffer updates (server to client); `left` more in this burst.
+    Updates { left: u64 },
+    /// Input events (client to server); `left` more in this cluster, which
+    /// is typing (KeyEvents) or a mouse move (PointerEvents).
+    Input { left: u64, key: bool },
+}
+
+/// An RFB PointerEvent and KeyEvent, in bytes.
+const POINTER_EVENT: usize = 6;
+const KEY_EVENT: usize = 8;
+
+impl Pace {
+    fn new(traffic: Traffic, up: bool) -> Pace {
+        match (traffic, up) {
+            (Traffic::Random, _) => Pace::Random,
+            (Traffic::Vnc, false) => Pace::Updates { left: 0 },
+            (Traffic::Vnc, true) => Pace::Input {
+                left: 0,
+                key: false,
+            },
+        }
+    }
+
+    /// The mean pause between bursts, clusters or chunks, in ms.
+    fn mean_gap(&self, sh: &Shape) -> u64 {
+        match self {
+            Pace::Random => sh.interval_ms,
+            Pace::Updates { .. } => sh.update_every_ms,
+            Pace::Input { .. } => sh.input_every_ms,
+        }
+    }
+
+    /// The pause before the next write, and its size.
+    fn next(&mut self, sh: &Shape, rng: &mut Rng) -> (Duration, usize) {
+        match self {
+            Pace::Random => (rng.jitter(sh.interval_ms), rng.chunk(sh.max_chunk)),
+            Pace::Updates { left } => {
+                let pause = if *left == 0 {
+                    *left = 1 + rng.below(sh.burst_updates);
+                    rng.jitter(sh.update_every_ms)
+                } else {
+                    // The next update of the burst follows the client's
+                    // next request: a round trip later.
+                    rng.ms_between(1, 10)
+                };
+                *left -= 1;
+                (pause, rng.log_uniform(sh.update_min, sh.update_max))
+            }
+            Pace::Input { left, key } => {
+                let pause = if *left == 0 {
+                    *left = 1 + rng.below(sh.input_cluster);
+                    *key = rng.below(2) == 0;
+                    rng.jitter(sh.input_every_ms)
+                } else if *key {
+                    rng.ms_between(40, 160)
+                } else {
+                    rng.ms_between(8, 25)
+                };
+                *left -= 1;
+                (pause, if *key { KEY_EVENT } else { POINTER_EVENT })
+            }
+        }
     }
 }
 
@@ -321,6 +799,9 @@ impl WorkerCfg {
 /// it has handed out, and the chunk being sent.
 struct Outgoing {
     stream: Stream,
+    pace: Pace,
+    /// Nothing sent yet.
+    first: bool,
     acc: u64,
     chunk: Vec<u8>,
     stop: watch::Receiver<bool>,
@@ -330,21 +811,25 @@ impl Outgoing {
     fn new(session: u64, up: bool, cfg: &WorkerCfg) -> Outgoing {
         Outgoing {
             stream: Stream::new(session, up),
+            pace: Pace::new(cfg.shape.traffic, up),
+            first: true,
             acc: SUM0,
-            chunk: Vec::with_capacity(cfg.max_chunk),
+            chunk: Vec::with_capacity(cfg.shape.largest_write(up)),
             stop: cfg.stop.clone(),
         }
     }
 
-    /// After a random pause, the next chunk of the stream; `None` once the
-    /// run says stop.
+    /// After the pause its pattern asks for, the next write of the stream;
+    /// `None` once the run says stop.
     async fn next(&mut self, cfg: &WorkerCfg, rng: &mut Rng) -> Option<&[u8]> {
-        let pause = cfg.pause(rng);
+        let (mut pause, n) = self.pace.next(&cfg.shape, rng);
+        if std::mem::take(&mut self.first) {
+            pause = rng.residual(self.pace.mean_gap(&cfg.shape));
+        }
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
             _ = stopped(&mut self.stop) => return None,
         }
-        let n = rng.chunk(cfg.max_chunk);
         self.chunk.clear();
         for _ in 0..n {
             let b = self.stream.byte();
@@ -435,6 +920,20 @@ async fn target_conn(
         s.up_sum_recv.store(acc, Relaxed);
         s.up_recv.fetch_add(n as u64, Relaxed);
         STATS.up.fetch_add(n as u64, Relaxed);
+        count_bytes(s.broker, true, n);
+        // The writes whose last byte has now arrived.
+        let now = Instant::now();
+        let got = base + n as u64;
+        let mut inflight = s.inflight.lock().unwrap();
+        while let Some(&(end, sent)) = inflight.front() {
+            if end > got {
+                break;
+            }
+            inflight.pop_front();
+            if let Some(t) = sent {
+                LATENCY.lock().unwrap().record(now - t);
+            }
+        }
     }
     // Keep the write half until the end: dropping it would send a FIN.
     sender.abort();
@@ -586,7 +1085,14 @@ async fn run_session(
         };
         let n = chunk.len();
         let f = frame(2, chunk, &mut rng);
-        if let Err(e) = wr.lock().await.write_all(&f).await {
+        let mut w = wr.lock().await;
+        // Timed from here to the target's read of its last byte.
+        let sent = MEASURING.load(Relaxed).then(Instant::now);
+        let end = s.up_sent.load(Relaxed) + n as u64;
+        s.inflight.lock().unwrap().push_back((end, sent));
+        let result = w.write_all(&f).await;
+        drop(w);
+        if let Err(e) = result {
             s.fail(format!("client write error: {e}"));
             break;
         }
@@ -686,6 +1192,7 @@ async fn client_read(s: Arc<Session>, mut fr: FrameReader, wr: SharedWriter) {
                 s.down_sum_recv.store(acc, Relaxed);
                 s.down_recv.fetch_add((b - a) as u64, Relaxed);
                 STATS.down.fetch_add((b - a) as u64, Relaxed);
+                count_bytes(s.broker, false, b - a);
             }
             Ev::Ping(p) => {
                 let pong = frame(10, &p, &mut rng);
@@ -719,8 +1226,7 @@ struct WorkerArgs {
     first: u64,
     count: usize,
     brokers: Vec<SocketAddr>,
-    interval_ms: u64,
-    max_chunk: usize,
+    shape: Shape,
     open_rate: f64,
     results: PathBuf,
 }
@@ -730,8 +1236,7 @@ fn parse_worker(mut args: impl Iterator<Item = String>) -> anyhow::Result<Worker
         first: 0,
         count: 0,
         brokers: Vec::new(),
-        interval_ms: 1000,
-        max_chunk: 16384,
+        shape: Shape::default(),
         open_rate: 100.0,
         results: PathBuf::new(),
     };
@@ -741,19 +1246,29 @@ fn parse_worker(mut args: impl Iterator<Item = String>) -> anyhow::Result<Worker
             "--first" => w.first = v.parse()?,
             "--count" => w.count = v.parse()?,
             "--brokers" => w.brokers = v.split(',').map(|b| b.parse()).collect::<Result<_, _>>()?,
-            "--interval-ms" => w.interval_ms = v.parse()?,
-            "--max-chunk" => w.max_chunk = v.parse()?,
             "--open-rate" => w.open_rate = v.parse()?,
             "--results" => w.results = v.into(),
-            other => bail!("worker: unknown argument {other:?}"),
+            other => {
+                if !w.shape.set(other, &v)? {
+                    bail!("worker: unknown argument {other:?}");
+                }
+            }
         }
     }
     Ok(w)
 }
 
 fn stats_line() -> String {
+    let mut per_broker = String::new();
+    for (i, b) in BROKER_BYTES.get().into_iter().flatten().enumerate() {
+        per_broker.push_str(&format!(
+            " up.{i}={} down.{i}={}",
+            b[0].load(Relaxed),
+            b[1].load(Relaxed)
+        ));
+    }
     format!(
-        "stats opened={} refused={} retries={} live={} closed={} up={} down={} errors={}",
+        "stats opened={} refused={} retries={} live={} closed={} up={} down={} errors={}{per_broker}",
         STATS.opened.load(Relaxed),
         STATS.refused.load(Relaxed),
         STATS.retries.load(Relaxed),
@@ -763,6 +1278,13 @@ fn stats_line() -> String {
         STATS.down.load(Relaxed),
         STATS.errors.load(Relaxed),
     )
+}
+
+fn latency_lines() -> [String; 2] {
+    [
+        format!("latency {}", LATENCY.lock().unwrap().encode()),
+        format!("lag {}", LAG.lock().unwrap().encode()),
+    ]
 }
 
 fn say(line: &str) {
@@ -781,10 +1303,14 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let cfg = Arc::new(WorkerCfg {
-        interval: Duration::from_millis(args.interval_ms),
-        max_chunk: args.max_chunk,
+        shape: args.shape.clone(),
         stop: stop_rx,
     });
+    let _ = BROKER_BYTES.set(
+        (0..args.brokers.len())
+            .map(|_| [AtomicU64::new(0), AtomicU64::new(0)])
+            .collect(),
+    );
     let sessions: Vec<Arc<Session>> = (0..args.count)
         .map(|i| {
             let global = args.first + i as u64;
@@ -795,6 +1321,7 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         })
         .collect();
     let sessions = Arc::new(sessions);
+    tokio::spawn(probe_lag());
     tokio::spawn(run_target(
         listener,
         args.first,
@@ -834,6 +1361,13 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
             line = stdin.next_line() => match line? {
                 Some(l) if l.trim() == "stop" => break l,
                 Some(l) if l.trim() == "stats" => say(&stats_line()),
+                // The steady phase: time the writes from now on.
+                Some(l) if l.trim() == "measure start" => {
+                    *LATENCY.lock().unwrap() = Hist::new();
+                    *LAG.lock().unwrap() = Hist::new();
+                    MEASURING.store(true, Relaxed);
+                }
+                Some(l) if l.trim() == "measure stop" => MEASURING.store(false, Relaxed),
                 Some(_) => {}
                 // The orchestrator is gone: so are we.
                 None => std::process::exit(3),
@@ -841,6 +1375,7 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         }
     };
     let _ = stop_line;
+    MEASURING.store(false, Relaxed);
     let _ = stop_tx.send(true);
     let mut all = futures_join(tasks);
     loop {
@@ -879,6 +1414,10 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     }
     out.flush()?;
     say(&stats_line());
+    // Every timed write has arrived (or its session failed) by now.
+    for l in latency_lines() {
+        say(&l);
+    }
     say(&format!("done failed={failed} corrupt={corrupt}"));
     Ok(())
 }
@@ -908,8 +1447,23 @@ fn rss_bytes(pid: u32) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// CPU time (user + system) of a process so far, in seconds (at the usual
-/// 100 clock ticks per second).
+/// Clock ticks per second, the unit of /proc/PID/stat's CPU times
+/// (`getconf CLK_TCK`; 100 if that does not answer).
+fn clk_tck() -> f64 {
+    static TCK: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TCK.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse::<f64>().ok())
+            .filter(|t| *t > 0.0)
+            .unwrap_or(100.0)
+    })
+}
+
+/// CPU time (user + system) of a process so far, in seconds.
 fn cpu_secs(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the parenthesised command name; utime and stime are the
@@ -917,7 +1471,7 @@ fn cpu_secs(pid: u32) -> f64 {
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    (ticks(11) + ticks(12)) as f64 / 100.0
+    (ticks(11) + ticks(12)) as f64 / clk_tck()
 }
 
 fn nofile_soft_limit() -> Option<u64> {
@@ -998,6 +1552,8 @@ struct WorkerState {
     target: Option<u16>,
     ready: Option<String>,
     stats: HashMap<String, u64>,
+    latency: Option<Hist>,
+    lag: Option<Hist>,
     done: Option<String>,
 }
 
@@ -1007,6 +1563,7 @@ struct WorkerProc {
     state: Arc<Mutex<WorkerState>>,
     results: PathBuf,
     count: usize,
+    pid: u32,
 }
 
 async fn start_worker(
@@ -1023,8 +1580,7 @@ async fn start_worker(
         .arg("--worker")
         .args(["--first", &first.to_string(), "--count", &count.to_string()])
         .args(["--brokers", &list.join(",")])
-        .args(["--interval-ms", &o.interval_ms.to_string()])
-        .args(["--max-chunk", &o.max_chunk.to_string()])
+        .args(o.shape.args())
         .args(["--open-rate", &open_rate.to_string()])
         .arg("--results")
         .arg(&results)
@@ -1034,6 +1590,7 @@ async fn start_worker(
         .kill_on_drop(true)
         .spawn()?;
     let stdin = child.stdin.take().context("worker stdin")?;
+    let pid = child.id().context("worker pid")?;
     let state = Arc::new(Mutex::new(WorkerState::default()));
     let st = Arc::clone(&state);
     let mut lines = BufReader::new(child.stdout.take().context("worker stdout")?).lines();
@@ -1050,6 +1607,10 @@ async fn start_worker(
                     .filter_map(|kv| kv.split_once('='))
                     .filter_map(|(k, v)| Some((k.to_owned(), v.parse().ok()?)))
                     .collect();
+            } else if let Some(r) = line.strip_prefix("latency ") {
+                s.latency = Hist::decode(r);
+            } else if let Some(r) = line.strip_prefix("lag ") {
+                s.lag = Hist::decode(r);
             } else if let Some(r) = line.strip_prefix("done ") {
                 s.done = Some(r.to_owned());
             }
@@ -1061,6 +1622,7 @@ async fn start_worker(
         state,
         results,
         count,
+        pid,
     })
 }
 
@@ -1106,9 +1668,13 @@ struct Sample {
     fds: Vec<usize>,
     active: Vec<Option<u64>>,
     cpu: Vec<f64>,
-    /// Bytes relayed so far, as the workers last reported.
+    /// The workers' CPU seconds so far, all together.
+    worker_cpu: f64,
+    /// Bytes relayed so far, as the workers last reported: in all, and per
+    /// broker (client to server, server to client).
     up: u64,
     down: u64,
+    node_bytes: Vec<(u64, u64)>,
 }
 
 struct Run {
@@ -1119,6 +1685,8 @@ struct Run {
     samples: Vec<Sample>,
     started: Instant,
     problems: Vec<String>,
+    /// The machine's load averages (1, 5, 15 min) as the run began.
+    load_start: Option<String>,
 }
 
 impl Run {
@@ -1130,8 +1698,10 @@ impl Run {
             fds: Vec::new(),
             active: Vec::new(),
             cpu: Vec::new(),
+            worker_cpu: self.workers.iter().map(|w| cpu_secs(w.pid)).sum(),
             up: 0,
             down: 0,
+            node_bytes: Vec::new(),
         };
         for b in &self.brokers {
             s.rss.push(rss_bytes(b.pid));
@@ -1147,6 +1717,9 @@ impl Run {
         };
         s.up = agg("up");
         s.down = agg("down");
+        s.node_bytes = (0..self.brokers.len())
+            .map(|i| (agg(&format!("up.{i}")), agg(&format!("down.{i}"))))
+            .collect();
         let mut line = format!(
             "[{:>6.0}s {:<6}] live {:>6} | client->server {:>10} | server->client {:>10} | errors {}",
             s.t.as_secs_f64(),
@@ -1176,6 +1749,15 @@ impl Run {
                 s.active[i].map_or("?".into(), |a| a.to_string()),
                 cpu
             ));
+        }
+        if let Some(p) = prev {
+            let dt = (s.t - p.t).as_secs_f64();
+            if dt > 0.5 {
+                line.push_str(&format!(
+                    " | clients cpu {:.0}%",
+                    (s.worker_cpu - p.worker_cpu) / dt * 100.0
+                ));
+            }
         }
         println!("{line}");
         self.samples.push(s);
@@ -1305,8 +1887,13 @@ async fn orchestrate(o: Opts) -> anyhow::Result<bool> {
 
     let workers_n = o.sessions.div_ceil(o.per_worker);
     println!(
-        "soak: {} sessions over {} brokers and {} client processes, {} min steady; chunks 1..{} bytes every ~{} ms each way per session",
-        o.sessions, o.brokers, workers_n, o.minutes, o.max_chunk, o.interval_ms
+        "soak: {} sessions over {} brokers and {} client processes, {} min steady",
+        o.sessions, o.brokers, workers_n, o.minutes
+    );
+    println!(
+        "soak: {}; about {:.1} MiB/s server to client in all",
+        o.shape.describe(),
+        o.shape.down_per_session() * o.sessions as f64 / 1048576.0
     );
     println!("soak: working directory {}", dir.path().display());
 
@@ -1318,6 +1905,7 @@ async fn orchestrate(o: Opts) -> anyhow::Result<bool> {
         samples: Vec::new(),
         started: Instant::now(),
         problems: Vec::new(),
+        load_start: load_average(),
     };
     let (int_tx, mut interrupt) = watch::channel(false);
     tokio::spawn(async move {
@@ -1385,7 +1973,20 @@ async fn drive(
         run.workers.push(w);
         first += count;
     }
-    // The brokers at rest, before any session.
+    // The brokers at rest, before any session: past their start-up work
+    // (a broker makes its dummy password hash, about 19 MiB of argon2
+    // memory, on a thread of its own), once RSS holds still for 0.5 s.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last: Vec<u64> = run.brokers.iter().map(|b| rss_bytes(b.pid)).collect();
+    let mut still_since = Instant::now();
+    while Instant::now() < deadline && still_since.elapsed() < Duration::from_millis(500) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now: Vec<u64> = run.brokers.iter().map(|b| rss_bytes(b.pid)).collect();
+        if now != last {
+            still_since = Instant::now();
+            last = now;
+        }
+    }
     run.sample(Phase::Idle).await;
     let idle_fds: Vec<usize> = run.samples[0].fds.clone();
     // Each worker's target becomes a VM with a reusable token.
@@ -1446,7 +2047,14 @@ async fn drive(
     let steady = Duration::from_secs_f64(o.minutes * 60.0);
     let steady_start = Instant::now();
     let never = |_: &Run| false;
+    // Input events are timed over the steady phase only.
+    for w in &mut run.workers {
+        w.stdin.write_all(b"measure start\n").await?;
+    }
     run.phase(Phase::Steady, steady, never, interrupt).await;
+    for w in &mut run.workers {
+        let _ = w.stdin.write_all(b"measure stop\n").await;
+    }
     if !run.problems.is_empty() {
         bail!("the run broke off during the steady phase");
     }
@@ -1639,6 +2247,11 @@ fn report(
     println!();
     println!("==================== soak summary ====================");
     println!(
+        "load average (1/5/15 min): {} at the start, {} now",
+        run.load_start.as_deref().unwrap_or("?"),
+        load_average().as_deref().unwrap_or("?")
+    );
+    println!(
         "sessions: {} requested, {opened} opened ({retries} retried attempts), {} failed",
         o.sessions,
         failed.len()
@@ -1670,6 +2283,68 @@ fn report(
     for p in row_problems.iter().take(10) {
         println!("  {p}");
     }
+    // CPU over the steady state, and the input latency.
+    let node_cpu: Vec<(f64, f64, u64)> = (0..run.brokers.len())
+        .map(|i| {
+            let cpu = to.cpu[i] - from.cpu[i];
+            let relayed = |s: &Sample| s.node_bytes.get(i).map_or(0, |(u, d)| u + d);
+            let bytes = relayed(to).saturating_sub(relayed(from));
+            let per_gib = if bytes > 0 {
+                cpu / (bytes as f64 / (1u64 << 30) as f64)
+            } else {
+                f64::NAN
+            };
+            (cpu / secs * 100.0, per_gib, bytes)
+        })
+        .collect();
+    let worker_cpu_pct = (to.worker_cpu - from.worker_cpu) / secs * 100.0;
+    let mut latency = Hist::new();
+    let mut lag = Hist::new();
+    let mut latency_missing = 0;
+    for w in &run.workers {
+        let st = w.state.lock().unwrap();
+        match (&st.latency, &st.lag) {
+            (Some(h), Some(l)) => {
+                latency.merge(h);
+                lag.merge(l);
+            }
+            _ => latency_missing += 1,
+        }
+    }
+    if latency_missing > 0 {
+        run.problems.push(format!(
+            "{latency_missing} client processes did not report their latency histogram"
+        ));
+    }
+    let what = match o.shape.traffic {
+        Traffic::Vnc => "input events",
+        Traffic::Random => "client-to-server chunks",
+    };
+    println!(
+        "latency of {what} (client write to the target's read of the last byte), {} timed over the steady state: {}",
+        latency.n,
+        latency_words(&latency)
+    );
+    println!(
+        "client processes' own scheduling: a {} ms sleep woke late by {}",
+        LAG_PROBE.as_millis(),
+        latency_words(&lag)
+    );
+    println!(
+        "CPU over the steady state ({} ticks/s; % of one core):",
+        clk_tck()
+    );
+    for (b, (pct, per_gib, bytes)) in run.brokers.iter().zip(&node_cpu) {
+        println!(
+            "  {}: {pct:.1}%, {per_gib:.2} CPU s per GiB relayed ({} relayed)",
+            b.name,
+            mib(*bytes)
+        );
+    }
+    println!(
+        "  client processes ({}): {worker_cpu_pct:.1}% in all",
+        run.workers.len()
+    );
     println!();
     println!("broker memory and descriptors (sampled every 10 s):");
     for (i, b) in run.brokers.iter().enumerate() {
@@ -1758,7 +2433,345 @@ fn report(
         run.problems
             .push(format!("{} session record problems", row_problems.len()));
     }
+    if let Some(out) = &o.out {
+        let md = Markdown {
+            run,
+            idle_fds,
+            steady_from,
+            steady_to,
+            opened,
+            failed: failed.len(),
+            retries,
+            corrupt,
+            lost,
+            row_count,
+            row_problems: row_problems.len(),
+            up,
+            down,
+            secs,
+            steady_up,
+            steady_down,
+            node_cpu: &node_cpu,
+            worker_cpu_pct,
+            latency: &latency,
+            lag: &lag,
+            per_node: &results
+                .iter()
+                .filter(|r| !r["addr"].as_str().unwrap_or("").is_empty())
+                .fold(vec![0u64; run.brokers.len()], |mut v, r| {
+                    if let Some(c) = v.get_mut(n(r, "broker") as usize) {
+                        *c += 1;
+                    }
+                    v
+                }),
+        }
+        .render();
+        match std::fs::write(out, md) {
+            Ok(()) => println!("soak: wrote the Soak section to {}", out.display()),
+            Err(e) => run
+                .problems
+                .push(format!("could not write {}: {e}", out.display())),
+        }
+    }
     Ok(())
+}
+
+/// A latency histogram in words: p50, p99, p99.9 and the maximum.
+fn latency_words(h: &Hist) -> String {
+    if h.n == 0 {
+        return "none timed".into();
+    }
+    let q = |q: f64| ms_words(h.quantile(q).unwrap_or(0.0));
+    format!(
+        "p50 {}, p99 {}, p99.9 {}, max {}",
+        q(0.5),
+        q(0.99),
+        q(0.999),
+        ms_words(h.max_us as f64)
+    )
+}
+
+/// Microseconds as milliseconds, to about three figures.
+fn ms_words(us: f64) -> String {
+    let ms = us / 1000.0;
+    if ms >= 100.0 {
+        format!("{ms:.0} ms")
+    } else if ms >= 10.0 {
+        format!("{ms:.1} ms")
+    } else {
+        format!("{ms:.2} ms")
+    }
+}
+
+/// 10000 → "10,000".
+fn thousands(n: u64) -> String {
+    let d = n.to_string();
+    let mut out = String::new();
+    for (i, c) in d.chars().enumerate() {
+        if i > 0 && (d.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// 2 → "two"; numbers past ten as digits.
+fn count_words(n: usize) -> String {
+    const W: [&str; 11] = [
+        "no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+    ];
+    W.get(n).map_or_else(|| n.to_string(), |w| (*w).to_owned())
+}
+
+/// A rate in MiB/s, to about three figures.
+fn rate_words(bytes: u64, secs: f64) -> String {
+    let r = bytes as f64 / 1048576.0 / secs;
+    if r >= 10.0 {
+        format!("{r:.1} MiB/s")
+    } else if r >= 1.0 {
+        format!("{r:.2} MiB/s")
+    } else {
+        format!("{r:.3} MiB/s")
+    }
+}
+
+/// One value per node, "a / b / c"; one value when they are all the same.
+fn per_node<T: PartialEq>(v: &[T], show: impl Fn(&T) -> String) -> String {
+    if v.windows(2).all(|w| w[0] == w[1]) && !v.is_empty() {
+        show(&v[0])
+    } else {
+        v.iter().map(show).collect::<Vec<_>>().join(" / ")
+    }
+}
+
+/// The 1, 5 and 15 minute load averages, "2.10 2.30 2.04".
+fn load_average() -> Option<String> {
+    let s = std::fs::read_to_string("/proc/loadavg").ok()?;
+    Some(s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+}
+
+/// The output of a command run here, trimmed, if it worked.
+fn command_output(cmd: &str, args: &[&str]) -> Option<String> {
+    let out = std::process::Command::new(cmd).args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// The figures of a run, for the "Soak" section of BENCHMARKS.md.
+struct Markdown<'a> {
+    run: &'a Run,
+    idle_fds: &'a [usize],
+    steady_from: usize,
+    steady_to: usize,
+    opened: usize,
+    failed: usize,
+    retries: u64,
+    corrupt: usize,
+    lost: usize,
+    row_count: usize,
+    row_problems: usize,
+    up: u64,
+    down: u64,
+    secs: f64,
+    steady_up: u64,
+    steady_down: u64,
+    /// Per node: CPU % of one core, CPU seconds per GiB, bytes relayed.
+    node_cpu: &'a [(f64, f64, u64)],
+    worker_cpu_pct: f64,
+    latency: &'a Hist,
+    /// The client processes' event-loop lag over the same time.
+    lag: &'a Hist,
+    /// Sessions opened on each node.
+    per_node: &'a [u64],
+}
+
+impl Markdown<'_> {
+    fn render(&self) -> String {
+        let run = self.run;
+        let o = &run.o;
+        let nodes = run.brokers.len();
+        let minutes = if o.minutes == 1.0 {
+            "1 minute".to_owned()
+        } else {
+            format!("{} minutes", o.minutes)
+        };
+        let date = command_output("date", &["-u", "+%Y-%m-%d"]).unwrap_or_else(|| "?".into());
+        let commit = match command_output("git", &["rev-parse", "--short", "HEAD"]) {
+            Some(c) => {
+                let dirty =
+                    command_output("git", &["status", "--porcelain", "--untracked-files=no"])
+                        .is_some_and(|s| !s.is_empty());
+                if dirty {
+                    format!("{c} (with local changes)")
+                } else {
+                    c
+                }
+            }
+            None => "?".into(),
+        };
+        let mut md = String::new();
+        md.push_str("## Soak\n\n");
+        md.push_str(&format!(
+            "From `scripts/soak` ({} sessions, {minutes}; kept when `scripts/bench` rewrites the sections above), run on {date} at commit {commit} on this machine (load average, 1/5/15 min, {} at the start and {} at the end; the machine is shared):\n\n",
+            thousands(o.sessions as u64),
+            run.load_start.as_deref().unwrap_or("?"),
+            load_average().as_deref().unwrap_or("?"),
+        ));
+
+        // Sessions.
+        // 2 fds per session and about 100 of the broker's own, rounded down.
+        let fd_cap = (20_000 - 100) / 2;
+        md.push_str(&format!(
+            "- {} of {} sessions opened over {} `serve` node{} on one SQLite file ({} each; one process may hold at most about {} sessions under the 20,000 open-files limit), {} failed, {} retried.\n",
+            thousands(self.opened as u64),
+            thousands(o.sessions as u64),
+            count_words(nodes),
+            if nodes == 1 { "" } else { "s" },
+            per_node(self.per_node, |n| thousands(*n)),
+            thousands(fd_cap as u64 / 100 * 100),
+            thousands(self.failed as u64),
+            thousands(self.retries),
+        ));
+
+        // Traffic.
+        let steady = |b: u64| rate_words(b, self.secs);
+        let mib_total = |b: u64| {
+            let m = b as f64 / 1048576.0;
+            if m >= 100.0 {
+                format!("{} MiB", thousands(m.round() as u64))
+            } else {
+                format!("{m:.1} MiB")
+            }
+        };
+        let what = match o.shape.traffic {
+            Traffic::Vnc => "input events",
+            Traffic::Random => "client-to-server chunks",
+        };
+        md.push_str(&format!(
+            "- {}: {} client to server and {} server to client; {} client to server and {} server to client over {:.0} s of steady state, with {} {what} timed ({} per second).\n",
+            o.shape.describe(),
+            mib_total(self.up),
+            mib_total(self.down),
+            steady(self.steady_up),
+            steady(self.steady_down),
+            self.secs,
+            thousands(self.latency.n),
+            thousands((self.latency.n as f64 / self.secs).round() as u64),
+        ));
+
+        // Checks.
+        let rows = if self.row_problems == 0 && self.row_count == self.opened {
+            format!(
+                "all {} session rows ended \"client closed\" with exactly the bytes each side sent",
+                thousands(self.row_count as u64)
+            )
+        } else {
+            format!(
+                "{} session rows, {} of them not ended \"client closed\" with exactly the bytes each side sent (or missing)",
+                thousands(self.row_count as u64),
+                thousands(self.row_problems as u64)
+            )
+        };
+        md.push_str(&format!(
+            "- Every byte checked in order at the other end: {} checksum failures, {} sessions with bytes missing; {rows}.\n",
+            thousands(self.corrupt as u64),
+            thousands(self.lost as u64),
+        ));
+
+        // Memory and descriptors.
+        let samples = &run.samples;
+        let mid = self.steady_from + (self.steady_to - self.steady_from) / 2;
+        let col = |k: usize| -> Vec<u64> { samples[k].rss.clone() };
+        let rss = |v: &Vec<u64>| per_node(v, |b| format!("{:.1}", *b as f64 / 1048576.0));
+        let idle = col(0);
+        let up = col(self.steady_from);
+        let end = col(self.steady_to);
+        let after = col(samples.len() - 1);
+        let growth: Vec<f64> = (0..nodes)
+            .map(|i| (end[i] as f64 - samples[mid].rss[i] as f64) / 1048576.0)
+            .collect();
+        let stable = (0..nodes).all(|i| {
+            let m = samples[mid].rss[i];
+            end[i].saturating_sub(m)
+                <= (m as f64 * o.max_rss_growth_pct / 100.0) as u64 + (16 << 20)
+        });
+        let names = run
+            .brokers
+            .iter()
+            .map(|b| b.name.as_str())
+            .collect::<Vec<_>>()
+            .join(" / ");
+        let fds: Vec<String> = (0..nodes)
+            .map(|i| {
+                let peak = samples.iter().map(|s| s.fds[i]).max().unwrap_or(0);
+                let last = samples.last().map_or(0, |s| s.fds[i]);
+                format!(
+                    "{} → {} → {}",
+                    thousands(self.idle_fds[i] as u64),
+                    thousands(peak as u64),
+                    thousands(last as u64)
+                )
+            })
+            .collect();
+        md.push_str(&format!(
+            "- Broker memory (VmRSS), per node ({names}): {} MiB idle; {} MiB when all sessions were up; {} MiB at the end of {minutes}, of which {} MiB over the second half ({}); {} MiB after all sessions closed. File descriptors {}.\n",
+            rss(&idle),
+            rss(&up),
+            rss(&end),
+            per_node(&growth, |g| format!("{g:+.1}")),
+            if stable { "stable" } else { "growing" },
+            rss(&after),
+            per_node(&fds, |s| s.clone()),
+        ));
+
+        // CPU.
+        let pct: Vec<String> = self
+            .node_cpu
+            .iter()
+            .map(|(p, _, _)| {
+                if *p >= 10.0 {
+                    format!("{p:.0}%")
+                } else {
+                    format!("{p:.1}%")
+                }
+            })
+            .collect();
+        let per_gib: Vec<String> = self
+            .node_cpu
+            .iter()
+            .map(|(_, g, _)| format!("{g:.1}"))
+            .collect();
+        md.push_str(&format!(
+            "- Broker CPU (user + system) over the steady state, per node ({names}): {} of one core; {} CPU seconds per GiB relayed (both ways). The client processes ({} of them: the WebSocket clients and the VNC server stand-ins, on the same cores) used {:.1}% of one core in all.\n",
+            per_node(&pct, |s| s.clone()),
+            per_node(&per_gib, |s| s.clone()),
+            count_words(run.workers.len()),
+            self.worker_cpu_pct,
+        ));
+
+        // Latency.
+        let (first, sent) = match o.shape.traffic {
+            Traffic::Vnc => ("Input-event latency", "an input event"),
+            Traffic::Random => ("Client-to-server chunk latency", "a chunk"),
+        };
+        md.push_str(&format!(
+            "- {first}, from the client's write of {sent} to the VNC server stand-in's read of its last byte, over the {} timed in the steady state: {}. Both ends run in the client processes, so this includes their own scheduling under the load: over the same time a {} ms sleep there woke late by {}.\n",
+            thousands(self.latency.n),
+            latency_words(self.latency),
+            LAG_PROBE.as_millis(),
+            latency_words(self.lag),
+        ));
+
+        if !run.problems.is_empty() {
+            md.push_str(&format!(
+                "- **The run failed**: {}.\n",
+                run.problems.join("; ")
+            ));
+        }
+        md
+    }
 }
 
 // ---------------------------------------------------------------- main
@@ -1802,5 +2815,89 @@ fn main() {
             println!("RESULT: FAIL");
             std::process::exit(1);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_hold_their_values() {
+        for us in (0..5000u64).chain([1 << 20, (1 << 20) + 12345, u64::MAX >> 8]) {
+            let (lo, hi) = Hist::bounds(Hist::bucket(us));
+            assert!(lo <= us && us <= hi, "{us} outside [{lo}, {hi}]");
+            // At most 1/64 of the value wide.
+            assert!((hi - lo) * 64 <= us.max(1), "{us}: [{lo}, {hi}] too wide");
+        }
+        // Buckets follow each other without gaps.
+        for i in 0..(128 + 20 * 64) {
+            assert_eq!(Hist::bounds(i).1 + 1, Hist::bounds(i + 1).0, "bucket {i}");
+        }
+    }
+
+    #[test]
+    fn histograms_merge_and_travel_as_text() {
+        let mut a = Hist::new();
+        let mut b = Hist::new();
+        for us in 1..=900u64 {
+            a.record(Duration::from_micros(us));
+        }
+        for us in 901..=1000u64 {
+            b.record(Duration::from_micros(us * 10));
+        }
+        let b = Hist::decode(&b.encode()).expect("decodes");
+        a.merge(&b);
+        assert_eq!(a.n, 1000);
+        assert_eq!(a.max_us, 10_000);
+        let p50 = a.quantile(0.5).unwrap();
+        assert!((495.0..=505.0).contains(&p50), "p50 {p50}");
+        let p95 = a.quantile(0.95).unwrap();
+        assert!((9_350.0..=9_650.0).contains(&p95), "p95 {p95}");
+        assert_eq!(a.quantile(1.0), Some(10_000.0));
+        assert_eq!(Hist::new().quantile(0.5), None);
+        assert_eq!(Hist::decode("n=2 max=5 5:1"), None, "counts must add up");
+    }
+
+    #[test]
+    fn vnc_pace_sizes() {
+        let sh = Shape::default();
+        let mut rng = Rng(7);
+        let mut down = Pace::new(Traffic::Vnc, false);
+        let mut up = Pace::new(Traffic::Vnc, true);
+        for _ in 0..10_000 {
+            let (_, n) = down.next(&sh, &mut rng);
+            assert!(
+                (sh.update_min..=sh.update_max).contains(&n),
+                "update of {n}"
+            );
+            let (_, n) = up.next(&sh, &mut rng);
+            assert!(n == POINTER_EVENT || n == KEY_EVENT, "event of {n}");
+        }
+    }
+
+    #[test]
+    fn first_pauses_average_two_thirds_of_the_mean() {
+        // The residual of a pause uniform in [0, 2m] has mean 2m/3.
+        let mut rng = Rng(11);
+        let n = 100_000;
+        let total: f64 = (0..n).map(|_| rng.residual(900).as_secs_f64()).sum();
+        let mean_ms = total / n as f64 * 1000.0;
+        assert!((590.0..=610.0).contains(&mean_ms), "mean {mean_ms}");
+        assert!((0..1000).all(|_| rng.residual(900) <= Duration::from_millis(1800)));
+    }
+
+    #[test]
+    fn words() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(10_015), "10,015");
+        assert_eq!(thousands(1_234_567), "1,234,567");
+        assert_eq!(size_words(65536), "64 KiB");
+        assert_eq!(size_words(1000), "1000 B");
+        assert_eq!(duration_words(1000), "second");
+        assert_eq!(duration_words(15000), "15 s");
+        assert_eq!(per_node(&[3, 3], |n| n.to_string()), "3");
+        assert_eq!(per_node(&[3, 4], |n| n.to_string()), "3 / 4");
     }
 }
