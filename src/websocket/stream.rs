@@ -4,7 +4,7 @@
 //! completed, so it can sit in a `select!` beside the VNC socket.
 
 use std::io::{self, IoSlice};
-use std::ops::{Deref, DerefMut};
+use std::ops::{Deref, DerefMut, Range};
 use std::pin::Pin;
 use std::task::Poll;
 
@@ -16,38 +16,68 @@ use super::pool::{self, Lent};
 /// Most bytes buffered from the browser: one lent buffer. Larger frames
 /// stream through in pieces.
 pub const READ_BUF: usize = pool::BIG;
-/// The buffer of a quiet session: input events, pings and frame headers
-/// fit. A read that fills it swaps it for a lent [`READ_BUF`] one, given
-/// back once a read would wait with nothing left in it.
-const SMALL_BUF: usize = 512;
+/// What a waiting reader keeps: the start of a frame header or of a control
+/// frame (at most 14 and 131 bytes; payload bytes are handed out as they
+/// come, never held). Reads go into a lent [`READ_BUF`] buffer, given back
+/// whenever a read would wait.
+const SMALL_BUF: usize = 256;
 
-/// The reader's buffer: its own small one, or a lent large one.
-enum Buf {
-    Small(Box<[u8; SMALL_BUF]>),
-    Lent(Lent),
+/// The reader's buffer: lent while reading, its own small one while it
+/// waits (kept beside the lent one, so going back allocates nothing).
+struct Buf {
+    small: Box<[u8; SMALL_BUF]>,
+    lent: Option<Lent>,
 }
 
 impl Buf {
-    fn small() -> Buf {
-        Buf::Small(Box::new([0u8; SMALL_BUF]))
+    fn new() -> Buf {
+        Buf {
+            small: Box::new([0u8; SMALL_BUF]),
+            lent: None,
+        }
+    }
+
+    /// Reads go into a lent buffer: the live bytes move there; their new
+    /// place.
+    fn lend(&mut self, live: Range<usize>) -> Range<usize> {
+        if self.lent.is_some() {
+            return live;
+        }
+        let mut big = Lent::take();
+        big[..live.len()].copy_from_slice(&self.small[live.clone()]);
+        self.lent = Some(big);
+        0..live.len()
+    }
+
+    /// A waiting reader gives the lent buffer back, keeping the live bytes
+    /// if they fit the small one; their new place.
+    fn give_back(&mut self, live: Range<usize>) -> Range<usize> {
+        match &self.lent {
+            Some(big) if live.len() <= SMALL_BUF => {
+                self.small[..live.len()].copy_from_slice(&big[live.clone()]);
+                self.lent = None;
+                0..live.len()
+            }
+            _ => live,
+        }
     }
 }
 
 impl Deref for Buf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        match self {
-            Buf::Small(b) => &b[..],
-            Buf::Lent(b) => b,
+        match &self.lent {
+            Some(big) => big,
+            None => &self.small[..],
         }
     }
 }
 
 impl DerefMut for Buf {
     fn deref_mut(&mut self) -> &mut [u8] {
-        match self {
-            Buf::Small(b) => &mut b[..],
-            Buf::Lent(b) => b,
+        match &mut self.lent {
+            Some(big) => big,
+            None => &mut self.small[..],
         }
     }
 }
@@ -111,7 +141,7 @@ impl<R: AsyncRead + Unpin> Reader<R> {
     pub fn new(io: R, max_frame: u64) -> Reader<R> {
         Reader {
             io,
-            buf: Buf::small(),
+            buf: Buf::new(),
             start: 0,
             end: 0,
             state: State::Header,
@@ -237,48 +267,38 @@ impl<R: AsyncRead + Unpin> Reader<R> {
     }
 
     async fn fill(&mut self) -> Result<(), ReadError> {
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-        } else if self.end == self.buf.len() {
-            self.buf.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
-        }
-        let (n, room) = std::future::poll_fn(|cx| {
+        std::future::poll_fn(|cx| {
+            let live = self.buf.lend(self.start..self.end);
+            (self.start, self.end) = (live.start, live.end);
+            if self.start == self.end {
+                self.start = 0;
+                self.end = 0;
+            } else if self.end == self.buf.len() {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            }
             let mut read = ReadBuf::new(&mut self.buf[self.end..]);
             match Pin::new(&mut self.io).poll_read(cx, &mut read) {
-                Poll::Ready(done) => {
-                    Poll::Ready(done.map(|()| (read.filled().len(), read.capacity())))
-                }
-                Poll::Pending => {
-                    // The browser went quiet with nothing buffered: the
-                    // lent buffer goes back.
-                    if self.start == self.end && matches!(self.buf, Buf::Lent(_)) {
-                        self.buf = Buf::small();
-                        self.start = 0;
-                        self.end = 0;
+                Poll::Ready(Ok(())) => {
+                    let n = read.filled().len();
+                    if n == 0 {
+                        return Poll::Ready(Err(ReadError::Eof));
                     }
+                    self.end += n;
+                    Poll::Ready(Ok(()))
+                }
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e.into())),
+                Poll::Pending => {
+                    // The browser went quiet: the lent buffer goes back until
+                    // it sends again.
+                    let live = self.buf.give_back(self.start..self.end);
+                    (self.start, self.end) = (live.start, live.end);
                     Poll::Pending
                 }
             }
         })
-        .await?;
-        if n == 0 {
-            return Err(ReadError::Eof);
-        }
-        self.end += n;
-        // A read that filled the small buffer: more is coming, so borrow a
-        // large one for the burst.
-        if n == room && matches!(self.buf, Buf::Small(_)) {
-            let mut big = Buf::Lent(Lent::take());
-            let live = self.end - self.start;
-            big[..live].copy_from_slice(&self.buf[self.start..self.end]);
-            self.buf = big;
-            self.start = 0;
-            self.end = live;
-        }
-        Ok(())
+        .await
     }
 }
 
@@ -464,11 +484,11 @@ mod tests {
         }
         assert_eq!(got, burst);
         assert!(largest > SMALL_BUF, "largest chunk {largest}");
-        assert!(matches!(r.buf, Buf::Lent(_)));
+        assert!(r.buf.lent.is_some());
         // Nothing more comes: the reader waits, and the lent buffer is back.
         let waited = tokio::time::timeout(Duration::from_millis(20), r.next()).await;
         assert!(waited.is_err());
-        assert!(matches!(r.buf, Buf::Small(_)));
+        assert!(r.buf.lent.is_none());
         // A frame cut in two around the wait comes through whole.
         let next = masked(0x2, true, b"after the quiet", [8, 8, 8, 8]);
         tx.write_all(&next[..4]).await.unwrap();

@@ -1421,11 +1421,25 @@ impl Ws {
         }
     }
 
-    /// Sends one masked binary frame whose payload is already masked with `MASK`.
+    /// Sends one masked binary frame whose payload is already masked with
+    /// `MASK`: header and payload in one vectored write, as a browser sends
+    /// a message in one segment (two writes would make every message two
+    /// segments, and the proxy would wake for the header alone).
     async fn send_masked(&mut self, masked_payload: &[u8]) -> anyhow::Result<()> {
         let head = frames::frame_head(2, masked_payload.len(), MASK);
-        self.wr.write_all(&head).await?;
-        self.wr.write_all(masked_payload).await?;
+        let (mut h, mut p) = (&head[..], masked_payload);
+        while !h.is_empty() || !p.is_empty() {
+            let n = self
+                .wr
+                .write_vectored(&[std::io::IoSlice::new(h), std::io::IoSlice::new(p)])
+                .await?;
+            if n == 0 {
+                anyhow::bail!("connection closed while sending");
+            }
+            let from_head = n.min(h.len());
+            h = &h[from_head..];
+            p = &p[n - from_head..];
+        }
         Ok(())
     }
 
@@ -1761,7 +1775,7 @@ async fn upload(
     let stop = Arc::new(AtomicBool::new(false));
     let (via, stop2) = (via.clone(), Arc::clone(&stop));
     let task = tokio::spawn(async move {
-        match via.open(4096, false).await? {
+        match via.open(4096, true).await? {
             Conn::Ws(mut ws) => {
                 let payload = masked(msg);
                 while !stop2.load(Ordering::Relaxed) {
@@ -4135,7 +4149,7 @@ fn render(
     for line in [
         "Stand-in VNC servers (source, sink, echo, greeting, silent) run in a child process of the bench; direct TCP, the plain relay, websockify and vncbroker reach the same ones, driven by the bench's own client.",
         "Plain relay: socat with a 64 KiB buffer (`socat -b65536 TCP-LISTEN:PORT,bind=127.0.0.1,reuseaddr,fork TCP:TARGET`), one listener per stand-in target, forking a process per connection; the client sends and receives raw bytes through it, with no WebSocket framing and no token, so it is the cost of a second process copying the bytes, the floor for any proxy. Its upload sends raw writes of the same sizes as the WebSocket messages; its session setup is connect, socat's fork and connect to the target, and the greeting.",
-        "Download: 64 KiB writes from the source read for the measured time after a 200 ms warm-up. Upload: masked binary frames of the size given (raw writes of that size for direct TCP and the relay), counted at the sink. Round trip: one 16-byte message echoed at a time; measured as the processes fall, then again with every process involved (bench, stand-in servers, broker, relay, websockify) pinned to one CPU with taskset, which leaves out the cost of waking a process on the other CPU (large in a virtual machine).",
+        "Download: 64 KiB writes from the source read for the measured time after a 200 ms warm-up. Upload: masked binary frames of the size given, each frame in one write (raw writes of that size for direct TCP and the relay), counted at the sink; every client socket has TCP_NODELAY, as a browser's WebSocket does, so each message is its own segment on every path. Round trip: one 16-byte message echoed at a time; measured as the processes fall, then again with every process involved (bench, stand-in servers, broker, relay, websockify) pinned to one CPU with taskset, which leaves out the cost of waking a process on the other CPU (large in a virtual machine).",
         "Session setup: 1 client, then 4, in a loop of connect, WebSocket upgrade, token redemption, backend connect and the server's first byte (the RFB greeting); the token is reusable, so every setup writes the token and session rows. Direct TCP is connect and first byte. Rates are medians of the repetitions, p50 and p99 over all their setups; \"p50 over direct TCP\" is vncbroker's p50 less direct TCP's. The PostgreSQL rows (4 clients) are compared with 1539/s, the figure in BENCHMARKS.md before these measures were added.",
         "TLS: WSS download (1 connection) and upload (64 KiB and 1 KiB masked messages) through vncbroker with `[tls] cert`/`key` and websockify with `--cert`/`--key`; the TLS relay is socat's `OPENSSL-LISTEN:PORT,cert=…,key=…,verify=0,reuseaddr,fork` to the same targets, raw bytes in TLS (the same sizes for upload). One P-256 certificate for 127.0.0.1, signed by a CA made for the run, serves all three; the client is rustls (ring), trusting that CA alone, so each side pays for TLS as a browser's connection would make it.",
         "CPU per GiB relayed: user + system time (utime + stime in /proc/PID/stat, in clock ticks from `getconf CLK_TCK`) of the proxy, read just before and just after each throughput measurement's timed window, while its connections are open, over the payload bytes that window moved. vncbroker: its `serve` process, every thread. websockify and socat: every live process in their process group (the listener and the process forked for each connection), each one's time since the first reading (a process started since counts from zero). Medians of the repetitions; tick granularity (10 ms) makes --quick figures coarse.",
