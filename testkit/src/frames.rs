@@ -76,6 +76,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// The stream it reads from, borrowed.
+    pub fn get_ref(&self) -> &R {
+        &self.rd
+    }
+
     /// The stream it reads from.
     pub fn into_inner(self) -> R {
         self.rd

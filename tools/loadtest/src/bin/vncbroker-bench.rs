@@ -1958,9 +1958,9 @@ enum Idle {
     Rfb,
 }
 
-/// Opens an upgraded session, does what `kind` says, and keeps only its
-/// socket: nothing is read after that, so it costs one small socket here.
-async fn idle_session(addr: SocketAddr, token: &str, kind: Idle) -> anyhow::Result<TcpStream> {
+/// Opens an upgraded session, does what `kind` says, and keeps it: nothing
+/// is read after that.
+async fn idle_session(addr: SocketAddr, token: &str, kind: Idle) -> anyhow::Result<Ws> {
     let ws = match kind {
         Idle::Silent => Ws::connect(addr, token, 1024).await?,
         Idle::Greeted => {
@@ -1974,7 +1974,7 @@ async fn idle_session(addr: SocketAddr, token: &str, kind: Idle) -> anyhow::Resu
         }
         Idle::Rfb => rfb_first_screen(addr, token).await?,
     };
-    Ok(ws.fr.into_inner().reunite(ws.wr)?)
+    Ok(ws)
 }
 
 /// Through the proxy, as a browser: the RFB 3.8 handshake (security type
@@ -2106,7 +2106,7 @@ async fn ws_skip(ws: &mut Ws, mut n: usize) -> anyhow::Result<()> {
 /// (of 100) are not waited for. `logs` are the brokers' logs, for saying
 /// why if some never arrive. On failure `held` keeps the chunks opened.
 async fn hold_idle(
-    held: &mut Vec<TcpStream>,
+    held: &mut Vec<Ws>,
     targets: &Targets,
     (addr, token, kind): (SocketAddr, &str, Idle),
     n: usize,
@@ -2176,12 +2176,7 @@ fn dump_memory(pid: u32, label: &str) {
 /// connection past a full accept queue is left half-open (the broker's end
 /// established, QEMU's never accepted), waiting for a greeting that never
 /// comes. Each session has a minute; on a failure the others are stopped.
-async fn open_idle(
-    addr: SocketAddr,
-    token: &str,
-    n: usize,
-    kind: Idle,
-) -> anyhow::Result<Vec<TcpStream>> {
+async fn open_idle(addr: SocketAddr, token: &str, n: usize, kind: Idle) -> anyhow::Result<Vec<Ws>> {
     let at_once = if kind == Idle::Rfb { 2 } else { 32 };
     let next = Arc::new(AtomicUsize::new(0));
     let mut workers = Vec::new();
@@ -3821,10 +3816,13 @@ impl Drop for IdleQemu {
 }
 
 /// How many of `held` the far end has not closed.
-fn still_open(held: &[TcpStream]) -> usize {
+fn still_open(held: &[Ws]) -> usize {
     let mut b = [0u8; 1];
     held.iter()
-        .filter(|s| !matches!(s.try_read(&mut b), Ok(0)))
+        .filter(|ws| match &ws.fr {
+            Frames::Tcp(f) => !matches!(f.get_ref().try_read(&mut b), Ok(0)),
+            Frames::Tls(_) => true,
+        })
         .count()
 }
 
