@@ -808,10 +808,14 @@ async fn a_locked_sqlite_file_refuses_new_consoles_with_4503_and_running_session
         .await,
         2.0
     );
+    // The token was used before the lock, so its redemption only reads
+    // (which WAL allows under another writer's lock); recording the session
+    // start is the write that waits out the busy timeout, and no console
+    // opens without its row.
     assert_eq!(
         metric_on(
             port,
-            "vncbroker_store_errors_total{op=\"redeem\",kind=\"unavailable\"}"
+            "vncbroker_store_errors_total{op=\"open_session\",kind=\"unavailable\"}"
         )
         .await,
         2.0

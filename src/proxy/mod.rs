@@ -748,13 +748,12 @@ async fn relay_session(
         Ok(Opened::ControlTaken) => {
             return Box::pin(refuse(writer, Refusal::ControlTaken, client)).await;
         }
-        // Exclusive control cannot be vouched for without the store.
-        Err(e) if policy.exclusive && !policy.view_only => {
-            return Box::pin(refuse(writer, Refusal::StoreDown(e.to_string()), client)).await;
-        }
+        // No console goes unrecorded: without its row a session would be
+        // missing from the audit, could not be ended by its id, and
+        // exclusive control could not be vouched for.
         Err(e) => {
-            tracing::warn!(error = %e, "could not record the session start");
-            None
+            tracing::warn!(error = %e, "could not record the session start; console refused");
+            return Box::pin(refuse(writer, Refusal::StoreDown(e.to_string()), client)).await;
         }
     };
     let mut recorder = None;
