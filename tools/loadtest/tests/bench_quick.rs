@@ -74,11 +74,15 @@ fn quick_benchmark_writes_a_report_with_every_row() {
         // CPU.
         "TLS: WSS download, 1 connection, 64 KiB writes |",
         "session setup, SQLite, 20,000 tokens vs empty table |",
-        "memory per idle session at 500 |",
+        "memory per idle session at 400 in one process, after the RFB greeting |",
+        "memory per idle session at 500 over two processes, silent target |",
+        "memory per idle session at 50 in one process, QEMU",
         // Memory.
-        "vncbroker, 100 idle sessions |",
-        "vncbroker, 400 idle sessions |",
-        "vncbroker, 500 idle sessions over two processes |",
+        "vncbroker, 100 idle sessions, greeting target |",
+        "vncbroker, 400 idle sessions, greeting target |",
+        "vncbroker, 500 idle sessions over two processes, greeting target |",
+        "vncbroker, 400 idle sessions, silent target |",
+        "vncbroker, 20 idle sessions to QEMU",
         "websockify",
     ] {
         assert!(
