@@ -1983,51 +1983,12 @@ async fn idle_session(addr: SocketAddr, token: &str, kind: Idle) -> anyhow::Resu
 /// its end. No SetEncodings is sent, so the server answers in Raw at its
 /// own pixel format.
 async fn rfb_first_screen(addr: SocketAddr, token: &str) -> anyhow::Result<Ws> {
-    let mut ws = Ws::connect(addr, token, 64 * 1024).await?;
-    let mut version = [0u8; 12];
-    ws.read_exact(&mut version).await?;
-    if !version.starts_with(b"RFB 003.") {
-        bail!(
-            "not an RFB version: {:?}",
-            String::from_utf8_lossy(&version)
-        );
-    }
-    ws.send_plain(b"RFB 003.008\n").await?;
-    let mut n = [0u8; 1];
-    ws.read_exact(&mut n).await?;
-    if n[0] == 0 {
-        // The server refused, with a reason.
-        let mut len = [0u8; 4];
-        ws.read_exact(&mut len).await?;
-        let mut why = vec![0u8; (u32::from_be_bytes(len) as usize).min(4096)];
-        ws.read_exact(&mut why).await?;
-        bail!("the VNC server refused: {}", String::from_utf8_lossy(&why));
-    }
-    let mut types = vec![0u8; usize::from(n[0])];
-    ws.read_exact(&mut types).await?;
-    if !types.contains(&1) {
-        bail!("security types {types:?} offered, None expected");
-    }
-    ws.send_plain(&[1]).await?;
-    let mut result = [0u8; 4];
-    ws.read_exact(&mut result).await?;
-    if result != [0; 4] {
-        bail!("SecurityResult {result:?}");
-    }
-    ws.send_plain(&[1]).await?;
-    let mut init = [0u8; 24];
-    ws.read_exact(&mut init).await?;
+    let (mut ws, init) = rfb_handshake(addr, token, 64 * 1024).await?;
     let (w, h) = (
         u16::from_be_bytes([init[0], init[1]]),
         u16::from_be_bytes([init[2], init[3]]),
     );
     let bytes_pp = usize::from(init[4] / 8).max(1);
-    let name_len = u32::from_be_bytes(init[20..24].try_into()?) as usize;
-    if name_len > 4096 {
-        bail!("a desktop name of {name_len} bytes");
-    }
-    let mut name = vec![0u8; name_len];
-    ws.read_exact(&mut name).await?;
 
     let mut req = vec![3u8, 0, 0, 0, 0, 0];
     req.extend_from_slice(&w.to_be_bytes());
@@ -3179,6 +3140,16 @@ impl ScBroker {
 /// browser does (RFB 3.8, security type None, shared), up to the end of
 /// ServerInit.
 async fn rfb_connect(addr: SocketAddr, token: &str, cap: usize) -> anyhow::Result<Ws> {
+    Ok(rfb_handshake(addr, token, cap).await?.0)
+}
+
+/// The handshake of [`rfb_connect`]; with the ServerInit header (size,
+/// pixel format, name length).
+async fn rfb_handshake(
+    addr: SocketAddr,
+    token: &str,
+    cap: usize,
+) -> anyhow::Result<(Ws, [u8; 24])> {
     let mut ws = Ws::connect(addr, token, cap).await?;
     let mut version = [0u8; 12];
     ws.read_exact(&mut version).await?;
@@ -3191,6 +3162,14 @@ async fn rfb_connect(addr: SocketAddr, token: &str, cap: usize) -> anyhow::Resul
     ws.send_plain(b"RFB 003.008\n").await?;
     let mut n = [0u8; 1];
     ws.read_exact(&mut n).await?;
+    if n[0] == 0 {
+        // The server refused, with a reason.
+        let mut len = [0u8; 4];
+        ws.read_exact(&mut len).await?;
+        let mut why = vec![0u8; (u32::from_be_bytes(len) as usize).min(4096)];
+        ws.read_exact(&mut why).await?;
+        bail!("the VNC server refused: {}", String::from_utf8_lossy(&why));
+    }
     let mut types = vec![0u8; usize::from(n[0])];
     ws.read_exact(&mut types).await?;
     if !types.contains(&1) {
@@ -3211,7 +3190,7 @@ async fn rfb_connect(addr: SocketAddr, token: &str, cap: usize) -> anyhow::Resul
     }
     let mut name = vec![0u8; name_len];
     ws.read_exact(&mut name).await?;
-    Ok(ws)
+    Ok((ws, init))
 }
 
 /// Bytes per second of FramebufferUpdates read from an RFB session.
