@@ -61,6 +61,8 @@ const MIGRATIONS: &[(i64, &str)] = &[
 ];
 
 const BUSY_TIMEOUT: Duration = Duration::from_millis(1500);
+/// Prepared statements kept per connection.
+const STATEMENT_CACHE: usize = 64;
 
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
@@ -75,6 +77,9 @@ impl SqliteStore {
                 StoreError::unavailable(format!("cannot open {path}: {e}")).caused_by(e)
             })?;
             conn.busy_timeout(BUSY_TIMEOUT).map_err(map_err)?;
+            // Room for every statement the store prepares, so none is parsed
+            // again on a busy path (rusqlite keeps 16 by default).
+            conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
             // journal_mode answers with a row, so it is read rather than executed.
             let mode: String = conn
                 .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
@@ -216,13 +221,15 @@ fn user_id(conn: &Connection, name: &str) -> Result<i64, StoreError> {
 }
 
 fn load_vm(conn: &Connection, id: i64) -> Result<Option<Vm>, StoreError> {
+    // Cached: every console's set-up reads its VM.
     let row = conn
-        .query_row(
+        .prepare_cached(
             "SELECT v.name, v.vnc_host, v.vnc_port, v.vnc_password, u.name,
                     v.control, v.clipboard, v.record
              FROM vms v JOIN users u ON u.id = v.owner_id WHERE v.id = ?1",
-            [id],
-            |r| {
+        )
+        .and_then(|mut st| {
+            st.query_row([id], |r| {
                 Ok((
                     r.get::<_, String>(0)?,
                     r.get::<_, String>(1)?,
@@ -231,9 +238,9 @@ fn load_vm(conn: &Connection, id: i64) -> Result<Option<Vm>, StoreError> {
                     r.get::<_, String>(4)?,
                     vm_policy(r.get(5)?, r.get(6)?, r.get(7)?),
                 ))
-            },
-        )
-        .optional()
+            })
+            .optional()
+        })
         .map_err(map_err)?;
     let Some((name, vnc_host, vnc_port, vnc_password, owner, policy)) = row else {
         return Ok(None);
