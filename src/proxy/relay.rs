@@ -29,9 +29,6 @@ use crate::websocket::frame::OpCode;
 use crate::websocket::pool::Lent;
 use crate::websocket::stream::{Event, ReadError, Reader, Writer};
 
-/// Largest chunk read from the VNC server into one WebSocket frame.
-pub const READ_CHUNK: usize = crate::websocket::pool::BIG;
-
 /// How a relay ended. Each maps to one close code and reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum End {

@@ -11,15 +11,13 @@ use std::task::Poll;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::frame::{self, FrameError, OpCode};
-use super::pool::{self, Lent};
+use super::pool::Lent;
 
-/// Most bytes buffered from the browser: one lent buffer. Larger frames
-/// stream through in pieces.
-pub const READ_BUF: usize = pool::BIG;
 /// What a waiting reader keeps: the start of a frame header or of a control
 /// frame (at most 14 and 131 bytes; payload bytes are handed out as they
-/// come, never held). Reads go into a lent [`READ_BUF`] buffer, given back
-/// whenever a read would wait.
+/// come, never held). Reads go into a lent [`super::pool::BIG`] buffer,
+/// given back whenever a read would wait; larger frames stream through in
+/// pieces.
 const SMALL_BUF: usize = 256;
 
 /// The reader's buffer: lent while reading, its own small one while it
