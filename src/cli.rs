@@ -576,6 +576,7 @@ async fn vm(cfg: &Config, cmd: VmCmd) -> anyhow::Result<()> {
                 owner,
                 allowed: allow.into_iter().filter(|a| !a.is_empty()).collect(),
                 policy: VmPolicy::default(),
+                protocol: Default::default(),
             };
             let mut vm = vm;
             apply_settings(&mut vm.policy, control, clipboard, record);
@@ -763,6 +764,7 @@ async fn token(cfg: &Config, cmd: TokenCmd) -> anyhow::Result<()> {
         port: vm.vnc_port,
         vnc_password: secrets.open_opt(vm.vnc_password.as_deref())?,
         policy: vm.policy,
+        protocol: vm.protocol,
         recheck_as: None,
     };
     let public_url = cfg

@@ -11,8 +11,9 @@
 //!
 //! ```text
 //! cli → demo → server → {api, proxy, console} → {service, config}
-//!     → {inventory, store, token, auth} → {xmlrpc, websocket, rfb, edge}
-//!     → {metrics, limits, secrets, tls, logging, shutdown, policy, recording}
+//!     → {inventory, store, token, auth} → {xmlrpc, websocket, rfb, spice, edge}
+//!     → {metrics, limits, secrets, tls, logging, shutdown, policy, protocol,
+//!        recording}
 //! ```
 //!
 //! - [`cli`]: the `vncbroker` command line (serve, demo, user, vm, token,
@@ -48,12 +49,15 @@
 //! - [`rfb`]: RFB as sans-IO state machines: the wire format both roles
 //!   share, the server handshake, the security-proxy handshake, and VNC
 //!   authentication.
+//! - [`spice`]: the SPICE link handshake as a sans-IO security proxy, one
+//!   per channel connection, so the SPICE password stays with the broker.
 //! - [`edge`]: what the HTTP edge says about a request: its `Origin`, and
 //!   the client's address and scheme through trusted reverse proxies.
 //! - [`metrics`]: Prometheus counters and histograms for `/metrics`, on
 //!   `prometheus-client`; a leaf that the other modules report into.
 //! - [`policy`]: what a session may do (view only, exclusive control,
 //!   clipboard direction, recording), from VM settings and defaults.
+//! - [`protocol`]: which protocol a VM's console speaks, VNC or SPICE.
 //! - [`limits`]: per-address budgets of failed attempts, connection caps.
 //! - [`secrets`]: VNC passwords sealed at rest, and the key file.
 //! - [`tls`]: HTTPS/WSS on the listener with rustls.
@@ -76,6 +80,7 @@ pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod policy;
+pub mod protocol;
 pub mod proxy;
 pub mod recording;
 pub mod rfb;
@@ -83,6 +88,7 @@ pub mod secrets;
 pub mod server;
 pub mod service;
 pub mod shutdown;
+pub mod spice;
 pub mod store;
 pub mod tls;
 pub mod token;

@@ -138,6 +138,11 @@ pub struct VmPolicy {
     pub control: Option<Control>,
     pub clipboard: Option<Clipboard>,
     pub record: Option<bool>,
+    /// SPICE: the usbredir channels (the browser's USB devices plugged
+    /// into the VM). Off unless set.
+    pub usb_redirect: Option<bool>,
+    /// SPICE: the record channel (the client's microphone). Off unless set.
+    pub microphone: Option<bool>,
 }
 
 /// The broker's defaults for VMs that do not say (`[proxy] clipboard`,
@@ -157,6 +162,10 @@ pub struct SessionPolicy {
     pub exclusive: bool,
     pub clipboard: Clipboard,
     pub record: bool,
+    /// SPICE: usbredir channels may link.
+    pub usb_redirect: bool,
+    /// SPICE: the record (microphone) channel may link.
+    pub microphone: bool,
 }
 
 impl SessionPolicy {
@@ -167,6 +176,8 @@ impl SessionPolicy {
             exclusive: vm.control == Some(Control::Exclusive),
             clipboard: vm.clipboard.unwrap_or(defaults.clipboard),
             record: vm.record.unwrap_or(defaults.record),
+            usb_redirect: vm.usb_redirect.unwrap_or(false),
+            microphone: vm.microphone.unwrap_or(false),
         }
     }
 
@@ -223,6 +234,8 @@ mod tests {
             control: Some(Control::Exclusive),
             clipboard: Some(Clipboard::Both),
             record: Some(false),
+            usb_redirect: Some(true),
+            microphone: None,
         };
         let p = SessionPolicy::resolve(vm, defaults, true);
         assert_eq!(
@@ -231,7 +244,9 @@ mod tests {
                 view_only: true,
                 exclusive: true,
                 clipboard: Clipboard::Both,
-                record: false
+                record: false,
+                usb_redirect: true,
+                microphone: false,
             }
         );
     }

@@ -259,6 +259,7 @@ mod tests {
         store
             .add_vm(&crate::store::Vm {
                 policy: Default::default(),
+                protocol: Default::default(),
                 id: 1,
                 name: "vm".into(),
                 vnc_host: "127.0.0.1".into(),

@@ -294,6 +294,7 @@ impl TokenService {
                 single_use,
                 caller_session: caller_session.clone(),
                 policy,
+                protocol: console.protocol,
             };
             match self.tokens.insert_token(&row).await {
                 Ok(id) => {

@@ -81,6 +81,7 @@ pub async fn run(mut cfg: Config, data_dir: Option<PathBuf>) -> anyhow::Result<(
             owner: DEMO_USER.into(),
             allowed: vec![],
             policy: Default::default(),
+            protocol: Default::default(),
         })
         .await?;
     drop(store);

@@ -139,6 +139,7 @@ impl Inventory for LocalInventory {
             host: vm.vnc_host,
             port: vm.vnc_port,
             policy: vm.policy,
+            protocol: vm.protocol,
             vnc_password: self
                 .secrets
                 .open_opt(vm.vnc_password.as_deref())

@@ -51,6 +51,7 @@ pub struct Console {
     pub vnc_password: Option<String>,
     /// The VM's own console settings.
     pub policy: crate::policy::VmPolicy,
+    pub protocol: crate::protocol::Protocol,
     /// The caller's credential, where the inventory re-checks live
     /// sessions with the caller's own rights (it is then kept, sealed, with
     /// the token).
@@ -102,6 +103,7 @@ impl std::fmt::Debug for Console {
             .field("port", &self.port)
             .field("vnc_password", &self.vnc_password.as_ref().map(|_| "<set>"))
             .field("policy", &self.policy)
+            .field("protocol", &self.protocol)
             .field("recheck_as", &self.recheck_as)
             .finish()
     }

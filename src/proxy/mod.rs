@@ -742,6 +742,8 @@ async fn relay_session(
         exclusive: policy.exclusive,
         recording: policy.record,
         resumed_from,
+        protocol: r.protocol,
+        spice_session_id: None,
     };
     let session_id = match proxy.log.open_session(&record).await {
         Ok(Opened::Session(id)) => Some(id),

@@ -26,6 +26,7 @@ pub use sqlite::SqliteStore;
 pub use timed::{StoreOp, TimedStore};
 
 pub use crate::policy::{SessionPolicy, VmPolicy};
+pub use crate::protocol::Protocol;
 use crate::token::TokenHash;
 
 /// Errors callers branch on: a duplicate is retried or reported, an
@@ -148,6 +149,7 @@ pub struct NewToken {
     pub caller_session: Option<String>,
     /// The rules its session follows.
     pub policy: SessionPolicy,
+    pub protocol: Protocol,
 }
 
 /// A user of the local registry.
@@ -172,6 +174,7 @@ pub struct Vm {
     pub allowed: Vec<String>,
     /// Its console settings; unset ones take the broker's defaults.
     pub policy: VmPolicy,
+    pub protocol: Protocol,
 }
 
 impl std::fmt::Debug for Vm {
@@ -185,6 +188,7 @@ impl std::fmt::Debug for Vm {
             .field("owner", &self.owner)
             .field("allowed", &self.allowed)
             .field("policy", &self.policy)
+            .field("protocol", &self.protocol)
             .finish()
     }
 }
@@ -197,6 +201,7 @@ pub struct ConsoleView {
     pub single_use: bool,
     pub expires_at: i64,
     pub policy: SessionPolicy,
+    pub protocol: Protocol,
     /// The token's live sessions, newest first.
     pub live: Vec<LiveSession>,
 }
@@ -252,6 +257,7 @@ pub struct Redemption {
     pub policy: SessionPolicy,
     /// Opens one session only: its console reconnects with a ticket.
     pub single_use: bool,
+    pub protocol: Protocol,
 }
 
 impl std::fmt::Debug for Redemption {
@@ -273,6 +279,7 @@ impl std::fmt::Debug for Redemption {
             .field("revocation_seq", &self.revocation_seq)
             .field("policy", &self.policy)
             .field("single_use", &self.single_use)
+            .field("protocol", &self.protocol)
             .finish()
     }
 }
@@ -430,13 +437,14 @@ pub(crate) fn check_scope(r: &Revocation) -> Result<(), StoreError> {
 }
 
 /// The revocations that changing a VM from `old` to `new` calls for: a new
-/// console (host, port or password) ends every session of the VM; otherwise
+/// console (host, port, password or protocol) ends every session of the VM; otherwise
 /// each user who was owner or allowed and is neither any more loses theirs.
 /// Backends skip the users who are admins, whom the change does not affect.
 pub(crate) fn withdrawn(old: &Vm, new: &Vm) -> Vec<Revocation> {
     if old.vnc_host != new.vnc_host
         || old.vnc_port != new.vnc_port
         || old.vnc_password != new.vnc_password
+        || old.protocol != new.protocol
     {
         return vec![Revocation::vm(new.id, Cause::VmChanged)];
     }
@@ -468,6 +476,10 @@ pub struct NewSession {
     pub recording: bool,
     /// The session this one continues, reopened with a reconnect ticket.
     pub resumed_from: Option<i64>,
+    pub protocol: Protocol,
+    /// SPICE: the session id the server gave the main channel, which the
+    /// session's other channels link with.
+    pub spice_session_id: Option<u32>,
 }
 
 /// Whether a session row was opened.
@@ -579,6 +591,10 @@ pub struct SessionRecord {
     pub recording_state: Option<RecordingState>,
     /// The session this one continues, reopened with a reconnect ticket.
     pub resumed_from: Option<i64>,
+    pub protocol: Protocol,
+    /// Connections the console used: 1 for VNC; for SPICE, its main
+    /// channel and every channel that joined it.
+    pub channels: u64,
 }
 
 /// Which sessions to list; newest first, at most `limit`.
@@ -613,7 +629,15 @@ pub trait TokenStore: Send + Sync {
     /// unknown, expired, revoked, or single-use and already used. Of several
     /// concurrent redemptions of a single-use token, exactly one wins. The
     /// answer carries the last revocation seq recorded before it.
+    ///
+    /// A SPICE token is only read here, used or not: which
+    /// of its connections is the session's one main channel is known only
+    /// after its link message, and the main channel then claims it.
     async fn redeem(&self, hash: &TokenHash, now: i64) -> Result<Option<Redemption>, StoreError>;
+    /// SPICE: takes the token's use for a main channel, atomically: false if
+    /// it is single-use and already used, or was revoked or expired since it
+    /// was read. A reusable token's use is only noted.
+    async fn claim_main_channel(&self, token_id: i64, now: i64) -> Result<bool, StoreError>;
     /// Revocations after `seq`, oldest first, at most `limit`. Proxies poll
     /// it to end live sessions; revocations are rare, so the answer is small.
     async fn revocations_after(
@@ -656,8 +680,26 @@ pub trait SessionLog: Send + Sync {
     /// session, checks and records in one step that no other control
     /// session of the VM is live, so two nodes cannot both let one in.
     async fn open_session(&self, session: &NewSession) -> Result<Opened, StoreError>;
-    /// Records the end of a proxied session.
+    /// Records the end of a proxied session. Its bytes add to those its
+    /// joined channels recorded.
     async fn close_session(&self, id: i64, end: &SessionEnd) -> Result<(), StoreError>;
+    /// SPICE: the live session of token `token_id` whose main channel the
+    /// server gave `spice_session_id`, for another channel to join; `None`
+    /// if there is none (ended, another token's, made up).
+    async fn spice_session(
+        &self,
+        token_id: i64,
+        spice_session_id: u32,
+    ) -> Result<Option<i64>, StoreError>;
+    /// SPICE: a channel joined session `id` (`joined`), or ended and moved
+    /// its bytes (not `joined`): adds to the row's counts.
+    async fn add_channel(
+        &self,
+        id: i64,
+        joined: bool,
+        bytes_to_client: u64,
+        bytes_to_server: u64,
+    ) -> Result<(), StoreError>;
     /// Ends the rows `node` left open (it was killed, or lost the database
     /// while sessions ended), with reason "node restarted"; returns how many.
     /// A node calls it when it starts, before it opens any session.

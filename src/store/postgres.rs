@@ -46,6 +46,7 @@ use super::{
     VmPolicy, to_i64, to_u64,
 };
 use crate::policy::{Clipboard, Control};
+use crate::protocol::Protocol;
 use crate::token::TokenHash;
 
 /// Versioned migrations, applied in order; `schema_migrations` records the
@@ -64,6 +65,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
         4,
         include_str!("../../migrations/postgres/0004_reconnect_tickets.sql"),
     ),
+    (5, include_str!("../../migrations/postgres/0005_spice.sql")),
 ];
 
 /// The advisory lock that serialises migrations of nodes starting at once
@@ -463,7 +465,7 @@ const VM_COLUMNS: &str = "SELECT v.id, v.name, v.vnc_host, v.vnc_port, v.vnc_pas
             COALESCE((SELECT array_agg(au.name ORDER BY au.name COLLATE \"C\")
                       FROM vm_users a JOIN users au ON au.id = a.user_id
                       WHERE a.vm_id = v.id), '{}'),
-            v.control, v.clipboard, v.record
+            v.control, v.clipboard, v.record, v.usb_redirect, v.microphone, v.protocol
      FROM vms v JOIN users u ON u.id = v.owner_id";
 
 fn vm_row(r: &Row) -> Result<Vm, StoreError> {
@@ -481,8 +483,19 @@ fn vm_row(r: &Row) -> Result<Vm, StoreError> {
             control: r.get::<_, Option<String>>(7).and_then(|c| c.parse().ok()),
             clipboard: r.get::<_, Option<String>>(8).and_then(|c| c.parse().ok()),
             record: r.get(9),
+            usb_redirect: r.get(10),
+            microphone: r.get(11),
         },
+        protocol: stored_protocol(r, 12, &format!("vm {id}"))?,
     })
+}
+
+/// A protocol column; a value this version does not know fails the read,
+/// so its console is refused rather than spoken to in the wrong protocol.
+fn stored_protocol(r: &Row, at: usize, what: &str) -> Result<Protocol, StoreError> {
+    let s: String = r.get(at);
+    Protocol::from_stored(&s)
+        .ok_or_else(|| StoreError::internal(format!("{what}: unknown protocol {s:?}")))
 }
 
 fn session_row(r: &Row) -> SessionRecord {
@@ -508,6 +521,9 @@ fn session_row(r: &Row) -> SessionRecord {
             .as_deref()
             .map(RecordingState::parse),
         resumed_from: r.get(16),
+        // Read for listing: an unknown protocol shows as VNC's default.
+        protocol: Protocol::from_stored(&r.get::<_, String>(17)).unwrap_or_default(),
+        channels: to_u64(r.get::<_, i64>(18)),
     }
 }
 
@@ -525,12 +541,13 @@ fn redemption_row(r: &Row, revocation_seq: i64) -> Result<Redemption, StoreError
         caller_session: r.get(7),
         revocation_seq,
         policy: policy_row(r, 8),
-        single_use: r.get(12),
+        single_use: r.get(14),
+        protocol: stored_protocol(r, 15, &format!("token {token_id}"))?,
     })
 }
 
-/// A token's session rules, from four columns starting at `at`: view_only,
-/// exclusive, clipboard, record.
+/// A token's session rules, from six columns starting at `at`: view_only,
+/// exclusive, clipboard, record, usb_redirect, microphone.
 fn policy_row(r: &Row, at: usize) -> SessionPolicy {
     SessionPolicy {
         view_only: r.get(at),
@@ -541,6 +558,8 @@ fn policy_row(r: &Row, at: usize) -> SessionPolicy {
             .parse()
             .unwrap_or(Clipboard::None),
         record: r.get(at + 3),
+        usb_redirect: r.get(at + 4),
+        microphone: r.get(at + 5),
     }
 }
 
@@ -663,6 +682,9 @@ impl TokenStore for PgStore {
                         &t.policy.exclusive,
                         &t.policy.clipboard.as_str(),
                         &t.policy.record,
+                        &t.policy.usb_redirect,
+                        &t.policy.microphone,
+                        &t.protocol.as_str(),
                     ],
                 )
                 .await
@@ -713,9 +735,11 @@ impl TokenStore for PgStore {
             else {
                 return Ok(None);
             };
-            let seq: i64 = r.get(14);
-            if r.get::<_, Option<i64>>(13).is_some() {
-                return Ok(Some(redemption_row(&r, seq)?));
+            let seq: i64 = r.get(17);
+            let read = redemption_row(&r, seq)?;
+            // A SPICE token's main channel claims it.
+            if r.get::<_, Option<i64>>(16).is_some() || read.protocol == Protocol::Spice {
+                return Ok(Some(read));
             }
             // A first use: one statement, so of concurrent redemptions of a
             // single-use token the first to lock the row wins and the others
@@ -810,8 +834,19 @@ impl TokenStore for PgStore {
                 single_use: t.get(1),
                 expires_at: t.get(2),
                 policy: policy_row(&t, 3),
+                protocol: stored_protocol(&t, 9, &format!("token {token_id}"))?,
                 live,
             }))
+        })
+    }
+
+    async fn claim_main_channel(&self, token_id: i64, now: i64) -> Result<bool, StoreError> {
+        with_conn!(self, |c| {
+            let st = c
+                .prepare_cached(sql::CLAIM_MAIN_CHANNEL)
+                .await
+                .map_err(pg_err)?;
+            Ok(c.execute(&st, &[&token_id, &now]).await.map_err(pg_err)? == 1)
         })
     }
 
@@ -907,7 +942,9 @@ impl TokenStore for PgStore {
 impl SessionLog for PgStore {
     async fn open_session(&self, s: &NewSession) -> Result<Opened, StoreError> {
         let recording = s.recording.then_some(RecordingState::Recording.as_str());
-        let row: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
+        let protocol = s.protocol.as_str();
+        let spice_session_id = s.spice_session_id.map(i64::from);
+        let row: [&(dyn tokio_postgres::types::ToSql + Sync); 11] = [
             &s.token_id,
             &s.vm_id,
             &s.user_name,
@@ -917,6 +954,8 @@ impl SessionLog for PgStore {
             &s.view_only,
             &recording,
             &s.resumed_from,
+            &protocol,
+            &spice_session_id,
         ];
         with_conn!(self, |c| {
             if s.exclusive && !s.view_only {
@@ -954,6 +993,44 @@ impl SessionLog for PgStore {
                 .map_err(pg_err)?;
             let id = c.query_one(&st, &row).await.map_err(pg_err)?;
             Ok(Opened::Session(id.get(0)))
+        })
+    }
+
+    async fn spice_session(
+        &self,
+        token_id: i64,
+        spice_session_id: u32,
+    ) -> Result<Option<i64>, StoreError> {
+        with_conn!(self, |c| {
+            let st = c.prepare_cached(sql::SPICE_SESSION).await.map_err(pg_err)?;
+            Ok(c.query_opt(&st, &[&token_id, &i64::from(spice_session_id)])
+                .await
+                .map_err(pg_err)?
+                .map(|r| r.get(0)))
+        })
+    }
+
+    async fn add_channel(
+        &self,
+        id: i64,
+        joined: bool,
+        bytes_to_client: u64,
+        bytes_to_server: u64,
+    ) -> Result<(), StoreError> {
+        with_conn!(self, |c| {
+            let st = c.prepare_cached(sql::ADD_CHANNEL).await.map_err(pg_err)?;
+            c.execute(
+                &st,
+                &[
+                    &id,
+                    &i64::from(joined),
+                    &to_i64(bytes_to_client),
+                    &to_i64(bytes_to_server),
+                ],
+            )
+            .await
+            .map_err(pg_err)?;
+            Ok(())
         })
     }
 
@@ -1165,8 +1242,8 @@ impl Registry for PgStore {
                 .get(0);
             tx.execute(
                 "INSERT INTO vms (id, name, vnc_host, vnc_port, vnc_password, owner_id, created_at,
-                                  control, clipboard, record)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                                  control, clipboard, record, usb_redirect, microphone, protocol)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
                 &[
                     &vm.id,
                     &vm.name,
@@ -1178,6 +1255,9 @@ impl Registry for PgStore {
                     &vm.policy.control.map(Control::as_str),
                     &vm.policy.clipboard.map(Clipboard::as_str),
                     &vm.policy.record,
+                    &vm.policy.usb_redirect,
+                    &vm.policy.microphone,
+                    &vm.protocol.as_str(),
                 ],
             )
             .await
@@ -1215,7 +1295,8 @@ impl Registry for PgStore {
                 .get(0);
             tx.execute(
                 "UPDATE vms SET name = $2, vnc_host = $3, vnc_port = $4, vnc_password = $5,
-                                owner_id = $6, control = $7, clipboard = $8, record = $9
+                                owner_id = $6, control = $7, clipboard = $8, record = $9,
+                                usb_redirect = $10, microphone = $11, protocol = $12
                  WHERE id = $1",
                 &[
                     &vm.id,
@@ -1227,6 +1308,9 @@ impl Registry for PgStore {
                     &vm.policy.control.map(Control::as_str),
                     &vm.policy.clipboard.map(Clipboard::as_str),
                     &vm.policy.record,
+                    &vm.policy.usb_redirect,
+                    &vm.policy.microphone,
+                    &vm.protocol.as_str(),
                 ],
             )
             .await
@@ -1502,7 +1586,7 @@ mod tests {
             .await
             .unwrap();
         let versions: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
-        assert_eq!(versions, vec![1, 2, 3, 4]);
+        assert_eq!(versions, vec![1, 2, 3, 4, 5]);
         // Pooled connections carry the statement timeout.
         let timeout: String = c
             .query_one("SHOW statement_timeout", &[])

@@ -8,16 +8,17 @@ macro_rules! insert_token {
     () => {
         "INSERT INTO tokens (token_hash, vm_id, target_host, target_port, vnc_password,
                              user_name, created_at, expires_at, single_use, caller_session,
-                             view_only, exclusive, clipboard, record)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+                             view_only, exclusive, clipboard, record, usb_redirect, microphone,
+                             protocol)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
     };
 }
 
 macro_rules! insert_session {
     () => {
         "INSERT INTO sessions (token_id, vm_id, user_name, client_addr, node, started_at,
-                               view_only, recording, resumed_from)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+                               view_only, recording, resumed_from, protocol, spice_session_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
     };
 }
 
@@ -27,7 +28,7 @@ macro_rules! session_columns {
         "SELECT id, vm_id, user_name, client_addr, node, started_at, ended_at,
                 bytes_to_client, bytes_to_server, close_reason, view_only, key_events,
                 pointer_events, clipboard_bytes_to_vm, clipboard_bytes_from_vm, recording,
-                resumed_from
+                resumed_from, protocol, channels
          FROM sessions "
     };
 }
@@ -45,10 +46,12 @@ pub(super) const INSERT_SESSION: &str = insert_session!();
 pub(super) const INSERT_SESSION_RETURNING_ID: &str = concat!(insert_session!(), " RETURNING id");
 pub(super) const SESSION_BY_ID: &str = concat!(session_columns!(), "WHERE id = $1");
 pub(super) const SESSION_COLUMNS: &str = session_columns!();
-/// The end of a session, with what the proxy saw of it. It names `$2`
-/// first: SQLite runs it with explicit numbers.
+/// The end of a session, with what the proxy saw of it; its bytes add to
+/// those of the SPICE channels that ended before it. It names `$2` first:
+/// SQLite runs it with explicit numbers.
 pub(super) const CLOSE_SESSION: &str =
-    "UPDATE sessions SET ended_at = $2, bytes_to_client = $3, bytes_to_server = $4,
+    "UPDATE sessions SET ended_at = $2, bytes_to_client = bytes_to_client + $3,
+                         bytes_to_server = bytes_to_server + $4,
                          close_reason = $5, key_events = $6, pointer_events = $7,
                          clipboard_bytes_to_vm = $8, clipboard_bytes_from_vm = $9,
                          recording = $10
@@ -62,7 +65,8 @@ pub(super) const CLOSE_ORPHANED_SESSIONS: &str =
 
 /// What the console page is told about a token it holds.
 pub(super) const CONSOLE_TOKEN: &str =
-    "SELECT id, single_use, expires_at, view_only, exclusive, clipboard, record FROM tokens
+    "SELECT id, single_use, expires_at, view_only, exclusive, clipboard, record, usb_redirect,
+            microphone, protocol FROM tokens
      WHERE token_hash = $1 AND revoked_at IS NULL AND expires_at > $2";
 pub(super) const LIVE_SESSIONS_OF_TOKEN: &str = "SELECT id, client_addr, started_at FROM sessions
      WHERE token_id = $1 AND ended_at IS NULL ORDER BY started_at DESC, id DESC LIMIT 16";
@@ -82,15 +86,17 @@ pub(super) const PENDING_TICKET: &str =
 macro_rules! redemption_columns {
     () => {
         "id, vm_id, target_host, target_port, vnc_password, user_name, expires_at,
-         caller_session, view_only, exclusive, clipboard, record, single_use"
+         caller_session, view_only, exclusive, clipboard, record, usb_redirect, microphone,
+         single_use, protocol"
     };
 }
 pub(super) const REDEMPTION_COLUMNS: &str = redemption_columns!();
-/// Tokens that open a console now.
+/// Tokens that open a console now. A used single-use SPICE token still
+/// opens the channels that join its session.
 macro_rules! redeemable_where {
     () => {
         "WHERE token_hash = $1 AND revoked_at IS NULL AND expires_at > $2
-           AND (NOT single_use OR used_at IS NULL)"
+           AND (NOT single_use OR used_at IS NULL OR protocol = 'spice')"
     };
 }
 pub(super) const REDEEMABLE_WHERE: &str = redeemable_where!();
@@ -112,6 +118,20 @@ pub(super) const FIRST_USE: &str = concat!(
     " RETURNING ",
     redemption_columns!()
 );
+/// A SPICE main channel takes its token's use. It names `$2` first: SQLite
+/// runs it with explicit numbers.
+pub(super) const CLAIM_MAIN_CHANNEL: &str = "UPDATE tokens SET used_at = COALESCE(used_at, $2)
+     WHERE id = $1 AND revoked_at IS NULL AND expires_at > $2
+       AND (NOT single_use OR used_at IS NULL)";
+/// The live SPICE session a channel joins.
+pub(super) const SPICE_SESSION: &str = "SELECT id FROM sessions
+     WHERE token_id = $1 AND spice_session_id = $2 AND ended_at IS NULL";
+/// A SPICE channel joined (`$2` = 1) or moved its bytes. It names `$2`
+/// first: SQLite runs it with explicit numbers.
+pub(super) const ADD_CHANNEL: &str =
+    "UPDATE sessions SET channels = channels + $2, bytes_to_client = bytes_to_client + $3,
+                         bytes_to_server = bytes_to_server + $4
+     WHERE id = $1";
 pub(super) const TOKEN_BY_ID: &str = concat!(
     "SELECT ",
     redemption_columns!(),

@@ -18,6 +18,7 @@ use super::{
     VmPolicy, to_i64, to_u64,
 };
 use crate::policy::{Clipboard, Control};
+use crate::protocol::Protocol;
 use crate::token::TokenHash;
 
 /// Versioned migrations, applied in order; `PRAGMA user_version` records the
@@ -32,8 +33,8 @@ fn numbered(sql: &str) -> String {
 /// control session of the VM is live.
 const INSERT_EXCLUSIVE_SESSION: &str =
     "INSERT INTO sessions (token_id, vm_id, user_name, client_addr, node, started_at,
-                           view_only, recording, resumed_from)
-     SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9
+                           view_only, recording, resumed_from, protocol, spice_session_id)
+     SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11
      WHERE NOT EXISTS (SELECT 1 FROM sessions
                        WHERE vm_id = ?2 AND ended_at IS NULL AND view_only = 0)";
 
@@ -58,6 +59,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
         4,
         include_str!("../../migrations/sqlite/0004_reconnect_tickets.sql"),
     ),
+    (5, include_str!("../../migrations/sqlite/0005_spice.sql")),
 ];
 
 const BUSY_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -225,7 +227,7 @@ fn load_vm(conn: &Connection, id: i64) -> Result<Option<Vm>, StoreError> {
     let row = conn
         .prepare_cached(
             "SELECT v.name, v.vnc_host, v.vnc_port, v.vnc_password, u.name,
-                    v.control, v.clipboard, v.record
+                    v.control, v.clipboard, v.record, v.usb_redirect, v.microphone, v.protocol
              FROM vms v JOIN users u ON u.id = v.owner_id WHERE v.id = ?1",
         )
         .and_then(|mut st| {
@@ -236,15 +238,22 @@ fn load_vm(conn: &Connection, id: i64) -> Result<Option<Vm>, StoreError> {
                     r.get::<_, i64>(2)?,
                     r.get::<_, Option<String>>(3)?,
                     r.get::<_, String>(4)?,
-                    vm_policy(r.get(5)?, r.get(6)?, r.get(7)?),
+                    VmPolicy {
+                        usb_redirect: r.get(8)?,
+                        microphone: r.get(9)?,
+                        ..vm_policy(r.get(5)?, r.get(6)?, r.get(7)?)
+                    },
+                    r.get::<_, String>(10)?,
                 ))
             })
             .optional()
         })
         .map_err(map_err)?;
-    let Some((name, vnc_host, vnc_port, vnc_password, owner, policy)) = row else {
+    let Some((name, vnc_host, vnc_port, vnc_password, owner, policy, protocol)) = row else {
         return Ok(None);
     };
+    let protocol = Protocol::from_stored(&protocol)
+        .ok_or_else(|| StoreError::internal(format!("vm {id}: unknown protocol {protocol:?}")))?;
     let mut stmt = conn
         .prepare_cached(
             "SELECT u.name FROM vm_users a JOIN users u ON u.id = a.user_id
@@ -266,6 +275,7 @@ fn load_vm(conn: &Connection, id: i64) -> Result<Option<Vm>, StoreError> {
         owner,
         allowed,
         policy,
+        protocol,
     }))
 }
 
@@ -318,6 +328,8 @@ fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
             .as_deref()
             .map(RecordingState::parse),
         resumed_from: r.get(16)?,
+        protocol: stored_protocol(r, 17)?,
+        channels: to_u64(r.get::<_, i64>(18)?),
     })
 }
 
@@ -334,12 +346,26 @@ fn redemption_row(r: &rusqlite::Row<'_>, revocation_seq: i64) -> rusqlite::Resul
         caller_session: r.get(7)?,
         revocation_seq,
         policy: policy_row(r, 8)?,
-        single_use: r.get(12)?,
+        single_use: r.get(14)?,
+        protocol: stored_protocol(r, 15)?,
     })
 }
 
-/// A token's session rules, from four columns starting at `at`: view_only,
-/// exclusive, clipboard, record.
+/// A protocol column; a value this version does not know fails the read,
+/// so its console is refused rather than spoken to in the wrong protocol.
+fn stored_protocol(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Protocol> {
+    let s = r.get::<_, String>(at)?;
+    Protocol::from_stored(&s).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            at,
+            rusqlite::types::Type::Text,
+            format!("unknown protocol {s:?}").into(),
+        )
+    })
+}
+
+/// A token's session rules, from six columns starting at `at`: view_only,
+/// exclusive, clipboard, record, usb_redirect, microphone.
 fn policy_row(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<SessionPolicy> {
     Ok(SessionPolicy {
         view_only: r.get(at)?,
@@ -350,6 +376,8 @@ fn policy_row(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<SessionPolic
             .parse()
             .unwrap_or(Clipboard::None),
         record: r.get(at + 3)?,
+        usb_redirect: r.get(at + 4)?,
+        microphone: r.get(at + 5)?,
     })
 }
 
@@ -360,6 +388,8 @@ fn vm_policy(control: Option<String>, clipboard: Option<String>, record: Option<
         control: control.and_then(|c| c.parse().ok()),
         clipboard: clipboard.and_then(|c| c.parse().ok()),
         record,
+        usb_redirect: None,
+        microphone: None,
     }
 }
 
@@ -435,6 +465,9 @@ impl TokenStore for SqliteStore {
                         t.policy.exclusive,
                         t.policy.clipboard.as_str(),
                         t.policy.record,
+                        t.policy.usb_redirect,
+                        t.policy.microphone,
+                        t.protocol.as_str(),
                     ])
                 })
                 .map_err(map_err)?;
@@ -475,7 +508,7 @@ impl TokenStore for SqliteStore {
                     s.query_row(params![&hash[..], now], |r| {
                         Ok((
                             redemption_row(r, revocation_seq)?,
-                            r.get::<_, Option<i64>>(13)?,
+                            r.get::<_, Option<i64>>(16)?,
                         ))
                     })
                     .optional()
@@ -484,6 +517,8 @@ impl TokenStore for SqliteStore {
             match found {
                 None => Ok(None),
                 Some((r, Some(_first_used))) => Ok(Some(r)),
+                // Its main channel claims it.
+                Some((r, None)) if r.protocol == Protocol::Spice => Ok(Some(r)),
                 Some((_, None)) => c
                     .prepare_cached(&numbered(sql::FIRST_USE))
                     .and_then(|mut s| {
@@ -545,12 +580,18 @@ impl TokenStore for SqliteStore {
                 .prepare_cached(sql::CONSOLE_TOKEN)
                 .and_then(|mut st| {
                     st.query_row(params![&hash[..], now], |r| {
-                        Ok((r.get::<_, i64>(0)?, r.get(1)?, r.get(2)?, policy_row(r, 3)?))
+                        Ok((
+                            r.get::<_, i64>(0)?,
+                            r.get(1)?,
+                            r.get(2)?,
+                            policy_row(r, 3)?,
+                            stored_protocol(r, 9)?,
+                        ))
                     })
                     .optional()
                 })
                 .map_err(map_err)?;
-            let Some((token_id, single_use, expires_at, policy)) = token else {
+            let Some((token_id, single_use, expires_at, policy, protocol)) = token else {
                 return Ok(None);
             };
             let live = c
@@ -571,8 +612,20 @@ impl TokenStore for SqliteStore {
                 single_use,
                 expires_at,
                 policy,
+                protocol,
                 live,
             }))
+        })
+        .await
+    }
+
+    async fn claim_main_channel(&self, token_id: i64, now: i64) -> Result<bool, StoreError> {
+        self.with(move |c| {
+            let n = c
+                .prepare_cached(&numbered(sql::CLAIM_MAIN_CHANNEL))
+                .and_then(|mut st| st.execute(params![token_id, now]))
+                .map_err(map_err)?;
+            Ok(n == 1)
         })
         .await
     }
@@ -685,6 +738,8 @@ impl SessionLog for SqliteStore {
                         s.view_only,
                         recording,
                         s.resumed_from,
+                        s.protocol.as_str(),
+                        s.spice_session_id,
                     ])
                 })
                 .map_err(map_err)?;
@@ -692,6 +747,45 @@ impl SessionLog for SqliteStore {
                 return Ok(Opened::ControlTaken);
             }
             Ok(Opened::Session(c.last_insert_rowid()))
+        })
+        .await
+    }
+
+    async fn spice_session(
+        &self,
+        token_id: i64,
+        spice_session_id: u32,
+    ) -> Result<Option<i64>, StoreError> {
+        self.with(move |c| {
+            c.prepare_cached(sql::SPICE_SESSION)
+                .and_then(|mut st| {
+                    st.query_row(params![token_id, spice_session_id], |r| r.get(0))
+                        .optional()
+                })
+                .map_err(map_err)
+        })
+        .await
+    }
+
+    async fn add_channel(
+        &self,
+        id: i64,
+        joined: bool,
+        bytes_to_client: u64,
+        bytes_to_server: u64,
+    ) -> Result<(), StoreError> {
+        self.with(move |c| {
+            c.prepare_cached(&numbered(sql::ADD_CHANNEL))
+                .and_then(|mut st| {
+                    st.execute(params![
+                        id,
+                        i64::from(joined),
+                        to_i64(bytes_to_client),
+                        to_i64(bytes_to_server)
+                    ])
+                })
+                .map_err(map_err)?;
+            Ok(())
         })
         .await
     }
@@ -913,8 +1007,8 @@ impl Registry for SqliteStore {
             let owner = user_id(&tx, &vm.owner)?;
             tx.execute(
                 "INSERT INTO vms (id, name, vnc_host, vnc_port, vnc_password, owner_id, created_at,
-                                  control, clipboard, record)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                                  control, clipboard, record, usb_redirect, microphone, protocol)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
                 params![
                     vm.id,
                     vm.name,
@@ -926,6 +1020,9 @@ impl Registry for SqliteStore {
                     vm.policy.control.map(Control::as_str),
                     vm.policy.clipboard.map(Clipboard::as_str),
                     vm.policy.record,
+                    vm.policy.usb_redirect,
+                    vm.policy.microphone,
+                    vm.protocol.as_str(),
                 ],
             )
             .map_err(|e| match map_err(e) {
@@ -951,7 +1048,8 @@ impl Registry for SqliteStore {
             let owner = user_id(&tx, &vm.owner)?;
             tx.execute(
                 "UPDATE vms SET name = ?2, vnc_host = ?3, vnc_port = ?4, vnc_password = ?5,
-                                owner_id = ?6, control = ?7, clipboard = ?8, record = ?9
+                                owner_id = ?6, control = ?7, clipboard = ?8, record = ?9,
+                                usb_redirect = ?10, microphone = ?11, protocol = ?12
                  WHERE id = ?1",
                 params![
                     vm.id,
@@ -963,6 +1061,9 @@ impl Registry for SqliteStore {
                     vm.policy.control.map(Control::as_str),
                     vm.policy.clipboard.map(Clipboard::as_str),
                     vm.policy.record,
+                    vm.policy.usb_redirect,
+                    vm.policy.microphone,
+                    vm.protocol.as_str(),
                 ],
             )
             .map_err(map_err)?;
@@ -1070,6 +1171,8 @@ mod tests {
         s.ping().await.unwrap();
         let open = |started_at| NewSession {
             resumed_from: None,
+            protocol: Default::default(),
+            spice_session_id: None,
             token_id: 1,
             vm_id: 1,
             user_name: "alice".into(),

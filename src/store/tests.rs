@@ -61,6 +61,7 @@ macro_rules! backend_tests {
 }
 
 backend_tests!(
+    a_spice_token_opens_one_main_channel_and_its_channels_join,
     an_exclusive_vm_takes_one_control_session_from_any_node,
     policies_and_audit_are_kept,
     duplicate_token_hash_is_a_conflict,
@@ -90,6 +91,7 @@ backend_tests!(
 fn token(text: &str, vm: i64, expires_at: i64) -> NewToken {
     NewToken {
         policy: Default::default(),
+        protocol: Default::default(),
         hash: hash_token(text),
         vm_id: vm,
         target_host: "127.0.0.1".into(),
@@ -126,6 +128,7 @@ async fn revoke_vm(s: &dyn Store, vm: i64) -> u64 {
 fn vm(id: i64, owner: &str, allowed: &[&str]) -> Vm {
     Vm {
         policy: Default::default(),
+        protocol: Default::default(),
         id,
         name: format!("vm-{id}"),
         vnc_host: "10.0.0.1".into(),
@@ -139,6 +142,8 @@ fn vm(id: i64, owner: &str, allowed: &[&str]) -> Vm {
 fn session(vm_id: i64, user: &str, node: &str, started_at: i64) -> NewSession {
     NewSession {
         resumed_from: None,
+        protocol: Default::default(),
+        spice_session_id: None,
         view_only: false,
         exclusive: false,
         recording: false,
@@ -196,6 +201,7 @@ async fn redemption_rules(f: Fixture) {
         r,
         Redemption {
             single_use: false,
+            protocol: Default::default(),
             policy: Default::default(),
             token_id: reusable_id,
             vm_id: 7,
@@ -438,6 +444,8 @@ async fn sessions_are_recorded_listed_and_filtered(f: Fixture) {
         all[2],
         SessionRecord {
             resumed_from: None,
+            protocol: Default::default(),
+            channels: 1,
             view_only: false,
             key_events: None,
             pointer_events: None,
@@ -851,6 +859,8 @@ async fn orphaned_sessions_of_a_node_are_closed(f: Fixture) {
     let s = &*f.store;
     let open = |node: &str| NewSession {
         resumed_from: None,
+        protocol: Default::default(),
+        spice_session_id: None,
         view_only: false,
         exclusive: false,
         recording: false,
@@ -1107,6 +1117,8 @@ async fn policies_and_audit_are_kept(f: Fixture) {
         exclusive: true,
         clipboard: Clipboard::FromVm,
         record: true,
+        usb_redirect: true,
+        microphone: false,
     };
     s.insert_token(&NewToken {
         policy,
@@ -1127,6 +1139,8 @@ async fn policies_and_audit_are_kept(f: Fixture) {
         control: Some(Control::Exclusive),
         clipboard: None,
         record: Some(false),
+        usb_redirect: Some(true),
+        microphone: None,
     };
     s.add_vm(&v).await.unwrap();
     assert_eq!(s.vm(7).await.unwrap().unwrap().policy, v.policy);
@@ -1366,4 +1380,89 @@ async fn a_reconnect_ticket_is_void_after_a_close_a_revocation_or_a_new_ticket(f
     ));
     // Purging expired tokens takes their tickets too.
     assert!(s.purge_expired(now + 10_000).await.unwrap() > 0);
+}
+
+async fn a_spice_token_opens_one_main_channel_and_its_channels_join(f: Fixture) {
+    let s = &*f.store;
+    let now = 100;
+    let spice = |text: &str, single_use: bool| NewToken {
+        protocol: Protocol::Spice,
+        single_use,
+        ..token(text, 7, now + 60)
+    };
+    let once = s.insert_token(&spice("spice-once", true)).await.unwrap();
+    let again = s.insert_token(&spice("spice-again", false)).await.unwrap();
+    // A SPICE token is read, not taken, by redemption: every channel of its
+    // session redeems it.
+    for _ in 0..3 {
+        let r = s
+            .redeem(&hash_token("spice-once"), now)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((r.token_id, r.protocol), (once, Protocol::Spice));
+    }
+    // Its one main channel claims it; a second main channel cannot.
+    assert!(s.claim_main_channel(once, now).await.unwrap());
+    assert!(!s.claim_main_channel(once, now).await.unwrap());
+    // A reusable one takes any number of main channels.
+    assert!(s.claim_main_channel(again, now).await.unwrap());
+    assert!(s.claim_main_channel(again, now).await.unwrap());
+    // Not once it expired.
+    assert!(!s.claim_main_channel(again, now + 60).await.unwrap());
+
+    let main = s
+        .open_session(&NewSession {
+            token_id: once,
+            protocol: Protocol::Spice,
+            spice_session_id: Some(0xdead_beef),
+            ..session(7, "alice", "n1", now)
+        })
+        .await
+        .unwrap()
+        .id()
+        .unwrap();
+    // Only that token, with that session id, finds the session.
+    assert_eq!(
+        s.spice_session(once, 0xdead_beef).await.unwrap(),
+        Some(main)
+    );
+    assert_eq!(s.spice_session(once, 0xdead_bee0).await.unwrap(), None);
+    assert_eq!(s.spice_session(again, 0xdead_beef).await.unwrap(), None);
+    // Channels count and add their bytes, before and after the main ends.
+    s.add_channel(main, true, 0, 0).await.unwrap();
+    s.add_channel(main, true, 0, 0).await.unwrap();
+    s.add_channel(main, false, 1000, 10).await.unwrap();
+    let end = SessionEnd {
+        ticket: TicketEnd::Void,
+        audit: None,
+        recording: None,
+        ended_at: now + 5,
+        bytes_to_client: 500,
+        bytes_to_server: 5,
+        reason: "client closed".into(),
+    };
+    s.close_session(main, &end).await.unwrap();
+    s.add_channel(main, false, 1, 1).await.unwrap();
+    let row = s.session(main).await.unwrap().unwrap();
+    assert_eq!(row.protocol, Protocol::Spice);
+    assert_eq!(row.channels, 3);
+    assert_eq!((row.bytes_to_client, row.bytes_to_server), (1501, 16));
+    // An ended session takes no more channels.
+    assert_eq!(s.spice_session(once, 0xdead_beef).await.unwrap(), None);
+    // Revoked: not even read.
+    s.revoke(&Revocation::vm(7, Cause::Revoked)).await.unwrap();
+    assert!(!redeems(s, "spice-once", now).await);
+
+    // A VM's protocol is kept, and changing it is a new console.
+    s.add_user("alice", "h", false).await.unwrap();
+    let mut v = vm(8, "alice", &[]);
+    v.protocol = Protocol::Spice;
+    v.policy.usb_redirect = Some(true);
+    s.add_vm(&v).await.unwrap();
+    assert_eq!(s.vm(8).await.unwrap().unwrap(), v);
+    v.protocol = Protocol::Vnc;
+    let done = s.update_vm(&v).await.unwrap().unwrap();
+    assert!(done.seq > 0, "a protocol change ends the VM's sessions");
+    assert_eq!(s.vm(8).await.unwrap().unwrap().protocol, Protocol::Vnc);
 }

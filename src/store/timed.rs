@@ -21,6 +21,7 @@ pub enum StoreOp {
     Revoke,
     PurgeExpired,
     Redeem,
+    ClaimMainChannel,
     Console,
     SetTicket,
     Resume,
@@ -29,6 +30,8 @@ pub enum StoreOp {
     PurgeRevocations,
     OpenSession,
     CloseSession,
+    SpiceSession,
+    AddChannel,
     CloseOrphanedSessions,
     Sessions,
     Session,
@@ -55,6 +58,7 @@ impl StoreOp {
             StoreOp::Revoke => "revoke",
             StoreOp::PurgeExpired => "purge_expired",
             StoreOp::Redeem => "redeem",
+            StoreOp::ClaimMainChannel => "claim_main_channel",
             StoreOp::Console => "console",
             StoreOp::SetTicket => "set_ticket",
             StoreOp::Resume => "resume",
@@ -63,6 +67,8 @@ impl StoreOp {
             StoreOp::PurgeRevocations => "purge_revocations",
             StoreOp::OpenSession => "open_session",
             StoreOp::CloseSession => "close_session",
+            StoreOp::SpiceSession => "spice_session",
+            StoreOp::AddChannel => "add_channel",
             StoreOp::CloseOrphanedSessions => "close_orphaned_sessions",
             StoreOp::Sessions => "sessions",
             StoreOp::Session => "session",
@@ -136,6 +142,14 @@ impl TokenStore for TimedStore {
             .await
     }
 
+    async fn claim_main_channel(&self, token_id: i64, now: i64) -> Result<bool, StoreError> {
+        self.timed(
+            StoreOp::ClaimMainChannel,
+            self.inner.claim_main_channel(token_id, now),
+        )
+        .await
+    }
+
     async fn console(&self, hash: &TokenHash, now: i64) -> Result<Option<ConsoleView>, StoreError> {
         self.timed(StoreOp::Console, self.inner.console(hash, now))
             .await
@@ -204,6 +218,33 @@ impl SessionLog for TimedStore {
     async fn close_session(&self, id: i64, end: &SessionEnd) -> Result<(), StoreError> {
         self.timed(StoreOp::CloseSession, self.inner.close_session(id, end))
             .await
+    }
+
+    async fn spice_session(
+        &self,
+        token_id: i64,
+        spice_session_id: u32,
+    ) -> Result<Option<i64>, StoreError> {
+        self.timed(
+            StoreOp::SpiceSession,
+            self.inner.spice_session(token_id, spice_session_id),
+        )
+        .await
+    }
+
+    async fn add_channel(
+        &self,
+        id: i64,
+        joined: bool,
+        bytes_to_client: u64,
+        bytes_to_server: u64,
+    ) -> Result<(), StoreError> {
+        self.timed(
+            StoreOp::AddChannel,
+            self.inner
+                .add_channel(id, joined, bytes_to_client, bytes_to_server),
+        )
+        .await
     }
 
     async fn close_orphaned_sessions(&self, node: &str, now: i64) -> Result<u64, StoreError> {

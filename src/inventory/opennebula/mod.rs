@@ -247,6 +247,7 @@ impl Inventory for OpenNebulaInventory {
             port: target.port,
             vnc_password: target.password,
             policy,
+            protocol: crate::protocol::Protocol::Vnc,
             // oned alone knows the caller's rights (ownership, groups,
             // ACLs), so live sessions are re-checked with their session.
             recheck_as: Some(cred.clone()),

@@ -249,6 +249,8 @@ impl VmDoc {
                 .as_deref()
                 .map(str::parse)
                 .transpose()?,
+            usb_redirect: None,
+            microphone: None,
             record: self
                 .broker_record
                 .as_deref()
@@ -430,6 +432,7 @@ mod tests {
                 control: Some(Control::Exclusive),
                 clipboard: Some(Clipboard::ToVm),
                 record: Some(true),
+                ..VmPolicy::default()
             }
         );
         // The owner can edit USER_TEMPLATE: it never loosens anything.
