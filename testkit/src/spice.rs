@@ -42,9 +42,14 @@ pub struct SpiceQemu {
 impl SpiceQemu {
     /// With `password` as the SPICE ticket, or none (`disable-ticketing`).
     pub fn start(password: Option<&str>) -> SpiceQemu {
+        SpiceQemu::start_with(password, &[])
+    }
+
+    /// With `extra` arguments (devices that add channels).
+    pub fn start_with(password: Option<&str>, extra: &[&str]) -> SpiceQemu {
         let mut last = String::new();
         for _ in 0..4 {
-            match SpiceQemu::try_start(password) {
+            match SpiceQemu::try_start(password, extra) {
                 Ok(q) => return q,
                 Err(e) => last = e,
             }
@@ -56,7 +61,7 @@ impl SpiceQemu {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
-    fn try_start(password: Option<&str>) -> Result<SpiceQemu, String> {
+    fn try_start(password: Option<&str>, extra: &[&str]) -> Result<SpiceQemu, String> {
         let dir = tempfile::Builder::new()
             .prefix("vncbroker-spice-")
             .tempdir()
@@ -90,6 +95,7 @@ impl SpiceQemu {
                 &spice,
             ])
             .args(&args)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(
@@ -169,8 +175,13 @@ pub enum Linked {
 /// The client's link message: auth selection, SPICE auth and the mini
 /// header, as spice-html5 announces them.
 pub fn link_message(connection_id: u32, channel_type: u8) -> Vec<u8> {
+    link_message_for(connection_id, channel_type, 0)
+}
+
+/// [`link_message`] for channel `channel_id` of its type.
+pub fn link_message_for(connection_id: u32, channel_type: u8, channel_id: u8) -> Vec<u8> {
     let mut body = connection_id.to_le_bytes().to_vec();
-    body.extend_from_slice(&[channel_type, 0]);
+    body.extend_from_slice(&[channel_type, channel_id]);
     for w in [1u32, 0, 18, 0b1011] {
         body.extend_from_slice(&w.to_le_bytes());
     }
@@ -188,8 +199,23 @@ fn word(b: &[u8], at: usize) -> u32 {
 
 /// Links one channel with a ticket of noise: the broker's own ticket is
 /// what the server checks.
-pub async fn link(pipe: &mut impl Pipe, connection_id: u32, channel_type: u8) -> Result<Linked, String> {
-    pipe.send(&link_message(connection_id, channel_type)).await?;
+pub async fn link(
+    pipe: &mut impl Pipe,
+    connection_id: u32,
+    channel_type: u8,
+) -> Result<Linked, String> {
+    link_channel(pipe, connection_id, channel_type, 0).await
+}
+
+/// [`link`] for channel `channel_id` of its type.
+pub async fn link_channel(
+    pipe: &mut impl Pipe,
+    connection_id: u32,
+    channel_type: u8,
+    channel_id: u8,
+) -> Result<Linked, String> {
+    pipe.send(&link_message_for(connection_id, channel_type, channel_id))
+        .await?;
     let head = pipe.recv_exact(16).await?;
     if &head[..4] != b"REDQ" {
         return Err(format!("no REDQ in the reply: {head:?}"));
