@@ -32,6 +32,7 @@ async fn open_main(broker: &Broker, token: &str) -> (Ws, u32) {
     let linked = sp::link(&mut main, 0, sp::CHANNEL_MAIN).await.unwrap();
     assert_eq!(linked, Linked::Ok, "{}", broker.log());
     let id = sp::main_init(&mut main).await.unwrap();
+    sp::attach_channels(&mut main).await.unwrap();
     (main, id)
 }
 
@@ -65,7 +66,7 @@ fn qemu_with_usb() -> SpiceQemu {
             "-device",
             "usb-redir,chardev=usbredir2,id=redir2",
             "-audiodev",
-            "none,id=snd0",
+            "spice,id=snd0",
             "-device",
             "intel-hda",
             "-device",
@@ -102,9 +103,13 @@ async fn a_single_use_token_opens_one_console_of_eight_channels_once() {
         assert_eq!(linked, Linked::Ok, "channel {kind}/{id}: {}", qemu.log());
         channels.push(c);
     }
-    // The display channel carries the screen.
-    let (kind, _) = sp::message(&mut channels[0]).await.unwrap();
-    assert!(kind > 0, "a display message");
+    // The display channel carries the screen once the client says its
+    // cache sizes (DISPLAY_INIT): a surface, then drawing.
+    let kinds = sp::start_display(&mut channels[0]).await.unwrap();
+    assert!(
+        kinds.contains(&314),
+        "SURFACE_CREATE before drawing: {kinds:?}"
+    );
 
     // A second main channel with the same single-use token is refused,
     // and so is a channel that names no session of this token.
@@ -134,23 +139,32 @@ async fn a_single_use_token_opens_one_console_of_eight_channels_once() {
         c.expect_end(Duration::from_secs(10)).await;
     }
     let rows = broker.ended_sessions(1).await;
-    let (count, protocol) = channels_of(&broker, rows[0].id);
+    // Each channel adds itself to the row as it ends.
+    let (count, protocol) = poll_until("8 channels in the row", Duration::from_secs(10), || {
+        let (n, p) = channels_of(&broker, rows[0].id);
+        (n == 8).then_some((n, p))
+    })
+    .await;
     assert_eq!((count, protocol.as_str()), (8, "spice"));
+    let rows = broker.sessions();
     assert!(rows[0].bytes_to_client > main.received.len() as i64);
     let mut all: Vec<&Ws> = channels.iter().collect();
     all.push(&main);
     assert_no_leak(&broker, &all);
     let metrics = scrape(broker.port).await;
     assert_eq!(
-        metric(&metrics, "vncbroker_sessions_started_total{protocol=\"spice\"}"),
-        Some(1.0)
+        metric(
+            &metrics,
+            "vncbroker_sessions_started_total{protocol=\"spice\"}"
+        ),
+        1.0
     );
     assert_eq!(
         metric(
             &metrics,
             "vncbroker_spice_channels_total{channel=\"usbredir\",outcome=\"linked\"}"
         ),
-        Some(2.0)
+        2.0
     );
 }
 
@@ -167,7 +181,7 @@ fn channels_of(broker: &Broker, id: i64) -> (i64, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_ends_every_channel_within_two_seconds() {
-    let qemu = SpiceQemu::start(Some(SPICE_PW));
+    let qemu = qemu_with_usb();
     let broker = Broker::start("[proxy]\nrevocation_check_ms = 200\n");
     add_spice_vm(&broker, 2, qemu.port, Some(SPICE_PW), &[]);
     let t = broker.mint_default(2).await;
@@ -200,9 +214,15 @@ async fn a_revocation_ends_every_channel_within_two_seconds() {
 async fn a_view_only_token_cannot_link_inputs_or_devices() {
     let qemu = SpiceQemu::start(Some(SPICE_PW));
     let broker = Broker::start("");
-    add_spice_vm(&broker, 3, qemu.port, Some(SPICE_PW), &["--usb-redirect", "yes"]);
+    add_spice_vm(
+        &broker,
+        3,
+        qemu.port,
+        Some(SPICE_PW),
+        &["--usb-redirect", "yes"],
+    );
     let t = broker.mint_view_only(3).await;
-    let (_main, session) = open_main(&broker, &t.token).await;
+    let (mut main, session) = open_main(&broker, &t.token).await;
     let mut display = ws(&broker, &t.token).await;
     assert_eq!(
         sp::link(&mut display, session, sp::CHANNEL_DISPLAY)
@@ -210,6 +230,8 @@ async fn a_view_only_token_cannot_link_inputs_or_devices() {
             .unwrap(),
         Linked::Ok
     );
+    // The viewer sees the screen.
+    sp::start_display(&mut display).await.unwrap();
     for kind in [sp::CHANNEL_INPUTS, sp::CHANNEL_USBREDIR, sp::CHANNEL_RECORD] {
         let mut c = ws(&broker, &t.token).await;
         assert_eq!(
@@ -219,8 +241,11 @@ async fn a_view_only_token_cannot_link_inputs_or_devices() {
         );
         let (code, reason) = c.expect_close(Duration::from_secs(5)).await;
         assert_eq!(code, 4406);
-        assert!(reason.contains("not available"), "{reason}");
+        assert!(reason.contains("view only"), "{reason}");
     }
+    // A SPICE server takes one client at a time: this console ends first.
+    main.close_normal().await;
+    broker.ended_sessions(1).await;
     // A control token of a VM that does not take devices gets inputs, but
     // no USB and no microphone.
     add_spice_vm(&broker, 4, qemu.port, Some(SPICE_PW), &[]);
@@ -264,20 +289,27 @@ async fn a_wrong_stored_password_gets_a_clear_message() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_stored_password_the_server_decides() {
-    // A server without ticketing takes any ticket: the client's passes.
+    // A server without ticketing takes any well-sealed ticket: the
+    // client's own passes.
     let open = SpiceQemu::start(None);
     let broker = Broker::start("");
     add_spice_vm(&broker, 6, open.port, None, &[]);
     let t = broker.mint_default(6).await;
-    let (_main, session) = open_main(&broker, &t.token).await;
+    let mut main = ws(&broker, &t.token).await;
+    let linked = sp::link_as(&mut main, 0, sp::CHANNEL_MAIN, 0, Some(""))
+        .await
+        .unwrap();
+    assert_eq!(linked, Linked::Ok);
+    let session = sp::main_init(&mut main).await.unwrap();
     let mut display = ws(&broker, &t.token).await;
     assert_eq!(
-        sp::link(&mut display, session, sp::CHANNEL_DISPLAY)
+        sp::link_as(&mut display, session, sp::CHANNEL_DISPLAY, 0, Some("x"))
             .await
             .unwrap(),
         Linked::Ok
     );
-    // A server with a password refuses the client's noise.
+    // A server with a password refuses the client's noise, and takes the
+    // client's ticket if it knows the password.
     let locked = SpiceQemu::start(Some(SPICE_PW));
     add_spice_vm(&broker, 7, locked.port, None, &[]);
     let t = broker.mint_default(7).await;
@@ -285,6 +317,13 @@ async fn without_a_stored_password_the_server_decides() {
     assert_eq!(
         sp::link(&mut main, 0, sp::CHANNEL_MAIN).await.unwrap(),
         Linked::Failed(sp::LINK_ERR_PERMISSION_DENIED)
+    );
+    let mut main = ws(&broker, &t.token).await;
+    assert_eq!(
+        sp::link_as(&mut main, 0, sp::CHANNEL_MAIN, 0, Some(SPICE_PW))
+            .await
+            .unwrap(),
+        Linked::Ok
     );
 }
 

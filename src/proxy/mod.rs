@@ -233,6 +233,7 @@ impl Refusal {
             }
             Refusal::Handshake(e) => e.to_string(),
             Refusal::Spice(e) => e.to_string(),
+            Refusal::SpiceChannel(why) => (*why).to_owned(),
             other => format!("{other:?}"),
         }
     }
@@ -303,6 +304,10 @@ impl Refusal {
                 | crate::spice::link::LinkError::ClientFlood
                 | crate::spice::link::LinkError::ClientSasl),
             ) => (close::PROTOCOL, trim_reason(&format!("SPICE protocol error: {e}"))),
+            Refusal::Spice(crate::spice::link::LinkError::Timeout) => (
+                close::TIMEOUT,
+                "console unavailable: the SPICE link timed out".into(),
+            ),
             Refusal::Spice(e) => (
                 close::VNC_HANDSHAKE,
                 trim_reason(&format!("console unavailable: {e}")),
@@ -796,6 +801,7 @@ async fn relay_session(
             return Box::pin(refuse(writer, Refusal::StoreDown(e.to_string()), client)).await;
         }
     };
+    crate::metrics::global().session_started(Protocol::Vnc);
     let mut recorder = None;
     let mut recording = policy.record.then_some(RecordingState::Incomplete);
     if policy.record {
