@@ -348,3 +348,114 @@ async fn hostile_link_messages_are_refused_and_the_broker_lives() {
     let (_main, _) = open_main(&broker, &t.token).await;
     broker.assert_alive();
 }
+
+/// Opens a CONNECT tunnel through the broker with `credential` as its
+/// Basic proxy credential; returns the status line and, on 200, the tunnel.
+async fn connect(broker: &Broker, credential: Option<&str>) -> (String, tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", broker.port))
+        .await
+        .unwrap();
+    let mut req = "CONNECT vm-1:5900 HTTP/1.1\r\nHost: vm-1:5900\r\n".to_string();
+    if let Some(c) = credential {
+        use base64::Engine as _;
+        let b = base64::engine::general_purpose::STANDARD.encode(format!("{c}:"));
+        req.push_str(&format!("Proxy-Authorization: Basic {b}\r\n"));
+    }
+    req.push_str("\r\n");
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    // The answer's head, byte by byte: nothing of the tunnel is read.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut b))
+            .await
+            .expect("an answer to CONNECT")
+            .unwrap();
+        assert!(n == 1, "closed before the answer's end: {head:?}");
+        head.push(b[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    (head.lines().next().unwrap_or("").to_owned(), tcp)
+}
+
+/// The token of a `.vv` file's `proxy=http://<token>@host:port`.
+fn vv_token(vv: &str) -> String {
+    let proxy = vv
+        .lines()
+        .find_map(|l| l.strip_prefix("proxy="))
+        .unwrap_or_else(|| panic!("no proxy= in {vv}"));
+    let rest = proxy.split_once("://").unwrap().1;
+    rest.split_once('@').unwrap().0.to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_viewers_tunnel_carries_every_channel_with_the_token_as_credential() {
+    let qemu = SpiceQemu::start(Some(SPICE_PW));
+    let broker = Broker::start("");
+    add_spice_vm(&broker, 9, qemu.port, Some(SPICE_PW), &[]);
+    broker.add_vm(10, closed_port(), None);
+    let vv = broker
+        .api_get("/api/v1/vms/9/console.vv", USER, USER_PW)
+        .await;
+    assert_eq!(vv.status, 200);
+    let vv = String::from_utf8(vv.body).unwrap();
+    assert!(!vv.contains(SPICE_PW) && !vv.contains("password="), "{vv}");
+    let token = vv_token(&vv);
+
+    // No credential, a made-up one, and a VNC console's token.
+    assert!(connect(&broker, None).await.0.contains(" 407 "));
+    assert!(
+        connect(&broker, Some(&unknown_token()))
+            .await
+            .0
+            .contains(" 407 ")
+    );
+    let vnc = broker.mint_default(10).await;
+    assert!(connect(&broker, Some(&vnc.token)).await.0.contains(" 403 "));
+
+    // The main channel and the display, each through its own tunnel.
+    let (status, mut main) = connect(&broker, Some(&token)).await;
+    assert!(status.contains(" 200 "), "{status}");
+    assert_eq!(
+        sp::link(&mut main, 0, sp::CHANNEL_MAIN).await.unwrap(),
+        Linked::Ok
+    );
+    let session = sp::main_init(&mut main).await.unwrap();
+    sp::attach_channels(&mut main).await.unwrap();
+    let (_, mut display) = connect(&broker, Some(&token)).await;
+    assert_eq!(
+        sp::link(&mut display, session, sp::CHANNEL_DISPLAY)
+            .await
+            .unwrap(),
+        Linked::Ok
+    );
+    sp::start_display(&mut display).await.unwrap();
+    let rows = broker.sessions();
+    assert_eq!(rows.len(), 1);
+    assert!(rows[0].ended_at.is_none());
+
+    // A revocation closes the tunnels too.
+    assert_eq!(broker.revoke(9, USER, USER_PW).await, 1);
+    for t in [&mut main, &mut display] {
+        use tokio::io::AsyncReadExt;
+        let mut sink = vec![0u8; 64 * 1024];
+        let end = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match t.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(end.is_ok(), "a tunnel outlived its revocation");
+    }
+    let rows = broker.ended_sessions(1).await;
+    assert_eq!(rows[0].close_reason.as_deref(), Some("revoked"));
+    assert!(!broker.log().contains(SPICE_PW));
+    assert!(
+        !broker.log().contains(&token),
+        "the raw token is in the log"
+    );
+}
