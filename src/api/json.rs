@@ -542,5 +542,8 @@ mod tests {
         assert!(v["openapi"].as_str().unwrap().starts_with("3."));
         assert!(v["paths"]["/api/v1/vms/{id}/console-tokens"]["post"].is_object());
         assert!(v["paths"]["/api/v1/vms/{id}/console-tokens"]["delete"].is_object());
+        assert!(v["paths"]["/api/v1/vms/{id}/console.vv"]["get"].is_object());
+        let token = &v["components"]["schemas"]["ConsoleToken"];
+        assert_eq!(token["properties"]["protocol"]["enum"], json!(["vnc", "spice"]));
     }
 }
