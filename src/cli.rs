@@ -901,6 +901,7 @@ async fn token(cfg: &Config, cmd: TokenCmd) -> anyhow::Result<()> {
         view_only,
     };
     if vv {
+        crate::api::vv::proxy_origin(&public_url)?;
         let mint = service.mint_viewer_for_console(console, request).await?;
         let file = crate::api::vv::file(&mint, &public_url)?;
         return write_vv(output.as_deref(), &file);
