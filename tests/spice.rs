@@ -142,10 +142,7 @@ async fn a_single_use_token_opens_one_console_of_eight_channels_once() {
     assert_no_leak(&broker, &all);
     let metrics = scrape(broker.port).await;
     assert_eq!(
-        metric(
-            &metrics,
-            "vncbroker_sessions_started_total{protocol=\"spice\"}"
-        ),
+        metric(&metrics, "vncbroker_sessions_started_total{protocol=\"spice\"}"),
         Some(1.0)
     );
     assert_eq!(
@@ -203,13 +200,7 @@ async fn a_revocation_ends_every_channel_within_two_seconds() {
 async fn a_view_only_token_cannot_link_inputs_or_devices() {
     let qemu = SpiceQemu::start(Some(SPICE_PW));
     let broker = Broker::start("");
-    add_spice_vm(
-        &broker,
-        3,
-        qemu.port,
-        Some(SPICE_PW),
-        &["--usb-redirect", "yes"],
-    );
+    add_spice_vm(&broker, 3, qemu.port, Some(SPICE_PW), &["--usb-redirect", "yes"]);
     let t = broker.mint_view_only(3).await;
     let (_main, session) = open_main(&broker, &t.token).await;
     let mut display = ws(&broker, &t.token).await;

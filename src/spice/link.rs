@@ -206,7 +206,9 @@ impl LinkProxy {
         if let Phase::Asked(link) = &self.phase {
             let link = link.clone();
             self.link = Some(link);
-            let size = self.client_link_len().unwrap_or(LINK_HEADER_LEN);
+            let size = self
+                .client_link_len()
+                .unwrap_or(LINK_HEADER_LEN);
             self.to_server.extend(self.client_in.drain(..size));
             self.phase = Phase::ServerReply;
         }
@@ -237,8 +239,7 @@ impl LinkProxy {
     /// The length of the client's link message with its header, once its
     /// header is in.
     fn client_link_len(&self) -> Option<usize> {
-        let head: &[u8; LINK_HEADER_LEN] =
-            self.client_in.get(..LINK_HEADER_LEN)?.try_into().ok()?;
+        let head: &[u8; LINK_HEADER_LEN] = self.client_in.get(..LINK_HEADER_LEN)?.try_into().ok()?;
         wire::link_header(head)
             .ok()
             .map(|size| LINK_HEADER_LEN + size as usize)
@@ -428,10 +429,7 @@ mod tests {
             let Phase::Asked(asked) = p.phase().clone() else {
                 panic!("{:?}", p.phase())
             };
-            assert_eq!(
-                (asked.connection_id, asked.channel_type),
-                (0, channel::MAIN)
-            );
+            assert_eq!((asked.connection_id, asked.channel_type), (0, channel::MAIN));
             assert!(p.take_to_server().is_empty(), "nothing goes before admit");
             p.admit();
             assert_eq!(p.take_to_server(), link);
@@ -462,22 +460,15 @@ mod tests {
         let server = ServerKey::new();
         let mut p = LinkProxy::new(None, Framing::Stream);
         // A client without auth selection sends no mechanism word.
-        p.feed_client(
-            &build::link_mess(7, channel::DISPLAY, common_cap::AUTH_SPICE, &[]),
-            false,
-        )
-        .unwrap();
+        p.feed_client(&build::link_mess(7, channel::DISPLAY, common_cap::AUTH_SPICE, &[]), false)
+            .unwrap();
         p.admit();
         p.take_to_server();
         p.feed_server(&build::link_reply(&server.spki(), SERVER_CAPS))
             .unwrap();
         let theirs = client_ticket(false, TICKET_LEN);
         p.feed_client(&theirs[..100], false).unwrap();
-        assert_eq!(
-            p.phase(),
-            &Phase::ClientTicket,
-            "a stream ticket is 128 bytes"
-        );
+        assert_eq!(p.phase(), &Phase::ClientTicket, "a stream ticket is 128 bytes");
         p.feed_client(&theirs[100..], false).unwrap();
         assert_eq!(p.take_to_server(), theirs);
         assert!(!p.finish().is_some_and(|l| l.mini_header));
@@ -488,11 +479,8 @@ mod tests {
         let server = ServerKey::new();
         // Refused by the caller.
         let mut p = LinkProxy::new(Some("pw".into()), Framing::Messages);
-        p.feed_client(
-            &build::link_mess(5, channel::INPUTS, CLIENT_CAPS, &[]),
-            true,
-        )
-        .unwrap();
+        p.feed_client(&build::link_mess(5, channel::INPUTS, CLIENT_CAPS, &[]), true)
+            .unwrap();
         p.refuse(link_err::CHANNEL_NOT_AVAILABLE);
         assert!(p.take_to_server().is_empty());
         let out = p.take_to_client();
@@ -510,10 +498,7 @@ mod tests {
             .unwrap_err();
         assert_eq!(e, LinkError::ServerRefused(link_err::NEED_SECURED));
         assert!(e.to_string().contains("tls-channel"), "{e}");
-        assert_eq!(
-            p.take_to_client(),
-            wire::error_reply(link_err::NEED_SECURED)
-        );
+        assert_eq!(p.take_to_client(), wire::error_reply(link_err::NEED_SECURED));
         // SASL only.
         let mut p = LinkProxy::new(Some("pw".into()), Framing::Messages);
         p.feed_client(&build::link_mess(0, channel::MAIN, CLIENT_CAPS, &[]), true)
@@ -531,17 +516,13 @@ mod tests {
         p.admit();
         p.feed_server(&build::link_reply(&server.spki(), SERVER_CAPS))
             .unwrap();
-        p.feed_client(&client_ticket(true, TICKET_LEN), true)
-            .unwrap();
+        p.feed_client(&client_ticket(true, TICKET_LEN), true).unwrap();
         p.take_to_client();
         assert_eq!(
             p.feed_server(&link_err::PERMISSION_DENIED.to_le_bytes()),
             Err(LinkError::PasswordRejected)
         );
-        assert_eq!(
-            p.take_to_client(),
-            link_err::PERMISSION_DENIED.to_le_bytes()
-        );
+        assert_eq!(p.take_to_client(), link_err::PERMISSION_DENIED.to_le_bytes());
         // A client that picks SASL.
         let mut p = LinkProxy::new(Some("pw".into()), Framing::Messages);
         p.feed_client(&build::link_mess(0, channel::MAIN, CLIENT_CAPS, &[]), true)

@@ -73,7 +73,10 @@ impl SpiceQemu {
         match password {
             Some(pw) => {
                 spice.push_str(",password-secret=spicepw");
-                args.extend(["-object".into(), format!("secret,id=spicepw,data={pw}")]);
+                args.extend([
+                    "-object".into(),
+                    format!("secret,id=spicepw,data={pw}"),
+                ]);
             }
             None => spice.push_str(",disable-ticketing=on"),
         }
