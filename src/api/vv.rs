@@ -32,15 +32,22 @@ pub enum VvError {
     TokenForm,
 }
 
-/// The `.vv` file of a minted SPICE token, to be fetched through the broker
-/// at `public_url` (its scheme, host and port name the proxy; a path is
-/// ignored, since CONNECT goes to the listener itself).
-pub fn file(mint: &ViewerMint, public_url: &str) -> Result<String, VvError> {
+/// The proxy a file names: `public_url`'s scheme, host and port (a path is
+/// ignored, since CONNECT goes to the listener itself). Callers check it
+/// before minting, so that no token is made for a file that cannot be.
+pub fn proxy_origin(public_url: &str) -> Result<Origin, VvError> {
     let origin = Origin::parse(public_url.trim())
         .ok_or_else(|| VvError::PublicUrl(public_url.to_owned()))?;
     if matches!(origin.host.as_str(), "0.0.0.0" | "[::]") {
         return Err(VvError::Wildcard(origin.host));
     }
+    Ok(origin)
+}
+
+/// The `.vv` file of a minted SPICE token, to be fetched through the broker
+/// at `public_url`.
+pub fn file(mint: &ViewerMint, public_url: &str) -> Result<String, VvError> {
+    let origin = proxy_origin(public_url)?;
     let m = &mint.minted;
     let token_ok = m
         .token
