@@ -359,7 +359,7 @@ async fn connect(broker: &Broker, credential: Option<&str>) -> (String, tokio::n
     let mut req = "CONNECT vm-1:5900 HTTP/1.1\r\nHost: vm-1:5900\r\n".to_string();
     if let Some(c) = credential {
         use base64::Engine as _;
-        let b = base64::engine::general_purpose::STANDARD.encode(format!("{c}:"));
+        let b = base64::engine::general_purpose::STANDARD.encode(format!("vncbroker:{c}"));
         req.push_str(&format!("Proxy-Authorization: Basic {b}\r\n"));
     }
     req.push_str("\r\n");
@@ -386,7 +386,8 @@ fn vv_token(vv: &str) -> String {
         .find_map(|l| l.strip_prefix("proxy="))
         .unwrap_or_else(|| panic!("no proxy= in {vv}"));
     let rest = proxy.split_once("://").unwrap().1;
-    rest.split_once('@').unwrap().0.to_owned()
+    let user = rest.split_once('@').unwrap().0;
+    user.strip_prefix("vncbroker:").unwrap().to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,7 +2,8 @@
 //!
 //! The file sends virt-viewer through the broker as an HTTP proxy: it opens
 //! `CONNECT vm-<id>:5900` on the broker's own listener with the token as the
-//! proxy user, and the broker ignores the CONNECT target, taking the console
+//! proxy password (of user `vncbroker`: remote-viewer sends no credential
+//! without a password), and the broker ignores the CONNECT target, taking the console
 //! from the token. The SPICE password stays with the broker, so the file has
 //! none; [`crate::edge::proxy_credential`] reads the token back out of the
 //! `Proxy-Authorization` header.
@@ -65,7 +66,7 @@ pub fn file(mint: &ViewerMint, public_url: &str) -> Result<String, VvError> {
          type=spice\n\
          host=vm-{id}\n\
          port={PLACEHOLDER_PORT}\n\
-         proxy={scheme}://{token}@{host}:{port}\n\
+         proxy={scheme}://{user}:{token}@{host}:{port}\n\
          title=VM {id}{mode}\n\
          delete-this-file=1\n\
          toggle-fullscreen=shift+f11\n\
@@ -76,6 +77,7 @@ pub fn file(mint: &ViewerMint, public_url: &str) -> Result<String, VvError> {
          enable-smartcard=0\n",
         id = m.vm_id,
         scheme = origin.scheme,
+        user = crate::edge::PROXY_USER,
         token = m.token,
         host = origin.host,
         port = origin.port,
@@ -143,7 +145,7 @@ mod tests {
         assert!(!vv.contains("password"), "{vv}");
         let vv = file(&mint(&token, false, true), "http://10.0.0.5:8640/broker").unwrap();
         assert!(
-            vv.contains(&format!("\nproxy=http://{token}@10.0.0.5:8640\n")),
+            vv.contains(&format!("\nproxy=http://vncbroker:{token}@10.0.0.5:8640\n")),
             "{vv}"
         );
         assert!(vv.contains("\nenable-usbredir=1\n"), "{vv}");
