@@ -460,3 +460,43 @@ async fn remote_viewers_tunnel_carries_every_channel_with_the_token_as_credentia
         "the raw token is in the log"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_session_limits_end_every_channel() {
+    let qemu = SpiceQemu::start(Some(SPICE_PW));
+    // One console per user on this node, for 3 seconds.
+    let broker = Broker::start("[proxy]\nmax_session_secs = 3\nmax_sessions_per_user = 1\n");
+    add_spice_vm(&broker, 11, qemu.port, Some(SPICE_PW), &[]);
+    let t = broker.mint_default(11).await;
+    let (main, session) = open_main(&broker, &t.token).await;
+    let mut all = vec![main];
+    for kind in [sp::CHANNEL_DISPLAY, sp::CHANNEL_INPUTS, sp::CHANNEL_CURSOR] {
+        let mut c = ws(&broker, &t.token).await;
+        // Channels of a console are not consoles of their own.
+        assert_eq!(sp::link(&mut c, session, kind).await.unwrap(), Linked::Ok);
+        all.push(c);
+    }
+    // A second console is one too many, and a single-use link turned away
+    // so is not used up.
+    let once = broker.mint(11, USER, USER_PW, None, true).await;
+    let mut second = ws(&broker, &once.token).await;
+    assert_eq!(
+        sp::link(&mut second, 0, sp::CHANNEL_MAIN).await.unwrap(),
+        Linked::Refused(1)
+    );
+    assert_eq!(second.expect_close(Duration::from_secs(5)).await.0, 4429);
+    // The console ends at its limit; its channels with it (at their own
+    // limit, or as the server closes them when the main channel goes).
+    let (code, reason) = all[0].expect_close(Duration::from_secs(10)).await;
+    assert_eq!(code, 4411, "{reason}");
+    for c in &mut all[1..] {
+        let (code, reason) = c.expect_close(Duration::from_secs(3)).await;
+        assert!(
+            code == 4411 || reason == "the SPICE server closed the channel",
+            "{code} {reason}"
+        );
+    }
+    let rows = broker.ended_sessions(1).await;
+    assert_eq!(rows[0].close_reason.as_deref(), Some("time limit"));
+    let (_later, _) = open_main(&broker, &once.token).await;
+}

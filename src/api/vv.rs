@@ -137,7 +137,7 @@ mod tests {
         assert_eq!(get("port"), Some("5900"));
         assert_eq!(
             get("proxy"),
-            Some(format!("https://{token}@console.example.com:443").as_str())
+            Some(format!("https://vncbroker:{token}@console.example.com:443").as_str())
         );
         assert_eq!(get("delete-this-file"), Some("1"));
         assert_eq!(get("enable-usbredir"), Some("0"));

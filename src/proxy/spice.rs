@@ -247,6 +247,16 @@ async fn admit_main(
             ),
         ));
     }
+    let caller = r
+        .caller_session
+        .as_deref()
+        .and_then(Credential::from_session);
+    // Registered first: a console the limits turn away leaves a single-use
+    // token unused.
+    let registration = proxy
+        .sessions
+        .register(super::entry(r, caller))
+        .map_err(|hit| (link_err::ERROR, Refusal::TooMany(hit)))?;
     match proxy
         .tokens
         .claim_main_channel(r.token_id, crate::now_unix())
@@ -256,14 +266,6 @@ async fn admit_main(
         Ok(false) => return Err((link_err::PERMISSION_DENIED, Refusal::BadToken)),
         Err(e) => return Err((link_err::ERROR, Refusal::StoreDown(e.to_string()))),
     }
-    let caller = r
-        .caller_session
-        .as_deref()
-        .and_then(Credential::from_session);
-    let registration = proxy
-        .sessions
-        .register(super::entry(r, caller))
-        .map_err(|hit| (link_err::ERROR, Refusal::TooMany(hit)))?;
     enforce::catch_up(proxy.tokens.as_ref(), &registration, None).await;
     Ok((registration, None))
 }
@@ -697,7 +699,13 @@ async fn relay_channel<U: Filter, D: Filter>(
                 sides,
             )
             .await;
-            let (code, reason) = end.close();
+            let (code, reason) = match end {
+                End::ServerClosed => (
+                    super::close::NORMAL,
+                    "the SPICE server closed the channel".into(),
+                ),
+                _ => end.close(),
+            };
             let client = Client::WebSocket(reader, writer.into_inner());
             client.close(code, &reason).await;
             let _ = tcp_tx.shutdown().await;

@@ -270,7 +270,7 @@ def test_cli_protocol_and_spice_devices(broker_factory):
     check_token_result(res, vm_id=60, protocol="spice")
     vv = env.cli("token", "mint", "60", "--vv").stdout
     assert vv.startswith("[virt-viewer]\n") and "\ntype=spice\n" in vv and "password" not in vv, vv
-    assert re.search(r"\nproxy=http://[0-9a-f]{64}@console\.example\.test:8640\n", vv), vv
+    assert re.search(r"\nproxy=http://vncbroker:[0-9a-f]{64}@console\.example\.test:8640\n", vv), vv
     p = env.cli("token", "mint", "62", "--vv", check=False)
     assert p.returncode != 0 and "remote-viewer files are for SPICE consoles" in p.stderr, p.stderr
 

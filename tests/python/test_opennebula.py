@@ -391,8 +391,8 @@ def test_spice_vm_remote_viewer_file(broker_factory, oned):
     assert keys["type"] == "spice" and keys["host"] == "vm-45" and keys["port"] == "5900", keys
     assert "password" not in keys and "vvPw-45" not in r.text, r.text
     assert keys["enable-usbredir"] == "1" and keys["delete-this-file"] == "1", keys
-    # conftest's public_url is the proxy; the token is its user.
-    m = re.fullmatch(r"http://([0-9a-f]{64})@console\.example\.test:8640", keys["proxy"])
+    # conftest's public_url is the proxy; the token is its password.
+    m = re.fullmatch(r"http://vncbroker:([0-9a-f]{64})@console\.example\.test:8640", keys["proxy"])
     assert m, keys["proxy"]
     token = m.group(1)
     assert token_row(b, token) == (45, "kvm-45.example.test", 5945, Sealed("vvPw-45"), "alice")
