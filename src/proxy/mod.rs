@@ -527,14 +527,9 @@ async fn accept(proxy: Arc<Proxy>, peer: SocketAddr, req: Request) -> Response<B
     };
     // A failure is charged before the token is looked up, and refunded
     // unless the token turns out bad.
-    let attempt = match set.limiter.begin(client.ip()).await {
+    let attempt = match charge(set, client.ip()).await {
         Ok(a) => a,
-        Err(why) => {
-            if why == Refused::Spent {
-                tokio::time::sleep(set.limiter.delay()).await;
-            }
-            return (StatusCode::TOO_MANY_REQUESTS, why.to_string()).into_response();
-        }
+        Err(refused) => return refused,
     };
     let cookies = || {
         parts
@@ -561,6 +556,20 @@ async fn accept(proxy: Arc<Proxy>, peer: SocketAddr, req: Request) -> Response<B
         }
     });
     accepted.response()
+}
+
+/// Charges a failure to `ip` before its token is looked up (refunded unless
+/// the token turns out bad); a spent budget is answered 429, late.
+async fn charge(set: &Settings, ip: IpAddr) -> Result<Attempt, Response<Body>> {
+    match set.limiter.begin(ip).await {
+        Ok(a) => Ok(a),
+        Err(why) => {
+            if why == Refused::Spent {
+                tokio::time::sleep(set.limiter.delay()).await;
+            }
+            Err((StatusCode::TOO_MANY_REQUESTS, why.to_string()).into_response())
+        }
+    }
 }
 
 /// `CONNECT`: remote-viewer's way to a SPICE console through the broker, one
@@ -596,14 +605,9 @@ async fn tunnel(proxy: Arc<Proxy>, peer: SocketAddr, req: Request) -> Response<B
         )
             .into_response();
     };
-    let attempt = match set.limiter.begin(client.ip()).await {
+    let attempt = match charge(set, client.ip()).await {
         Ok(a) => a,
-        Err(why) => {
-            if why == Refused::Spent {
-                tokio::time::sleep(set.limiter.delay()).await;
-            }
-            return (StatusCode::TOO_MANY_REQUESTS, why.to_string()).into_response();
-        }
+        Err(refused) => return refused,
     };
     let asked = Asked {
         token,
@@ -727,13 +731,9 @@ async fn open(
     writer: &mut WsWriter,
     (r, resumed_from): (Redemption, Option<i64>),
 ) -> Result<Ready, Refusal> {
-    let caller = r
-        .caller_session
-        .as_deref()
-        .and_then(Credential::from_session);
     let registration = proxy
         .sessions
-        .register(entry(&r, caller))
+        .register(entry(&r))
         .map_err(Refusal::TooMany)?;
     // A revocation made since the token was redeemed ends the session
     // before it starts; one made while it is set up ends it at once.
@@ -754,7 +754,11 @@ async fn open(
 }
 
 /// What the registry keeps of a session of `r`.
-fn entry(r: &Redemption, caller: Option<Credential>) -> Entry {
+fn entry(r: &Redemption) -> Entry {
+    let caller = r
+        .caller_session
+        .as_deref()
+        .and_then(Credential::from_session);
     Entry {
         vm_id: r.vm_id,
         user: r.user_name.clone(),

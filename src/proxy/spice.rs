@@ -19,7 +19,6 @@ use tokio::net::TcpStream;
 use super::relay::{self, Counts, End, Filter};
 use super::sessions::{self, Registration};
 use super::{Io, Proxy, Refusal, WsReader, WsWriter, enforce};
-use crate::inventory::Credential;
 use crate::protocol::Protocol;
 use crate::spice::link::{Framing, LinkError, LinkProxy, Phase};
 use crate::spice::main_channel::{MainFilter, Rules, Side};
@@ -247,15 +246,11 @@ async fn admit_main(
             ),
         ));
     }
-    let caller = r
-        .caller_session
-        .as_deref()
-        .and_then(Credential::from_session);
     // Registered first: a console the limits turn away leaves a single-use
     // token unused.
     let registration = proxy
         .sessions
-        .register(super::entry(r, caller))
+        .register(super::entry(r))
         .map_err(|hit| (link_err::ERROR, Refusal::TooMany(hit)))?;
     match proxy
         .tokens
@@ -306,13 +301,7 @@ async fn admit_joining(
         Ok(None) => return Err(no_session()),
         Err(e) => return Err((link_err::ERROR, Refusal::StoreDown(e.to_string()))),
     };
-    let caller = r
-        .caller_session
-        .as_deref()
-        .and_then(Credential::from_session);
-    let registration = proxy
-        .sessions
-        .register_channel(super::entry(r, caller), session_id);
+    let registration = proxy.sessions.register_channel(super::entry(r), session_id);
     enforce::catch_up(proxy.tokens.as_ref(), &registration, Some(session_id)).await;
     Ok((registration, Some(session_id)))
 }
