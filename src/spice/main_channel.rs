@@ -1,0 +1,207 @@
+//! What the proxy does with the main channel once it is linked, without
+//! I/O: it reads the session id from the server's MAIN_INIT (the other
+//! channels link with it), drops the messages that would send the client
+//! to another host on a migration, and drops agent data where the session's
+//! rules say nothing crosses (clipboard, file transfer and display changes
+//! all ride on the agent). Every other message passes unchanged, streamed:
+//! a message's body is never held whole.
+
+use super::wire::{self, msg, msgc};
+
+/// Which way a filter looks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// Server to client.
+    FromServer,
+    /// Client to server.
+    FromClient,
+}
+
+/// What a filter lets through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rules {
+    /// Agent data may pass this way.
+    pub agent: bool,
+}
+
+#[derive(Debug)]
+enum State {
+    Header { have: usize },
+    Body { left: u32, drop: bool, init: bool },
+}
+
+/// One direction of a main channel.
+#[derive(Debug)]
+pub struct MainFilter {
+    side: Side,
+    rules: Rules,
+    mini: bool,
+    header: [u8; 18],
+    state: State,
+    /// The first bytes of MAIN_INIT's body, until the session id is read.
+    init: Vec<u8>,
+    session_id: Option<u32>,
+    dropped: u64,
+}
+
+impl MainFilter {
+    pub fn new(side: Side, rules: Rules, mini_header: bool) -> MainFilter {
+        MainFilter {
+            side,
+            rules,
+            mini: mini_header,
+            header: [0; 18],
+            state: State::Header { have: 0 },
+            init: Vec::new(),
+            session_id: None,
+            dropped: 0,
+        }
+    }
+
+    /// The session id, once the server's MAIN_INIT passed.
+    pub fn session_id(&self) -> Option<u32> {
+        self.session_id
+    }
+
+    /// Messages dropped so far.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    fn drops(&self, kind: u16) -> bool {
+        match self.side {
+            Side::FromServer => {
+                msg::is_migration(kind) || (kind == msg::MAIN_AGENT_DATA && !self.rules.agent)
+            }
+            Side::FromClient => kind == msgc::MAIN_AGENT_DATA && !self.rules.agent,
+        }
+    }
+
+    /// Appends to `out` what passes of `data`.
+    pub fn feed(&mut self, mut data: &[u8], out: &mut Vec<u8>) {
+        let hlen = wire::msg_header_len(self.mini);
+        while !data.is_empty() {
+            match &mut self.state {
+                State::Header { have } => {
+                    let take = (hlen - *have).min(data.len());
+                    self.header[*have..*have + take].copy_from_slice(&data[..take]);
+                    *have += take;
+                    data = &data[take..];
+                    if *have < hlen {
+                        return;
+                    }
+                    let h = wire::msg_header(&self.header[..hlen], self.mini);
+                    let drop = self.drops(h.kind);
+                    if drop {
+                        self.dropped += 1;
+                    } else {
+                        out.extend_from_slice(&self.header[..hlen]);
+                    }
+                    let init = self.side == Side::FromServer
+                        && h.kind == msg::MAIN_INIT
+                        && self.session_id.is_none();
+                    self.state = if h.size == 0 {
+                        State::Header { have: 0 }
+                    } else {
+                        State::Body {
+                            left: h.size,
+                            drop,
+                            init,
+                        }
+                    };
+                }
+                State::Body { left, drop, init } => {
+                    let take = (*left as usize).min(data.len());
+                    let (body, rest) = data.split_at(take);
+                    if !*drop {
+                        out.extend_from_slice(body);
+                    }
+                    if *init && self.init.len() < 4 {
+                        let need = 4 - self.init.len();
+                        self.init.extend_from_slice(&body[..need.min(body.len())]);
+                        if let Some(id) = wire::main_init_session_id(&self.init) {
+                            self.session_id = Some(id);
+                            *init = false;
+                        }
+                    }
+                    *left -= take as u32;
+                    data = rest;
+                    if *left == 0 {
+                        self.state = State::Header { have: 0 };
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::wire::build::message;
+    use super::*;
+
+    fn run(f: &mut MainFilter, data: &[u8], bytewise: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        if bytewise {
+            for b in data {
+                f.feed(std::slice::from_ref(b), &mut out);
+            }
+        } else {
+            f.feed(data, &mut out);
+        }
+        out
+    }
+
+    #[test]
+    fn the_session_id_is_read_and_migrations_dropped() {
+        for mini in [true, false] {
+            for bytewise in [true, false] {
+                let mut init = 0x1122_3344u32.to_le_bytes().to_vec();
+                init.extend_from_slice(&[0; 28]);
+                let mut stream = message(mini, msg::MAIN_INIT, &init);
+                stream.extend(message(mini, 104, &[1, 0, 0, 0, 2, 0]));
+                stream.extend(message(mini, msg::MAIN_MIGRATE_BEGIN, &[9; 40]));
+                stream.extend(message(mini, msg::MAIN_MIGRATE_SWITCH_HOST, b"evil.host"));
+                stream.extend(message(mini, msg::MAIN_AGENT_DATA, b"clip"));
+                stream.extend(message(mini, 113, &[]));
+                let mut f = MainFilter::new(Side::FromServer, Rules { agent: true }, mini);
+                let out = run(&mut f, &stream, bytewise);
+                assert_eq!(f.session_id(), Some(0x1122_3344));
+                let mut expect = message(mini, msg::MAIN_INIT, &init);
+                expect.extend(message(mini, 104, &[1, 0, 0, 0, 2, 0]));
+                expect.extend(message(mini, msg::MAIN_AGENT_DATA, b"clip"));
+                expect.extend(message(mini, 113, &[]));
+                assert_eq!(out, expect);
+                assert_eq!(f.dropped(), 2);
+            }
+        }
+    }
+
+    #[test]
+    fn agent_data_stops_where_the_rules_say() {
+        let mut from_vm = MainFilter::new(Side::FromServer, Rules { agent: false }, true);
+        let data = message(true, msg::MAIN_AGENT_DATA, &[0x55; 3000]);
+        assert!(run(&mut from_vm, &data, false).is_empty());
+        let mut to_vm = MainFilter::new(Side::FromClient, Rules { agent: false }, true);
+        let mut up = message(true, msgc::MAIN_AGENT_START, &[4, 0, 0, 0]);
+        up.extend(message(true, msgc::MAIN_AGENT_DATA, b"file transfer"));
+        up.extend(message(true, 105, &[2, 0]));
+        let out = run(&mut to_vm, &up, true);
+        let mut expect = message(true, msgc::MAIN_AGENT_START, &[4, 0, 0, 0]);
+        expect.extend(message(true, 105, &[2, 0]));
+        assert_eq!(out, expect);
+        // The client's messages never set a session id.
+        assert_eq!(to_vm.session_id(), None);
+    }
+
+    #[test]
+    fn a_huge_declared_size_streams_without_buffering() {
+        let mut f = MainFilter::new(Side::FromServer, Rules { agent: true }, true);
+        let mut head = 200u16.to_le_bytes().to_vec();
+        head.extend_from_slice(&u32::MAX.to_le_bytes());
+        let out = run(&mut f, &head, false);
+        assert_eq!(out, head);
+        let out = run(&mut f, &[1; 10_000], false);
+        assert_eq!(out.len(), 10_000);
+    }
+}
