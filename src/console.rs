@@ -602,6 +602,14 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_page_imports_the_built_in_spice_html5_by_version() {
+        let js = built_in(WEB_FILES, "spice.js");
+        let js = std::str::from_utf8(&js).unwrap();
+        let import = format!("from '/spice-html5/{SPICE_VERSION}/main.js'");
+        assert!(js.contains(&import), "web/spice.js lacks {import}");
+    }
+
     #[tokio::test]
     async fn the_replay_page_is_served_like_the_console_page() {
         let app = router(None, None, &[]).unwrap();
