@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::Config;
 use crate::inventory::{Console, LocalInventory};
 use crate::policy::{Clipboard, Control, VmPolicy};
+use crate::protocol::Protocol;
 use crate::service::{MintRequest, TokenService};
 use crate::store::{self, Cause, Registry, Revocation, Revoked, Vm};
 
@@ -168,23 +169,27 @@ pub enum UserCmd {
 
 #[derive(Debug, Subcommand)]
 pub enum VmCmd {
-    /// Register a VM and where its VNC console listens.
+    /// Register a VM and where its console (VNC or SPICE) listens.
     Add {
         id: i64,
-        /// VNC server host.
+        /// Console server host.
         #[arg(long)]
         host: String,
-        /// VNC server port.
+        /// Console server port.
         #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
         port: u16,
+        /// What the console speaks: vnc (the default) or spice.
+        #[arg(long, value_parser = parse_protocol, value_name = "vnc|spice")]
+        protocol: Option<Protocol>,
         /// The owning user (must exist).
         #[arg(long)]
         owner: String,
         /// A display name (defaults to vm-ID).
         #[arg(long)]
         name: Option<String>,
-        /// Read the VNC password from standard input (one line); the proxy
-        /// answers the VNC server with it and the browser never sees it.
+        /// Read the console password (VNC or SPICE) from standard input (one
+        /// line); the proxy answers the server with it and the client never
+        /// sees it.
         #[arg(long)]
         password_stdin: bool,
         /// Other users who may open the console.
@@ -201,26 +206,37 @@ pub enum VmCmd {
         /// Record its sessions: yes, no, or default (`[recording] default`).
         #[arg(long, value_parser = setting::<Flag>, value_name = "yes|no|default")]
         record: Option<Setting<Flag>>,
+        /// SPICE: let clients plug USB devices into the VM (usbredir
+        /// channels): yes, no, or default (no).
+        #[arg(long, value_parser = setting::<Flag>, value_name = "yes|no|default")]
+        usb_redirect: Option<Setting<Flag>>,
+        /// SPICE: let clients send their microphone (the record channel):
+        /// yes, no, or default (no).
+        #[arg(long, value_parser = setting::<Flag>, value_name = "yes|no|default")]
+        microphone: Option<Setting<Flag>>,
     },
     /// List VMs.
     List,
-    /// Change a VM. A new host, port or VNC password ends its live sessions
-    /// and revokes its tokens; a new owner ends the old owner's (unless
-    /// still allowed).
+    /// Change a VM. A new host, port, protocol or password ends its live
+    /// sessions and revokes its tokens; a new owner ends the old owner's
+    /// (unless still allowed).
     Set {
         id: i64,
         #[arg(long)]
         host: Option<String>,
         #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
         port: Option<u16>,
+        /// What the console speaks: vnc or spice (unchanged if not given).
+        #[arg(long, value_parser = parse_protocol, value_name = "vnc|spice")]
+        protocol: Option<Protocol>,
         #[arg(long)]
         owner: Option<String>,
         #[arg(long)]
         name: Option<String>,
-        /// Read a new VNC password from standard input (one line).
+        /// Read a new console password from standard input (one line).
         #[arg(long, conflicts_with = "no_password")]
         password_stdin: bool,
-        /// Remove the stored VNC password.
+        /// Remove the stored console password.
         #[arg(long)]
         no_password: bool,
         /// Control sessions: shared (several at once), exclusive (one at a
@@ -234,6 +250,14 @@ pub enum VmCmd {
         /// Record its sessions: yes, no, or default (`[recording] default`).
         #[arg(long, value_parser = setting::<Flag>, value_name = "yes|no|default")]
         record: Option<Setting<Flag>>,
+        /// SPICE: let clients plug USB devices into the VM (usbredir
+        /// channels): yes, no, or default (no).
+        #[arg(long, value_parser = setting::<Flag>, value_name = "yes|no|default")]
+        usb_redirect: Option<Setting<Flag>>,
+        /// SPICE: let clients send their microphone (the record channel):
+        /// yes, no, or default (no).
+        #[arg(long, value_parser = setting::<Flag>, value_name = "yes|no|default")]
+        microphone: Option<Setting<Flag>>,
     },
     /// Let more users open a VM's console.
     Allow {
@@ -261,7 +285,8 @@ pub enum RecordingCmd {
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCmd {
-    /// Mint a console token as the local administrator; prints the API's JSON.
+    /// Mint a console token as the local administrator; prints the API's
+    /// JSON, or with `--vv` a remote-viewer file for a SPICE VM.
     Mint {
         vm_id: i64,
         /// Lifetime in seconds (default from the config).
@@ -274,7 +299,22 @@ pub enum TokenCmd {
         /// and no clipboard to the VM.
         #[arg(long)]
         view_only: bool,
+        /// Write a remote-viewer (.vv) file instead of JSON (SPICE VMs
+        /// only): the broker at `public_url` is its proxy, the token its
+        /// credential, and it holds no password.
+        #[arg(long)]
+        vv: bool,
+        /// Where `--vv` writes the file (`-`, the default, for standard
+        /// output); an existing file is not overwritten.
+        #[arg(long, short = 'o', value_name = "FILE", requires = "vv")]
+        output: Option<PathBuf>,
     },
+}
+
+/// Reads `--protocol`.
+fn parse_protocol(s: &str) -> Result<Protocol, String> {
+    s.parse()
+        .map_err(|e: crate::policy::BadValue| e.to_string())
 }
 
 /// A VM setting on the command line: a value, or `default` to take the
@@ -289,7 +329,8 @@ pub struct Flag(bool);
 impl std::str::FromStr for Flag {
     type Err = crate::policy::BadValue;
     fn from_str(s: &str) -> Result<Flag, Self::Err> {
-        crate::policy::parse_flag("record", s).map(Flag)
+        // clap names the flag in its own message, before this one.
+        crate::policy::parse_flag("the value", s).map(Flag)
     }
 }
 
@@ -306,21 +347,46 @@ where
         .map_err(|e: T::Err| format!("{e}, or default"))
 }
 
-/// Applies the policy flags given on the command line to `policy`.
-fn apply_settings(
-    policy: &mut VmPolicy,
+/// The policy flags of `vm add` and `vm set`; `None`: not given.
+#[derive(Debug, Clone, Copy, Default)]
+struct Settings {
     control: Option<Setting<Control>>,
     clipboard: Option<Setting<Clipboard>>,
     record: Option<Setting<Flag>>,
-) {
-    if let Some(Setting(c)) = control {
+    usb_redirect: Option<Setting<Flag>>,
+    microphone: Option<Setting<Flag>>,
+}
+
+/// Applies the policy flags given on the command line to `policy`.
+fn apply_settings(policy: &mut VmPolicy, s: Settings) {
+    if let Some(Setting(c)) = s.control {
         policy.control = c;
     }
-    if let Some(Setting(c)) = clipboard {
+    if let Some(Setting(c)) = s.clipboard {
         policy.clipboard = c;
     }
-    if let Some(Setting(r)) = record {
-        policy.record = r.map(|f| f.0);
+    let flag = |f: Option<Flag>| f.map(|f| f.0);
+    if let Some(Setting(r)) = s.record {
+        policy.record = flag(r);
+    }
+    if let Some(Setting(u)) = s.usb_redirect {
+        policy.usb_redirect = flag(u);
+    }
+    if let Some(Setting(m)) = s.microphone {
+        policy.microphone = flag(m);
+    }
+}
+
+/// A device a VM allows, and what a VNC VM, which has none, makes of it.
+fn warn_vnc_devices(vm: &Vm) {
+    if vm.protocol == Protocol::Vnc
+        && (vm.policy.usb_redirect == Some(true) || vm.policy.microphone == Some(true))
+    {
+        eprintln!(
+            "note: vm {}: USB redirection and the microphone are SPICE channels; \
+             a VNC console has neither",
+            vm.id
+        );
     }
 }
 
@@ -549,6 +615,7 @@ async fn vm(cfg: &Config, cmd: VmCmd) -> anyhow::Result<()> {
             id,
             host,
             port,
+            protocol,
             owner,
             name,
             password_stdin,
@@ -556,12 +623,15 @@ async fn vm(cfg: &Config, cmd: VmCmd) -> anyhow::Result<()> {
             control,
             clipboard,
             record,
+            usb_redirect,
+            microphone,
         } => {
             if host.trim().is_empty() {
                 bail!("--host must not be empty");
             }
+            let protocol = protocol.unwrap_or_default();
             let vnc_password = if password_stdin {
-                let plain = read_secret("VNC password")?;
+                let plain = read_secret(&format!("{} password", protocol.as_str().to_uppercase()))?;
                 let secrets = crate::server::open_secrets(cfg, &*store).await?;
                 Some(secrets.seal(&plain)?)
             } else {
@@ -576,27 +646,47 @@ async fn vm(cfg: &Config, cmd: VmCmd) -> anyhow::Result<()> {
                 owner,
                 allowed: allow.into_iter().filter(|a| !a.is_empty()).collect(),
                 policy: VmPolicy::default(),
-                protocol: Default::default(),
+                protocol,
             };
             let mut vm = vm;
-            apply_settings(&mut vm.policy, control, clipboard, record);
+            let settings = Settings {
+                control,
+                clipboard,
+                record,
+                usb_redirect,
+                microphone,
+            };
+            apply_settings(&mut vm.policy, settings);
+            warn_vnc_devices(&vm);
             store.add_vm(&vm).await?;
-            println!("vm {id} added");
+            println!("vm {id} added ({protocol})");
         }
         VmCmd::List => {
             let mut out = std::io::stdout().lock();
             writeln!(
                 out,
-                "{:<8} {:<20} {:<28} {:<16} {:<8} {:<10} {:<10} {:<8} ALLOWED",
-                "ID", "NAME", "VNC", "OWNER", "PASSWORD", "CONTROL", "CLIPBOARD", "RECORD"
+                "{:<8} {:<20} {:<9} {:<28} {:<16} {:<8} {:<10} {:<10} {:<8} {:<8} {:<8} ALLOWED",
+                "ID",
+                "NAME",
+                "PROTOCOL",
+                "CONSOLE",
+                "OWNER",
+                "PASSWORD",
+                "CONTROL",
+                "CLIPBOARD",
+                "RECORD",
+                "USB",
+                "MIC"
             )?;
             let or_default = |s: Option<&str>| s.unwrap_or("default").to_owned();
+            let yes_no = |b: Option<bool>| or_default(b.map(|b| if b { "yes" } else { "no" }));
             for v in store.vms().await? {
                 writeln!(
                     out,
-                    "{:<8} {:<20} {:<28} {:<16} {:<8} {:<10} {:<10} {:<8} {}",
+                    "{:<8} {:<20} {:<9} {:<28} {:<16} {:<8} {:<10} {:<10} {:<8} {:<8} {:<8} {}",
                     v.id,
                     v.name,
+                    v.protocol.as_str(),
                     format!("{}:{}", v.vnc_host, v.vnc_port),
                     v.owner,
                     if v.vnc_password.is_some() {
@@ -606,7 +696,9 @@ async fn vm(cfg: &Config, cmd: VmCmd) -> anyhow::Result<()> {
                     },
                     or_default(v.policy.control.map(Control::as_str)),
                     or_default(v.policy.clipboard.map(Clipboard::as_str)),
-                    or_default(v.policy.record.map(|r| if r { "yes" } else { "no" })),
+                    yes_no(v.policy.record),
+                    yes_no(v.policy.usb_redirect),
+                    yes_no(v.policy.microphone),
                     v.allowed.join(",")
                 )?;
             }
@@ -615,6 +707,7 @@ async fn vm(cfg: &Config, cmd: VmCmd) -> anyhow::Result<()> {
             id,
             host,
             port,
+            protocol,
             owner,
             name,
             password_stdin,
@@ -622,6 +715,8 @@ async fn vm(cfg: &Config, cmd: VmCmd) -> anyhow::Result<()> {
             control,
             clipboard,
             record,
+            usb_redirect,
+            microphone,
         } => {
             let mut vm = store
                 .vm(id)
@@ -636,6 +731,9 @@ async fn vm(cfg: &Config, cmd: VmCmd) -> anyhow::Result<()> {
             if let Some(port) = port {
                 vm.vnc_port = port;
             }
+            if let Some(protocol) = protocol {
+                vm.protocol = protocol;
+            }
             if let Some(owner) = owner {
                 vm.owner = owner;
             }
@@ -643,13 +741,22 @@ async fn vm(cfg: &Config, cmd: VmCmd) -> anyhow::Result<()> {
                 vm.name = name;
             }
             if password_stdin {
-                let plain = read_secret("VNC password")?;
+                let plain =
+                    read_secret(&format!("{} password", vm.protocol.as_str().to_uppercase()))?;
                 let secrets = crate::server::open_secrets(cfg, &*store).await?;
                 vm.vnc_password = Some(secrets.seal(&plain)?);
             } else if no_password {
                 vm.vnc_password = None;
             }
-            apply_settings(&mut vm.policy, control, clipboard, record);
+            let settings = Settings {
+                control,
+                clipboard,
+                record,
+                usb_redirect,
+                microphone,
+            };
+            apply_settings(&mut vm.policy, settings);
+            warn_vnc_devices(&vm);
             update_vm(store.as_ref(), &vm).await?;
         }
         VmCmd::Allow { id, users } | VmCmd::Disallow { id, users } if users.is_empty() => {
@@ -750,6 +857,8 @@ async fn token(cfg: &Config, cmd: TokenCmd) -> anyhow::Result<()> {
         ttl,
         single_use,
         view_only,
+        vv,
+        output,
     } = cmd;
     let store = store::open(&cfg.database).await?;
     let vm = store
@@ -786,17 +895,40 @@ async fn token(cfg: &Config, cmd: TokenCmd) -> anyhow::Result<()> {
         &public_url,
     );
     service.set_defaults(cfg.session_defaults());
-    let minted = service
-        .mint_for_console(
-            console,
-            MintRequest {
-                ttl,
-                single_use: single_use.then_some(true),
-                view_only,
-            },
-        )
-        .await?;
+    let request = MintRequest {
+        ttl,
+        single_use: single_use.then_some(true),
+        view_only,
+    };
+    if vv {
+        let mint = service.mint_viewer_for_console(console, request).await?;
+        let file = crate::api::vv::file(&mint, &public_url)?;
+        return write_vv(output.as_deref(), &file);
+    }
+    let minted = service.mint_for_console(console, request).await?;
     println!("{}", serde_json::to_string_pretty(&minted)?);
+    Ok(())
+}
+
+/// Writes a remote-viewer file to `output` (standard output if `None` or
+/// `-`); a new file is readable by its owner only, since its token opens
+/// the console.
+fn write_vv(output: Option<&std::path::Path>, file: &str) -> anyhow::Result<()> {
+    let Some(path) = output.filter(|p| p.as_os_str() != "-") else {
+        std::io::stdout().lock().write_all(file.as_bytes())?;
+        return Ok(());
+    };
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut out = options
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    out.write_all(file.as_bytes())
+        .and_then(|()| out.sync_all())
+        .with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("remote-viewer file written to {}", path.display());
     Ok(())
 }
 
@@ -814,10 +946,12 @@ async fn sessions(
     }
     writeln!(
         out,
-        "{:<8} {:<6} {:<12} {:<22} {:<18} {:<11} {:<9} {:<7} {:>12} {:>10} {:>6} {:>7} {:>9} {:>9} {:<10}  REASON",
+        "{:<8} {:<6} {:<12} {:<8} {:>8} {:<22} {:<18} {:<11} {:<9} {:<7} {:>12} {:>10} {:>6} {:>7} {:>9} {:>9} {:<10}  REASON",
         "ID",
         "VM",
         "USER",
+        "PROTOCOL",
+        "CHANNELS",
         "CLIENT",
         "NODE",
         "STARTED",
@@ -839,10 +973,12 @@ async fn sessions(
         };
         writeln!(
             out,
-            "{:<8} {:<6} {:<12} {:<22} {:<18} {:<11} {:<9} {:<7} {:>12} {:>10} {:>6} {:>7} {:>9} {:>9} {:<10}  {}",
+            "{:<8} {:<6} {:<12} {:<8} {:>8} {:<22} {:<18} {:<11} {:<9} {:<7} {:>12} {:>10} {:>6} {:>7} {:>9} {:>9} {:<10}  {}",
             s.id,
             s.vm_id,
             s.user,
+            s.protocol.as_str(),
+            s.channels,
             s.client_addr,
             s.node,
             s.started_at,
@@ -895,6 +1031,99 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn vm_protocol_and_device_flags() {
+        let cli = Cli::try_parse_from([
+            "vncbroker",
+            "vm",
+            "add",
+            "3",
+            "--host",
+            "h",
+            "--port",
+            "5903",
+            "--owner",
+            "alice",
+            "--protocol",
+            "SPICE",
+            "--usb-redirect",
+            "yes",
+            "--microphone",
+            "default",
+        ])
+        .unwrap();
+        let Command::Vm(VmCmd::Add {
+            protocol,
+            usb_redirect,
+            microphone,
+            record,
+            ..
+        }) = cli.command
+        else {
+            panic!("not vm add");
+        };
+        assert_eq!(protocol, Some(Protocol::Spice));
+        let mut policy = VmPolicy {
+            microphone: Some(true),
+            ..VmPolicy::default()
+        };
+        apply_settings(
+            &mut policy,
+            Settings {
+                usb_redirect,
+                microphone,
+                record,
+                ..Settings::default()
+            },
+        );
+        assert_eq!(
+            (policy.usb_redirect, policy.microphone, policy.record),
+            (Some(true), None, None)
+        );
+        // `vm set` keeps the protocol unless told.
+        let cli =
+            Cli::try_parse_from(["vncbroker", "vm", "set", "3", "--microphone", "no"]).unwrap();
+        let Command::Vm(VmCmd::Set {
+            protocol,
+            microphone,
+            ..
+        }) = cli.command
+        else {
+            panic!("not vm set");
+        };
+        assert_eq!(protocol, None);
+        assert_eq!(microphone, Some(Setting(Some(Flag(false)))));
+        let err = Cli::try_parse_from(["vncbroker", "vm", "set", "3", "--protocol", "rdp"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--protocol") && err.contains("vnc, spice"),
+            "{err}"
+        );
+        let err = Cli::try_parse_from(["vncbroker", "vm", "set", "3", "--usb-redirect", "maybe"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--usb-redirect") && err.contains("yes, no") && err.contains("default"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn token_mint_vv_output_needs_vv() {
+        assert!(Cli::try_parse_from(["vncbroker", "token", "mint", "3", "-o", "x.vv"]).is_err());
+        let cli =
+            Cli::try_parse_from(["vncbroker", "token", "mint", "3", "--vv", "-o", "x.vv"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Token(TokenCmd::Mint {
+                vv: true,
+                output: Some(_),
+                ..
+            })
+        ));
     }
 
     #[test]

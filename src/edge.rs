@@ -1,5 +1,7 @@
-//! Cross-site WebSocket hijacking defence: which `Origin` may open a
-//! console, decided without I/O.
+//! What the HTTP edge says about a request, decided without I/O: which
+//! `Origin` may open a console (the cross-site WebSocket hijacking
+//! defence), the client's address through trusted proxies, and the token
+//! in a proxy `CONNECT`'s `Proxy-Authorization`.
 //!
 //! A browser always sends `Origin` on a WebSocket upgrade, so a page on
 //! another site cannot ride a user's cookies (or a leaked link) into a
@@ -206,6 +208,35 @@ pub fn client_ip_from(peer: IpAddr, headers: &HeaderMap, trusted: &[IpAddr]) -> 
     client_ip(peer, forwarded_for(headers).as_deref(), trusted)
 }
 
+/// Longest `Proxy-Authorization` value looked into; a token's is under 100.
+const MAX_PROXY_AUTHORIZATION: usize = 1024;
+
+/// The console token in a `Proxy-Authorization` header value, as
+/// remote-viewer sends it for a `.vv` file's `proxy=<scheme>://<token>@...`:
+/// `Basic base64("<token>:")` (an empty password), or `base64("<token>")`.
+/// A non-empty password, another scheme or malformed base64 gives `None`;
+/// whether the text is a token is for the caller to check.
+pub fn proxy_credential(header: &[u8]) -> Option<String> {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    if header.len() > MAX_PROXY_AUTHORIZATION {
+        return None;
+    }
+    let text = std::str::from_utf8(header).ok()?.trim();
+    let (scheme, encoded) = text.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let raw = STANDARD.decode(encoded.trim()).ok()?;
+    let pair = String::from_utf8(raw).ok()?;
+    let user = match pair.split_once(':') {
+        Some((user, "")) => user,
+        Some(_) => return None,
+        None => pair.as_str(),
+    };
+    (!user.is_empty()).then(|| user.to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,6 +247,41 @@ mod tests {
             allowed: allowed.iter().filter_map(|a| Origin::parse(a)).collect(),
             allow_missing,
         }
+    }
+
+    #[test]
+    fn proxy_credentials_as_remote_viewer_sends_them() {
+        use base64::Engine;
+        use base64::engine::general_purpose::STANDARD;
+        let token = "0123456789abcdef".repeat(4);
+        let basic = |s: &str| format!("Basic {}", STANDARD.encode(s));
+        assert_eq!(
+            proxy_credential(basic(&format!("{token}:")).as_bytes()),
+            Some(token.clone())
+        );
+        assert_eq!(
+            proxy_credential(basic(&token).as_bytes()),
+            Some(token.clone())
+        );
+        let lower = format!("basic  {} ", STANDARD.encode(format!("{token}:")));
+        assert_eq!(proxy_credential(lower.as_bytes()), Some(token.clone()));
+        // A password means a credential of some other kind: not ours.
+        assert_eq!(
+            proxy_credential(basic(&format!("{token}:pw")).as_bytes()),
+            None
+        );
+        for junk in [
+            String::new(),
+            "Basic".into(),
+            "Basic !!!".into(),
+            format!("Bearer {}", STANDARD.encode(format!("{token}:"))),
+            basic(":"),
+            basic(""),
+            format!("Basic {}", "A".repeat(2000)),
+        ] {
+            assert_eq!(proxy_credential(junk.as_bytes()), None, "{junk:?}");
+        }
+        assert_eq!(proxy_credential(b"Basic \xff\xfe"), None);
     }
 
     #[test]

@@ -139,6 +139,11 @@ pub enum Refused {
     RecordingUnavailable,
     /// A reconnect ticket came back before the broker saw its session drop.
     ReconnectPending,
+    /// The token was good, but the SPICE link failed.
+    SpiceLink,
+    /// A SPICE channel the session may not open, or that names no live
+    /// session of its token.
+    SpiceChannel,
 }
 
 impl Refused {
@@ -156,6 +161,8 @@ impl Refused {
         Refused::ControlTaken,
         Refused::RecordingUnavailable,
         Refused::ReconnectPending,
+        Refused::SpiceLink,
+        Refused::SpiceChannel,
     ];
 
     /// Token refusals go to `vncbroker_tokens_refused_total`; failures after
@@ -181,6 +188,8 @@ impl Refused {
             Refused::ControlTaken => "control_taken",
             Refused::RecordingUnavailable => "recording_unavailable",
             Refused::ReconnectPending => "reconnect_pending",
+            Refused::SpiceLink => "spice_link",
+            Refused::SpiceChannel => "spice_channel",
         }
     }
 }
@@ -203,6 +212,17 @@ pub struct ApiMethod(pub &'static str);
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VersionLabel {
     version: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProtocolLabel {
+    protocol: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ChannelLabel {
+    channel: &'static str,
+    outcome: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -309,6 +329,8 @@ pub struct Metrics {
     draining: Gauge,
     sessions_active: Gauge,
     sessions_total: Family<OutcomeLabel, Counter>,
+    sessions_started: Family<ProtocolLabel, Counter>,
+    spice_channels: Family<ChannelLabel, Counter>,
     session_duration: Histogram,
     sessions_failed: Family<ReasonLabel, Counter>,
     bytes_to_client: Counter,
@@ -368,6 +390,8 @@ impl Metrics {
             draining: Gauge::default(),
             sessions_active: Gauge::default(),
             sessions_total: Family::default(),
+            sessions_started: Family::default(),
+            spice_channels: Family::default(),
             session_duration: Histogram::new(SESSION_BUCKETS.iter().copied()),
             sessions_failed: Family::default(),
             bytes_to_client: Counter::default(),
@@ -408,6 +432,17 @@ impl Metrics {
             "vncbroker_sessions",
             "Console sessions ended, by how they ended",
             m.sessions_total.clone(),
+        );
+        r.register(
+            "vncbroker_sessions_started",
+            "Console sessions started, by protocol (a SPICE session is its main channel)",
+            m.sessions_started.clone(),
+        );
+        r.register(
+            "vncbroker_spice_channels",
+            "SPICE channel connections, by channel type and outcome (linked, or refused by \
+             the session's rules, the link or the server)",
+            m.spice_channels.clone(),
         );
         r.register(
             "vncbroker_session_duration_seconds",
@@ -541,6 +576,9 @@ impl Metrics {
                     .get_or_create(&DirectionLabel { direction }),
             );
         }
+        for protocol in ["vnc", "spice"] {
+            drop(m.sessions_started.get_or_create(&ProtocolLabel { protocol }));
+        }
         for outcome in ["complete", "incomplete", "failed"] {
             drop(m.recordings.get_or_create(&OutcomeLabel { outcome }));
         }
@@ -611,6 +649,22 @@ impl Metrics {
             })
             .inc();
         self.session_duration.observe(duration.as_secs_f64());
+    }
+
+    /// A console session started (its row was written).
+    pub fn session_started(&self, protocol: crate::protocol::Protocol) {
+        self.sessions_started
+            .get_or_create(&ProtocolLabel {
+                protocol: protocol.as_str(),
+            })
+            .inc();
+    }
+
+    /// A SPICE channel connection linked or was turned away.
+    pub fn spice_channel(&self, channel: &'static str, outcome: &'static str) {
+        self.spice_channels
+            .get_or_create(&ChannelLabel { channel, outcome })
+            .inc();
     }
 
     /// Bytes relayed from the VNC server to the browser.

@@ -10,12 +10,13 @@ use serde::Serialize;
 
 use crate::inventory::{Console, Credential, Grant, Inventory, InventoryError, Verdict};
 use crate::policy::{Defaults, SessionPolicy};
+use crate::protocol::Protocol;
 use crate::secrets::{Secrets, SecretsError};
 use crate::store::{
     Cause, NewToken, Redemption, Resumed, Revocation, Revoked, SessionFilter, SessionLog,
     SessionRecord, StoreError, Ticket, TokenStore,
 };
-use crate::token::{self, Policy, Token};
+use crate::token::{self, Policy, Token, TokenForm};
 
 /// How many times minting retries on the (astronomically unlikely) event of
 /// a duplicate token hash.
@@ -41,6 +42,16 @@ pub struct Minted {
     pub vm_id: i64,
     pub single_use: bool,
     pub view_only: bool,
+    /// What the console speaks, so a caller knows which client opens it.
+    pub protocol: Protocol,
+}
+
+/// A token minted for a remote-viewer file, with what the file tells the
+/// client about the session.
+#[derive(Debug, Clone)]
+pub struct ViewerMint {
+    pub minted: Minted,
+    pub policy: SessionPolicy,
 }
 
 impl std::fmt::Debug for Minted {
@@ -52,6 +63,7 @@ impl std::fmt::Debug for Minted {
             )
             .field("expires_at", &self.expires_at)
             .field("vm_id", &self.vm_id)
+            .field("protocol", &self.protocol)
             .finish()
     }
 }
@@ -102,6 +114,14 @@ pub enum ServiceError {
     /// The caller may see the session but not this about it.
     #[error("{0}")]
     NotAllowed(String),
+    /// The request is for another kind of console than the VM has (a
+    /// remote-viewer file for a VNC VM).
+    #[error("VM [{vm_id}] has a {} console; {why}", protocol.as_str().to_uppercase())]
+    WrongProtocol {
+        vm_id: i64,
+        protocol: Protocol,
+        why: &'static str,
+    },
     /// The session has no recording this node can serve.
     #[error("console session [{id}] has no recording here: {why}")]
     NoRecording { id: i64, why: String },
@@ -253,6 +273,58 @@ impl TokenService {
         self.mint_for(console, ttl, single_use, req.view_only).await
     }
 
+    /// Mints a token for a remote-viewer (`.vv`) file for `vm_id`, if
+    /// `cred` may open its console and it is a SPICE console; the token is
+    /// in lowercase form, which survives virt-viewer's proxy URL parsing.
+    pub async fn mint_viewer(
+        &self,
+        cred: &Credential,
+        vm_id: i64,
+        req: MintRequest,
+    ) -> Result<ViewerMint, ServiceError> {
+        let (ttl, single_use) = self.lifetime(req)?;
+        let console = self.inventory.console(cred, vm_id).await?;
+        self.mint_viewer_for(console, ttl, single_use, req.view_only)
+            .await
+    }
+
+    /// [`TokenService::mint_viewer`] for a console the caller already
+    /// resolved (the local admin CLI).
+    pub async fn mint_viewer_for_console(
+        &self,
+        console: Console,
+        req: MintRequest,
+    ) -> Result<ViewerMint, ServiceError> {
+        let (ttl, single_use) = self.lifetime(req)?;
+        self.mint_viewer_for(console, ttl, single_use, req.view_only)
+            .await
+    }
+
+    async fn mint_viewer_for(
+        &self,
+        console: Console,
+        ttl: i64,
+        single_use: bool,
+        view_only: bool,
+    ) -> Result<ViewerMint, ServiceError> {
+        if console.protocol != Protocol::Spice {
+            return Err(ServiceError::WrongProtocol {
+                vm_id: console.vm_id,
+                protocol: console.protocol,
+                why: "remote-viewer files are for SPICE consoles (open it in the console page)",
+            });
+        }
+        let (minted, policy) = self
+            .mint_in(console, ttl, single_use, view_only, TokenForm::Lowercase)
+            .await?;
+        Ok(ViewerMint { minted, policy })
+    }
+
+    /// This node's public URL, without a trailing slash.
+    pub fn public_url(&self) -> &str {
+        &self.public_url
+    }
+
     /// The ttl and single-use flag a request gets under the current policy.
     fn lifetime(&self, req: MintRequest) -> Result<(i64, bool), ServiceError> {
         let policy = self.policy();
@@ -269,6 +341,22 @@ impl TokenService {
         single_use: bool,
         view_only: bool,
     ) -> Result<Minted, ServiceError> {
+        let (minted, _) = self
+            .mint_in(console, ttl, single_use, view_only, TokenForm::Base64Url)
+            .await?;
+        Ok(minted)
+    }
+
+    /// Mints a token written in `form`; the session policy it carries comes
+    /// back with it.
+    async fn mint_in(
+        &self,
+        console: Console,
+        ttl: i64,
+        single_use: bool,
+        view_only: bool,
+        form: TokenForm,
+    ) -> Result<(Minted, SessionPolicy), ServiceError> {
         let now = crate::now_unix();
         let policy = SessionPolicy::resolve(console.policy, self.defaults(), view_only);
         let expires_at = now.saturating_add(ttl);
@@ -283,7 +371,7 @@ impl TokenService {
             .transpose()
             .map_err(|e| ServiceError::Internal(format!("sealing the caller's session: {e}")))?;
         for _ in 0..MINT_ATTEMPTS {
-            let token = Token::generate()
+            let token = Token::generate_in(form)
                 .map_err(|e| ServiceError::Internal(format!("no OS randomness: {e}")))?;
             let row = NewToken {
                 hash: token.hash(),
@@ -309,17 +397,20 @@ impl TokenService {
                         ttl,
                         single_use,
                         view_only,
+                        protocol = %console.protocol,
                         "console token minted"
                     );
                     crate::metrics::global().token_minted();
-                    return Ok(self.minted(
+                    let minted = self.minted(
                         token,
                         expires_at,
                         ttl,
                         console.vm_id,
                         single_use,
                         view_only,
-                    ));
+                        console.protocol,
+                    );
+                    return Ok((minted, policy));
                 }
                 Err(StoreError::Conflict { .. }) => continue,
                 Err(e) => return Err(e.into()),
@@ -330,6 +421,7 @@ impl TokenService {
         ))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn minted(
         &self,
         token: Token,
@@ -338,6 +430,7 @@ impl TokenService {
         vm_id: i64,
         single_use: bool,
         view_only: bool,
+        protocol: Protocol,
     ) -> Minted {
         let text = token.into_string();
         // The page stops offering input on a view-only link; the proxy
@@ -352,6 +445,7 @@ impl TokenService {
             vm_id,
             single_use,
             view_only,
+            protocol,
         }
     }
 

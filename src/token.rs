@@ -1,8 +1,9 @@
 //! Console tokens: what they are and the rules they live by.
 //!
 //! A token is 32 bytes from the operating system's CSPRNG, given to the
-//! caller once as base64url without padding. Only its SHA-256 is ever stored,
-//! so a copy of the database does not open any console.
+//! caller once as text: base64url without padding, or lowercase hex for
+//! remote-viewer files (see [`TokenForm`]). Only the SHA-256 of that text is
+//! ever stored, so a copy of the database does not open any console.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -10,6 +11,21 @@ use sha2::{Digest, Sha256};
 
 /// Length of a token's text form: 32 bytes in unpadded base64url.
 pub const TOKEN_LEN: usize = 43;
+
+/// Length of a token's lowercase form: 32 bytes in hex.
+pub const LOWERCASE_TOKEN_LEN: usize = 64;
+
+/// How a token's 32 bytes are written out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TokenForm {
+    /// Unpadded base64url: short, and safe in URLs and cookies.
+    #[default]
+    Base64Url,
+    /// Lowercase hex, for the userinfo of a remote-viewer file's `proxy=`
+    /// URL: virt-viewer lower-cases it and splits it at `:` and `@`, so a
+    /// base64url token would not come back as it was given.
+    Lowercase,
+}
 
 /// The SHA-256 of a token, the only form the store keeps.
 pub type TokenHash = [u8; 32];
@@ -19,11 +35,19 @@ pub type TokenHash = [u8; 32];
 pub struct Token(String);
 
 impl Token {
-    /// Draws a new token from the OS CSPRNG.
+    /// Draws a new token from the OS CSPRNG, in base64url.
     pub fn generate() -> Result<Token, getrandom::Error> {
+        Token::generate_in(TokenForm::Base64Url)
+    }
+
+    /// Draws a new token from the OS CSPRNG, written in `form`.
+    pub fn generate_in(form: TokenForm) -> Result<Token, getrandom::Error> {
         let mut raw = [0u8; 32];
         getrandom::fill(&mut raw)?;
-        Ok(Token(URL_SAFE_NO_PAD.encode(raw)))
+        Ok(Token(match form {
+            TokenForm::Base64Url => URL_SAFE_NO_PAD.encode(raw),
+            TokenForm::Lowercase => hex::encode(raw),
+        }))
     }
 
     pub fn as_str(&self) -> &str {
@@ -50,13 +74,18 @@ pub fn hash_token(text: &str) -> TokenHash {
     Sha256::digest(text.as_bytes()).into()
 }
 
-/// Whether `text` has the shape of a token. Lets callers refuse junk without
-/// touching the store.
+/// Whether `text` has the shape of a token in either form. Lets callers
+/// refuse junk without touching the store.
 pub fn looks_like_token(text: &str) -> bool {
-    text.len() == TOKEN_LEN
-        && text
+    match text.len() {
+        TOKEN_LEN => text
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+        LOWERCASE_TOKEN_LEN => text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+        _ => false,
+    }
 }
 
 /// A short, non-secret label for logs: the first 8 hex digits of the hash.
@@ -117,6 +146,25 @@ mod tests {
         assert_ne!(a.as_str(), b.as_str());
         let raw = URL_SAFE_NO_PAD.decode(a.as_str()).unwrap();
         assert_eq!(raw.len(), 32);
+    }
+
+    #[test]
+    fn lowercase_tokens_are_64_hex_digits_and_pass_the_shape_check() {
+        let a = Token::generate_in(TokenForm::Lowercase).unwrap();
+        let b = Token::generate_in(TokenForm::Lowercase).unwrap();
+        assert_eq!(a.as_str().len(), LOWERCASE_TOKEN_LEN);
+        assert_eq!(a.as_str(), a.as_str().to_ascii_lowercase());
+        assert!(!a.as_str().contains([':', '@']));
+        assert!(looks_like_token(a.as_str()));
+        assert_ne!(a.as_str(), b.as_str());
+        assert_eq!(hex::decode(a.as_str()).unwrap().len(), 32);
+        // The hash is of the text, as for every token.
+        assert_eq!(a.hash(), hash_token(a.as_str()));
+        // Only the lowercase form is one: upper case, or other letters, are junk.
+        assert!(!looks_like_token(&a.as_str().to_ascii_uppercase()));
+        assert!(!looks_like_token(&"g".repeat(64)));
+        assert!(!looks_like_token(&"a".repeat(63)));
+        assert!(!looks_like_token(&"a".repeat(65)));
     }
 
     #[test]

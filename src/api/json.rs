@@ -92,6 +92,7 @@ impl From<ServiceError> for ApiError {
             ServiceError::NoSuchSession(_) => (StatusCode::NOT_FOUND, "not_found"),
             ServiceError::SessionOver(_) => (StatusCode::CONFLICT, "session_ended"),
             ServiceError::NotAllowed(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ServiceError::WrongProtocol { .. } => (StatusCode::CONFLICT, "wrong_protocol"),
             ServiceError::NoRecording { .. } => (StatusCode::NOT_FOUND, "no_recording"),
             ServiceError::BadParameter(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ServiceError::Store(_) | ServiceError::Unavailable(_) | ServiceError::Internal(_) => {
@@ -249,6 +250,66 @@ pub async fn mint(
         .await;
     settle(attempt, &minted);
     Ok((StatusCode::CREATED, Json(minted?)).into_response())
+}
+
+/// Query of `GET /api/v1/vms/{id}/console.vv`: the mint body's fields.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ViewerQuery {
+    ttl: Option<i64>,
+    single_use: Option<bool>,
+    #[serde(default)]
+    view_only: bool,
+}
+
+/// `GET /api/v1/vms/{id}/console.vv`: a remote-viewer file for a SPICE
+/// VM, with a new token in it; a VNC VM is refused with 409. A GET, so
+/// that a browser link opens the file in remote-viewer.
+pub async fn viewer_file(
+    State(state): State<ApiState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    query: Result<Query<ViewerQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let vm_id = vm_id(&id)?;
+    let Query(q) =
+        query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text()))?;
+    let (cred, attempt, ip) = login(&state, peer, &headers).await?;
+    let request = MintRequest {
+        ttl: q.ttl,
+        single_use: q.single_use,
+        view_only: q.view_only,
+    };
+    let minted = crate::auth::CLIENT
+        .scope(ip, state.service.mint_viewer(&cred, vm_id, request))
+        .await;
+    settle(attempt, &minted);
+    let body = super::vv::file(&minted?, state.service.public_url()).map_err(|e| {
+        tracing::error!(error = %e, "no remote-viewer file can be written");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the broker's public_url cannot be written into a remote-viewer file",
+        )
+    })?;
+    let disposition = format!("attachment; filename=\"{}\"", super::vv::file_name(vm_id));
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(super::vv::CONTENT_TYPE),
+            ),
+            (
+                header::CONTENT_DISPOSITION,
+                HeaderValue::from_str(&disposition)
+                    .unwrap_or(HeaderValue::from_static("attachment")),
+            ),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+        ],
+        body,
+    )
+        .into_response())
 }
 
 pub async fn revoke(

@@ -3,8 +3,10 @@
 //! - [`xmlrpc`]: `POST /RPC2`, in oned's wire conventions.
 //! - [`json`]: `/api/v1`, with HTTP Basic auth.
 //! - [`websockify`]: websockify's JSONTokenApi lookup, off by default.
+//! - [`vv`]: remote-viewer files for SPICE consoles.
 
 pub mod json;
+pub mod vv;
 pub mod websockify;
 pub mod xmlrpc;
 
@@ -48,6 +50,7 @@ pub fn router(state: ApiState, max_body: usize) -> Router {
             "/api/v1/vms/{id}/console-tokens",
             post(json::mint).delete(json::revoke),
         )
+        .route("/api/v1/vms/{id}/console.vv", get(json::viewer_file))
         .route("/api/v1/sessions", get(json::sessions))
         .route("/api/v1/sessions/{id}", delete(json::end_session))
         .route("/api/v1/sessions/{id}/recording", get(json::recording))

@@ -48,6 +48,8 @@ pub struct Console {
     pub vm_id: i64,
     pub host: String,
     pub port: u16,
+    /// The console's password, VNC or SPICE, which the proxy answers the
+    /// server with.
     pub vnc_password: Option<String>,
     /// The VM's own console settings.
     pub policy: crate::policy::VmPolicy,
@@ -118,7 +120,7 @@ pub enum InventoryError {
     Authorization { user: String, vm_id: i64 },
     #[error("VM [{0}] does not exist")]
     NoSuchVm(i64),
-    #[error("VM [{vm_id}] has no VNC console: {why}")]
+    #[error("VM [{vm_id}] has no console: {why}")]
     NoConsole { vm_id: i64, why: String },
     #[error("VM [{vm_id}] console is not available now: {why}")]
     NotAvailable { vm_id: i64, why: String },

@@ -146,6 +146,18 @@ impl Upstream {
     }
 }
 
+impl super::relay::Filter for Upstream {
+    fn pass<'a>(&'a mut self, data: &'a [u8]) -> Result<&'a [u8], super::relay::End> {
+        Upstream::pass(self, data).map_err(Into::into)
+    }
+}
+
+impl super::relay::Filter for Downstream {
+    fn pass<'a>(&'a mut self, data: &'a [u8]) -> Result<&'a [u8], super::relay::End> {
+        Downstream::pass(self, data).map_err(Into::into)
+    }
+}
+
 impl Downstream {
     /// What goes to the browser for `data` from the server (recorded on
     /// the way, when the session is).

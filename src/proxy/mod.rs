@@ -26,6 +26,7 @@ pub mod reconnect;
 pub mod relay;
 pub mod request;
 pub mod sessions;
+pub mod spice;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -46,6 +47,7 @@ use self::sessions::{Entry, Sessions, Stop};
 use crate::edge;
 use crate::inventory::{Credential, Grant, Lapse};
 use crate::limits::{Attempt, FailureLimiter, Refused};
+use crate::protocol::Protocol;
 use crate::service::{RedeemError, TokenService};
 use crate::store::{
     Cause, NewSession, Opened, RecordingState, Redemption, SessionEnd, SessionLog, TicketEnd,
@@ -83,6 +85,8 @@ pub mod close {
     pub const UNAVAILABLE: u16 = 4503;
     pub const TIMEOUT: u16 = 4504;
     pub const RECORDING: u16 = 4507;
+    /// A SPICE channel the session may not open.
+    pub const CHANNEL: u16 = 4406;
 }
 
 /// Where and how this node records sessions, from `[recording]`.
@@ -193,6 +197,10 @@ enum Refusal {
     RecordingUnavailable(String),
     /// A reconnect ticket whose session this broker still sees live.
     ReconnectPending,
+    /// The SPICE link failed.
+    Spice(crate::spice::link::LinkError),
+    /// A SPICE channel turned away: its link error and why.
+    SpiceChannel(&'static str),
 }
 
 impl Refusal {
@@ -212,6 +220,8 @@ impl Refusal {
             Refusal::ControlTaken => M::ControlTaken,
             Refusal::RecordingUnavailable(_) => M::RecordingUnavailable,
             Refusal::ReconnectPending => M::ReconnectPending,
+            Refusal::Spice(_) => M::SpiceLink,
+            Refusal::SpiceChannel(_) => M::SpiceChannel,
         }
     }
 
@@ -222,6 +232,7 @@ impl Refusal {
                 e.clone()
             }
             Refusal::Handshake(e) => e.to_string(),
+            Refusal::Spice(e) => e.to_string(),
             other => format!("{other:?}"),
         }
     }
@@ -283,6 +294,20 @@ impl Refusal {
                 close::RECONNECT_PENDING,
                 "reconnecting: the previous connection is still open, try again in a moment".into(),
             ),
+            Refusal::Spice(crate::spice::link::LinkError::PasswordRejected) => (
+                close::VNC_HANDSHAKE,
+                "console unavailable: the SPICE server refused the stored password".into(),
+            ),
+            Refusal::Spice(
+                e @ (crate::spice::link::LinkError::Client(_)
+                | crate::spice::link::LinkError::ClientFlood
+                | crate::spice::link::LinkError::ClientSasl),
+            ) => (close::PROTOCOL, trim_reason(&format!("SPICE protocol error: {e}"))),
+            Refusal::Spice(e) => (
+                close::VNC_HANDSHAKE,
+                trim_reason(&format!("console unavailable: {e}")),
+            ),
+            Refusal::SpiceChannel(why) => (close::CHANNEL, (*why).into()),
         }
     }
 }
@@ -543,15 +568,15 @@ async fn session(proxy: Arc<Proxy>, io: Io, asked: Asked, client: SocketAddr, at
     // The set-up's state is boxed, and freed once the session is up: a
     // future's size is that of its largest state, and an idle session should
     // hold only what relaying needs.
-    let opened = Box::pin(open(
-        &proxy,
-        &mut reader,
-        &mut writer,
-        &asked,
-        client,
-        attempt,
-    ))
-    .await;
+    let redeemed = match Box::pin(redeem(&proxy, &asked, client, attempt)).await {
+        Ok(r) => r,
+        Err(refusal) => return Box::pin(refuse(writer, refusal, client)).await,
+    };
+    if redeemed.0.protocol == Protocol::Spice {
+        let client_side = spice::Client::WebSocket(reader, writer);
+        return Box::pin(spice::channel(&proxy, client_side, redeemed.0, client)).await;
+    }
+    let opened = Box::pin(open(&proxy, &mut reader, &mut writer, redeemed)).await;
     match opened {
         Ok(opened) => relay_session(&proxy, reader, writer, opened, client).await,
         Err(refusal) => Box::pin(refuse(writer, refusal, client)).await,
@@ -570,18 +595,14 @@ async fn refuse(mut writer: WsWriter, refusal: Refusal, client: SocketAddr) {
     .await;
 }
 
-/// Redeems the token, connects to its target and runs the RFB security
-/// handshake if a password is stored or the session's messages are to be
-/// followed. `attempt` is the failure charged for the token, kept if it is
-/// bad and refunded otherwise.
-async fn open(
+/// Redeems the token, or a reconnect ticket for it. `attempt` is the
+/// failure charged for the token, kept if it is bad and refunded otherwise.
+async fn redeem(
     proxy: &Proxy,
-    reader: &mut WsReader,
-    writer: &mut WsWriter,
     asked: &Asked,
     client: SocketAddr,
     attempt: Attempt,
-) -> Result<Ready, Refusal> {
+) -> Result<(Redemption, Option<i64>), Refusal> {
     let token = asked.token.as_deref().ok_or(Refusal::NoToken)?;
     let mut redeemed = proxy.service.redeem(token).await.map(|r| (r, None));
     // A used single-use token comes back only with its console's ticket.
@@ -607,23 +628,25 @@ async fn open(
         }
     })?;
     tracing::debug!(%client, token_id = r.token_id, vm_id = r.vm_id, "console token accepted");
+    Ok((r, resumed_from))
+}
+
+/// Registers the session, connects to its target and runs the RFB security
+/// handshake if a password is stored or the session's messages are to be
+/// followed.
+async fn open(
+    proxy: &Proxy,
+    reader: &mut WsReader,
+    writer: &mut WsWriter,
+    (r, resumed_from): (Redemption, Option<i64>),
+) -> Result<Ready, Refusal> {
     let caller = r
         .caller_session
         .as_deref()
         .and_then(Credential::from_session);
     let registration = proxy
         .sessions
-        .register(Entry {
-            vm_id: r.vm_id,
-            user: r.user_name.clone(),
-            seen: r.revocation_seq,
-            grant: Grant {
-                user: r.user_name.clone(),
-                host: r.target_host.clone(),
-                port: r.target_port,
-                caller,
-            },
-        })
+        .register(entry(&r, caller))
         .map_err(Refusal::TooMany)?;
     // A revocation made since the token was redeemed ends the session
     // before it starts; one made while it is set up ends it at once.
@@ -641,6 +664,21 @@ async fn open(
         left,
         registration,
     })
+}
+
+/// What the registry keeps of a session of `r`.
+fn entry(r: &Redemption, caller: Option<Credential>) -> Entry {
+    Entry {
+        vm_id: r.vm_id,
+        user: r.user_name.clone(),
+        seen: r.revocation_seq,
+        grant: Grant {
+            user: r.user_name.clone(),
+            host: r.target_host.clone(),
+            port: r.target_port,
+            caller,
+        },
+    }
 }
 
 /// A session ready to relay.

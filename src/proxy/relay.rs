@@ -22,7 +22,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Mutex, Notify, watch};
 use tokio::time::Instant;
 
-use super::inspect::{Broken, Downstream, Upstream};
+use super::inspect::Broken;
 use super::sessions::Stop;
 use crate::metrics::SessionOutcome;
 use crate::websocket::frame::OpCode;
@@ -115,6 +115,13 @@ pub enum Deadline {
     TokenExpiry,
 }
 
+/// What a session whose messages are followed does with one direction's
+/// bytes: the RFB rules ([`super::inspect`]) or SPICE's main channel.
+pub trait Filter {
+    /// What goes on for `data` (possibly nothing, or more than came).
+    fn pass<'a>(&'a mut self, data: &'a [u8]) -> Result<&'a [u8], End>;
+}
+
 /// Bytes relayed in each direction.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Counts {
@@ -172,7 +179,7 @@ impl From<Broken> for End {
 /// `inspect`, each side's bytes go through it; without, they pass as they
 /// are.
 #[allow(clippy::too_many_arguments)]
-pub async fn run<R, W>(
+pub async fn run<R, W, U, D>(
     reader: &mut Reader<R>,
     writer: &Mutex<Writer<W>>,
     tcp_rx: &mut OwnedReadHalf,
@@ -180,11 +187,13 @@ pub async fn run<R, W>(
     stop: &mut watch::Receiver<Option<Stop>>,
     timers: Timers,
     counts: &mut Counts,
-    inspect: Option<(&mut Upstream, &mut Downstream)>,
+    inspect: Option<(&mut U, &mut D)>,
 ) -> End
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
+    U: Filter,
+    D: Filter,
 {
     let Counts {
         to_client,
@@ -218,7 +227,7 @@ where
                             None => &buf[..n],
                             Some(d) => match d.pass(&buf[..n]) {
                                 Ok(out) => out,
-                                Err(broken) => return broken.into(),
+                                Err(end) => return end,
                             },
                         };
                         let n = data.len();
@@ -254,7 +263,7 @@ where
                         None => data,
                         Some(u) => match u.pass(data) {
                             Ok(out) => out,
-                            Err(broken) => return broken.into(),
+                            Err(end) => return end,
                         },
                     };
                     if data.is_empty() {

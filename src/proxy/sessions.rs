@@ -40,6 +40,9 @@ struct Live {
     record: Option<i64>,
     grant: Arc<Grant>,
     stop: watch::Sender<Option<Stop>>,
+    /// Counted against the limits: a console, not one more SPICE channel
+    /// of a console already counted.
+    counted: bool,
 }
 
 impl Live {
@@ -127,8 +130,10 @@ impl Drop for Registration {
         if let Ok(mut t) = self.sessions.table.lock()
             && let Some(gone) = t.live.remove(&self.id)
         {
-            decrement(&mut t.per_vm, &gone.vm_id);
-            decrement(&mut t.per_user, &gone.user);
+            if gone.counted {
+                decrement(&mut t.per_vm, &gone.vm_id);
+                decrement(&mut t.per_user, &gone.user);
+            }
             if t.live.is_empty() {
                 self.sessions.emptied.notify_waiters();
             }
@@ -233,32 +238,68 @@ impl Sessions {
 
     /// Registers a new session unless it would break a limit.
     pub fn register(self: &Arc<Self>, entry: Entry) -> Result<Registration, LimitHit> {
+        self.insert(entry, None, true)
+    }
+
+    /// Registers another channel of the SPICE session recorded as `record`
+    /// (whose main channel may live on another node): it ends with every
+    /// revocation of that session, and is not counted as a console of its
+    /// own.
+    pub fn register_channel(self: &Arc<Self>, entry: Entry, record: i64) -> Registration {
+        match self.insert(entry.clone(), Some(record), false) {
+            Ok(r) => r,
+            // Unreachable: an uncounted entry meets no limit. A poisoned
+            // table still gives a registration, stopped at once.
+            Err(_) => {
+                let (_tx, rx) = watch::channel(Some(Stop::Shutdown));
+                Registration {
+                    id: u64::MAX,
+                    checked: AtomicI64::new(entry.seen),
+                    sessions: Arc::clone(self),
+                    stop: rx,
+                }
+            }
+        }
+    }
+
+    fn insert(
+        self: &Arc<Self>,
+        entry: Entry,
+        record: Option<i64>,
+        counted: bool,
+    ) -> Result<Registration, LimitHit> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let mut t = self.table.lock().map_err(|_| LimitHit::Total)?;
         let (tx, rx) = watch::channel(t.closing);
         let l = self.limits;
-        if l.total > 0 && t.live.len() >= l.total {
-            return Err(LimitHit::Total);
-        }
-        if l.per_vm > 0 && t.per_vm.get(&entry.vm_id).copied().unwrap_or(0) >= l.per_vm {
-            return Err(LimitHit::Vm);
-        }
-        if l.per_user > 0 && t.per_user.get(entry.user.as_str()).copied().unwrap_or(0) >= l.per_user
-        {
-            return Err(LimitHit::User);
+        if counted {
+            if l.total > 0 && t.live.len() >= l.total {
+                return Err(LimitHit::Total);
+            }
+            if l.per_vm > 0 && t.per_vm.get(&entry.vm_id).copied().unwrap_or(0) >= l.per_vm {
+                return Err(LimitHit::Vm);
+            }
+            if l.per_user > 0
+                && t.per_user.get(entry.user.as_str()).copied().unwrap_or(0) >= l.per_user
+            {
+                return Err(LimitHit::User);
+            }
         }
         let user: Arc<str> = Arc::from(entry.user.as_str());
-        *t.per_vm.entry(entry.vm_id).or_default() += 1;
-        *t.per_user.entry(Arc::clone(&user)).or_default() += 1;
+        if counted {
+            *t.per_vm.entry(entry.vm_id).or_default() += 1;
+            *t.per_user.entry(Arc::clone(&user)).or_default() += 1;
+        }
         t.live.insert(
             id,
             Live {
                 vm_id: entry.vm_id,
                 user,
                 seen: entry.seen,
-                record: None,
+                record,
                 grant: Arc::new(entry.grant),
                 stop: tx,
+                counted,
             },
         );
         Ok(Registration {

@@ -164,6 +164,12 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         })
     }
 
+    /// Whether the data last returned ended its frame: a client that sends
+    /// each message as one frame (spice-html5 does) ends a message there.
+    pub fn at_frame_end(&self) -> bool {
+        matches!(self.state, State::Header | State::Payload { left: 0, .. })
+    }
+
     /// Parses what is buffered; `None` means more bytes are needed.
     fn step(&mut self) -> Result<Option<Found>, ReadError> {
         loop {

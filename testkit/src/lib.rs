@@ -1,5 +1,5 @@
 //! Test kit for vncbroker: runs the real `vncbroker` binary, real VNC
-//! servers (QEMU, TigerVNC's Xvnc) and a private PostgreSQL, and talks to
+//! servers (QEMU's VNC and SPICE, TigerVNC's Xvnc) and a private PostgreSQL, and talks to
 //! them as clients do: HTTP/1.1, WebSocket and the browser side of RFB.
 //!
 //! It drives the broker only as a process and over the network, so the
@@ -15,6 +15,7 @@ pub mod pg;
 pub mod process;
 pub mod qemu;
 pub mod rfb;
+pub mod spice;
 pub mod sqlite;
 pub mod ws;
 pub mod xvnc;
@@ -31,6 +32,7 @@ pub use net::{CutRelay, TinyServer, closed_port, free_port, port_open};
 pub use process::{clean_env, fd_count, steady_count, stop_child, stop_group, tail};
 pub use qemu::Qemu;
 pub use rfb::{ServerInit, rfb_handshake};
+pub use spice::SpiceQemu;
 pub use sqlite::{SessionRow, sqlite_session_rows};
 pub use ws::{Ws, WsEnd, WsOptions};
 pub use xvnc::{Typewriter, Xvnc};

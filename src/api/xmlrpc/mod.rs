@@ -209,6 +209,7 @@ impl Failure {
             ServiceError::NoSuchSession(_) | ServiceError::NoRecording { .. } => code::NO_EXISTS,
             ServiceError::SessionOver(_) => code::ACTION,
             ServiceError::NotAllowed(_) => code::AUTHORIZATION,
+            ServiceError::WrongProtocol { .. } => code::ACTION,
             ServiceError::BadParameter(_) => code::XML_RPC_API,
             ServiceError::Store(_) | ServiceError::Unavailable(_) | ServiceError::Internal(_) => {
                 code::INTERNAL
@@ -342,6 +343,9 @@ async fn revoke(state: &ApiState, params: &[Value]) -> Result<Value, Failure> {
     Ok(Value::Int(i64::try_from(done.tokens).unwrap_or(i64::MAX)))
 }
 
+/// The answer of `one.vm.novnctoken`, one struct for either protocol: the
+/// method keeps the name OpenNebula's clients know, and `protocol` ("vnc"
+/// or "spice") says which client opens the console.
 fn minted_value(m: Minted) -> Value {
     Value::Struct(vec![
         ("token".into(), Value::Str(m.token)),
@@ -352,6 +356,7 @@ fn minted_value(m: Minted) -> Value {
         ("vm_id".into(), Value::Int(m.vm_id)),
         ("single_use".into(), Value::Bool(m.single_use)),
         ("view_only".into(), Value::Bool(m.view_only)),
+        ("protocol".into(), Value::Str(m.protocol.as_str().into())),
     ])
 }
 

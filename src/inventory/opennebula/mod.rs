@@ -232,8 +232,8 @@ impl Inventory for OpenNebulaInventory {
 
     async fn console(&self, cred: &Credential, vm_id: i64) -> Result<Console, InventoryError> {
         let doc = self.vm_doc(&session_of(cred), vm_id).await?;
-        let target = doc.vnc_target().map_err(|e| match e {
-            ConsoleError::NoVnc(why) => InventoryError::NoConsole { vm_id, why },
+        let target = doc.console_target().map_err(|e| match e {
+            ConsoleError::NoConsole(why) => InventoryError::NoConsole { vm_id, why },
             ConsoleError::NotLive(why) => InventoryError::NotAvailable { vm_id, why },
         })?;
         let policy = doc.policy().map_err(|e| InventoryError::NotAvailable {
@@ -247,7 +247,7 @@ impl Inventory for OpenNebulaInventory {
             port: target.port,
             vnc_password: target.password,
             policy,
-            protocol: crate::protocol::Protocol::Vnc,
+            protocol: target.protocol,
             // oned alone knows the caller's rights (ownership, groups,
             // ACLs), so live sessions are re-checked with their session.
             recheck_as: Some(cred.clone()),
@@ -320,7 +320,7 @@ impl Inventory for OpenNebulaInventory {
                     continue;
                 }
             };
-            out.push(match doc.vnc_target() {
+            out.push(match doc.console_target() {
                 Ok(t) if t.host == g.host && t.port == g.port => Verdict::Continue,
                 Ok(_) => Verdict::End(Lapse::VmMoved),
                 Err(_) => Verdict::End(Lapse::VmStopped),
@@ -334,7 +334,7 @@ impl Inventory for OpenNebulaInventory {
             return Ok(true);
         };
         let doc = self.vm_doc(session, vm_id).await?;
-        Ok(match doc.vnc_target() {
+        Ok(match doc.console_target() {
             Ok(t) => t.host == host && t.port == port,
             Err(_) => false,
         })

@@ -9,6 +9,8 @@
 use quick_xml::Reader;
 use quick_xml::events::Event;
 
+use crate::protocol::Protocol;
+
 /// Largest VM document accepted. Real ones are a few KiB to a few hundred.
 pub const MAX_DOC: usize = 4 << 20;
 /// Deepest element nesting accepted.
@@ -28,11 +30,14 @@ pub struct VmDoc {
     /// HOSTNAME of the last history record: where the VM runs now.
     pub hostname: Option<String>,
     /// The broker's settings in the VM template's `VNCBROKER` vector
-    /// (`CONTROL`, `CLIPBOARD`, `RECORD`), as written. Only TEMPLATE is
-    /// read: the VM's owner can edit USER_TEMPLATE.
+    /// (`CONTROL`, `CLIPBOARD`, `RECORD`, `USB_REDIRECT`, `MICROPHONE`), as
+    /// written. Only TEMPLATE is read: the VM's owner can edit
+    /// USER_TEMPLATE.
     pub broker_control: Option<String>,
     pub broker_clipboard: Option<String>,
     pub broker_record: Option<String>,
+    pub broker_usb_redirect: Option<String>,
+    pub broker_microphone: Option<String>,
 }
 
 impl std::fmt::Debug for VmDoc {
@@ -52,6 +57,8 @@ impl std::fmt::Debug for VmDoc {
             .field("broker_control", &self.broker_control)
             .field("broker_clipboard", &self.broker_clipboard)
             .field("broker_record", &self.broker_record)
+            .field("broker_usb_redirect", &self.broker_usb_redirect)
+            .field("broker_microphone", &self.broker_microphone)
             .finish()
     }
 }
@@ -152,6 +159,12 @@ pub fn parse(xml: &str) -> Result<VmDoc, DocError> {
                         doc.broker_clipboard = Some(value)
                     }
                     ["VM", "TEMPLATE", "VNCBROKER", "RECORD"] => doc.broker_record = Some(value),
+                    ["VM", "TEMPLATE", "VNCBROKER", "USB_REDIRECT"] => {
+                        doc.broker_usb_redirect = Some(value)
+                    }
+                    ["VM", "TEMPLATE", "VNCBROKER", "MICROPHONE"] => {
+                        doc.broker_microphone = Some(value)
+                    }
                     ["VM", "HISTORY_RECORDS", "HISTORY", "SEQ"] | ["VM", "HISTORY", "SEQ"] => {
                         if let Some(h) = current.as_mut() {
                             h.seq = value.parse().ok();
@@ -211,28 +224,32 @@ pub const LIVE_LCM_STATES: &[i64] = &[3, 4, 12, 13, 16, 17, 18, 24, 25, 26, 27, 
 /// Why a parsed VM has no console to offer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConsoleError {
-    /// No GRAPHICS, or not VNC: OpenNebula's "no such object" (0x0400).
+    /// No GRAPHICS, or neither VNC nor SPICE: OpenNebula's "no such
+    /// object" (0x0400).
     #[error("{0}")]
-    NoVnc(String),
+    NoConsole(String),
     /// Not in a state with a live console: OpenNebula's action error (0x0800).
     #[error("{0}")]
     NotLive(String),
 }
 
-/// Where a VM's VNC console is, per its document.
+/// Where a VM's console is, per its document: the hypervisor host, the
+/// GRAPHICS port, and GRAPHICS/PASSWD (the VNC or SPICE password).
 #[derive(Clone, PartialEq, Eq)]
-pub struct VncTarget {
+pub struct ConsoleTarget {
     pub host: String,
     pub port: u16,
     pub password: Option<String>,
+    pub protocol: Protocol,
 }
 
-impl std::fmt::Debug for VncTarget {
+impl std::fmt::Debug for ConsoleTarget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VncTarget")
+        f.debug_struct("ConsoleTarget")
             .field("host", &self.host)
             .field("port", &self.port)
             .field("password", &self.password.as_ref().map(|_| "<set>"))
+            .field("protocol", &self.protocol)
             .finish()
     }
 }
@@ -249,28 +266,38 @@ impl VmDoc {
                 .as_deref()
                 .map(str::parse)
                 .transpose()?,
-            usb_redirect: None,
-            microphone: None,
             record: self
                 .broker_record
                 .as_deref()
                 .map(|r| parse_flag("record", r))
                 .transpose()?,
+            usb_redirect: self
+                .broker_usb_redirect
+                .as_deref()
+                .map(|r| parse_flag("usb_redirect", r))
+                .transpose()?,
+            microphone: self
+                .broker_microphone
+                .as_deref()
+                .map(|r| parse_flag("microphone", r))
+                .transpose()?,
         })
     }
 
-    /// The VNC console of this VM, or why there is none.
-    pub fn vnc_target(&self) -> Result<VncTarget, ConsoleError> {
-        match self.graphics_type.as_deref() {
-            None => return Err(ConsoleError::NoVnc("the VM has no GRAPHICS section".into())),
-            Some(t) if !t.eq_ignore_ascii_case("vnc") => {
-                let shown: String = t.chars().take(16).collect();
-                return Err(ConsoleError::NoVnc(format!(
-                    "the VM's console is {shown}, not VNC"
-                )));
+    /// The console of this VM (VNC or SPICE, GRAPHICS/TYPE in any case),
+    /// or why there is none.
+    pub fn console_target(&self) -> Result<ConsoleTarget, ConsoleError> {
+        let protocol = match self.graphics_type.as_deref() {
+            None => {
+                return Err(ConsoleError::NoConsole(
+                    "the VM has no GRAPHICS section with a TYPE".into(),
+                ));
             }
-            Some(_) => {}
-        }
+            Some(t) => t.parse::<Protocol>().map_err(|_| {
+                let shown: String = t.chars().take(16).collect();
+                ConsoleError::NoConsole(format!("the VM's console is {shown:?}, not VNC or SPICE"))
+            })?,
+        };
         let state = self.state.as_deref().and_then(|s| s.parse::<i64>().ok());
         let lcm = self
             .lcm_state
@@ -289,15 +316,21 @@ impl VmDoc {
             .as_deref()
             .and_then(|p| p.parse::<u16>().ok())
             .filter(|p| *p > 0)
-            .ok_or_else(|| ConsoleError::NotLive("the VM has no VNC port assigned".into()))?;
+            .ok_or_else(|| {
+                ConsoleError::NotLive(format!(
+                    "the VM has no {} port assigned",
+                    protocol.as_str().to_uppercase()
+                ))
+            })?;
         let host = self
             .hostname
             .clone()
             .ok_or_else(|| ConsoleError::NotLive("the VM is not placed on a host".into()))?;
-        Ok(VncTarget {
+        Ok(ConsoleTarget {
             host,
             port,
             password: self.graphics_passwd.clone().filter(|p| !p.is_empty()),
+            protocol,
         })
     }
 }
@@ -329,13 +362,13 @@ mod tests {
             (Some("3"), Some("69"))
         );
         // LCM_STATE 69 (BACKUP) is not one where Sunstone offered a console.
-        assert!(matches!(d.vnc_target(), Err(ConsoleError::NotLive(_))));
+        assert!(matches!(d.console_target(), Err(ConsoleError::NotLive(_))));
     }
 
     #[test]
     fn raw_cdata_document_running() {
         let d = parse(&fixture("02-quattor-rpcdata-one.vm.info-raw-cdata.xml")).unwrap();
-        let t = d.vnc_target().unwrap();
+        let t = d.console_target().unwrap();
         assert_eq!(
             (t.host.as_str(), t.port, t.password),
             ("hyp101", 5960, None)
@@ -349,7 +382,7 @@ mod tests {
         assert_eq!(d.id.as_deref(), Some("%%VMID%%"));
         assert_eq!(d.hostname.as_deref(), Some("wn1"));
         // LCM_STATE 2 (BOOT): no console yet.
-        assert!(matches!(d.vnc_target(), Err(ConsoleError::NotLive(_))));
+        assert!(matches!(d.console_target(), Err(ConsoleError::NotLive(_))));
     }
 
     #[test]
@@ -357,7 +390,10 @@ mod tests {
         let d = parse(&fixture("04-opennebula-one-oca-ruby-fixture-vm.xml")).unwrap();
         assert_eq!(d.id.as_deref(), Some("6"));
         assert!(d.hostname.is_some());
-        assert!(matches!(d.vnc_target(), Err(ConsoleError::NoVnc(_))));
+        assert!(matches!(
+            d.console_target(),
+            Err(ConsoleError::NoConsole(_))
+        ));
     }
 
     /// A modern running VM built from the 6.99 document: migrated once, with
@@ -376,7 +412,7 @@ mod tests {
         let g = "<LISTEN><![CDATA[0.0.0.0]]></LISTEN><PASSWD><![CDATA[s3cr&t]]></PASSWD>\
                  <PORT><![CDATA[5907]]></PORT><RANDOM_PASSWD>YES</RANDOM_PASSWD><TYPE><![CDATA[VNC]]></TYPE>";
         let d = parse(&migrated(g, "3", "3")).unwrap();
-        let t = d.vnc_target().unwrap();
+        let t = d.console_target().unwrap();
         assert_eq!(
             (t.host.as_str(), t.port, t.password.as_deref()),
             ("new-host", 5907, Some("s3cr&t"))
@@ -391,7 +427,7 @@ mod tests {
             assert!(
                 parse(&migrated(g, "3", &lcm.to_string()))
                     .unwrap()
-                    .vnc_target()
+                    .console_target()
                     .is_ok(),
                 "{lcm}"
             );
@@ -406,7 +442,7 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    parse(&migrated(g, state, lcm)).unwrap().vnc_target(),
+                    parse(&migrated(g, state, lcm)).unwrap().console_target(),
                     Err(ConsoleError::NotLive(_))
                 ),
                 "{state}/{lcm}"
@@ -456,24 +492,115 @@ mod tests {
     }
 
     #[test]
-    fn console_type_checks() {
-        for g in ["<PORT>5900</PORT><TYPE>SPICE</TYPE>", "<PORT>5900</PORT>"] {
-            assert!(matches!(
-                parse(&migrated(g, "3", "3")).unwrap().vnc_target(),
-                Err(ConsoleError::NoVnc(_))
-            ));
+    fn spice_consoles_in_any_case_with_their_password() {
+        let g = "<LISTEN><![CDATA[0.0.0.0]]></LISTEN><PASSWD><![CDATA[sp1ce&pw]]></PASSWD>\
+                 <PORT><![CDATA[5942]]></PORT><RANDOM_PASSWD>YES</RANDOM_PASSWD><TYPE><![CDATA[SPICE]]></TYPE>";
+        let t = parse(&migrated(g, "3", "3"))
+            .unwrap()
+            .console_target()
+            .unwrap();
+        assert_eq!(
+            (t.host.as_str(), t.port, t.password.as_deref(), t.protocol),
+            ("new-host", 5942, Some("sp1ce&pw"), Protocol::Spice)
+        );
+        assert!(!format!("{t:?}").contains("sp1ce"));
+        for ty in ["spice", "Spice", "VNC"] {
+            let g = format!("<PORT>5900</PORT><TYPE>{ty}</TYPE>");
+            let t = parse(&migrated(&g, "3", "3"))
+                .unwrap()
+                .console_target()
+                .unwrap();
+            let want = if ty == "VNC" {
+                Protocol::Vnc
+            } else {
+                Protocol::Spice
+            };
+            assert_eq!((t.protocol, t.password), (want, None), "{ty}");
         }
+        // A SPICE VM that is off has no console, like a VNC one.
+        let g = "<PORT>5900</PORT><TYPE>SPICE</TYPE>";
+        assert!(matches!(
+            parse(&migrated(g, "8", "0")).unwrap().console_target(),
+            Err(ConsoleError::NotLive(_))
+        ));
+        let e = parse(&migrated("<TYPE>SPICE</TYPE>", "3", "3"))
+            .unwrap()
+            .console_target()
+            .unwrap_err();
+        assert_eq!(
+            e,
+            ConsoleError::NotLive("the VM has no SPICE port assigned".into())
+        );
+    }
+
+    #[test]
+    fn spice_device_policy_comes_from_the_template_only() {
+        use crate::policy::VmPolicy;
+        let doc = |template: &str, user: &str| {
+            format!(
+                "<VM><STATE>3</STATE><LCM_STATE>3</LCM_STATE><TEMPLATE>{template}</TEMPLATE>\
+                 <USER_TEMPLATE>{user}</USER_TEMPLATE></VM>"
+            )
+        };
+        let set = "<VNCBROKER><MICROPHONE><![CDATA[YES]]></MICROPHONE>\
+                   <USB_REDIRECT>yes</USB_REDIRECT></VNCBROKER>";
+        let p = parse(&doc(set, "")).unwrap().policy().unwrap();
+        assert_eq!(
+            p,
+            VmPolicy {
+                usb_redirect: Some(true),
+                microphone: Some(true),
+                ..VmPolicy::default()
+            }
+        );
+        let off =
+            "<VNCBROKER><MICROPHONE>no</MICROPHONE><USB_REDIRECT>NO</USB_REDIRECT></VNCBROKER>";
+        let p = parse(&doc(off, "")).unwrap().policy().unwrap();
+        assert_eq!((p.usb_redirect, p.microphone), (Some(false), Some(false)));
+        // The owner's USER_TEMPLATE turns no device on.
+        let p = parse(&doc("", set)).unwrap().policy().unwrap();
+        assert_eq!(p, VmPolicy::default());
+        for bad in [
+            "<VNCBROKER><USB_REDIRECT>sometimes</USB_REDIRECT></VNCBROKER>",
+            "<VNCBROKER><MICROPHONE>loud</MICROPHONE></VNCBROKER>",
+        ] {
+            let e = parse(&doc(bad, "")).unwrap().policy().unwrap_err();
+            assert!(e.to_string().contains("yes, no"), "{e}");
+        }
+    }
+
+    #[test]
+    fn console_type_checks() {
+        for g in [
+            "<PORT>5900</PORT><TYPE>SDL</TYPE>",
+            "<PORT>5900</PORT><TYPE>rdp</TYPE>",
+            "<PORT>5900</PORT>",
+        ] {
+            let e = parse(&migrated(g, "3", "3"))
+                .unwrap()
+                .console_target()
+                .unwrap_err();
+            assert!(matches!(e, ConsoleError::NoConsole(_)), "{g}: {e:?}");
+        }
+        let e = parse(&migrated("<PORT>5900</PORT><TYPE>SDL</TYPE>", "3", "3"))
+            .unwrap()
+            .console_target()
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "the VM's console is \"SDL\", not VNC or SPICE"
+        );
         let no_graphics = "<VM><STATE>3</STATE><LCM_STATE>3</LCM_STATE><TEMPLATE/></VM>";
         assert!(matches!(
-            parse(no_graphics).unwrap().vnc_target(),
-            Err(ConsoleError::NoVnc(_))
+            parse(no_graphics).unwrap().console_target(),
+            Err(ConsoleError::NoConsole(_))
         ));
         for port in ["", "abc", "70000", "0"] {
             let g = format!("<PORT>{port}</PORT><TYPE>vnc</TYPE>");
             assert!(
                 parse(&migrated(&g, "3", "3"))
                     .unwrap()
-                    .vnc_target()
+                    .console_target()
                     .is_err(),
                 "{port:?}"
             );
@@ -481,7 +608,7 @@ mod tests {
         let pending = "<VM><STATE>3</STATE><LCM_STATE>3</LCM_STATE><TEMPLATE><GRAPHICS><PORT>5900</PORT>\
                        <TYPE>vnc</TYPE></GRAPHICS></TEMPLATE><HISTORY_RECORDS/></VM>";
         assert!(matches!(
-            parse(pending).unwrap().vnc_target(),
+            parse(pending).unwrap().console_target(),
             Err(ConsoleError::NotLive(_))
         ));
     }
@@ -518,7 +645,7 @@ mod tests {
             b[i] = (x >> 32) as u8;
             b.truncate((x >> 40) as usize % (b.len() + 1));
             if let Ok(s) = std::str::from_utf8(&b) {
-                let _ = parse(s).map(|d| d.vnc_target());
+                let _ = parse(s).map(|d| d.console_target());
             }
         }
     }
