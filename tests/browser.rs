@@ -1435,16 +1435,16 @@ async fn a_view_only_spice_link_shows_view_only_and_the_vm_gets_no_keys() {
 
 /// A SPICE console says in the same words as a VNC one why it closed, and
 /// comes back in the same way: on a reusable link after a cut connection
-/// (every channel's), never after a revocation; and an expired link is
-/// explained. (The proxy does not yet take reconnect tickets on a SPICE
+/// (every channel's), never after a revocation; an expired link and a
+/// stored password the VM refuses are explained. (The proxy does not yet take reconnect tickets on a SPICE
 /// main channel, so a single-use link's cut is not tried here.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_spice_console_comes_back_after_a_cut_says_it_was_revoked_and_explains_an_expired_link() {
+async fn a_spice_console_comes_back_after_a_cut_and_says_why_it_was_revoked_expired_or_refused() {
     let relay_port = free_port();
     let broker = Broker::start(&format!(
         "[proxy]\nallowed_origins = [\"http://127.0.0.1:{relay_port}\"]\nmax_session_secs = 3600\n"
     ));
-    let _qemu = spice_vm(&broker);
+    let qemu = spice_vm(&broker);
     let relay = CutRelay::start_on(relay_port, broker.port).await;
     let control = format!("http://127.0.0.1:{}", relay.control_port);
     let revoke = format!("{}/api/v1/vms/1/console-tokens", broker.base_url());
@@ -1497,5 +1497,26 @@ async fn a_spice_console_comes_back_after_a_cut_says_it_was_revoked_and_explains
     let (r, png) = open_console_page(&t.url, "failed", "console-spice-expired.png").await;
     assert_eq!(r["status"], EXPIRED_MESSAGE, "{r:#}");
     assert_png(&png);
+
+    // A stored password the SPICE server refuses: the proxy's close, not
+    // spice-html5's "Permission denied.", is what the page says.
+    let port = qemu.port.to_string();
+    let mut args = vm_add_password_args("2", &port, USER);
+    args.extend(["--protocol", "spice"]);
+    broker.cli(&args, Some("not-the-password"));
+    let t = broker.mint_default(2).await;
+    let (r, png) = open_console_page(&t.url, "failed", "console-spice-refused.png").await;
+    assert_eq!(
+        r["status"], "The VM console refused the connection.",
+        "{r:#}"
+    );
+    assert_png(&png);
+    assert!(
+        broker
+            .log()
+            .contains("the SPICE server refused the stored password"),
+        "{}",
+        broker.log()
+    );
     assert!(!broker.log().contains(SPICE_PW));
 }

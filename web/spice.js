@@ -94,6 +94,7 @@ export class SpiceConsole extends EventTarget {
     this.canvasObserver = new MutationObserver(() => this.layout());
     this.canvasObserver.observe(this.area, { childList: true });
     this._asked = '';
+    this._lost = null;
 
     current = this;
     try {
@@ -113,11 +114,19 @@ export class SpiceConsole extends EventTarget {
   watch(ws) {
     ws.addEventListener('close', (ev) => {
       const channel = ws.parent && ws.parent.type;
+      if (channel === Constants.SPICE_CHANNEL_MAIN) {
+        this.finish(ev.code, ev.reason);
+        return;
+      }
       // A view-only link has no inputs channel: the proxy refuses it.
-      const ends = channel === Constants.SPICE_CHANNEL_MAIN ||
-                   channel === Constants.SPICE_CHANNEL_DISPLAY ||
+      const ends = channel === Constants.SPICE_CHANNEL_DISPLAY ||
                    (channel === Constants.SPICE_CHANNEL_INPUTS && !this.viewOnly);
-      if (ends) this.finish(ev.code, ev.reason);
+      // The main channel's close says best why the console ended (another
+      // may close first, refused once its token was revoked): it is given
+      // a moment to come.
+      if (ends && !this.ended && this._lost === null) {
+        this._lost = setTimeout(() => this.finish(ev.code, ev.reason), 1000);
+      }
     });
   }
 
@@ -149,6 +158,7 @@ export class SpiceConsole extends EventTarget {
     this.resizeObserver.disconnect();
     this.canvasObserver.disconnect();
     clearTimeout(this._resizeTimer);
+    clearTimeout(this._lost);
     try {
       if (this.sc) this.sc.stop();
     } catch (_) { /* channels that never opened */ }

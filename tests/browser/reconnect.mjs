@@ -14,8 +14,11 @@ if (!url || !control || !mode) {
 const timeout = Number(timeoutArg);
 const browser = await launch();
 let result = {};
+let logs = [];
 try {
-  const { page, logs } = await openPage(browser);
+  const opened = await openPage(browser);
+  const page = opened.page;
+  logs = opened.logs;
   // Every state the page passes through, in order.
   await page.addInitScript(() => {
     window.__states = [];
@@ -64,10 +67,10 @@ try {
     const b = document.getElementById('reconnect');
     return b.hidden ? null : b.textContent;
   });
-  result.logs = logs.slice(-20);
 } catch (e) {
   result.error = String(e);
 } finally {
+  result.logs = logs.slice(-30);
   await browser.close();
 }
 console.log(JSON.stringify(result));
