@@ -665,16 +665,16 @@ async fn vm(cfg: &Config, cmd: VmCmd) -> anyhow::Result<()> {
             let mut out = std::io::stdout().lock();
             writeln!(
                 out,
-                "{:<8} {:<20} {:<9} {:<28} {:<16} {:<8} {:<10} {:<10} {:<8} {:<8} {:<8} ALLOWED",
+                "{:<8} {:<20} {:<28} {:<16} {:<8} {:<10} {:<10} {:<8} {:<9} {:<8} {:<8} ALLOWED",
                 "ID",
                 "NAME",
-                "PROTOCOL",
                 "CONSOLE",
                 "OWNER",
                 "PASSWORD",
                 "CONTROL",
                 "CLIPBOARD",
                 "RECORD",
+                "PROTOCOL",
                 "USB",
                 "MIC"
             )?;
@@ -683,10 +683,9 @@ async fn vm(cfg: &Config, cmd: VmCmd) -> anyhow::Result<()> {
             for v in store.vms().await? {
                 writeln!(
                     out,
-                    "{:<8} {:<20} {:<9} {:<28} {:<16} {:<8} {:<10} {:<10} {:<8} {:<8} {:<8} {}",
+                    "{:<8} {:<20} {:<28} {:<16} {:<8} {:<10} {:<10} {:<8} {:<9} {:<8} {:<8} {}",
                     v.id,
                     v.name,
-                    v.protocol.as_str(),
                     format!("{}:{}", v.vnc_host, v.vnc_port),
                     v.owner,
                     if v.vnc_password.is_some() {
@@ -697,6 +696,7 @@ async fn vm(cfg: &Config, cmd: VmCmd) -> anyhow::Result<()> {
                     or_default(v.policy.control.map(Control::as_str)),
                     or_default(v.policy.clipboard.map(Clipboard::as_str)),
                     yes_no(v.policy.record),
+                    v.protocol.as_str(),
                     yes_no(v.policy.usb_redirect),
                     yes_no(v.policy.microphone),
                     v.allowed.join(",")
@@ -901,6 +901,7 @@ async fn token(cfg: &Config, cmd: TokenCmd) -> anyhow::Result<()> {
         view_only,
     };
     if vv {
+        crate::api::vv::proxy_origin(&public_url)?;
         let mint = service.mint_viewer_for_console(console, request).await?;
         let file = crate::api::vv::file(&mint, &public_url)?;
         return write_vv(output.as_deref(), &file);
@@ -946,12 +947,10 @@ async fn sessions(
     }
     writeln!(
         out,
-        "{:<8} {:<6} {:<12} {:<8} {:>8} {:<22} {:<18} {:<11} {:<9} {:<7} {:>12} {:>10} {:>6} {:>7} {:>9} {:>9} {:<10}  REASON",
+        "{:<8} {:<6} {:<12} {:<22} {:<18} {:<11} {:<9} {:<7} {:>12} {:>10} {:>6} {:>7} {:>9} {:>9} {:<10} {:<8} {:>8}  REASON",
         "ID",
         "VM",
         "USER",
-        "PROTOCOL",
-        "CHANNELS",
         "CLIENT",
         "NODE",
         "STARTED",
@@ -963,7 +962,9 @@ async fn sessions(
         "POINTER",
         "CLIP>VM",
         "CLIP<VM",
-        "RECORDING"
+        "RECORDING",
+        "PROTOCOL",
+        "CHANNELS"
     )?;
     let count = |n: Option<u64>| n.map_or_else(|| "-".to_owned(), |n| n.to_string());
     for s in list {
@@ -973,12 +974,10 @@ async fn sessions(
         };
         writeln!(
             out,
-            "{:<8} {:<6} {:<12} {:<8} {:>8} {:<22} {:<18} {:<11} {:<9} {:<7} {:>12} {:>10} {:>6} {:>7} {:>9} {:>9} {:<10}  {}",
+            "{:<8} {:<6} {:<12} {:<22} {:<18} {:<11} {:<9} {:<7} {:>12} {:>10} {:>6} {:>7} {:>9} {:>9} {:<10} {:<8} {:>8}  {}",
             s.id,
             s.vm_id,
             s.user,
-            s.protocol.as_str(),
-            s.channels,
             s.client_addr,
             s.node,
             s.started_at,
@@ -991,6 +990,8 @@ async fn sessions(
             count(s.clipboard_bytes_to_vm),
             count(s.clipboard_bytes_from_vm),
             s.recording_state.map_or("-", |r| r.as_str()),
+            s.protocol.as_str(),
+            s.channels,
             s.close_reason.unwrap_or_default()
         )?;
     }

@@ -211,11 +211,17 @@ pub fn client_ip_from(peer: IpAddr, headers: &HeaderMap, trusted: &[IpAddr]) -> 
 /// Longest `Proxy-Authorization` value looked into; a token's is under 100.
 const MAX_PROXY_AUTHORIZATION: usize = 1024;
 
-/// The console token in a `Proxy-Authorization` header value, as
-/// remote-viewer sends it for a `.vv` file's `proxy=<scheme>://<token>@...`:
-/// `Basic base64("<token>:")` (an empty password), or `base64("<token>")`.
-/// A non-empty password, another scheme or malformed base64 gives `None`;
-/// whether the text is a token is for the caller to check.
+/// The user a `.vv` file's proxy credential names; its password is the
+/// token. remote-viewer (GLib's HTTP proxy) sends credentials only when the
+/// proxy URL has a password, so the token cannot be the user alone.
+pub const PROXY_USER: &str = "vncbroker";
+
+/// The console token in a `Proxy-Authorization` header value: `Basic`
+/// with user [`PROXY_USER`] and the token as password, as remote-viewer
+/// sends a `.vv` file's `proxy=<scheme>://vncbroker:<token>@...`; or the
+/// token as user with no password (`curl -x`-style). Anything else (another
+/// scheme, another user, malformed base64) gives `None`; whether the text
+/// is a token is for the caller to check.
 pub fn proxy_credential(header: &[u8]) -> Option<String> {
     use base64::Engine;
     use base64::engine::general_purpose::STANDARD;
@@ -229,12 +235,13 @@ pub fn proxy_credential(header: &[u8]) -> Option<String> {
     }
     let raw = STANDARD.decode(encoded.trim()).ok()?;
     let pair = String::from_utf8(raw).ok()?;
-    let user = match pair.split_once(':') {
-        Some((user, "")) => user,
+    let token = match pair.split_once(':') {
+        Some((PROXY_USER, token)) => token,
+        Some((token, "")) => token,
         Some(_) => return None,
         None => pair.as_str(),
     };
-    (!user.is_empty()).then(|| user.to_owned())
+    (!token.is_empty()).then(|| token.to_owned())
 }
 
 #[cfg(test)]
@@ -263,13 +270,19 @@ mod tests {
             proxy_credential(basic(&token).as_bytes()),
             Some(token.clone())
         );
+        // What remote-viewer sends for a `.vv` file.
+        assert_eq!(
+            proxy_credential(basic(&format!("vncbroker:{token}")).as_bytes()),
+            Some(token.clone())
+        );
         let lower = format!("basic  {} ", STANDARD.encode(format!("{token}:")));
         assert_eq!(proxy_credential(lower.as_bytes()), Some(token.clone()));
-        // A password means a credential of some other kind: not ours.
+        // A password with another user is a credential of some other kind.
         assert_eq!(
             proxy_credential(basic(&format!("{token}:pw")).as_bytes()),
             None
         );
+        assert_eq!(proxy_credential(basic("vncbroker:").as_bytes()), None);
         for junk in [
             String::new(),
             "Basic".into(),

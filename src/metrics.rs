@@ -577,7 +577,10 @@ impl Metrics {
             );
         }
         for protocol in ["vnc", "spice"] {
-            drop(m.sessions_started.get_or_create(&ProtocolLabel { protocol }));
+            drop(
+                m.sessions_started
+                    .get_or_create(&ProtocolLabel { protocol }),
+            );
         }
         for outcome in ["complete", "incomplete", "failed"] {
             drop(m.recordings.get_or_create(&OutcomeLabel { outcome }));

@@ -639,6 +639,15 @@ impl TokenService {
     ) -> Result<Option<(String, u16)>, ServiceError> {
         use crate::metrics::{Refused, global as metrics};
         match self.redeem(token_text).await {
+            // An outside proxy would relay SPICE without the link proxy:
+            // the client would need the password, and a single-use token,
+            // which only a main channel takes, would never be used up.
+            Ok(r) if r.protocol == crate::protocol::Protocol::Spice => {
+                Err(ServiceError::BadParameter(
+                    "this token opens a SPICE console, which only vncbroker's own proxy carries"
+                        .into(),
+                ))
+            }
             Ok(r) => {
                 tracing::info!(vm_id = r.vm_id, user = %r.user_name, "token redeemed for an outside proxy");
                 Ok(Some((r.target_host, r.target_port)))

@@ -220,9 +220,20 @@ impl Cluster {
             .tempdir()
             .unwrap();
         let config = dir.path().join("vncbroker.toml");
+        // The nodes' shared key for stored VNC and SPICE passwords.
+        let mut key = [0u8; 32];
+        getrandom::fill(&mut key).unwrap();
+        std::fs::write(
+            dir.path().join("vncbroker.key"),
+            base64::engine::general_purpose::STANDARD.encode(key),
+        )
+        .unwrap();
         std::fs::write(
             &config,
-            format!("[proxy]\nrevocation_check_ms = {revocation_check_ms}\n"),
+            format!(
+                "[proxy]\nrevocation_check_ms = {revocation_check_ms}\n\n[secrets]\nkey_file = \"{}\"\n",
+                dir.path().join("vncbroker.key").display()
+            ),
         )
         .unwrap();
         let vnc = EchoVnc::start().await;
@@ -1203,4 +1214,78 @@ async fn a_single_use_console_comes_back_on_another_node_after_a_drop_or_a_drain
     assert_eq!(rows[0].1, None);
     assert_eq!(rows[1].1, Some(rows[0].0));
     assert_eq!(rows[2].1, Some(rows[1].0));
+}
+
+/// A SPICE console whose channels land on different proxies: the main
+/// channel on one records the session, another channel joins it on the
+/// other through the database, a second main channel of the single-use
+/// token is refused on either, and one revocation ends both within 2 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spice_consoles_channels_join_it_from_another_proxy() {
+    use testkit::spice::{self as sp, Linked};
+    const PW: &str = "cluster-Spice-Pw-4q";
+    let qemu = testkit::SpiceQemu::start(Some(PW));
+    let db = TestDb::create("cluster_spice").await;
+    let c = Cluster::start(&db.url, 1, 2, 60_000).await;
+    c.wait_listening(1).await;
+    let port = qemu.port.to_string();
+    let mut add = testkit::broker::vm_add_password_args("3", &port, ALICE.0);
+    add.extend(["--protocol", "spice"]);
+    // The password is sealed with the nodes' shared key.
+    testkit::broker::cli(
+        Path::new(BIN),
+        Some(&c.config),
+        &c.db_url,
+        Some(c.dir.path()),
+        &add,
+        Some(PW),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let once = c
+        .mint(ALICE, 3, json!({"ttl": 600, "single_use": true}))
+        .await;
+    let path = format!("/websockify?token={}", once.token);
+    let ws = |port: u16| {
+        let path = path.clone();
+        async move {
+            testkit::Ws::connect(port, &path, &testkit::WsOptions::binary())
+                .await
+                .unwrap()
+        }
+    };
+    let (a, b) = (c.proxies[0].port, c.proxies[1].port);
+    let mut main = ws(a).await;
+    assert_eq!(
+        sp::link(&mut main, 0, sp::CHANNEL_MAIN).await.unwrap(),
+        Linked::Ok
+    );
+    let session = sp::main_init(&mut main).await.unwrap();
+    sp::attach_channels(&mut main).await.unwrap();
+    let mut display = ws(b).await;
+    assert_eq!(
+        sp::link(&mut display, session, sp::CHANNEL_DISPLAY)
+            .await
+            .unwrap(),
+        Linked::Ok
+    );
+    sp::start_display(&mut display).await.unwrap();
+    for port in [a, b] {
+        let mut again = ws(port).await;
+        assert_eq!(
+            sp::link(&mut again, 0, sp::CHANNEL_MAIN).await.unwrap(),
+            Linked::Refused(sp::LINK_ERR_PERMISSION_DENIED)
+        );
+    }
+    let at = Instant::now();
+    let (status, _) = revoke_json(c.api_port(), ALICE, 3).await;
+    assert_eq!(status, 200);
+    for conn in [&mut main, &mut display] {
+        let (code, _) = conn.expect_close(Duration::from_secs(5)).await;
+        assert_eq!(code, CLOSE_REVOKED);
+    }
+    assert!(at.elapsed() < PROMPT, "{:?}", at.elapsed());
+    let rows = session_list(c.api_port(), ADMIN).await;
+    let spice: Vec<&Value> = rows.iter().filter(|r| r["vm_id"] == 3).collect();
+    assert_eq!(spice.len(), 1, "one row for the console: {rows:?}");
+    assert_eq!(spice[0]["protocol"], "spice");
 }

@@ -1,7 +1,8 @@
 //! SPICE VMs in the local registry, and the remote-viewer (`.vv`) files the
 //! broker writes for them: over the JSON API and `token mint --vv`, against
 //! the real binary. The file must carry no password, name the broker as its
-//! proxy with a token that redeems, and never be written for a VNC VM.
+//! proxy with a token the broker reads back, and never be written for a VNC
+//! VM.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -59,7 +60,10 @@ fn proxy_token(vv: &str) -> String {
     let rest = proxy
         .strip_prefix("https://")
         .unwrap_or_else(|| panic!("{proxy}"));
-    let (token, host) = rest.split_once('@').unwrap_or_else(|| panic!("{proxy}"));
+    let (user, host) = rest.split_once('@').unwrap_or_else(|| panic!("{proxy}"));
+    let token = user
+        .strip_prefix("vncbroker:")
+        .unwrap_or_else(|| panic!("{proxy}"));
     assert_eq!(host, "console.example.test:443", "{proxy}");
     token.to_owned()
 }
@@ -78,6 +82,23 @@ async fn redeem(b: &Broker, token: &str) -> (u16, Value) {
         r.status,
         serde_json::from_slice(&r.body).unwrap_or_default(),
     )
+}
+
+/// The status of a CONNECT to the broker with `token` as the proxy
+/// credential, as remote-viewer opens its tunnels.
+async fn tunnel_status(b: &Broker, token: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", b.port))
+        .await
+        .unwrap();
+    let auth = STANDARD.encode(format!("vncbroker:{token}"));
+    let req = format!(
+        "CONNECT vm-5:5900 HTTP/1.1\r\nHost: vm-5:5900\r\nProxy-Authorization: Basic {auth}\r\n\r\n"
+    );
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut head = [0u8; 12];
+    tcp.read_exact(&mut head).await.unwrap();
+    std::str::from_utf8(&head[9..12]).unwrap().parse().unwrap()
 }
 
 async fn vv_file(b: &Broker, vm: i64, query: &str) -> HttpResponse {
@@ -126,17 +147,17 @@ async fn a_spice_vms_file_has_no_password_and_its_proxy_credential_redeems() {
         "{token}"
     );
 
-    // remote-viewer puts the proxy URL's user into Proxy-Authorization,
-    // with an empty password; the broker reads it back and it redeems.
-    let auth = format!("Basic {}", STANDARD.encode(format!("{token}:")));
+    // remote-viewer puts the proxy URL's user and password into
+    // Proxy-Authorization; the broker reads the token back.
+    let auth = format!("Basic {}", STANDARD.encode(format!("vncbroker:{token}")));
     let read = vncbroker::edge::proxy_credential(auth.as_bytes()).expect("a credential");
     assert_eq!(read, token);
-    let (status, target) = redeem(&b, &read).await;
-    assert_eq!(status, 200, "{target}");
-    assert_eq!(
-        target,
-        serde_json::json!({"host": "127.0.0.1", "port": 5905})
-    );
+    // It opens the console through the broker's own tunnel (tests/spice.rs
+    // links channels through it); an outside websockify gets no SPICE
+    // target, which it would relay without the link proxy.
+    let (status, answer) = redeem(&b, &read).await;
+    assert_eq!(status, 409, "{answer}");
+    assert_eq!(answer["error"]["code"], "wrong_protocol", "{answer}");
     assert!(!b.log().contains(&token), "the token is in the log");
 
     // A file a second time is a new token.
@@ -201,7 +222,7 @@ async fn mint_answers_say_the_protocol_and_the_cli_writes_files() {
     assert_eq!(key(&vv, "type"), Some("spice"), "{vv}");
     assert!(!vv.contains("password"), "{vv}");
     let token = proxy_token(&vv);
-    assert_eq!(redeem(&b, &token).await.0, 200);
+    assert_eq!(tunnel_status(&b, &token).await, 200);
 
     let path = b.dir.path().join("vm-5.vv");
     let out = b.cli(
@@ -210,7 +231,7 @@ async fn mint_answers_say_the_protocol_and_the_cli_writes_files() {
     );
     assert_eq!(out, "");
     let written = std::fs::read_to_string(&path).unwrap();
-    assert_eq!(redeem(&b, &proxy_token(&written)).await.0, 200);
+    assert_eq!(tunnel_status(&b, &proxy_token(&written)).await, 200);
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -231,4 +252,148 @@ async fn mint_answers_say_the_protocol_and_the_cli_writes_files() {
         assert!(err.contains(why), "{err}");
     }
     assert_eq!(std::fs::read_to_string(&path).unwrap(), written);
+}
+
+/// A process killed when the test ends, passing or not.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        stop_child(&mut self.0, std::time::Duration::from_secs(3));
+    }
+}
+
+/// Pixels of VGA text's light grey (168, 168, 168) in an XWD screenshot of
+/// a 32-bit TrueColor screen: SeaBIOS's messages, when the VM's screen is
+/// shown.
+fn vga_text_pixels(xwd: &[u8]) -> usize {
+    if xwd.len() < 100 {
+        return 0;
+    }
+    let word =
+        |i: usize| u32::from_be_bytes([xwd[i * 4], xwd[i * 4 + 1], xwd[i * 4 + 2], xwd[i * 4 + 3]]);
+    let (header, width, height, bytes_per_line, colours) =
+        (word(0), word(4), word(5), word(12), word(19));
+    let Some(image) = xwd.get((header + colours * 12) as usize..) else {
+        return 0;
+    };
+    if image.len() < (height * bytes_per_line) as usize || bytes_per_line < width * 4 {
+        return 0;
+    }
+    (0..height as usize)
+        .flat_map(|y| {
+            let row = &image[y * bytes_per_line as usize..];
+            (0..width as usize).map(move |x| &row[x * 4..x * 4 + 3])
+        })
+        .filter(|p| p == &[168, 168, 168])
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_viewer_shows_the_vms_screen_through_the_broker() {
+    use std::process::{Command, Stdio};
+    use std::time::Duration;
+    let qemu = testkit::SpiceQemu::start(Some(SPICE_PW));
+    let b = Broker::start("");
+    b.cli(
+        &[
+            "vm",
+            "add",
+            "7",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &qemu.port.to_string(),
+            "--owner",
+            USER,
+            "--protocol",
+            "spice",
+            "--password-stdin",
+        ],
+        Some(SPICE_PW),
+    );
+    let r = vv_file(&b, 7, "").await;
+    assert_eq!(r.status, 200);
+    // The file names the broker's configured address; this broker listens
+    // on a port of its own.
+    let vv: String = String::from_utf8(r.body)
+        .unwrap()
+        .lines()
+        .map(|l| match l.strip_prefix("proxy=") {
+            Some(p) => format!("proxy={}:{}", p.rsplit_once(':').unwrap().0, b.port),
+            None if l == "delete-this-file=1" => "delete-this-file=0".into(),
+            None => l.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(!vv.contains(SPICE_PW) && !vv.contains("password"), "{vv}");
+    let file = b.dir.path().join("vm-7.vv");
+    std::fs::write(&file, format!("{vv}\n")).unwrap();
+
+    // Xvfb picks a free display and says which.
+    let mut xvfb = Command::new("Xvfb")
+        .args([
+            "-displayfd",
+            "1",
+            "-screen",
+            "0",
+            "1024x768x24",
+            "-nolisten",
+            "tcp",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("Xvfb (package xvfb)");
+    let mut out = xvfb.stdout.take().unwrap();
+    let xvfb = Reaped(xvfb);
+    let display = {
+        use std::io::Read;
+        let mut s = String::new();
+        let mut byte = [0u8; 1];
+        while out.read(&mut byte).unwrap_or(0) == 1 && byte[0] != b'\n' {
+            s.push(byte[0] as char);
+        }
+        format!(":{}", s.trim())
+    };
+    let viewer = Reaped(
+        Command::new("remote-viewer")
+            .arg(&file)
+            .env("DISPLAY", &display)
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(b.dir.path().join("rv.log")).unwrap(),
+            ))
+            .spawn()
+            .expect("remote-viewer (package virt-viewer)"),
+    );
+    // The VM's screen appears in the viewer's window.
+    let shot = b.dir.path().join("screen.xwd");
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    let mut text = 0;
+    while std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let xwd = Command::new("xwd")
+            .args(["-root", "-silent", "-display", &display])
+            .output()
+            .expect("xwd (package x11-apps)");
+        text = vga_text_pixels(&xwd.stdout);
+        if text > 500 {
+            std::fs::write(&shot, &xwd.stdout).unwrap();
+            break;
+        }
+    }
+    let _ = std::fs::copy(&shot, artifacts_dir().join("remote-viewer-screen.xwd"));
+    assert!(
+        text > 500,
+        "the VM's text never showed in remote-viewer; its log: {}",
+        std::fs::read_to_string(b.dir.path().join("rv.log")).unwrap_or_default()
+    );
+    let live = b.sessions();
+    assert_eq!(live.len(), 1, "{live:?}");
+    drop(viewer);
+    drop(xvfb);
+    let rows = b.ended_sessions(1).await;
+    assert!(rows[0].bytes_to_client > 10_000, "{rows:?}");
+    assert!(!b.log().contains(SPICE_PW));
 }

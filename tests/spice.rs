@@ -32,6 +32,7 @@ async fn open_main(broker: &Broker, token: &str) -> (Ws, u32) {
     let linked = sp::link(&mut main, 0, sp::CHANNEL_MAIN).await.unwrap();
     assert_eq!(linked, Linked::Ok, "{}", broker.log());
     let id = sp::main_init(&mut main).await.unwrap();
+    sp::attach_channels(&mut main).await.unwrap();
     (main, id)
 }
 
@@ -65,7 +66,7 @@ fn qemu_with_usb() -> SpiceQemu {
             "-device",
             "usb-redir,chardev=usbredir2,id=redir2",
             "-audiodev",
-            "none,id=snd0",
+            "spice,id=snd0",
             "-device",
             "intel-hda",
             "-device",
@@ -102,9 +103,13 @@ async fn a_single_use_token_opens_one_console_of_eight_channels_once() {
         assert_eq!(linked, Linked::Ok, "channel {kind}/{id}: {}", qemu.log());
         channels.push(c);
     }
-    // The display channel carries the screen.
-    let (kind, _) = sp::message(&mut channels[0]).await.unwrap();
-    assert!(kind > 0, "a display message");
+    // The display channel carries the screen once the client says its
+    // cache sizes (DISPLAY_INIT): a surface, then drawing.
+    let kinds = sp::start_display(&mut channels[0]).await.unwrap();
+    assert!(
+        kinds.contains(&314),
+        "SURFACE_CREATE before drawing: {kinds:?}"
+    );
 
     // A second main channel with the same single-use token is refused,
     // and so is a channel that names no session of this token.
@@ -134,23 +139,32 @@ async fn a_single_use_token_opens_one_console_of_eight_channels_once() {
         c.expect_end(Duration::from_secs(10)).await;
     }
     let rows = broker.ended_sessions(1).await;
-    let (count, protocol) = channels_of(&broker, rows[0].id);
+    // Each channel adds itself to the row as it ends.
+    let (count, protocol) = poll_until("8 channels in the row", Duration::from_secs(10), || {
+        let (n, p) = channels_of(&broker, rows[0].id);
+        (n == 8).then_some((n, p))
+    })
+    .await;
     assert_eq!((count, protocol.as_str()), (8, "spice"));
+    let rows = broker.sessions();
     assert!(rows[0].bytes_to_client > main.received.len() as i64);
     let mut all: Vec<&Ws> = channels.iter().collect();
     all.push(&main);
     assert_no_leak(&broker, &all);
     let metrics = scrape(broker.port).await;
     assert_eq!(
-        metric(&metrics, "vncbroker_sessions_started_total{protocol=\"spice\"}"),
-        Some(1.0)
+        metric(
+            &metrics,
+            "vncbroker_sessions_started_total{protocol=\"spice\"}"
+        ),
+        1.0
     );
     assert_eq!(
         metric(
             &metrics,
             "vncbroker_spice_channels_total{channel=\"usbredir\",outcome=\"linked\"}"
         ),
-        Some(2.0)
+        2.0
     );
 }
 
@@ -167,7 +181,7 @@ fn channels_of(broker: &Broker, id: i64) -> (i64, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_ends_every_channel_within_two_seconds() {
-    let qemu = SpiceQemu::start(Some(SPICE_PW));
+    let qemu = qemu_with_usb();
     let broker = Broker::start("[proxy]\nrevocation_check_ms = 200\n");
     add_spice_vm(&broker, 2, qemu.port, Some(SPICE_PW), &[]);
     let t = broker.mint_default(2).await;
@@ -200,9 +214,15 @@ async fn a_revocation_ends_every_channel_within_two_seconds() {
 async fn a_view_only_token_cannot_link_inputs_or_devices() {
     let qemu = SpiceQemu::start(Some(SPICE_PW));
     let broker = Broker::start("");
-    add_spice_vm(&broker, 3, qemu.port, Some(SPICE_PW), &["--usb-redirect", "yes"]);
+    add_spice_vm(
+        &broker,
+        3,
+        qemu.port,
+        Some(SPICE_PW),
+        &["--usb-redirect", "yes"],
+    );
     let t = broker.mint_view_only(3).await;
-    let (_main, session) = open_main(&broker, &t.token).await;
+    let (mut main, session) = open_main(&broker, &t.token).await;
     let mut display = ws(&broker, &t.token).await;
     assert_eq!(
         sp::link(&mut display, session, sp::CHANNEL_DISPLAY)
@@ -210,6 +230,8 @@ async fn a_view_only_token_cannot_link_inputs_or_devices() {
             .unwrap(),
         Linked::Ok
     );
+    // The viewer sees the screen.
+    sp::start_display(&mut display).await.unwrap();
     for kind in [sp::CHANNEL_INPUTS, sp::CHANNEL_USBREDIR, sp::CHANNEL_RECORD] {
         let mut c = ws(&broker, &t.token).await;
         assert_eq!(
@@ -219,8 +241,11 @@ async fn a_view_only_token_cannot_link_inputs_or_devices() {
         );
         let (code, reason) = c.expect_close(Duration::from_secs(5)).await;
         assert_eq!(code, 4406);
-        assert!(reason.contains("not available"), "{reason}");
+        assert!(reason.contains("view only"), "{reason}");
     }
+    // A SPICE server takes one client at a time: this console ends first.
+    main.close_normal().await;
+    broker.ended_sessions(1).await;
     // A control token of a VM that does not take devices gets inputs, but
     // no USB and no microphone.
     add_spice_vm(&broker, 4, qemu.port, Some(SPICE_PW), &[]);
@@ -264,20 +289,27 @@ async fn a_wrong_stored_password_gets_a_clear_message() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_stored_password_the_server_decides() {
-    // A server without ticketing takes any ticket: the client's passes.
+    // A server without ticketing takes any well-sealed ticket: the
+    // client's own passes.
     let open = SpiceQemu::start(None);
     let broker = Broker::start("");
     add_spice_vm(&broker, 6, open.port, None, &[]);
     let t = broker.mint_default(6).await;
-    let (_main, session) = open_main(&broker, &t.token).await;
+    let mut main = ws(&broker, &t.token).await;
+    let linked = sp::link_as(&mut main, 0, sp::CHANNEL_MAIN, 0, Some(""))
+        .await
+        .unwrap();
+    assert_eq!(linked, Linked::Ok);
+    let session = sp::main_init(&mut main).await.unwrap();
     let mut display = ws(&broker, &t.token).await;
     assert_eq!(
-        sp::link(&mut display, session, sp::CHANNEL_DISPLAY)
+        sp::link_as(&mut display, session, sp::CHANNEL_DISPLAY, 0, Some("x"))
             .await
             .unwrap(),
         Linked::Ok
     );
-    // A server with a password refuses the client's noise.
+    // A server with a password refuses the client's noise, and takes the
+    // client's ticket if it knows the password.
     let locked = SpiceQemu::start(Some(SPICE_PW));
     add_spice_vm(&broker, 7, locked.port, None, &[]);
     let t = broker.mint_default(7).await;
@@ -285,6 +317,13 @@ async fn without_a_stored_password_the_server_decides() {
     assert_eq!(
         sp::link(&mut main, 0, sp::CHANNEL_MAIN).await.unwrap(),
         Linked::Failed(sp::LINK_ERR_PERMISSION_DENIED)
+    );
+    let mut main = ws(&broker, &t.token).await;
+    assert_eq!(
+        sp::link_as(&mut main, 0, sp::CHANNEL_MAIN, 0, Some(SPICE_PW))
+            .await
+            .unwrap(),
+        Linked::Ok
     );
 }
 
@@ -308,4 +347,116 @@ async fn hostile_link_messages_are_refused_and_the_broker_lives() {
     // console still opens after all this.
     let (_main, _) = open_main(&broker, &t.token).await;
     broker.assert_alive();
+}
+
+/// Opens a CONNECT tunnel through the broker with `credential` as its
+/// Basic proxy credential; returns the status line and, on 200, the tunnel.
+async fn connect(broker: &Broker, credential: Option<&str>) -> (String, tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", broker.port))
+        .await
+        .unwrap();
+    let mut req = "CONNECT vm-1:5900 HTTP/1.1\r\nHost: vm-1:5900\r\n".to_string();
+    if let Some(c) = credential {
+        use base64::Engine as _;
+        let b = base64::engine::general_purpose::STANDARD.encode(format!("vncbroker:{c}"));
+        req.push_str(&format!("Proxy-Authorization: Basic {b}\r\n"));
+    }
+    req.push_str("\r\n");
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    // The answer's head, byte by byte: nothing of the tunnel is read.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut b))
+            .await
+            .expect("an answer to CONNECT")
+            .unwrap();
+        assert!(n == 1, "closed before the answer's end: {head:?}");
+        head.push(b[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    (head.lines().next().unwrap_or("").to_owned(), tcp)
+}
+
+/// The token of a `.vv` file's `proxy=http://<token>@host:port`.
+fn vv_token(vv: &str) -> String {
+    let proxy = vv
+        .lines()
+        .find_map(|l| l.strip_prefix("proxy="))
+        .unwrap_or_else(|| panic!("no proxy= in {vv}"));
+    let rest = proxy.split_once("://").unwrap().1;
+    let user = rest.split_once('@').unwrap().0;
+    user.strip_prefix("vncbroker:").unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_viewers_tunnel_carries_every_channel_with_the_token_as_credential() {
+    let qemu = SpiceQemu::start(Some(SPICE_PW));
+    let broker = Broker::start("");
+    add_spice_vm(&broker, 9, qemu.port, Some(SPICE_PW), &[]);
+    broker.add_vm(10, closed_port(), None);
+    let vv = broker
+        .api_get("/api/v1/vms/9/console.vv", USER, USER_PW)
+        .await;
+    assert_eq!(vv.status, 200);
+    let vv = String::from_utf8(vv.body).unwrap();
+    assert!(!vv.contains(SPICE_PW) && !vv.contains("password="), "{vv}");
+    let token = vv_token(&vv);
+
+    // No credential, a made-up one, and a VNC console's token.
+    assert!(connect(&broker, None).await.0.contains(" 407 "));
+    assert!(
+        connect(&broker, Some(&unknown_token()))
+            .await
+            .0
+            .contains(" 407 ")
+    );
+    let vnc = broker.mint_default(10).await;
+    assert!(connect(&broker, Some(&vnc.token)).await.0.contains(" 403 "));
+
+    // The main channel and the display, each through its own tunnel.
+    let (status, mut main) = connect(&broker, Some(&token)).await;
+    assert!(status.contains(" 200 "), "{status}");
+    assert_eq!(
+        sp::link(&mut main, 0, sp::CHANNEL_MAIN).await.unwrap(),
+        Linked::Ok
+    );
+    let session = sp::main_init(&mut main).await.unwrap();
+    sp::attach_channels(&mut main).await.unwrap();
+    let (_, mut display) = connect(&broker, Some(&token)).await;
+    assert_eq!(
+        sp::link(&mut display, session, sp::CHANNEL_DISPLAY)
+            .await
+            .unwrap(),
+        Linked::Ok
+    );
+    sp::start_display(&mut display).await.unwrap();
+    let rows = broker.sessions();
+    assert_eq!(rows.len(), 1);
+    assert!(rows[0].ended_at.is_none());
+
+    // A revocation closes the tunnels too.
+    assert_eq!(broker.revoke(9, USER, USER_PW).await, 1);
+    for t in [&mut main, &mut display] {
+        use tokio::io::AsyncReadExt;
+        let mut sink = vec![0u8; 64 * 1024];
+        let end = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match t.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(end.is_ok(), "a tunnel outlived its revocation");
+    }
+    let rows = broker.ended_sessions(1).await;
+    assert_eq!(rows[0].close_reason.as_deref(), Some("revoked"));
+    assert!(!broker.log().contains(SPICE_PW));
+    assert!(
+        !broker.log().contains(&token),
+        "the raw token is in the log"
+    );
 }

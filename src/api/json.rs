@@ -275,6 +275,17 @@ pub async fn viewer_file(
     let vm_id = vm_id(&id)?;
     let Query(q) =
         query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text()))?;
+    // A broker whose address no client can reach writes no file, and mints
+    // no token for one.
+    let no_file = |e: super::vv::VvError| {
+        tracing::error!(error = %e, "no remote-viewer file can be written");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("no remote-viewer file: {e}"),
+        )
+    };
+    super::vv::proxy_origin(state.service.public_url()).map_err(no_file)?;
     let (cred, attempt, ip) = login(&state, peer, &headers).await?;
     let request = MintRequest {
         ttl: q.ttl,
@@ -285,14 +296,7 @@ pub async fn viewer_file(
         .scope(ip, state.service.mint_viewer(&cred, vm_id, request))
         .await;
     settle(attempt, &minted);
-    let body = super::vv::file(&minted?, state.service.public_url()).map_err(|e| {
-        tracing::error!(error = %e, "no remote-viewer file can be written");
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "the broker's public_url cannot be written into a remote-viewer file",
-        )
-    })?;
+    let body = super::vv::file(&minted?, state.service.public_url()).map_err(no_file)?;
     let disposition = format!("attachment; filename=\"{}\"", super::vv::file_name(vm_id));
     Ok((
         [
@@ -542,5 +546,11 @@ mod tests {
         assert!(v["openapi"].as_str().unwrap().starts_with("3."));
         assert!(v["paths"]["/api/v1/vms/{id}/console-tokens"]["post"].is_object());
         assert!(v["paths"]["/api/v1/vms/{id}/console-tokens"]["delete"].is_object());
+        assert!(v["paths"]["/api/v1/vms/{id}/console.vv"]["get"].is_object());
+        let token = &v["components"]["schemas"]["ConsoleToken"];
+        assert_eq!(
+            token["properties"]["protocol"]["enum"],
+            json!(["vnc", "spice"])
+        );
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! The file sends virt-viewer through the broker as an HTTP proxy: it opens
 //! `CONNECT vm-<id>:5900` on the broker's own listener with the token as the
-//! proxy user, and the broker ignores the CONNECT target, taking the console
+//! proxy password (of user `vncbroker`: remote-viewer sends no credential
+//! without a password), and the broker ignores the CONNECT target, taking the console
 //! from the token. The SPICE password stays with the broker, so the file has
 //! none; [`crate::edge::proxy_credential`] reads the token back out of the
 //! `Proxy-Authorization` header.
@@ -32,15 +33,22 @@ pub enum VvError {
     TokenForm,
 }
 
-/// The `.vv` file of a minted SPICE token, to be fetched through the broker
-/// at `public_url` (its scheme, host and port name the proxy; a path is
-/// ignored, since CONNECT goes to the listener itself).
-pub fn file(mint: &ViewerMint, public_url: &str) -> Result<String, VvError> {
+/// The proxy a file names: `public_url`'s scheme, host and port (a path is
+/// ignored, since CONNECT goes to the listener itself). Callers check it
+/// before minting, so that no token is made for a file that cannot be.
+pub fn proxy_origin(public_url: &str) -> Result<Origin, VvError> {
     let origin = Origin::parse(public_url.trim())
         .ok_or_else(|| VvError::PublicUrl(public_url.to_owned()))?;
     if matches!(origin.host.as_str(), "0.0.0.0" | "[::]") {
         return Err(VvError::Wildcard(origin.host));
     }
+    Ok(origin)
+}
+
+/// The `.vv` file of a minted SPICE token, to be fetched through the broker
+/// at `public_url`.
+pub fn file(mint: &ViewerMint, public_url: &str) -> Result<String, VvError> {
+    let origin = proxy_origin(public_url)?;
     let m = &mint.minted;
     let token_ok = m
         .token
@@ -58,7 +66,7 @@ pub fn file(mint: &ViewerMint, public_url: &str) -> Result<String, VvError> {
          type=spice\n\
          host=vm-{id}\n\
          port={PLACEHOLDER_PORT}\n\
-         proxy={scheme}://{token}@{host}:{port}\n\
+         proxy={scheme}://{user}:{token}@{host}:{port}\n\
          title=VM {id}{mode}\n\
          delete-this-file=1\n\
          toggle-fullscreen=shift+f11\n\
@@ -69,6 +77,7 @@ pub fn file(mint: &ViewerMint, public_url: &str) -> Result<String, VvError> {
          enable-smartcard=0\n",
         id = m.vm_id,
         scheme = origin.scheme,
+        user = crate::edge::PROXY_USER,
         token = m.token,
         host = origin.host,
         port = origin.port,
@@ -136,7 +145,7 @@ mod tests {
         assert!(!vv.contains("password"), "{vv}");
         let vv = file(&mint(&token, false, true), "http://10.0.0.5:8640/broker").unwrap();
         assert!(
-            vv.contains(&format!("\nproxy=http://{token}@10.0.0.5:8640\n")),
+            vv.contains(&format!("\nproxy=http://vncbroker:{token}@10.0.0.5:8640\n")),
             "{vv}"
         );
         assert!(vv.contains("\nenable-usbredir=1\n"), "{vv}");

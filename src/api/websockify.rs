@@ -69,6 +69,11 @@ async fn lookup(
             Json(json!({"error": {"code": "not_found", "message": "token invalid or expired"}})),
         )
             .into_response(),
+        Err(crate::service::ServiceError::BadParameter(why)) => (
+            StatusCode::CONFLICT,
+            Json(json!({"error": {"code": "wrong_protocol", "message": why}})),
+        )
+            .into_response(),
         Err(e) => {
             let msg = super::client_message(&e);
             (

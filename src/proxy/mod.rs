@@ -233,6 +233,7 @@ impl Refusal {
             }
             Refusal::Handshake(e) => e.to_string(),
             Refusal::Spice(e) => e.to_string(),
+            Refusal::SpiceChannel(why) => (*why).to_owned(),
             other => format!("{other:?}"),
         }
     }
@@ -303,6 +304,10 @@ impl Refusal {
                 | crate::spice::link::LinkError::ClientFlood
                 | crate::spice::link::LinkError::ClientSasl),
             ) => (close::PROTOCOL, trim_reason(&format!("SPICE protocol error: {e}"))),
+            Refusal::Spice(crate::spice::link::LinkError::Timeout) => (
+                close::TIMEOUT,
+                "console unavailable: the SPICE link timed out".into(),
+            ),
             Refusal::Spice(e) => (
                 close::VNC_HANDSHAKE,
                 trim_reason(&format!("console unavailable: {e}")),
@@ -456,12 +461,16 @@ pub async fn upgrade(
     accept(proxy, client, req).await
 }
 
-/// Any other path: a WebSocket request is proxied, anything else is 404.
+/// Any other path: a WebSocket request is proxied, a CONNECT is a SPICE
+/// tunnel (remote-viewer), anything else is 404.
 pub async fn upgrade_any_path(
     State(proxy): State<Arc<Proxy>>,
     ConnectInfo(client): ConnectInfo<SocketAddr>,
     req: Request,
 ) -> Response<Body> {
+    if req.method() == axum::http::Method::CONNECT {
+        return tunnel(proxy, client, req).await;
+    }
     if !upgrade::is_upgrade(req.headers()) {
         return StatusCode::NOT_FOUND.into_response();
     }
@@ -552,6 +561,84 @@ async fn accept(proxy: Arc<Proxy>, peer: SocketAddr, req: Request) -> Response<B
         }
     });
     accepted.response()
+}
+
+/// `CONNECT`: remote-viewer's way to a SPICE console through the broker, one
+/// tunnel per channel, with the token as its proxy credential. The target
+/// it names is ignored: the token's console is the only place it goes. A
+/// bad token gets 407, so the viewer says its credential was refused.
+async fn tunnel(proxy: Arc<Proxy>, peer: SocketAddr, req: Request) -> Response<Body> {
+    let (mut parts, _body) = req.into_parts();
+    let set = &proxy.settings;
+    let client = SocketAddr::new(
+        edge::client_ip_from(peer.ip(), &parts.headers, &set.trusted_proxies),
+        peer.port(),
+    );
+    let auth_needed = |why: &'static str| {
+        (
+            StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            [(header::PROXY_AUTHENTICATE, "Basic realm=\"vncbroker\"")],
+            why,
+        )
+            .into_response()
+    };
+    let token = parts
+        .headers
+        .get(header::PROXY_AUTHORIZATION)
+        .and_then(|v| edge::proxy_credential(v.as_bytes()));
+    if token.is_none() {
+        return auth_needed("a console token is needed as the proxy credential");
+    }
+    let Some(on_upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "connection cannot be tunnelled",
+        )
+            .into_response();
+    };
+    let attempt = match set.limiter.begin(client.ip()).await {
+        Ok(a) => a,
+        Err(why) => {
+            if why == Refused::Spent {
+                tokio::time::sleep(set.limiter.delay()).await;
+            }
+            return (StatusCode::TOO_MANY_REQUESTS, why.to_string()).into_response();
+        }
+    };
+    let asked = Asked {
+        token,
+        ticket: None,
+    };
+    let r = match Box::pin(redeem(&proxy, &asked, client, attempt)).await {
+        Ok((r, _)) => r,
+        Err(refusal) => {
+            crate::metrics::global().refused(refusal.metric());
+            tracing::info!(%client, detail = %refusal.detail(), "SPICE tunnel refused");
+            return match refusal {
+                Refusal::NoToken | Refusal::BadToken => {
+                    auth_needed("console token invalid or expired")
+                }
+                other => (StatusCode::SERVICE_UNAVAILABLE, other.close().1).into_response(),
+            };
+        }
+    };
+    if r.protocol != Protocol::Spice {
+        return (
+            StatusCode::FORBIDDEN,
+            "this console speaks VNC: open it in the browser",
+        )
+            .into_response();
+    }
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let io = spice::Client::Tunnel(TokioIo::new(upgraded));
+                spice::channel(&proxy, io, r, client).await
+            }
+            Err(e) => tracing::debug!(%client, error = %e, "SPICE tunnel not established"),
+        }
+    });
+    StatusCode::OK.into_response()
 }
 
 /// What a WebSocket request brought: its token, and the reconnect ticket
@@ -796,6 +883,7 @@ async fn relay_session(
             return Box::pin(refuse(writer, Refusal::StoreDown(e.to_string()), client)).await;
         }
     };
+    crate::metrics::global().session_started(Protocol::Vnc);
     let mut recorder = None;
     let mut recording = policy.record.then_some(RecordingState::Incomplete);
     if policy.record {

@@ -82,8 +82,12 @@ impl Client {
                 }
                 Ok(Event::Ping(p)) => Ok(Got::Ping(p.to_vec())),
                 Ok(Event::Pong) => Ok(Got::Data { message_end: false }),
-                Ok(Event::Text) => Err(Refusal::Handshake(super::handshake::HandshakeError::TextFrame).into()),
-                Ok(Event::Close(_)) | Err(ReadError::Eof | ReadError::Io(_)) => Err(Stop::ClientGone),
+                Ok(Event::Text) => {
+                    Err(Refusal::Handshake(super::handshake::HandshakeError::TextFrame).into())
+                }
+                Ok(Event::Close(_)) | Err(ReadError::Eof | ReadError::Io(_)) => {
+                    Err(Stop::ClientGone)
+                }
                 Err(ReadError::Frame(e)) => Err(Refusal::Handshake(
                     super::handshake::HandshakeError::ClientProtocol {
                         code: e.close_code(),
@@ -158,7 +162,7 @@ pub async fn channel(proxy: &Proxy, mut client: Client, r: Redemption, addr: Soc
         Ok(Ok(asked)) => asked,
         Ok(Err(stop)) => return turn_away(client, &mut link, stop, "unknown", addr).await,
         Err(_) => {
-            let stop = Stop::Refuse(Refusal::HandshakeTimeout);
+            let stop = Stop::Refuse(Refusal::Spice(LinkError::Timeout));
             return turn_away(client, &mut link, stop, "unknown", addr).await;
         }
     };
@@ -183,7 +187,7 @@ pub async fn channel(proxy: &Proxy, mut client: Client, r: Redemption, addr: Soc
         linked = tokio::time::timeout(
             proxy.settings.handshake_timeout,
             server_link(proxy, &mut client, &mut link, &r),
-        ) => linked.unwrap_or(Err(Stop::Refuse(Refusal::HandshakeTimeout))),
+        ) => linked.unwrap_or(Err(Stop::Refuse(Refusal::Spice(LinkError::Timeout)))),
     };
     let tcp = match linked {
         Ok(tcp) => tcp,
@@ -196,7 +200,17 @@ pub async fn channel(proxy: &Proxy, mut client: Client, r: Redemption, addr: Soc
     match joins {
         None => Box::pin(run_main(proxy, client, tcp, done, r, registration, addr)).await,
         Some(session_id) => {
-            Box::pin(run_joined(proxy, client, tcp, done, r, registration, session_id, addr)).await
+            Box::pin(run_joined(
+                proxy,
+                client,
+                tcp,
+                done,
+                r,
+                registration,
+                session_id,
+                addr,
+            ))
+            .await
         }
     }
 }
@@ -228,7 +242,8 @@ async fn admit_main(
     if asked.connection_id != 0 {
         return Err((
             link_err::BAD_CONNECTION_ID,
-            Refusal::SpiceChannel("a SPICE main channel cannot rejoin a session: open the console again",
+            Refusal::SpiceChannel(
+                "a SPICE main channel cannot rejoin a session: open the console again",
             ),
         ));
     }
@@ -262,23 +277,19 @@ async fn admit_joining(
 ) -> Result<(Registration, Option<i64>), Turned> {
     if !crate::spice::channel_allowed(asked.channel_type, &r.policy) {
         let why = match asked.channel_type {
-            channel::INPUTS => "channel not available: this console link is view only",
+            _ if r.policy.view_only => "channel not available: this console link is view only",
             channel::USBREDIR | channel::SMARTCARD | channel::WEBDAV => {
                 "channel not available: this VM does not take the client's devices"
             }
             channel::RECORD => "channel not available: this VM does not take the microphone",
             _ => "channel not available",
         };
-        return Err((
-            link_err::CHANNEL_NOT_AVAILABLE,
-            Refusal::SpiceChannel(why),
-        ));
+        return Err((link_err::CHANNEL_NOT_AVAILABLE, Refusal::SpiceChannel(why)));
     }
     let no_session = || {
         (
             link_err::BAD_CONNECTION_ID,
-            Refusal::SpiceChannel("no live console session of this link for this channel",
-            ),
+            Refusal::SpiceChannel("no live console session of this link for this channel"),
         )
     };
     if asked.connection_id == 0 {
@@ -454,7 +465,13 @@ async fn run_main(
     // Up to MAIN_INIT, which names the session.
     let first = tokio::time::timeout(
         proxy.settings.handshake_timeout,
-        until_session_id(&mut client, &mut tcp, &mut down, &done.to_client, &mut counts),
+        until_session_id(
+            &mut client,
+            &mut tcp,
+            &mut down,
+            &done.to_client,
+            &mut counts,
+        ),
     )
     .await;
     let spice_session_id = match first {
@@ -465,7 +482,7 @@ async fn run_main(
         }
         Err(_) => {
             let mut link = LinkProxy::new(None, Framing::Stream);
-            let stop = Stop::Refuse(Refusal::HandshakeTimeout);
+            let stop = Stop::Refuse(Refusal::Spice(LinkError::Timeout));
             return turn_away(client, &mut link, stop, "main", addr).await;
         }
     };
@@ -477,7 +494,10 @@ async fn run_main(
             let stop = Stop::Refuse(Refusal::RecordingUnavailable(why));
             return turn_away(client, &mut link, stop, "main", addr).await;
         }
-        tracing::warn!(vm_id = r.vm_id, "SPICE session not recorded (only VNC sessions are); it goes on");
+        tracing::warn!(
+            vm_id = r.vm_id,
+            "SPICE session not recorded (only VNC sessions are); it goes on"
+        );
     }
     let record = NewSession {
         token_id: r.token_id,

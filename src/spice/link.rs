@@ -75,6 +75,9 @@ pub enum LinkError {
     ClientFlood,
     #[error("the SPICE server sent more than a link handshake holds before it was linked")]
     ServerFlood,
+    /// Set by the caller: the link did not finish in time.
+    #[error("the SPICE link timed out")]
+    Timeout,
 }
 
 /// The words of a link error, as operators read them.
@@ -206,9 +209,7 @@ impl LinkProxy {
         if let Phase::Asked(link) = &self.phase {
             let link = link.clone();
             self.link = Some(link);
-            let size = self
-                .client_link_len()
-                .unwrap_or(LINK_HEADER_LEN);
+            let size = self.client_link_len().unwrap_or(LINK_HEADER_LEN);
             self.to_server.extend(self.client_in.drain(..size));
             self.phase = Phase::ServerReply;
         }
@@ -239,7 +240,8 @@ impl LinkProxy {
     /// The length of the client's link message with its header, once its
     /// header is in.
     fn client_link_len(&self) -> Option<usize> {
-        let head: &[u8; LINK_HEADER_LEN] = self.client_in.get(..LINK_HEADER_LEN)?.try_into().ok()?;
+        let head: &[u8; LINK_HEADER_LEN] =
+            self.client_in.get(..LINK_HEADER_LEN)?.try_into().ok()?;
         wire::link_header(head)
             .ok()
             .map(|size| LINK_HEADER_LEN + size as usize)
@@ -248,6 +250,11 @@ impl LinkProxy {
     fn advance_client(&mut self, message_end: bool) -> Result<(), LinkError> {
         match self.phase {
             Phase::ClientLink => {
+                // Not SPICE at all is known from the first four bytes.
+                if self.client_in.len() >= 4 && self.client_in[..4] != wire::MAGIC {
+                    self.to_client = wire::error_reply(link_err::INVALID_MAGIC);
+                    return Err(LinkError::Client(WireError::Magic));
+                }
                 let Some(head) = self.client_in.get(..LINK_HEADER_LEN) else {
                     return Ok(());
                 };
@@ -429,7 +436,10 @@ mod tests {
             let Phase::Asked(asked) = p.phase().clone() else {
                 panic!("{:?}", p.phase())
             };
-            assert_eq!((asked.connection_id, asked.channel_type), (0, channel::MAIN));
+            assert_eq!(
+                (asked.connection_id, asked.channel_type),
+                (0, channel::MAIN)
+            );
             assert!(p.take_to_server().is_empty(), "nothing goes before admit");
             p.admit();
             assert_eq!(p.take_to_server(), link);
@@ -460,15 +470,22 @@ mod tests {
         let server = ServerKey::new();
         let mut p = LinkProxy::new(None, Framing::Stream);
         // A client without auth selection sends no mechanism word.
-        p.feed_client(&build::link_mess(7, channel::DISPLAY, common_cap::AUTH_SPICE, &[]), false)
-            .unwrap();
+        p.feed_client(
+            &build::link_mess(7, channel::DISPLAY, common_cap::AUTH_SPICE, &[]),
+            false,
+        )
+        .unwrap();
         p.admit();
         p.take_to_server();
         p.feed_server(&build::link_reply(&server.spki(), SERVER_CAPS))
             .unwrap();
         let theirs = client_ticket(false, TICKET_LEN);
         p.feed_client(&theirs[..100], false).unwrap();
-        assert_eq!(p.phase(), &Phase::ClientTicket, "a stream ticket is 128 bytes");
+        assert_eq!(
+            p.phase(),
+            &Phase::ClientTicket,
+            "a stream ticket is 128 bytes"
+        );
         p.feed_client(&theirs[100..], false).unwrap();
         assert_eq!(p.take_to_server(), theirs);
         assert!(!p.finish().is_some_and(|l| l.mini_header));
@@ -479,8 +496,11 @@ mod tests {
         let server = ServerKey::new();
         // Refused by the caller.
         let mut p = LinkProxy::new(Some("pw".into()), Framing::Messages);
-        p.feed_client(&build::link_mess(5, channel::INPUTS, CLIENT_CAPS, &[]), true)
-            .unwrap();
+        p.feed_client(
+            &build::link_mess(5, channel::INPUTS, CLIENT_CAPS, &[]),
+            true,
+        )
+        .unwrap();
         p.refuse(link_err::CHANNEL_NOT_AVAILABLE);
         assert!(p.take_to_server().is_empty());
         let out = p.take_to_client();
@@ -498,7 +518,10 @@ mod tests {
             .unwrap_err();
         assert_eq!(e, LinkError::ServerRefused(link_err::NEED_SECURED));
         assert!(e.to_string().contains("tls-channel"), "{e}");
-        assert_eq!(p.take_to_client(), wire::error_reply(link_err::NEED_SECURED));
+        assert_eq!(
+            p.take_to_client(),
+            wire::error_reply(link_err::NEED_SECURED)
+        );
         // SASL only.
         let mut p = LinkProxy::new(Some("pw".into()), Framing::Messages);
         p.feed_client(&build::link_mess(0, channel::MAIN, CLIENT_CAPS, &[]), true)
@@ -516,13 +539,17 @@ mod tests {
         p.admit();
         p.feed_server(&build::link_reply(&server.spki(), SERVER_CAPS))
             .unwrap();
-        p.feed_client(&client_ticket(true, TICKET_LEN), true).unwrap();
+        p.feed_client(&client_ticket(true, TICKET_LEN), true)
+            .unwrap();
         p.take_to_client();
         assert_eq!(
             p.feed_server(&link_err::PERMISSION_DENIED.to_le_bytes()),
             Err(LinkError::PasswordRejected)
         );
-        assert_eq!(p.take_to_client(), link_err::PERMISSION_DENIED.to_le_bytes());
+        assert_eq!(
+            p.take_to_client(),
+            link_err::PERMISSION_DENIED.to_le_bytes()
+        );
         // A client that picks SASL.
         let mut p = LinkProxy::new(Some("pw".into()), Framing::Messages);
         p.feed_client(&build::link_mess(0, channel::MAIN, CLIENT_CAPS, &[]), true)
@@ -538,7 +565,7 @@ mod tests {
     #[test]
     fn hostile_input_is_refused_without_buffering() {
         // Not SPICE at all (an RFB greeting, an HTTP request).
-        for junk in [&b"RFB 003.008\n...."[..], b"GET / HTTP/1.1\r\n\r\n"] {
+        for junk in [&b"RFB "[..], b"GET / HTTP/1.1\r\n\r\n"] {
             let mut p = LinkProxy::new(None, Framing::Stream);
             assert!(matches!(
                 p.feed_client(junk, false),

@@ -40,7 +40,14 @@ mod tests {
         for kind in [c::MAIN, c::DISPLAY, c::INPUTS, c::CURSOR, c::PLAYBACK] {
             assert!(channel_allowed(kind, &plain), "{}", c::name(kind));
         }
-        for kind in [c::RECORD, c::USBREDIR, c::SMARTCARD, c::WEBDAV, c::TUNNEL, 42] {
+        for kind in [
+            c::RECORD,
+            c::USBREDIR,
+            c::SMARTCARD,
+            c::WEBDAV,
+            c::TUNNEL,
+            42,
+        ] {
             assert!(!channel_allowed(kind, &plain), "{}", c::name(kind));
         }
         let devices = SessionPolicy {

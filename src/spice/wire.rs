@@ -354,12 +354,7 @@ mod tests {
 
     #[test]
     fn link_messages_read_back() {
-        let m = build::link_mess(
-            0xabcd,
-            channel::DISPLAY,
-            common_cap::MINI_HEADER,
-            &[5, 6],
-        );
+        let m = build::link_mess(0xabcd, channel::DISPLAY, common_cap::MINI_HEADER, &[5, 6]);
         let size = link_header(m[..16].try_into().unwrap()).unwrap();
         assert_eq!(size as usize, m.len() - 16);
         let mess = link_mess(&m[16..]).unwrap();

@@ -73,10 +73,7 @@ impl SpiceQemu {
         match password {
             Some(pw) => {
                 spice.push_str(",password-secret=spicepw");
-                args.extend([
-                    "-object".into(),
-                    format!("secret,id=spicepw,data={pw}"),
-                ]);
+                args.extend(["-object".into(), format!("secret,id=spicepw,data={pw}")]);
             }
             None => spice.push_str(",disable-ticketing=on"),
         }
@@ -214,6 +211,18 @@ pub async fn link_channel(
     channel_type: u8,
     channel_id: u8,
 ) -> Result<Linked, String> {
+    link_as(pipe, connection_id, channel_type, channel_id, None).await
+}
+
+/// Links one channel with a real ticket for `password` (sealed with the
+/// key the reply carried), or with noise.
+pub async fn link_as(
+    pipe: &mut impl Pipe,
+    connection_id: u32,
+    channel_type: u8,
+    channel_id: u8,
+    password: Option<&str>,
+) -> Result<Linked, String> {
     pipe.send(&link_message_for(connection_id, channel_type, channel_id))
         .await?;
     let head = pipe.recv_exact(16).await?;
@@ -226,7 +235,24 @@ pub async fn link_channel(
         return Ok(Linked::Refused(error));
     }
     let mut ticket = 1u32.to_le_bytes().to_vec();
-    ticket.extend((0..128u32).map(|i| (i * 37 + 11) as u8));
+    match password {
+        Some(pw) => {
+            use rsa::pkcs8::DecodePublicKey;
+            let key = rsa::PublicKey::from_public_key_der(&body[4..166])
+                .map_err(|e| format!("the reply's key: {e}"))?;
+            let mut plain = pw.as_bytes().to_vec();
+            plain.push(0);
+            let sealed = key
+                .encrypt(
+                    &mut getrandom::SysRng,
+                    rsa::Oaep::<sha1::Sha1>::new(),
+                    &plain,
+                )
+                .map_err(|e| e.to_string())?;
+            ticket.extend_from_slice(&sealed);
+        }
+        None => ticket.extend((0..128u32).map(|i| (i * 37 + 11) as u8)),
+    }
     pipe.send(&ticket).await?;
     let result = word(&pipe.recv_exact(4).await?, 0);
     Ok(if result == 0 {
@@ -234,6 +260,27 @@ pub async fn link_channel(
     } else {
         Linked::Failed(result)
     })
+}
+
+/// DISPLAY_INIT's body as spice-gtk sends it: cache ids and sizes.
+pub const DISPLAY_INIT: [u8; 14] = [
+    1, 0, 0, 0x40, 0x01, 0, 0, 0, 0, // pixmap cache 1, 20 MiB
+    1, 0, 0, 0x80, 0, // glz dictionary 1, 8 Mi
+];
+
+/// Starts a linked display channel as clients do (DISPLAY_INIT) and reads
+/// up to its first drawing; returns the message types it read.
+pub async fn start_display(display: &mut impl Pipe) -> Result<Vec<u16>, String> {
+    send_message(display, 101, &DISPLAY_INIT).await?;
+    let mut kinds = Vec::new();
+    // DRAW_COPY: the screen is being drawn.
+    while !kinds.contains(&304) {
+        if kinds.len() > 256 {
+            return Err(format!("no drawing among {kinds:?}"));
+        }
+        kinds.push(message(display).await?.0);
+    }
+    Ok(kinds)
 }
 
 /// One data message (mini header): its type and body.
@@ -254,6 +301,34 @@ pub async fn main_init(pipe: &mut impl Pipe) -> Result<u32, String> {
         }
     }
     Err("no MAIN_INIT in the main channel's first messages".into())
+}
+
+/// Starts the session's other channels as clients do: ATTACH_CHANNELS,
+/// answering the server's pings (its network test: a session whose test
+/// never finished leaves QEMU's SPICE server stuck when it closes) until
+/// CHANNELS_LIST has come and the test is done.
+pub async fn attach_channels(main: &mut impl Pipe) -> Result<(), String> {
+    send_message(main, 104, &[]).await?;
+    // QEMU 7.2's network test is five pings.
+    let (mut listed, mut pongs) = (false, 0);
+    for _ in 0..64 {
+        let (kind, body) = message(main).await?;
+        match kind {
+            // PING: PONG with its id and time.
+            4 if body.len() >= 12 => {
+                send_message(main, 3, &body[..12]).await?;
+                pongs += 1;
+            }
+            104 => listed = true,
+            _ => {}
+        }
+        if listed && pongs >= 5 {
+            return Ok(());
+        }
+    }
+    Err(format!(
+        "after ATTACH_CHANNELS: channels listed {listed}, {pongs} pings"
+    ))
 }
 
 /// Sends one data message (mini header).

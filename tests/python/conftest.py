@@ -46,7 +46,7 @@ PASSWORDS = {
 }
 VNC_PASSWORD_VM9 = "vncPw9Qr"  # VNC passwords are at most 8 significant chars
 
-TOKEN_FIELDS = {"token", "url", "path", "expires_at", "ttl", "vm_id", "single_use", "view_only"}
+TOKEN_FIELDS = {"token", "url", "path", "expires_at", "ttl", "vm_id", "single_use", "view_only", "protocol"}
 TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{43}")
 
 # Codes of oned-style error arrays.
@@ -161,8 +161,11 @@ class Env:
         return self.cli(*args, stdin=password + "\n")
 
     def add_vm(self, vm_id: int, owner: str, port: int, name: str | None = None,
-               vnc_password: str | None = None, allow: list[str] | None = None):
+               vnc_password: str | None = None, allow: list[str] | None = None,
+               protocol: str | None = None):
         args = ["vm", "add", str(vm_id), "--host", "127.0.0.1", "--port", str(port), "--owner", owner]
+        if protocol:
+            args += ["--protocol", protocol]
         if name:
             args += ["--name", name]
         if allow:
@@ -398,7 +401,7 @@ def _per_test_timeout():
 
 
 def check_token_result(res, vm_id: int, ttl: int = DEFAULT_TTL, single_use: bool = False,
-                       now: float | None = None, view_only: bool = False) -> None:
+                       now: float | None = None, view_only: bool = False, protocol: str = "vnc") -> None:
     """Assert a token result (XML-RPC struct / JSON object / CLI output) follows the contract."""
     assert isinstance(res, dict), f"expected a struct/object, got {type(res).__name__}: {res!r}"
     assert set(res) == TOKEN_FIELDS, f"fields differ: got {sorted(res)}, want {sorted(TOKEN_FIELDS)}"
@@ -419,6 +422,8 @@ def check_token_result(res, vm_id: int, ttl: int = DEFAULT_TTL, single_use: bool
     assert res["ttl"] == ttl
     assert res["single_use"] is single_use
     assert res["view_only"] is view_only
+    # Which client opens the console: the console page / noVNC for "vnc".
+    assert res["protocol"] == protocol, f"protocol {res['protocol']!r} != {protocol!r}"
     now = time.time() if now is None else now
     assert abs(res["expires_at"] - (now + ttl)) <= 5, \
         f"expires_at {res['expires_at']} not ~ now+{ttl} ({now + ttl:.0f})"

@@ -85,7 +85,8 @@ class VmSpec:
     service_delay: the same, only when oneadmin asks (the broker's service
                session), so the caller's own calls stay fast
     vncbroker: attributes of a TEMPLATE/VNCBROKER vector (the broker's
-               console policy: CONTROL, CLIPBOARD, RECORD), None for none
+               console policy: CONTROL, CLIPBOARD, RECORD, and for SPICE
+               USB_REDIRECT, MICROPHONE), None for none
     user_vncbroker: the same vector in USER_TEMPLATE, which the VM's owner
                can edit (and the broker must ignore)
     """

@@ -232,6 +232,49 @@ def test_cli_lists(broker):
     assert not re.search(r"\b50\b", vms), f"removed VM 50 still in `vm list`:\n{vms}"
 
 
+def vm_row(env, vm_id: int) -> dict:
+    """A VM's row of `vm list`, by column name (ALLOWED may be empty)."""
+    lines = env.cli("vm", "list").stdout.splitlines()
+    head = lines[0].split()
+    row = next(line.split() for line in lines[1:] if line.split()[0] == str(vm_id))
+    return dict(zip(head, row))
+
+
+def test_cli_protocol_and_spice_devices(broker_factory):
+    env = broker_factory.env()
+    env.add_user("alice", "alice-pw")
+    env.cli("vm", "add", "60", "--host", "h", "--port", "5960", "--owner", "alice",
+            "--protocol", "SPICE", "--usb-redirect", "yes")
+    env.add_vm(61, "alice", 5961)
+    assert (vm_row(env, 60)["PROTOCOL"], vm_row(env, 60)["USB"], vm_row(env, 60)["MIC"]) == \
+        ("spice", "yes", "default")
+    assert vm_row(env, 61)["PROTOCOL"] == "vnc"
+    # `vm set` keeps the protocol unless told, and `default` unsets a device.
+    env.cli("vm", "set", "60", "--microphone", "no", "--usb-redirect", "default")
+    row = vm_row(env, 60)
+    assert (row["PROTOCOL"], row["USB"], row["MIC"]) == ("spice", "default", "no"), row
+    env.cli("vm", "set", "61", "--protocol", "spice")
+    assert vm_row(env, 61)["PROTOCOL"] == "spice"
+    for args, words in [
+        (("--protocol", "rdp"), ("--protocol", "vnc, spice")),
+        (("--usb-redirect", "maybe"), ("--usb-redirect", "yes, no", "default")),
+        (("--microphone", ""), ("--microphone",)),
+    ]:
+        p = env.cli("vm", "set", "60", *args, check=False)
+        assert p.returncode != 0 and all(w in p.stderr for w in words), (args, p.stderr)
+    # A VNC VM has no USB or microphone channel: said, not refused.
+    p = env.cli("vm", "add", "62", "--host", "h", "--port", "5962", "--owner", "alice", "--microphone", "yes")
+    assert "SPICE channels" in p.stderr, p.stderr
+    # The mint answer and the remote-viewer file.
+    res = json.loads(env.cli("token", "mint", "60").stdout)
+    check_token_result(res, vm_id=60, protocol="spice")
+    vv = env.cli("token", "mint", "60", "--vv").stdout
+    assert vv.startswith("[virt-viewer]\n") and "\ntype=spice\n" in vv and "password" not in vv, vv
+    assert re.search(r"\nproxy=http://[0-9a-f]{64}@console\.example\.test:8640\n", vv), vv
+    p = env.cli("token", "mint", "62", "--vv", check=False)
+    assert p.returncode != 0 and "remote-viewer files are for SPICE consoles" in p.stderr, p.stderr
+
+
 def test_cli_token_mint_json(broker):
     p = broker.env.cli("token", "mint", "7")
     res = json.loads(p.stdout)

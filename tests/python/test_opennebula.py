@@ -8,13 +8,17 @@ Xvnc as the VNC server behind the proxy, and a raw WebSocket client.
 Contract under test: one.vm.novnctoken asks oned's one.vm.info with the
 caller's own session; the target is the HOSTNAME of the last HISTORY record
 and TEMPLATE/GRAPHICS/PORT; GRAPHICS/PASSWD is stored with the token for the
-proxy's RFB security proxy. No GRAPHICS / not VNC -> 0x0400, not live ->
-0x0800, oned's refusals pass through, oned down or slow -> 0x2000.
+proxy's RFB security proxy. GRAPHICS TYPE SPICE (any case) is a console too:
+its token says protocol "spice", GRAPHICS/PASSWD is the SPICE password, and
+GET /api/v1/vms/{id}/console.vv writes a remote-viewer file for it. No
+GRAPHICS / neither VNC nor SPICE -> 0x0400, not live -> 0x0800, oned's
+refusals pass through, oned down or slow -> 0x2000.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import sqlite3
 import struct
 import time
@@ -292,20 +296,23 @@ def test_invalid_template_vncbroker_is_refused(broker_factory, oned, values, wha
 # ---------------------------------------------------------------------------
 # Console availability
 
-def test_no_vnc_console_is_no_exists(broker_factory, oned):
+def test_no_console_is_no_exists(broker_factory, oned):
     # Document 04 as it is (legacy schema, no GRAPHICS at all).
     oned.add_vm(4, form="legacy", owner="alice", state=None, lcm_state=None, graphics="keep",
                 port=None, hosts=None)
     # Document 01 with its GRAPHICS element removed.
     oned.add_vm(1, form="pretty", owner="alice", graphics=None)
-    # SPICE instead of VNC, both forms.
-    oned.add_vm(2, form="raw", owner="alice", graphics="SPICE")
-    oned.add_vm(3, form="pretty", owner="alice", graphics="spice")
+    # Graphics the broker has no proxy for (SDL is a local window), both forms.
+    oned.add_vm(2, form="raw", owner="alice", graphics="SDL")
+    oned.add_vm(3, form="pretty", owner="alice", graphics="rdp")
     b = start_on(broker_factory, oned.url)
     rpc = raw_rpc(b)
     assert "<GRAPHICS>" not in oned.document(4) and "<GRAPHICS>" not in oned.document(1)
-    assert "<TYPE><![CDATA[SPICE]]></TYPE>" in oned.document(2)
-    assert "<TYPE>spice</TYPE>" in oned.document(3)
+    assert "<TYPE><![CDATA[SDL]]></TYPE>" in oned.document(2)
+    assert "<TYPE>rdp</TYPE>" in oned.document(3)
+    for vm in (2, 3):
+        msg = rpc.one.vm.novnctoken(sess("alice"), vm)[1]
+        assert "not VNC or SPICE" in msg, msg
     for vm in (4, 1, 2, 3):
         with pytest.raises(pyone.OneNoExistsException):
             one(b, "alice").vm.novnctoken(vm)
@@ -314,6 +321,90 @@ def test_no_vnc_console_is_no_exists(broker_factory, oned):
         assert res[1].startswith("[one.vm.novnctoken] ") and not res[1].startswith(
             "[one.vm.novnctoken] [one.vm.info]"), res
         assert token_count(b, vm) == 0
+
+
+def spice_row(b, token: str):
+    """(protocol, usb_redirect, microphone) of a token's row."""
+    h = hashlib.sha256(token.encode()).digest()
+    with closing(sqlite3.connect(f"file:{b.db_path}?mode=ro", uri=True)) as c:
+        return c.execute("SELECT protocol, usb_redirect, microphone FROM tokens WHERE token_hash = ?",
+                         (h,)).fetchone()
+
+
+@pytest.mark.parametrize("form,graphics", [("raw", "SPICE"), ("pretty", "spice"), ("onedock", "Spice")])
+def test_spice_vm_mints_a_spice_token(broker_factory, oned, form, graphics):
+    """A real VNC document with GRAPHICS TYPE changed to SPICE: one.vm.novnctoken
+    (pyone and xmlrpc.client) and the JSON API mint for it, the answer says
+    protocol "spice", and GRAPHICS/PASSWD and PORT are the SPICE console's."""
+    oned.add_vm(40, form=form, owner="alice", graphics=graphics, port=5940, passwd="sp1ce&Pw",
+                hosts=["kvm-40.example.test"], state=3, lcm_state=3)
+    oned.add_vm(41, form=form, owner="alice", port=5941, hosts=["kvm-41.example.test"], state=3, lcm_state=3)
+    doc = oned.document(40)
+    assert f">{graphics}<" in doc or f"[{graphics}]" in doc, doc
+    b = start_on(broker_factory, oned.url)
+
+    res = one(b, "alice").vm.novnctoken(40)
+    check_token_result(res, vm_id=40, protocol="spice")
+    assert token_row(b, res["token"]) == (40, "kvm-40.example.test", 5940, Sealed("sp1ce&Pw"), "alice")
+    assert spice_row(b, res["token"]) == ("spice", 0, 0)
+    res = raw_rpc(b).one.vm.novnctoken(sess("alice"), 40, 60, True)
+    assert res[0] is True and res[2] == 0, res
+    check_token_result(res[1], vm_id=40, ttl=60, single_use=True, protocol="spice")
+    r = api_mint(b, 40, "alice")
+    assert r.status_code == 201, r.text
+    check_token_result(r.json(), vm_id=40, protocol="spice")
+    # The VNC VM beside it still says vnc.
+    check_token_result(one(b, "alice").vm.novnctoken(41), vm_id=41, protocol="vnc")
+    assert "sp1ce&Pw" not in b.log_text()
+
+
+def test_spice_devices_come_from_template_vncbroker(broker_factory, oned):
+    oned.add_vm(42, form="pretty", owner="alice", graphics="SPICE",
+                vncbroker={"USB_REDIRECT": "YES", "MICROPHONE": "yes"})
+    oned.add_vm(43, form="raw", owner="alice", graphics="SPICE", vncbroker={"MICROPHONE": "yes"},
+                user_vncbroker={"USB_REDIRECT": "yes"})
+    oned.add_vm(44, form="raw", owner="alice", graphics="SPICE", vncbroker={"USB_REDIRECT": "often"})
+    b = start_on(broker_factory, oned.url)
+    res = one(b, "alice").vm.novnctoken(42)
+    assert spice_row(b, res["token"]) == ("spice", 1, 1)
+    # The owner's USER_TEMPLATE turns no device on.
+    res = one(b, "alice").vm.novnctoken(43)
+    assert spice_row(b, res["token"]) == ("spice", 0, 1)
+    with pytest.raises(pyone.OneActionException) as ei:
+        one(b, "alice").vm.novnctoken(44)
+    assert "TEMPLATE/VNCBROKER" in str(ei.value) and "yes, no" in str(ei.value), str(ei.value)
+
+
+def test_spice_vm_remote_viewer_file(broker_factory, oned):
+    oned.add_vm(45, form="raw", owner="alice", graphics="SPICE", port=5945, passwd="vvPw-45",
+                hosts=["kvm-45.example.test"], vncbroker={"USB_REDIRECT": "yes"})
+    oned.add_vm(46, form="raw", owner="alice", port=5946)
+    b = start_on(broker_factory, oned.url)
+    r = requests.get(f"{b.api_url}/vms/45/console.vv", params={"single_use": "true", "ttl": 90},
+                     auth=("alice", PW["alice"]), timeout=T)
+    assert r.status_code == 200, r.text
+    assert r.headers["Content-Type"] == "application/x-virt-viewer"
+    assert r.headers["Content-Disposition"] == 'attachment; filename="vm-45.vv"'
+    lines = r.text.splitlines()
+    assert lines[0] == "[virt-viewer]", r.text
+    keys = dict(line.split("=", 1) for line in lines[1:])
+    assert keys["type"] == "spice" and keys["host"] == "vm-45" and keys["port"] == "5900", keys
+    assert "password" not in keys and "vvPw-45" not in r.text, r.text
+    assert keys["enable-usbredir"] == "1" and keys["delete-this-file"] == "1", keys
+    # conftest's public_url is the proxy; the token is its user.
+    m = re.fullmatch(r"http://([0-9a-f]{64})@console\.example\.test:8640", keys["proxy"])
+    assert m, keys["proxy"]
+    token = m.group(1)
+    assert token_row(b, token) == (45, "kvm-45.example.test", 5945, Sealed("vvPw-45"), "alice")
+    assert spice_row(b, token) == ("spice", 1, 0)
+    # A VNC VM gets no file, and no token.
+    r = requests.get(f"{b.api_url}/vms/46/console.vv", auth=("alice", PW["alice"]), timeout=T)
+    json_error(r, 409, "wrong_protocol")
+    assert token_count(b, 46) == 0
+    # oned's refusals as for every mint.
+    json_error(requests.get(f"{b.api_url}/vms/45/console.vv", auth=("bob", PW["bob"]), timeout=T), 403)
+    json_error(requests.get(f"{b.api_url}/vms/45/console.vv", auth=("alice", "nope"), timeout=T), 401)
+    assert token not in b.log_text()
 
 
 @pytest.mark.parametrize("form", ["raw", "pretty", "onedock"])
@@ -439,7 +530,7 @@ def test_oned_slow_times_out_and_broker_keeps_working(broker_factory, oned):
 def test_json_api_statuses(broker_factory, oned):
     oned.add_vm(7, form="pretty", owner="alice", port=5907, hosts=["h7"])
     oned.add_vm(8, form="raw", owner="alice", state=3, lcm_state=1)   # PROLOG
-    oned.add_vm(9, form="raw", owner="alice", graphics="SPICE")
+    oned.add_vm(9, form="raw", owner="alice", graphics="SDL")
     b = start_on(broker_factory, oned.url)
 
     r = api_mint(b, 7, "alice", ttl=120, single_use=True)

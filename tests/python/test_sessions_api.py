@@ -29,6 +29,7 @@ SESSION_FIELDS = {
     "clipboard_bytes_to_vm": (int, type(None)), "clipboard_bytes_from_vm": (int, type(None)),
     "recording": bool, "recording_state": (str, type(None)),
     "resumed_from": (int, type(None)),
+    "protocol": str, "channels": int,
 }
 COUNTS = ("key_events", "pointer_events", "clipboard_bytes_to_vm", "clipboard_bytes_from_vm")
 
@@ -43,6 +44,9 @@ def check_session_row(row: dict) -> None:
     assert row["recording_state"] in (None, "recording", "complete", "incomplete"), row
     if not row["recording"]:
         assert row["recording_state"] is None, row
+    assert row["protocol"] in ("vnc", "spice"), row
+    # A VNC console is one connection; a SPICE one its main channel and more.
+    assert row["channels"] >= 1 and (row["protocol"] == "spice" or row["channels"] == 1), row
 
 
 def list_sessions(b, user: str = "root", **query) -> list[dict]:
@@ -166,6 +170,7 @@ def test_sessions_are_recorded_and_listed_by_role(broker_factory):
     assert row["bytes_to_server"] == 4
     # The raw socket closed without a WebSocket close frame.
     assert row["close_reason"] == "client connection lost"
+    assert (row["protocol"], row["channels"]) == ("vnc", 1), row
 
     assert requests.get(f"{api}/sessions", auth=basic("bob"), timeout=10).json()["sessions"] == []
     # A user cannot widen the filter to someone else's sessions.
@@ -180,6 +185,10 @@ def test_sessions_are_recorded_and_listed_by_role(broker_factory):
     assert [r["id"] for r in cli] == [row["id"]]
     table = env.cli("sessions", "--since", "1h").stdout
     assert "greeter" not in table and "client connection lost" in table
+    # PROTOCOL and CHANNELS come last before the free-text REASON.
+    head, line = table.splitlines()[:2]
+    assert head.split()[-3:] == ["PROTOCOL", "CHANNELS", "REASON"], head
+    assert line.split("  client connection lost")[0].split()[-2:] == ["vnc", "1"], line
     srv.close()
 
 
