@@ -10,12 +10,16 @@
 //! a working console. `proxy.web_root` and `proxy.novnc_root` replace either
 //! with a directory (a restyled page, another noVNC); files are then served
 //! only from inside it: no listings, no `..` or hidden names, and a symlink
-//! that leads outside is not followed.
+//! that leads outside is not followed. For a SPICE console the page loads
+//! spice-html5 instead (`vendor/spice-html5/`, from Debian's package, with
+//! its licences), built in the same way under `/spice-html5/`.
 //!
-//! Caching: the built-in noVNC under `/novnc/<version>/` is immutable, as
-//! its version names its content; the page's assets (`/static/`) and noVNC
-//! under `/novnc/` are revalidated with their ETag; the page itself is never
-//! stored, as its URL carries the token (the replay page likewise).
+//! Caching: the built-in noVNC under `/novnc/<version>/` and spice-html5
+//! under `/spice-html5/<version>/` are immutable, as the version names the
+//! content; the page's assets (`/static/`), noVNC under `/novnc/` and
+//! spice-html5 under `/spice-html5/` are revalidated with their ETag; the
+//! page itself is never stored, as its URL carries the token (the replay
+//! page likewise).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -29,7 +33,8 @@ use axum::routing::get;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
-// WEB_FILES, NOVNC_FILES (path, contents) and NOVNC_VERSION, from build.rs.
+// WEB_FILES, NOVNC_FILES, SPICE_FILES (path, contents), NOVNC_VERSION and
+// SPICE_VERSION, from build.rs.
 include!(concat!(env!("OUT_DIR"), "/assets.rs"));
 
 /// Largest file served from an override directory.
@@ -49,8 +54,9 @@ pub struct OverrideError {
     pub why: String,
 }
 
-/// Routes for the pages (`/console`, `/replay`), their assets (`/static/`)
-/// and noVNC (`/novnc/`), from the binary or from the override directories.
+/// Routes for the pages (`/console`, `/replay`), their assets (`/static/`),
+/// noVNC (`/novnc/`), from the binary or from the override directories, and
+/// spice-html5 (`/spice-html5/`), from the binary.
 pub fn router(
     web_root: Option<&str>,
     novnc_root: Option<&str>,
@@ -58,10 +64,12 @@ pub fn router(
 ) -> Result<Router, OverrideError> {
     let web = Files::new(WEB_FILES, web_root, "web_root", "console.html")?;
     let novnc = Files::new(NOVNC_FILES, novnc_root, "novnc_root", "core/rfb.js")?;
+    let spice = Files::built_in(SPICE_FILES);
     tracing::info!(
         page = %web.describe(),
         novnc = %novnc.describe(),
         novnc_version = NOVNC_VERSION,
+        spice_html5_version = SPICE_VERSION,
         "console page"
     );
     Ok(Router::new()
@@ -70,9 +78,11 @@ pub fn router(
         .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .route("/static/{*path}", get(static_file))
         .route("/novnc/{*path}", get(novnc_file))
+        .route("/spice-html5/{*path}", get(spice_file))
         .with_state(Arc::new(Console {
             web,
             novnc,
+            spice,
             framing: Framing::of(frame_ancestors),
         })))
 }
@@ -80,6 +90,7 @@ pub fn router(
 struct Console {
     web: Files,
     novnc: Files,
+    spice: Files,
     framing: Framing,
 }
 
@@ -142,11 +153,7 @@ impl Files {
         needed: &str,
     ) -> Result<Files, OverrideError> {
         let Some(dir) = dir else {
-            let files = built_in
-                .iter()
-                .map(|(name, body)| (*name, Asset::new(name, Bytes::from_static(body))))
-                .collect();
-            return Ok(Files::Embedded(files));
+            return Ok(Files::built_in(built_in));
         };
         let fail = |why: String| OverrideError {
             key,
@@ -158,6 +165,14 @@ impl Files {
             return Err(fail(format!("it holds no {needed}")));
         }
         Ok(Files::Dir(root))
+    }
+
+    fn built_in(files: &'static [(&'static str, &'static [u8])]) -> Files {
+        let files = files
+            .iter()
+            .map(|(name, body)| (*name, Asset::new(name, Bytes::from_static(body))))
+            .collect();
+        Files::Embedded(files)
     }
 
     fn is_embedded(&self) -> bool {
@@ -318,16 +333,31 @@ async fn novnc_file(
     UrlPath(path): UrlPath<String>,
     headers: HeaderMap,
 ) -> Response {
-    let versioned = path
-        .strip_prefix(NOVNC_VERSION)
+    versioned(&console.novnc, NOVNC_VERSION, &path, &headers).await
+}
+
+/// `/spice-html5/<version>/...` and `/spice-html5/...`, as for noVNC.
+async fn spice_file(
+    State(console): State<Arc<Console>>,
+    UrlPath(path): UrlPath<String>,
+    headers: HeaderMap,
+) -> Response {
+    versioned(&console.spice, SPICE_VERSION, &path, &headers).await
+}
+
+/// A file of `files` under `<version>/` (cached for good when built in) or
+/// under no version (revalidated).
+async fn versioned(files: &Files, version: &str, path: &str, headers: &HeaderMap) -> Response {
+    let under_version = path
+        .strip_prefix(version)
         .and_then(|rest| rest.strip_prefix('/'));
-    let (rel, caching) = match versioned {
+    let (rel, caching) = match under_version {
         // An override's content is not known to match the version.
-        Some(rel) if console.novnc.is_embedded() => (rel, IMMUTABLE),
+        Some(rel) if files.is_embedded() => (rel, IMMUTABLE),
         Some(rel) => (rel, REVALIDATE),
-        None => (path.as_str(), REVALIDATE),
+        None => (path, REVALIDATE),
     };
-    send(console.novnc.get(rel).await, caching, &headers)
+    send(files.get(rel).await, caching, headers)
 }
 
 /// The file, or 304 when the request's `If-None-Match` names its ETag.
@@ -499,6 +529,85 @@ mod tests {
         ] {
             assert_eq!(get(&app, missing, None).await.status, 404, "{missing}");
         }
+    }
+
+    #[tokio::test]
+    async fn built_in_spice_html5_with_its_licences_and_caching() {
+        let app = router(None, None, &[]).unwrap();
+        let v = SPICE_VERSION;
+        assert_eq!(v, "0.3.0");
+
+        let main = get(&app, &format!("/spice-html5/{v}/main.js"), None).await;
+        assert_eq!(main.status, 200);
+        assert_eq!(
+            main.header(header::CONTENT_TYPE),
+            "text/javascript; charset=utf-8"
+        );
+        assert_eq!(main.header(header::CACHE_CONTROL), IMMUTABLE);
+        assert_eq!(main.header(header::X_CONTENT_TYPE_OPTIONS), "nosniff");
+        assert_eq!(main.body, built_in(SPICE_FILES, "main.js"));
+        let body = std::str::from_utf8(&main.body).unwrap();
+        assert!(body.contains("export {") && body.contains("SpiceMainConn"));
+        // Without the version: the same file, revalidated.
+        let plain = get(&app, "/spice-html5/main.js", None).await;
+        assert_eq!(plain.status, 200);
+        assert_eq!(plain.header(header::CACHE_CONTROL), "no-cache");
+        assert_eq!(plain.header(header::ETAG), main.header(header::ETAG));
+        let etag = main.header(header::ETAG).to_owned();
+        let again = get(&app, &format!("/spice-html5/{v}/main.js"), Some(&etag)).await;
+        assert_eq!(again.status, 304);
+
+        // Every module, the third-party ones too, under the version.
+        let modules: Vec<&str> = SPICE_FILES
+            .iter()
+            .map(|(n, _)| *n)
+            .filter(|n| n.ends_with(".js"))
+            .collect();
+        assert!(modules.contains(&"thirdparty/rsa.js"), "{modules:?}");
+        assert!(modules.len() > 20, "{modules:?}");
+        for name in modules {
+            let r = get(&app, &format!("/spice-html5/{v}/{name}"), None).await;
+            assert_eq!(r.status, 200, "{name}");
+        }
+
+        // The licences, readable in a browser.
+        for (name, says) in [
+            ("COPYING.txt", "License: LGPL-3"),
+            ("COPYING.txt", "License: MIT-with-addition"),
+            ("COPYING.txt", "License: BSD-3-clauses"),
+            ("LGPL-3.txt", "GNU LESSER GENERAL PUBLIC LICENSE"),
+            ("GPL-3.txt", "GNU GENERAL PUBLIC LICENSE"),
+        ] {
+            let r = get(&app, &format!("/spice-html5/{v}/{name}"), None).await;
+            assert_eq!(r.status, 200, "{name}");
+            assert_eq!(
+                r.header(header::CONTENT_TYPE),
+                "text/plain; charset=utf-8",
+                "{name}"
+            );
+            let text = std::str::from_utf8(&r.body).unwrap();
+            assert!(text.contains(says), "{name} lacks {says:?}");
+        }
+
+        for missing in [
+            "/spice-html5/",
+            "/spice-html5/spice.html",
+            "/spice-html5/thirdparty",
+            "/spice-html5/../web/console.js",
+            "/spice-html5/0.0.1/main.js",
+            &format!("/spice-html5/{v}/"),
+            &format!("/spice-html5/{v}/thirdparty//rsa.js"),
+        ] {
+            assert_eq!(get(&app, missing, None).await.status, 404, "{missing}");
+        }
+    }
+
+    #[test]
+    fn the_page_imports_the_built_in_spice_html5_by_version() {
+        let js = built_in(WEB_FILES, "spice.js");
+        let js = std::str::from_utf8(&js).unwrap();
+        let import = format!("from '/spice-html5/{SPICE_VERSION}/main.js'");
+        assert!(js.contains(&import), "web/spice.js lacks {import}");
     }
 
     #[tokio::test]

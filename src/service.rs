@@ -172,9 +172,12 @@ pub struct Recordings {
     pub retention_days: u32,
 }
 
-/// What the console page is told about its session once it is up.
+/// What the console page is told about its token before it connects, and
+/// about its session once it is up.
 #[derive(Serialize, Clone, Debug, PartialEq, Eq)]
 pub struct ConsoleSession {
+    /// Which client the page opens the console with.
+    pub protocol: crate::protocol::Protocol,
     pub view_only: bool,
     pub clipboard: &'static str,
     pub single_use: bool,
@@ -592,6 +595,7 @@ impl TokenService {
             ticket = Some(t.into_string());
         }
         Ok(Some(ConsoleSession {
+            protocol: view.protocol,
             view_only: view.policy.view_only,
             clipboard: view.policy.clipboard.as_str(),
             single_use: view.single_use,

@@ -260,6 +260,8 @@ async fn the_answer_tells_the_page_its_rules_and_limits_and_refuses_bad_asks() {
     let told: Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(told["reconnect_ticket"], false);
     assert_eq!(told["ends_at"], Value::Null);
+    // The page learns which client to open the console with before it does.
+    assert_eq!(told["protocol"], "vnc");
     let mut ws = opens(&broker, &t.token, None, None).await;
     let r = ask(&broker, &t.token, Some(broker.base_url())).await;
     assert!(
@@ -269,6 +271,7 @@ async fn the_answer_tells_the_page_its_rules_and_limits_and_refuses_bad_asks() {
         "a reusable token got a ticket"
     );
     let told: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(told["protocol"], "vnc");
     assert_eq!(told["view_only"], false);
     assert_eq!(told["clipboard"], "both");
     assert_eq!(told["expires_at"], t.expires_at);

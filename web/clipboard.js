@@ -4,6 +4,8 @@
 //
 // The browser's Clipboard API is used where the browser permits it
 // ("Paste from my clipboard", "Copy"); the text area works everywhere.
+// A console without a clipboard (spice-html5 has none) keeps the panel,
+// which says so, with nothing to press.
 
 const OFF = {
   'to-vm': 'Copying from the VM is turned off for this console.',
@@ -21,9 +23,10 @@ export function setupClipboardPanel(getRfb, { onFromVm } = {}) {
   const note = document.getElementById('clip-note');
   let policy = 'both';
   let live = false;
+  let missing = null; // why this console has no clipboard
 
-  const toVm = () => policy === 'both' || policy === 'to-vm';
-  const fromVm = () => policy === 'both' || policy === 'from-vm';
+  const toVm = () => !missing && (policy === 'both' || policy === 'to-vm');
+  const fromVm = () => !missing && (policy === 'both' || policy === 'from-vm');
   const say = (msg, kind = '') => {
     note.textContent = msg;
     note.dataset.kind = kind;
@@ -33,7 +36,8 @@ export function setupClipboardPanel(getRfb, { onFromVm } = {}) {
     paste.disabled = !live || !toVm() || !(navigator.clipboard && navigator.clipboard.readText);
     copy.disabled = !fromVm() || !(navigator.clipboard && navigator.clipboard.writeText);
     text.readOnly = !toVm();
-    if (OFF[policy]) say(OFF[policy], 'off');
+    if (missing) say(missing, 'off');
+    else if (OFF[policy]) say(OFF[policy], 'off');
   };
 
   const sendText = (value) => {
@@ -85,6 +89,12 @@ export function setupClipboardPanel(getRfb, { onFromVm } = {}) {
       refresh();
     },
     attach(rfb) { rfb.addEventListener('clipboard', fromServer); },
+    // `why`: this console has no clipboard; null: it has one.
+    unavailable(why) {
+      missing = why;
+      if (!missing) say('');
+      refresh();
+    },
     enable(on) {
       live = on;
       toggle.disabled = !on;

@@ -15,6 +15,7 @@ const MESSAGES = {
   4401: 'This console link is invalid or has expired. Ask for a new one.',
   4403: 'You no longer have access to this console.',
   4404: 'This VM was removed or is not running.',
+  4406: 'The console could not open one of its channels.',
   4408: 'The console was closed because nothing happened for a while.',
   4409: 'The VM moved since this link was made. Ask for a new one.',
   4410: 'Console access was revoked.',

@@ -1,6 +1,7 @@
 // The console page: opens the VM console for the token in the URL through
-// the broker's WebSocket proxy, with noVNC's RFB module, and brings it back
-// after a dropped connection.
+// the broker's WebSocket proxy, with noVNC's RFB module or, for a SPICE
+// console, with spice-html5 (web/spice.js), and brings it back after a
+// dropped connection.
 import RFB from '/novnc/1.7.0/core/rfb.js';
 import { setupTypePanel, typeText, typeMaxChars } from '/static/typing.js';
 import { setupKeysMenu } from '/static/keys.js';
@@ -52,11 +53,15 @@ function fromUrl(name) {
 }
 
 const token = fromUrl('token');
-// Whether the link is view-only. The broker enforces it whatever the page
-// does; the page only stops offering input and says so.
-const viewOnly = fromUrl('view_only') === '1';
+// Whether the link is view-only (its URL says so, and so does the broker's
+// answer). The broker enforces it whatever the page does; the page only
+// stops offering input and says so.
+let viewOnly = fromUrl('view_only') === '1';
 
-// What the broker told the page about its session (POST /console/session).
+// What the broker told the page about its token before the first
+// connection (POST /console/session): which client opens the console.
+let told = null;
+// What the broker told the page about its session once it was up.
 let session = null;
 let everConnected = false;
 let userClosed = false;
@@ -77,15 +82,33 @@ function tokenMayReopen() {
          now() < droppedAt + session.reconnect_grace_secs;
 }
 
+const postSession = () => fetch('/console/session', {
+  method: 'POST',
+  headers: { 'Content-Type': 'application/json' },
+  body: JSON.stringify({ token }),
+  credentials: 'same-origin',
+  cache: 'no-store',
+});
+
+// Learns the console's protocol; null, or the close code that says why the
+// broker could not tell (an invalid token is not tried on the proxy too).
+async function learnConsole() {
+  try {
+    const r = await postSession();
+    if (r.ok) {
+      told = await r.json();
+      return null;
+    }
+    if (r.status === 401) return 4401;
+    return r.status === 429 ? 4429 : 4503;
+  } catch (_) {
+    return 1006;
+  }
+}
+
 async function askSession() {
   try {
-    const r = await fetch('/console/session', {
-      method: 'POST',
-      headers: { 'Content-Type': 'application/json' },
-      body: JSON.stringify({ token }),
-      credentials: 'same-origin',
-      cache: 'no-store',
-    });
+    const r = await postSession();
     if (!r.ok) return;
     session = await r.json();
     window.vncbrokerSession = session;
@@ -170,27 +193,86 @@ function ended(code, reason) {
   if (retryableAfter(code) && mayTry) offerReconnect('Reconnect');
 }
 
-function connect() {
+const NO_SPICE_CLIPBOARD = 'Clipboard not available for SPICE consoles: spice-html5 has no ' +
+  'clipboard support. Type text types into the VM instead.';
+
+// The SPICE client, loaded only for a SPICE console.
+let spiceModule = null;
+
+// noVNC on our own socket, so the page sees the proxy's close code and
+// reason; `onClose` gets them.
+function openVnc(url, onClose) {
+  const ws = new WebSocket(url, ['binary']);
+  ws.binaryType = 'arraybuffer';
+  ws.addEventListener('close', onClose);
+  const rfb = new RFB(screen, ws);
+  rfb.focusOnClick = true;
+  rfb.viewOnly = viewOnly;
+  window.vncbrokerRfb = rfb;
+  return rfb;
+}
+
+// spice-html5, which opens its own sockets; the console passes on the
+// close code and reason of the one that ended it.
+async function openSpice(url, onClose) {
+  spiceModule = spiceModule || await import('/static/spice.js');
+  const spice = new spiceModule.SpiceConsole(screen, url, { viewOnly });
+  spice.addEventListener('close', (ev) => onClose(ev.detail));
+  clipboardPanel.unavailable(NO_SPICE_CLIPBOARD);
+  window.vncbrokerSpice = spice;
+  return spice;
+}
+
+function showViewOnly() {
+  modeEl.hidden = false;
+  document.body.dataset.viewOnly = 'true';
+  cadButton.hidden = true;
+  typePanel.hide();
+  keysMenu.hide();
+  clipboardPanel.hide();
+}
+
+async function connect() {
   clearRetry();
   reconnectButton.hidden = true;
   userClosed = false;
   setState('connecting', everConnected ? 'Reconnecting…' : 'Connecting…');
 
+  if (!told) {
+    const failure = await learnConsole();
+    if (userClosed) return;
+    if (failure !== null) {
+      ended(failure, '');
+      return;
+    }
+    if (told.view_only && !viewOnly) {
+      viewOnly = true;
+      showViewOnly();
+    }
+  }
   const scheme = window.location.protocol === 'https:' ? 'wss' : 'ws';
   const url = scheme + '://' + window.location.host + '/websockify?token=' +
               encodeURIComponent(token);
-  // Our own socket, so the page sees the proxy's close code and reason.
-  const ws = new WebSocket(url, ['binary']);
-  ws.binaryType = 'arraybuffer';
   let closeEvent = null;
-  ws.addEventListener('close', (ev) => { closeEvent = ev; });
-
-  const rfb = new RFB(screen, ws);
+  const onClose = (ev) => { closeEvent = ev; };
+  let rfb;
+  if (told.protocol === 'spice') {
+    try {
+      rfb = await openSpice(url, onClose);
+    } catch (_) {
+      setState('failed', 'The page could not load its SPICE console client.');
+      offerReconnect('Reconnect');
+      return;
+    }
+    if (userClosed) {
+      rfb.disconnect();
+      return;
+    }
+  } else {
+    rfb = openVnc(url, onClose);
+  }
   view.attach(rfb);
   clipboardPanel.attach(rfb);
-  rfb.focusOnClick = true;
-  rfb.viewOnly = viewOnly;
-  window.vncbrokerRfb = rfb;
 
   let desktopName = '';
   let refused = false;
@@ -229,7 +311,6 @@ function connect() {
       ended(closeEvent ? closeEvent.code : 1006, closeEvent ? closeEvent.reason : '');
     }, 50);
   });
-  return rfb;
 }
 
 function start() {
@@ -239,14 +320,7 @@ function start() {
   }
   // Keep the token out of the address bar once read.
   history.replaceState(null, '', window.location.pathname);
-  if (viewOnly) {
-    modeEl.hidden = false;
-    document.body.dataset.viewOnly = 'true';
-    cadButton.hidden = true;
-    typePanel.hide();
-    keysMenu.hide();
-    clipboardPanel.hide();
-  }
+  if (viewOnly) showViewOnly();
   cadButton.addEventListener('click', () => { if (liveRfb) liveRfb.sendCtrlAltDel(); });
   reconnectButton.addEventListener('click', () => {
     attempts = 0;

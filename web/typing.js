@@ -7,6 +7,8 @@
 // text cannot flood the VM; a text longer than the limit is refused.
 // The page's `<meta name="vncbroker-type-delay-ms">` and
 // `<meta name="vncbroker-type-max-chars">` set the pace and the limit.
+// A console that types by scancodes (SPICE) says which characters it cannot
+// type (`untypable`), and a text with one is refused before any key goes.
 
 const RETURN = 0xff0d;
 const TAB = 0xff09;
@@ -33,9 +35,12 @@ export function keysymOf(ch) {
 // Types `text` through `rfb`; `onProgress(done, total)` after each
 // character. Returns a handle whose `cancel()` stops it and whose `done`
 // settles when it ends ('done' or 'cancelled').
+// The characters `text` types: Windows line ends type one Return.
+const charsOf = (text) => Array.from(text.replace(/\r\n?/g, '\n'));
+
 export function typeText(rfb, text, onProgress) {
-  // Windows line ends type one Return; other control characters are skipped.
-  const chars = Array.from(text.replace(/\r\n?/g, '\n'));
+  // Other control characters are skipped.
+  const chars = charsOf(text);
   let cancelled = false;
   const delay = typeDelayMs();
   const done = (async () => {
@@ -84,6 +89,13 @@ export function setupTypePanel(getRfb) {
     if (length > max) {
       progress.dataset.state = 'refused';
       progress.textContent = `Too long to type: ${length} characters, at most ${max}.`;
+      return;
+    }
+    const bad = rfb.untypable ? rfb.untypable(charsOf(text)) : null;
+    if (bad !== null) {
+      progress.dataset.state = 'refused';
+      progress.textContent = `Cannot type “${bad}”: this console types only the characters ` +
+        'of a US keyboard.';
       return;
     }
     go.disabled = true;

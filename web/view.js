@@ -1,6 +1,7 @@
 // How the screen fits the window: fit (scaled to the window, the default),
 // actual size (with scrollbars), or remote resize (the VM's screen follows
-// the window, where the VNC server supports SetDesktopSize). The choice is
+// the window, where the VNC server supports SetDesktopSize, or for SPICE
+// where the VM runs the SPICE agent). The choice is
 // remembered in this browser. Full screen locks the keyboard where the
 // browser can, so Esc, Alt-Tab and the Windows key reach the VM.
 
@@ -21,11 +22,14 @@ export function setupView() {
     rfb.resizeSession = mode === 'remote';
     note.hidden = true;
     if (mode === 'remote') {
-      // noVNC learns whether the server can resize from its first update.
+      // noVNC learns whether the server can resize from its first update;
+      // a SPICE console, when the VM's agent connects.
       const r = rfb;
       setTimeout(() => {
-        if (r === rfb && mode === 'remote' && !r._supportsSetDesktopSize) {
-          note.textContent = 'This VM\'s screen cannot be resized from here.';
+        const can = 'canResize' in r ? r.canResize : r._supportsSetDesktopSize;
+        if (r === rfb && mode === 'remote' && !can) {
+          note.textContent = 'This VM\'s screen cannot be resized from here' +
+            (r.resizeNeeds ? ': that needs ' + r.resizeNeeds + '.' : '.');
           note.hidden = false;
         }
       }, 1500);

@@ -1,9 +1,10 @@
 //! Reconnect tickets: how a single-use token's console survives a dropped
 //! connection.
 //!
-//! Once its session is up, the console page asks `POST /console/session`
-//! (the token in a JSON body) what it may show: the session's rules, when
-//! it ends, and for a single-use token, a ticket. The ticket travels only as
+//! The console page asks `POST /console/session` (the token in a JSON body)
+//! before it connects, to learn which protocol the console speaks (noVNC or
+//! spice-html5 opens it), and once its session is up, what it may show: the
+//! session's rules, when it ends, and for a single-use token, a ticket. The ticket travels only as
 //! an `HttpOnly; Secure; SameSite=Strict` cookie on `/websockify`, so page
 //! scripts and URLs never see it; only its hash is stored. When the session's
 //! connection drops (not when it is closed, revoked or timed out), the
@@ -26,6 +27,7 @@ use super::relay::End;
 use super::sessions::Stop;
 use crate::edge;
 use crate::limits::Refused;
+use crate::protocol::Protocol;
 use crate::token::{self, TokenHash};
 
 /// Largest request body: a token and a little JSON.
@@ -65,6 +67,8 @@ struct Ask {
 /// The answer to the console page.
 #[derive(Serialize)]
 struct Told {
+    /// `vnc` or `spice`, fixed when the token was minted.
+    protocol: Protocol,
     view_only: bool,
     clipboard: &'static str,
     single_use: bool,
@@ -171,6 +175,7 @@ pub async fn console_session(
     .min();
     let ticket = session.ticket.filter(|_| set.reconnect_grace > 0);
     let told = Told {
+        protocol: session.protocol,
         view_only: session.view_only,
         clipboard: session.clipboard,
         single_use: session.single_use,
@@ -224,6 +229,47 @@ mod tests {
                 .unwrap()
                 .contains("Max-Age=0")
         );
+    }
+
+    #[test]
+    fn the_answer_names_the_protocol() {
+        for (protocol, said) in [(Protocol::Vnc, "vnc"), (Protocol::Spice, "spice")] {
+            let told = Told {
+                protocol,
+                view_only: true,
+                clipboard: "none",
+                single_use: true,
+                expires_at: 100,
+                ends_at: None,
+                reconnect_ticket: true,
+                reconnect_grace_secs: 30,
+            };
+            let json: serde_json::Value = serde_json::to_value(&told).unwrap();
+            assert_eq!(json["protocol"], said);
+            assert_eq!(json["view_only"], true);
+            assert_eq!(json["ends_at"], serde_json::Value::Null);
+            // What the page reads, and nothing else (the ticket is a cookie).
+            let mut keys: Vec<&str> = json
+                .as_object()
+                .unwrap()
+                .keys()
+                .map(|k| k.as_str())
+                .collect();
+            keys.sort_unstable();
+            assert_eq!(
+                keys,
+                [
+                    "clipboard",
+                    "ends_at",
+                    "expires_at",
+                    "protocol",
+                    "reconnect_grace_secs",
+                    "reconnect_ticket",
+                    "single_use",
+                    "view_only"
+                ]
+            );
+        }
     }
 
     #[test]

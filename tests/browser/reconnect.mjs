@@ -4,7 +4,7 @@
 // Usage: node tests/browser/reconnect.mjs URL CONTROL_URL MODE [REVOKE_URL USER:PW] [timeout-ms]
 // Prints one JSON line: {"states", "statusWhileDown", "back", "final",
 // "ticketCookie", "reconnectButton", "remaining"}
-import { launch, openPage } from './common.mjs';
+import { launch, openPage, screenPainted } from './common.mjs';
 
 const [url, control, mode, revokeUrl = '', cred = '', timeoutArg = '30000'] = process.argv.slice(2);
 if (!url || !control || !mode) {
@@ -14,8 +14,11 @@ if (!url || !control || !mode) {
 const timeout = Number(timeoutArg);
 const browser = await launch();
 let result = {};
+let logs = [];
 try {
-  const { page, logs } = await openPage(browser);
+  const opened = await openPage(browser);
+  const page = opened.page;
+  logs = opened.logs;
   // Every state the page passes through, in order.
   await page.addInitScript(() => {
     window.__states = [];
@@ -39,6 +42,13 @@ try {
   });
 
   if (mode === 'cut') {
+    // A SPICE console is cut once its screen shows: QEMU 7.2's SPICE server
+    // gets stuck when a main channel goes before answering its network
+    // test, which spice-html5 does right after connecting.
+    if (await page.evaluate(() => Boolean(window.vncbrokerSpice))) {
+      await page.waitForFunction(screenPainted, null, { timeout, polling: 100 });
+      await page.waitForTimeout(1000);
+    }
     const r = await fetch(control + '/cut', { method: 'POST' });
     result.cut = Number(await r.text());
     await page.waitForFunction(() => document.body.dataset.state !== 'connected', null, { timeout });
@@ -64,10 +74,10 @@ try {
     const b = document.getElementById('reconnect');
     return b.hidden ? null : b.textContent;
   });
-  result.logs = logs.slice(-20);
 } catch (e) {
   result.error = String(e);
 } finally {
+  result.logs = logs.slice(-30);
   await browser.close();
 }
 console.log(JSON.stringify(result));
