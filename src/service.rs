@@ -560,8 +560,8 @@ impl TokenService {
     }
 
     /// What the console page of `token_text` is told once its session is
-    /// up; for a single-use token's live session from `client`, with a new
-    /// reconnect ticket (replacing the one it had). `None`: the token opens
+    /// up; for a single-use token's live VNC session from `client`, with a
+    /// new reconnect ticket (replacing the one it had). `None`: the token opens
     /// nothing.
     pub async fn console_session(
         &self,
@@ -581,7 +581,10 @@ impl TokenService {
                 .is_ok_and(|a| a.ip() == client)
         });
         let mut ticket = None;
-        if let (true, Some(session)) = (view.single_use, mine) {
+        // A SPICE console's channels cannot be resumed one by one: no
+        // ticket for it.
+        let resumable = view.single_use && view.protocol == crate::protocol::Protocol::Vnc;
+        if let (true, Some(session)) = (resumable, mine) {
             let t = Token::generate()
                 .map_err(|e| ServiceError::Internal(format!("no OS randomness: {e}")))?;
             self.tokens

@@ -130,6 +130,33 @@ async fn a_single_use_token_opens_one_console_of_eight_channels_once() {
     let (code, reason) = stray.expect_close(Duration::from_secs(5)).await;
     assert_eq!(code, 4406, "{reason}");
 
+    // The console page's answer: the protocol, and no reconnect ticket (a
+    // SPICE console's channels are not resumed one by one).
+    let r = http_request(
+        broker.port,
+        "POST",
+        "/console/session",
+        &[
+            ("Content-Type", "application/json".into()),
+            ("Origin", broker.base_url()),
+        ],
+        serde_json::json!({ "token": t.token })
+            .to_string()
+            .as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let told: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(told["protocol"], "spice", "{told}");
+    assert_eq!(told["reconnect_ticket"], false, "{told}");
+    assert!(
+        !r.headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("set-cookie")),
+        "{:?}",
+        r.headers
+    );
+
     // One session row for the console; every channel's bytes land in it.
     let rows = broker.sessions();
     assert_eq!(rows.len(), 1, "{rows:?}");
