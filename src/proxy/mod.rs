@@ -783,6 +783,52 @@ struct Ready {
     registration: sessions::Registration,
 }
 
+/// Connects to the token's target, within the connect timeout.
+async fn connect_target(proxy: &Proxy, r: &Redemption) -> Result<TcpStream, Refusal> {
+    let target = (r.target_host.as_str(), r.target_port);
+    let tcp = match tokio::time::timeout(proxy.settings.connect_timeout, TcpStream::connect(target))
+        .await
+    {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) => return Err(Refusal::Unreachable(e.to_string())),
+        Err(_) => return Err(Refusal::Unreachable("connect timed out".into())),
+    };
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
+}
+
+/// A session's limits as relay timers, counted from `started_at`: its
+/// maximum length, its token's expiry where sessions end with it, pings,
+/// and `idle` (none for a channel that leaves it to its console).
+fn session_timers(
+    set: &Settings,
+    r: &Redemption,
+    started_at: i64,
+    idle: Option<Duration>,
+) -> relay::Timers {
+    let now = tokio::time::Instant::now();
+    let max_end = set
+        .max_session
+        .map(|d| (now + d, relay::Deadline::MaxDuration));
+    let expiry_end = set.end_at_token_expiry.then(|| {
+        let left = r.expires_at.saturating_sub(started_at).max(0) as u64;
+        (
+            now + Duration::from_secs(left),
+            relay::Deadline::TokenExpiry,
+        )
+    });
+    relay::Timers {
+        idle,
+        ping_every: set.ping_interval,
+        pong_timeout: set.pong_timeout,
+        write_timeout: set.client_write_timeout,
+        deadline: [max_end, expiry_end]
+            .into_iter()
+            .flatten()
+            .min_by_key(|d| d.0),
+    }
+}
+
 /// Connects to the token's target and runs the RFB security handshake if a
 /// password is stored or the policy needs the session's messages followed
 /// (which the proxy can do only from their first byte). The leftovers are
@@ -793,18 +839,7 @@ async fn connect_and_secure(
     writer: &mut WsWriter,
     r: &Redemption,
 ) -> Result<(TcpStream, Option<handshake::Leftovers>), Refusal> {
-    let target = (r.target_host.as_str(), r.target_port);
-    let mut tcp = match tokio::time::timeout(
-        proxy.settings.connect_timeout,
-        TcpStream::connect(target),
-    )
-    .await
-    {
-        Ok(Ok(tcp)) => tcp,
-        Ok(Err(e)) => return Err(Refusal::Unreachable(e.to_string())),
-        Err(_) => return Err(Refusal::Unreachable("connect timed out".into())),
-    };
-    let _ = tcp.set_nodelay(true);
+    let mut tcp = connect_target(proxy, r).await?;
     let password = r.vnc_password.as_deref();
     if password.is_none() && !r.policy.needs_inspection() {
         return Ok((tcp, None));
@@ -838,27 +873,7 @@ async fn relay_session(
     let started_at = crate::now_unix();
     let started = std::time::Instant::now();
     let set = &proxy.settings;
-    let now = tokio::time::Instant::now();
-    let max_end = set
-        .max_session
-        .map(|d| (now + d, relay::Deadline::MaxDuration));
-    let expiry_end = set.end_at_token_expiry.then(|| {
-        let left = r.expires_at.saturating_sub(started_at).max(0) as u64;
-        (
-            now + Duration::from_secs(left),
-            relay::Deadline::TokenExpiry,
-        )
-    });
-    let timers = relay::Timers {
-        idle: set.idle_timeout,
-        ping_every: set.ping_interval,
-        pong_timeout: set.pong_timeout,
-        write_timeout: set.client_write_timeout,
-        deadline: [max_end, expiry_end]
-            .into_iter()
-            .flatten()
-            .min_by_key(|d| d.0),
-    };
+    let timers = session_timers(set, &r, started_at, set.idle_timeout);
     let policy = r.policy;
     let record = NewSession {
         token_id: r.token_id,

@@ -313,18 +313,7 @@ async fn server_link(
     link: &mut LinkProxy,
     r: &Redemption,
 ) -> Result<TcpStream, Stop> {
-    let target = (r.target_host.as_str(), r.target_port);
-    let mut tcp = match tokio::time::timeout(
-        proxy.settings.connect_timeout,
-        TcpStream::connect(target),
-    )
-    .await
-    {
-        Ok(Ok(tcp)) => tcp,
-        Ok(Err(e)) => return Err(Refusal::Unreachable(e.to_string()).into()),
-        Err(_) => return Err(Refusal::Unreachable("connect timed out".into()).into()),
-    };
-    let _ = tcp.set_nodelay(true);
+    let mut tcp = super::connect_target(proxy, r).await?;
     let mut from_server = vec![0u8; 4096];
     let mut from_client = Vec::new();
     loop {
@@ -399,33 +388,6 @@ impl Filter for MainSide {
         self.out.clear();
         self.filter.feed(data, &mut self.out);
         Ok(&self.out)
-    }
-}
-
-/// The session's limits, as timers; a joined channel leaves the idle
-/// limit to its main channel, which carries the session.
-fn timers(proxy: &Proxy, r: &Redemption, main: bool) -> relay::Timers {
-    let set = &proxy.settings;
-    let now = tokio::time::Instant::now();
-    let max_end = set
-        .max_session
-        .map(|d| (now + d, relay::Deadline::MaxDuration));
-    let expiry_end = set.end_at_token_expiry.then(|| {
-        let left = r.expires_at.saturating_sub(crate::now_unix()).max(0) as u64;
-        (
-            now + Duration::from_secs(left),
-            relay::Deadline::TokenExpiry,
-        )
-    });
-    relay::Timers {
-        idle: if main { set.idle_timeout } else { None },
-        ping_every: set.ping_interval,
-        pong_timeout: set.pong_timeout,
-        write_timeout: set.client_write_timeout,
-        deadline: [max_end, expiry_end]
-            .into_iter()
-            .flatten()
-            .min_by_key(|d| d.0),
     }
 }
 
@@ -531,7 +493,7 @@ async fn run_main(
         done.to_server,
         Some((&mut up, &mut down)),
         &mut registration,
-        timers(proxy, &r, true),
+        super::session_timers(&proxy.settings, &r, started_at, proxy.settings.idle_timeout),
         &mut counts,
     )
     .await;
@@ -622,7 +584,7 @@ async fn run_joined(
         done.to_server,
         None,
         &mut registration,
-        timers(proxy, &r, false),
+        super::session_timers(&proxy.settings, &r, crate::now_unix(), None),
         &mut counts,
     )
     .await;
