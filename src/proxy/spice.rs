@@ -159,10 +159,12 @@ pub async fn channel(proxy: &Proxy, mut client: Client, r: Redemption, addr: Soc
     .await
     {
         Ok(Ok(asked)) => asked,
-        Ok(Err(stop)) => return turn_away(client, &mut link, stop, "unknown", addr).await,
+        Ok(Err(stop)) => {
+            return turn_away(client, link.take_to_client(), stop, "unknown", addr).await;
+        }
         Err(_) => {
             let stop = Stop::Refuse(Refusal::Spice(LinkError::Timeout));
-            return turn_away(client, &mut link, stop, "unknown", addr).await;
+            return turn_away(client, link.take_to_client(), stop, "unknown", addr).await;
         }
     };
     let name = channel::name(asked.channel_type);
@@ -175,7 +177,14 @@ pub async fn channel(proxy: &Proxy, mut client: Client, r: Redemption, addr: Soc
         Ok(a) => a,
         Err((code, refusal)) => {
             link.refuse(code);
-            return turn_away(client, &mut link, Stop::Refuse(refusal), name, addr).await;
+            return turn_away(
+                client,
+                link.take_to_client(),
+                Stop::Refuse(refusal),
+                name,
+                addr,
+            )
+            .await;
         }
     };
     link.admit();
@@ -190,7 +199,7 @@ pub async fn channel(proxy: &Proxy, mut client: Client, r: Redemption, addr: Soc
     };
     let tcp = match linked {
         Ok(tcp) => tcp,
-        Err(stop) => return turn_away(client, &mut link, stop, name, addr).await,
+        Err(stop) => return turn_away(client, link.take_to_client(), stop, name, addr).await,
     };
     let Some(done) = link.finish() else {
         return;
@@ -343,16 +352,15 @@ async fn server_link(
     }
 }
 
-/// Tells the client why its channel goes no further: the link's own answer
-/// (a server's refusal, an error reply), then the close.
+/// Tells the client why its channel goes no further: `pending`, the link's
+/// own answer (a server's refusal, an error reply), then the close.
 async fn turn_away(
     mut client: Client,
-    link: &mut LinkProxy,
+    pending: Vec<u8>,
     stop: Stop,
     name: &'static str,
     addr: SocketAddr,
 ) {
-    let pending = link.take_to_client();
     let Stop::Refuse(refusal) = stop else {
         tracing::debug!(client = %addr, channel = name, "SPICE client went away during the link");
         return;
@@ -430,22 +438,19 @@ async fn run_main(
     let spice_session_id = match first {
         Ok(Ok(id)) => id,
         Ok(Err(stop)) => {
-            let mut link = LinkProxy::new(None, Framing::Stream);
-            return turn_away(client, &mut link, stop, "main", addr).await;
+            return turn_away(client, Vec::new(), stop, "main", addr).await;
         }
         Err(_) => {
-            let mut link = LinkProxy::new(None, Framing::Stream);
             let stop = Stop::Refuse(Refusal::Spice(LinkError::Timeout));
-            return turn_away(client, &mut link, stop, "main", addr).await;
+            return turn_away(client, Vec::new(), stop, "main", addr).await;
         }
     };
     if policy.record {
         if proxy.settings.recording.required {
             let why = "SPICE sessions cannot be recorded".to_string();
             crate::metrics::global().recording_finished("failed");
-            let mut link = LinkProxy::new(None, Framing::Stream);
             let stop = Stop::Refuse(Refusal::RecordingUnavailable(why));
-            return turn_away(client, &mut link, stop, "main", addr).await;
+            return turn_away(client, Vec::new(), stop, "main", addr).await;
         }
         tracing::warn!(
             vm_id = r.vm_id,
@@ -469,15 +474,13 @@ async fn run_main(
     let session_id = match proxy.log.open_session(&record).await {
         Ok(Opened::Session(id)) => id,
         Ok(Opened::ControlTaken) => {
-            let mut link = LinkProxy::new(None, Framing::Stream);
             let stop = Stop::Refuse(Refusal::ControlTaken);
-            return turn_away(client, &mut link, stop, "main", addr).await;
+            return turn_away(client, Vec::new(), stop, "main", addr).await;
         }
         Err(e) => {
             tracing::warn!(error = %e, "could not record the session start; console refused");
-            let mut link = LinkProxy::new(None, Framing::Stream);
             let stop = Stop::Refuse(Refusal::StoreDown(e.to_string()));
-            return turn_away(client, &mut link, stop, "main", addr).await;
+            return turn_away(client, Vec::new(), stop, "main", addr).await;
         }
     };
     crate::metrics::global().session_started(Protocol::Spice);
