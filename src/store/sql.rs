@@ -77,11 +77,13 @@ pub(super) const TAKE_TICKET: &str = "DELETE FROM reconnect_tickets
        AND token_id = (SELECT id FROM tokens
                        WHERE token_hash = $4 AND revoked_at IS NULL AND expires_at > $3)
      RETURNING session_id, token_id";
-/// A ticket whose session is still live.
+/// A ticket whose session is still live, or whose drop was recorded
+/// between `TAKE_TICKET` and this query: the client asks again.
 pub(super) const PENDING_TICKET: &str =
     "SELECT 1 FROM reconnect_tickets r JOIN tokens t ON t.id = r.token_id
-     WHERE r.ticket_hash = $1 AND r.client_ip = $2 AND r.valid_until IS NULL
-       AND t.token_hash = $3 AND t.revoked_at IS NULL AND t.expires_at > $4";
+     WHERE r.ticket_hash = $1 AND r.client_ip = $2
+       AND t.token_hash = $3 AND t.revoked_at IS NULL AND t.expires_at > $4
+       AND (r.valid_until IS NULL OR r.valid_until > $4)";
 /// The redemption columns, in the order the backends read them.
 macro_rules! redemption_columns {
     () => {

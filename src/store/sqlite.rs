@@ -664,7 +664,7 @@ impl TokenStore for SqliteStore {
                 .map_err(map_err)?;
             let Some((from, token_id)) = taken else {
                 let pending = c
-                    .prepare_cached(sql::PENDING_TICKET)
+                    .prepare_cached(&numbered(sql::PENDING_TICKET))
                     .and_then(|mut st| st.exists(params![&ticket[..], ip, &token[..], now]))
                     .map_err(map_err)?;
                 return Ok(if pending {
