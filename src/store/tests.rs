@@ -86,6 +86,7 @@ backend_tests!(
     orphaned_sessions_of_a_node_are_closed,
     a_reconnect_ticket_reopens_a_dropped_console_once,
     a_reconnect_ticket_is_void_after_a_close_a_revocation_or_a_new_ticket,
+    a_ticket_redeemed_while_its_drop_is_recorded_waits_or_opens,
 );
 
 fn token(text: &str, vm: i64, expires_at: i64) -> NewToken {
@@ -1310,6 +1311,37 @@ async fn a_reconnect_ticket_reopens_a_dropped_console_once(f: Fixture) {
     let row = s.session(next).await.unwrap().unwrap();
     assert_eq!(row.resumed_from, Some(sid));
     assert_eq!(s.session(sid).await.unwrap().unwrap().resumed_from, None);
+}
+
+/// One node records a drop while another redeems its ticket: the client
+/// is told to wait or gets its console, never that the ticket is void.
+async fn a_ticket_redeemed_while_its_drop_is_recorded_waits_or_opens(f: Fixture) {
+    let other = open(&f.url).await.unwrap();
+    let now = 1000;
+    for round in 0..40 {
+        let (text, ticket) = (format!("tok{round}"), format!("tick{round}"));
+        let (_, sid) = ticketed_session(&*f.store, &text, &ticket, now).await;
+        let closer = Arc::clone(&f.store);
+        let drop = tokio::spawn(async move {
+            closer
+                .close_session(sid, &ended(now + 1, TicketEnd::ValidUntil(now + 30)))
+                .await
+                .unwrap();
+        });
+        let mut pending = 0;
+        loop {
+            match resume(&*other, &text, &ticket, "127.0.0.1", now + 1).await {
+                Resumed::Session { from, .. } => {
+                    assert_eq!(from, sid);
+                    break;
+                }
+                Resumed::Pending => pending += 1,
+                Resumed::Invalid => panic!("round {round}: void after {pending} waits"),
+            }
+            assert!(pending < 10_000, "round {round}: the drop was never seen");
+        }
+        drop.await.unwrap();
+    }
 }
 
 async fn a_reconnect_ticket_is_void_after_a_close_a_revocation_or_a_new_ticket(f: Fixture) {
