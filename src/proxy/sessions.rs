@@ -68,13 +68,21 @@ pub enum LimitHit {
     Vm,
     #[error("too many console sessions for this user")]
     User,
+    #[error("too many channels for this SPICE console")]
+    Channels,
 }
+
+/// How many channels may join one SPICE console on this node. A viewer
+/// opens 8 to 12; the bound keeps one token holder from opening thousands.
+pub const MAX_CHANNELS_PER_CONSOLE: usize = 32;
 
 #[derive(Default)]
 struct Table {
     live: HashMap<u64, Live>,
     per_vm: HashMap<i64, usize>,
     per_user: HashMap<Arc<str>, usize>,
+    /// Joined SPICE channels on this node, by the row of their console.
+    channels: HashMap<i64, usize>,
     /// The last revocation applied to every session in the table; `None`
     /// until the watcher has looked.
     applied: Option<i64>,
@@ -133,6 +141,8 @@ impl Drop for Registration {
             if gone.counted {
                 decrement(&mut t.per_vm, &gone.vm_id);
                 decrement(&mut t.per_user, &gone.user);
+            } else if let Some(record) = gone.record {
+                decrement(&mut t.channels, &record);
             }
             if t.live.is_empty() {
                 self.sessions.emptied.notify_waiters();
@@ -244,22 +254,13 @@ impl Sessions {
     /// Registers another channel of the SPICE session recorded as `record`
     /// (whose main channel may live on another node): it ends with every
     /// revocation of that session, and is not counted as a console of its
-    /// own.
-    pub fn register_channel(self: &Arc<Self>, entry: Entry, record: i64) -> Registration {
-        match self.insert(entry.clone(), Some(record), false) {
-            Ok(r) => r,
-            // Unreachable: an uncounted entry meets no limit. A poisoned
-            // table still gives a registration, stopped at once.
-            Err(_) => {
-                let (_tx, rx) = watch::channel(Some(Stop::Shutdown));
-                Registration {
-                    id: u64::MAX,
-                    checked: AtomicI64::new(entry.seen),
-                    sessions: Arc::clone(self),
-                    stop: rx,
-                }
-            }
-        }
+    /// own, only against [`MAX_CHANNELS_PER_CONSOLE`].
+    pub fn register_channel(
+        self: &Arc<Self>,
+        entry: Entry,
+        record: i64,
+    ) -> Result<Registration, LimitHit> {
+        self.insert(entry, Some(record), false)
     }
 
     fn insert(
@@ -284,6 +285,12 @@ impl Sessions {
             {
                 return Err(LimitHit::User);
             }
+        } else if let Some(record) = record {
+            let joined = t.channels.entry(record).or_default();
+            if *joined >= MAX_CHANNELS_PER_CONSOLE {
+                return Err(LimitHit::Channels);
+            }
+            *joined += 1;
         }
         let user: Arc<str> = Arc::from(entry.user.as_str());
         if counted {
@@ -462,6 +469,31 @@ mod tests {
         let _e = u.register(entry(1, "alice", 0)).unwrap();
         assert_eq!(u.register(entry(2, "alice", 0)).err(), Some(LimitHit::User));
         assert!(u.register(entry(2, "bob", 0)).is_ok());
+    }
+
+    #[test]
+    fn a_spice_console_takes_a_bounded_number_of_channels_outside_the_limits() {
+        let s = Arc::new(Sessions::with_limits(Limits {
+            total: 1,
+            per_vm: 1,
+            per_user: 1,
+        }));
+        let _main = s.register(entry(7, "alice", 0)).unwrap();
+        let mut joined: Vec<_> = (0..MAX_CHANNELS_PER_CONSOLE)
+            .map(|_| s.register_channel(entry(7, "alice", 0), 40).unwrap())
+            .collect();
+        assert_eq!(
+            s.register_channel(entry(7, "alice", 0), 40).err(),
+            Some(LimitHit::Channels)
+        );
+        // Another console's channels have their own bound.
+        let _other = s.register_channel(entry(7, "alice", 0), 41).unwrap();
+        joined.pop();
+        let _again = s.register_channel(entry(7, "alice", 0), 40).unwrap();
+        drop(joined);
+        assert_eq!(s.count(), 1 + 1 + 1);
+        // The channels never counted as consoles.
+        assert_eq!(s.register(entry(8, "bob", 0)).err(), Some(LimitHit::Total));
     }
 
     #[test]

@@ -310,7 +310,10 @@ async fn admit_joining(
         Ok(None) => return Err(no_session()),
         Err(e) => return Err((link_err::ERROR, Refusal::StoreDown(e.to_string()))),
     };
-    let registration = proxy.sessions.register_channel(super::entry(r), session_id);
+    let registration = proxy
+        .sessions
+        .register_channel(super::entry(r), session_id)
+        .map_err(|hit| (link_err::ERROR, Refusal::TooMany(hit)))?;
     enforce::catch_up(proxy.tokens.as_ref(), &registration, Some(session_id)).await;
     Ok((registration, Some(session_id)))
 }
