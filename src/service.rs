@@ -612,7 +612,7 @@ impl TokenService {
     async fn settle(&self, mut r: Redemption) -> Result<Redemption, RedeemError> {
         let here = self
             .inventory
-            .still_at(r.vm_id, &r.target_host, r.target_port)
+            .still_at(r.vm_id, &r.target_host, r.target_port, r.protocol)
             .await?;
         if !here {
             return Err(RedeemError::Moved);

@@ -7,6 +7,7 @@ use async_trait::async_trait;
 
 use super::{Console, Credential, Grant, Inventory, InventoryError, Lapse, Principal, Verdict};
 use crate::auth::{Against, VerifyCache};
+use crate::protocol::Protocol;
 use crate::secrets::Secrets;
 use crate::store::{Registry, StoreError, User, Vm};
 
@@ -126,9 +127,17 @@ impl Inventory for LocalInventory {
         })
     }
 
-    async fn still_at(&self, vm_id: i64, host: &str, port: u16) -> Result<bool, InventoryError> {
+    async fn still_at(
+        &self,
+        vm_id: i64,
+        host: &str,
+        port: u16,
+        protocol: Protocol,
+    ) -> Result<bool, InventoryError> {
         let vm = self.store.vm(vm_id).await.map_err(unavailable)?;
-        Ok(vm.is_some_and(|vm| vm.vnc_host == host && vm.vnc_port == port))
+        Ok(vm.is_some_and(|vm| {
+            vm.vnc_host == host && vm.vnc_port == port && vm.protocol == protocol
+        }))
     }
 
     async fn console(&self, cred: &Credential, vm_id: i64) -> Result<Console, InventoryError> {
@@ -168,7 +177,7 @@ impl Inventory for LocalInventory {
         };
         let mut out = Vec::with_capacity(grants.len());
         for g in grants {
-            if g.host != vm.vnc_host || g.port != vm.vnc_port {
+            if g.host != vm.vnc_host || g.port != vm.vnc_port || g.protocol != vm.protocol {
                 out.push(Verdict::End(Lapse::VmMoved));
                 continue;
             }

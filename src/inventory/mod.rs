@@ -67,6 +67,7 @@ pub struct Grant {
     pub user: String,
     pub host: String,
     pub port: u16,
+    pub protocol: crate::protocol::Protocol,
     /// The credential the session was opened with, if the inventory kept it.
     pub caller: Option<Credential>,
 }
@@ -156,14 +157,21 @@ pub trait Inventory: Send + Sync {
     /// (revoke its tokens), whatever state the VM is in.
     async fn authorize(&self, cred: &Credential, vm_id: i64) -> Result<Principal, InventoryError>;
 
-    /// Whether the VM's console is still at `host:port`, checked when a
-    /// token is redeemed so that a token minted before a migration or a port
-    /// change cannot reach whatever listens there now. An inventory that
-    /// cannot tell answers true.
-    async fn still_at(&self, vm_id: i64, host: &str, port: u16) -> Result<bool, InventoryError>;
+    /// Whether the VM's console still speaks `protocol` at `host:port`,
+    /// checked when a token is redeemed so that a token minted before a
+    /// migration, a port change or a new console type cannot reach whatever
+    /// listens there now. An inventory that cannot tell answers true.
+    async fn still_at(
+        &self,
+        vm_id: i64,
+        host: &str,
+        port: u16,
+        protocol: crate::protocol::Protocol,
+    ) -> Result<bool, InventoryError>;
 
     /// Re-checks the live sessions of one VM, one verdict per grant in
-    /// order: the VM must still exist, run and be where the token points,
+    /// order: the VM must still exist, run and be where the token points
+    /// (with the same protocol),
     /// and each user must still be allowed to open it.
     async fn recheck(&self, vm_id: i64, grants: &[Grant]) -> Vec<Verdict>;
 }

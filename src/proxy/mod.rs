@@ -767,6 +767,7 @@ fn entry(r: &Redemption) -> Entry {
             user: r.user_name.clone(),
             host: r.target_host.clone(),
             port: r.target_port,
+            protocol: r.protocol,
             caller,
         },
     }

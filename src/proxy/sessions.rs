@@ -434,6 +434,7 @@ mod tests {
                 user: user.into(),
                 host: "127.0.0.1".into(),
                 port: 5900,
+                protocol: Default::default(),
                 caller: None,
             },
         }

@@ -988,6 +988,7 @@ async fn postgres_revocation_notice_ends_sessions_on_another_node() {
             user: "alice".into(),
             host: "127.0.0.1".into(),
             port: 5900,
+            protocol: Default::default(),
             caller: None,
         },
     };

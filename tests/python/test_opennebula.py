@@ -637,7 +637,7 @@ def test_invalid_token_closes_4401(broker_factory, oned):
 def test_connect_time_revalidation(broker_factory, oned, xvnc):
     """With service_session set, the proxy re-reads the VM from oned (as the
     service account) when a token is redeemed, and refuses with 4409 if the
-    VM's host or port changed since minting; 4503 if oned cannot be asked."""
+    VM's host, port or console type changed since minting; 4503 if oned cannot be asked."""
     oned.add_vm(30, form="pretty", owner="alice", port=xvnc.port, passwd=VNC_PW, hosts=["127.0.0.1"])
     b = start_on(broker_factory, oned.url, service_session=sess("oneadmin"))
     alice = one(b, "alice")
@@ -665,6 +665,14 @@ def test_connect_time_revalidation(broker_factory, oned, xvnc):
     ws = WsClient(b.port, "/" + tok3["path"])
     assert rfb_client_handshake(ws)[:2] == (640, 480)
     ws.close()
+
+    # The console became SPICE on the same port: a VNC token is refused,
+    # and no VNC bytes go to a server that speaks something else.
+    oned.update_vm(30, graphics="SPICE")
+    ws = WsClient(b.port, "/" + tok3["path"])
+    assert ws.wait_close(stop_on_data=True)[0] == 4409
+    assert ws.data == b""
+    oned.update_vm(30, graphics="VNC")
 
     # The port changed: refused again.
     oned.update_vm(30, port=free_port())

@@ -405,6 +405,12 @@ def test_opennebula_sessions_follow_the_cloud(broker_factory, oned, xvnc):
     closes_with(ws, CLOSE_MOVED, within=2.5)
     oned.migrate(30, "127.0.0.1")
 
+    # The VM's console becomes SPICE (on the same host and port).
+    ws = open_console(b, alice.vm.novnctoken(30)["path"])
+    oned.update_vm(30, graphics="SPICE")
+    closes_with(ws, CLOSE_MOVED, within=2.5)
+    oned.update_vm(30, graphics="VNC")
+
     # The user's password changes: oned no longer accepts the stored session.
     ws = open_console(b, alice.vm.novnctoken(30)["path"])
     oned.passwords["alice"] = "changed-Pw-1"

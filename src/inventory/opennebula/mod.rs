@@ -22,6 +22,7 @@ use quick_xml::events::Event;
 
 use self::vmdoc::ConsoleError;
 use super::{Console, Credential, Grant, Inventory, InventoryError, Lapse, Principal, Verdict};
+use crate::protocol::Protocol;
 use crate::xmlrpc::{self as wire, MethodResponse, Value};
 
 /// Largest answer read from oned.
@@ -285,10 +286,12 @@ impl Inventory for OpenNebulaInventory {
         let mut out: Vec<Verdict> = Vec::with_capacity(grants.len());
         for (i, g) in grants.iter().enumerate() {
             // One call per user and target, however many sessions they have.
-            if let Some(j) = grants[..i]
-                .iter()
-                .position(|o| o.caller == g.caller && o.host == g.host && o.port == g.port)
-            {
+            if let Some(j) = grants[..i].iter().position(|o| {
+                o.caller == g.caller
+                    && o.host == g.host
+                    && o.port == g.port
+                    && o.protocol == g.protocol
+            }) {
                 out.push(out[j].clone());
                 continue;
             }
@@ -321,7 +324,9 @@ impl Inventory for OpenNebulaInventory {
                 }
             };
             out.push(match doc.console_target() {
-                Ok(t) if t.host == g.host && t.port == g.port => Verdict::Continue,
+                Ok(t) if t.host == g.host && t.port == g.port && t.protocol == g.protocol => {
+                    Verdict::Continue
+                }
                 Ok(_) => Verdict::End(Lapse::VmMoved),
                 Err(_) => Verdict::End(Lapse::VmStopped),
             });
@@ -329,13 +334,19 @@ impl Inventory for OpenNebulaInventory {
         out
     }
 
-    async fn still_at(&self, vm_id: i64, host: &str, port: u16) -> Result<bool, InventoryError> {
+    async fn still_at(
+        &self,
+        vm_id: i64,
+        host: &str,
+        port: u16,
+        protocol: Protocol,
+    ) -> Result<bool, InventoryError> {
         let Some(session) = &self.service_session else {
             return Ok(true);
         };
         let doc = self.vm_doc(session, vm_id).await?;
         Ok(match doc.console_target() {
-            Ok(t) => t.host == host && t.port == port,
+            Ok(t) => t.host == host && t.port == port && t.protocol == protocol,
             Err(_) => false,
         })
     }
