@@ -397,7 +397,9 @@ impl MainSide {
 impl Filter for MainSide {
     fn pass<'a>(&'a mut self, data: &'a [u8]) -> Result<&'a [u8], End> {
         self.out.clear();
-        self.filter.feed(data, &mut self.out);
+        if self.filter.filter(data, &mut self.out) {
+            return Ok(data);
+        }
         Ok(&self.out)
     }
 }
@@ -438,8 +440,8 @@ async fn run_main(
         ),
     )
     .await;
-    let spice_session_id = match first {
-        Ok(Ok(id)) => id,
+    let (spice_session_id, held) = match first {
+        Ok(Ok(first)) => first,
         Ok(Err(stop)) => {
             return turn_away(client, Vec::new(), stop, "main", addr).await;
         }
@@ -493,16 +495,22 @@ async fn run_main(
         "console session started"
     );
     enforce::catch_up(proxy.tokens.as_ref(), &registration, Some(session_id)).await;
-    let end = relay_channel(
-        client,
-        tcp,
-        done.to_server,
-        Some((&mut up, &mut down)),
-        &mut registration,
-        super::session_timers(&proxy.settings, &r, started_at, proxy.settings.idle_timeout),
-        &mut counts,
-    )
-    .await;
+    let end = match client.send(&held).await {
+        Ok(()) => {
+            counts.to_client += held.len() as u64;
+            relay_channel(
+                client,
+                tcp,
+                done.to_server,
+                Some((&mut up, &mut down)),
+                &mut registration,
+                super::session_timers(&proxy.settings, &r, started_at, proxy.settings.idle_timeout),
+                &mut counts,
+            )
+            .await
+        }
+        Err(_) => End::ClientLost,
+    };
     crate::metrics::global().session_ended(end.outcome(), started.elapsed());
     let dropped = up.filter.dropped() + down.filter.dropped();
     let end_record = SessionEnd {
@@ -532,23 +540,25 @@ async fn run_main(
 }
 
 /// Relays the server's first messages through the main channel's filter
-/// until MAIN_INIT names the session.
+/// until MAIN_INIT names the session; the bytes that carry MAIN_INIT are
+/// returned, not sent, so that the client learns the session id only once
+/// the session is recorded and its other channels can join it.
 async fn until_session_id(
     client: &mut Client,
     tcp: &mut TcpStream,
     down: &mut MainSide,
     first: &[u8],
     counts: &mut Counts,
-) -> Result<u32, Stop> {
+) -> Result<(u32, Vec<u8>), Stop> {
     let mut buf = vec![0u8; 8192];
     let mut data = first.to_vec();
     loop {
         let out = down.pass(&data).map_err(|_| Stop::ClientGone)?.to_vec();
+        if let Some(id) = down.filter.session_id() {
+            return Ok((id, out));
+        }
         client.send(&out).await?;
         counts.to_client += out.len() as u64;
-        if let Some(id) = down.filter.session_id() {
-            return Ok(id);
-        }
         let n = match tcp.read(&mut buf).await {
             Ok(0) => {
                 return Err(Refusal::Unreachable(

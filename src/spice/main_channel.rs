@@ -78,23 +78,44 @@ impl MainFilter {
     }
 
     /// Appends to `out` what passes of `data`.
-    pub fn feed(&mut self, mut data: &[u8], out: &mut Vec<u8>) {
+    pub fn feed(&mut self, data: &[u8], out: &mut Vec<u8>) {
+        if self.filter(data, out) {
+            out.extend_from_slice(data);
+        }
+    }
+
+    /// Filters `data`: true when all of it passes unchanged (the common
+    /// case, and then nothing is copied: `out` is untouched); otherwise
+    /// what passes is appended to `out`.
+    pub fn filter(&mut self, data: &[u8], out: &mut Vec<u8>) -> bool {
         let hlen = wire::msg_header_len(self.mini);
-        while !data.is_empty() {
+        // Whether what passed so far is `data[..pos]` itself.
+        let mut verbatim = true;
+        let mut pos = 0;
+        while pos < data.len() {
             match &mut self.state {
                 State::Header { have } => {
-                    let take = (hlen - *have).min(data.len());
-                    self.header[*have..*have + take].copy_from_slice(&data[..take]);
+                    let start = pos;
+                    if *have > 0 {
+                        // The header began in an earlier call: its bytes
+                        // were held back, so they go out from `self.header`.
+                        diverge(&mut verbatim, out, &data[..start]);
+                    }
+                    let take = (hlen - *have).min(data.len() - pos);
+                    self.header[*have..*have + take].copy_from_slice(&data[pos..pos + take]);
                     *have += take;
-                    data = &data[take..];
+                    pos += take;
                     if *have < hlen {
-                        return;
+                        // Held back until the header is whole.
+                        diverge(&mut verbatim, out, &data[..start]);
+                        return verbatim;
                     }
                     let h = wire::msg_header(&self.header[..hlen], self.mini);
                     let drop = self.drops(h.kind);
                     if drop {
                         self.dropped += 1;
-                    } else {
+                        diverge(&mut verbatim, out, &data[..start]);
+                    } else if !verbatim {
                         out.extend_from_slice(&self.header[..hlen]);
                     }
                     let init = self.side == Side::FromServer
@@ -111,9 +132,11 @@ impl MainFilter {
                     };
                 }
                 State::Body { left, drop, init } => {
-                    let take = (*left as usize).min(data.len());
-                    let (body, rest) = data.split_at(take);
-                    if !*drop {
+                    let take = (*left as usize).min(data.len() - pos);
+                    let body = &data[pos..pos + take];
+                    if *drop {
+                        diverge(&mut verbatim, out, &data[..pos]);
+                    } else if !verbatim {
                         out.extend_from_slice(body);
                     }
                     if *init && self.init.len() < 4 {
@@ -125,13 +148,22 @@ impl MainFilter {
                         }
                     }
                     *left -= take as u32;
-                    data = rest;
+                    pos += take;
                     if *left == 0 {
                         self.state = State::Header { have: 0 };
                     }
                 }
             }
         }
+        verbatim
+    }
+}
+
+/// Leaves verbatim mode: what passed so far, `passed`, is copied out.
+fn diverge(verbatim: &mut bool, out: &mut Vec<u8>, passed: &[u8]) {
+    if *verbatim {
+        out.extend_from_slice(passed);
+        *verbatim = false;
     }
 }
 
@@ -192,6 +224,48 @@ mod tests {
         assert_eq!(out, expect);
         // The client's messages never set a session id.
         assert_eq!(to_vm.session_id(), None);
+    }
+
+    #[test]
+    fn a_stream_that_loses_nothing_passes_without_a_copy_however_it_is_cut() {
+        let mut stream = Vec::new();
+        for i in 0..40u8 {
+            stream.extend(message(
+                true,
+                msg::MAIN_AGENT_DATA,
+                &vec![i; 10 + i as usize],
+            ));
+            if i % 7 == 0 {
+                stream.extend(message(true, msg::MAIN_MIGRATE_BEGIN, &[i; 5]));
+            }
+        }
+        let expect = {
+            let mut f = MainFilter::new(Side::FromServer, Rules { agent: true }, true);
+            run(&mut f, &stream, true)
+        };
+        // Cut at every width: whole-message chunks pass as they are, and
+        // the output is the same however the stream is cut.
+        for width in 1..64 {
+            let mut f = MainFilter::new(Side::FromServer, Rules { agent: true }, true);
+            let (mut got, mut verbatim) = (Vec::new(), 0);
+            for chunk in stream.chunks(width) {
+                let mut out = Vec::new();
+                if f.filter(chunk, &mut out) {
+                    assert!(out.is_empty());
+                    got.extend_from_slice(chunk);
+                    verbatim += 1;
+                } else {
+                    got.extend(out);
+                }
+            }
+            assert_eq!(got, expect, "width {width}");
+            assert!(width < 16 || verbatim > 0, "width {width}");
+        }
+        let mut f = MainFilter::new(Side::FromServer, Rules { agent: true }, true);
+        let clean = message(true, msg::MAIN_AGENT_DATA, &[7; 2048]);
+        let mut out = Vec::new();
+        assert!(f.filter(&clean, &mut out));
+        assert!(out.is_empty());
     }
 
     #[test]
