@@ -39,7 +39,7 @@
 //! rerun) goes to standard output and, with `--out FILE`, to FILE.
 //!
 //! Usage: vncbroker-bench [--quick] [--broker PATH] [--websockify PATH] [--out FILE]
-//!                        [--only proxy|sqlite|postgres|idle|session-control|tls]...
+//!                        [--only proxy|sqlite|postgres|idle|session-control|tls|spice]...
 //!
 //! For investigating: `--only` runs some sections; VNCBROKER_BENCH_LOG sets
 //! the brokers' log filter; VNCBROKER_BENCH_BROKER_ENV="NAME=VALUE ..." adds
@@ -60,6 +60,8 @@ use anyhow::{Context, bail};
 use testkit::frames::{self, Ev, FrameReader};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
+
+mod spice;
 
 /// The source tree this binary was built from: .venv and target/ are here.
 const REPO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
@@ -83,7 +85,7 @@ impl Opts {
 }
 
 const USAGE: &str = "usage: vncbroker-bench [--quick] [--broker PATH] [--websockify PATH] [--out FILE]\n\
-     \x20      [--only proxy|sqlite|postgres|idle|session-control|tls]...";
+     \x20      [--only proxy|sqlite|postgres|idle|session-control|tls|spice]...";
 
 fn parse_args() -> anyhow::Result<Opts> {
     let mut opts = Opts {
@@ -116,6 +118,7 @@ fn parse_args() -> anyhow::Result<Opts> {
                     "idle",
                     "session-control",
                     "tls",
+                    "spice",
                 ]
                 .contains(&s.as_str())
                 {
@@ -468,6 +471,7 @@ async fn run_targets() -> anyhow::Result<()> {
         rfb_server(RfbMode::Sink, Arc::clone(&rfb_count)).await?,
         rfb_server(RfbMode::Echo, rfb_count).await?,
         silent_server(open, true).await?,
+        spice::server().await?,
     ];
     let line: Vec<String> = ports.iter().map(|a| a.port().to_string()).collect();
     println!("ports {}", line.join(" "));
@@ -490,6 +494,8 @@ struct Targets {
     rfb_echo: SocketAddr,
     /// Greets (the RFB version line), then silent; counted with `silent`.
     greet_silent: SocketAddr,
+    /// The stand-in SPICE server (see [`spice`]).
+    spice: SocketAddr,
 }
 
 impl Targets {
@@ -527,6 +533,7 @@ impl Targets {
             rfb_sink: at(7)?,
             rfb_echo: at(8)?,
             greet_silent: at(9)?,
+            spice: at(10)?,
             child,
         })
     }
@@ -706,6 +713,15 @@ impl Broker {
         Ok(())
     }
 
+    /// A SPICE VM with the stand-in's password stored.
+    fn add_spice_vm(&self, id: i64, target: SocketAddr) -> anyhow::Result<()> {
+        let (id, port) = (id.to_string(), target.port().to_string());
+        let mut args = testkit::broker::vm_add_password_args(&id, &port, "bench");
+        args.extend(["--protocol", "spice"]);
+        self.cli(&args, Some(spice::PASSWORD))?;
+        Ok(())
+    }
+
     fn mint(&self, vm: i64) -> anyhow::Result<String> {
         let out = self.cli(&["token", "mint", &vm.to_string(), "--ttl", "86400"], None)?;
         let v: serde_json::Value = serde_json::from_str(&out)?;
@@ -752,6 +768,8 @@ const VM_SILENT: i64 = 5;
 const VM_IDLE_GREET: i64 = 6;
 /// Idle sessions: QEMU's VNC server, added by the idle section itself.
 const VM_QEMU: i64 = 7;
+/// The stand-in SPICE server, with a stored password.
+const VM_SPICE: i64 = 8;
 
 // ---------------------------------------------------------------- websockify
 
@@ -3990,6 +4008,7 @@ async fn start_websockify(opts: &Opts, rep: &mut Report, targets: &Targets) -> O
         ("echo", targets.echo),
         ("greet", targets.greet),
         ("silent", targets.silent),
+        ("spice", targets.spice),
     ];
     match Websockify::start(&bin, version, &tokens, &[]).await {
         Ok(w) => {
@@ -4157,6 +4176,7 @@ async fn start_relay(rep: &mut Report, targets: &Targets) -> Option<Relay> {
         ("sink", targets.sink),
         ("echo", targets.echo),
         ("greet", targets.greet),
+        ("spice", targets.spice),
     ];
     match Relay::start(&list, None).await {
         Ok(r) => {
@@ -4213,19 +4233,19 @@ async fn run(opts: &Opts, work: &Path) -> anyhow::Result<()> {
         ));
     }
     let targets = Targets::start().await?;
-    let wsfy = if opts.runs("proxy") || opts.runs("idle") {
+    let wsfy = if opts.runs("proxy") || opts.runs("idle") || opts.runs("spice") {
         start_websockify(opts, &mut rep, &targets).await
     } else {
         None
     };
 
-    let relay = if opts.runs("proxy") {
+    let relay = if opts.runs("proxy") || opts.runs("spice") {
         start_relay(&mut rep, &targets).await
     } else {
         None
     };
 
-    if (opts.runs("proxy") || opts.runs("sqlite"))
+    if (opts.runs("proxy") || opts.runs("sqlite") || opts.runs("spice"))
         && let Err(e) = sqlite_sections(
             opts,
             &mut rep,
@@ -4409,6 +4429,11 @@ async fn sqlite_sections(
 
         eprintln!("measuring the mint rate on SQLite");
         mint_section(rep, sc, broker.addr, "SQLite", 5000.0).await?;
+    }
+    if opts.runs("spice") {
+        eprintln!("measuring SPICE channels");
+        broker.add_spice_vm(VM_SPICE, targets.spice)?;
+        spice::section(rep, sc, targets, &broker, relay, wsfy).await?;
     }
     if opts.runs("sqlite") {
         eprintln!(
