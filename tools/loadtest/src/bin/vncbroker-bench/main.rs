@@ -24,6 +24,8 @@
 //!   a second broker on it;
 //! - fresh brokers for the idle-session memory measurement, one and then two
 //!   `serve` processes on one SQLite file;
+//! - for the SPICE section, a stand-in SPICE server in the targets process
+//!   (see [`spice`]), behind the same relay, websockify and broker;
 //! - a broker for the session-control measurement, with a recording
 //!   directory, whose VMs point at RFB-speaking targets (a framebuffer
 //!   source, a sink and an update-request echo) with and without the session
@@ -4670,6 +4672,7 @@ fn render(
         "TLS: WSS download (1 connection) and upload (64 KiB and 1 KiB masked messages) through vncbroker with `[tls] cert`/`key` and websockify with `--cert`/`--key`; the TLS relay is socat's `OPENSSL-LISTEN:PORT,cert=…,key=…,verify=0,reuseaddr,fork` to the same targets, raw bytes in TLS (the same sizes for upload). One P-256 certificate for 127.0.0.1, signed by a CA made for the run, serves all three; the client is rustls (ring), trusting that CA alone, so each side pays for TLS as a browser's connection would make it.",
         "CPU per GiB relayed: user + system time (utime + stime in /proc/PID/stat, in clock ticks from `getconf CLK_TCK`) of the proxy, read just before and just after each throughput measurement's timed window, while its connections are open, over the payload bytes that window moved. vncbroker: its `serve` process, every thread. websockify and socat: every live process in their process group (the listener and the process forked for each connection), each one's time since the first reading (a process started since counts from zero). Medians of the repetitions; tick granularity (10 ms) makes --quick figures coarse.",
         "Minting: one.vm.novnctoken over XML-RPC with HTTP keep-alive from 4 connections (the password check is cached, as in production).",
+        "SPICE: a stand-in SPICE server in the targets process links each channel as QEMU's does on the wire (link reply with a 1024-bit RSA key, auth selection, mini header), takes any ticket, and gives each main channel a session id in MAIN_INIT. The VM on vncbroker has a stored password, so the broker seals it with the link's key (RSA-OAEP) for every channel, as with QEMU; on the other paths the client sends a ticket of its own. Display channel: after a quiet main channel, the display channel of the same session reads 64 KiB drawing messages as fast as they come (relayed as bytes after the link). Main channel: after MAIN_INIT the stand-in sends 2 KiB agent-data messages (the agent's chunk size), which vncbroker's main-channel filter reads message by message. Channel link: one client links a display channel of a live console, closes it and links the next, each a new connection (WebSocket upgrade, token redemption, the session lookup in the store, the sealed ticket, the link result). websockify and socat relay the same SPICE bytes without looking at them (how Sunstone served spice-html5).",
         "The full-table measurement writes unrelated live tokens (random 32-byte hashes) straight into the running broker's database with SQL, then measures session setup again on the same broker.",
     ] {
         let _ = writeln!(md, "- {line}");
