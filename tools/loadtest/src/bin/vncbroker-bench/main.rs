@@ -2777,39 +2777,8 @@ async fn proxy_section(
             session_setup(&via, conc, secs).await
         })
         .await?;
-        let s: [Option<Setup>; 4] = std::array::from_fn(|i| {
-            res[i].as_ref().filter(|v| !v.is_empty()).map(|runs| {
-                let mut rates: Vec<f64> = runs.iter().map(|r| r.0).collect();
-                let mut lats: Vec<f64> = runs.iter().flat_map(|r| r.1.iter().copied()).collect();
-                Setup {
-                    rate: median(&mut rates),
-                    p50: percentile(&mut lats, 0.5),
-                    p99: percentile(&mut lats, 0.99),
-                }
-            })
-        });
-        let (Some(b), Some(d)) = (&s[BROKER], &s[DIRECT]) else {
-            bail!("{name}: no figures");
-        };
+        let (b, d) = setup_row(rep, &name, &res)?;
         let over = b.p50 - d.p50;
-        rep.rows.push(Row {
-            measure: name.clone(),
-            direct: d.show(),
-            relay: or_not_run(s[RELAY].as_ref(), Setup::show),
-            websockify: or_not_run(s[WSFY].as_ref(), Setup::show),
-            broker: b.show(),
-            vs_direct: format!("{} rate; p50 {over:+.2} ms", ratio(b.rate, d.rate)),
-            vs_relay: or_not_run(s[RELAY].as_ref(), |r| {
-                format!(
-                    "{} rate; p50 {:+.2} ms",
-                    ratio(b.rate, r.rate),
-                    b.p50 - r.p50
-                )
-            }),
-            vs_websockify: or_not_run(s[WSFY].as_ref(), |w| {
-                format!("{} rate", ratio(b.rate, w.rate))
-            }),
-        });
         let (want, goal_rate) = if conc == 1 {
             ("≥ 2,000/s", 2000.0)
         } else {
@@ -2843,6 +2812,56 @@ async fn proxy_section(
         }
     }
     Ok(())
+}
+
+/// One setup run: its rate, and each setup's time in milliseconds.
+type SetupRun = (f64, Vec<f64>);
+
+/// Each path's session-setup figures (the median rate, percentiles over
+/// every run's latencies) as a row of the table; vncbroker's and direct
+/// TCP's figures.
+fn setup_row(
+    rep: &mut Report,
+    name: &str,
+    res: &[Option<Vec<SetupRun>>; 4],
+) -> anyhow::Result<(Setup, Setup)> {
+    let mut s: [Option<Setup>; 4] = std::array::from_fn(|i| {
+        res[i].as_ref().filter(|v| !v.is_empty()).map(|runs| {
+            let mut rates: Vec<f64> = runs.iter().map(|r| r.0).collect();
+            let mut lats: Vec<f64> = runs.iter().flat_map(|r| r.1.iter().copied()).collect();
+            Setup {
+                rate: median(&mut rates),
+                p50: percentile(&mut lats, 0.5),
+                p99: percentile(&mut lats, 0.99),
+            }
+        })
+    });
+    let (Some(b), Some(d)) = (s[BROKER].take(), s[DIRECT].take()) else {
+        bail!("{name}: no figures");
+    };
+    rep.rows.push(Row {
+        measure: name.to_owned(),
+        direct: d.show(),
+        relay: or_not_run(s[RELAY].as_ref(), Setup::show),
+        websockify: or_not_run(s[WSFY].as_ref(), Setup::show),
+        broker: b.show(),
+        vs_direct: format!(
+            "{} rate; p50 {:+.2} ms",
+            ratio(b.rate, d.rate),
+            b.p50 - d.p50
+        ),
+        vs_relay: or_not_run(s[RELAY].as_ref(), |r| {
+            format!(
+                "{} rate; p50 {:+.2} ms",
+                ratio(b.rate, r.rate),
+                b.p50 - r.p50
+            )
+        }),
+        vs_websockify: or_not_run(s[WSFY].as_ref(), |w| {
+            format!("{} rate", ratio(b.rate, w.rate))
+        }),
+    });
+    Ok((b, d))
 }
 
 /// Round-trip rows and the target: each path's samples taken in

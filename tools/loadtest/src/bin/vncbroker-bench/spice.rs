@@ -307,41 +307,6 @@ pub(super) async fn section(
         link_rate(&via, secs).await
     })
     .await?;
-    let s: [Option<Setup>; 4] = std::array::from_fn(|i| {
-        res[i].as_ref().filter(|v| !v.is_empty()).map(|runs| {
-            let mut rates: Vec<f64> = runs.iter().map(|r| r.0).collect();
-            let mut lats: Vec<f64> = runs.iter().flat_map(|r| r.1.iter().copied()).collect();
-            Setup {
-                rate: median(&mut rates),
-                p50: percentile(&mut lats, 0.5),
-                p99: percentile(&mut lats, 0.99),
-            }
-        })
-    });
-    let (Some(b), Some(d)) = (&s[BROKER], &s[DIRECT]) else {
-        bail!("{name}: no figures");
-    };
-    rep.rows.push(Row {
-        measure: name.into(),
-        direct: d.show(),
-        relay: or_not_run(s[RELAY].as_ref(), Setup::show),
-        websockify: or_not_run(s[WSFY].as_ref(), Setup::show),
-        broker: b.show(),
-        vs_direct: format!(
-            "{} rate; p50 {:+.2} ms",
-            ratio(b.rate, d.rate),
-            b.p50 - d.p50
-        ),
-        vs_relay: or_not_run(s[RELAY].as_ref(), |r| {
-            format!(
-                "{} rate; p50 {:+.2} ms",
-                ratio(b.rate, r.rate),
-                b.p50 - r.p50
-            )
-        }),
-        vs_websockify: or_not_run(s[WSFY].as_ref(), |w| {
-            format!("{} rate", ratio(b.rate, w.rate))
-        }),
-    });
+    setup_row(rep, name, &res)?;
     Ok(())
 }
